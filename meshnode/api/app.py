@@ -1,0 +1,190 @@
+"""The Quart-trio application.
+
+Public routes (INTERFACES.md) take and give JSON; every error is
+``{"error": {"code", "message"}}`` with a fitting status.  They need an API
+bearer token when the node has any.  ``/mesh/v1/msg`` takes one msgpack peer
+message and needs the cluster secret when the node has one.  Credentials are
+compared in constant time and never echoed or logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from protocol import RemoteProtocolError
+from protocol.wire import MAX_MESSAGE_BYTES
+
+from ..metrics import render_metrics
+from ..service import ApiError, MeshService
+from .auth import check_bearer
+
+if TYPE_CHECKING:
+    from ..node import MeshNode
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("meshnode.api")
+
+PUBLIC_BODY_MAX = 1024 * 1024
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(json.dumps(data, separators=(",", ":")), status=status, mimetype="application/json")
+
+
+def _error(status: int, code: str, message: str) -> Response:
+    return _json({"error": {"code": code, "message": message}}, status)
+
+
+def _remote() -> str:
+    addr = request.remote_addr or "?"
+    return str(addr)
+
+
+def create_app(node: MeshNode) -> QuartTrio:
+    app = QuartTrio("meshnode")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_MESSAGE_BYTES
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
+    cfg = node.cfg
+
+    def svc() -> MeshService:
+        if node.service is None:
+            raise ApiError(503, "STARTING", "the node is still starting")
+        return node.service
+
+    @app.before_request
+    async def _auth() -> Response | None:
+        path = request.path
+        if path.startswith("/mesh/"):
+            if not check_bearer(request.headers.get("authorization"), cfg.secrets.cluster_secrets):
+                node.note_refused(_remote(), "a peer request")
+                return _error(401, "UNAUTHORIZED", "missing or wrong cluster secret")
+            return None
+        if path == "/health":
+            return None
+        if not check_bearer(request.headers.get("authorization"), cfg.secrets.api_tokens):
+            node.note_refused(_remote(), "an API request")
+            return _error(401, "UNAUTHORIZED", "missing or wrong API token")
+        return None
+
+    @app.errorhandler(ApiError)
+    async def _api_error(e: ApiError) -> Response:
+        return _error(e.status, e.code, e.message)
+
+    @app.errorhandler(HTTPException)
+    async def _http_error(e: HTTPException) -> Response:
+        code = (e.name or "error").upper().replace(" ", "_")
+        return _error(e.code or 500, code, e.description or e.name or "error")
+
+    @app.errorhandler(Exception)
+    async def _internal(e: Exception) -> Response:
+        log.exception("request %s %s failed", request.method, request.path)
+        return _error(500, "INTERNAL", "internal error; see the node's log")
+
+    async def body_json() -> Any:
+        data = await request.get_data(cache=False)
+        if len(data) > PUBLIC_BODY_MAX:
+            raise ApiError(413, "TOO_LARGE", f"request body over {PUBLIC_BODY_MAX} bytes")
+        if not data.strip():
+            return None
+        try:
+            return json.loads(data)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, "INVALID_JSON", f"request body is not valid JSON: {e}") from None
+
+    # -- peer route ------------------------------------------------------------
+
+    @app.post("/mesh/v1/msg")
+    async def peer_msg() -> Response:
+        data = await request.get_data(cache=False)
+        try:
+            node.handle_peer_message(bytes(data), _remote())
+        except RemoteProtocolError as e:
+            return _error(400, "BAD_PEER_MESSAGE", str(e)[:300])
+        return Response("", status=204)
+
+    # -- public routes -----------------------------------------------------------
+
+    @app.get("/health")
+    async def health() -> Response:
+        return _json({"status": "ok", "node_id": cfg.node_id, "generation": node.generation})
+
+    @app.get("/status")
+    async def status() -> Response:
+        return _json(svc().status_json())
+
+    @app.get("/nodes")
+    async def nodes() -> Response:
+        import trio
+
+        items = svc().nodes_json(trio.current_time())
+        return _json({"nodes": items, "total_count": len(items)})
+
+    @app.get("/storage")
+    async def storage() -> Response:
+        s = svc()
+        return _json({"node_id": s.node_id, "devices": s.gossip.catalog.get(s.node_id, "storage") or {}})
+
+    @app.get("/models")
+    async def models() -> Response:
+        s = svc()
+        ms = [s.model_json(mv) for _, mv in sorted(s.models().items())]
+        return _json({"models": ms, "total_count": len(ms)})
+
+    @app.get("/models/<path:name>/locations")
+    async def locations(name: str) -> Response:
+        mv = svc().model(name)
+        return _json({"model_name": mv.name, "locations": mv.locations})
+
+    @app.post("/models/<path:name>/locations/<device>")
+    async def add_location(name: str, device: str) -> Response:
+        s = svc()
+        dev = s.set_location(name, device, True, node.clock())
+        await node.persist_now()
+        return _json({"model_name": name, "device": dev, "recorded": True}, 201)
+
+    @app.delete("/models/<path:name>/locations/<device>")
+    async def drop_location(name: str, device: str) -> Response:
+        s = svc()
+        dev = s.set_location(name, device, False, node.clock())
+        await node.persist_now()
+        return _json({"model_name": name, "device": dev, "dropped": True})
+
+    @app.post("/models/<path:name>/register")
+    async def register(name: str) -> Response:
+        s = svc()
+        mv = s.register(name, await body_json(), node.clock())
+        await node.persist_now()  # acknowledged means durable
+        out = s.model_json(mv, full=True)
+        out["registered"] = True
+        return _json(out, 201)
+
+    @app.get("/models/<path:name>")
+    async def model_info(name: str) -> Response:
+        s = svc()
+        return _json(s.model_json(s.model(name), full=True))
+
+    @app.delete("/models/<path:name>")
+    async def unregister(name: str) -> Response:
+        s = svc()
+        purge = request.args.get("purge", "false").lower() in ("1", "true", "yes")
+        dropped = s.unregister(name, node.clock(), purge=purge)
+        await node.persist_now()
+        return _json({"model_name": name, "unregistered": True, "purged_locations": dropped})
+
+    @app.get("/v2/catalog/availability")
+    async def availability() -> Response:
+        return _json(svc().availability_json())
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        body, ctype = render_metrics(node)
+        return Response(body, status=200, content_type=ctype)
+
+    return app

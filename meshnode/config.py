@@ -1,0 +1,220 @@
+"""Daemon configuration: flags, ``MESHNODE_*`` environment variables and an
+optional TOML config file, in that order of precedence, then defaults.
+
+Secrets (API tokens, the cluster secret) are read from a flag, the
+environment or a file, kept in a ``Secrets`` object whose ``repr`` hides
+them, and never logged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from protocol import GossipConfig, InvalidName, validate_node_id
+
+__all__ = ["Config", "ConfigError", "Secrets", "add_start_arguments", "config_from_args"]
+
+DEFAULT_PORT = 7420
+
+
+class ConfigError(Exception):
+    """The configuration cannot work; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Secrets:
+    api_tokens: tuple[str, ...] = ()
+    cluster_secrets: tuple[str, ...] = ()
+
+    def __repr__(self) -> str:  # never print a secret, even by accident
+        return f"Secrets(api_tokens=<{len(self.api_tokens)}>, cluster_secrets=<{len(self.cluster_secrets)}>)"
+
+    @property
+    def outgoing_cluster_secret(self) -> str | None:
+        """The secret we present to peers: the first of the list (rotation adds new ones after)."""
+        return self.cluster_secrets[0] if self.cluster_secrets else None
+
+
+@dataclass(frozen=True)
+class Config:
+    node_id: str
+    host: str
+    port: int
+    data_dir: Path
+    join: tuple[str, ...] = ()
+    advertise: str | None = None
+    cluster: str = "meshnode"
+    secrets: Secrets = field(default_factory=Secrets)
+    gossip: GossipConfig = field(default_factory=GossipConfig)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    peer_timeout_s: float = 2.0
+    persist_interval_s: float = 1.0
+    storage_refresh_s: float = 10.0
+    senders: int = 8
+    send_queue_max: int = 2048
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
+
+
+# name, type, help, default.  Every one reads MESHNODE_<NAME> and the config file key <name>.
+_OPTIONS: list[tuple[str, type, str, Any]] = [
+    ("node_id", str, "this node's id (default: the hostname)", None),
+    ("host", str, "address to bind (default 127.0.0.1)", "127.0.0.1"),
+    ("port", int, f"port for the API and peer routes (default {DEFAULT_PORT}; 0 picks one)", DEFAULT_PORT),
+    ("data_dir", str, "data directory (default ~/.local/share/meshnode)", None),
+    ("join", str, "peers to join, HOST:PORT[,HOST:PORT...]", ""),
+    ("advertise", str, "HOST:PORT peers use to reach us (default host:port)", None),
+    ("cluster", str, "cluster label; nodes of other clusters are refused", "meshnode"),
+    ("api_tokens", str, "comma-separated API bearer tokens", None),
+    ("api_tokens_file", str, "file holding comma- or newline-separated API tokens", None),
+    ("cluster_secret", str, "comma-separated cluster secrets for peer routes", None),
+    ("cluster_secret_file", str, "file holding the cluster secret(s)", None),
+    ("gossip_interval", float, "seconds between gossip rounds (default 0.5)", 0.5),
+    ("probe_interval", float, "seconds between failure-detector probes (default 1.0)", 1.0),
+    ("fanout", int, "peers contacted per gossip round (default 2)", 2),
+    ("tls_cert", str, "TLS certificate (PEM) for the HTTP server", None),
+    ("tls_key", str, "TLS private key (PEM)", None),
+    ("tls_ca", str, "CA bundle: verify peers, and require client certificates", None),
+]
+
+
+def add_start_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML config file (env MESHNODE_CONFIG)")
+    for name, typ, help_text, _default in _OPTIONS:
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_text)
+
+
+def _split(v: str | None) -> tuple[str, ...]:
+    if not v:
+        return ()
+    return tuple(x.strip() for x in v.replace("\n", ",").split(",") if x.strip())
+
+
+def _read_secret_file(path: str, what: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read the {what} file {path}: {e.strerror}") from None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _hostport(text: str, what: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"bad {what} {text!r}: expected HOST:PORT")
+    return text
+
+
+def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None) -> Config:
+    env = dict(os.environ) if env is None else env
+    file_values: dict[str, Any] = {}
+    cfg_path = getattr(args, "config", None) or env.get("MESHNODE_CONFIG")
+    if cfg_path:
+        try:
+            file_values = tomllib.loads(Path(cfg_path).read_text())
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {cfg_path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {cfg_path} is not valid TOML: {e}") from None
+        unknown = set(file_values) - {o[0] for o in _OPTIONS}
+        if unknown:
+            raise ConfigError(f"config file {cfg_path} has unknown keys: {', '.join(sorted(unknown))}")
+
+    def get(name: str, typ: type, default: Any) -> Any:
+        v = getattr(args, name, None)
+        if v is not None:
+            return v
+        ev = env.get("MESHNODE_" + name.upper())
+        if ev is not None and ev != "":
+            try:
+                return typ(ev)
+            except ValueError:
+                raise ConfigError(f"MESHNODE_{name.upper()}={ev!r} is not a valid {typ.__name__}") from None
+        if name in file_values:
+            try:
+                return typ(file_values[name])
+            except (TypeError, ValueError):
+                raise ConfigError(f"config key {name} is not a valid {typ.__name__}") from None
+        return default
+
+    o = {name: get(name, typ, default) for name, typ, _h, default in _OPTIONS}
+    node_id = o["node_id"] or socket.gethostname().split(".")[0]
+    try:
+        validate_node_id(node_id)
+    except InvalidName as e:
+        raise ConfigError(f"bad node id {node_id!r}: {e}") from None
+    host = o["host"]
+    port = o["port"]
+    if not 0 <= port < 65536:
+        raise ConfigError(f"bad port {port}")
+    data_dir = Path(o["data_dir"] or Path.home() / ".local" / "share" / "meshnode").expanduser()
+
+    api_tokens = _split(o["api_tokens"])
+    if o["api_tokens_file"]:
+        api_tokens += _split(_read_secret_file(o["api_tokens_file"], "API token"))
+    secrets = _split(o["cluster_secret"])
+    if o["cluster_secret_file"]:
+        secrets += _split(_read_secret_file(o["cluster_secret_file"], "cluster secret"))
+    if not _is_loopback(host) and (not api_tokens or not secrets):
+        raise ConfigError(
+            f"refusing to bind {host}, which is not a loopback address, without both an API token "
+            "(--api-tokens / MESHNODE_API_TOKENS / --api-tokens-file) and a cluster secret "
+            "(--cluster-secret / MESHNODE_CLUSTER_SECRET / --cluster-secret-file)"
+        )
+    advertise = o["advertise"]
+    if advertise:
+        _hostport(advertise, "--advertise")
+    elif host in ("0.0.0.0", "::", ""):
+        raise ConfigError(f"--host {host} binds every address: give --advertise HOST:PORT for peers")
+    join = tuple(_hostport(j, "--join peer") for j in _split(o["join"]))
+    tls_cert, tls_key = o["tls_cert"], o["tls_key"]
+    if bool(tls_cert) != bool(tls_key):
+        raise ConfigError("TLS needs both --tls-cert and --tls-key")
+    if o["gossip_interval"] <= 0 or o["probe_interval"] <= 0:
+        raise ConfigError("gossip and probe intervals must be positive")
+    if o["fanout"] < 1:
+        raise ConfigError("fanout must be at least 1")
+    gossip = GossipConfig(
+        cluster=o["cluster"],
+        gossip_interval_s=o["gossip_interval"],
+        probe_interval_s=o["probe_interval"],
+        probe_timeout_s=o["probe_interval"] / 2,
+        fanout=o["fanout"],
+    )
+    return Config(
+        node_id=node_id,
+        host=host,
+        port=port,
+        data_dir=data_dir,
+        join=join,
+        advertise=advertise,
+        cluster=o["cluster"],
+        secrets=Secrets(api_tokens, secrets),
+        gossip=gossip,
+        tls_cert=Path(tls_cert) if tls_cert else None,
+        tls_key=Path(tls_key) if tls_key else None,
+        tls_ca=Path(o["tls_ca"]) if o["tls_ca"] else None,
+    )

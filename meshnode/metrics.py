@@ -1,0 +1,62 @@
+"""Prometheus metrics, read from the node's own counters at scrape time.
+
+A registry per node (several nodes may share a process in tests), filled by
+a collector, so nothing on the hot path touches prometheus_client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+if TYPE_CHECKING:
+    from .node import MeshNode
+
+__all__ = ["render_metrics"]
+
+_COUNTERS = {
+    "messages_in": "peer messages received",
+    "messages_out": "peer messages produced",
+    "suspicions_raised": "members this node suspected",
+    "deaths_declared": "members this node declared dead",
+    "refutations": "suspicions of this node it refuted",
+    "bad_messages": "peer messages dropped as malformed or foreign",
+    "refused_requests": "requests refused for a missing or wrong credential",
+    "send_sent": "peer messages delivered",
+    "send_failed": "peer messages that failed to send",
+    "send_dropped_queue_full": "peer messages dropped because the send queue was full",
+}
+
+
+class _Collector:
+    def __init__(self, node: MeshNode) -> None:
+        self.node = node
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.node.statistics()
+        for name, help_text in _COUNTERS.items():
+            c = CounterMetricFamily(f"meshnode_{name}", help_text)
+            c.add_metric([], float(stats.get(name, 0)))
+            yield c
+        g = self.node.gossip
+        if g is not None:
+            members = GaugeMetricFamily("meshnode_members", "members by state", labels=["state"])
+            counts: dict[str, int] = {}
+            for m in g.members:
+                counts[m.state.label] = counts.get(m.state.label, 0) + 1
+            for state, n in sorted(counts.items()):
+                members.add_metric([state], n)
+            yield members
+            keys = GaugeMetricFamily("meshnode_catalog_keys", "catalog keys held, all origins")
+            keys.add_metric([], float(stats.get("catalog_keys", 0)))
+            yield keys
+
+
+def render_metrics(node: MeshNode) -> tuple[bytes, str]:
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(_Collector(node))  # type: ignore[arg-type]
+    return generate_latest(reg), CONTENT_TYPE_LATEST

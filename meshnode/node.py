@@ -1,0 +1,327 @@
+"""The daemon: one trio nursery per node.
+
+``MeshNode.run`` binds the HTTP server (public API and peer routes on one
+port), loads the saved state, starts the gossip state machine at a new, higher
+generation, and runs its loops: gossip ticks, outgoing peer messages,
+persistence, storage sampling.  ``stop()`` (SIGTERM/SIGINT) tells the mesh
+we are leaving, saves, and returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+import signal
+import sys
+import time
+from functools import partial
+from typing import Any
+
+import hypercorn.trio
+import trio
+from hypercorn.config import Config as HyperConfig
+
+from protocol import HLC, Catalog, GossipNode, MemberState, RemoteProtocolError
+from protocol.wire import WrongCluster, WrongVersion
+
+from . import __version__
+from .config import Config, ConfigError, config_from_args
+from .peers import PeerSender, make_peer_client
+from .persist import DataDirError, SavedState, StateFile, check_data_dir
+from .service import Clock, MeshService
+
+__all__ = ["MeshNode", "main_start"]
+
+log = logging.getLogger("meshnode.node")
+
+
+def wall_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class MeshNode:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.state_file = StateFile(cfg.data_dir)
+        self.rng = random.Random(random.SystemRandom().getrandbits(64))
+        self.hlc = HLC(cfg.node_id)
+        self.gossip: GossipNode | None = None
+        self.service: MeshService | None = None
+        self.sender: PeerSender | None = None
+        self.address: str | None = None
+        self.url: str | None = None
+        self.generation = 0
+        self.started = trio.Event()
+        self._stop = trio.Event()
+        self._persist_lock = trio.Lock()
+        self._persisted_version = -1
+        self._bad_peer_logged: dict[tuple[str, str], float] = {}
+        self.bad_messages = 0
+        self.refused_requests = 0
+
+    # -- clock -----------------------------------------------------------------
+
+    def clock(self) -> Clock:
+        return Clock(trio.current_time(), wall_ms())
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _hyper_config(self) -> HyperConfig:
+        hc = HyperConfig()
+        host = self.cfg.host
+        hc.bind = [f"[{host}]:{self.cfg.port}" if ":" in host else f"{host}:{self.cfg.port}"]
+        hc.accesslog = None
+        hc.errorlog = logging.getLogger("meshnode.http")
+        hc.graceful_timeout = 1.0
+        hc.keep_alive_timeout = 30.0
+        hc.read_timeout = 30
+        if self.cfg.tls:
+            hc.certfile = str(self.cfg.tls_cert)
+            hc.keyfile = str(self.cfg.tls_key)
+            if self.cfg.tls_ca:
+                import ssl
+
+                hc.ca_certs = str(self.cfg.tls_ca)
+                hc.verify_mode = ssl.CERT_REQUIRED
+        return hc
+
+    def _start_gossip(self, address: str) -> None:
+        cfg = self.cfg
+        check_data_dir(cfg.data_dir)
+        saved = self.state_file.load(cfg.node_id)
+        now = trio.current_time()
+        prev = saved.generation if saved else 0
+        # Wall-clock ms as the generation survives a lost data dir; +1 survives a clock step back.
+        self.generation = max(prev + 1, wall_ms())
+        catalog = Catalog(cfg.node_id, self.generation, tombstone_grace_s=cfg.gossip.tombstone_grace_s)
+        seeds = list(cfg.join)
+        if saved is not None:
+            own = saved.catalog.get(cfg.node_id)
+            if own is not None:
+                catalog.restore({cfg.node_id: own}, now, self.generation)
+            self.hlc.advance_to(saved.hlc_wall_ms)
+            seeds += [p for p in saved.peers if p not in seeds and p != address]
+            log.info(
+                "restarting as generation %d (was %d) with %d keys of our own; %d peers remembered",
+                self.generation, prev, len(catalog.own.keys), len(saved.peers),
+            )
+        self.gossip = GossipNode(cfg.node_id, address, self.generation, cfg.gossip, now, seeds, catalog)
+        self.service = MeshService(self.gossip, self.hlc)
+        self.gossip.set("node", {"address": address, "version": __version__, "started_ms": wall_ms()}, now)
+        self._sample_storage()
+
+    async def run(self, *, task_status: trio.TaskStatus[MeshNode] = trio.TASK_STATUS_IGNORED) -> None:
+        from .api import create_app
+
+        cfg = self.cfg
+        check_data_dir(cfg.data_dir)
+        async with make_peer_client(cfg) as client, trio.open_nursery() as nursery:
+            self.sender = PeerSender(cfg, client)
+            app = create_app(self)
+            bound = await nursery.start(partial(hypercorn.trio.serve, app, self._hyper_config()))
+            port = int(str(bound[0]).rsplit(":", 1)[1])
+            host = cfg.host if ":" not in cfg.host else f"[{cfg.host}]"
+            self.address = cfg.advertise or f"{host}:{port}"
+            self.url = f"{cfg.scheme}://{host}:{port}"
+            self._start_gossip(self.address)
+            await self.persist_now()
+            await nursery.start(self.sender.run)
+            nursery.start_soon(self._gossip_loop)
+            nursery.start_soon(self._persist_loop)
+            nursery.start_soon(self._storage_loop)
+            log.info(
+                "node %s generation %d listening on %s (cluster %r, joining %s)",
+                cfg.node_id, self.generation, self.url, cfg.cluster, ",".join(cfg.join) or "nobody",
+            )
+            self.started.set()
+            task_status.started(self)
+            await self._stop.wait()
+            await self._leave()
+            await self.persist_now()
+            nursery.cancel_scope.cancel()
+        log.info("node %s stopped", cfg.node_id)
+
+    async def _leave(self) -> None:
+        assert self.gossip is not None and self.sender is not None
+        sends = self.gossip.leave(trio.current_time(), self.rng)
+        with trio.move_on_after(self.cfg.peer_timeout_s):
+            async with trio.open_nursery() as n:
+                for s in sends:
+                    n.start_soon(self.sender.send_now, s)
+        log.info("left the mesh (told %d peers)", len(sends))
+
+    # -- loops -----------------------------------------------------------------
+
+    async def _gossip_loop(self) -> None:
+        g, sender = self.gossip, self.sender
+        assert g is not None and sender is not None
+        while True:
+            now = trio.current_time()
+            try:
+                sender.enqueue(g.tick(now, self.rng))
+            except Exception:  # a bug in a tick must not take the node down
+                log.exception("gossip tick failed")
+            # Sleep until the next timer, but never longer than a quarter second.
+            await trio.sleep_until(min(g.next_deadline(), trio.current_time() + 0.25))
+
+    async def _persist_loop(self) -> None:
+        assert self.gossip is not None
+        while True:
+            await trio.sleep(self.cfg.persist_interval_s)
+            if self.gossip.version != self._persisted_version:
+                try:
+                    await self.persist_now()
+                except OSError as e:
+                    log.error("cannot save state to %s: %s", self.state_file.path, e)
+
+    def _sample_storage(self) -> None:
+        assert self.gossip is not None
+        try:
+            u = shutil.disk_usage(self.cfg.data_dir)
+        except OSError:
+            return
+        mib = 1024 * 1024
+        # Round to MiB so that a few bytes written do not cause gossip.
+        self.gossip.set(
+            "storage",
+            {"disk": {"total": u.total // mib * mib, "used": u.used // mib * mib, "free": u.free // mib * mib}},
+            trio.current_time(),
+        )
+
+    async def _storage_loop(self) -> None:
+        while True:
+            await trio.sleep(self.cfg.storage_refresh_s)
+            self._sample_storage()
+
+    async def persist_now(self) -> None:
+        """Save our state; returns once it is on disk."""
+        g = self.gossip
+        assert g is not None
+        async with self._persist_lock:
+            version = g.version
+            own = g.catalog.snapshot()
+            state = SavedState(
+                node_id=self.cfg.node_id,
+                generation=self.generation,
+                hlc_wall_ms=self.hlc.high_water_ms,
+                catalog=own,
+                peers=sorted(
+                    m.record.address for m in g.members if m.record.node_id != g.id and m.state is not MemberState.LEFT
+                )[:1000],
+            )
+            await trio.to_thread.run_sync(self.state_file.save, state)
+            self._persisted_version = version
+
+    # -- peer messages -----------------------------------------------------------
+
+    def handle_peer_message(self, data: bytes, remote: str) -> None:
+        """Decode, check and apply one peer message.  Raises RemoteProtocolError."""
+        from protocol.wire import decode
+
+        g, sender = self.gossip, self.sender
+        if g is None or sender is None:
+            raise RemoteProtocolError("node is starting")
+        try:
+            env = decode(data, self.cfg.cluster)
+        except (WrongCluster, WrongVersion, RemoteProtocolError) as e:
+            self.note_bad_peer(remote, e)
+            raise
+        sender.enqueue(g.receive(env, trio.current_time(), self.rng))
+
+    def note_bad_peer(self, remote: str, e: Exception) -> None:
+        self.bad_messages += 1
+        kind = type(e).__name__
+        now = time.monotonic()
+        key = (remote.rsplit(":", 1)[0], kind)
+        last = self._bad_peer_logged.get(key)
+        if last is None or now - last > 60:
+            if len(self._bad_peer_logged) > 10_000:
+                self._bad_peer_logged.clear()
+            self._bad_peer_logged[key] = now
+            if isinstance(e, WrongCluster):
+                log.warning("refused a node of another cluster at %s: %s", remote, e)
+            elif isinstance(e, WrongVersion):
+                log.warning("refused a peer at %s that speaks another protocol: %s", remote, e)
+            else:
+                log.warning("dropped a bad message from %s: %s", remote, e)
+
+    def note_refused(self, remote: str, what: str) -> None:
+        self.refused_requests += 1
+        now = time.monotonic()
+        key = (remote.rsplit(":", 1)[0], what)
+        last = self._bad_peer_logged.get(key)
+        if last is None or now - last > 60:
+            self._bad_peer_logged[key] = now
+            log.warning("refused %s from %s: missing or wrong credential", what, remote)
+
+    def statistics(self) -> dict[str, Any]:
+        g = self.gossip
+        out: dict[str, Any] = {"bad_messages": self.bad_messages, "refused_requests": self.refused_requests}
+        if g is not None:
+            out.update(
+                messages_in=g.stats.messages_in,
+                messages_out=g.stats.messages_out,
+                suspicions_raised=g.stats.suspicions_raised,
+                deaths_declared=g.stats.deaths_declared,
+                refutations=g.stats.refutations,
+                catalog_nodes=len(g.catalog.nodes),
+                catalog_keys=sum(len(st.keys) for st in g.catalog.nodes.values()),
+            )
+        if self.sender is not None:
+            out.update({f"send_{k}": v for k, v in self.sender.stats.items()})
+        return out
+
+
+async def _run_until_signal(node: MeshNode) -> None:
+    async with trio.open_nursery() as nursery:
+
+        async def watch_signals() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+                async for sig in sigs:
+                    log.info("received %s: leaving the mesh", signal.Signals(sig).name)
+                    node.stop()
+                    return
+
+        nursery.start_soon(watch_signals)
+        await node.run()
+        nursery.cancel_scope.cancel()
+
+
+def _leaf_errors(e: BaseException) -> list[BaseException]:
+    if isinstance(e, BaseExceptionGroup):
+        out: list[BaseException] = []
+        for sub in e.exceptions:
+            out.extend(_leaf_errors(sub))
+        return out
+    return [e]
+
+
+def main_start(args: Any) -> int:
+    """``meshnode start``: run one node in the foreground until SIGTERM/SIGINT."""
+    try:
+        cfg = config_from_args(args)
+        check_data_dir(cfg.data_dir)
+    except (ConfigError, DataDirError) as e:
+        print(f"meshnode: error: {e}", file=sys.stderr)
+        return 2
+    node = MeshNode(cfg)
+    try:
+        trio.run(_run_until_signal, node)
+    except BaseException as e:  # unwrap trio's exception groups into one clear line
+        for leaf in _leaf_errors(e):
+            if isinstance(leaf, DataDirError):
+                print(f"meshnode: error: {leaf}", file=sys.stderr)
+                return 2
+            if isinstance(leaf, OSError) and not isinstance(leaf, ConnectionError):
+                print(f"meshnode: error: cannot serve on {cfg.host}:{cfg.port}: {leaf.strerror or leaf}", file=sys.stderr)
+                return 2
+            if isinstance(leaf, KeyboardInterrupt):
+                return 130
+        raise
+    return 0
+
+

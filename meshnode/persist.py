@@ -1,0 +1,130 @@
+"""Durable node state in the data directory.
+
+One file, ``state.msgpack``: our node id, the generation we last ran as, the
+HLC high-water mark, our own catalog keys (with the rest of the catalog we
+knew) and the addresses of the members we knew.  Written atomically: a
+temporary file in the same directory, fsync, rename over the old file, fsync
+of the directory.  So ``kill -9`` at any moment leaves either the old or the
+new state, never a torn one.
+
+A state file that cannot be read is moved aside (``state.msgpack.corrupt-<ms>``)
+and the node starts from its peers; it says so in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+__all__ = ["DataDirError", "SavedState", "StateFile", "check_data_dir"]
+
+log = logging.getLogger("meshnode.persist")
+
+FORMAT = 1
+STATE_NAME = "state.msgpack"
+STATE_MAX_BYTES = 512 * 1024 * 1024
+
+
+class DataDirError(Exception):
+    """The data directory cannot be used."""
+
+
+@dataclass
+class SavedState:
+    node_id: str
+    generation: int
+    hlc_wall_ms: int = 0
+    catalog: dict[str, Any] = field(default_factory=dict)
+    peers: list[str] = field(default_factory=list)
+
+
+def check_data_dir(path: Path) -> None:
+    """Create the data dir if needed and prove we can write to it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as e:
+        raise DataDirError(
+            f"data dir {path} is not usable: {e.strerror or e}; "
+            "choose another with --data-dir or fix its permissions"
+        ) from None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class StateFile:
+    def __init__(self, data_dir: Path) -> None:
+        self.dir = data_dir
+        self.path = data_dir / STATE_NAME
+
+    def load(self, node_id: str) -> SavedState | None:
+        """The saved state, or None if there is none (or it was unusable and moved aside)."""
+        try:
+            raw_bytes = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            if len(raw_bytes) > STATE_MAX_BYTES:
+                raise ValueError("state file is too large")
+            raw = msgpack.unpackb(raw_bytes, raw=False, strict_map_key=False)
+            if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+                raise ValueError("unknown state format")
+            state = SavedState(
+                node_id=str(raw["node_id"]),
+                generation=int(raw["generation"]),
+                hlc_wall_ms=int(raw.get("hlc_wall_ms", 0)),
+                catalog=dict(raw.get("catalog") or {}),
+                peers=[str(p) for p in raw.get("peers") or []],
+            )
+        except Exception as e:
+            aside = self.dir / f"{STATE_NAME}.corrupt-{int(time.time() * 1000)}"
+            os.replace(self.path, aside)
+            log.error(
+                "state file %s is corrupt (%s: %s); kept a copy at %s and starting from peers",
+                self.path, type(e).__name__, str(e)[:200], aside.name,
+            )
+            return None
+        if state.node_id != node_id:
+            raise DataDirError(
+                f"data dir {self.dir} belongs to node {state.node_id!r}, not {node_id!r}; "
+                "use that node id or another data dir"
+            )
+        return state
+
+    def save(self, state: SavedState) -> None:
+        """Atomically replace the state file (blocking: run it in a thread)."""
+        data = msgpack.packb(
+            {
+                "format": FORMAT,
+                "node_id": state.node_id,
+                "generation": state.generation,
+                "hlc_wall_ms": state.hlc_wall_ms,
+                "catalog": state.catalog,
+                "peers": state.peers,
+            },
+            use_bin_type=True,
+        )
+        tmp = self.dir / f".{STATE_NAME}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        _fsync_dir(self.dir)

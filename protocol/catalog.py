@@ -1,0 +1,342 @@
+"""The catalog: a scuttlebutt CRDT of per-node owned keys.
+
+Theory of operation
+-------------------
+The catalog maps each node id to that node's *own* keys.  Only the owner
+writes them; every write bumps the owner's version counter and stamps the key
+with it, so for one origin "higher version wins" is the whole merge rule.
+Deletion writes a tombstone (also versioned).  Tombstones are collected
+``tombstone_grace_s`` after they were seen; collecting raises the origin's
+``last_gc_version`` on that node.
+
+Anti-entropy exchanges *digests*: node id -> ``(generation, max_version,
+last_gc_version)``.  Given a peer's digest, ``delta_for`` returns, per origin,
+the keys with versions in ``(peer.max_version, to_version]``, sorted by
+version and cut to a byte budget *without gaps*: if an entry does not fit,
+``to_version`` stops just below it, so the receiver never believes it has a
+version it lacks.  A peer that knows an older generation of an origin, or
+whose ``max_version`` is below our ``last_gc_version`` (it may miss a
+tombstone we no longer have), gets a *reset*: the origin's whole state from
+version 0, which replaces what it had.
+
+``apply_delta`` ignores a delta that would leave a gap (``from_version`` above
+what we have), an older generation, and anything about ourselves.  Merge is
+per-key max by version within a generation and "newest generation wins"
+across them, so it is commutative, associative and idempotent.
+
+A summary hash of the digest (a sum of 64-bit per-origin hashes, kept up to
+date incrementally) lets two agreeing peers find out in one small message.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import xxhash
+
+from .errors import LocalProtocolError
+from .wire import DeltaEntry, NodeDelta, NodeDigest, encoded_size
+
+__all__ = ["Catalog", "Entry", "NodeState", "digest_entry_hash"]
+
+_MASK = 2**64 - 1
+_ENTRY_OVERHEAD = 16  # msgpack framing per entry, roughly
+_NODE_OVERHEAD = 48
+
+
+def digest_entry_hash(node_id: str, d: NodeDigest) -> int:
+    return xxhash.xxh3_64_intdigest(
+        f"{node_id}\x00{d.generation}\x00{d.max_version}\x00{d.last_gc_version}".encode()
+    )
+
+
+@dataclass(slots=True)
+class Entry:
+    value: Any
+    version: int
+    tombstone: bool
+    seen_at: float  # local time the version was written or learned (for tombstone GC)
+    size: int  # approximate bytes on the wire
+
+
+@dataclass(slots=True)
+class NodeState:
+    node_id: str
+    generation: int
+    max_version: int = 0
+    last_gc_version: int = 0
+    entries: dict[str, Entry] | None = None
+
+    def __post_init__(self) -> None:
+        if self.entries is None:
+            self.entries = {}
+
+    @property
+    def keys(self) -> dict[str, Entry]:
+        assert self.entries is not None
+        return self.entries
+
+    def digest(self) -> NodeDigest:
+        return NodeDigest(self.generation, self.max_version, self.last_gc_version)
+
+
+class Catalog:
+    def __init__(
+        self,
+        self_id: str,
+        generation: int,
+        *,
+        tombstone_grace_s: float = 3600.0,
+        value_max_bytes: int = 64 * 1024,
+        key_max_chars: int = 512,
+        keys_per_node_max: int = 100_000,
+    ) -> None:
+        self.self_id = self_id
+        self.tombstone_grace_s = tombstone_grace_s
+        self.value_max_bytes = value_max_bytes
+        self.key_max_chars = key_max_chars
+        self.keys_per_node_max = keys_per_node_max
+        self.nodes: dict[str, NodeState] = {}
+        self._hash = 0
+        self._hashes: dict[str, int] = {}
+        self._digest: dict[str, NodeDigest] = {}
+        self.stats = {"deltas_applied": 0, "deltas_gap": 0, "resets_sent": 0, "resets_applied": 0}
+        self._put_node(NodeState(self_id, generation))
+
+    # -- bookkeeping ---------------------------------------------------------
+
+    def _rehash(self, node_id: str) -> None:
+        old = self._hashes.pop(node_id, None)
+        if old is not None:
+            self._hash = (self._hash - old) & _MASK
+        self._digest.pop(node_id, None)
+        st = self.nodes.get(node_id)
+        if st is not None:
+            d = st.digest()
+            h = digest_entry_hash(node_id, d)
+            self._hashes[node_id] = h
+            self._digest[node_id] = d
+            self._hash = (self._hash + h) & _MASK
+
+    def _put_node(self, st: NodeState) -> None:
+        self.nodes[st.node_id] = st
+        self._rehash(st.node_id)
+
+    @property
+    def own(self) -> NodeState:
+        return self.nodes[self.self_id]
+
+    def digest(self) -> dict[str, NodeDigest]:
+        """The current digest (a live view: copy it before keeping it)."""
+        return self._digest
+
+    def digest_hash(self) -> int:
+        return self._hash
+
+    # -- local writes (own keys only) ---------------------------------------
+
+    def _check_local(self, key: str, value: Any) -> int:
+        if not isinstance(key, str) or not key or len(key) > self.key_max_chars:
+            raise LocalProtocolError(f"catalog key must be 1 to {self.key_max_chars} characters")
+        size = encoded_size(value) + len(key.encode()) + _ENTRY_OVERHEAD
+        if size > self.value_max_bytes:
+            raise LocalProtocolError(
+                f"catalog value for {key!r} is {size} bytes, over the {self.value_max_bytes} byte limit"
+            )
+        own = self.own.keys
+        if key not in own and len(own) >= self.keys_per_node_max:
+            raise LocalProtocolError(f"this node already holds {self.keys_per_node_max} keys")
+        return size
+
+    def set(self, key: str, value: Any, now: float) -> int:
+        """Write one of our own keys; returns its new version."""
+        size = self._check_local(key, value)
+        own = self.own
+        cur = own.keys.get(key)
+        if cur is not None and not cur.tombstone and cur.value == value:
+            return cur.version  # unchanged: no new version, nothing to gossip
+        own.max_version += 1
+        own.keys[key] = Entry(value, own.max_version, False, now, size)
+        self._rehash(self.self_id)
+        return own.max_version
+
+    def delete(self, key: str, now: float) -> bool:
+        own = self.own
+        cur = own.keys.get(key)
+        if cur is None or cur.tombstone:
+            return False
+        own.max_version += 1
+        own.keys[key] = Entry(None, own.max_version, True, now, len(key.encode()) + _ENTRY_OVERHEAD)
+        self._rehash(self.self_id)
+        return True
+
+    def get(self, node_id: str, key: str) -> Any:
+        st = self.nodes.get(node_id)
+        if st is None:
+            return None
+        e = st.keys.get(key)
+        return None if e is None or e.tombstone else e.value
+
+    def items(self, prefix: str = "") -> Iterator[tuple[str, str, Any]]:
+        """Every live ``(node_id, key, value)`` whose key starts with ``prefix``."""
+        for nid, st in self.nodes.items():
+            for key, e in st.keys.items():
+                if not e.tombstone and key.startswith(prefix):
+                    yield nid, key, e.value
+
+    # -- anti-entropy --------------------------------------------------------
+
+    def delta_for(
+        self, peer: dict[str, NodeDigest], budget_bytes: int, rng: random.Random
+    ) -> tuple[NodeDelta, ...]:
+        """What the peer with digest ``peer`` lacks, within ``budget_bytes``."""
+        wanted: list[tuple[NodeState, int, bool]] = []
+        for nid, st in self.nodes.items():
+            pd = peer.get(nid)
+            if pd is None or pd.generation < st.generation:
+                if st.max_version > 0 or pd is None:
+                    wanted.append((st, 0, True))
+            elif pd.generation > st.generation:
+                continue
+            elif pd.max_version < st.last_gc_version:
+                wanted.append((st, 0, True))
+            elif pd.max_version < st.max_version:
+                wanted.append((st, pd.max_version, False))
+        # Fairness: a random order so a big origin cannot starve the others.
+        rng.shuffle(wanted)
+        out: list[NodeDelta] = []
+        used = 0
+        for st, frm, reset in wanted:
+            if used + _NODE_OVERHEAD > budget_bytes:
+                break
+            used += _NODE_OVERHEAD
+            picked = sorted(
+                (e.version, k, e) for k, e in st.keys.items() if e.version > frm
+            )
+            entries: list[DeltaEntry] = []
+            to_version = st.max_version
+            for version, key, e in picked:
+                if used + e.size > budget_bytes:
+                    to_version = version - 1
+                    break
+                used += e.size
+                entries.append(DeltaEntry(key, version, e.value, e.tombstone))
+            if to_version <= frm and not reset:
+                continue  # nothing fit for this origin
+            if reset:
+                self.stats["resets_sent"] += 1
+            out.append(
+                NodeDelta(st.node_id, st.generation, frm, to_version, st.last_gc_version, reset, tuple(entries))
+            )
+        return tuple(out)
+
+    def apply_delta(self, delta: NodeDelta, now: float, *, accept_new: bool = True) -> bool:
+        """Merge one node delta; returns whether anything changed."""
+        if delta.node_id == self.self_id:
+            return False  # nobody else writes our keys
+        if len(delta.entries) > self.keys_per_node_max:
+            return False
+        st = self.nodes.get(delta.node_id)
+        if st is None:
+            if not accept_new:
+                return False
+            if not delta.reset:
+                self.stats["deltas_gap"] += 1
+                return False
+            st = NodeState(delta.node_id, delta.generation)
+        elif delta.generation < st.generation:
+            return False
+        elif delta.generation > st.generation:
+            if not delta.reset:
+                self.stats["deltas_gap"] += 1
+                return False
+            st = NodeState(delta.node_id, delta.generation)
+        elif delta.reset:
+            if delta.to_version <= st.max_version and delta.last_gc_version <= st.last_gc_version:
+                return False  # we already have at least this much
+            fresh = NodeState(delta.node_id, delta.generation)
+            # Keep what we already know that is at least as new as the reset covers.
+            st = fresh
+        elif delta.from_version > st.max_version:
+            self.stats["deltas_gap"] += 1
+            return False
+        elif delta.to_version <= st.max_version:
+            return False
+        changed = st is not self.nodes.get(delta.node_id)
+        for e in delta.entries:
+            cur = st.keys.get(e.key)
+            if cur is not None and cur.version >= e.version:
+                continue
+            size = encoded_size(e.value) + len(e.key.encode()) + _ENTRY_OVERHEAD
+            st.keys[e.key] = Entry(e.value, e.version, e.tombstone, now, size)
+            changed = True
+        if delta.to_version > st.max_version:
+            st.max_version = delta.to_version
+            changed = True
+        if delta.last_gc_version > st.last_gc_version:
+            st.last_gc_version = delta.last_gc_version
+            changed = True
+        if delta.reset:
+            self.stats["resets_applied"] += 1
+        if changed:
+            self.stats["deltas_applied"] += 1
+            self._put_node(st)
+        return changed
+
+    # -- collection ----------------------------------------------------------
+
+    def collect_tombstones(self, now: float) -> int:
+        """Drop tombstones older than the grace period; returns how many."""
+        dropped = 0
+        for nid, st in self.nodes.items():
+            old = [
+                (k, e.version)
+                for k, e in st.keys.items()
+                if e.tombstone and now - e.seen_at >= self.tombstone_grace_s
+            ]
+            if not old:
+                continue
+            for k, version in old:
+                del st.keys[k]
+                st.last_gc_version = max(st.last_gc_version, version)
+                dropped += 1
+            self._rehash(nid)
+        return dropped
+
+    def forget(self, node_id: str) -> None:
+        """Drop everything about a node that left the mesh for good."""
+        if node_id != self.self_id and self.nodes.pop(node_id, None) is not None:
+            self._rehash(node_id)
+
+    def reset_generation(self, node_id: str, generation: int) -> None:
+        """A node restarted: its old generation's keys no longer hold."""
+        st = self.nodes.get(node_id)
+        if node_id != self.self_id and st is not None and st.generation < generation:
+            self._put_node(NodeState(node_id, generation))
+
+    # -- persistence ---------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            nid: {
+                "generation": st.generation,
+                "max_version": st.max_version,
+                "last_gc_version": st.last_gc_version,
+                "entries": [[k, e.version, e.value, e.tombstone] for k, e in st.keys.items()],
+            }
+            for nid, st in self.nodes.items()
+        }
+
+    def restore(self, snap: dict[str, Any], now: float, own_generation: int) -> None:
+        """Load a snapshot; our own keys move to ``own_generation``, keeping their versions."""
+        for nid, raw in snap.items():
+            st = NodeState(nid, int(raw["generation"]), int(raw["max_version"]), int(raw["last_gc_version"]))
+            for k, version, value, tomb in raw["entries"]:
+                size = encoded_size(value) + len(k.encode()) + _ENTRY_OVERHEAD
+                st.keys[k] = Entry(value, int(version), bool(tomb), now, size)
+            if nid == self.self_id:
+                st.generation = own_generation
+            self._put_node(st)

@@ -1,0 +1,478 @@
+"""One node's whole gossip state machine, sans I/O.
+
+Theory of operation
+-------------------
+``GossipNode`` combines the member table (SWIM probing with Lifeguard
+suspicion, ``membership.py``) and the catalog (scuttlebutt anti-entropy,
+``catalog.py``).  It never reads a clock, never draws a random number it was
+not handed, and never touches a socket: the caller feeds it
+
+* ``tick(now, rng)`` at or after ``next_deadline()``, and
+* ``receive(envelope, now, rng)`` for every decoded peer message,
+
+and sends the ``Send`` items both return.  Messages are one-way (like UDP
+datagrams); a lost message is simply never received, and the timers below
+deal with it.  The same code runs inside the trio daemon and inside ``sim``.
+
+Every gossip interval a node:
+
+1. opens anti-entropy with ``fanout`` random live peers: ``Sync`` carries
+   only the digest and member hashes; a peer that agrees stays silent, one
+   that does not answers ``SyncDigest`` (its digest, and its member list if
+   those differ), and the two then trade ``SyncDelta``s cut to a byte budget;
+2. pushes pending membership rumours (``Gossip``) to ``fanout`` peers;
+3. if it knows no live peer, dials its seeds and the dead it remembers; else
+   every ``redial_interval_s`` one random dead member (this is what heals a
+   partition: each side had declared the other dead).
+
+Every probe interval it pings the next member in a shuffled round-robin
+(SWIM).  No ack within ``probe_timeout_s``: it asks ``indirect_checks`` others
+to ping the target (``PingReq``) and pings again directly.  Still no ack by
+the end of the interval: the target becomes SUSPECT.  A suspect that does not
+refute (by bumping its incarnation) before the Lifeguard timeout is declared
+DEAD.  ``leave`` marks ourselves LEFT and tells a few peers, so the mesh shows
+"left", not "dead".
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from .catalog import Catalog
+from .membership import BroadcastQueue, MemberTable, SuspicionConfig
+from .wire import (
+    Ack,
+    Envelope,
+    Gossip,
+    MemberRecord,
+    MemberState,
+    MemberUpdate,
+    NodeDigest,
+    Ping,
+    PingReq,
+    Sync,
+    SyncDelta,
+    SyncDigest,
+)
+
+__all__ = ["GossipConfig", "GossipNode", "Send"]
+
+
+@dataclass(frozen=True, slots=True)
+class GossipConfig:
+    cluster: str = "meshnode"
+    gossip_interval_s: float = 0.5
+    fanout: int = 2
+    probe_interval_s: float = 1.0
+    probe_timeout_s: float = 0.5
+    indirect_checks: int = 3
+    suspicion_mult: float = 3.0
+    suspicion_max_mult: float = 6.0
+    retransmit_mult: int = 4
+    piggyback_max: int = 16
+    redial_interval_s: float = 5.0
+    reap_after_s: float = 3600.0
+    tombstone_grace_s: float = 3600.0
+    delta_budget_bytes: int = 256 * 1024
+    relays_max: int = 1024
+    housekeeping_interval_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        assert self.gossip_interval_s > 0 and self.probe_interval_s > 0
+        assert 0 < self.probe_timeout_s < self.probe_interval_s
+        assert self.fanout >= 1 and self.indirect_checks >= 0
+        assert self.delta_budget_bytes >= 1024
+
+    def suspicion(self) -> SuspicionConfig:
+        return SuspicionConfig(
+            probe_interval_s=self.probe_interval_s,
+            suspicion_mult=self.suspicion_mult,
+            suspicion_max_mult=self.suspicion_max_mult,
+            expected_confirmations=self.indirect_checks,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    to: str  # peer address
+    envelope: Envelope
+
+
+@dataclass(slots=True)
+class _Probe:
+    target: str
+    address: str
+    seq: int
+    start: float
+    acked: bool = False
+    indirect_sent: bool = False
+
+
+@dataclass(slots=True)
+class _Relay:
+    origin_addr: str
+    origin_seq: int
+    target: str
+    expires: float
+
+
+@dataclass(slots=True)
+class Stats:
+    messages_in: int = 0
+    messages_out: int = 0
+    suspicions_raised: int = 0
+    deaths_declared: int = 0
+    refutations: int = 0
+    identity_conflicts: int = 0
+    syncs_in_agreement: int = 0
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+class GossipNode:
+    def __init__(
+        self,
+        node_id: str,
+        address: str,
+        generation: int,
+        config: GossipConfig,
+        now: float,
+        seeds: tuple[str, ...] | list[str] = (),
+        catalog: Catalog | None = None,
+    ) -> None:
+        self.id = node_id
+        self.address = address
+        self.generation = generation
+        self.config = config
+        me = MemberRecord(node_id, address, generation, 0, MemberState.ALIVE)
+        self.members = MemberTable(me, now, config.suspicion())
+        self.catalog = catalog or Catalog(
+            node_id, generation, tombstone_grace_s=config.tombstone_grace_s
+        )
+        assert self.catalog.self_id == node_id and self.catalog.own.generation == generation
+        self.seeds = tuple(s for s in seeds if s != address)
+        self.broadcasts = BroadcastQueue(config.retransmit_mult)
+        self.broadcasts.push(MemberUpdate(me))
+        self.stats = Stats()
+        self.left = False
+        self._seq = 0
+        self._probe: _Probe | None = None
+        self._probe_order: list[str] = []
+        self._relays: dict[int, _Relay] = {}
+        self._next_gossip = now
+        self._next_probe = now
+        self._next_redial = now + config.redial_interval_s
+        self._next_housekeeping = now + config.housekeeping_interval_s
+        self._started = False
+        self.version = 0  # bumped on every change of what we know (persist when it moves)
+
+    # -- helpers -------------------------------------------------------------
+
+    def _env(self, body: Ping | Ack | PingReq | Gossip | Sync | SyncDigest | SyncDelta) -> Envelope:
+        return Envelope(self.config.cluster, self.id, self.generation, self.address, body)
+
+    def _send(self, out: list[Send], to: str, body: Ping | Ack | PingReq | Gossip | Sync | SyncDigest | SyncDelta) -> None:
+        self.stats.messages_out += 1
+        out.append(Send(to, self._env(body)))
+
+    def _next_seq(self) -> int:
+        self._seq = (self._seq + 1) % 2**62
+        return self._seq
+
+    def _piggyback(self) -> tuple[MemberUpdate, ...]:
+        return self.broadcasts.take(self.members.count_live(), self.config.piggyback_max)
+
+    def _addr(self, node_id: str) -> str:
+        m = self.members.get(node_id)
+        assert m is not None
+        return m.record.address
+
+    def _changed(self) -> None:
+        self.version += 1
+
+    @property
+    def incarnation(self) -> int:
+        return self.members.self_record.incarnation
+
+    # -- local writes ------------------------------------------------------------
+
+    def set(self, key: str, value: object, now: float) -> int:
+        v = self.catalog.set(key, value, now)
+        self._changed()
+        return v
+
+    def delete(self, key: str, now: float) -> bool:
+        done = self.catalog.delete(key, now)
+        if done:
+            self._changed()
+        return done
+
+    # -- membership changes ------------------------------------------------------
+
+    def _merge_updates(self, updates: tuple[MemberUpdate, ...], now: float) -> None:
+        for u in updates:
+            self._merge_update(u, now)
+
+    def _merge_update(self, u: MemberUpdate, now: float) -> None:
+        rec = u.record
+        if rec.node_id == self.id:
+            self._about_me(rec, now)
+            return
+        before = self.members.get(rec.node_id)
+        old_gen = before.record.generation if before is not None else None
+        if self.members.merge(u, now):
+            self._changed()
+            self.broadcasts.push(u)
+            if old_gen is not None and rec.generation > old_gen:
+                self.catalog.reset_generation(rec.node_id, rec.generation)
+
+    def _about_me(self, rec: MemberRecord, now: float) -> None:
+        me = self.members.self_record
+        if rec.generation > me.generation:
+            # Another process claims our id with a newer generation: do not fight it silently.
+            self.stats.identity_conflicts += 1
+            return
+        if rec.generation < me.generation or self.left:
+            return
+        if rec.state is not MemberState.ALIVE and rec.incarnation >= me.incarnation:
+            self.stats.refutations += 1
+            new = MemberRecord(self.id, self.address, self.generation, rec.incarnation + 1, MemberState.ALIVE)
+            self.members.set_self(new, now)
+            self.broadcasts.push(MemberUpdate(new))
+            self._changed()
+
+    def _learn_sender(self, env: Envelope, now: float) -> None:
+        if env.sender == self.id:
+            return
+        m = self.members.get(env.sender)
+        if m is None or env.generation > m.record.generation:
+            self._merge_update(
+                MemberUpdate(MemberRecord(env.sender, env.sender_addr, env.generation, 0, MemberState.ALIVE)),
+                now,
+            )
+
+    def _suspect(self, node_id: str, now: float) -> None:
+        m = self.members.get(node_id)
+        if m is None or m.state is not MemberState.ALIVE:
+            return
+        r = m.record
+        self.stats.suspicions_raised += 1
+        self._merge_update(
+            MemberUpdate(MemberRecord(r.node_id, r.address, r.generation, r.incarnation, MemberState.SUSPECT), self.id),
+            now,
+        )
+
+    def _declare_dead(self, node_id: str, now: float) -> None:
+        m = self.members.get(node_id)
+        if m is None:
+            return
+        r = m.record
+        self.stats.deaths_declared += 1
+        self._merge_update(
+            MemberUpdate(MemberRecord(r.node_id, r.address, r.generation, r.incarnation, MemberState.DEAD)),
+            now,
+        )
+
+    # -- time ---------------------------------------------------------------------
+
+    def next_deadline(self) -> float:
+        t = min(self._next_gossip, self._next_probe, self._next_housekeeping)
+        p = self._probe
+        if p is not None and not p.acked:
+            t = min(t, p.start + (self.config.probe_interval_s if p.indirect_sent else self.config.probe_timeout_s))
+        return t
+
+    def tick(self, now: float, rng: random.Random) -> list[Send]:
+        out: list[Send] = []
+        cfg = self.config
+        if self.left:
+            return out
+        if not self._started:
+            self._started = True
+            # Random phase, so that nodes started together do not gossip in lockstep.
+            self._next_gossip = now + rng.random() * cfg.gossip_interval_s
+            self._next_probe = now + rng.random() * cfg.probe_interval_s
+            if self.seeds:
+                for seed in self.seeds:
+                    self._send(out, seed, self._sync_open())
+        self._tick_probe(now, rng, out)
+        if now >= self._next_gossip:
+            self._next_gossip = max(self._next_gossip + cfg.gossip_interval_s, now)
+            self._tick_gossip(now, rng, out)
+            for m in self.members.expired_suspicions(now):
+                self._declare_dead(m.record.node_id, now)
+        if now >= self._next_housekeeping:
+            self._next_housekeeping = now + cfg.housekeeping_interval_s
+            self._housekeeping(now)
+        return out
+
+    def _tick_probe(self, now: float, rng: random.Random, out: list[Send]) -> None:
+        cfg = self.config
+        p = self._probe
+        if p is not None:
+            if not p.acked and not p.indirect_sent and now >= p.start + cfg.probe_timeout_s:
+                p.indirect_sent = True
+                helpers = self.members.live.sample(rng, cfg.indirect_checks, exclude=p.target)
+                for h in helpers:
+                    self._send(out, self._addr(h), PingReq(p.seq, p.target, p.address, self._piggyback()))
+                self._send(out, p.address, Ping(p.seq, p.target, self._piggyback()))
+            if now >= p.start + cfg.probe_interval_s:
+                if not p.acked:
+                    self._suspect(p.target, now)
+                self._probe = None
+        if self._probe is None and now >= self._next_probe:
+            self._next_probe = max(self._next_probe + cfg.probe_interval_s, now)
+            target = self._next_probe_target(rng)
+            if target is not None:
+                addr = self._addr(target)
+                p = _Probe(target, addr, self._next_seq(), now)
+                self._probe = p
+                self._send(out, addr, Ping(p.seq, target, self._piggyback()))
+
+    def _next_probe_target(self, rng: random.Random) -> str | None:
+        for _ in range(2):
+            while self._probe_order:
+                nid = self._probe_order.pop()
+                if nid in self.members.live:
+                    return nid
+            self._probe_order = list(self.members.live)
+            rng.shuffle(self._probe_order)
+        return None
+
+    def _sync_open(self) -> Sync:
+        return Sync(self.catalog.digest_hash(), self.members.members_hash())
+
+    def _tick_gossip(self, now: float, rng: random.Random, out: list[Send]) -> None:
+        cfg = self.config
+        live = self.members.live
+        for nid in live.sample(rng, cfg.fanout):
+            self._send(out, self._addr(nid), self._sync_open())
+        if len(self.broadcasts):
+            peers = live.sample(rng, cfg.fanout)
+            if peers:
+                updates = self._piggyback()
+                for nid in peers:
+                    self._send(out, self._addr(nid), Gossip(updates))
+        gone = self.members.gone
+        if len(live) == 0:
+            # Alone: keep re-dialling the seeds and the dead we remember.
+            if self.seeds:
+                self._send(out, rng.choice(self.seeds), self._sync_open())
+            for nid in gone.sample(rng, 1):
+                self._send(out, self._addr(nid), self._sync_open())
+        elif now >= self._next_redial:
+            self._next_redial = now + cfg.redial_interval_s
+            for nid in gone.sample(rng, 1):
+                self._send(out, self._addr(nid), self._sync_open())
+
+    def _housekeeping(self, now: float) -> None:
+        for nid in self.members.reap(now, self.config.reap_after_s):
+            self.catalog.forget(nid)
+            self._changed()
+        if self.catalog.collect_tombstones(now):
+            self._changed()
+        for seq in [s for s, r in self._relays.items() if r.expires <= now]:
+            del self._relays[seq]
+
+    # -- messages -------------------------------------------------------------------
+
+    def receive(self, env: Envelope, now: float, rng: random.Random) -> list[Send]:
+        out: list[Send] = []
+        if self.left:
+            return out
+        self.stats.messages_in += 1
+        self._learn_sender(env, now)
+        b = env.body
+        to = env.sender_addr
+        if isinstance(b, Ping):
+            self._merge_updates(b.updates, now)
+            if b.target == self.id:
+                self._send(out, to, Ack(b.seq, self.id, self._piggyback()))
+        elif isinstance(b, Ack):
+            self._merge_updates(b.updates, now)
+            p = self._probe
+            if p is not None and b.seq == p.seq and b.target == p.target:
+                p.acked = True
+            else:
+                r = self._relays.pop(b.seq, None)
+                if r is not None and r.target == b.target:
+                    self._send(out, r.origin_addr, Ack(r.origin_seq, b.target, self._piggyback()))
+        elif isinstance(b, PingReq):
+            self._merge_updates(b.updates, now)
+            if len(self._relays) < self.config.relays_max:
+                seq = self._next_seq()
+                self._relays[seq] = _Relay(to, b.seq, b.target, now + self.config.probe_interval_s)
+                self._send(out, b.target_addr, Ping(seq, b.target, self._piggyback()))
+        elif isinstance(b, Gossip):
+            self._merge_updates(b.updates, now)
+        elif isinstance(b, Sync):
+            members_differ = b.members_hash != self.members.members_hash()
+            if b.digest_hash == self.catalog.digest_hash() and not members_differ:
+                self.stats.syncs_in_agreement += 1
+            else:
+                self._send(
+                    out,
+                    to,
+                    SyncDigest(
+                        dict(self.catalog.digest()),
+                        self.members.records() if members_differ else None,
+                    ),
+                )
+        elif isinstance(b, SyncDigest):
+            theirs_sent = b.members is not None
+            if b.members is not None:
+                self._merge_records(b.members, now)
+            deltas = self.catalog.delta_for(b.digest, self.config.delta_budget_bytes, rng)
+            mine = self.catalog.digest()
+            self._send(
+                out,
+                to,
+                SyncDelta(
+                    deltas,
+                    dict(mine) if b.digest != mine else None,
+                    self.members.records() if theirs_sent else None,
+                ),
+            )
+        elif isinstance(b, SyncDelta):
+            if b.members is not None:
+                self._merge_records(b.members, now)
+            self._apply_deltas(b, now)
+            if b.digest is not None:
+                deltas = self.catalog.delta_for(b.digest, self.config.delta_budget_bytes, rng)
+                if deltas:
+                    self._send(out, to, SyncDelta(deltas))
+        return out
+
+    def _merge_records(self, records: tuple[MemberRecord, ...], now: float) -> None:
+        for r in records:
+            self._merge_update(MemberUpdate(r), now)
+
+    def _apply_deltas(self, b: SyncDelta, now: float) -> None:
+        for d in b.deltas:
+            m = self.members.get(d.node_id)
+            if m is None or d.generation < m.record.generation:
+                continue  # only for members we know, at their current generation
+            if self.catalog.apply_delta(d, now):
+                self._changed()
+
+    # -- leaving ---------------------------------------------------------------------
+
+    def leave(self, now: float, rng: random.Random, tell: int = 4) -> list[Send]:
+        """Mark ourselves LEFT and tell up to ``tell`` live peers."""
+        out: list[Send] = []
+        if self.left:
+            return out
+        me = self.members.self_record
+        rec = MemberRecord(self.id, self.address, me.generation, me.incarnation, MemberState.LEFT)
+        self.members.set_self(rec, now)
+        self._changed()
+        update = (MemberUpdate(rec),)
+        for nid in self.members.live.sample(rng, tell):
+            self._send(out, self._addr(nid), Gossip(update))
+        self.left = True
+        return out
+
+    # -- views ------------------------------------------------------------------------
+
+    def digest_copy(self) -> dict[str, NodeDigest]:
+        return dict(self.catalog.digest())

@@ -1,0 +1,112 @@
+"""Names: models, nodes and devices.
+
+Model names follow Hugging Face repo ids: ``name`` or ``owner/name``, at most
+one ``/``, no path tricks (``..``, a leading ``/``), no control characters,
+at most ``MODEL_NAME_MAX`` characters.  Devices are ``node:disk``,
+``node:dram``, ``node:gpuN`` or ``web`` (an outside source), the gswarm
+convention.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import InvalidName
+
+__all__ = [
+    "MODEL_NAME_MAX",
+    "NODE_ID_MAX",
+    "Device",
+    "parse_device",
+    "validate_model_name",
+    "validate_node_id",
+]
+
+MODEL_NAME_MAX = 200
+NODE_ID_MAX = 64
+
+_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
+_NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
+_DEVICE_KIND = re.compile(r"(disk|dram|gpu(0|[1-9][0-9]{0,2}))\Z")
+
+
+def validate_model_name(name: object) -> str:
+    """Return ``name`` if it is a valid model name, else raise ``InvalidName``."""
+    if not isinstance(name, str):
+        raise InvalidName("model name must be a string")
+    if not name:
+        raise InvalidName("model name is empty")
+    if len(name) > MODEL_NAME_MAX:
+        raise InvalidName(f"model name is longer than {MODEL_NAME_MAX} characters")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        raise InvalidName("model name contains control characters")
+    if name.startswith("/"):
+        raise InvalidName("model name must not start with '/'")
+    parts = name.split("/")
+    if len(parts) > 2:
+        raise InvalidName("model name may contain at most one '/' (owner/name)")
+    for part in parts:
+        if part in ("", ".", ".."):
+            raise InvalidName(f"model name has an empty or relative segment: {part!r}")
+        if ".." in part:
+            raise InvalidName("model name must not contain '..'")
+        if not _SEGMENT.match(part):
+            raise InvalidName(
+                "model name segments use letters, digits, '.', '_' and '-' and start "
+                "with a letter or digit"
+            )
+    return name
+
+
+def validate_node_id(node_id: object) -> str:
+    """Return ``node_id`` if valid (1-64 of letters, digits, '.', '_', '-')."""
+    if not isinstance(node_id, str) or not node_id:
+        raise InvalidName("node id must be a non-empty string")
+    if len(node_id) > NODE_ID_MAX:
+        raise InvalidName(f"node id is longer than {NODE_ID_MAX} characters")
+    if not _NODE_ID.match(node_id) or ".." in node_id:
+        raise InvalidName(
+            "node id uses letters, digits, '.', '_' and '-' and starts with a letter or digit"
+        )
+    return node_id
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    """A place a model copy can live: ``node:kind`` or the outside ``web``."""
+
+    node_id: str | None  # None for "web"
+    kind: str  # "disk", "dram", "gpuN" or "web"
+
+    @property
+    def is_web(self) -> bool:
+        return self.node_id is None
+
+    @property
+    def gpu_index(self) -> int | None:
+        if self.kind.startswith("gpu"):
+            return int(self.kind[3:])
+        return None
+
+    def __str__(self) -> str:
+        return "web" if self.node_id is None else f"{self.node_id}:{self.kind}"
+
+
+def parse_device(text: object) -> Device:
+    """Parse ``node:disk``, ``node:dram``, ``node:gpuN`` or ``web``."""
+    if not isinstance(text, str):
+        raise InvalidName("device must be a string")
+    if text == "web":
+        return Device(None, "web")
+    node, sep, kind = text.rpartition(":")
+    if not sep:
+        raise InvalidName(
+            f"bad device name {text[:80]!r}: expected node:disk, node:dram, node:gpuN or web"
+        )
+    validate_node_id(node)
+    if not _DEVICE_KIND.match(kind):
+        raise InvalidName(
+            f"bad device kind {kind[:20]!r} in {text[:80]!r}: expected disk, dram or gpuN"
+        )
+    return Device(node, kind)

@@ -1,0 +1,101 @@
+"""The read view: what the catalog says about models, resolved the same way
+on every node.
+
+Keys that several nodes may write for one model live in each writer's own
+keyspace, stamped with the writer's HLC:
+
+* ``reg/<model>``: ``{"stamp", "since", "op": "register" | "unregister",
+  "model_type", "source_url", "metadata"}``; ``since`` is the stamp at which
+  the current registration began (re-registering keeps it).
+* ``loc/<model>@<device>``: ``{"stamp", "op": "add" | "drop"}``
+
+For each model the record with the highest stamp wins (last writer wins), so
+concurrent writes on both sides of a partition converge to one answer with no
+coordinator.  A location counts only if it was recorded at or after the
+registration's ``since``, so unregistering clears a model's locations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .hlc import Stamp
+
+__all__ = ["LOC_PREFIX", "REG_PREFIX", "ModelView", "loc_key", "reg_key", "resolve_models"]
+
+REG_PREFIX = "reg/"
+LOC_PREFIX = "loc/"
+
+
+def reg_key(model: str) -> str:
+    return REG_PREFIX + model
+
+
+def loc_key(model: str, device: str) -> str:
+    return f"{LOC_PREFIX}{model}@{device}"
+
+
+@dataclass(slots=True)
+class ModelView:
+    name: str
+    model_type: str | None
+    source_url: str | None
+    metadata: dict[str, Any]
+    registered_by: str
+    stamp: Stamp
+    since: Stamp
+    locations: list[str] = field(default_factory=list)
+
+
+def _stamp(v: Any, field_name: str = "stamp") -> Stamp | None:
+    if not isinstance(v, dict):
+        return None
+    try:
+        return Stamp.from_wire(v.get(field_name))
+    except Exception:
+        return None
+
+
+def resolve_models(items: Iterable[tuple[str, str, Any]]) -> dict[str, ModelView]:
+    """Resolve ``(node_id, key, value)`` catalog items into registered models."""
+    regs: dict[str, tuple[Stamp, str, dict[str, Any]]] = {}
+    locs: dict[tuple[str, str], tuple[Stamp, str]] = {}
+    for node_id, key, value in items:
+        stamp = _stamp(value)
+        if stamp is None:
+            continue
+        if key.startswith(REG_PREFIX):
+            name = key[len(REG_PREFIX) :]
+            cur = regs.get(name)
+            if cur is None or stamp > cur[0]:
+                regs[name] = (stamp, node_id, value)
+        elif key.startswith(LOC_PREFIX):
+            name, sep, device = key[len(LOC_PREFIX) :].rpartition("@")
+            if not sep:
+                continue
+            op = value.get("op")
+            cur_loc = locs.get((name, device))
+            if cur_loc is None or stamp > cur_loc[0]:
+                locs[(name, device)] = (stamp, str(op))
+    out: dict[str, ModelView] = {}
+    for name, (stamp, node_id, value) in regs.items():
+        if value.get("op") != "register":
+            continue
+        meta = value.get("metadata")
+        out[name] = ModelView(
+            name=name,
+            model_type=value.get("model_type") if isinstance(value.get("model_type"), str) else None,
+            source_url=value.get("source_url") if isinstance(value.get("source_url"), str) else None,
+            metadata=meta if isinstance(meta, dict) else {},
+            registered_by=node_id,
+            stamp=stamp,
+            since=_stamp(value, "since") or stamp,
+        )
+    for (name, device), (stamp, op) in sorted(locs.items()):
+        mv = out.get(name)
+        if mv is None or op != "add" or stamp < mv.since:
+            continue
+        mv.locations.append(device)
+    return out

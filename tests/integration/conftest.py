@@ -1,0 +1,91 @@
+"""Real daemons on loopback, in one trio run: start, kill (no goodbye), stop (leave)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from meshnode.config import add_start_arguments, config_from_args
+from meshnode.node import MeshNode
+
+FAST = ["--gossip-interval", "0.1", "--probe-interval", "0.2"]
+
+
+@dataclass
+class Handle:
+    node: MeshNode
+    scope: trio.CancelScope
+    done: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def url(self) -> str:
+        assert self.node.url is not None
+        return self.node.url
+
+    @property
+    def address(self) -> str:
+        assert self.node.address is not None
+        return self.node.address
+
+    def kill(self) -> None:
+        """Vanish without telling anyone, like kill -9 or a pulled cable."""
+        self.scope.cancel()
+
+    async def stop(self) -> None:
+        """Leave the mesh cleanly, as on SIGTERM."""
+        self.node.stop()
+        await self.done.wait()
+
+
+class Mesh:
+    def __init__(self, nursery: trio.Nursery, root: Path) -> None:
+        self.nursery = nursery
+        self.root = root
+        self.client = httpx.AsyncClient(timeout=10)
+
+    async def start(self, node_id: str, *extra: str, join: list[Handle] | None = None, env: dict[str, str] | None = None, data_dir: Path | None = None) -> Handle:
+        p = argparse.ArgumentParser()
+        add_start_arguments(p)
+        argv = ["--node-id", node_id, "--port", "0", "--data-dir", str(data_dir or self.root / node_id), *FAST, *extra]
+        if join:
+            argv += ["--join", ",".join(h.address for h in join)]
+        cfg = config_from_args(p.parse_args(argv), env=env or {})
+        node = MeshNode(cfg)
+        scope = trio.CancelScope()
+        handle = Handle(node, scope)
+
+        async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            with scope:
+                await node.run(task_status=task_status)
+            handle.done.set()
+
+        await self.nursery.start(run)
+        return handle
+
+
+@pytest.fixture
+async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
+    async with trio.open_nursery() as nursery:
+        m = Mesh(nursery, tmp_path)
+        yield m
+        await m.client.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def wait_for(check: Callable[[], object], timeout_s: float = 15.0, what: str = "condition") -> None:
+    """Poll ``check`` (sync or async) until it is truthy; fail after ``timeout_s``."""
+    with trio.move_on_after(timeout_s):
+        while True:
+            r = check()
+            if hasattr(r, "__await__"):
+                r = await r  # type: ignore[misc]
+            if r:
+                return
+            await trio.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")

@@ -1,0 +1,148 @@
+"""Real daemons on loopback: join, catalog convergence, failure detection, leave."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .conftest import Mesh, wait_for
+
+
+async def states(mesh: Mesh, url: str) -> dict[str, str]:
+    r = await mesh.client.get(url + "/nodes")
+    return {n["node_id"]: n["state"] for n in r.json()["nodes"]}
+
+
+async def model_names(mesh: Mesh, url: str) -> list[str]:
+    r = await mesh.client.get(url + "/models")
+    return [m["model_name"] for m in r.json()["models"]]
+
+
+async def test_three_nodes_share_one_catalog(mesh: Mesh) -> None:
+    a = await mesh.start("a")
+    b = await mesh.start("b", join=[a])
+    c = await mesh.start("c", join=[b])  # joins through b: learns a from gossip
+    for h in (a, b, c):
+        await wait_for(lambda h=h: _all_alive(mesh, h.url, 3), what=f"{h.node.cfg.node_id} to see 3 alive")
+
+    r = await mesh.client.post(
+        b.url + "/models/meta-llama/Llama-3.1-8B-Instruct/register",
+        json={"model_type": "llm", "source_url": "hf://meta-llama/Llama-3.1-8B-Instruct",
+              "metadata": {"description": "8B", "tags": ["chat"], "requirements": {"min_vram": 17_000_000_000}}},
+    )
+    assert r.status_code == 201, r.text
+    for h in (a, c):
+        await wait_for(lambda h=h: _has_model(mesh, h.url, "meta-llama/Llama-3.1-8B-Instruct"), what="registration to spread")
+    info = (await mesh.client.get(a.url + "/models/meta-llama/Llama-3.1-8B-Instruct")).json()
+    assert info["model_type"] == "llm"
+    assert info["registered_by"] == "b"
+    assert info["metadata"]["requirements"]["min_vram"] == 17_000_000_000
+
+    r = await mesh.client.post(c.url + "/models/meta-llama/Llama-3.1-8B-Instruct/locations/a:disk")
+    assert r.status_code == 201, r.text
+    for h in (a, b):
+        await wait_for(lambda h=h: _locations(mesh, h.url, "meta-llama/Llama-3.1-8B-Instruct", ["a:disk"]), what="location")
+    av = (await mesh.client.get(b.url + "/v2/catalog/availability")).json()
+    assert av["single_node_models"] == ["meta-llama/Llama-3.1-8B-Instruct"]
+    assert av["nodes"]["a"]["models"] == ["meta-llama/Llama-3.1-8B-Instruct"]
+    assert av["nodes"]["a"]["online"] is True
+    await mesh.client.post(b.url + "/models/meta-llama/Llama-3.1-8B-Instruct/locations/c:disk")
+    await mesh.client.post(b.url + "/models/meta-llama/Llama-3.1-8B-Instruct/locations/b:dram")
+
+    async def replicated() -> bool:
+        av = (await mesh.client.get(a.url + "/v2/catalog/availability")).json()
+        return bool(av["replicated_models"] == ["meta-llama/Llama-3.1-8B-Instruct"] and av["single_node_models"] == [])
+
+    await wait_for(replicated, what="model replicated on every node")
+
+    # Unregister on a third node: gone everywhere.
+    r = await mesh.client.delete(a.url + "/models/meta-llama/Llama-3.1-8B-Instruct")
+    assert r.status_code == 200
+    for h in (a, b, c):
+        await wait_for(lambda h=h: _no_models(mesh, h.url), what="unregister to spread")
+
+
+async def _all_alive(mesh: Mesh, url: str, n: int) -> bool:
+    s = await states(mesh, url)
+    return len(s) == n and all(v == "alive" for v in s.values())
+
+
+async def _has_model(mesh: Mesh, url: str, name: str) -> bool:
+    return name in await model_names(mesh, url)
+
+
+async def _no_models(mesh: Mesh, url: str) -> bool:
+    return await model_names(mesh, url) == []
+
+
+async def _locations(mesh: Mesh, url: str, name: str, want: list[str]) -> bool:
+    r = await mesh.client.get(url + f"/models/{name}/locations")
+    return bool(r.status_code == 200 and r.json()["locations"] == want)
+
+
+async def test_crashed_node_is_suspected_then_dead_and_a_restart_comes_back(mesh: Mesh) -> None:
+    a = await mesh.start("a")
+    b = await mesh.start("b", join=[a])
+    c = await mesh.start("c", join=[a])
+    await wait_for(lambda: _all_alive(mesh, a.url, 3), what="3 alive")
+    r = await mesh.client.post(c.url + "/models/m1/register", json={"model_type": "llm"})
+    assert r.status_code == 201
+    await wait_for(lambda: _has_model(mesh, a.url, "m1"), what="m1 on a")
+    gen_before = c.node.generation
+
+    c.kill()  # no goodbye
+    seen: set[str] = set()
+
+    async def dead_on_both() -> bool:
+        sa, sb = await states(mesh, a.url), await states(mesh, b.url)
+        seen.add(sa["c"])
+        return sa["c"] == "dead" and sb["c"] == "dead"
+
+    await wait_for(dead_on_both, timeout_s=20, what="c dead on a and b")
+    assert "suspect" in seen or "dead" in seen
+    assert (await states(mesh, a.url))["b"] == "alive"  # no false death of the survivor
+
+    # Same data dir: a new, higher generation; its registration survived.
+    c2 = await mesh.start("c", join=[a], data_dir=mesh.root / "c")
+    assert c2.node.generation > gen_before
+    await wait_for(lambda: _all_alive(mesh, b.url, 3), what="c back alive on b")
+    assert "m1" in await model_names(mesh, c2.url)
+    nodes = (await mesh.client.get(b.url + "/nodes")).json()["nodes"]
+    assert [n["generation"] for n in nodes if n["node_id"] == "c"] == [c2.node.generation]
+
+
+async def test_clean_stop_is_seen_as_left_not_dead(mesh: Mesh) -> None:
+    a = await mesh.start("a")
+    b = await mesh.start("b", join=[a])
+    await wait_for(lambda: _all_alive(mesh, a.url, 2), what="2 alive")
+    await b.stop()
+    await wait_for(lambda: _state_is(mesh, a.url, "b", "left"), what="b left")
+    # And it stays "left": nobody declares it dead later.
+    for _ in range(10):
+        assert (await states(mesh, a.url))["b"] == "left"
+        await _sleep_intervals(2)
+
+
+async def _state_is(mesh: Mesh, url: str, node: str, state: str) -> bool:
+    return (await states(mesh, url)).get(node) == state
+
+
+async def _sleep_intervals(n: int) -> None:
+    import trio
+
+    await trio.sleep(0.1 * n)  # waiting for gossip rounds to pass, not standing in for work
+
+
+async def test_concurrent_registrations_converge_to_one_winner(mesh: Mesh) -> None:
+    a = await mesh.start("a")
+    b = await mesh.start("b", join=[a])
+    await wait_for(lambda: _all_alive(mesh, a.url, 2), what="2 alive")
+    ra = mesh.client.post(a.url + "/models/shared/register", json={"model_type": "from-a"})
+    rb = mesh.client.post(b.url + "/models/shared/register", json={"model_type": "from-b"})
+    assert (await ra).status_code == 201 and (await rb).status_code == 201
+
+    async def same() -> Any:
+        ia = (await mesh.client.get(a.url + "/models/shared")).json()
+        ib = (await mesh.client.get(b.url + "/models/shared")).json()
+        return ia["model_type"] == ib["model_type"] and ia["registered_by"] == ib["registered_by"]
+
+    await wait_for(same, what="one winner everywhere")
