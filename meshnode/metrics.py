@@ -58,5 +58,5 @@ class _Collector:
 
 def render_metrics(node: MeshNode) -> tuple[bytes, str]:
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(_Collector(node))  # type: ignore[arg-type]
+    reg.register(_Collector(node))
     return generate_latest(reg), CONTENT_TYPE_LATEST

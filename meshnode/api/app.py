@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import PathConverter
 
 from protocol import RemoteProtocolError
 from protocol.wire import MAX_MESSAGE_BYTES
@@ -47,8 +48,20 @@ def _remote() -> str:
     return str(addr)
 
 
+class ModelNameConverter(PathConverter):
+    """Everything up to the route's suffix, so that a bad name (``//x``,
+    ``a/../b``) reaches the validator and gets a clear 400 instead of a
+    redirect or a bare 404."""
+
+    regex = ".+?"
+    part_isolating = False
+
+
 def create_app(node: MeshNode) -> QuartTrio:
     app = QuartTrio("meshnode")
+    app.url_map.merge_slashes = False
+    app.url_map.strict_slashes = False
+    app.url_map.converters["model"] = ModelNameConverter
     app.config["MAX_CONTENT_LENGTH"] = MAX_MESSAGE_BYTES
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
     cfg = node.cfg
@@ -61,6 +74,12 @@ def create_app(node: MeshNode) -> QuartTrio:
     @app.before_request
     async def _auth() -> Response | None:
         path = request.path
+        limit = MAX_MESSAGE_BYTES if path.startswith("/mesh/") else PUBLIC_BODY_MAX
+        if request.content_length is not None and request.content_length > limit:
+            # Answer before reading the body, and close: the client learns why at once.
+            r = _error(413, "TOO_LARGE", f"request body of {request.content_length} bytes is over the {limit} byte limit")
+            r.headers["connection"] = "close"
+            return r
         if path.startswith("/mesh/"):
             if not check_bearer(request.headers.get("authorization"), cfg.secrets.cluster_secrets):
                 node.note_refused(_remote(), "a peer request")
@@ -102,9 +121,9 @@ def create_app(node: MeshNode) -> QuartTrio:
 
     @app.post("/mesh/v1/msg")
     async def peer_msg() -> Response:
-        data = await request.get_data(cache=False)
+        data = await request.get_data(cache=False, as_text=False)
         try:
-            node.handle_peer_message(bytes(data), _remote())
+            node.handle_peer_message(data if isinstance(data, bytes) else data.encode(), _remote())
         except RemoteProtocolError as e:
             return _error(400, "BAD_PEER_MESSAGE", str(e)[:300])
         return Response("", status=204)
@@ -137,26 +156,26 @@ def create_app(node: MeshNode) -> QuartTrio:
         ms = [s.model_json(mv) for _, mv in sorted(s.models().items())]
         return _json({"models": ms, "total_count": len(ms)})
 
-    @app.get("/models/<path:name>/locations")
+    @app.get("/models/<model:name>/locations")
     async def locations(name: str) -> Response:
         mv = svc().model(name)
         return _json({"model_name": mv.name, "locations": mv.locations})
 
-    @app.post("/models/<path:name>/locations/<device>")
+    @app.post("/models/<model:name>/locations/<device>")
     async def add_location(name: str, device: str) -> Response:
         s = svc()
         dev = s.set_location(name, device, True, node.clock())
         await node.persist_now()
         return _json({"model_name": name, "device": dev, "recorded": True}, 201)
 
-    @app.delete("/models/<path:name>/locations/<device>")
+    @app.delete("/models/<model:name>/locations/<device>")
     async def drop_location(name: str, device: str) -> Response:
         s = svc()
         dev = s.set_location(name, device, False, node.clock())
         await node.persist_now()
         return _json({"model_name": name, "device": dev, "dropped": True})
 
-    @app.post("/models/<path:name>/register")
+    @app.post("/models/<model:name>/register")
     async def register(name: str) -> Response:
         s = svc()
         mv = s.register(name, await body_json(), node.clock())
@@ -165,12 +184,12 @@ def create_app(node: MeshNode) -> QuartTrio:
         out["registered"] = True
         return _json(out, 201)
 
-    @app.get("/models/<path:name>")
+    @app.get("/models/<model:name>")
     async def model_info(name: str) -> Response:
         s = svc()
         return _json(s.model_json(s.model(name), full=True))
 
-    @app.delete("/models/<path:name>")
+    @app.delete("/models/<model:name>")
     async def unregister(name: str) -> Response:
         s = svc()
         purge = request.args.get("purge", "false").lower() in ("1", "true", "yes")

@@ -89,3 +89,20 @@ async def wait_for(check: Callable[[], object], timeout_s: float = 15.0, what: s
                 return
             await trio.sleep(0.05)
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+async def raw_oversized_post(address: str, path: str, content_length: int) -> bytes:
+    """Announce a body of ``content_length`` bytes, send a little of it, return the reply head."""
+    host, port = address.rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    async with stream:
+        head = f"POST {path} HTTP/1.1\r\nhost: {address}\r\ncontent-length: {content_length}\r\n\r\n"
+        await stream.send_all(head.encode() + b"x" * 1024)
+        data = b""
+        with trio.fail_after(5):
+            while b"\r\n\r\n" not in data:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    break
+                data += chunk
+        return data

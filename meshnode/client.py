@@ -1,0 +1,282 @@
+"""A small synchronous client for the public HTTP API that every node serves.
+
+The CLI is its main user, but scripts may use it too::
+
+    with ApiClient("http://127.0.0.1:7420", token="...") as api:
+        print(api.list_models()["total_count"])
+
+Errors come in three kinds, all subclasses of ``ClientError`` and all with a
+message that is safe to show (it never contains the token):
+
+- ``ApiError``: the peer answered with an error status; ``status``, ``code``
+  and ``message`` come from its ``{"error": {"code", "message"}}`` body.
+- ``PeerUnreachableError``: no connection could be made (refused, DNS, connect
+  timeout).
+- ``ClientError`` itself: anything else (the peer stopped answering, or sent
+  something that is not JSON).
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+__all__ = [
+    "DEFAULT_PEER",
+    "DEFAULT_PORT",
+    "DEFAULT_TIMEOUT_S",
+    "ApiClient",
+    "ApiError",
+    "ClientError",
+    "PeerUnreachableError",
+    "model_path",
+    "normalize_peer_url",
+]
+
+DEFAULT_PORT = 7420
+DEFAULT_PEER = f"http://127.0.0.1:{DEFAULT_PORT}"
+DEFAULT_TIMEOUT_S = 10.0
+
+# Bounds on what we echo back from a peer: one line, not a novel.
+_MESSAGE_CHARS_MAX = 300
+_USER_AGENT = "meshnode-cli"
+
+
+class ClientError(Exception):
+    """Something went wrong talking to a peer; ``str(err)`` is one line for people."""
+
+
+class ApiError(ClientError):
+    """The peer answered with an error status."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message} (HTTP {status})")
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class PeerUnreachableError(ClientError):
+    """No connection to the peer could be made."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"cannot reach peer {url}: {reason}")
+        self.url = url
+        self.reason = reason
+
+
+def _one_line(text: str, limit: int = _MESSAGE_CHARS_MAX) -> str:
+    text = " ".join(text.split())
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return text
+
+
+def normalize_peer_url(peer: str) -> str:
+    """Turn ``URL``, ``HOST:PORT`` or ``HOST`` into a base URL without a trailing slash.
+
+    A bare ``HOST`` or ``HOST:PORT`` gets ``http://``; a bare ``HOST`` also gets
+    the default port.  Raises ``ValueError`` with a readable message otherwise.
+    """
+    text = peer.strip()
+    if not text:
+        raise ValueError("peer address is empty")
+    if "://" not in text:
+        text = "http://" + text
+        bare = True
+    else:
+        bare = False
+    try:
+        url = httpx.URL(text)
+    except (httpx.InvalidURL, ValueError) as exc:
+        raise ValueError(f"bad peer address {peer!r}: {exc}") from None
+    if url.scheme not in ("http", "https"):
+        raise ValueError(f"bad peer address {peer!r}: scheme must be http or https")
+    if not url.host:
+        raise ValueError(f"bad peer address {peer!r}: no host")
+    if url.query or url.fragment:
+        raise ValueError(f"bad peer address {peer!r}: no query or fragment allowed")
+    if bare and url.port is None:
+        url = url.copy_with(port=DEFAULT_PORT)
+    return str(url).rstrip("/")
+
+
+def model_path(name: str) -> str:
+    """``/models/{name}`` with each segment quoted but the one ``/`` kept.
+
+    Hugging Face repo ids (``owner/name``) route as two path segments, as the
+    server expects.  Raises ``ValueError`` for names that cannot be a model
+    (more than one ``/``, empty or relative segments); the server judges the rest.
+    """
+    if not name:
+        raise ValueError("model name is empty")
+    parts = name.split("/")
+    if len(parts) > 2:
+        raise ValueError(f"model name {name!r} may contain at most one '/' (owner/name)")
+    for part in parts:
+        if part in ("", ".", ".."):
+            raise ValueError(f"model name {name!r} has an empty or relative segment")
+    return "/models/" + "/".join(quote(part, safe="") for part in parts)
+
+
+class ApiClient:
+    """Blocking client for one peer's public API.
+
+    ``transport`` is for tests (``httpx.MockTransport``); everything else is what
+    a user would set.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        token: str | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        if timeout_s <= 0:
+            raise ValueError("timeout must be positive")
+        self.base_url = base_url.rstrip("/")
+        self.timeout_s = timeout_s
+        self._has_token = bool(token)
+        headers = {"Accept": "application/json", "User-Agent": _USER_AGENT}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            headers=headers,
+            timeout=httpx.Timeout(timeout_s),
+            transport=transport,
+            follow_redirects=False,
+        )
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> ApiClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- core --------------------------------------------------------------
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: dict[str, str] | None = None,
+    ) -> Any:
+        """Send one request; return the decoded JSON body (``{}`` when empty)."""
+        try:
+            response = self._http.request(method, path, json=json, params=params)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise PeerUnreachableError(self.base_url, _reason(exc, self.timeout_s)) from None
+        except httpx.TimeoutException as exc:
+            raise ClientError(
+                f"peer {self.base_url} did not answer {method} {path} within "
+                f"{self.timeout_s:g}s ({type(exc).__name__})"
+            ) from None
+        except httpx.TransportError as exc:
+            raise ClientError(
+                f"request {method} {path} to peer {self.base_url} failed: {_reason(exc, self.timeout_s)}"
+            ) from None
+        if response.is_success:
+            return self._decode(response, method, path)
+        raise self._error(response)
+
+    def _decode(self, response: httpx.Response, method: str, path: str) -> Any:
+        if not response.content:
+            return {}
+        try:
+            return response.json()
+        except ValueError:
+            raise ClientError(
+                f"peer {self.base_url} sent a response to {method} {path} that is not JSON "
+                f"(HTTP {response.status_code})"
+            ) from None
+
+    def _error(self, response: httpx.Response) -> ApiError:
+        status = response.status_code
+        code = f"HTTP_{status}"
+        message = response.reason_phrase or "error"
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        err = body.get("error") if isinstance(body, dict) else None
+        if isinstance(err, dict):
+            if isinstance(err.get("code"), str) and err["code"]:
+                code = err["code"]
+            if isinstance(err.get("message"), str) and err["message"]:
+                message = err["message"]
+        elif isinstance(err, str) and err:
+            message = err
+        message = _one_line(message)
+        if status == 401 and not self._has_token:
+            message += " (no token given: use --token, --token-file or MESHNODE_TOKEN)"
+        return ApiError(status, _one_line(code, 64), message)
+
+    # -- endpoints ---------------------------------------------------------
+
+    def health(self) -> Any:
+        return self.request("GET", "/health")
+
+    def status(self) -> Any:
+        return self.request("GET", "/status")
+
+    def nodes(self) -> Any:
+        return self.request("GET", "/nodes")
+
+    def list_models(self) -> Any:
+        return self.request("GET", "/models")
+
+    def get_model(self, name: str) -> Any:
+        return self.request("GET", model_path(name))
+
+    def register_model(
+        self,
+        name: str,
+        *,
+        model_type: str,
+        source_url: str,
+        description: str = "",
+        tags: list[str] | None = None,
+        requirements: dict[str, Any] | None = None,
+    ) -> Any:
+        body = {
+            "model_type": model_type,
+            "source_url": source_url,
+            "metadata": {
+                "description": description,
+                "tags": list(tags or []),
+                "requirements": dict(requirements or {}),
+            },
+        }
+        return self.request("POST", model_path(name) + "/register", json=body)
+
+    def unregister_model(self, name: str, *, purge: bool = False) -> Any:
+        params = {"purge": "true"} if purge else None
+        return self.request("DELETE", model_path(name), params=params)
+
+    def availability(self) -> Any:
+        return self.request("GET", "/v2/catalog/availability")
+
+
+def _reason(exc: httpx.TransportError, timeout_s: float) -> str:
+    if isinstance(exc, httpx.ConnectTimeout):
+        return f"connection timed out after {timeout_s:g}s"
+    text = _one_line(str(exc))
+    return text or type(exc).__name__

@@ -1,0 +1,94 @@
+"""Bad input gets a clear 4xx with {"error": {"code", "message"}} and loses nothing."""
+
+from __future__ import annotations
+
+import logging
+
+import msgpack
+import pytest
+
+from protocol.wire import PROTOCOL_VERSION, Envelope, Sync, encode
+
+from .conftest import Mesh, raw_oversized_post, wait_for
+
+
+def err(r: object) -> tuple[int, str]:
+    body = r.json()  # type: ignore[attr-defined]
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+    return r.status_code, body["error"]["code"]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/models/..%2Fetc/register",
+        "/models/a%2F..%2Fb/register",
+        "/models/%2Fleading/register",
+        "/models/bad%0Aname/register",
+        "/models/a/b/c/register",
+        "/models/" + "x" * 201 + "/register",
+        "/models/sp%20ace/register",
+    ],
+)
+async def test_bad_model_names_are_refused(mesh: Mesh, path: str) -> None:
+    a = await mesh.start("a")
+    r = await mesh.client.post(a.url + path, json={})
+    status, code = err(r)
+    assert status in (400, 404)
+    assert code in ("INVALID_MODEL_NAME", "NOT_FOUND")
+    assert (await mesh.client.get(a.url + "/models")).json()["total_count"] == 0
+
+
+async def test_request_errors(mesh: Mesh) -> None:
+    a = await mesh.start("a")
+    c = mesh.client
+    assert err(await c.get(a.url + "/models/nope")) == (404, "MODEL_NOT_FOUND")
+    assert err(await c.get(a.url + "/models/org/nope")) == (404, "MODEL_NOT_FOUND")
+    assert err(await c.delete(a.url + "/models/nope")) == (404, "MODEL_NOT_FOUND")
+    assert err(await c.post(a.url + "/models/m/register", content=b"{not json")) == (400, "INVALID_JSON")
+    assert err(await c.post(a.url + "/models/m/register", json=[1])) == (400, "INVALID_REQUEST")
+    assert err(await c.post(a.url + "/models/m/register", json={"bogus": 1})) == (400, "INVALID_REQUEST")
+    assert err(await c.post(a.url + "/models/m/register", json={"metadata": {"requirements": {"min_vram": "lots"}}})) == (400, "INVALID_REQUEST")
+    assert err(await c.post(a.url + "/models/m/register", json={"model_type": "x" * 65})) == (400, "INVALID_REQUEST")
+    assert err(await c.get(a.url + "/no/such/route")) == (404, "NOT_FOUND")
+    reply = await raw_oversized_post(a.address, "/models/m/register", 5 * 1024 * 1024)
+    assert reply.startswith(b"HTTP/1.1 413")
+    assert (await c.post(a.url + "/models/m/register", json={"model_type": "llm"})).status_code == 201
+    assert err(await c.post(a.url + "/models/m/locations/a:tape")) == (400, "INVALID_DEVICE")
+    assert err(await c.post(a.url + "/models/m/locations/web")) == (400, "INVALID_DEVICE")
+    assert err(await c.post(a.url + "/models/m/locations/ghost:disk")) == (404, "NODE_NOT_FOUND")
+    assert err(await c.delete(a.url + "/models/m/locations/a:disk")) == (404, "LOCATION_NOT_FOUND")
+    # Nothing was lost on the way.
+    assert (await c.get(a.url + "/models/m")).json()["model_type"] == "llm"
+    assert (await c.get(a.url + "/health")).json()["status"] == "ok"
+
+
+async def test_bad_peer_messages_are_logged_and_dropped(mesh: Mesh, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="meshnode")
+    a = await mesh.start("a")
+    b = await mesh.start("b", join=[a])
+    c = mesh.client
+    url = a.url + "/mesh/v1/msg"
+    good = encode(Envelope("meshnode", "x", 1, "127.0.0.1:1", Sync(1, 2)))
+    cases = [
+        b"",  # empty
+        b"\xc1",  # never-used msgpack byte
+        good[:-3],  # truncated
+        msgpack.packb([PROTOCOL_VERSION + 7, "meshnode", "x", 1, "h:1", 5, [1, 2]]),  # wrong version
+        msgpack.packb([PROTOCOL_VERSION, "meshnode", "x", 1, "h:1", 99, []]),  # unknown type
+        msgpack.packb([PROTOCOL_VERSION, "meshnode", "x" * 500, 1, "h:1", 5, [1, 2]]),  # oversized field
+        msgpack.packb({"not": "an envelope"}),
+    ]
+    for body in cases:
+        r = await c.post(url, content=body)
+        assert err(r) == (400, "BAD_PEER_MESSAGE"), body
+    reply = await raw_oversized_post(a.address, "/mesh/v1/msg", 5 * 1024 * 1024)  # over the message limit
+    assert reply.startswith(b"HTTP/1.1 413")
+    assert any("bad message" in rec.getMessage() or "another protocol" in rec.getMessage() for rec in caplog.records)
+    # The node is still fine and still gossiping.
+    await mesh.client.post(b.url + "/models/after/register", json={})
+    await wait_for(lambda: _has(mesh, a.url, "after"), what="gossip after bad input")
+
+
+async def _has(mesh: Mesh, url: str, name: str) -> bool:
+    return (await mesh.client.get(url + f"/models/{name}")).status_code == 200

@@ -1,0 +1,104 @@
+"""Tokens, cluster secrets, other clusters, and the non-loopback refusal."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import pytest
+import trio
+
+from meshnode.config import ConfigError, add_start_arguments, config_from_args
+
+from .conftest import Mesh, wait_for
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    add_start_arguments(p)
+    return p.parse_args(list(argv))
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "::"])
+def test_refuses_non_loopback_without_token_and_secret(host: str, tmp_path: object) -> None:
+    with pytest.raises(ConfigError, match="refusing to bind"):
+        config_from_args(parse("--host", host, "--advertise", "h:1"), env={})
+    with pytest.raises(ConfigError, match="refusing to bind"):
+        config_from_args(parse("--host", host, "--advertise", "h:1"), env={"MESHNODE_API_TOKENS": "t"})
+    cfg = config_from_args(
+        parse("--host", host, "--advertise", "h:1"),
+        env={"MESHNODE_API_TOKENS": "t1,t2", "MESHNODE_CLUSTER_SECRET": "s"},
+    )
+    assert cfg.secrets.api_tokens == ("t1", "t2")
+    assert "t1" not in repr(cfg) and "s'" not in repr(cfg.secrets)
+
+
+def test_config_file_env_and_flags(tmp_path: object) -> None:
+    from pathlib import Path
+
+    d = Path(str(tmp_path))
+    (d / "secret").write_text("s1\ns2\n")
+    (d / "mesh.toml").write_text('node_id = "from-file"\nport = 9000\ncluster = "prod"\n')
+    env = {"MESHNODE_CONFIG": str(d / "mesh.toml"), "MESHNODE_PORT": "9100", "MESHNODE_CLUSTER_SECRET_FILE": str(d / "secret")}
+    cfg = config_from_args(parse("--port", "9200"), env=env)
+    assert (cfg.node_id, cfg.port, cfg.cluster) == ("from-file", 9200, "prod")
+    assert cfg.secrets.cluster_secrets == ("s1", "s2")
+    cfg = config_from_args(parse(), env=env)
+    assert cfg.port == 9100
+    (d / "bad.toml").write_text("nonsense = 1\n")
+    with pytest.raises(ConfigError, match="unknown keys"):
+        config_from_args(parse("--config", str(d / "bad.toml")), env={})
+    with pytest.raises(ConfigError, match="HOST:PORT"):
+        config_from_args(parse("--join", "nohost"), env={})
+
+
+async def test_api_tokens(mesh: Mesh, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    a = await mesh.start("a", "--api-tokens", "old-token,new-token")
+    c = mesh.client
+    assert (await c.get(a.url + "/health")).status_code == 200  # liveness stays open
+    for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "Basic old-token"}, {"authorization": "Bearer  x"}):
+        r = await c.get(a.url + "/models", headers=headers)
+        assert r.status_code == 401
+        assert r.json()["error"]["code"] == "UNAUTHORIZED"
+        assert "token" not in r.json()["error"]["message"].replace("API token", "")
+        assert "old-token" not in r.text and "new-token" not in r.text
+    for tok in ("old-token", "new-token"):
+        assert (await c.get(a.url + "/models", headers={"authorization": f"Bearer {tok}"})).status_code == 200
+    assert not any("old-token" in rec.getMessage() or "new-token" in rec.getMessage() for rec in caplog.records)
+
+
+async def test_cluster_secret_guards_peer_route(mesh: Mesh, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    a = await mesh.start("a", "--cluster-secret", "s3cret-a")
+    r = await mesh.client.post(a.url + "/mesh/v1/msg", content=b"x")
+    assert r.status_code == 401
+    r = await mesh.client.post(a.url + "/mesh/v1/msg", content=b"x", headers={"authorization": "Bearer nope"})
+    assert r.status_code == 401
+    # A node with the wrong secret never joins; one with the rotated-in secret does.
+    b = await mesh.start("b", "--cluster-secret", "other", join=[a])
+    await mesh.start("c", "--cluster-secret", "s3cret-a,next", join=[a])
+    await wait_for(lambda: _knows(mesh, a.url, "c"), what="c joins a")
+    await trio.sleep(1.0)  # ten gossip rounds in which b keeps trying
+    assert not await _knows(mesh, a.url, "b")
+    assert not await _knows(mesh, b.url, "a")
+    assert any("refused" in rec.getMessage() for rec in caplog.records)
+    assert not any("s3cret-a" in rec.getMessage() or "other" in rec.getMessage().split() for rec in caplog.records)
+
+
+async def test_other_cluster_is_refused_and_never_merged(mesh: Mesh, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    a = await mesh.start("a", "--cluster", "blue")
+    b = await mesh.start("b", "--cluster", "green", join=[a])
+    await mesh.client.post(b.url + "/models/green-model/register", json={})
+    await wait_for(
+        lambda: any("another cluster" in rec.getMessage() for rec in caplog.records),
+        what="log line about the other cluster",
+    )
+    assert not await _knows(mesh, a.url, "b")
+    assert (await mesh.client.get(a.url + "/models")).json()["total_count"] == 0
+
+
+async def _knows(mesh: Mesh, url: str, node: str) -> bool:
+    r = await mesh.client.get(url + "/nodes")
+    return node in {n["node_id"] for n in r.json()["nodes"]}

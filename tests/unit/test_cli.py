@@ -1,0 +1,801 @@
+"""The ``meshnode`` command line against a fake peer.
+
+The fake is a plain function behind ``httpx.MockTransport``; ``cli.make_client``
+is swapped so every command talks to it.  Each test checks what went over the
+wire (method, path, body, Authorization) and what the user saw.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import types
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from meshnode import cli
+from meshnode.client import ApiClient, model_path, normalize_peer_url
+
+TOKEN = "s3cret-token-value"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+Handler = Callable[[httpx.Request], httpx.Response]
+
+STATUS = {
+    "node_id": "node-a",
+    "cluster": "lab",
+    "nodes": {"alive": 2, "suspect": 1, "dead": 0, "left": 1, "total": 4},
+    "models": {"total": 3, "replicated": 2, "single_node": 1},
+    "storage": {"disk": {"total": 1000 * 1024**3, "used": 250 * 1024**3, "free": 750 * 1024**3}},
+}
+NODES = {
+    "nodes": [
+        {
+            "node_id": "node-a",
+            "address": "10.0.0.1:7420",
+            "state": "alive",
+            "generation": 3,
+            "incarnation": 0,
+            "last_change_s": 12.5,
+            "storage": {"disk": {"total": 2 * 1024**4, "used": 0, "free": 1536 * 1024**3}},
+            "gpus": [{"index": 0, "name": "H100"}],
+            "models": ["meta-llama/Llama-3.1-8B-Instruct", "gpt2"],
+        },
+        {
+            "node_id": "node-b",
+            "address": "10.0.0.2:7420",
+            "state": "suspect",
+            "generation": 1,
+            "incarnation": 2,
+            "last_change_s": 3.0,
+            "storage": {"disk": {"total": 100, "used": 50, "free": 50}},
+            "gpus": [],
+            "models": [],
+        },
+    ],
+    "total_count": 2,
+}
+MODELS = {
+    "models": [
+        {
+            "model_name": "meta-llama/Llama-3.1-8B-Instruct",
+            "model_type": "llm",
+            "size": 16 * 1024**3,
+            "locations": ["node-a:disk", "node-b:gpu0"],
+            "services": [],
+            "status": "ready",
+        },
+        {
+            "model_name": "gpt2",
+            "model_type": "llm",
+            "size": None,
+            "locations": [],
+            "services": [],
+            "status": "registered",
+        },
+    ],
+    "total_count": 2,
+}
+INFO = {
+    "model_name": "meta-llama/Llama-3.1-8B-Instruct",
+    "model_type": "llm",
+    "source_url": "https://huggingface.co/meta-llama/Llama-3.1-8B-Instruct",
+    "metadata": {
+        "description": "Llama 3.1 8B instruct",
+        "tags": ["chat", "8b"],
+        "requirements": {"min_vram": 16 * 1024**3},
+    },
+    "size": 16 * 1024**3,
+    "registered_by": "node-a",
+    "locations": [
+        {"device": "node-a:disk", "manifest_hash": "ab" * 16, "status": "ready"},
+        "node-b:gpu0",
+    ],
+    "services": [{"node_id": "node-a", "url": "http://10.0.0.1:8000", "status": "running"}],
+    "status": "ready",
+}
+AVAILABILITY = {
+    "nodes": {
+        "node-a": {
+            "node_id": "node-a",
+            "address": "10.0.0.1:7420",
+            "online": True,
+            "models": ["gpt2", "meta-llama/Llama-3.1-8B-Instruct"],
+            "pools": ["gpu0"],
+        },
+        "node-b": {
+            "node_id": "node-b",
+            "address": "10.0.0.2:7420",
+            "online": False,
+            "models": ["gpt2"],
+            "pools": [],
+        },
+    },
+    "total_models": 2,
+    "replicated_models": ["gpt2"],
+    "single_node_models": ["meta-llama/Llama-3.1-8B-Instruct"],
+}
+
+
+def error_response(status: int, code: str, message: str) -> httpx.Response:
+    return httpx.Response(status, json={"error": {"code": code, "message": message}})
+
+
+class Wire:
+    """What the CLI asked for: the client settings and every request."""
+
+    def __init__(self) -> None:
+        self.requests: list[httpx.Request] = []
+        self.base_url: str | None = None
+        self.token: str | None = None
+        self.timeout_s: float | None = None
+
+    @property
+    def last(self) -> httpx.Request:
+        assert self.requests, "the CLI sent no request"
+        return self.requests[-1]
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("MESHNODE_"):
+            monkeypatch.delenv(name)
+    for name in ("COLUMNS", "FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> Callable[[Handler], Wire]:
+    """``fake(handler)`` routes the CLI to ``handler`` and returns the ``Wire`` record."""
+
+    def install(handler: Handler) -> Wire:
+        wire = Wire()
+
+        def recording(request: httpx.Request) -> httpx.Response:
+            request.read()
+            wire.requests.append(request)
+            return handler(request)
+
+        def make_client(base_url: str, token: str | None, timeout_s: float) -> ApiClient:
+            wire.base_url, wire.token, wire.timeout_s = base_url, token, timeout_s
+            return ApiClient(
+                base_url,
+                token=token,
+                timeout_s=timeout_s,
+                transport=httpx.MockTransport(recording),
+            )
+
+        monkeypatch.setattr(cli, "make_client", make_client)
+        return wire
+
+    return install
+
+
+def routes(table: dict[tuple[str, str], Any]) -> Handler:
+    """A handler answering ``(method, raw path)`` from a table, 404 otherwise."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        key = (request.method, request.url.raw_path.decode().split("?")[0])
+        if key not in table:
+            return error_response(404, "NOT_FOUND", f"no route {key}")
+        return httpx.Response(200, json=table[key])
+
+    return handler
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_error_line(err: str, starts: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(starts), lines[0]
+    assert "Traceback" not in err
+
+
+# -- each command: the request and the output ----------------------------------
+
+
+def test_status_summary(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    wire = fake(routes({("GET", "/status"): STATUS}))
+    code, out, err = run(capsys, "status", "--token", TOKEN)
+    assert code == 0, err
+    assert (wire.last.method, wire.last.url.path) == ("GET", "/status")
+    assert wire.last.headers["authorization"] == f"Bearer {TOKEN}"
+    assert "node-a" in out and "lab" in out
+    assert "2 alive" in out and "1 suspect" in out and "4 total" in out
+    assert "750.0 GiB free" in out
+    assert TOKEN not in out + err
+    assert err == ""
+
+
+def test_status_json_is_the_raw_response(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    fake(routes({("GET", "/status"): STATUS}))
+    code, out, _ = run(capsys, "status", "--json")
+    assert code == 0
+    assert json.loads(out) == STATUS
+
+
+def test_nodes_table(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    wire = fake(routes({("GET", "/nodes"): NODES}))
+    code, out, _ = run(capsys, "nodes", "--token", TOKEN)
+    assert code == 0
+    assert (wire.last.method, wire.last.url.path) == ("GET", "/nodes")
+    assert wire.last.headers["authorization"] == f"Bearer {TOKEN}"
+    for text in ("node-a", "node-b", "10.0.0.1:7420", "alive", "suspect", "1.5 TiB", "50 B"):
+        assert text in out, text
+    assert "\x1b[" not in out  # no colour codes when stdout is not a terminal
+
+
+def test_nodes_json(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    fake(routes({("GET", "/nodes"): NODES}))
+    code, out, _ = run(capsys, "nodes", "--json")
+    assert code == 0
+    assert json.loads(out)["total_count"] == 2
+
+
+def test_list_table(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    wire = fake(routes({("GET", "/models"): MODELS}))
+    code, out, _ = run(capsys, "list")
+    assert code == 0
+    assert (wire.last.method, wire.last.url.path) == ("GET", "/models")
+    for text in ("meta-llama/Llama-3.1-8B-Instruct", "gpt2", "16.0 GiB", "node-a:disk", "ready"):
+        assert text in out, text
+
+
+def test_list_json(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    fake(routes({("GET", "/models"): MODELS}))
+    code, out, _ = run(capsys, "list", "--json")
+    assert code == 0
+    assert json.loads(out) == MODELS
+
+
+def test_info_routes_a_slashed_name_unencoded(
+    fake: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    wire = fake(routes({("GET", "/models/meta-llama/Llama-3.1-8B-Instruct"): INFO}))
+    code, out, err = run(capsys, "info", "meta-llama/Llama-3.1-8B-Instruct", "--token", TOKEN)
+    assert code == 0, err
+    assert wire.last.method == "GET"
+    assert wire.last.url.raw_path == b"/models/meta-llama/Llama-3.1-8B-Instruct"
+    assert wire.last.headers["authorization"] == f"Bearer {TOKEN}"
+    for text in (
+        "meta-llama/Llama-3.1-8B-Instruct",
+        "Llama 3.1 8B instruct",
+        "chat, 8b",
+        "min_vram=16.0 GiB",
+        "node-a:disk",
+        "node-b:gpu0",
+        "http://10.0.0.1:8000",
+        "https://huggingface.co/meta-llama/Llama-3.1-8B-Instruct",
+    ):
+        assert text in out, text
+
+
+def test_info_quotes_other_characters(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    wire = fake(lambda request: httpx.Response(200, json={"model_name": "a b?c"}))
+    code, _, _ = run(capsys, "info", "own er/a b?c#d")
+    assert code == 0
+    assert wire.last.url.raw_path == b"/models/own%20er/a%20b%3Fc%23d"
+
+
+def test_info_json(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    fake(routes({("GET", "/models/gpt2"): {"model_name": "gpt2"}}))
+    code, out, _ = run(capsys, "info", "gpt2", "--json")
+    assert code == 0
+    assert json.loads(out) == {"model_name": "gpt2"}
+
+
+@pytest.mark.parametrize("name", ["a/b/c", "/abs", "a/..", "owner/"])
+def test_info_rejects_impossible_names_before_any_request(
+    fake: Any, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    wire = fake(routes({}))
+    code, _, err = run(capsys, "info", name)
+    assert code == 2
+    assert wire.requests == []
+    assert_one_error_line(err, "meshnode: error: model name")
+
+
+def test_register_sends_the_registration(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    wire = fake(
+        lambda request: httpx.Response(201, json={"model_name": "meta-llama/Llama-3.1-8B-Instruct"})
+    )
+    code, out, err = run(
+        capsys,
+        "register",
+        "meta-llama/Llama-3.1-8B-Instruct",
+        "--type",
+        "llm",
+        "--url",
+        "https://huggingface.co/meta-llama/Llama-3.1-8B-Instruct",
+        "--desc",
+        "Llama 3.1 8B",
+        "--tags",
+        "chat, 8b,",
+        "--min-vram",
+        "16GiB",
+        "--min-memory",
+        "32000000000",
+        "--gpu-arch",
+        "sm_80",
+        "--token",
+        TOKEN,
+    )
+    assert code == 0, err
+    request = wire.last
+    assert request.method == "POST"
+    assert request.url.raw_path == b"/models/meta-llama/Llama-3.1-8B-Instruct/register"
+    assert request.headers["authorization"] == f"Bearer {TOKEN}"
+    assert request.headers["content-type"] == "application/json"
+    assert json.loads(request.content) == {
+        "model_type": "llm",
+        "source_url": "https://huggingface.co/meta-llama/Llama-3.1-8B-Instruct",
+        "metadata": {
+            "description": "Llama 3.1 8B",
+            "tags": ["chat", "8b"],
+            "requirements": {
+                "min_vram": 16 * 1024**3,
+                "min_memory": 32_000_000_000,
+                "gpu_arch": "sm_80",
+            },
+        },
+    }
+    assert "registered model 'meta-llama/Llama-3.1-8B-Instruct'" in out
+
+
+def test_register_minimal_body(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    wire = fake(lambda request: httpx.Response(200, json={"ok": True}))
+    code, out, _ = run(
+        capsys,
+        "register",
+        "gpt2",
+        "--type",
+        "llm",
+        "--url",
+        "https://x/gpt2",
+        "--desc",
+        "d",
+        "--json",
+    )
+    assert code == 0
+    assert json.loads(wire.last.content) == {
+        "model_type": "llm",
+        "source_url": "https://x/gpt2",
+        "metadata": {"description": "d", "tags": [], "requirements": {}},
+    }
+    assert "authorization" not in wire.last.headers
+    assert json.loads(out) == {"ok": True}
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["register", "gpt2", "--url", "u", "--desc", "d"],  # no --type
+        ["register", "gpt2", "--type", "llm", "--desc", "d"],  # no --url
+        ["register", "gpt2", "--type", "llm", "--url", "u", "--desc", "d", "--min-vram", "lots"],
+        ["info"],  # no NAME
+        [],  # no command
+        ["frobnicate"],
+        ["status", "--timeout", "0"],
+        ["status", "--token", "a", "--token-file", "b"],
+        ["--log-level", "loud", "status"],
+    ],
+)
+def test_bad_usage_exits_2_without_a_request(
+    fake: Any, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    wire = fake(routes({}))
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert wire.requests == []
+    assert "error" in err and "Traceback" not in err
+
+
+def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    for command in (
+        "start",
+        "status",
+        "nodes",
+        "list",
+        "info",
+        "register",
+        "unregister",
+        "availability",
+    ):
+        assert command in out
+
+
+def test_unregister(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    wire = fake(lambda request: httpx.Response(204))
+    code, out, err = run(capsys, "unregister", "owner/model", "--token", TOKEN)
+    assert code == 0, err
+    assert wire.last.method == "DELETE"
+    assert wire.last.url.raw_path == b"/models/owner/model"
+    assert wire.last.url.query == b""
+    assert wire.last.headers["authorization"] == f"Bearer {TOKEN}"
+    assert "unregistered model 'owner/model'" in out
+
+
+def test_unregister_purge(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    wire = fake(lambda request: httpx.Response(200, json={"purged": 2}))
+    code, out, _ = run(capsys, "unregister", "gpt2", "--purge")
+    assert code == 0
+    assert wire.last.method == "DELETE"
+    assert wire.last.url.raw_path == b"/models/gpt2?purge=true"
+    assert "purged" in out
+
+
+def test_unregister_json_with_empty_body(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    fake(lambda request: httpx.Response(204))
+    code, out, _ = run(capsys, "unregister", "gpt2", "--json")
+    assert code == 0
+    assert json.loads(out) == {}
+
+
+def test_availability(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    wire = fake(routes({("GET", "/v2/catalog/availability"): AVAILABILITY}))
+    code, out, _ = run(capsys, "availability", "--token", TOKEN)
+    assert code == 0
+    assert (wire.last.method, wire.last.url.path) == ("GET", "/v2/catalog/availability")
+    assert wire.last.headers["authorization"] == f"Bearer {TOKEN}"
+    for text in ("node-a", "node-b", "10.0.0.2:7420", "gpu0", "yes", "no"):
+        assert text in out, text
+    assert "replicated (1): gpt2" in out
+    assert "single node (1): meta-llama/Llama-3.1-8B-Instruct" in out
+
+
+def test_availability_json(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    fake(routes({("GET", "/v2/catalog/availability"): AVAILABILITY}))
+    code, out, _ = run(capsys, "availability", "--json")
+    assert code == 0
+    assert json.loads(out) == AVAILABILITY
+
+
+# -- errors --------------------------------------------------------------------
+
+
+def test_api_error_is_one_line_and_exit_1(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    fake(lambda request: error_response(404, "MODEL_NOT_FOUND", "model 'x' is not registered"))
+    code, out, err = run(capsys, "info", "x", "--token", TOKEN)
+    assert code == 1
+    assert out == ""
+    assert err == "meshnode: error: MODEL_NOT_FOUND: model 'x' is not registered (HTTP 404)\n"
+    assert TOKEN not in out + err
+
+
+def test_api_error_with_json_flag_is_still_one_line(
+    fake: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake(lambda request: error_response(409, "CONFLICT", "already\nregistered"))
+    code, out, err = run(
+        capsys, "register", "m", "--type", "t", "--url", "u", "--desc", "d", "--json"
+    )
+    assert code == 1
+    assert out == ""
+    assert err == "meshnode: error: CONFLICT: already registered (HTTP 409)\n"
+
+
+def test_error_message_never_echoes_the_token(
+    fake: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake(lambda request: error_response(403, "FORBIDDEN", f"token {TOKEN} is not accepted"))
+    code, out, err = run(capsys, "status", "--token", TOKEN)
+    assert code == 1
+    assert TOKEN not in out + err
+    assert_one_error_line(err, "meshnode: error: FORBIDDEN: token *** is not accepted (HTTP 403)")
+
+
+def test_unauthorized_without_token_hints_at_the_flag(
+    fake: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake(lambda request: error_response(401, "UNAUTHORIZED", "missing bearer token"))
+    code, _, err = run(capsys, "status")
+    assert code == 1
+    assert_one_error_line(err, "meshnode: error: UNAUTHORIZED: missing bearer token")
+    assert "--token" in err
+
+
+def test_error_without_json_body(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    fake(lambda request: httpx.Response(502, text="<html>\n<h1>Bad Gateway</h1>\n</html>"))
+    code, _, err = run(capsys, "list")
+    assert code == 1
+    assert err == "meshnode: error: HTTP_502: Bad Gateway (HTTP 502)\n"
+
+
+def test_success_that_is_not_json(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    fake(lambda request: httpx.Response(200, text="hello"))
+    code, _, err = run(capsys, "list")
+    assert code == 1
+    assert_one_error_line(err, "meshnode: error: peer http://127.0.0.1:7420 sent a response")
+
+
+@pytest.mark.parametrize("payload", [[], {"nodes": "garbage"}, {"nodes": [None, 3]}, "text"])
+def test_odd_shapes_never_give_a_traceback(
+    fake: Any, capsys: pytest.CaptureFixture[str], payload: Any
+) -> None:
+    fake(lambda request: httpx.Response(200, json=payload))
+    for command in ("status", "nodes", "list", "availability"):
+        code, _, err = run(capsys, command)
+        assert code in (0, 1)
+        assert "Traceback" not in err
+
+
+def test_unreachable_peer_exits_2(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
+
+    fake(refuse)
+    code, out, err = run(capsys, "status", "--peer", "10.0.0.5:7420", "--token", TOKEN)
+    assert code == 2
+    assert out == ""
+    assert (
+        err
+        == "meshnode: error: cannot reach peer http://10.0.0.5:7420: [Errno 111] Connection refused\n"
+    )
+    assert TOKEN not in err
+
+
+def test_connect_timeout_is_unreachable(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    def slow(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectTimeout("timed out", request=request)
+
+    fake(slow)
+    code, _, err = run(capsys, "nodes", "--timeout", "2.5")
+    assert code == 2
+    assert err == (
+        "meshnode: error: cannot reach peer http://127.0.0.1:7420: connection timed out after 2.5s\n"
+    )
+
+
+def test_read_timeout_exits_1(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    def stall(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("timed out", request=request)
+
+    fake(stall)
+    code, _, err = run(capsys, "list")
+    assert code == 1
+    assert_one_error_line(
+        err, "meshnode: error: peer http://127.0.0.1:7420 did not answer GET /models"
+    )
+
+
+# -- peer, token and timeout settings ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("peer", "base_url"),
+    [
+        (None, "http://127.0.0.1:7420"),
+        ("10.1.2.3:9000", "http://10.1.2.3:9000"),
+        ("node-b", "http://node-b:7420"),
+        ("https://mesh.example:443/", "https://mesh.example"),
+        ("http://node-c:8080/", "http://node-c:8080"),
+        ("[::1]:7421", "http://[::1]:7421"),
+    ],
+)
+def test_peer_address_forms(
+    fake: Any, capsys: pytest.CaptureFixture[str], peer: str | None, base_url: str
+) -> None:
+    wire = fake(routes({("GET", "/status"): STATUS}))
+    argv = ["status"] + (["--peer", peer] if peer else [])
+    code, _, err = run(capsys, *argv)
+    assert code == 0, err
+    assert wire.base_url == base_url
+    assert wire.timeout_s == 10.0
+
+
+def test_settings_from_the_environment(
+    fake: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MESHNODE_PEER", "node-z:7500")
+    monkeypatch.setenv("MESHNODE_TOKEN", TOKEN)
+    monkeypatch.setenv("MESHNODE_TIMEOUT", "3")
+    wire = fake(routes({("GET", "/status"): STATUS}))
+    code, _, _ = run(capsys, "status")
+    assert code == 0
+    assert wire.base_url == "http://node-z:7500"
+    assert wire.timeout_s == 3.0
+    assert wire.last.headers["authorization"] == f"Bearer {TOKEN}"
+    assert wire.last.url.host == "node-z"
+
+
+def test_flags_beat_the_environment(
+    fake: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MESHNODE_PEER", "node-z:7500")
+    monkeypatch.setenv("MESHNODE_TOKEN", "from-env")
+    wire = fake(routes({("GET", "/status"): STATUS}))
+    code, _, _ = run(capsys, "status", "--peer", "node-y:1", "--token", TOKEN, "--timeout", "1")
+    assert code == 0
+    assert wire.base_url == "http://node-y:1"
+    assert wire.timeout_s == 1.0
+    assert wire.last.headers["authorization"] == f"Bearer {TOKEN}"
+
+
+def test_token_file(fake: Any, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_text(f"{TOKEN}\nolder-token\n")
+    wire = fake(routes({("GET", "/nodes"): NODES}))
+    code, _, _ = run(capsys, "nodes", "--token-file", str(path))
+    assert code == 0
+    assert wire.last.headers["authorization"] == f"Bearer {TOKEN}"
+
+
+def test_missing_token_file_is_a_usage_error(
+    fake: Any, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    wire = fake(routes({}))
+    code, _, err = run(capsys, "nodes", "--token-file", str(tmp_path / "nope"))
+    assert code == 2
+    assert wire.requests == []
+    assert_one_error_line(err, "meshnode: error: cannot read token file")
+
+
+@pytest.mark.parametrize("peer", ["ftp://host:1", "http://", "   "])
+def test_bad_peer_is_a_usage_error(
+    fake: Any, capsys: pytest.CaptureFixture[str], peer: str
+) -> None:
+    wire = fake(routes({}))
+    code, _, err = run(capsys, "status", "--peer", peer, "--token", TOKEN)
+    assert code == 2
+    assert wire.requests == []
+    assert_one_error_line(err, "meshnode: error:")
+    assert TOKEN not in err
+
+
+def test_bad_log_level_env_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MESHNODE_LOG_LEVEL", "chatty")
+    code, _, err = run(capsys, "status")
+    assert code == 2
+    assert_one_error_line(err, "meshnode: error: MESHNODE_LOG_LEVEL")
+
+
+def test_log_level_after_the_command(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    fake(routes({("GET", "/status"): STATUS}))
+    code, _, _ = run(capsys, "status", "--log-level", "warning")
+    assert code == 0
+
+
+# -- helpers -------------------------------------------------------------------
+
+
+def test_model_path() -> None:
+    assert model_path("gpt2") == "/models/gpt2"
+    assert (
+        model_path("meta-llama/Llama-3.1-8B-Instruct") == "/models/meta-llama/Llama-3.1-8B-Instruct"
+    )
+    assert model_path("a b/c%d") == "/models/a%20b/c%25d"
+    for bad in ("", "a/b/c", "/a", "a/", "..", "a/."):
+        with pytest.raises(ValueError):
+            model_path(bad)
+
+
+def test_normalize_peer_url() -> None:
+    assert normalize_peer_url("127.0.0.1:7420") == "http://127.0.0.1:7420"
+    assert normalize_peer_url("localhost") == "http://localhost:7420"
+    assert normalize_peer_url("https://h/prefix/") == "https://h/prefix"
+    with pytest.raises(ValueError):
+        normalize_peer_url("gopher://h")
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("17179869184", 17179869184),
+        ("16GiB", 16 * 1024**3),
+        ("16g", 16 * 1000**3),
+        ("1.5 MiB", 1572864),
+    ],
+)
+def test_parse_bytes(text: str, value: int) -> None:
+    assert cli.parse_bytes(text) == value
+
+
+def test_human_bytes() -> None:
+    assert cli.human_bytes(0) == "0 B"
+    assert cli.human_bytes(1536) == "1.5 KiB"
+    assert cli.human_bytes(None) == "-"
+    assert cli.human_bytes(True) == "-"
+
+
+# -- start ---------------------------------------------------------------------
+
+
+def test_start_dispatches_to_the_node(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[Any] = []
+
+    def main_start(args: Any) -> int:
+        seen.append(args)
+        return 0
+
+    monkeypatch.setitem(sys.modules, "meshnode.node", types.SimpleNamespace(main_start=main_start))
+    code, _, _ = run(capsys, "start", "--log-level", "ERROR")
+    assert code == 0
+    assert len(seen) == 1 and seen[0].command == "start"
+
+
+def test_start_has_the_config_flags() -> None:
+    config = pytest.importorskip("meshnode.config")
+    assert hasattr(config, "add_start_arguments")
+    args = cli.build_parser().parse_args(["start", "--node-id", "n1", "--port", "0"])
+    assert args.node_id == "n1"
+    assert args.port == 0
+
+
+# -- the real thing, once ------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_python_dash_m_against_a_closed_port() -> None:
+    """``python -m meshnode`` over a real socket: one line, exit 2, no token."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESHNODE_")}
+    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["MESHNODE_TOKEN"] = TOKEN
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "meshnode",
+            "status",
+            "--peer",
+            f"127.0.0.1:{port}",
+            "--timeout",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    assert_one_error_line(
+        proc.stderr, f"meshnode: error: cannot reach peer http://127.0.0.1:{port}: "
+    )
+    assert TOKEN not in proc.stderr
+
+
+def test_closed_stdout_is_quiet(
+    fake: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``meshnode list --json | head -1``: no traceback when the reader leaves."""
+
+    class ClosedPipe:
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self) -> None:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    fake(routes({("GET", "/models"): MODELS}))
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    code = cli.main(["list", "--json"])
+    monkeypatch.undo()
+    assert code == 1
+    assert "Traceback" not in capsys.readouterr().err
