@@ -59,7 +59,7 @@ class Config:
     peer_timeout_s: float = 2.0
     persist_interval_s: float = 1.0
     storage_refresh_s: float = 10.0
-    senders: int = 8
+    senders: int = 64
     send_queue_max: int = 2048
 
     @property

@@ -1,9 +1,10 @@
-"""Outgoing peer messages: a bounded queue and a few sender tasks over one
-pooled httpx client.
+"""Outgoing peer messages: a bounded queue drained into at most
+``cfg.senders`` concurrent requests over one pooled httpx client.
 
-Gossip tolerates loss by design, so a full queue drops the newest message
-and counts it rather than blocking the state machine; every request has a
-timeout.  A peer that refuses us (wrong secret, other cluster, other version)
+Each message gets its own task (within that bound), so one slow peer holds
+one slot, not the probes to everyone else.  Gossip tolerates loss by design,
+so a full queue drops the newest message and counts it rather than blocking
+the state machine; every request has a timeout.  A peer that refuses us (wrong secret, other cluster, other version)
 is logged once per peer and reason, without the secret.
 """
 
@@ -93,11 +94,17 @@ class PeerSender:
         return False
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            for _ in range(self.cfg.senders):
-                nursery.start_soon(self._worker)
-            task_status.started()
+        limiter = trio.CapacityLimiter(self.cfg.senders)
 
-    async def _worker(self) -> None:
-        async for s in self._recv:
-            await self.send_now(s)
+        async def one(s: Send, token: object) -> None:
+            try:
+                await self.send_now(s)
+            finally:
+                limiter.release_on_behalf_of(token)
+
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            async for s in self._recv:
+                token = object()  # a unique borrower per message
+                await limiter.acquire_on_behalf_of(token)
+                nursery.start_soon(one, s, token)

@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
 import xxhash
 
 from .errors import LocalProtocolError
@@ -45,6 +46,12 @@ __all__ = ["Catalog", "Entry", "NodeState", "digest_entry_hash"]
 _MASK = 2**64 - 1
 _ENTRY_OVERHEAD = 16  # msgpack framing per entry, roughly
 _NODE_OVERHEAD = 48
+
+
+def _packed(value: Any) -> bytes:
+    # Compare encodings, not values: 1 == 1.0 == True in Python but not on the wire.
+    data: bytes = msgpack.packb(value, use_bin_type=True)
+    return data
 
 
 def digest_entry_hash(node_id: str, d: NodeDigest) -> int:
@@ -103,6 +110,8 @@ class Catalog:
         self._hash = 0
         self._hashes: dict[str, int] = {}
         self._digest: dict[str, NodeDigest] = {}
+        # Origins that may hold a tombstone (a superset), so collection does not walk every key.
+        self._tomb_origins: set[str] = set()
         self.stats = {"deltas_applied": 0, "deltas_gap": 0, "resets_sent": 0, "resets_applied": 0}
         self._put_node(NodeState(self_id, generation))
 
@@ -156,7 +165,7 @@ class Catalog:
         size = self._check_local(key, value)
         own = self.own
         cur = own.keys.get(key)
-        if cur is not None and not cur.tombstone and cur.value == value:
+        if cur is not None and not cur.tombstone and _packed(cur.value) == _packed(value):
             return cur.version  # unchanged: no new version, nothing to gossip
         own.max_version += 1
         own.keys[key] = Entry(value, own.max_version, False, now, size)
@@ -170,6 +179,7 @@ class Catalog:
             return False
         own.max_version += 1
         own.keys[key] = Entry(None, own.max_version, True, now, len(key.encode()) + _ENTRY_OVERHEAD)
+        self._tomb_origins.add(self.self_id)
         self._rehash(self.self_id)
         return True
 
@@ -197,11 +207,12 @@ class Catalog:
         for nid, st in self.nodes.items():
             pd = peer.get(nid)
             if pd is None or pd.generation < st.generation:
-                if st.max_version > 0 or pd is None:
-                    wanted.append((st, 0, True))
+                wanted.append((st, 0, True))
             elif pd.generation > st.generation:
                 continue
-            elif pd.max_version < st.last_gc_version:
+            elif pd.max_version < st.last_gc_version and pd.last_gc_version < st.last_gc_version:
+                # The peer may miss tombstones we collected.  (A peer already at our
+                # collection horizon holds a clean prefix: it gets a normal delta.)
                 wanted.append((st, 0, True))
             elif pd.max_version < st.max_version:
                 wanted.append((st, pd.max_version, False))
@@ -209,6 +220,7 @@ class Catalog:
         rng.shuffle(wanted)
         out: list[NodeDelta] = []
         used = 0
+        sent_any = False
         for st, frm, reset in wanted:
             if used + _NODE_OVERHEAD > budget_bytes:
                 break
@@ -219,10 +231,13 @@ class Catalog:
             entries: list[DeltaEntry] = []
             to_version = st.max_version
             for version, key, e in picked:
-                if used + e.size > budget_bytes:
+                # The first entry of a message may overflow the budget, so that an
+                # entry bigger than the budget still gets through.
+                if used + e.size > budget_bytes and sent_any:
                     to_version = version - 1
                     break
                 used += e.size
+                sent_any = True
                 entries.append(DeltaEntry(key, version, e.value, e.tombstone))
             if to_version <= frm and not reset:
                 continue  # nothing fit for this origin
@@ -257,9 +272,12 @@ class Catalog:
         elif delta.reset:
             if delta.to_version <= st.max_version and delta.last_gc_version <= st.last_gc_version:
                 return False  # we already have at least this much
-            fresh = NodeState(delta.node_id, delta.generation)
-            # Keep what we already know that is at least as new as the reset covers.
-            st = fresh
+            if st.max_version < delta.last_gc_version:
+                # We may hold keys whose tombstones the sender has collected: start
+                # clean from the reset (a clean prefix of the sender's state).
+                st = NodeState(delta.node_id, delta.generation)
+            # Otherwise we already saw every collected tombstone: merge it like a
+            # normal delta from version 0, keeping whatever we hold that is newer.
         elif delta.from_version > st.max_version:
             self.stats["deltas_gap"] += 1
             return False
@@ -272,6 +290,8 @@ class Catalog:
                 continue
             size = encoded_size(e.value) + len(e.key.encode()) + _ENTRY_OVERHEAD
             st.keys[e.key] = Entry(e.value, e.version, e.tombstone, now, size)
+            if e.tombstone:
+                self._tomb_origins.add(delta.node_id)
             changed = True
         if delta.to_version > st.max_version:
             st.max_version = delta.to_version
@@ -291,7 +311,11 @@ class Catalog:
     def collect_tombstones(self, now: float) -> int:
         """Drop tombstones older than the grace period; returns how many."""
         dropped = 0
-        for nid, st in self.nodes.items():
+        for nid in sorted(self._tomb_origins):
+            st = self.nodes.get(nid)
+            if st is None or not any(e.tombstone for e in st.keys.values()):
+                self._tomb_origins.discard(nid)
+                continue
             old = [
                 (k, e.version)
                 for k, e in st.keys.items()
@@ -337,6 +361,8 @@ class Catalog:
             for k, version, value, tomb in raw["entries"]:
                 size = encoded_size(value) + len(k.encode()) + _ENTRY_OVERHEAD
                 st.keys[k] = Entry(value, int(version), bool(tomb), now, size)
+                if tomb:
+                    self._tomb_origins.add(nid)
             if nid == self.self_id:
                 st.generation = own_generation
             self._put_node(st)

@@ -77,6 +77,7 @@ class GossipConfig:
     delta_budget_bytes: int = 256 * 1024
     relays_max: int = 1024
     housekeeping_interval_s: float = 5.0
+    health_max: int = 8
 
     def __post_init__(self) -> None:
         assert self.gossip_interval_s > 0 and self.probe_interval_s > 0
@@ -156,6 +157,7 @@ class GossipNode:
         self.stats = Stats()
         self.left = False
         self._seq = 0
+        self._health = 0
         self._probe: _Probe | None = None
         self._probe_order: list[str] = []
         self._relays: dict[int, _Relay] = {}
@@ -236,6 +238,7 @@ class GossipNode:
             return
         if rec.state is not MemberState.ALIVE and rec.incarnation >= me.incarnation:
             self.stats.refutations += 1
+            self._health_delta(+1)  # being suspected hints that we are the slow one
             new = MemberRecord(self.id, self.address, self.generation, rec.incarnation + 1, MemberState.ALIVE)
             self.members.set_self(new, now)
             self.broadcasts.push(MemberUpdate(new))
@@ -275,11 +278,31 @@ class GossipNode:
 
     # -- time ---------------------------------------------------------------------
 
+    # -- local health (Lifeguard) ---------------------------------------------------
+
+    @property
+    def health(self) -> int:
+        """Lifeguard's local health score: 0 is healthy, ``health_max`` is struggling."""
+        return self._health
+
+    def _health_delta(self, delta: int) -> None:
+        self._health = min(max(self._health + delta, 0), self.config.health_max)
+
+    def _probe_timeout(self) -> float:
+        # A node that misses acks may be the slow one: it gives others longer
+        # before it accuses them (Lifeguard's local health multiplier).
+        return self.config.probe_timeout_s * (1 + self._health)
+
+    def _probe_interval(self) -> float:
+        return self.config.probe_interval_s * (1 + self._health)
+
     def next_deadline(self) -> float:
-        t = min(self._next_gossip, self._next_probe, self._next_housekeeping)
         p = self._probe
+        # A new probe cannot start while one is out, so its time is no deadline before then.
+        next_probe = self._next_probe if p is None else max(self._next_probe, p.start + self._probe_interval())
+        t = min(self._next_gossip, next_probe, self._next_housekeeping)
         if p is not None and not p.acked:
-            t = min(t, p.start + (self.config.probe_interval_s if p.indirect_sent else self.config.probe_timeout_s))
+            t = min(t, p.start + (self._probe_interval() if p.indirect_sent else self._probe_timeout()))
         return t
 
     def tick(self, now: float, rng: random.Random) -> list[Send]:
@@ -310,18 +333,21 @@ class GossipNode:
         cfg = self.config
         p = self._probe
         if p is not None:
-            if not p.acked and not p.indirect_sent and now >= p.start + cfg.probe_timeout_s:
+            if not p.acked and not p.indirect_sent and now >= p.start + self._probe_timeout():
                 p.indirect_sent = True
                 helpers = self.members.live.sample(rng, cfg.indirect_checks, exclude=p.target)
                 for h in helpers:
                     self._send(out, self._addr(h), PingReq(p.seq, p.target, p.address, self._piggyback()))
                 self._send(out, p.address, Ping(p.seq, p.target, self._piggyback()))
-            if now >= p.start + cfg.probe_interval_s:
-                if not p.acked:
+            if now >= p.start + self._probe_interval():
+                if p.acked:
+                    self._health_delta(-1)
+                else:
+                    self._health_delta(+1)
                     self._suspect(p.target, now)
                 self._probe = None
         if self._probe is None and now >= self._next_probe:
-            self._next_probe = max(self._next_probe + cfg.probe_interval_s, now)
+            self._next_probe = max(self._next_probe + self._probe_interval(), now)
             target = self._next_probe_target(rng)
             if target is not None:
                 addr = self._addr(target)
@@ -422,14 +448,16 @@ class GossipNode:
             theirs_sent = b.members is not None
             if b.members is not None:
                 self._merge_records(b.members, now)
-            deltas = self.catalog.delta_for(b.digest, self.config.delta_budget_bytes, rng)
             mine = self.catalog.digest()
+            # Often only the member lists differ: equal digests need no delta.
+            same = b.digest == mine
+            deltas = () if same else self.catalog.delta_for(b.digest, self.config.delta_budget_bytes, rng)
             self._send(
                 out,
                 to,
                 SyncDelta(
                     deltas,
-                    dict(mine) if b.digest != mine else None,
+                    None if same else dict(mine),
                     self.members.records() if theirs_sent else None,
                 ),
             )
@@ -444,7 +472,25 @@ class GossipNode:
         return out
 
     def _merge_records(self, records: tuple[MemberRecord, ...], now: float) -> None:
+        # Full member lists are O(N) and mostly what we already hold: skip a record
+        # equal to ours, or lower in the lattice, before building an update for it
+        # (the same outcome ``MemberTable.merge`` would reach, without its cost).
+        get = self.members.members.get
+        me = self.id
         for r in records:
+            m = get(r.node_id)
+            if m is not None and r.node_id != me:
+                cur = m.record
+                if cur is r:
+                    continue
+                if r.generation != cur.generation:
+                    if r.generation < cur.generation:
+                        continue
+                elif r.incarnation != cur.incarnation:
+                    if r.incarnation < cur.incarnation:
+                        continue
+                elif r.state < cur.state or (r.state == cur.state and r.address <= cur.address):
+                    continue
             self._merge_update(MemberUpdate(r), now)
 
     def _apply_deltas(self, b: SyncDelta, now: float) -> None:

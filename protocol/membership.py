@@ -64,9 +64,16 @@ class SuspicionConfig:
         return self.suspicion_mult * max(1.0, math.log10(max(n, 1))) * self.probe_interval_s
 
     def timeout(self, n: int, confirmations: int) -> float:
+        """Lifeguard: from ``hi`` down to ``lo`` as independent confirmations arrive.
+
+        Only ``n - 2`` members can confirm (not the suspect, not the first
+        accuser), so a small mesh expects fewer; with none to expect, ``lo``.
+        """
         lo = self.min_timeout(n)
         hi = lo * self.suspicion_max_mult
-        k = max(self.expected_confirmations, 1)
+        k = min(self.expected_confirmations, n - 2)
+        if k <= 0:
+            return lo
         frac = math.log(min(confirmations, k) + 1) / math.log(k + 1)
         return max(lo, hi - (hi - lo) * frac)
 
@@ -148,6 +155,7 @@ class MemberTable:
         self.live = IndexedSet()
         self.gone = IndexedSet()
         self.suspects: set[str] = set()
+        self._departed: set[str] = set()  # DEAD or LEFT others, the only ones reap can drop
 
     # -- reading -------------------------------------------------------------
 
@@ -165,7 +173,7 @@ class MemberTable:
         return self.members[self.me].record
 
     def records(self) -> tuple[MemberRecord, ...]:
-        return tuple(m.record for m in self.members.values())
+        return tuple([m.record for m in self.members.values()])
 
     def members_hash(self) -> int:
         """Sum of the hashes of live (ALIVE or SUSPECT) records."""
@@ -191,6 +199,10 @@ class MemberTable:
             self.suspects.add(nid)
         else:
             self.suspects.discard(nid)
+        if rec.state >= MemberState.DEAD:
+            self._departed.add(nid)
+        else:
+            self._departed.discard(nid)
 
     # -- writing -------------------------------------------------------------
 
@@ -262,7 +274,7 @@ class MemberTable:
 
     def expired_suspicions(self, now: float) -> list[Member]:
         out = []
-        for nid in self.suspects:
+        for nid in sorted(self.suspects):  # sorted: the same order whatever the hash seed
             m = self.members[nid]
             if now >= self.suspicion_deadline(m):
                 out.append(m)
@@ -271,8 +283,8 @@ class MemberTable:
     def reap(self, now: float, after_s: float) -> list[str]:
         gone = [
             nid
-            for nid, m in self.members.items()
-            if nid != self.me and m.state >= MemberState.DEAD and now - m.since >= after_s
+            for nid in sorted(self._departed)
+            if now - self.members[nid].since >= after_s
         ]
         for nid in gone:
             m = self.members.pop(nid)
@@ -280,6 +292,7 @@ class MemberTable:
             self.live.discard(nid)
             self.gone.discard(nid)
             self.suspects.discard(nid)
+            self._departed.discard(nid)
         return gone
 
 

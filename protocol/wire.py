@@ -497,8 +497,11 @@ def decode(data: bytes, cluster: str, limits: Limits = DEFAULT_LIMITS) -> Envelo
         raise _fail(f"undecodable message ({type(e).__name__})") from None
     if not isinstance(raw, list) or not raw:
         raise _fail("message is not an envelope")
-    if raw[0] != PROTOCOL_VERSION:
-        raise WrongVersion(f"protocol version {str(raw[0])[:20]!r}, this node speaks {PROTOCOL_VERSION}")
+    v = raw[0]
+    if type(v) is not int or v != PROTOCOL_VERSION:
+        # Never format an arbitrary peer object: a deeply nested one breaks repr().
+        shown = v if type(v) is int else type(v).__name__
+        raise WrongVersion(f"protocol version {shown!r}, this node speaks {PROTOCOL_VERSION}")
     f = _list(raw, "envelope", 7, 7)
     peer_cluster = _str(f[1], "cluster", CLUSTER_MAX, empty=True)
     if peer_cluster != cluster:

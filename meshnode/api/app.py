@@ -18,12 +18,11 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import PathConverter
 
-from protocol import RemoteProtocolError
-from protocol.wire import MAX_MESSAGE_BYTES
 
 from ..metrics import render_metrics
 from ..service import ApiError, MeshService
 from .auth import check_bearer
+from .peer import PeerFastPath
 
 if TYPE_CHECKING:
     from ..node import MeshNode
@@ -57,12 +56,17 @@ class ModelNameConverter(PathConverter):
     part_isolating = False
 
 
-def create_app(node: MeshNode) -> QuartTrio:
+def create_app(node: MeshNode) -> PeerFastPath:
+    """The ASGI app: the peer fast path in front of the public Quart app."""
+    return PeerFastPath(_public_app(node), node)
+
+
+def _public_app(node: MeshNode) -> QuartTrio:
     app = QuartTrio("meshnode")
     app.url_map.merge_slashes = False
     app.url_map.strict_slashes = False
     app.url_map.converters["model"] = ModelNameConverter
-    app.config["MAX_CONTENT_LENGTH"] = MAX_MESSAGE_BYTES
+    app.config["MAX_CONTENT_LENGTH"] = PUBLIC_BODY_MAX
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
     cfg = node.cfg
 
@@ -74,7 +78,7 @@ def create_app(node: MeshNode) -> QuartTrio:
     @app.before_request
     async def _auth() -> Response | None:
         path = request.path
-        limit = MAX_MESSAGE_BYTES if path.startswith("/mesh/") else PUBLIC_BODY_MAX
+        limit = PUBLIC_BODY_MAX
         if request.content_length is not None and request.content_length > limit:
             # Answer before reading the body, and close: the client learns why at once.
             r = _error(413, "TOO_LARGE", f"request body of {request.content_length} bytes is over the {limit} byte limit")
@@ -116,17 +120,6 @@ def create_app(node: MeshNode) -> QuartTrio:
             return json.loads(data)
         except (ValueError, UnicodeDecodeError) as e:
             raise ApiError(400, "INVALID_JSON", f"request body is not valid JSON: {e}") from None
-
-    # -- peer route ------------------------------------------------------------
-
-    @app.post("/mesh/v1/msg")
-    async def peer_msg() -> Response:
-        data = await request.get_data(cache=False, as_text=False)
-        try:
-            node.handle_peer_message(data if isinstance(data, bytes) else data.encode(), _remote())
-        except RemoteProtocolError as e:
-            return _error(400, "BAD_PEER_MESSAGE", str(e)[:300])
-        return Response("", status=204)
 
     # -- public routes -----------------------------------------------------------
 

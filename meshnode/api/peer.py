@@ -1,0 +1,91 @@
+"""The peer route, ``POST /mesh/v1/msg``, as a bare ASGI handler.
+
+Peer messages are the bulk of a node's requests (every probe, ack and
+anti-entropy step is one), so they skip the web framework: check the cluster
+secret, read at most ``MAX_MESSAGE_BYTES``, hand the bytes to the node,
+answer 204.  Everything else goes to the Quart app.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from protocol import RemoteProtocolError
+from protocol.wire import MAX_MESSAGE_BYTES
+
+from ..peers import PEER_PATH
+from .auth import check_bearer
+
+if TYPE_CHECKING:
+    from ..node import MeshNode
+
+__all__ = ["PeerFastPath"]
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+async def _reply(send: Send, status: int, code: str = "", message: str = "", close: bool = False) -> None:
+    body = b"" if status == 204 else json.dumps({"error": {"code": code, "message": message}}).encode()
+    headers = [(b"content-length", str(len(body)).encode())]
+    if body:
+        headers.append((b"content-type", b"application/json"))
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class PeerFastPath:
+    def __init__(self, app: ASGIApp, node: MeshNode) -> None:
+        self.app = app
+        self.node = node
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != PEER_PATH:
+            await self.app(scope, receive, send)
+            return
+        node = self.node
+        client = scope.get("client") or ("?", 0)
+        remote = f"{client[0]}:{client[1]}"
+        if scope["method"] != "POST":
+            await _reply(send, 405, "METHOD_NOT_ALLOWED", "peer messages are POSTed")
+            return
+        auth = None
+        length = None
+        for k, v in scope["headers"]:
+            if k == b"authorization":
+                auth = v.decode("latin-1")
+            elif k == b"content-length":
+                length = int(v) if v.isdigit() else None
+        if not check_bearer(auth, node.cfg.secrets.cluster_secrets):
+            node.note_refused(remote, "a peer request")
+            await _reply(send, 401, "UNAUTHORIZED", "missing or wrong cluster secret")
+            return
+        if length is not None and length > MAX_MESSAGE_BYTES:
+            await _reply(send, 413, "TOO_LARGE", f"message over {MAX_MESSAGE_BYTES} bytes", close=True)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            event = await receive()
+            if event["type"] != "http.request":
+                return  # the client went away
+            chunk = event.get("body", b"")
+            size += len(chunk)
+            if size > MAX_MESSAGE_BYTES:
+                await _reply(send, 413, "TOO_LARGE", f"message over {MAX_MESSAGE_BYTES} bytes", close=True)
+                return
+            chunks.append(chunk)
+            if not event.get("more_body", False):
+                break
+        try:
+            node.handle_peer_message(b"".join(chunks), remote)
+        except RemoteProtocolError as e:
+            await _reply(send, 400, "BAD_PEER_MESSAGE", str(e)[:300])
+            return
+        await _reply(send, 204)
