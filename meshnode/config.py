@@ -56,6 +56,11 @@ class Config:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
+    data_port: int = 0
+    dram_dir: Path | None = None
+    max_ingress_bps: float = 0.0  # 0: unlimited
+    max_egress_bps: float = 0.0
+    chunk_stall_s: float = 10.0
     peer_timeout_s: float = 2.0
     persist_interval_s: float = 1.0
     storage_refresh_s: float = 10.0
@@ -79,6 +84,11 @@ _OPTIONS: list[tuple[str, type, str, Any]] = [
     ("data_dir", str, "data directory (default ~/.local/share/meshnode)", None),
     ("join", str, "peers to join, HOST:PORT[,HOST:PORT...]", ""),
     ("advertise", str, "HOST:PORT peers use to reach us (default host:port)", None),
+    ("data_port", int, "port of the chunk data plane (default port+1; 0 picks one)", None),
+    ("dram_dir", str, "RAM-backed directory for node:dram (default /dev/shm/meshnode-<node>)", None),
+    ("max_ingress", str, "cap on incoming chunk bytes per second, e.g. 500M (default: none)", None),
+    ("max_egress", str, "cap on outgoing chunk bytes per second, e.g. 500M (default: none)", None),
+    ("chunk_stall", float, "seconds before a chunk request that made no progress moves to another peer", 10.0),
     ("cluster", str, "cluster label; nodes of other clusters are refused", "meshnode"),
     ("api_tokens", str, "comma-separated API bearer tokens", None),
     ("api_tokens_file", str, "file holding comma- or newline-separated API tokens", None),
@@ -197,6 +207,11 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
         raise ConfigError("gossip and probe intervals must be positive")
     if o["fanout"] < 1:
         raise ConfigError("fanout must be at least 1")
+    data_port = o["data_port"]
+    if data_port is None:
+        data_port = 0 if port == 0 else port + 1
+    if not 0 <= data_port < 65536 or (data_port == port and port != 0):
+        raise ConfigError(f"bad data port {data_port}")
     gossip = GossipConfig(
         cluster=o["cluster"],
         gossip_interval_s=o["gossip_interval"],
@@ -217,4 +232,28 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
         tls_cert=Path(tls_cert) if tls_cert else None,
         tls_key=Path(tls_key) if tls_key else None,
         tls_ca=Path(o["tls_ca"]) if o["tls_ca"] else None,
+        data_port=data_port,
+        dram_dir=Path(o["dram_dir"]).expanduser() if o["dram_dir"] else None,
+        max_ingress_bps=parse_rate(o["max_ingress"], "--max-ingress"),
+        max_egress_bps=parse_rate(o["max_egress"], "--max-egress"),
+        chunk_stall_s=o["chunk_stall"],
     )
+
+
+_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "KI": 2**10, "MI": 2**20, "GI": 2**30}
+
+
+def parse_rate(text: str | None, what: str) -> float:
+    """``500M``, ``1.5G``, ``800MiB`` (bytes per second; a trailing ``/s`` or ``B`` is fine)."""
+    if not text:
+        return 0.0
+    t = text.strip().upper().removesuffix("/S").removesuffix("B")
+    num = t.rstrip("KMGI")
+    unit = t[len(num):]
+    try:
+        value = float(num) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise ConfigError(f"bad {what} {text!r}: expected bytes per second like 500M or 1G") from None
+    if value < 0:
+        raise ConfigError(f"bad {what} {text!r}: must not be negative")
+    return value

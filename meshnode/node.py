@@ -11,25 +11,30 @@ from __future__ import annotations
 
 import logging
 import random
-import shutil
 import signal
 import sys
 import time
 from functools import partial
 from typing import Any
 
+import httpx
 import hypercorn.trio
 import trio
 from hypercorn.config import Config as HyperConfig
 
 from protocol import HLC, Catalog, GossipNode, MemberState, RemoteProtocolError
+from protocol.view import COPY_PREFIX, copy_key
 from protocol.wire import WrongCluster, WrongVersion
 
 from . import __version__
 from .config import Config, ConfigError, config_from_args
+from .dataplane import DataClient, DataServer
 from .peers import PeerSender, make_peer_client
 from .persist import DataDirError, SavedState, StateFile, check_data_dir
-from .service import Clock, MeshService
+from .ratelimit import TokenBucket
+from .service import ApiError, Clock, MeshService
+from .store import Copy, Store
+from .transfer import Transfers, full_bitfield
 
 __all__ = ["MeshNode", "main_start"]
 
@@ -49,6 +54,12 @@ class MeshNode:
         self.gossip: GossipNode | None = None
         self.service: MeshService | None = None
         self.sender: PeerSender | None = None
+        self.store = Store(cfg.node_id, cfg.data_dir, cfg.dram_dir)
+        self.transfers = Transfers(self)
+        self.peer_client: httpx.AsyncClient | None = None
+        self.data_client: DataClient | None = None
+        self.data_port = 0
+        self.data_server: DataServer | None = None
         self.address: str | None = None
         self.url: str | None = None
         self.generation = 0
@@ -111,25 +122,54 @@ class MeshNode:
             )
         self.gossip = GossipNode(cfg.node_id, address, self.generation, cfg.gossip, now, seeds, catalog)
         self.service = MeshService(self.gossip, self.hlc)
-        self.gossip.set("node", {"address": address, "version": __version__, "started_ms": wall_ms()}, now)
+        self.gossip.set(
+            "node",
+            {"address": address, "version": __version__, "started_ms": wall_ms(), "data_port": self.data_port},
+            now,
+        )
         self._sample_storage()
 
     async def run(self, *, task_status: trio.TaskStatus[MeshNode] = trio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.cfg
+        check_data_dir(cfg.data_dir)
+        server_ssl, client_ssl = self._ssl_contexts()
+        self.data_client = DataClient(
+            cfg.secrets.cluster_secrets,
+            ssl_context=client_ssl,
+            ingress=TokenBucket(cfg.max_ingress_bps, 1024 * 1024) if cfg.max_ingress_bps else None,
+        )
+        self.data_server = data_server = DataServer(
+            self,
+            cfg.secrets.cluster_secrets,
+            ssl_context=server_ssl,
+            egress=TokenBucket(cfg.max_egress_bps, 1024 * 1024) if cfg.max_egress_bps else None,
+        )
+        try:
+            await self._serve(data_server, task_status)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.data_client.aclose()
+        log.info("node %s stopped", cfg.node_id)
+
+    async def _serve(self, data_server: DataServer, task_status: trio.TaskStatus[MeshNode]) -> None:
         from .api import create_app
 
         cfg = self.cfg
-        check_data_dir(cfg.data_dir)
         async with make_peer_client(cfg) as client, trio.open_nursery() as nursery:
+            self.peer_client = client
             self.sender = PeerSender(cfg, client)
             app = create_app(self)
-            bound = await nursery.start(partial(hypercorn.trio.serve, app, self._hyper_config()))
+            bound = await nursery.start(partial(hypercorn.trio.serve, app, self._hyper_config()))  # type: ignore[arg-type]
             port = int(str(bound[0]).rsplit(":", 1)[1])
+            self.data_port = await nursery.start(data_server.serve, cfg.host, cfg.data_port)
             host = cfg.host if ":" not in cfg.host else f"[{cfg.host}]"
             self.address = cfg.advertise or f"{host}:{port}"
             self.url = f"{cfg.scheme}://{host}:{port}"
             self._start_gossip(self.address)
+            await self._load_copies()
             await self.persist_now()
             await nursery.start(self.sender.run)
+            await nursery.start(self.transfers.run)
             nursery.start_soon(self._gossip_loop)
             nursery.start_soon(self._persist_loop)
             nursery.start_soon(self._storage_loop)
@@ -143,7 +183,6 @@ class MeshNode:
             await self._leave()
             await self.persist_now()
             nursery.cancel_scope.cancel()
-        log.info("node %s stopped", cfg.node_id)
 
     async def _leave(self) -> None:
         assert self.gossip is not None and self.sender is not None
@@ -178,19 +217,121 @@ class MeshNode:
                 except OSError as e:
                     log.error("cannot save state to %s: %s", self.state_file.path, e)
 
+    def storage(self) -> dict[str, dict[str, int]]:
+        out = {}
+        for kind in ("disk", "dram"):
+            try:
+                out[kind] = self.store.usage(kind)
+            except OSError:
+                continue
+        return out
+
     def _sample_storage(self) -> None:
         assert self.gossip is not None
-        try:
-            u = shutil.disk_usage(self.cfg.data_dir)
-        except OSError:
-            return
         mib = 1024 * 1024
         # Round to MiB so that a few bytes written do not cause gossip.
         self.gossip.set(
             "storage",
-            {"disk": {"total": u.total // mib * mib, "used": u.used // mib * mib, "free": u.free // mib * mib}},
+            {k: {f: v // mib * mib for f, v in u.items()} for k, u in self.storage().items()},
             trio.current_time(),
         )
+
+    # -- copies ------------------------------------------------------------------
+
+    def _ssl_contexts(self) -> tuple[Any, Any]:
+        cfg = self.cfg
+        if not cfg.tls:
+            return None, None
+        import ssl
+
+        server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server.load_cert_chain(str(cfg.tls_cert), str(cfg.tls_key))
+        if cfg.tls_ca:
+            server.load_verify_locations(str(cfg.tls_ca))
+            server.verify_mode = ssl.CERT_REQUIRED
+        client = ssl.create_default_context(cafile=str(cfg.tls_ca) if cfg.tls_ca else None)
+        client.load_cert_chain(str(cfg.tls_cert), str(cfg.tls_key))
+        return server, client
+
+    async def _load_copies(self) -> None:
+        """Publish the copies on disk; forget copy keys whose copy is gone."""
+        g = self.gossip
+        assert g is not None
+        copies = await trio.to_thread.run_sync(self.store.scan)
+        present = {copy_key(c.model, c.kind) for c in copies}
+        for key in [k for k, e in g.catalog.own.keys.items() if k.startswith(COPY_PREFIX) and not e.tombstone]:
+            if key not in present:
+                g.delete(key, trio.current_time())
+        for c in copies:
+            self.publish_copy(c)
+        if copies:
+            log.info("holding %d copies: %s", len(copies), ", ".join(f"{c.model}@{c.kind}" for c in copies[:10]))
+
+    def publish_copy(self, c: Copy) -> None:
+        assert self.gossip is not None
+        prev = self.gossip.catalog.get(self.cfg.node_id, copy_key(c.model, c.kind))
+        published = prev.get("published_ms") if isinstance(prev, dict) and prev.get("manifest_hash") == c.manifest_hash else None
+        self.gossip.set(
+            copy_key(c.model, c.kind),
+            {
+                "manifest_hash": c.manifest_hash,
+                "size": c.manifest.total_bytes,
+                "files": len(c.manifest.files),
+                "chunk_bytes": c.manifest.chunk_bytes,
+                "published_ms": published or wall_ms(),
+            },
+            trio.current_time(),
+        )
+        self._sample_storage()
+
+    async def delete_copy_local(self, model: str, kind: str) -> bool:
+        assert self.gossip is not None
+        c = await trio.to_thread.run_sync(self.store.delete, model, kind)
+        self.gossip.delete(copy_key(model, kind), trio.current_time())
+        self._sample_storage()
+        await self.persist_now()
+        return c is not None
+
+    async def delete_copy_anywhere(self, model: str, device: str) -> None:
+        node_id, _, kind = device.partition(":")
+        if node_id == self.cfg.node_id:
+            await self.delete_copy_local(model, kind)
+        else:
+            await self.forward_action(node_id, {"op": "delete_copy", "model": model, "kind": kind})
+
+    async def forward_action(self, node_id: str, action: dict[str, Any]) -> dict[str, Any]:
+        """Hand an action to the node that must run it; its answer, or ApiError."""
+        g = self.gossip
+        assert g is not None and self.peer_client is not None
+        m = g.members.get(node_id)
+        if m is None:
+            raise ApiError(404, "NODE_NOT_FOUND", f"no node {node_id!r} is known to the mesh")
+        if m.state not in (MemberState.ALIVE, MemberState.SUSPECT):
+            raise ApiError(409, "NODE_UNAVAILABLE", f"node {node_id!r} is {m.state.label}")
+        url = f"{self.cfg.scheme}://{m.record.address}/mesh/v1/actions"
+        try:
+            r = await self.peer_client.post(url, json=action, timeout=10)
+        except httpx.HTTPError as e:
+            raise ApiError(502, "PEER_UNREACHABLE", f"node {node_id!r} did not answer: {type(e).__name__}") from None
+        try:
+            body = r.json()
+        except ValueError:
+            raise ApiError(502, "BAD_PEER_ANSWER", f"node {node_id!r} sent a non-JSON answer (HTTP {r.status_code})") from None
+        if r.status_code >= 400:
+            err = body.get("error", {}) if isinstance(body, dict) else {}
+            raise ApiError(r.status_code, str(err.get("code", "PEER_ERROR")), str(err.get("message", "peer refused")))
+        return body if isinstance(body, dict) else {}
+
+    # -- data plane resolver ----------------------------------------------------------
+
+    def locate(self, manifest_hash: str, index: int) -> tuple[str, int, int] | None:
+        return self.store.locate(manifest_hash, index) or self.transfers.locate(manifest_hash, index)
+
+    def have(self, manifest_hash: str) -> bytes | None:
+        c = self.store.find(manifest_hash)
+        if c is not None:
+            return full_bitfield(c.manifest.n_chunks)
+        return self.transfers.have(manifest_hash)
 
     async def _storage_loop(self) -> None:
         while True:
@@ -257,6 +398,11 @@ class MeshNode:
         if last is None or now - last > 60:
             self._bad_peer_logged[key] = now
             log.warning("refused %s from %s: missing or wrong credential", what, remote)
+
+    def data_server_stats(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self.data_server.statistics()) if self.data_server is not None else {}
 
     def statistics(self) -> dict[str, Any]:
         g = self.gossip

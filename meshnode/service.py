@@ -138,7 +138,7 @@ class MeshService:
         out: dict[str, Any] = {
             "model_name": mv.name,
             "model_type": mv.model_type,
-            "size": mv.metadata.get("size"),
+            "size": mv.size,
             "locations": mv.locations,
             "services": [],
             "status": self.model_status(mv),
@@ -150,7 +150,9 @@ class MeshService:
                 registered_by=mv.registered_by,
                 registered_at_ms=mv.stamp.wall_ms,
                 copies=[
-                    {"device": d, "online": self._online(d.split(":", 1)[0])} for d in mv.locations
+                    {"device": c.device, "manifest_hash": c.manifest_hash, "size": c.size,
+                     "status": "ready", "online": self._online(c.device.split(":", 1)[0])}
+                    for c in mv.copies
                 ],
             )
         return out

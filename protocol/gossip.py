@@ -256,10 +256,13 @@ class GossipNode:
 
     def _suspect(self, node_id: str, now: float) -> None:
         m = self.members.get(node_id)
-        if m is None or m.state is not MemberState.ALIVE:
+        if m is None or m.state > MemberState.SUSPECT:
             return
         r = m.record
-        self.stats.suspicions_raised += 1
+        if m.state is MemberState.ALIVE:
+            self.stats.suspicions_raised += 1
+        # Already suspect: our own failed probe is an independent confirmation
+        # (Lifeguard), which shortens the timeout and is passed on as a rumour.
         self._merge_update(
             MemberUpdate(MemberRecord(r.node_id, r.address, r.generation, r.incarnation, MemberState.SUSPECT), self.id),
             now,
@@ -496,7 +499,14 @@ class GossipNode:
     def _apply_deltas(self, b: SyncDelta, now: float) -> None:
         for d in b.deltas:
             m = self.members.get(d.node_id)
-            if m is None or d.generation < m.record.generation:
+            if m is None:
+                # An origin we hold no member record for (a restarted node knows the dead
+                # only from its restored catalog): catch up on what we already hold, at
+                # that generation, but never adopt an origin we do not hold.
+                st = self.catalog.nodes.get(d.node_id)
+                if st is None or d.generation != st.generation:
+                    continue
+            elif d.generation < m.record.generation:
                 continue  # only for members we know, at their current generation
             if self.catalog.apply_delta(d, now):
                 self._changed()

@@ -13,6 +13,10 @@ For each model the record with the highest stamp wins (last writer wins), so
 concurrent writes on both sides of a partition converge to one answer with no
 coordinator.  A location counts only if it was recorded at or after the
 registration's ``since``, so unregistering clears a model's locations.
+
+Copies a node actually holds are its own single-writer keys,
+``copy/<model>@<kind>``: ``{"manifest_hash", "size", "files", "published_ms"}``;
+they are locations too, reported by the only node that can know.
 """
 
 from __future__ import annotations
@@ -23,10 +27,21 @@ from typing import Any
 
 from .hlc import Stamp
 
-__all__ = ["LOC_PREFIX", "REG_PREFIX", "ModelView", "loc_key", "reg_key", "resolve_models"]
+__all__ = [
+    "COPY_PREFIX",
+    "LOC_PREFIX",
+    "REG_PREFIX",
+    "CopyView",
+    "ModelView",
+    "copy_key",
+    "loc_key",
+    "reg_key",
+    "resolve_models",
+]
 
 REG_PREFIX = "reg/"
 LOC_PREFIX = "loc/"
+COPY_PREFIX = "copy/"
 
 
 def reg_key(model: str) -> str:
@@ -35,6 +50,17 @@ def reg_key(model: str) -> str:
 
 def loc_key(model: str, device: str) -> str:
     return f"{LOC_PREFIX}{model}@{device}"
+
+
+def copy_key(model: str, kind: str) -> str:
+    return f"{COPY_PREFIX}{model}@{kind}"
+
+
+@dataclass(frozen=True, slots=True)
+class CopyView:
+    device: str
+    manifest_hash: str
+    size: int
 
 
 @dataclass(slots=True)
@@ -47,6 +73,12 @@ class ModelView:
     stamp: Stamp
     since: Stamp
     locations: list[str] = field(default_factory=list)
+    copies: list[CopyView] = field(default_factory=list)
+
+    @property
+    def size(self) -> int | None:
+        sizes = [c.size for c in self.copies]
+        return max(sizes) if sizes else None
 
 
 def _stamp(v: Any, field_name: str = "stamp") -> Stamp | None:
@@ -62,7 +94,15 @@ def resolve_models(items: Iterable[tuple[str, str, Any]]) -> dict[str, ModelView
     """Resolve ``(node_id, key, value)`` catalog items into registered models."""
     regs: dict[str, tuple[Stamp, str, dict[str, Any]]] = {}
     locs: dict[tuple[str, str], tuple[Stamp, str]] = {}
+    copies: list[tuple[str, CopyView]] = []
     for node_id, key, value in items:
+        if key.startswith(COPY_PREFIX):
+            name, sep, kind = key[len(COPY_PREFIX) :].rpartition("@")
+            if sep and isinstance(value, dict):
+                h, size = value.get("manifest_hash"), value.get("size")
+                if isinstance(h, str) and isinstance(size, int):
+                    copies.append((name, CopyView(f"{node_id}:{kind}", h, size)))
+            continue
         stamp = _stamp(value)
         if stamp is None:
             continue
@@ -98,4 +138,13 @@ def resolve_models(items: Iterable[tuple[str, str, Any]]) -> dict[str, ModelView
         if mv is None or op != "add" or stamp < mv.since:
             continue
         mv.locations.append(device)
+    for name, cv in sorted(copies, key=lambda x: (x[0], x[1].device)):
+        mv = out.get(name)
+        if mv is None:
+            continue
+        mv.copies.append(cv)
+        if cv.device not in mv.locations:
+            mv.locations.append(cv.device)
+    for mv in out.values():
+        mv.locations.sort()
     return out

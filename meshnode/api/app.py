@@ -18,7 +18,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import PathConverter
 
-
+from .. import actions
 from ..metrics import render_metrics
 from ..service import ApiError, MeshService
 from .auth import check_bearer
@@ -141,7 +141,58 @@ def _public_app(node: MeshNode) -> QuartTrio:
     @app.get("/storage")
     async def storage() -> Response:
         s = svc()
-        return _json({"node_id": s.node_id, "devices": s.gossip.catalog.get(s.node_id, "storage") or {}})
+        devices = node.storage()
+        copies = [
+            {"model_name": c.model, "device": f"{s.node_id}:{c.kind}", "manifest_hash": c.manifest_hash,
+             "size": c.manifest.total_bytes}
+            for c in node.store.copies()
+        ]
+        return _json({"node_id": s.node_id, "devices": devices, "copies": copies})
+
+    # -- copies and transfers ------------------------------------------------------
+
+    @app.post("/models/<model:name>/copy")
+    async def copy_model(name: str) -> Response:
+        svc()
+        return _json(await actions.request_copy(node, name, await body_json(), move=False), 202)
+
+    @app.post("/models/<model:name>/move")
+    async def move_model(name: str) -> Response:
+        svc()
+        return _json(await actions.request_copy(node, name, await body_json(), move=True), 202)
+
+    @app.post("/models/<model:name>/download")
+    async def download_model(name: str) -> Response:
+        svc()
+        return _json(await actions.request_download(node, name, await body_json()), 202)
+
+    @app.get("/transfers")
+    async def transfers() -> Response:
+        svc()
+        items = actions.transfers_json(node)
+        return _json({"transfers": items, "total_count": len(items)})
+
+    @app.get("/transfers/<tid>")
+    async def transfer(tid: str) -> Response:
+        svc()
+        for t in actions.transfers_json(node):
+            if t["transfer_id"] == tid:
+                return _json(t)
+        raise ApiError(404, "TRANSFER_NOT_FOUND", f"no transfer {tid[:40]!r} is known")
+
+    # -- peer routes (the cluster secret was checked above) ------------------------
+
+    @app.get("/mesh/v1/manifests/<mhash>")
+    async def manifest(mhash: str) -> Response:
+        c = node.store.find(mhash)
+        if c is None:
+            raise ApiError(404, "COPY_NOT_FOUND", "no such manifest here")
+        return Response(c.manifest.encode(), status=200, content_type="application/msgpack")
+
+    @app.post("/mesh/v1/actions")
+    async def peer_action() -> Response:
+        svc()
+        return _json(await actions.handle_action(node, await body_json()))
 
     @app.get("/models")
     async def models() -> Response:
@@ -164,6 +215,9 @@ def _public_app(node: MeshNode) -> QuartTrio:
     @app.delete("/models/<model:name>/locations/<device>")
     async def drop_location(name: str, device: str) -> Response:
         s = svc()
+        deleted = await actions.request_delete_copy(node, name, device)
+        if deleted is not None:
+            return _json({"model_name": name, "device": deleted["device"], "dropped": True, "deleted_copy": True})
         dev = s.set_location(name, device, False, node.clock())
         await node.persist_now()
         return _json({"model_name": name, "device": dev, "dropped": True})

@@ -146,3 +146,18 @@ async def test_concurrent_registrations_converge_to_one_winner(mesh: Mesh) -> No
         return ia["model_type"] == ib["model_type"] and ia["registered_by"] == ib["registered_by"]
 
     await wait_for(same, what="one winner everywhere")
+
+
+async def test_a_node_alone_keeps_dialling_its_seeds(mesh: Mesh) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # b starts first, pointed at a seed that is not up yet.
+    b = await mesh.start("b", "--join", f"127.0.0.1:{port}")
+    await _sleep_intervals(10)
+    assert await states(mesh, b.url) == {"b": "alive"}
+    a = await mesh.start("a", "--port", str(port))
+    await wait_for(lambda: _all_alive(mesh, a.url, 2), what="b to find a once it is up")
+    await wait_for(lambda: _all_alive(mesh, b.url, 2), what="a on b")

@@ -1,0 +1,348 @@
+"""The local store: model copies on this node's devices.
+
+Layout, per tier (``disk`` is ``<data-dir>/copies``, ``dram`` is a directory
+on a RAM-backed filesystem, ``/dev/shm/meshnode-<node>`` by default)::
+
+    <tier>/<model name>/@<manifest hash>/...files...   a published copy
+    <tier>/<model name>/@<manifest hash>.manifest      its manifest
+    <tier>/.partial/<manifest hash>/...files...        a copy being built
+
+Model names hold at most one ``/`` and no ``..`` (``protocol.names``), and
+``@`` is not allowed in them, so a copy directory cannot collide with a model.
+A copy becomes visible only when complete: every chunk is verified, every
+file fsynced, the manifest written, then one ``rename`` of the partial
+directory (same filesystem) to its final name.  A reader never sees a partial
+copy.  Deleting a copy renames it aside first, then removes it.
+
+Everything here blocks (file I/O): call it through ``trio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from protocol.errors import RemoteProtocolError
+from protocol.manifest import (
+    Manifest,
+    ManifestBuilder,
+    choose_chunk_bytes,
+    chunk_digest,
+    validate_rel_path,
+)
+
+__all__ = ["TIERS", "Copy", "Partial", "Store", "StoreError"]
+
+log = logging.getLogger("meshnode.store")
+
+TIERS = ("disk", "dram")
+_PARTIAL = ".partial"
+_MANIFEST_SUFFIX = ".manifest"
+_READ_BYTES = 8 * 1024 * 1024
+_FILES_MAX = 100_000
+
+
+class StoreError(Exception):
+    """A store operation failed; the message says why (and what to do)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Copy:
+    model: str
+    kind: str  # "disk" or "dram"
+    manifest: Manifest
+    path: Path
+
+    @property
+    def manifest_hash(self) -> str:
+        return self.manifest.hash
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Partial:
+    """A copy being assembled in ``<tier>/.partial/<hash>``; files preallocated to size."""
+
+    def __init__(self, store: Store, kind: str, model: str, manifest: Manifest) -> None:
+        self.store, self.kind, self.model, self.manifest = store, kind, model, manifest
+        self.path = store.tier_root(kind) / _PARTIAL / manifest.hash
+        self._fds: dict[str, int] = {}
+
+    def open(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        for f in self.manifest.files:
+            p = self.path / f.path
+            p.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
+            self._fds[f.path] = fd
+            if os.fstat(fd).st_size != f.size:
+                os.ftruncate(fd, f.size)
+
+    def verified_chunks(self) -> set[int]:
+        """Re-check what is already here (after a crash): the chunks whose bytes match."""
+        have: set[int] = set()
+        for ref in self.manifest.chunks():
+            fd = self._fds[ref.path]
+            data = os.pread(fd, ref.length, ref.offset)
+            if len(data) == ref.length and chunk_digest(data) == ref.digest:
+                have.add(ref.index)
+        return have
+
+    def write_chunk(self, index: int, data: memoryview | bytes) -> None:
+        ref = self.manifest.chunk(index)
+        if len(data) != ref.length:
+            raise StoreError("BAD_CHUNK", f"chunk {index} is {len(data)} bytes, expected {ref.length}")
+        fd = self._fds[ref.path]
+        done = 0
+        view = memoryview(data)
+        while done < ref.length:
+            try:
+                n = os.pwrite(fd, view[done:], ref.offset + done)
+            except OSError as e:
+                raise _os_error(e, self.kind, self.store.tier_root(self.kind)) from None
+            done += n
+
+    def locate(self, index: int) -> tuple[str, int, int]:
+        ref = self.manifest.chunk(index)
+        return str(self.path / ref.path), ref.offset, ref.length
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def publish(self) -> Copy:
+        """fsync everything, write the manifest, then one rename: the copy appears whole."""
+        try:
+            for fd in self._fds.values():
+                os.fsync(fd)
+            self.close()
+            for d in {(self.path / f.path).parent for f in self.manifest.files} | {self.path}:
+                _fsync_dir(d)
+            return self.store._install(self.kind, self.model, self.manifest, self.path)
+        except OSError as e:
+            raise _os_error(e, self.kind, self.store.tier_root(self.kind)) from None
+
+    def discard(self) -> None:
+        self.close()
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _os_error(e: OSError, kind: str, root: Path) -> StoreError:
+    import errno
+
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreError("NO_SPACE", f"{kind} is full ({root}): {e.strerror}")
+    return StoreError("IO_ERROR", f"{kind} I/O error at {root}: {e.strerror or e}")
+
+
+class Store:
+    def __init__(self, node_id: str, data_dir: Path, dram_dir: Path | None = None) -> None:
+        self.node_id = node_id
+        self._roots = {
+            "disk": data_dir / "copies",
+            "dram": dram_dir if dram_dir is not None else Path("/dev/shm") / f"meshnode-{node_id}",
+        }
+        self._copies: dict[tuple[str, str], Copy] = {}  # (model, kind) -> copy
+
+    def tier_root(self, kind: str) -> Path:
+        try:
+            return self._roots[kind]
+        except KeyError:
+            raise StoreError("INVALID_DEVICE", f"this node has no device {kind!r} (it has {', '.join(TIERS)})") from None
+
+    # -- scanning ------------------------------------------------------------------
+
+    def scan(self) -> list[Copy]:
+        """Find the published copies on every tier; clear out leftovers of deletions."""
+        self._copies.clear()
+        for kind, root in self._roots.items():
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                log.warning("cannot use %s at %s: %s", kind, root, e.strerror)
+                continue
+            for mfile in root.rglob("@*" + _MANIFEST_SUFFIX):
+                rel = mfile.relative_to(root)
+                if rel.parts[0] == _PARTIAL:
+                    continue
+                model = str(rel.parent)
+                copy_dir = mfile.with_name(mfile.name[: -len(_MANIFEST_SUFFIX)])
+                try:
+                    manifest = Manifest.decode(mfile.read_bytes(), expected_hash=copy_dir.name[1:])
+                except (OSError, RemoteProtocolError) as e:
+                    log.error("ignoring copy %s: unreadable manifest (%s)", copy_dir, e)
+                    continue
+                if not copy_dir.is_dir():
+                    mfile.unlink(missing_ok=True)
+                    continue
+                prev = self._copies.get((model, kind))
+                if prev is not None:
+                    log.warning("two copies of %s on %s; keeping %s", model, kind, prev.manifest_hash)
+                    continue
+                self._copies[(model, kind)] = Copy(model, kind, manifest, copy_dir)
+        return list(self._copies.values())
+
+    def copies(self) -> list[Copy]:
+        return list(self._copies.values())
+
+    def get(self, model: str, kind: str) -> Copy | None:
+        return self._copies.get((model, kind))
+
+    def find(self, manifest_hash: str) -> Copy | None:
+        for c in self._copies.values():
+            if c.manifest_hash == manifest_hash:
+                return c
+        return None
+
+    def usage(self, kind: str) -> dict[str, int]:
+        root = self.tier_root(kind)
+        target = root if root.exists() else root.parent
+        u = shutil.disk_usage(target)
+        return {"total": u.total, "used": u.used, "free": u.free}
+
+    # -- building copies --------------------------------------------------------------
+
+    def partial(self, kind: str, model: str, manifest: Manifest) -> Partial:
+        free = self.usage(kind)["free"]
+        p = Partial(self, kind, model, manifest)
+        already = sum(os.path.getsize(p.path / f.path) for f in manifest.files if (p.path / f.path).is_file()) if p.path.exists() else 0
+        if manifest.total_bytes - already > free:
+            raise StoreError(
+                "NO_SPACE",
+                f"{self.node_id}:{kind} has {free} bytes free, {manifest.total_bytes - already} more are needed for {model}",
+            )
+        try:
+            p.open()
+        except OSError as e:
+            p.discard()
+            raise _os_error(e, kind, self.tier_root(kind)) from None
+        return p
+
+    def _install(self, kind: str, model: str, manifest: Manifest, built: Path) -> Copy:
+        root = self.tier_root(kind)
+        parent = root / model
+        parent.mkdir(parents=True, exist_ok=True)
+        final = parent / f"@{manifest.hash}"
+        mfile = parent / f"@{manifest.hash}{_MANIFEST_SUFFIX}"
+        old = self._copies.get((model, kind))
+        if final.exists():
+            shutil.rmtree(built, ignore_errors=True)  # the same copy is already here
+        else:
+            tmp = parent / f".@{manifest.hash}{_MANIFEST_SUFFIX}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(manifest.encode())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, mfile)
+            os.rename(built, final)
+            _fsync_dir(parent)
+        copy = Copy(model, kind, manifest, final)
+        self._copies[(model, kind)] = copy
+        if old is not None and old.manifest_hash != manifest.hash:
+            self._remove_dir(old)
+        return copy
+
+    def ingest_path(self, kind: str, model: str, src: Path, chunk_bytes: int | None = None) -> Copy:
+        """Add a local file or directory as a copy: hash it once, copy it in, publish."""
+        files = list(_walk(src))
+        total = sum(size for _, _, size in files)
+        cb = chunk_bytes or choose_chunk_bytes(total)
+        builder = ManifestBuilder(cb)
+        for rel, path, size in files:
+            digests = []
+            with open(path, "rb") as f:
+                while True:
+                    data = f.read(cb)
+                    if not data:
+                        break
+                    digests.append(chunk_digest(data))
+            builder.add_file(rel, size, tuple(digests))
+        manifest = builder.build()
+        existing = self.get(model, kind)
+        if existing is not None and existing.manifest_hash == manifest.hash:
+            return existing
+        p = self.partial(kind, model, manifest)
+        try:
+            for rel, path, _size in files:
+                with open(path, "rb") as fin:
+                    fd = p._fds[rel]
+                    off = 0
+                    while True:
+                        data = fin.read(_READ_BYTES)
+                        if not data:
+                            break
+                        os.pwrite(fd, data, off)
+                        off += len(data)
+            # Verify what landed, so a file that changed while we read it is caught.
+            if len(p.verified_chunks()) != manifest.n_chunks:
+                raise StoreError("SOURCE_CHANGED", f"{src} changed while it was being added; try again")
+            return p.publish()
+        except OSError as e:
+            p.discard()
+            raise _os_error(e, kind, self.tier_root(kind)) from None
+        except BaseException:
+            p.discard()
+            raise
+
+    # -- deleting -----------------------------------------------------------------------
+
+    def delete(self, model: str, kind: str) -> Copy | None:
+        c = self._copies.pop((model, kind), None)
+        if c is not None:
+            self._remove_dir(c)
+        return c
+
+    def _remove_dir(self, c: Copy) -> None:
+        mfile = c.path.with_name(c.path.name + _MANIFEST_SUFFIX)
+        mfile.unlink(missing_ok=True)  # first: without a manifest, it is no copy
+        aside = c.path.with_name(f".deleting-{c.path.name}")
+        try:
+            os.rename(c.path, aside)
+        except OSError:
+            aside = c.path
+        shutil.rmtree(aside, ignore_errors=True)
+
+    def locate(self, manifest_hash: str, index: int) -> tuple[str, int, int] | None:
+        c = self.find(manifest_hash)
+        if c is None or not 0 <= index < c.manifest.n_chunks:
+            return None
+        ref = c.manifest.chunk(index)
+        return str(c.path / ref.path), ref.offset, ref.length
+
+
+def _walk(src: Path) -> Iterator[tuple[str, Path, int]]:
+    if not src.exists():
+        raise StoreError("SOURCE_NOT_FOUND", f"{src} does not exist")
+    if src.is_file():
+        yield validate_rel_path(src.name), src, src.stat().st_size
+        return
+    count = 0
+    for dirpath, dirnames, filenames in os.walk(src):
+        dirnames.sort()
+        for name in sorted(filenames):
+            p = Path(dirpath) / name
+            st = p.lstat()
+            if not stat.S_ISREG(st.st_mode):
+                continue  # symlinks and specials are not model files
+            rel = p.relative_to(src).as_posix()
+            count += 1
+            if count > _FILES_MAX:
+                raise StoreError("TOO_MANY_FILES", f"{src} has more than {_FILES_MAX} files")
+            yield validate_rel_path(rel), p, st.st_size

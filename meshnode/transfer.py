@@ -1,0 +1,618 @@
+"""Transfers: building a copy on this node from the copies the mesh holds.
+
+Data flow
+---------
+1. The copy's identity is its manifest hash.  The catalog says which nodes
+   hold that hash complete (``copy/<model>@<kind>`` keys) and which are
+   fetching it now (``xfer/<id>`` keys); their data-plane ports are in their
+   ``node`` key.
+2. The manifest is fetched from a holder over the peer HTTP route and checked
+   against its hash.
+3. A ``Partial`` is opened in the target tier; after a crash it re-verifies
+   what is already there, so only missing or bad chunks are fetched again.
+4. ``protocol.chunkplan.ChunkPlan`` decides which chunk to ask which peer for
+   (random first, then rarest first, endgame, stall reassignment, bans); the
+   data plane fetches each chunk into a reused buffer and verifies its xxh3
+   digest *before* it is written.
+5. When every chunk is verified: fsync, one rename (``Partial.publish``), a
+   ``copy/`` key in the catalog.  For a move, the source is then deleted.
+
+A transfer whose intent file is in ``<data-dir>/transfers`` is resumed when
+the node restarts.  Every step has a bound: a few requests in flight per
+peer, a stall timeout per chunk, a retry budget, and a clear final error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import trio
+
+from protocol import MemberState
+from protocol.chunkplan import ChunkPlan, ChunkState
+from protocol.errors import RemoteProtocolError
+from protocol.manifest import Manifest, chunk_digest
+from protocol.view import COPY_PREFIX
+
+from .dataplane import ChunkMismatch, DataPlaneError, NotFound, PeerBusy
+from .store import Copy, Partial, StoreError
+
+if TYPE_CHECKING:
+    from .node import MeshNode
+
+__all__ = ["Transfer", "TransferError", "Transfers", "xfer_key"]
+
+log = logging.getLogger("meshnode.transfer")
+
+XFER_PREFIX = "xfer/"
+ACTIVE_MAX = 4
+PROGRESS_INTERVAL_S = 1.0
+SOURCE_REFRESH_S = 0.5
+NO_SOURCE_GRACE_S = 3.0
+FINISHED_KEPT = 50
+
+
+def xfer_key(transfer_id: str) -> str:
+    return XFER_PREFIX + transfer_id
+
+
+class TransferError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Transfer:
+    id: str
+    model: str
+    kind: str  # target tier on this node
+    source: str | None  # "node:kind" asked for, or None for any holder
+    manifest_hash: str | None
+    keep_source: bool = True
+    status: str = "queued"  # queued, running, done, failed
+    bytes_total: int = 0
+    bytes_done: int = 0
+    chunks_total: int = 0
+    chunks_resumed: int = 0
+    chunks_fetched: int = 0
+    bad_chunks: int = 0
+    rate_bps: float = 0.0
+    sources: list[str] = field(default_factory=list)
+    banned: list[str] = field(default_factory=list)
+    error: dict[str, str] | None = None
+    started_ms: int = 0
+    finished_ms: int = 0
+    note: str = ""
+
+    def public(self, node_id: str) -> dict[str, Any]:
+        d = asdict(self)
+        d["transfer_id"] = d.pop("id")
+        d["node_id"] = node_id
+        d["target_device"] = f"{node_id}:{self.kind}"
+        return d
+
+
+class Transfers:
+    """The transfers this node runs (it is always the receiving end)."""
+
+    def __init__(self, node: MeshNode) -> None:
+        self.node = node
+        self.dir = node.cfg.data_dir / "transfers"
+        self.by_id: dict[str, Transfer] = {}
+        self._partials: dict[str, tuple[Partial, ChunkPlan]] = {}
+        self._limiter = trio.CapacityLimiter(ACTIVE_MAX)
+        self._nursery: trio.Nursery | None = None
+
+    # -- serving what we are building ---------------------------------------------------
+
+    def locate(self, manifest_hash: str, index: int) -> tuple[str, int, int] | None:
+        entry = self._partials.get(manifest_hash)
+        if entry is None:
+            return None
+        partial, plan = entry
+        if not 0 <= index < plan.n_chunks or plan.chunk_state(index) is not ChunkState.VERIFIED:
+            return None
+        return partial.locate(index)
+
+    def have(self, manifest_hash: str) -> bytes | None:
+        entry = self._partials.get(manifest_hash)
+        if entry is None:
+            return None
+        _, plan = entry
+        bits = bytearray(full_bitfield(plan.n_chunks))
+        for i in plan.missing():
+            bits[i // 8] &= ~(0x80 >> (i % 8)) & 0xFF
+        return bytes(bits)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for t in self._load_intents():
+                log.info("resuming transfer %s of %s to %s", t.id, t.model, t.kind)
+                self._launch(t)
+            task_status.started()
+            await trio.sleep_forever()
+
+    def _load_intents(self) -> list[Transfer]:
+        out = []
+        for p in sorted(self.dir.glob("*.json")):
+            try:
+                t = Transfer(**json.loads(p.read_text()))
+            except (OSError, ValueError, TypeError) as e:
+                log.error("ignoring unreadable transfer intent %s: %s", p.name, e)
+                p.unlink(missing_ok=True)
+                continue
+            t.status = "queued"
+            out.append(t)
+        return out
+
+    def _save_intent(self, t: Transfer) -> None:
+        tmp = self.dir / f".{t.id}.tmp"
+        tmp.write_text(json.dumps(asdict(t)))
+        os.replace(tmp, self.dir / f"{t.id}.json")
+
+    def _drop_intent(self, t: Transfer) -> None:
+        (self.dir / f"{t.id}.json").unlink(missing_ok=True)
+
+    def start(self, model: str, kind: str, source: str | None, manifest_hash: str | None, keep_source: bool) -> Transfer:
+        """Start (or join) a transfer of ``model`` into ``kind`` on this node."""
+        self.node.store.tier_root(kind)  # raises for an unknown tier
+        for t in self.by_id.values():
+            if t.model == model and t.kind == kind and t.status in ("queued", "running"):
+                return t  # one transfer per target at a time: asking again joins it
+        t = Transfer(
+            id=secrets.token_hex(8),
+            model=model,
+            kind=kind,
+            source=source,
+            manifest_hash=manifest_hash,
+            keep_source=keep_source,
+            started_ms=int(time.time() * 1000),
+        )
+        self._save_intent(t)
+        self._launch(t)
+        return t
+
+    def _launch(self, t: Transfer) -> None:
+        assert self._nursery is not None
+        self.by_id[t.id] = t
+        if len(self.by_id) > 1000:  # bound the history of finished transfers
+            for old in [x for x in self.by_id.values() if x.status in ("done", "failed")][:100]:
+                del self.by_id[old.id]
+        self._nursery.start_soon(self._run_one, t)
+
+    async def _run_one(self, t: Transfer) -> None:
+        async with self._limiter:
+            t.status = "running"
+            self._publish_progress(t)
+            try:
+                await self._transfer(t)
+                t.status = "done"
+                log.info("transfer %s done: %s on %s:%s (%d chunks fetched, %d resumed)",
+                         t.id, t.model, self.node.cfg.node_id, t.kind, t.chunks_fetched, t.chunks_resumed)
+            except Exception as exc:
+                e = _first_known(exc)
+                t.status = "failed"
+                if e is not None:
+                    t.error = {"code": e.code, "message": e.message}
+                    log.error("transfer %s of %s failed: %s", t.id, t.model, e.message)
+                else:  # a bug must not take the node down
+                    t.error = {"code": "INTERNAL", "message": f"{type(exc).__name__}: {exc}"}
+                    log.exception("transfer %s crashed", t.id)
+            finally:
+                t.finished_ms = int(time.time() * 1000)
+                self._drop_intent(t)
+                self._publish_progress(t)
+
+    # -- progress in the catalog -----------------------------------------------------------
+
+    def _publish_progress(self, t: Transfer) -> None:
+        g = self.node.gossip
+        if g is None:
+            return
+        value = {
+            "model": t.model,
+            "kind": t.kind,
+            "manifest_hash": t.manifest_hash,
+            "status": t.status,
+            "bytes_done": t.bytes_done,
+            "bytes_total": t.bytes_total,
+            "rate_bps": round(t.rate_bps),
+            "sources": t.sources[:16],
+            "error": t.error,
+            "started_ms": t.started_ms,
+            "finished_ms": t.finished_ms,
+        }
+        now = trio.current_time()
+        g.set(xfer_key(t.id), value, now)
+        if t.status in ("done", "failed"):
+            # Keep the news of the last FINISHED_KEPT finished transfers only.
+            finished = sorted(
+                (e.value.get("finished_ms", 0), k)
+                for k, e in g.catalog.own.keys.items()
+                if k.startswith(XFER_PREFIX) and not e.tombstone and isinstance(e.value, dict)
+                and e.value.get("status") in ("done", "failed")
+            )
+            for _, k in finished[:-FINISHED_KEPT]:
+                g.delete(k, now)
+
+    # -- sources ---------------------------------------------------------------------------------
+
+    def holders(self, manifest_hash: str) -> dict[str, str]:
+        """node id -> data-plane address of the live nodes that can serve this
+        manifest: complete copies (any model name: the hash is the identity)
+        and transfers in progress."""
+        g = self.node.gossip
+        assert g is not None
+        out: dict[str, str] = {}
+        me = self.node.cfg.node_id
+        for prefix, want_running in ((COPY_PREFIX, False), (XFER_PREFIX, True)):
+            for nid, _key, value in g.catalog.items(prefix):
+                if nid == me or nid in out or not isinstance(value, dict):
+                    continue
+                if value.get("manifest_hash") != manifest_hash:
+                    continue
+                if want_running and value.get("status") != "running":
+                    continue
+                addr = self.data_address(nid)
+                if addr is not None:
+                    out[nid] = addr
+        return out
+
+    def data_address(self, node_id: str) -> str | None:
+        g = self.node.gossip
+        assert g is not None
+        m = g.members.get(node_id)
+        if m is None or m.state not in (MemberState.ALIVE, MemberState.SUSPECT):
+            return None  # a suspect is probably alive: worth asking, the plan copes if not
+        info = g.catalog.get(node_id, "node")
+        if not isinstance(info, dict) or not isinstance(info.get("data_port"), int):
+            return None
+        host = m.record.address.rsplit(":", 1)[0]
+        return f"{host}:{info['data_port']}"
+
+    def source_manifest_hash(self, model: str, source: str | None) -> str | None:
+        """The manifest hash of the copy to fetch: the named device's, or any holder's."""
+        g = self.node.gossip
+        assert g is not None
+        votes: dict[str, tuple[int, int]] = {}  # hash -> (live holders, newest published_ms)
+        for nid, key, value in g.catalog.items(COPY_PREFIX):
+            if not isinstance(value, dict):
+                continue
+            name, _, kind = key[len(COPY_PREFIX):].rpartition("@")
+            h = value.get("manifest_hash")
+            if name != model or not isinstance(h, str):
+                continue
+            if source is not None:
+                if f"{nid}:{kind}" == source:
+                    return h
+                continue
+            m = g.members.get(nid)
+            if nid == self.node.cfg.node_id or (m is not None and m.state in (MemberState.ALIVE, MemberState.SUSPECT)):
+                n, newest = votes.get(h, (0, 0))
+                published = value.get("published_ms")
+                votes[h] = (n + 1, max(newest, published if isinstance(published, int) else 0))
+        # The copy most live nodes hold; among equals the newest.
+        return max(votes, key=lambda h: votes[h]) if votes else None
+
+    # -- the transfer itself ------------------------------------------------------------------
+
+    async def _fetch_manifest(self, manifest_hash: str, holders: dict[str, str]) -> Manifest:
+        g = self.node.gossip
+        assert g is not None
+        errors = []
+        for nid in holders:
+            m = g.members.get(nid)
+            if m is None:
+                continue
+            url = f"{self.node.cfg.scheme}://{m.record.address}/mesh/v1/manifests/{manifest_hash}"
+            assert self.node.peer_client is not None
+            try:
+                r = await self.node.peer_client.get(url)
+                if r.status_code != 200:
+                    errors.append(f"{nid}: HTTP {r.status_code}")
+                    continue
+                return Manifest.decode(r.content, expected_hash=manifest_hash)
+            except (httpx.HTTPError, RemoteProtocolError) as e:
+                errors.append(f"{nid}: {e}")
+        raise TransferError("NO_SOURCE", f"no live peer could send the manifest {manifest_hash[:12]}: {'; '.join(errors) or 'no holders'}")
+
+    async def _transfer(self, t: Transfer) -> None:
+        node = self.node
+        store = node.store
+        if t.source is not None and t.source.startswith("file://"):
+            await self._ingest(t, t.source[len("file://"):])
+            return
+        if t.manifest_hash is None:
+            t.manifest_hash = self.source_manifest_hash(t.model, t.source)
+            if t.manifest_hash is None:
+                where = t.source or "any live node"
+                raise TransferError("NO_SOURCE", f"{where} holds no copy of {t.model!r}")
+            self._save_intent(t)
+        existing = store.get(t.model, t.kind)
+        if existing is not None and existing.manifest_hash == t.manifest_hash:
+            t.note = "already present"
+            t.bytes_total = t.bytes_done = existing.manifest.total_bytes
+            await self._after_publish(t, existing)
+            return
+        local = store.find(t.manifest_hash)
+        if local is not None:
+            copy = await self._copy_local(t, local)
+        else:
+            copy = await self._pull(t)
+        await self._after_publish(t, copy)
+
+    async def _ingest(self, t: Transfer, path: str) -> None:
+        """A local file or directory becomes a copy: hashed once, then the mesh moves it."""
+        node = self.node
+        copy = await trio.to_thread.run_sync(node.store.ingest_path, t.kind, t.model, Path(path))
+        t.manifest_hash = copy.manifest_hash
+        t.bytes_total = t.bytes_done = copy.manifest.total_bytes
+        t.chunks_total = t.chunks_fetched = copy.manifest.n_chunks
+        svc = node.service
+        assert svc is not None
+        if t.model not in svc.models():
+            # The registry records what it is: where it came from, its size and hash.
+            svc.register(t.model, {"source_url": t.source}, node.clock())
+        await self._after_publish(t, copy)
+
+    async def _after_publish(self, t: Transfer, copy: Copy) -> None:
+        self.node.publish_copy(copy)
+        await self.node.persist_now()
+        if not t.keep_source and t.source is not None:
+            await self.node.delete_copy_anywhere(t.model, t.source)
+
+    async def _copy_local(self, t: Transfer, src: Copy) -> Copy:
+        """Between tiers of this node: copy the bytes, verify every chunk, publish."""
+        m = src.manifest
+        t.bytes_total, t.chunks_total = m.total_bytes, m.n_chunks
+        t.sources = [f"{self.node.cfg.node_id}:{src.kind}"]
+
+        def work() -> Copy:
+            p = self.node.store.partial(t.kind, t.model, m)
+            try:
+                have = p.verified_chunks()
+                t.chunks_resumed = len(have)
+                for ref in m.chunks():
+                    if ref.index in have:
+                        continue
+                    with open(src.path / ref.path, "rb") as f:
+                        f.seek(ref.offset)
+                        data = f.read(ref.length)
+                    if chunk_digest(data) != ref.digest:
+                        raise TransferError("SOURCE_CORRUPT", f"the local copy on {src.kind} has a bad chunk {ref.index}")
+                    p.write_chunk(ref.index, data)
+                    t.chunks_fetched += 1
+                    t.bytes_done += ref.length
+                return p.publish()
+            except BaseException:
+                p.discard()
+                raise
+
+        return await trio.to_thread.run_sync(work)
+
+    async def _pull(self, t: Transfer) -> Copy:
+        node = self.node
+        assert t.manifest_hash is not None
+        holders = self.holders(t.manifest_hash)
+        # The node that took the request may have seen the copy before gossip told us.
+        with trio.move_on_after(NO_SOURCE_GRACE_S):
+            while not holders:
+                await trio.sleep(0.1)
+                holders = self.holders(t.manifest_hash)
+        if not holders:
+            raise TransferError("NO_SOURCE", self._no_source_message(t))
+        manifest = await self._fetch_manifest(t.manifest_hash, holders)
+        t.bytes_total, t.chunks_total = manifest.total_bytes, manifest.n_chunks
+        partial = await trio.to_thread.run_sync(node.store.partial, t.kind, t.model, manifest)
+        try:
+            have = await trio.to_thread.run_sync(partial.verified_chunks)
+            t.chunks_resumed = len(have)
+            t.bytes_done = sum(manifest.chunk(i).length for i in have)
+            plan = ChunkPlan(manifest.n_chunks, have, per_peer_inflight=4, stall_timeout_s=node.cfg.chunk_stall_s)
+            self._partials[t.manifest_hash] = (partial, plan)
+            await self._pull_chunks(t, manifest, partial, plan)
+            self._partials.pop(t.manifest_hash, None)
+            return await trio.to_thread.run_sync(partial.publish)
+        except BaseException as e:
+            self._partials.pop(t.manifest_hash, None)
+            if _only_cancelled(e):
+                # The node is stopping: keep the verified chunks for the resume.
+                partial.close()
+            else:
+                # A failed transfer leaves nothing behind and publishes nothing.
+                await trio.to_thread.run_sync(partial.discard)
+            raise
+
+    def _no_source_message(self, t: Transfer) -> str:
+        g = self.node.gossip
+        assert g is not None
+        holders = []
+        for nid, _key, value in g.catalog.items(COPY_PREFIX):
+            if isinstance(value, dict) and value.get("manifest_hash") == t.manifest_hash:
+                m = g.members.get(nid)
+                holders.append(f"{nid} ({m.state.label if m else 'unknown'})")
+        if holders:
+            return f"no live node can serve {t.model!r}: its holder(s) {', '.join(sorted(set(holders)))} cannot be reached"
+        return f"no node holds a copy of {t.model!r} any more"
+
+    async def _pull_chunks(self, t: Transfer, manifest: Manifest, partial: Partial, plan: ChunkPlan) -> None:
+        node = self.node
+        assert t.manifest_hash is not None
+        mhash = t.manifest_hash
+        client = node.data_client
+        assert client is not None
+        wake = trio.Event()
+        fatal: list[BaseException] = []
+        scopes: dict[tuple[str, int], trio.CancelScope] = {}
+        addrs: dict[str, str] = {}
+        last_source_seen = trio.current_time()
+        buffers: list[bytearray] = []
+        writing: set[int] = set()
+
+        def poke() -> None:
+            nonlocal wake
+            wake.set()
+
+        async def fetch(peer: str, index: int, scope: trio.CancelScope) -> None:
+            ref = manifest.chunk(index)
+            buf = buffers.pop() if buffers else bytearray(manifest.chunk_bytes)
+            try:
+                with scope:
+                    try:
+                        data = await client.fetch_chunk(addrs[peer], mhash, index, ref.length, ref.digest, buf)
+                    except ChunkMismatch:
+                        t.bad_chunks += 1
+                        banned = plan.on_bad(peer, index, trio.current_time())
+                        log.warning("peer %s served a bad chunk %d of %s%s", peer, index, t.model,
+                                    "; banned for this transfer" if banned else "")
+                        if banned:
+                            t.banned.append(peer)
+                        return
+                    except (NotFound, PeerBusy, DataPlaneError, KeyError) as e:
+                        log.debug("chunk %d from %s failed: %s", index, peer, e)
+                        plan.on_failed(peer, index, trio.current_time())
+                        return
+                    if index in writing or plan.chunk_state(index) is ChunkState.VERIFIED:
+                        return  # an endgame twin got here first
+                    writing.add(index)
+                    try:
+                        await trio.to_thread.run_sync(partial.write_chunk, index, data)
+                    except StoreError as e:
+                        fatal.append(e)
+                        return
+                    finally:
+                        writing.discard(index)
+                    redundant = plan.on_verified(peer, index, trio.current_time())
+                    t.chunks_fetched += 1
+                    t.bytes_done += ref.length
+                    for key in redundant:
+                        s = scopes.get(key)
+                        if s is not None:
+                            s.cancel()
+                if scope.cancelled_caught and plan.chunk_state(index) is not ChunkState.VERIFIED:
+                    plan.on_failed(peer, index, trio.current_time())
+            finally:
+                scopes.pop((peer, index), None)
+                buffers.append(buf)
+                poke()
+
+        async def refresh_sources() -> None:
+            nonlocal last_source_seen
+            while True:
+                found = self.holders(mhash)
+                for nid in list(plan.sources):
+                    if nid not in found:
+                        plan.remove_source(nid)
+                        addrs.pop(nid, None)
+                for nid, addr in found.items():
+                    addrs[nid] = addr
+                    if self._is_complete_holder(nid, mhash):
+                        plan.set_source(nid, None)
+                    else:
+                        try:
+                            with trio.fail_after(2):
+                                bits = await client.have(addr, mhash)
+                            plan.set_source(nid, _bits(bits, manifest.n_chunks))
+                        except (DataPlaneError, NotFound, PeerBusy, trio.TooSlowError):
+                            plan.remove_source(nid)
+                if found:
+                    last_source_seen = trio.current_time()
+                t.sources = sorted(found)
+                poke()
+                await trio.sleep(SOURCE_REFRESH_S)
+
+        async def progress() -> None:
+            prev, prev_t = t.bytes_done, trio.current_time()
+            while True:
+                await trio.sleep(PROGRESS_INTERVAL_S)
+                now = trio.current_time()
+                t.rate_bps = (t.bytes_done - prev) / max(now - prev_t, 1e-6)
+                prev, prev_t = t.bytes_done, now
+                self._publish_progress(t)
+
+        rng = node.rng
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(refresh_sources)
+            nursery.start_soon(progress)
+            while not plan.complete:
+                if fatal:
+                    raise fatal[0]
+                now = trio.current_time()
+                for peer, index in plan.expire(now):
+                    s = scopes.get((peer, index))
+                    if s is not None:
+                        s.cancel()
+                    log.info("chunk %d from %s stalled; asking another peer", index, peer)
+                for peer, index in plan.next_requests(now, rng):
+                    if peer not in addrs:
+                        plan.on_failed(peer, index, now)
+                        continue
+                    scope = trio.CancelScope()
+                    scopes[(peer, index)] = scope
+                    nursery.start_soon(fetch, peer, index, scope)
+                if not scopes and plan.stuck(now) and now - last_source_seen > NO_SOURCE_GRACE_S:
+                    raise TransferError("NO_SOURCE", self._no_source_message(t))
+                wake = trio.Event()
+                deadline = plan.next_deadline()
+                with trio.move_on_at(min(deadline if deadline is not None else math.inf, now + 0.5)):
+                    await wake.wait()
+            nursery.cancel_scope.cancel()
+        t.rate_bps = 0.0
+
+    def _is_complete_holder(self, node_id: str, manifest_hash: str) -> bool:
+        g = self.node.gossip
+        assert g is not None
+        st = g.catalog.nodes.get(node_id)
+        if st is None:
+            return False
+        for key, e in st.keys.items():
+            if key.startswith(COPY_PREFIX) and not e.tombstone and isinstance(e.value, dict) and e.value.get("manifest_hash") == manifest_hash:
+                return True
+        return False
+
+
+def full_bitfield(n: int) -> bytes:
+    """Every one of ``n`` chunks present; bit i is byte i // 8, mask 0x80 >> i % 8 (the data plane's order)."""
+    bits = bytearray(b"\xff" * ((n + 7) // 8))
+    if n % 8:
+        bits[-1] = (0xFF << (8 - n % 8)) & 0xFF
+    return bytes(bits)
+
+
+def _bits(bitfield: bytes, n: int) -> set[int]:
+    return {i for i in range(min(n, len(bitfield) * 8)) if bitfield[i // 8] & (0x80 >> (i % 8))}
+
+
+def _first_known(e: BaseException) -> TransferError | StoreError | None:
+    """The TransferError or StoreError inside ``e`` (trio wraps errors in groups)."""
+    if isinstance(e, TransferError | StoreError):
+        return e
+    if isinstance(e, BaseExceptionGroup):
+        for sub in e.exceptions:
+            found = _first_known(sub)
+            if found is not None:
+                return found
+    return None
+
+
+def _only_cancelled(e: BaseException) -> bool:
+    if isinstance(e, trio.Cancelled):
+        return True
+    if isinstance(e, BaseExceptionGroup):
+        return all(_only_cancelled(x) for x in e.exceptions)
+    return False

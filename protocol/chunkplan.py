@@ -1,0 +1,721 @@
+"""Chunk planning: which chunk of a manifest to fetch from which peer.
+
+Theory of operation
+-------------------
+A receiver pulls one manifest's chunks from every source at once.  A source
+is a peer that holds a complete copy (``set_source(peer, None)``) or one that
+is itself mid-transfer and holds a subset (``set_source(peer, chunks)``,
+updated as it announces progress, or ``add_source_chunks`` for the new ones
+only).  ``ChunkPlan`` is the pure bookkeeping behind that: the I/O layer asks
+it what to request, reports what happened, and sends/cancels the requests it
+is told about.  No clock, no randomness of its own, no sockets.
+
+Each chunk is MISSING (idle), INFLIGHT (requested from one peer, or two in
+endgame) or VERIFIED.  The caller drives::
+
+    expire(now)          -> requests stalled too long: cancel them
+    next_requests(now, rng) -> (peer, chunk) pairs to request
+    on_verified(peer, chunk, now) -> duplicate requests now redundant: cancel
+    on_bad(peer, chunk, now)      -> True when that peer is now banned
+    on_failed(peer, chunk, now)   -> the chunk goes back to the pool
+    next_deadline()      -> when to call expire/next_requests again
+
+``next_requests`` fills every free slot (a peer has fewer than
+``per_peer_inflight`` requests in flight, is not banned and not stalled):
+
+1. The first ``random_first`` picks of the plan's life are uniformly random
+   among idle chunks that some free peer holds, so receivers that start
+   together diverge and soon have chunks to trade with each other.
+2. After that, rarest first: idle chunks in ascending order of how many
+   (unbanned) sources hold them, ties in random order.  Rarity is kept per
+   chunk and updated incrementally when a partial holder's set changes; a
+   full holder raises every chunk equally, so it is one shared counter.
+3. Each chunk goes to the free peer holding it with the fewest requests in
+   flight (ties at random), which spreads load over the sources.  Once no
+   free peer holds every chunk, the free partial holders are filled least
+   busy first, each with its own rarest idle chunks.
+4. Endgame (when enabled): once *every* missing chunk is in flight, free
+   slots duplicate in-flight chunks, oldest request first, at most two
+   requests per chunk and never twice to one peer.  The first copy to verify
+   wins; ``on_verified`` returns the other request so the caller cancels it.
+
+Failures: ``on_failed`` (network error, refusal) returns the chunk to the
+pool with no penalty.  ``on_bad`` (bytes that do not match the digest) also
+counts a strike; at ``ban_after_bad`` strikes the peer is banned for the
+plan's life: it gets nothing more, its requests are released and its chunks
+no longer count toward rarity.  ``expire`` releases requests in flight for
+``stall_timeout_s`` or longer and marks their peer stalled (no new requests)
+until ``now + stall_timeout_s``, so the chunk goes to another holder.
+
+``stuck(now)`` is true when chunks are missing and no unbanned, unstalled
+source holds any of them (for example the only holder is gone): the caller
+can fail the transfer with a clear reason, or wait until ``next_deadline()``
+if a stall may end.
+
+Bounds and cost: at most ``per_peer_inflight`` requests per peer and two
+per chunk.  Each idle chunk sits in a bucket keyed by its partial-holder
+count (``_pos`` makes moving it O(1)), so while some free peer holds every
+chunk, ``next_requests`` costs about one step per request it makes.  Filling
+a free partial holder scans its bitfield (O(n_chunks), mostly in C); the
+first random picks copy the idle list once; ``set_source`` and ``stuck`` are
+O(n_chunks); ``expire``, ``next_deadline`` and the endgame are O(requests in
+flight).  Nothing is ever O(n_chunks x peers) outside the C scans.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import random
+from collections.abc import Iterable, Iterator
+
+from .errors import LocalProtocolError
+
+__all__ = ["MAX_CHUNKS", "ChunkPlan", "ChunkState", "PeerState"]
+
+MAX_CHUNKS = 2**24
+MAX_PER_PEER_INFLIGHT = 1024
+_MAX_DUPLICATES = 2
+
+_IDLE = 0
+_INFLIGHT = 1
+_VERIFIED = 2
+# state byte -> 1 when the chunk is still missing (idle or in flight) / idle
+_MISSING_MASK = bytes([1, 1, 0]) + bytes(253)
+_IDLE_MASK = bytes([1, 0, 0]) + bytes(253)
+
+
+class ChunkState(enum.Enum):
+    MISSING = _IDLE
+    INFLIGHT = _INFLIGHT
+    VERIFIED = _VERIFIED
+
+
+class PeerState(enum.Enum):
+    UNKNOWN = "unknown"
+    READY = "ready"  # a source with at least one free slot
+    BUSY = "busy"  # a source whose slots are all in use
+    STALLED = "stalled"
+    BANNED = "banned"
+
+
+def _ones(bits: bytes | bytearray) -> Iterator[int]:
+    """Indexes of the 1 bytes of a 0/1 byte string."""
+    i = bits.find(1)
+    while i != -1:
+        yield i
+        i = bits.find(1, i + 1)
+
+
+class _Source:
+    __slots__ = ("bits", "count", "inflight")
+
+    def __init__(self, bits: bytearray | None) -> None:
+        self.bits = bits  # None: holds every chunk; else bits[c] == 1 when it holds c
+        self.count = 0 if bits is None else bits.count(1)
+        self.inflight: dict[int, float] = {}  # chunk -> requested at
+
+    def holds(self, chunk: int) -> bool:
+        return self.bits is None or self.bits[chunk] == 1
+
+
+class ChunkPlan:
+    """Chunk -> peer assignment for one transfer.  See the module docstring."""
+
+    def __init__(
+        self,
+        n_chunks: int,
+        have: Iterable[int] = (),
+        *,
+        per_peer_inflight: int = 4,
+        stall_timeout_s: float = 10.0,
+        ban_after_bad: int = 2,
+        random_first: int = 4,
+        endgame: bool = True,
+    ) -> None:
+        if not _is_int(n_chunks) or not 0 <= n_chunks <= MAX_CHUNKS:
+            raise LocalProtocolError(f"n_chunks must be an int in [0, {MAX_CHUNKS}]")
+        if not _is_int(per_peer_inflight) or not 1 <= per_peer_inflight <= MAX_PER_PEER_INFLIGHT:
+            raise LocalProtocolError(
+                f"per_peer_inflight must be an int in [1, {MAX_PER_PEER_INFLIGHT}]"
+            )
+        if not isinstance(stall_timeout_s, int | float) or not (
+            math.isfinite(stall_timeout_s) and stall_timeout_s > 0
+        ):
+            raise LocalProtocolError("stall_timeout_s must be a finite number > 0")
+        if not _is_int(ban_after_bad) or ban_after_bad < 1:
+            raise LocalProtocolError("ban_after_bad must be an int >= 1")
+        if not _is_int(random_first) or random_first < 0:
+            raise LocalProtocolError("random_first must be an int >= 0")
+        self._n = n_chunks
+        self._per_peer = per_peer_inflight
+        self._stall_s = float(stall_timeout_s)
+        self._ban_after = ban_after_bad
+        self._random_left = random_first
+        self._endgame = bool(endgame)
+
+        self._state = bytearray(n_chunks)  # _IDLE / _INFLIGHT / _VERIFIED
+        self._verified = 0
+        self._chunk_peers: dict[int, list[str]] = {}  # in-flight chunk -> peers (<= 2)
+        self._sources: dict[str, _Source] = {}
+        self._full = 0  # sources holding every chunk
+        self._partial_count = [0] * n_chunks  # partial sources holding each chunk
+        # Idle chunks, bucketed by partial count (rarity minus the full sources):
+        # each bucket is an unordered list, ``_pos[c]`` is c's index in its
+        # bucket, so add/remove/move and a uniform draw are all O(1).
+        self._buckets: dict[int, list[int]] = {}
+        self._pos = [0] * n_chunks
+        self._strikes: dict[str, int] = {}
+        self._banned: set[str] = set()
+        self._stalled_until: dict[str, float] = {}
+        self._stats = {
+            "requests": 0,
+            "duplicates": 0,
+            "verified_by_peers": 0,
+            "redundant": 0,
+            "bad": 0,
+            "failed": 0,
+            "expired": 0,
+        }
+        for c in have:
+            self._check_chunk(c)
+            if self._state[c] != _VERIFIED:
+                self._state[c] = _VERIFIED
+                self._verified += 1
+        idle = [c for c in range(n_chunks) if self._state[c] == _IDLE]
+        if idle:
+            self._buckets[0] = idle
+            for i, c in enumerate(idle):
+                self._pos[c] = i
+
+    # -- sources ------------------------------------------------------------
+
+    def set_source(self, peer: str, chunks: Iterable[int] | None) -> None:
+        """Declare what ``peer`` holds: ``None`` for every chunk, else the set.
+
+        Call again to replace a partial holder's set.  Ignored for a banned
+        peer.  Requests already in flight to the peer stay in flight.
+        """
+        _check_peer(peer)
+        if peer in self._banned:
+            return
+        src = self._sources.get(peer)
+        if chunks is None:
+            if src is None:
+                self._sources[peer] = _Source(None)
+                self._full += 1
+            elif src.bits is not None:
+                self._make_full(src)
+            return
+        new = bytearray(self._n)
+        for c in chunks:
+            self._check_chunk(c)
+            new[c] = 1
+        if src is None:
+            src = _Source(new)
+            self._sources[peer] = src
+            self._count_bits(new, +1)
+        elif src.bits is None:
+            self._full -= 1
+            src.bits = new
+            src.count = new.count(1)
+            self._count_bits(new, +1)
+        else:
+            old = int.from_bytes(src.bits, "little")
+            now_held = int.from_bytes(new, "little")
+            if old != now_held:
+                self._count_bits((old & ~now_held).to_bytes(self._n, "little"), -1)
+                self._count_bits((now_held & ~old).to_bytes(self._n, "little"), +1)
+            src.bits = new
+            src.count = new.count(1)
+        if src.count == self._n:
+            self._make_full(src)
+
+    def add_source_chunks(self, peer: str, chunks: Iterable[int]) -> None:
+        """``peer`` now also holds ``chunks`` (incremental, O(len(chunks)))."""
+        _check_peer(peer)
+        if peer in self._banned:
+            return
+        src = self._sources.get(peer)
+        if src is None:
+            src = _Source(bytearray(self._n))
+            self._sources[peer] = src
+        bits = src.bits
+        if bits is None:
+            for c in chunks:
+                self._check_chunk(c)
+            return
+        for c in chunks:
+            self._check_chunk(c)
+            if not bits[c]:
+                bits[c] = 1
+                src.count += 1
+                self._bump(c, +1)
+        if src.count == self._n:
+            self._make_full(src)
+
+    def remove_source(self, peer: str) -> list[tuple[str, int]]:
+        """Forget ``peer`` (it died, left, or dropped the copy).
+
+        Its in-flight chunks return to the pool; the released requests are
+        returned so the caller can cancel them.  Strikes and bans persist.
+        """
+        if peer not in self._sources:
+            return []
+        return self._drop_source(peer)
+
+    def _make_full(self, src: _Source) -> None:
+        assert src.bits is not None
+        self._count_bits(src.bits, -1)
+        src.bits = None
+        src.count = 0
+        self._full += 1
+
+    def _count_bits(self, bits: bytes | bytearray, delta: int) -> None:
+        for c in _ones(bits):
+            self._bump(c, delta)
+
+    def _bump(self, chunk: int, delta: int) -> None:
+        """Change ``chunk``'s partial-holder count, moving it between buckets."""
+        if self._state[chunk] == _IDLE:
+            self._unbucket(chunk)
+            self._partial_count[chunk] += delta
+            self._bucket(chunk)
+        else:
+            self._partial_count[chunk] += delta
+
+    def _bucket(self, chunk: int) -> None:
+        bucket = self._buckets.setdefault(self._partial_count[chunk], [])
+        self._pos[chunk] = len(bucket)
+        bucket.append(chunk)
+
+    def _unbucket(self, chunk: int) -> None:
+        key = self._partial_count[chunk]
+        bucket = self._buckets[key]
+        i = self._pos[chunk]
+        last = bucket.pop()
+        if last != chunk:
+            bucket[i] = last
+            self._pos[last] = i
+        if not bucket:
+            del self._buckets[key]
+
+    def _drop_source(self, peer: str) -> list[tuple[str, int]]:
+        src = self._sources[peer]
+        released = [(peer, c) for c in src.inflight]
+        for _, c in released:
+            self._release(peer, c)
+        del self._sources[peer]
+        if src.bits is None:
+            self._full -= 1
+        else:
+            self._count_bits(src.bits, -1)
+        return released
+
+    # -- assignment ---------------------------------------------------------
+
+    def next_requests(self, now: float, rng: random.Random) -> list[tuple[str, int]]:
+        """Fill every free slot; returns the ``(peer, chunk)`` requests to send."""
+        out: list[tuple[str, int]] = []
+        if self._verified == self._n:
+            return out
+        free = [
+            (peer, src)
+            for peer, src in self._sources.items()
+            if len(src.inflight) < self._per_peer and not self._is_stalled(peer, now)
+        ]
+        if not free:
+            return out
+        if self._idle_count() > 0:
+            self._assign_fresh(free, now, rng, out)
+        if self._endgame and free and self._idle_count() == 0:
+            self._assign_duplicates(free, now, rng, out)
+        return out
+
+    def _idle_count(self) -> int:
+        return self._n - self._verified - len(self._chunk_peers)
+
+    def _assign_fresh(
+        self,
+        free: list[tuple[str, _Source]],
+        now: float,
+        rng: random.Random,
+        out: list[tuple[str, int]],
+    ) -> None:
+        # Bucket 0 holds chunks no partial source has: without a full source,
+        # nobody has them.
+        keys = sorted(k for k in self._buckets if k or self._full)
+        if self._random_left > 0:
+            # Phase 1: uniformly random picks over every idle chunk that has a
+            # holder (lazy Fisher-Yates over a copy; O(idle), start-up only).
+            pool = [c for k in keys for c in self._buckets[k]]
+            end = len(pool)
+            while self._random_left > 0 and end and free:
+                j = rng.randrange(end)
+                end -= 1
+                pool[j], pool[end] = pool[end], pool[j]
+                if self._try_assign(pool[end], free, now, rng, out, duplicate=False):
+                    self._random_left -= 1
+        # Phase 2: rarest first, random order within one rarity.  While a
+        # free peer holds every chunk, walk the buckets (a lazy Fisher-Yates
+        # inside each): every chunk examined is assignable, so a call costs
+        # about one step per free slot.
+        for key in keys:
+            bucket = self._buckets.get(key)
+            if bucket is None:
+                continue
+            pos = self._pos
+            end = len(bucket)
+            while end and _any_full(free):
+                j = rng.randrange(end)
+                end -= 1
+                a, b = bucket[j], bucket[end]
+                bucket[j], bucket[end] = b, a
+                pos[b], pos[a] = j, end
+                # _try_assign takes ``a`` out of the bucket; whatever moves
+                # into slot ``end`` comes from the examined tail.
+                self._try_assign(a, free, now, rng, out, duplicate=False)
+            if not _any_full(free):
+                break
+        if free and self._idle_count() > 0:
+            self._assign_to_partials(free, now, rng, out)
+
+    def _assign_to_partials(
+        self,
+        free: list[tuple[str, _Source]],
+        now: float,
+        rng: random.Random,
+        out: list[tuple[str, int]],
+    ) -> None:
+        """Fill free partial holders, least busy first, each with its rarest
+        idle chunks (random among equals).  O(n_chunks) per peer, in C but
+        for the chunks the peer holds."""
+        idle = int.from_bytes(self._state.translate(_IDLE_MASK), "little")
+        counts = self._partial_count
+        for peer, src in sorted(free, key=lambda ps: len(ps[1].inflight)):
+            if src.bits is None:
+                continue  # a full holder left free here has nothing idle to take
+            held_idle = idle & int.from_bytes(src.bits, "little")
+            if not held_idle:
+                continue
+            by_count: dict[int, list[int]] = {}
+            for c in _ones(held_idle.to_bytes(self._n, "little")):
+                by_count.setdefault(counts[c], []).append(c)
+            slots = self._per_peer - len(src.inflight)
+            for key in sorted(by_count):
+                group = by_count[key]
+                while group and slots:
+                    j = rng.randrange(len(group))
+                    group[j], group[-1] = group[-1], group[j]
+                    c = group.pop()
+                    self._assign(peer, src, c, now, out, duplicate=False)
+                    idle &= ~(1 << (8 * c))
+                    slots -= 1
+                if not slots:
+                    break
+        free[:] = [(p, s) for p, s in free if len(s.inflight) < self._per_peer]
+
+    def _assign_duplicates(
+        self,
+        free: list[tuple[str, _Source]],
+        now: float,
+        rng: random.Random,
+        out: list[tuple[str, int]],
+    ) -> None:
+        singles: list[tuple[float, int]] = []
+        for c, peers in self._chunk_peers.items():
+            if len(peers) < _MAX_DUPLICATES:
+                singles.append((self._sources[peers[0]].inflight[c], c))
+        singles.sort()
+        for _, c in singles:
+            if not free:
+                return
+            self._try_assign(c, free, now, rng, out, duplicate=True)
+
+    def _try_assign(
+        self,
+        chunk: int,
+        free: list[tuple[str, _Source]],
+        now: float,
+        rng: random.Random,
+        out: list[tuple[str, int]],
+        *,
+        duplicate: bool,
+    ) -> bool:
+        best: list[int] = []
+        best_load = self._per_peer
+        for k, (_, src) in enumerate(free):
+            if not src.holds(chunk) or (duplicate and chunk in src.inflight):
+                continue
+            load = len(src.inflight)
+            if load < best_load:
+                best_load = load
+                best = [k]
+            elif load == best_load:
+                best.append(k)
+        if not best:
+            return False
+        k = best[0] if len(best) == 1 else best[rng.randrange(len(best))]
+        peer, src = free[k]
+        self._assign(peer, src, chunk, now, out, duplicate=duplicate)
+        if len(src.inflight) >= self._per_peer:
+            del free[k]
+        return True
+
+    def _assign(
+        self,
+        peer: str,
+        src: _Source,
+        chunk: int,
+        now: float,
+        out: list[tuple[str, int]],
+        *,
+        duplicate: bool,
+    ) -> None:
+        src.inflight[chunk] = now
+        self._chunk_peers.setdefault(chunk, []).append(peer)
+        if self._state[chunk] == _IDLE:
+            self._unbucket(chunk)
+            self._state[chunk] = _INFLIGHT
+        self._stats["duplicates" if duplicate else "requests"] += 1
+        out.append((peer, chunk))
+
+    def _release(self, peer: str, chunk: int) -> bool:
+        """Drop request ``(peer, chunk)`` if it is in flight; True when it was."""
+        src = self._sources.get(peer)
+        if src is None or chunk not in src.inflight:
+            return False
+        del src.inflight[chunk]
+        peers = self._chunk_peers[chunk]
+        peers.remove(peer)
+        if not peers:
+            del self._chunk_peers[chunk]
+            if self._state[chunk] == _INFLIGHT:
+                self._state[chunk] = _IDLE
+                self._bucket(chunk)
+        return True
+
+    # -- outcomes -----------------------------------------------------------
+
+    def on_verified(self, peer: str, chunk: int, now: float) -> list[tuple[str, int]]:
+        """Chunk ``chunk`` from ``peer`` matched its digest and was stored.
+
+        Returns the other requests for that chunk (endgame duplicates), now
+        redundant and released: the caller should cancel them.
+        """
+        self._check_chunk(chunk)
+        self._release(peer, chunk)
+        if self._state[chunk] == _VERIFIED:
+            return []
+        others = [(p, chunk) for p in self._chunk_peers.get(chunk, ())]
+        for p, c in others:
+            self._release(p, c)
+        if self._state[chunk] == _IDLE:
+            self._unbucket(chunk)
+        self._state[chunk] = _VERIFIED
+        self._verified += 1
+        self._stats["verified_by_peers"] += 1
+        self._stats["redundant"] += len(others)
+        return others
+
+    def on_bad(self, peer: str, chunk: int, now: float) -> bool:
+        """``peer`` sent bytes that do not match the digest: a strike.
+
+        Returns True when the peer is banned (now or before).  A newly banned
+        peer's other requests are released; the caller should cancel
+        everything it still has outstanding with that peer.
+        """
+        self._check_chunk(chunk)
+        _check_peer(peer)
+        self._release(peer, chunk)
+        self._stats["bad"] += 1
+        strikes = self._strikes.get(peer, 0) + 1
+        self._strikes[peer] = strikes
+        if peer not in self._banned and strikes >= self._ban_after:
+            self._banned.add(peer)
+            self._stalled_until.pop(peer, None)
+            if peer in self._sources:
+                self._drop_source(peer)
+        return peer in self._banned
+
+    def on_failed(self, peer: str, chunk: int, now: float, *, backoff_s: float = 0.0) -> None:
+        """The request failed (network error, refusal): the chunk goes back.
+
+        No strike.  ``backoff_s > 0`` also keeps the peer from new requests
+        until ``now + backoff_s`` (like a stall).
+        """
+        self._check_chunk(chunk)
+        self._release(peer, chunk)
+        self._stats["failed"] += 1
+        if backoff_s > 0 and peer in self._sources:
+            until = now + backoff_s
+            if until > self._stalled_until.get(peer, -math.inf):
+                self._stalled_until[peer] = until
+
+    def expire(self, now: float) -> list[tuple[str, int]]:
+        """Release requests in flight for ``stall_timeout_s`` or longer.
+
+        Their peers are stalled (no new requests) until ``now +
+        stall_timeout_s``.  Returns the released requests so the caller can
+        cancel them.
+        """
+        for peer in [p for p, t in self._stalled_until.items() if t <= now]:
+            del self._stalled_until[peer]
+        expired = [
+            (peer, c)
+            for peer, src in self._sources.items()
+            for c, started in src.inflight.items()
+            if now >= started + self._stall_s  # same sum as next_deadline()
+        ]
+        for peer, c in expired:
+            self._release(peer, c)
+            self._stalled_until[peer] = now + self._stall_s
+        self._stats["expired"] += len(expired)
+        return expired
+
+    # -- queries ------------------------------------------------------------
+
+    @property
+    def n_chunks(self) -> int:
+        return self._n
+
+    @property
+    def complete(self) -> bool:
+        return self._verified == self._n
+
+    @property
+    def verified_count(self) -> int:
+        return self._verified
+
+    def missing(self) -> set[int]:
+        """Chunks not verified yet (idle or in flight)."""
+        return set(_ones(self._state.translate(_MISSING_MASK)))
+
+    def chunk_state(self, chunk: int) -> ChunkState:
+        self._check_chunk(chunk)
+        return ChunkState(self._state[chunk])
+
+    def inflight(self, peer: str | None = None) -> list[tuple[str, int]]:
+        """Requests in flight, ``(peer, chunk)``, for one peer or all."""
+        if peer is not None:
+            src = self._sources.get(peer)
+            return [] if src is None else [(peer, c) for c in src.inflight]
+        return [(p, c) for p, src in self._sources.items() for c in src.inflight]
+
+    @property
+    def banned(self) -> frozenset[str]:
+        return frozenset(self._banned)
+
+    @property
+    def sources(self) -> frozenset[str]:
+        """Known, unbanned sources."""
+        return frozenset(self._sources)
+
+    def strikes(self, peer: str) -> int:
+        return self._strikes.get(peer, 0)
+
+    def holds(self, peer: str, chunk: int) -> bool:
+        """Whether ``peer`` is a source of ``chunk`` as far as the plan knows."""
+        self._check_chunk(chunk)
+        src = self._sources.get(peer)
+        return src is not None and src.holds(chunk)
+
+    def rarity(self, chunk: int) -> int:
+        """How many unbanned sources hold ``chunk``."""
+        self._check_chunk(chunk)
+        return self._full + self._partial_count[chunk]
+
+    def peer_state(self, peer: str, now: float) -> PeerState:
+        if peer in self._banned:
+            return PeerState.BANNED
+        src = self._sources.get(peer)
+        if src is None:
+            return PeerState.UNKNOWN
+        if self._is_stalled(peer, now):
+            return PeerState.STALLED
+        return PeerState.BUSY if len(src.inflight) >= self._per_peer else PeerState.READY
+
+    def stuck(self, now: float) -> bool:
+        """Chunks are missing and no unbanned, unstalled source holds any of them."""
+        if self._verified == self._n:
+            return False
+        usable = [s for p, s in self._sources.items() if not self._is_stalled(p, now)]
+        if any(s.bits is None for s in usable):
+            return False
+        missing = int.from_bytes(self._state.translate(_MISSING_MASK), "little")
+        return not any(int.from_bytes(s.bits or b"", "little") & missing for s in usable)
+
+    def next_deadline(self) -> float | None:
+        """Earliest time a request stalls or a stall ends; None when neither can."""
+        times = [t for p, t in self._stalled_until.items() if p in self._sources]
+        times.extend(
+            started + self._stall_s
+            for src in self._sources.values()
+            for started in src.inflight.values()
+        )
+        return min(times) if times else None
+
+    def statistics(self) -> dict[str, int]:
+        inflight = sum(len(s.inflight) for s in self._sources.values())
+        return {
+            "n_chunks": self._n,
+            "verified": self._verified,
+            "missing": self._n - self._verified,
+            "inflight_requests": inflight,
+            "inflight_chunks": len(self._chunk_peers),
+            "sources": len(self._sources),
+            "full_sources": self._full,
+            "banned": len(self._banned),
+            "stalled": sum(1 for p in self._stalled_until if p in self._sources),
+            **self._stats,
+        }
+
+    # -- helpers ------------------------------------------------------------
+
+    def _assert_invariants(self) -> None:
+        """Cross-check every redundant structure (tests and the simulator)."""
+        idle = [c for c in range(self._n) if self._state[c] == _IDLE]
+        bucketed = sorted(c for b in self._buckets.values() for c in b)
+        assert bucketed == idle, "bucket contents differ from idle chunks"
+        for key, bucket in self._buckets.items():
+            assert bucket, "empty bucket kept"
+            for i, c in enumerate(bucket):
+                assert self._pos[c] == i and self._partial_count[c] == key
+        counts = [0] * self._n
+        for src in self._sources.values():
+            if src.bits is not None:
+                assert src.count == src.bits.count(1) < self._n or self._n == 0
+                for c in _ones(src.bits):
+                    counts[c] += 1
+            assert len(src.inflight) <= self._per_peer
+        assert counts == self._partial_count, "rarity counts drifted"
+        assert self._full == sum(s.bits is None for s in self._sources.values())
+        requests = {(p, c) for p, s in self._sources.items() for c in s.inflight}
+        assert requests == {(p, c) for c, ps in self._chunk_peers.items() for p in ps}
+        for c, ps in self._chunk_peers.items():
+            assert 1 <= len(ps) <= _MAX_DUPLICATES and len(set(ps)) == len(ps)
+            assert self._state[c] == _INFLIGHT
+        assert self._state.count(_INFLIGHT) == len(self._chunk_peers)
+        assert self._state.count(_VERIFIED) == self._verified
+        assert not self._banned & set(self._sources)
+
+    def _is_stalled(self, peer: str, now: float) -> bool:
+        until = self._stalled_until.get(peer)
+        return until is not None and now < until
+
+    def _check_chunk(self, chunk: int) -> None:
+        if not _is_int(chunk) or not 0 <= chunk < self._n:
+            raise LocalProtocolError(f"chunk index {chunk!r} outside [0, {self._n})")
+
+
+def _any_full(free: list[tuple[str, _Source]]) -> bool:
+    return any(src.bits is None for _, src in free)
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_peer(peer: object) -> None:
+    if not isinstance(peer, str) or not peer:
+        raise LocalProtocolError("peer must be a non-empty string")

@@ -1,0 +1,100 @@
+"""``python -m sim [run|bench]``: the simulator's command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+
+from .bench import BenchPlan, run_bench
+from .report import fmt
+from .scenarios import ChaosSpec, chaos
+
+
+def _partition(s: str) -> tuple[float, float] | None:
+    if s.lower() in ("", "none", "no"):
+        return None
+    a, sep, b = s.partition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError("expected T1:T2 (seconds), or none")
+    t1, t2 = float(a), float(b)
+    if not 0 <= t1 < t2:
+        raise argparse.ArgumentTypeError("need 0 <= T1 < T2")
+    return (t1, t2)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sim", description=__doc__)
+    sub = p.add_subparsers(dest="cmd")
+    r = sub.add_parser("run", help="one chaos run (the default)")
+    r.add_argument("--nodes", type=int, default=50)
+    r.add_argument("--seed", type=int, default=1)
+    r.add_argument("--loss", type=float, default=0.05)
+    r.add_argument("--duration", type=float, default=120.0, help="simulated seconds")
+    r.add_argument("--partition", type=_partition, default=(30.0, 60.0), help="T1:T2 split at T1, heal at T2; or none")
+    r.add_argument("--groups", type=int, default=2)
+    r.add_argument("--crashes", type=int, default=2)
+    r.add_argument("--restarts", type=int, default=1)
+    r.add_argument("--leaves", type=int, default=1)
+    r.add_argument("--models", type=int, default=6)
+    r.add_argument("--conflicts", type=int, default=2)
+    r.add_argument("--skew", type=float, default=0.5, help="max clock skew per node, seconds")
+    r.add_argument("--delay", type=float, default=0.004, help="mean delay jitter, seconds")
+    r.add_argument("--quiet", type=float, default=40.0, help="fault-free seconds at the end")
+    r.add_argument("--cold", action="store_true", help="nodes boot and join through the seeds")
+    r.add_argument("--wire", action="store_true", help="round-trip every message through encode/decode")
+    r.add_argument("--json", action="store_true")
+    b = sub.add_parser("bench", help="the protocol's targets")
+    b.add_argument("--quick", action="store_true")
+    b.add_argument("--processes", type=int, default=0)
+    b.add_argument("--spread-seeds", type=int, default=None)
+    b.add_argument("--fd-duration", type=float, default=None, help="simulated s for the N=1000 false-death run")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("run", "bench", "-h", "--help"):
+        argv = ["run", *argv]  # `python -m sim [options]` is `python -m sim run [options]`
+    args = _parser().parse_args(argv)
+    if args.cmd == "bench":
+        plan = BenchPlan.quick() if args.quick else BenchPlan()
+        kw: dict[str, object] = {"processes": args.processes}
+        if args.spread_seeds is not None:
+            kw["spread_seeds"] = args.spread_seeds
+        if args.fd_duration is not None and not args.quick:
+            kw["fd_duration_s"] = (plan.fd_duration_s[0], args.fd_duration)
+        from dataclasses import replace
+
+        plan = replace(plan, **kw)  # type: ignore[arg-type]
+        missed = run_bench(plan)
+        return 1 if missed else 0
+    spec = ChaosSpec(
+        nodes=args.nodes, seed=args.seed, loss=args.loss, duration_s=args.duration,
+        partition=args.partition, groups=args.groups, crashes=args.crashes,
+        restarts=args.restarts, leaves=args.leaves, models=args.models,
+        conflicts=args.conflicts, skew_max_s=args.skew, delay_jitter_s=args.delay,
+        quiet_s=args.quiet, cold=args.cold, wire=args.wire,
+    )
+    t = time.perf_counter()
+    out = chaos(spec)
+    wall = time.perf_counter() - t
+    if args.json:
+        print(json.dumps({"trace_hash": out.trace_hash, "violations": out.violations, **out.metrics,
+                          "wall_s": wall}, default=str))
+    else:
+        print(f"sim run: {spec}")
+        for k, v in out.metrics.items():
+            print(f"  {k:32} {fmt(v, 2) if isinstance(v, float) else v}")
+        print(f"  {'wall_s':32} {wall:.1f}")
+        print(f"trace hash: {out.trace_hash}")
+        print(f"invariants: {'OK' if not out.violations else f'{len(out.violations)} VIOLATED'}")
+        for v in out.violations[:20]:
+            print(f"  ! {v}")
+    return 1 if out.violations else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
