@@ -157,6 +157,7 @@ class Transfers:
                 p.unlink(missing_ok=True)
                 continue
             t.status = "queued"
+            t.chunks_fetched = t.bytes_done = 0  # counted afresh; resumed chunks are counted as such
             out.append(t)
         return out
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-FAST = ["--gossip-interval", "0.1", "--probe-interval", "0.2"]
+FAST = ["--gossip-interval", "0.1", "--probe-interval", "0.4"]
 
 
 def free_port() -> int:
@@ -24,8 +24,8 @@ def free_port() -> int:
 
 
 class Proc:
-    def __init__(self, node_id: str, root: Path, join: str | None = None) -> None:
-        self.node_id, self.root, self.join = node_id, root, join
+    def __init__(self, node_id: str, root: Path, join: str | None = None, extra: tuple[str, ...] = ()) -> None:
+        self.node_id, self.root, self.join, self.extra = node_id, root, join, extra
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.address = f"127.0.0.1:{self.port}"
@@ -34,7 +34,8 @@ class Proc:
 
     def start(self) -> Proc:
         cmd = [sys.executable, "-m", "meshnode", "start", "--node-id", self.node_id, "--port", str(self.port),
-               "--data-dir", str(self.root / self.node_id), *FAST]
+               "--data-dir", str(self.root / self.node_id), "--dram-dir", str(self.root / f"{self.node_id}-shm"),
+               *FAST, *self.extra]
         if self.join:
             cmd += ["--join", self.join]
         with open(self.log, "ab") as log:
@@ -68,8 +69,8 @@ class Proc:
 def procs(tmp_path: Path):  # type: ignore[no-untyped-def]
     made: list[Proc] = []
 
-    def make(node_id: str, join: str | None = None) -> Proc:
-        p = Proc(node_id, tmp_path, join)
+    def make(node_id: str, join: str | None = None, *extra: str) -> Proc:
+        p = Proc(node_id, tmp_path, join, extra)
         made.append(p)
         return p
 
