@@ -2,8 +2,9 @@
 
 Starts three ``meshnode start`` processes in their own data dirs, makes a
 small model on disk (safetensors-style shards and a config), registers it
-on one node and records where it lives, shows it from another node, kills a
-node with SIGKILL and shows the mesh mark it dead, restarts it and shows it
+on one node and adds the files there as a copy (hashed into a chunk
+manifest), copies it peer to peer into another node's RAM tier and checks it
+is byte-identical, shows it from a third node, kills a node with SIGKILL and shows the mesh mark it dead, restarts it and shows it
 back at a higher generation with its state intact, then stops every node
 (they leave cleanly) and removes what it made.
 """
@@ -11,6 +12,7 @@ back at a higher generation with its state intact, then stops every node
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -76,7 +78,7 @@ class Node:
 
     def start(self) -> None:
         cmd = [sys.executable, "-m", "meshnode", "start", "--node-id", self.node_id, "--port", str(self.port),
-               "--data-dir", str(self.data), *FAST]
+               "--data-dir", str(self.data), "--dram-dir", str(self.data.parent / f"{self.node_id}-shm"), *FAST]
         if self.join:
             cmd += ["--join", ",".join(self.join)]
         with open(self.log, "ab") as log:
@@ -85,6 +87,28 @@ class Node:
 
     def generation(self) -> int:
         return int(httpx.get(self.url + "/health", timeout=2).json()["generation"])
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def transfer(url: str, path: str, body: dict[str, Any], on: str | None = None) -> dict[str, Any]:
+    """POST a copy or download and wait for it (on the target node ``on``)."""
+    r = httpx.post(url + path, json=body, timeout=10)
+    if r.status_code != 202:
+        raise SystemExit(f"demo: {path} failed: {r.text}")
+    tid = r.json()["transfer_id"]
+    out: dict[str, Any] = {}
+
+    def done() -> bool:
+        out.update(httpx.get((on or url) + f"/transfers/{tid}", timeout=2).json())
+        return out.get("status") in ("done", "failed")
+
+    wait_until(f"transfer {tid}", done)
+    if out["status"] != "done":
+        raise SystemExit(f"demo: transfer failed: {out.get('error')}")
+    return out
 
 
 def states(url: str) -> dict[str, str]:
@@ -115,10 +139,24 @@ def main(argv: list[str] | None = None) -> int:
         size = sum(f.stat().st_size for f in model.iterdir())
         cli("register", "demo/tiny-llm", "--type", "llm", "--url", model.as_uri(),
             "--desc", f"a {size // (1024 * 1024)} MiB demo model", "--tags", "demo,tiny", "--peer", a.url)
-        httpx.post(a.url + "/models/demo/tiny-llm/locations/node1:disk", timeout=5).raise_for_status()
+
+        say("adding the files on node1 as a copy: hashed once into a chunk manifest")
+        transfer(a.url, "/models/demo/tiny-llm/download", {"source_url": model.as_uri(), "target_device": "node1:disk"})
+
+        say("copying it to node3's RAM tier, asked on node2: chunks pulled and verified peer to peer")
+        wait_until("node2 to see node1's copy", lambda: len(httpx.get(b.url + "/models/demo/tiny-llm", timeout=2).json()["copies"]) == 1)
+        t = transfer(b.url, "/models/demo/tiny-llm/copy", {"from_device": "node1:disk", "to_device": "node3:dram"}, on=c.url)
+        print(f"{t['chunks_fetched']} chunks of {t['chunks_total']} fetched from {', '.join(t['sources'])}, every one verified")
+        copy = next((root / "node3-shm").rglob("model-00001-of-00002.safetensors"))
+        same = all(
+            sha256(next((root / "node3-shm").rglob(f.name))) == sha256(f) for f in model.iterdir()
+        )
+        print(f"node3:dram holds {copy.parent} ({'byte-identical' if same else 'DIFFERENT'})")
+        if not same:
+            raise SystemExit("demo: the copy differs from its source")
 
         say("node3 answers for the whole mesh")
-        wait_until("the registration to reach node3", lambda: httpx.get(c.url + "/models/demo/tiny-llm", timeout=2).status_code == 200)
+        wait_until("node3 to see both copies", lambda: len(httpx.get(c.url + "/models/demo/tiny-llm", timeout=2).json()["copies"]) == 2)
         cli("list", "--peer", c.url)
         cli("info", "demo/tiny-llm", "--peer", c.url)
 

@@ -53,7 +53,9 @@ class Mesh:
     async def start(self, node_id: str, *extra: str, join: list[Handle] | None = None, env: dict[str, str] | None = None, data_dir: Path | None = None) -> Handle:
         p = argparse.ArgumentParser()
         add_start_arguments(p)
-        argv = ["--node-id", node_id, "--port", "0", "--data-dir", str(data_dir or self.root / node_id), *FAST, *extra]
+        # Every node's RAM tier inside the test's own directory, never the shared /dev/shm.
+        dram = [] if "--dram-dir" in extra else ["--dram-dir", str(self.root / f"{node_id}-shm")]
+        argv = ["--node-id", node_id, "--port", "0", "--data-dir", str(data_dir or self.root / node_id), *dram, *FAST, *extra]
         if join:
             argv += ["--join", ",".join(h.address for h in join)]
         cfg = config_from_args(p.parse_args(argv), env=env or {})

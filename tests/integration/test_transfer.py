@@ -38,7 +38,7 @@ def copy_dir(h: Handle, kind: str, model: str) -> Path:
 
 
 async def start(mesh: Mesh, node_id: str, *extra: str, join: list[Handle] | None = None) -> Handle:
-    return await mesh.start(node_id, "--dram-dir", str(mesh.root / f"{node_id}-shm"), *extra, join=join)
+    return await mesh.start(node_id, *extra, join=join)
 
 
 async def wait_transfer(mesh: Mesh, url: str, tid: str, timeout_s: float = 30) -> dict[str, Any]:
