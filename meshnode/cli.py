@@ -15,10 +15,14 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -47,6 +51,8 @@ _LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 _LOG_DATEFMT = "%Y-%m-%dT%H:%M:%S"
 # Width for tables when stdout is not a terminal, so names are not folded.
 _PIPE_WIDTH = 160
+# Leading hex digits of a manifest hash shown in tables (``--json`` has it all).
+_HASH_SHOWN = 12
 
 _STATE_STYLES = {
     "alive": "green",
@@ -62,7 +68,20 @@ _STATE_STYLES = {
     "registered": "cyan",
     "failed": "red",
     "error": "red",
+    "queued": "yellow",
+    "running": "cyan",
+    "done": "green",
+    "recorded": "dim",
 }
+
+# Following a transfer (``--wait``): tests replace the clock and the sleep.
+POLL_INTERVAL_S = 0.5
+# GET /transfers/{id} on a peer that is not the target may answer 404 until
+# gossip brings the transfer there; that long after the POST it means "queued".
+NOT_FOUND_GRACE_S = 5.0
+_TRANSFER_FINAL = ("done", "failed")
+_sleep: Callable[[float], None] = time.sleep
+_monotonic: Callable[[], float] = time.monotonic
 
 _SIZE_UNITS = {
     "": 1,
@@ -300,20 +319,16 @@ def render_info(console: Console, data: Any, args: argparse.Namespace) -> None:
         grid.add_row("requirements", "  ".join(parts))
     console.print(grid)
 
-    locations = data.get("locations")
-    if isinstance(locations, list) and locations:
-        table = Table(title="copies", title_justify="left")
+    rows = _copy_rows(data)
+    if rows:
+        table = Table(title=f"copies ({len(rows)})", title_justify="left")
         table.add_column("device", no_wrap=True)
-        table.add_column("manifest")
+        table.add_column("manifest", no_wrap=True)
+        table.add_column("size", justify="right")
         table.add_column("status")
-        for loc in locations:
-            if isinstance(loc, dict):
-                digest = loc.get("manifest_hash") or loc.get("manifest") or "-"
-                table.add_row(
-                    str(loc.get("device", "-")), str(digest)[:16], _styled(loc.get("status"))
-                )
-            else:
-                table.add_row(str(loc), "-", Text("-"))
+        table.add_column("online")
+        for row in rows:
+            table.add_row(*row)
         console.print(table)
     else:
         console.print("copies: none")
@@ -335,6 +350,59 @@ def render_info(console: Console, data: Any, args: argparse.Namespace) -> None:
             else:
                 table.add_row(str(svc), "-", Text("-"))
         console.print(table)
+
+
+def _short_hash(value: Any) -> str:
+    return str(value)[:_HASH_SHOWN] if value else "-"
+
+
+def _yes_no(value: Any) -> Text:
+    if value is None:
+        return Text("-")
+    return Text("yes", style="green") if value else Text("no", style="red")
+
+
+def _copy_rows(data: dict[str, Any]) -> list[tuple[str, str, str, Text, Text]]:
+    """Rows for ``info``'s copies table: every entry of ``copies`` (device,
+    manifest hash, size, status, online), then every location with no copy
+    behind it (recorded by hand, or an older peer's plain list)."""
+    rows: list[tuple[str, str, str, Text, Text]] = []
+    seen: set[str] = set()
+    copies = data.get("copies")
+    for copy in copies if isinstance(copies, list) else []:
+        if not isinstance(copy, dict):
+            continue
+        device = str(copy.get("device", "-"))
+        seen.add(device)
+        rows.append(
+            (
+                device,
+                _short_hash(copy.get("manifest_hash") or copy.get("manifest")),
+                human_bytes(copy.get("size")),
+                _styled(copy.get("status")),
+                _yes_no(copy.get("online")),
+            )
+        )
+    locations = data.get("locations")
+    for loc in locations if isinstance(locations, list) else []:
+        if isinstance(loc, dict):
+            device = str(loc.get("device", "-"))
+            if device in seen:
+                continue
+            seen.add(device)
+            rows.append(
+                (
+                    device,
+                    _short_hash(loc.get("manifest_hash") or loc.get("manifest")),
+                    human_bytes(loc.get("size")),
+                    _styled(loc.get("status")),
+                    _yes_no(loc.get("online")),
+                )
+            )
+        elif str(loc) not in seen:
+            seen.add(str(loc))
+            rows.append((str(loc), "-", "-", _styled("recorded"), Text("-")))
+    return rows
 
 
 def render_register(console: Console, data: Any, args: argparse.Namespace) -> None:
@@ -378,6 +446,313 @@ def render_availability(console: Console, data: Any, args: argparse.Namespace) -
     console.print(single_line)
 
 
+# -- transfers -----------------------------------------------------------------
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def human_duration(seconds: Any) -> str:
+    """``83`` -> ``"1m23s"``; ``7500`` -> ``"2h05m"``; not a number -> ``"-"``."""
+    value = _number(seconds)
+    if value is None or value < 0:
+        return "-"
+    total = round(value)
+    if total < 60:
+        return f"{total}s"
+    minutes, secs = divmod(total, 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def _transfer_percent(t: dict[str, Any]) -> str:
+    total, done = _number(t.get("bytes_total")), _number(t.get("bytes_done"))
+    if total and done is not None:
+        return f"{min(100.0, 100.0 * done / total):.0f}%"
+    return "100%" if t.get("status") == "done" else "-"
+
+
+def _transfer_rate(t: dict[str, Any]) -> str:
+    rate = _number(t.get("rate_bps"))
+    if not rate or t.get("status") in _TRANSFER_FINAL:
+        return "-"
+    return f"{human_bytes(rate)}/s"
+
+
+def _transfer_eta(t: dict[str, Any]) -> str:
+    if t.get("status") == "done":
+        return "0s"
+    rate, total = _number(t.get("rate_bps")), _number(t.get("bytes_total"))
+    done = _number(t.get("bytes_done")) or 0.0
+    if not rate or not total or t.get("status") == "failed":
+        return "-"
+    return human_duration(max(0.0, total - done) / rate)
+
+
+def _transfer_error(t: dict[str, Any]) -> str:
+    """``"NO_SOURCE: no node holds ..."`` for a failed transfer."""
+    err = t.get("error")
+    if isinstance(err, dict):
+        code = str(err.get("code") or "TRANSFER_FAILED")
+        message = " ".join(str(err.get("message") or "the transfer failed").split())
+        return f"{code}: {message}"
+    if isinstance(err, str) and err.strip():
+        return f"TRANSFER_FAILED: {' '.join(err.split())}"
+    return "TRANSFER_FAILED: the transfer failed (the node gave no reason)"
+
+
+def _where(t: dict[str, Any]) -> str:
+    return f"{t.get('model', '?')} -> {t.get('target_device', '?')}"
+
+
+def _follow_hint(transfer_id: Any, args: argparse.Namespace) -> str:
+    hint = f"{PROG} transfer {transfer_id}"
+    if getattr(args, "peer", None):
+        hint += f" --peer {args.peer}"
+    return hint
+
+
+def _when(ms: Any) -> str:
+    value = _number(ms)
+    if not value:
+        return "-"
+    return datetime.fromtimestamp(value / 1000).isoformat(sep=" ", timespec="seconds")
+
+
+def render_transfer_started(console: Console, data: Any, args: argparse.Namespace) -> None:
+    """download, copy and move without ``--wait``: what started and how to follow it."""
+    t = _dict(data)
+    tid = t.get("transfer_id")
+    if not tid:
+        console.print(f"requested {args.command} of {args.name!r}")
+        return
+    line = Text(f"transfer {tid} ")
+    line.append_text(_styled(t.get("status")))
+    line.append(f": {_where(t)}")
+    sources = _names(t.get("sources"))
+    if sources:
+        line.append(f" from {', '.join(sources)}")
+    console.print(line)
+    if t.get("status") == "failed":
+        console.print(Text(_transfer_error(t), style="red"))
+    note = t.get("note")
+    if note:
+        console.print(f"note: {note}")
+    if t.get("status") not in _TRANSFER_FINAL:
+        console.print(f"follow it with: {_follow_hint(tid, args)}")
+
+
+def render_transfers(console: Console, data: Any, args: argparse.Namespace) -> None:
+    data = _dict(data)
+    items = data.get("transfers") or []
+    table = Table(title=f"transfers ({data.get('total_count', len(items))})", title_justify="left")
+    table.add_column("id", no_wrap=True)
+    table.add_column("model", no_wrap=True)
+    table.add_column("target device", no_wrap=True)
+    table.add_column("status")
+    table.add_column("progress", justify="right")
+    table.add_column("rate", justify="right")
+    table.add_column("sources")
+    for item in items if isinstance(items, list) else []:
+        t = _dict(item)
+        table.add_row(
+            str(t.get("transfer_id", "-")),
+            str(t.get("model", "-")),
+            str(t.get("target_device", "-")),
+            _styled(t.get("status")),
+            _transfer_percent(t),
+            _transfer_rate(t),
+            ", ".join(_names(t.get("sources"))) or "-",
+        )
+    console.print(table)
+
+
+def render_transfer(console: Console, data: Any, args: argparse.Namespace) -> None:
+    t = _dict(data)
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column()
+    grid.add_row("transfer", Text(str(t.get("transfer_id", args.transfer_id)), style="bold"))
+    grid.add_row("model", str(t.get("model", "-")))
+    grid.add_row("target", str(t.get("target_device", "-")))
+    grid.add_row("status", _styled(t.get("status")))
+    grid.add_row(
+        "progress",
+        f"{human_bytes(t.get('bytes_done'))} of {human_bytes(t.get('bytes_total'))} "
+        f"({_transfer_percent(t)})",
+    )
+    grid.add_row("rate", _transfer_rate(t))
+    grid.add_row("eta", _transfer_eta(t))
+    grid.add_row(
+        "chunks",
+        f"{t.get('chunks_fetched', 0)} fetched, {t.get('chunks_resumed', 0)} resumed, "
+        f"{t.get('bad_chunks', 0)} bad, of {t.get('chunks_total', '-')}",
+    )
+    grid.add_row("sources", ", ".join(_names(t.get("sources"))) or "-")
+    banned = _names(t.get("banned"))
+    if banned:
+        grid.add_row("banned", Text(", ".join(banned), style="yellow"))
+    if t.get("source"):
+        grid.add_row("asked source", str(t["source"]))
+    grid.add_row("started", _when(t.get("started_ms")))
+    if _number(t.get("finished_ms")):
+        grid.add_row("finished", _when(t.get("finished_ms")))
+    if t.get("status") == "failed" or t.get("error"):
+        grid.add_row("error", Text(_transfer_error(t), style="red"))
+    if t.get("note"):
+        grid.add_row("note", str(t["note"]))
+    console.print(grid)
+
+
+def _err_console() -> Console:
+    return Console(file=sys.stderr, highlight=False)
+
+
+class _TransferBar:
+    """A rich progress bar on stderr for one transfer (only on a terminal)."""
+
+    def __init__(self, console: Console, state: dict[str, Any]) -> None:
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[detail]}"),
+            console=console,
+            transient=True,
+        )
+        self._task = self._progress.add_task(_where(state), total=None, detail="")
+        self._progress.start()
+        self.update(state)
+
+    def update(self, t: dict[str, Any]) -> None:
+        total = _number(t.get("bytes_total")) or None
+        done = _number(t.get("bytes_done")) or 0.0
+        sources = ", ".join(_names(t.get("sources"))) or "-"
+        detail = (
+            f"{human_bytes(done)}/{human_bytes(total)}  {_transfer_rate(t)}  "
+            f"eta {_transfer_eta(t)}  [{t.get('status', '?')}] from {sources}"
+        )
+        self._progress.update(
+            self._task, total=total, completed=done, detail=detail, description=_where(t)
+        )
+
+    def stop(self) -> None:
+        self._progress.stop()
+
+
+def _print_ndjson(state: dict[str, Any]) -> None:
+    print(json.dumps(state, ensure_ascii=False, sort_keys=True), flush=True)
+
+
+def wait_for_transfer(
+    api: ApiClient, first: Any, args: argparse.Namespace, token: str | None
+) -> int:
+    """Poll ``GET /transfers/{id}`` on the same peer until the transfer is done
+    (exit 0) or failed (exit 1), ``--wait-timeout`` passes (1) or Ctrl-C (130).
+
+    A bar on stderr when it is a terminal; with ``--json`` one JSON object per
+    answer on stdout, the POST's answer first and the final state last.
+    """
+    state = _dict(first)
+    tid = state.get("transfer_id")
+    if not isinstance(tid, str) or not tid:
+        return _fail(
+            f"the peer's answer to {args.command} names no transfer_id, so there is nothing "
+            "to wait for (try --json)",
+            EXIT_ERROR,
+            token,
+        )
+    hint = _follow_hint(tid, args)
+    where = f"on node {state.get('node_id') or 'its target'}"
+    started = _monotonic()
+    deadline = None if args.wait_timeout is None else started + args.wait_timeout
+    if args.json:
+        _print_ndjson(state)
+    err_console = _err_console()
+    bar = _TransferBar(err_console, state) if not args.json and err_console.is_terminal else None
+    try:
+        while state.get("status") not in _TRANSFER_FINAL:
+            if "status" not in state:
+                return _fail(
+                    f"unexpected answer about transfer {tid}: no status (try `{hint} --json`)",
+                    EXIT_ERROR,
+                    token,
+                )
+            now = _monotonic()
+            if deadline is not None and now >= deadline:
+                return _fail(
+                    f"transfer {tid} still {state.get('status')} after --wait-timeout "
+                    f"{args.wait_timeout:g}s; it continues {where}: follow it with `{hint}`",
+                    EXIT_ERROR,
+                    token,
+                )
+            pause = POLL_INTERVAL_S if deadline is None else min(POLL_INTERVAL_S, deadline - now)
+            _sleep(max(0.0, pause))
+            try:
+                answer = api.get_transfer(tid)
+            except ApiError as exc:
+                if (
+                    exc.status == 404
+                    and exc.code == "TRANSFER_NOT_FOUND"
+                    and _monotonic() - started < NOT_FOUND_GRACE_S
+                ):
+                    continue  # not gossiped to this peer yet: still queued
+                raise
+            state = _dict(answer)
+            if args.json:
+                _print_ndjson(state)
+            if bar is not None:
+                bar.update(state)
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.stop()
+            bar = None
+        print(
+            f"{PROG}: stopped waiting; transfer {tid} continues {where}: follow it with `{hint}`",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    except PeerUnreachableError as exc:
+        return _fail(
+            f"{exc}; transfer {tid} may continue {where}: `{hint}`", EXIT_UNREACHABLE, token
+        )
+    except ClientError as exc:
+        return _fail(f"{exc} (while following transfer {tid}: `{hint}`)", EXIT_ERROR, token)
+    finally:
+        if bar is not None:
+            bar.stop()
+
+    if state.get("status") == "failed":
+        return _fail(
+            f"{_transfer_error(state)} (transfer {tid}: {_where(state)})", EXIT_ERROR, token
+        )
+    if not args.json:
+        elapsed: Any = None
+        start_ms, end_ms = _number(state.get("started_ms")), _number(state.get("finished_ms"))
+        if start_ms and end_ms and end_ms >= start_ms:
+            elapsed = (end_ms - start_ms) / 1000
+        took = human_duration(elapsed if elapsed is not None else _monotonic() - started)
+        details = [f"{human_bytes(state.get('bytes_total'))} in {took}"]
+        sources = _names(state.get("sources"))
+        if sources:
+            details.append(f"from {', '.join(sources)}")
+        if "chunks_fetched" in state:  # a peer that is not the target may not know
+            details.append(
+                f"{state.get('chunks_fetched')} chunks fetched, "
+                f"{state.get('chunks_resumed', 0)} resumed"
+            )
+        summary = f"transfer {tid} done: {_where(state)} ({'; '.join(details)})"
+        _console().print(summary, soft_wrap=True)
+        if state.get("note"):
+            _console().print(f"note: {state['note']}", soft_wrap=True)
+    return EXIT_OK
+
+
 # -- client command plumbing ---------------------------------------------------
 
 Call = Callable[[ApiClient, argparse.Namespace], Any]
@@ -412,6 +787,32 @@ def _call_register(api: ApiClient, args: argparse.Namespace) -> Any:
     )
 
 
+def file_url(path: str) -> str:
+    """``--from PATH`` -> ``file:///abs/path``: the path is on the target node, but a
+    relative one (or ``~``) is made absolute here, against this shell's directory."""
+    if not path.strip():
+        raise UsageError("--from: the path is empty")
+    return Path(os.path.abspath(os.path.expanduser(path))).as_uri()
+
+
+def _call_download(api: ApiClient, args: argparse.Namespace) -> Any:
+    if args.source is not None:
+        return api.download_model(args.name, target_device=args.to, source=args.source)
+    return api.download_model(
+        args.name, target_device=args.to, source="web", source_url=args.source_url
+    )
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    """Checks and conversions that need no peer (raise ``UsageError``)."""
+    if getattr(args, "wait_timeout", None) is not None and not getattr(args, "wait", False):
+        raise UsageError("--wait-timeout needs --wait")
+    if args.command == "download":
+        args.source_url = file_url(args.from_path) if args.from_path is not None else args.url
+    if args.command == "transfer" and not args.transfer_id.strip():
+        raise UsageError("transfer id is empty")
+
+
 _COMMANDS: dict[str, tuple[str, Call, Render]] = {
     "status": ("the mesh at a glance", lambda api, a: api.status(), render_status),
     "nodes": ("every known node", lambda api, a: api.nodes(), render_nodes),
@@ -431,6 +832,31 @@ _COMMANDS: dict[str, tuple[str, Call, Render]] = {
         "which node holds which model (llama-orch's view)",
         lambda api, a: api.availability(),
         render_availability,
+    ),
+    "download": (
+        "fetch a model onto a device from a path, a URL or another copy",
+        _call_download,
+        render_transfer_started,
+    ),
+    "copy": (
+        "copy a model onto a device (from a given copy or any holder)",
+        lambda api, a: api.copy_model(a.name, to_device=a.to, from_device=a.from_device),
+        render_transfer_started,
+    ),
+    "move": (
+        "move a model's copy to another device (copy, then drop the source)",
+        lambda api, a: api.move_model(a.name, from_device=a.from_device, to_device=a.to),
+        render_transfer_started,
+    ),
+    "transfers": (
+        "every transfer the mesh knows of",
+        lambda api, a: api.transfers(),
+        render_transfers,
+    ),
+    "transfer": (
+        "one transfer: progress, sources, error",
+        lambda api, a: api.get_transfer(a.transfer_id),
+        render_transfer,
     ),
 }
 
@@ -491,6 +917,7 @@ def run_client_command(args: argparse.Namespace) -> int:
         timeout_s = _resolve_timeout(args, environ)
         if getattr(args, "name", None) is not None:
             model_path(args.name)  # reject impossible names before any I/O
+        _prepare(args)
     except (UsageError, ValueError) as exc:
         return _fail(str(exc), EXIT_USAGE, token)
 
@@ -498,6 +925,8 @@ def run_client_command(args: argparse.Namespace) -> int:
     try:
         with make_client(peer, token, timeout_s) as api:
             data = call(api, args)
+            if getattr(args, "wait", False):
+                return wait_for_transfer(api, data, args, token)
     except PeerUnreachableError as exc:
         return _fail(str(exc), EXIT_UNREACHABLE, token)
     except (ApiError, ClientError) as exc:
@@ -623,6 +1052,69 @@ def build_parser() -> argparse.ArgumentParser:
     unreg.add_argument("--purge", action="store_true", help="also delete every copy")
 
     client("availability")
+
+    def waiting(p: argparse.ArgumentParser) -> None:
+        g = p.add_argument_group("waiting")
+        g.add_argument(
+            "--wait",
+            action="store_true",
+            help="follow the transfer until it is done (exit 0) or failed (exit 1): a progress "
+            "bar on stderr, or with --json one JSON object per poll on stdout (the last is final)",
+        )
+        g.add_argument(
+            "--wait-timeout",
+            type=_positive_float,
+            metavar="SECONDS",
+            help="with --wait, give up waiting after this long (exit 1; the transfer goes on)",
+        )
+
+    name_help = "model name, e.g. owner/model"
+    device_help = "a device as NODE:DEVICE, e.g. gpu2:disk or gpu2:dram"
+
+    dl = client("download")
+    dl.add_argument("name", metavar="NAME", help=name_help)
+    dl.add_argument("--to", required=True, metavar="NODE:DEVICE", help=f"target: {device_help}")
+    src = dl.add_mutually_exclusive_group()
+    src.add_argument(
+        "--from",
+        dest="from_path",
+        metavar="PATH",
+        help="a file or directory ON THE TARGET NODE, sent as file:///abs/path; a relative "
+        "path (or ~) is made absolute here, against this shell's working directory",
+    )
+    src.add_argument(
+        "--source", metavar="NODE:DEVICE", help="fetch from this node's copy instead of the web"
+    )
+    src.add_argument(
+        "--url",
+        metavar="URL",
+        help="source URL, sent as is (default: the URL the model was registered with)",
+    )
+    waiting(dl)
+
+    cp = client("copy")
+    cp.add_argument("name", metavar="NAME", help=name_help)
+    cp.add_argument("--to", required=True, metavar="NODE:DEVICE", help=f"target: {device_help}")
+    cp.add_argument(
+        "--from",
+        dest="from_device",
+        metavar="NODE:DEVICE",
+        help="copy from this copy (default: any node that holds one)",
+    )
+    waiting(cp)
+
+    mv = client("move")
+    mv.add_argument("name", metavar="NAME", help=name_help)
+    mv.add_argument(
+        "--from", dest="from_device", required=True, metavar="NODE:DEVICE", help="source copy"
+    )
+    mv.add_argument("--to", required=True, metavar="NODE:DEVICE", help=f"target: {device_help}")
+    waiting(mv)
+
+    client("transfers")
+    client("transfer").add_argument(
+        "transfer_id", metavar="ID", help="transfer id, as download/copy/move print it"
+    )
     return parser
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "PeerUnreachableError",
     "model_path",
     "normalize_peer_url",
+    "transfer_path",
 ]
 
 DEFAULT_PORT = 7420
@@ -120,6 +121,14 @@ def model_path(name: str) -> str:
         if part in ("", ".", ".."):
             raise ValueError(f"model name {name!r} has an empty or relative segment")
     return "/models/" + "/".join(quote(part, safe="") for part in parts)
+
+
+def transfer_path(transfer_id: str) -> str:
+    """``/transfers/{id}`` with the id quoted as one segment; ``ValueError`` when empty."""
+    text = transfer_id.strip()
+    if not text:
+        raise ValueError("transfer id is empty")
+    return "/transfers/" + quote(text, safe="")
 
 
 class ApiClient:
@@ -273,6 +282,41 @@ class ApiClient:
 
     def availability(self) -> Any:
         return self.request("GET", "/v2/catalog/availability")
+
+    # -- copies and transfers (each POST answers 202 with a transfer object) --
+
+    def download_model(
+        self,
+        name: str,
+        *,
+        target_device: str,
+        source: str = "web",
+        source_url: str | None = None,
+    ) -> Any:
+        """Fetch ``name`` onto ``target_device`` from the web (``source_url``, or the
+        registered one when None) or from another copy (``source="node:device"``)."""
+        body: dict[str, Any] = {"source": source, "target_device": target_device}
+        if source_url is not None:
+            body["source_url"] = source_url
+        return self.request("POST", model_path(name) + "/download", json=body)
+
+    def copy_model(self, name: str, *, to_device: str, from_device: str | None = None) -> Any:
+        """Copy ``name`` onto ``to_device`` from ``from_device`` (or any holder)."""
+        body: dict[str, Any] = {"to_device": to_device}
+        if from_device is not None:
+            body = {"from_device": from_device, **body}
+        return self.request("POST", model_path(name) + "/copy", json=body)
+
+    def move_model(self, name: str, *, from_device: str, to_device: str) -> Any:
+        """Copy ``name`` from ``from_device`` onto ``to_device``, then drop the source."""
+        body = {"from_device": from_device, "to_device": to_device}
+        return self.request("POST", model_path(name) + "/move", json=body)
+
+    def transfers(self) -> Any:
+        return self.request("GET", "/transfers")
+
+    def get_transfer(self, transfer_id: str) -> Any:
+        return self.request("GET", transfer_path(transfer_id))
 
 
 def _reason(exc: httpx.TransportError, timeout_s: float) -> str:

@@ -386,6 +386,16 @@ def test_register_minimal_body(fake: Any, capsys: pytest.CaptureFixture[str]) ->
         ["register", "gpt2", "--type", "llm", "--desc", "d"],  # no --url
         ["register", "gpt2", "--type", "llm", "--url", "u", "--desc", "d", "--min-vram", "lots"],
         ["info"],  # no NAME
+        ["download", "gpt2", "--from", "/models/gpt2"],  # no --to
+        ["copy", "gpt2"],  # no --to
+        ["move", "gpt2", "--to", "b:disk"],  # no --from
+        ["move", "gpt2", "--from", "a:disk"],  # no --to
+        ["download", "gpt2", "--to", "b:disk", "--from", "/p", "--url", "file:///p"],
+        ["download", "gpt2", "--to", "b:disk", "--wait", "--wait-timeout", "-1"],
+        ["copy", "gpt2", "--to", "b:disk", "--wait-timeout", "5"],  # without --wait
+        ["download", "gpt2", "--to", "b:disk", "--from", ""],
+        ["transfer"],  # no ID
+        ["transfer", " "],
         [],  # no command
         ["frobnicate"],
         ["status", "--timeout", "0"],
@@ -415,6 +425,11 @@ def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
         "register",
         "unregister",
         "availability",
+        "download",
+        "copy",
+        "move",
+        "transfers",
+        "transfer",
     ):
         assert command in out
 
@@ -799,3 +814,494 @@ def test_closed_stdout_is_quiet(
     monkeypatch.undo()
     assert code == 1
     assert "Traceback" not in capsys.readouterr().err
+
+
+# -- copies and transfers --------------------------------------------------------
+
+MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+TID = "0123456789abcdef"
+
+
+def transfer(status: str = "queued", **changes: Any) -> dict[str, Any]:
+    t: dict[str, Any] = {
+        "transfer_id": TID,
+        "node_id": "node-b",
+        "target_device": "node-b:disk",
+        "model": MODEL,
+        "status": status,
+        "bytes_total": 4 * 1024**3,
+        "bytes_done": 0,
+        "rate_bps": 0.0,
+        "sources": [],
+        "banned": [],
+        "chunks_total": 64,
+        "chunks_fetched": 0,
+        "chunks_resumed": 0,
+        "bad_chunks": 0,
+        "error": None,
+        "note": "",
+        "started_ms": 1_700_000_000_000,
+        "finished_ms": 0,
+    }
+    t.update(changes)
+    return t
+
+
+RUNNING = transfer(
+    "running",
+    bytes_done=1024**3,
+    rate_bps=100 * 1024**2,
+    sources=["node-a", "node-c"],
+    chunks_fetched=16,
+)
+DONE = transfer(
+    "done",
+    bytes_done=4 * 1024**3,
+    sources=["node-a", "node-c"],
+    chunks_fetched=60,
+    chunks_resumed=4,
+    finished_ms=1_700_000_042_000,
+)
+FAILED = transfer(
+    "failed",
+    error={"code": "NO_SOURCE", "message": "no live node holds manifest ab12"},
+    finished_ms=1_700_000_003_000,
+)
+
+
+class FakeTime:
+    """Replaces ``cli._sleep`` and ``cli._monotonic``: sleeping moves the clock."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+        self.interrupt_after: int | None = None
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        if self.interrupt_after is not None and len(self.sleeps) > self.interrupt_after:
+            raise KeyboardInterrupt
+        self.now += seconds
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeTime:
+    fake_time = FakeTime()
+    monkeypatch.setattr(cli, "_sleep", fake_time.sleep)
+    monkeypatch.setattr(cli, "_monotonic", fake_time.monotonic)
+    return fake_time
+
+
+def transfer_peer(
+    posted: dict[str, Any], polls: list[Any], *, not_found: str = "TRANSFER_NOT_FOUND"
+) -> Handler:
+    """POST answers 202 with ``posted``; each GET /transfers/{id} answers the next
+    of ``polls`` (``404`` -> an error with code ``not_found``), the last one repeating."""
+    answers = list(polls)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            return httpx.Response(202, json=posted)
+        if request.method == "GET" and request.url.raw_path == f"/transfers/{TID}".encode():
+            answer = answers.pop(0) if len(answers) > 1 else answers[0]
+            if answer == 404:
+                return error_response(404, not_found, f"no transfer {TID!r} is known")
+            return httpx.Response(200, json=answer)
+        return error_response(404, "NOT_FOUND", "no route")
+
+    return handler
+
+
+def posts(wire: Wire) -> list[httpx.Request]:
+    return [r for r in wire.requests if r.method == "POST"]
+
+
+def polls(wire: Wire) -> list[httpx.Request]:
+    return [r for r in wire.requests if r.method == "GET"]
+
+
+def test_download_from_an_absolute_path(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    wire = fake(transfer_peer(transfer(), [RUNNING]))
+    code, out, err = run(
+        capsys,
+        "download",
+        MODEL,
+        "--to",
+        "node-b:disk",
+        "--from",
+        "/srv/models/llama",
+        "--token",
+        TOKEN,
+    )
+    assert code == 0, err
+    assert wire.last.method == "POST"
+    assert wire.last.url.raw_path == f"/models/{MODEL}/download".encode()
+    assert wire.last.headers["authorization"] == f"Bearer {TOKEN}"
+    assert json.loads(wire.last.content) == {
+        "source": "web",
+        "source_url": "file:///srv/models/llama",
+        "target_device": "node-b:disk",
+    }
+    assert len(wire.requests) == 1  # no --wait: no polling
+    assert f"transfer {TID} queued" in out
+    assert f"meshnode transfer {TID}" in out
+    assert err == ""
+
+
+def test_download_makes_a_relative_path_absolute(
+    fake: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    wire = fake(transfer_peer(transfer(), [RUNNING]))
+    code, _, err = run(capsys, "download", "gpt2", "--to", "node-b:dram", "--from", "weights/gpt 2")
+    assert code == 0, err
+    body = json.loads(wire.last.content)
+    assert body["source_url"] == (tmp_path / "weights" / "gpt 2").as_uri()
+    assert body["source_url"].startswith("file:///")
+    assert body["source_url"].endswith("/weights/gpt%202")
+
+
+def test_download_from_a_url_and_from_a_node(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    wire = fake(transfer_peer(transfer(), [RUNNING]))
+    code, _, _ = run(capsys, "download", "gpt2", "--to", "node-b:disk", "--url", "https://x/gpt2")
+    assert code == 0
+    assert json.loads(wire.last.content) == {
+        "source": "web",
+        "source_url": "https://x/gpt2",
+        "target_device": "node-b:disk",
+    }
+    code, _, _ = run(capsys, "download", "gpt2", "--to", "node-b:disk", "--source", "node-a:disk")
+    assert code == 0
+    assert json.loads(wire.last.content) == {
+        "source": "node-a:disk",
+        "target_device": "node-b:disk",
+    }
+    # Neither: the server falls back to the URL the model was registered with.
+    code, _, _ = run(capsys, "download", "gpt2", "--to", "node-b:disk")
+    assert code == 0
+    assert json.loads(wire.last.content) == {"source": "web", "target_device": "node-b:disk"}
+
+
+def test_copy_and_move_requests(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    wire = fake(transfer_peer(transfer(), [RUNNING]))
+    code, out, err = run(capsys, "copy", MODEL, "--to", "node-b:disk")
+    assert code == 0, err
+    assert wire.last.method == "POST"
+    assert wire.last.url.raw_path == f"/models/{MODEL}/copy".encode()
+    assert json.loads(wire.last.content) == {"to_device": "node-b:disk"}
+    assert f"transfer {TID} queued: {MODEL} -> node-b:disk" in out
+
+    code, _, _ = run(capsys, "copy", MODEL, "--from", "node-a:dram", "--to", "node-b:disk")
+    assert code == 0
+    assert json.loads(wire.last.content) == {
+        "from_device": "node-a:dram",
+        "to_device": "node-b:disk",
+    }
+
+    code, _, _ = run(capsys, "move", "gpt2", "--from", "node-a:disk", "--to", "node-b:disk")
+    assert code == 0
+    assert wire.last.url.raw_path == b"/models/gpt2/move"
+    assert json.loads(wire.last.content) == {
+        "from_device": "node-a:disk",
+        "to_device": "node-b:disk",
+    }
+
+
+def test_copy_json_without_wait_is_the_raw_answer(
+    fake: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake(transfer_peer(transfer(), [RUNNING]))
+    code, out, _ = run(capsys, "copy", "gpt2", "--to", "node-b:disk", "--json")
+    assert code == 0
+    assert json.loads(out) == transfer()
+
+
+def test_bad_device_is_left_to_the_server(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    wire = fake(lambda request: error_response(400, "INVALID_DEVICE", "to_device: not a device"))
+    code, out, err = run(capsys, "copy", "gpt2", "--to", "nonsense", "--wait")
+    assert code == 1
+    assert out == ""
+    assert len(wire.requests) == 1
+    assert err == "meshnode: error: INVALID_DEVICE: to_device: not a device (HTTP 400)\n"
+
+
+def test_wait_polls_until_done(
+    fake: Any, capsys: pytest.CaptureFixture[str], clock: FakeTime
+) -> None:
+    wire = fake(transfer_peer(transfer(), [transfer("queued"), RUNNING, RUNNING, DONE]))
+    code, out, err = run(capsys, "copy", MODEL, "--to", "node-b:disk", "--wait", "--peer", "node-a")
+    assert code == 0, err
+    assert len(posts(wire)) == 1
+    assert len(polls(wire)) == 4
+    assert all(r.url.raw_path == f"/transfers/{TID}".encode() for r in polls(wire))
+    assert all(r.url.host == "node-a" for r in wire.requests)  # the same peer throughout
+    assert clock.sleeps == [cli.POLL_INTERVAL_S] * 4
+    assert (
+        f"transfer {TID} done: {MODEL} -> node-b:disk (4.0 GiB in 42s; from node-a, node-c" in out
+    )
+    assert "60 chunks fetched, 4 resumed" in out
+    assert err == ""  # no bar when stderr is not a terminal
+
+
+def test_wait_on_an_answer_that_is_already_final(
+    fake: Any, capsys: pytest.CaptureFixture[str], clock: FakeTime
+) -> None:
+    wire = fake(transfer_peer(DONE, [DONE]))
+    code, out, _ = run(capsys, "download", "gpt2", "--to", "node-b:disk", "--from", "/p", "--wait")
+    assert code == 0
+    assert polls(wire) == []
+    assert "done" in out
+
+
+def test_wait_failed_exits_1_with_one_line(
+    fake: Any, capsys: pytest.CaptureFixture[str], clock: FakeTime
+) -> None:
+    fake(transfer_peer(transfer(), [RUNNING, FAILED]))
+    code, out, err = run(capsys, "copy", MODEL, "--to", "node-b:disk", "--wait", "--token", TOKEN)
+    assert code == 1
+    assert out == ""
+    assert_one_error_line(err, "meshnode: error: NO_SOURCE: no live node holds manifest ab12")
+    assert TID in err
+
+
+def test_json_wait_prints_one_object_per_poll(
+    fake: Any, capsys: pytest.CaptureFixture[str], clock: FakeTime
+) -> None:
+    fake(transfer_peer(transfer(), [RUNNING, DONE]))
+    code, out, err = run(
+        capsys, "move", "gpt2", "--from", "a:disk", "--to", "node-b:disk", "--json", "--wait"
+    )
+    assert code == 0, err
+    lines = out.splitlines()
+    assert [json.loads(line) for line in lines] == [transfer(), RUNNING, DONE]
+    assert err == ""
+
+
+def test_json_wait_failed(fake: Any, capsys: pytest.CaptureFixture[str], clock: FakeTime) -> None:
+    fake(transfer_peer(transfer(), [FAILED]))
+    code, out, err = run(capsys, "copy", "gpt2", "--to", "node-b:disk", "--json", "--wait")
+    assert code == 1
+    assert json.loads(out.splitlines()[-1])["status"] == "failed"
+    assert_one_error_line(err, "meshnode: error: NO_SOURCE:")
+
+
+def test_wait_tolerates_404_right_after_the_post(
+    fake: Any, capsys: pytest.CaptureFixture[str], clock: FakeTime
+) -> None:
+    wire = fake(transfer_peer(transfer(), [404, 404, 404, RUNNING, DONE]))
+    code, out, err = run(capsys, "copy", "gpt2", "--to", "node-b:disk", "--wait", "--json")
+    assert code == 0, err
+    assert len(polls(wire)) == 5
+    assert [json.loads(line)["status"] for line in out.splitlines()] == [
+        "queued",
+        "running",
+        "done",
+    ]
+
+
+def test_wait_gives_up_on_404_after_the_grace(
+    fake: Any, capsys: pytest.CaptureFixture[str], clock: FakeTime
+) -> None:
+    wire = fake(transfer_peer(transfer(), [404]))
+    code, _, err = run(capsys, "copy", "gpt2", "--to", "node-b:disk", "--wait")
+    assert code == 1
+    assert_one_error_line(err, "meshnode: error: TRANSFER_NOT_FOUND:")
+    assert f"meshnode transfer {TID}" in err
+    assert len(polls(wire)) == int(cli.NOT_FOUND_GRACE_S / cli.POLL_INTERVAL_S)
+
+
+def test_wait_does_not_tolerate_other_404s(
+    fake: Any, capsys: pytest.CaptureFixture[str], clock: FakeTime
+) -> None:
+    wire = fake(transfer_peer(transfer(), [404], not_found="NOT_FOUND"))
+    code, _, err = run(capsys, "copy", "gpt2", "--to", "node-b:disk", "--wait")
+    assert code == 1
+    assert len(polls(wire)) == 1
+    assert_one_error_line(err, "meshnode: error: NOT_FOUND:")
+
+
+def test_wait_timeout(fake: Any, capsys: pytest.CaptureFixture[str], clock: FakeTime) -> None:
+    wire = fake(transfer_peer(transfer(), [RUNNING]))
+    code, out, err = run(
+        capsys, "copy", "gpt2", "--to", "node-b:disk", "--wait", "--wait-timeout", "2"
+    )
+    assert code == 1
+    assert out == ""
+    assert_one_error_line(
+        err, f"meshnode: error: transfer {TID} still running after --wait-timeout 2s"
+    )
+    assert f"meshnode transfer {TID}" in err
+    assert len(polls(wire)) == 4
+    assert sum(clock.sleeps) == pytest.approx(2.0)
+
+
+def test_ctrl_c_while_waiting(
+    fake: Any, capsys: pytest.CaptureFixture[str], clock: FakeTime
+) -> None:
+    fake(transfer_peer(transfer(), [RUNNING]))
+    clock.interrupt_after = 2
+    code, _, err = run(
+        capsys, "copy", "gpt2", "--to", "node-b:disk", "--wait", "--peer", "node-a:7420"
+    )
+    assert code == 130
+    assert "stopped waiting" in err
+    assert "continues on node node-b" in err
+    assert f"meshnode transfer {TID} --peer node-a:7420" in err
+    assert "Traceback" not in err
+
+
+def test_peer_lost_while_waiting(
+    fake: Any, capsys: pytest.CaptureFixture[str], clock: FakeTime
+) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            return httpx.Response(202, json=transfer())
+        raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
+
+    fake(handler)
+    code, _, err = run(capsys, "copy", "gpt2", "--to", "node-b:disk", "--wait")
+    assert code == 2
+    assert_one_error_line(err, "meshnode: error: cannot reach peer")
+    assert f"meshnode transfer {TID}" in err
+
+
+def test_wait_on_an_answer_without_transfer_id(
+    fake: Any, capsys: pytest.CaptureFixture[str], clock: FakeTime
+) -> None:
+    fake(lambda request: httpx.Response(202, json={"ok": True}))
+    code, _, err = run(capsys, "copy", "gpt2", "--to", "node-b:disk", "--wait")
+    assert code == 1
+    assert_one_error_line(err, "meshnode: error: the peer's answer to copy names no transfer_id")
+
+
+def test_wait_shows_a_bar_on_a_terminal(
+    fake: Any, capsys: pytest.CaptureFixture[str], clock: FakeTime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+
+    from rich.console import Console
+
+    screen = io.StringIO()
+    monkeypatch.setattr(
+        cli, "_err_console", lambda: Console(file=screen, force_terminal=True, width=200)
+    )
+    fake(transfer_peer(transfer(), [RUNNING, DONE]))
+    code, out, _ = run(capsys, "copy", MODEL, "--to", "node-b:disk", "--wait")
+    assert code == 0
+    assert "done" in out
+    drawn = screen.getvalue()
+    assert f"{MODEL} -> node-b:disk" in drawn
+
+
+def test_transfers_table(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    listing = {"transfers": [RUNNING, FAILED, {"transfer_id": "odd"}], "total_count": 3}
+    wire = fake(routes({("GET", "/transfers"): listing}))
+    code, out, err = run(capsys, "transfers", "--token", TOKEN)
+    assert code == 0, err
+    assert (wire.last.method, wire.last.url.path) == ("GET", "/transfers")
+    assert wire.last.headers["authorization"] == f"Bearer {TOKEN}"
+    for text in (
+        TID,
+        MODEL,
+        "node-b:disk",
+        "running",
+        "25%",
+        "100.0 MiB/s",
+        "node-a, node-c",
+        "failed",
+        "odd",
+    ):
+        assert text in out, text
+
+
+def test_transfers_json(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    listing = {"transfers": [RUNNING], "total_count": 1}
+    fake(routes({("GET", "/transfers"): listing}))
+    code, out, _ = run(capsys, "transfers", "--json")
+    assert code == 0
+    assert json.loads(out) == listing
+
+
+def test_transfer_detail(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    wire = fake(routes({("GET", f"/transfers/{TID}"): RUNNING}))
+    code, out, err = run(capsys, "transfer", TID)
+    assert code == 0, err
+    assert wire.last.url.raw_path == f"/transfers/{TID}".encode()
+    for text in (
+        TID,
+        MODEL,
+        "running",
+        "1.0 GiB of 4.0 GiB (25%)",
+        "100.0 MiB/s",
+        "eta",
+        "31s",
+        "node-a, node-c",
+    ):
+        assert text in out, text
+
+
+def test_transfer_detail_failed_and_not_found(
+    fake: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake(routes({("GET", f"/transfers/{TID}"): FAILED}))
+    code, out, _ = run(capsys, "transfer", TID)
+    assert code == 0
+    assert "NO_SOURCE: no live node holds manifest ab12" in out
+    code, out, err = run(capsys, "transfer", "nope/../x")
+    assert code == 1
+    assert out == ""
+    assert_one_error_line(err, "meshnode: error: NOT_FOUND")
+
+
+def test_transfer_id_is_one_quoted_segment(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    wire = fake(routes({}))
+    run(capsys, "transfer", "a/b c")
+    assert wire.last.url.raw_path == b"/transfers/a%2Fb%20c"
+
+
+def test_info_shows_copies(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    info = {
+        "model_name": "gpt2",
+        "locations": ["node-a:disk", "node-b:dram", "node-c:disk"],
+        "copies": [
+            {
+                "device": "node-a:disk",
+                "manifest_hash": "0123456789abcdef" * 2,
+                "size": 548 * 1024**2,
+                "status": "ready",
+                "online": True,
+            },
+            {
+                "device": "node-b:dram",
+                "manifest_hash": "fedcba9876543210" * 2,
+                "size": 548 * 1024**2,
+                "status": "ready",
+                "online": False,
+            },
+        ],
+        "status": "available",
+    }
+    fake(routes({("GET", "/models/gpt2"): info}))
+    code, out, err = run(capsys, "info", "gpt2")
+    assert code == 0, err
+    assert "copies (3)" in out
+    assert "0123456789ab " in out and "0123456789abc" not in out  # short hash
+    assert "548.0 MiB" in out
+    assert "yes" in out and "no" in out
+    assert "node-c:disk" in out and "recorded" in out
+
+
+@pytest.mark.parametrize(
+    "payload", [[], {"transfers": "garbage"}, {"transfers": [None, 3]}, "text"]
+)
+def test_transfer_odd_shapes_never_give_a_traceback(
+    fake: Any, capsys: pytest.CaptureFixture[str], payload: Any
+) -> None:
+    fake(lambda request: httpx.Response(200, json=payload))
+    for argv in (["transfers"], ["transfer", TID], ["copy", "m", "--to", "b:disk"]):
+        code, _, err = run(capsys, *argv)
+        assert code in (0, 1)
+        assert "Traceback" not in err
