@@ -110,7 +110,7 @@ async def request_copy(node: MeshNode, name: str, raw: Any, *, move: bool) -> di
 
 
 async def request_download(node: MeshNode, name: str, raw: Any) -> dict[str, Any]:
-    body = _body(raw, {"source", "source_url", "target_device", "priority"})
+    body = _body(raw, {"source", "source_url", "target_device", "priority", "revision", "allow_patterns", "ignore_patterns"})
     source = body.get("source", "web")
     if "target_device" not in body:
         raise ApiError(400, "INVALID_REQUEST", "target_device is required")
@@ -124,7 +124,9 @@ async def request_download(node: MeshNode, name: str, raw: Any) -> dict[str, Any
         mv = svc.models().get(name)
         url = mv.source_url if mv is not None else None
     if not isinstance(url, str) or not url:
-        raise ApiError(400, "INVALID_REQUEST", "source_url is required (or register the model with one)")
+        if "/" not in name:
+            raise ApiError(400, "INVALID_REQUEST", "source_url is required (or register the model with one)")
+        url = f"hf://{name}"  # an owner/name model with no URL is a Hugging Face repo id
     to = _device(body["target_device"], "target_device")
     _store_device(node, to, "target_device")
     parsed = urlparse(url)
@@ -134,7 +136,26 @@ async def request_download(node: MeshNode, name: str, raw: Any) -> dict[str, Any
             raise ApiError(400, "INVALID_REQUEST", "file:// URLs name a path on the target node: file:///path")
         assert to.node_id is not None
         return await _run_on(node, to.node_id, {"op": "ingest", "model": name, "kind": to.kind, "path": path, "source_url": url})
-    raise ApiError(501, "NOT_IMPLEMENTED", f"downloading from {parsed.scheme or 'this'} URLs is not supported yet; use file:// or a node:device source")
+    if parsed.scheme in ("http", "https", "hf"):
+        options: dict[str, Any] = {}
+        rev = body.get("revision")
+        if rev is not None:
+            if not isinstance(rev, str) or not 0 < len(rev) <= 256:
+                raise ApiError(400, "INVALID_REQUEST", "revision must be a branch, tag or commit")
+            options["revision"] = rev
+        for k in ("allow_patterns", "ignore_patterns"):
+            v = body.get(k)
+            if v is not None:
+                if isinstance(v, str):
+                    v = [v]
+                if not isinstance(v, list) or len(v) > 64 or not all(isinstance(x, str) and 0 < len(x) <= 256 for x in v):
+                    raise ApiError(400, "INVALID_REQUEST", f"{k} must be a list of glob patterns")
+                options[k] = v
+        if len(url) > 2048:
+            raise ApiError(400, "INVALID_REQUEST", "source_url is too long")
+        assert to.node_id is not None
+        return await _run_on(node, to.node_id, {"op": "fetch", "model": name, "kind": to.kind, "source_url": url, "options": options})
+    raise ApiError(400, "INVALID_REQUEST", f"cannot download from {parsed.scheme or 'this'} URLs: use hf://, https://, file:// or a node:device source")
 
 
 def _name(name: Any) -> str:
@@ -182,6 +203,13 @@ async def handle_action(node: MeshNode, action: Any) -> dict[str, Any]:
             if not await trio.to_thread.run_sync(Path(path).exists):
                 raise ApiError(404, "SOURCE_NOT_FOUND", f"{path} does not exist on {node.cfg.node_id}")
             t = node.transfers.start(model, kind, "file://" + path, None, True)
+            return t.public(node.cfg.node_id)
+        if op == "fetch":
+            url = action.get("source_url")
+            options = action.get("options") or {}
+            if not isinstance(url, str) or not url.startswith(("http://", "https://", "hf://")) or not isinstance(options, dict):
+                raise ApiError(400, "INVALID_REQUEST", "fetch needs an http(s) or hf:// source_url")
+            t = node.transfers.start(model, kind, url, None, True, options)
             return t.public(node.cfg.node_id)
         if op == "delete_copy":
             deleted = await node.delete_copy_local(model, kind)

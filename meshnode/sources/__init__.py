@@ -1,0 +1,226 @@
+"""Where a model comes from before it is a copy: the web and the Hugging Face hub.
+
+A source downloads files into a staging directory the caller gives (on the
+same filesystem as the store, e.g. ``<tier>/.partial/ingest-<id>``), reports
+progress through a callback and returns a :class:`SourceResult`; the caller
+then turns the directory into a copy with ``Store.ingest_path``.
+
+- :func:`meshnode.sources.http.fetch_url`: one file over HTTP(S), resumed with
+  ``Range``/``If-Range``.
+- :func:`meshnode.sources.hf.fetch_hf`: a Hugging Face repository at one
+  resolved commit, every LFS file checked against its sha256 and every other
+  file against its git blob id.
+- :func:`fetch_source` picks one of them from a URL.
+
+While a file downloads it lives as ``<name>.part`` with a ``<name>.part.json``
+sidecar (the ETag and length seen first); it gets its final name only once it
+is complete (and verified), so a staging directory with no ``.part`` files
+left holds exactly the result's files.  A call with the same staging directory
+after a failure (or a crash) resumes: complete files are checked and kept,
+partial ones continue from what is on disk.
+
+Every failure is a :class:`SourceError` with a stable code.  Tokens never
+appear in logs or in error messages.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+__all__ = [
+    "HF_HOSTS",
+    "SOURCE_ERROR_CODES",
+    "Progress",
+    "RetryPolicy",
+    "SourceError",
+    "SourceResult",
+    "fetch_source",
+    "is_hf_source",
+]
+
+log = logging.getLogger("meshnode.sources")
+
+SOURCE_ERROR_CODES = frozenset(
+    {"UNAUTHORIZED", "NOT_FOUND", "NO_SPACE", "BAD_CONTENT", "UNAVAILABLE", "INVALID_REQUEST"}
+)
+
+#: ``progress(bytes_done, bytes_total, files_done, files_total)``; called from the trio thread.
+Progress = Callable[[int, int | None, int, int | None], None]
+
+
+class SourceError(Exception):
+    """A download from a source failed.
+
+    ``code`` is one of :data:`SOURCE_ERROR_CODES`: ``UNAUTHORIZED`` (401/403:
+    a bad or missing token, or a gated repository), ``NOT_FOUND`` (no such
+    repository, revision, file or URL), ``NO_SPACE`` (the staging filesystem
+    is full), ``BAD_CONTENT`` (checksum or length mismatch after a retry),
+    ``UNAVAILABLE`` (transient errors after the retry budget, or a local I/O
+    error), ``INVALID_REQUEST`` (a bad URL, repository id, pattern or path).
+    The message never holds a token.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"SourceError({self.code!r}, {self.message!r})"
+
+
+@dataclass
+class SourceResult:
+    """What a source put in the staging directory."""
+
+    files: list[str]  # relative POSIX paths, sorted
+    total_bytes: int
+    revision: str | None  # the resolved commit (Hugging Face), else None
+    model_type: str | None  # config.json "model_type", else the hub's pipeline tag or library
+    metadata: dict[str, Any] = field(default_factory=dict)
+    #: per file: True when its bytes were checked against a digest the source
+    #: published (sha256 for LFS files, the git blob id for the others)
+    verified: dict[str, bool] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How hard to try: exponential backoff with jitter, bounded, for transient errors.
+
+    ``attempts`` counts tries in a row that made no progress; an attempt that
+    received bytes before failing resets the count (a resumed download moves
+    forward).  401, 403 and 404 are never retried.  A 429 or 503 with
+    ``Retry-After`` waits that long, at most ``retry_after_max_s``.
+    """
+
+    attempts: int = 5
+    base_s: float = 0.5
+    max_s: float = 10.0
+    retry_after_max_s: float = 60.0
+    connect_timeout_s: float = 15.0
+    read_timeout_s: float = 60.0  # also the longest a stalled body may stay silent
+    api_timeout_s: float = 30.0  # one metadata request (Hugging Face API)
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError("attempts must be at least 1")
+        if self.base_s < 0 or self.max_s < 0 or self.retry_after_max_s < 0:
+            raise ValueError("delays must not be negative")
+
+    def delay(self, failures: int, retry_after: float | None = None) -> float:
+        """Seconds to wait after the ``failures``-th failure in a row (1-based)."""
+        exp = min(self.max_s, self.base_s * (2.0 ** max(0, failures - 1)))
+        d = exp * random.uniform(0.5, 1.0)
+        if retry_after is not None:
+            d = max(d, min(retry_after, self.retry_after_max_s))
+        return d
+
+    def timeout(self) -> httpx.Timeout:
+        return httpx.Timeout(
+            connect=self.connect_timeout_s,
+            read=self.read_timeout_s,
+            write=self.read_timeout_s,
+            pool=self.connect_timeout_s,
+        )
+
+
+DEFAULT_RETRY = RetryPolicy()
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """``Retry-After`` as seconds from now (delta-seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def redact(text: str, *secrets: str | None) -> str:
+    """``text`` with every secret replaced (belt and braces: messages are built without them)."""
+    for s in secrets:
+        if s:
+            text = text.replace(s, "***")
+    return text
+
+
+def safe_url(url: str) -> str:
+    """A URL fit for logs and messages: no user info, no query (signed URLs carry secrets)."""
+    try:
+        p = urlsplit(url)
+    except ValueError:
+        return "<invalid url>"
+    host = p.hostname or ""
+    if p.port is not None:
+        host = f"{host}:{p.port}"
+    return f"{p.scheme}://{host}{p.path}" if p.scheme else p.path
+
+
+HF_HOSTS = ("huggingface.co", "www.huggingface.co", "hf.co")
+
+
+def is_hf_source(url: str) -> bool:
+    """True for ``hf://owner/name[@rev]`` and ``https://huggingface.co/owner/name[/tree/rev]``."""
+    if url.startswith("hf://"):
+        return True
+    try:
+        host = (urlsplit(url).hostname or "").lower()
+    except ValueError:
+        return False
+    return host in HF_HOSTS
+
+
+async def fetch_source(
+    url: str,
+    dest_dir: Path,
+    *,
+    progress: Progress | None = None,
+    token: str | None = None,
+    revision: str | None = None,
+    allow_patterns: Sequence[str] | str | None = None,
+    ignore_patterns: Sequence[str] | str | None = None,
+    endpoint: str | None = None,
+    retries: RetryPolicy | None = None,
+) -> SourceResult:
+    """Download ``url`` into ``dest_dir``: a Hugging Face repository (``hf://``
+    or a hub URL) with :func:`~meshnode.sources.hf.fetch_hf`, any other
+    ``http(s)://`` URL as one file with :func:`~meshnode.sources.http.fetch_url`."""
+    if is_hf_source(url):
+        from meshnode.sources.hf import fetch_hf
+
+        return await fetch_hf(
+            url,
+            dest_dir,
+            revision=revision,
+            allow_patterns=allow_patterns,
+            ignore_patterns=ignore_patterns,
+            token=token,
+            endpoint=endpoint,
+            progress=progress,
+            retries=retries,
+        )
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme not in ("http", "https"):
+        raise SourceError("INVALID_REQUEST", f"unsupported source URL {safe_url(url)!r}: use http(s)://, hf:// or a hub URL")
+    from meshnode.sources.http import fetch_url
+
+    return await fetch_url(url, dest_dir, progress=progress, retries=retries)

@@ -1,0 +1,137 @@
+"""Ingest from the (fake, local) Hugging Face hub through the mesh: once per mesh."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from huggingface_hub import close_session
+
+from tests.integration.fakehub import FakeHub, FakeRepo, model_files, run_fakehub
+
+from .conftest import Handle, Mesh, wait_for
+
+REPO = "acme/tiny"
+MARGIN = 256 * 1024
+
+
+@pytest.fixture(autouse=True)
+def hf_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    for var in ("HF_TOKEN", "HF_TOKEN_PATH", "HF_HUB_OFFLINE", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    yield
+    close_session()
+
+
+@pytest.fixture
+async def hub(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeHub]:
+    async with run_fakehub() as h:
+        repo = FakeRepo(REPO)
+        repo.add_commit(model_files(seed=1), "main")
+        h.add_repo(repo)
+        monkeypatch.setenv("HF_ENDPOINT", h.endpoint)
+        yield h
+
+
+def hub_files(hub: FakeHub) -> dict[str, bytes]:
+    repo = hub.repos[REPO]
+    return {k: v.data for k, v in repo.commits[repo.refs["main"]].items()}
+
+
+def copy_files(h: Handle, model: str) -> dict[str, bytes]:
+    c = h.node.store.get(model, "disk")
+    assert c is not None
+    return {p.relative_to(c.path).as_posix(): p.read_bytes() for p in sorted(c.path.rglob("*")) if p.is_file()}
+
+
+async def download(mesh: Mesh, h: Handle, model: str, body: dict[str, Any]) -> str:
+    r = await mesh.client.post(h.url + f"/models/{model}/download", json={"target_device": f"{h.node.cfg.node_id}:disk", **body})
+    assert r.status_code == 202, r.text
+    return str(r.json()["transfer_id"])
+
+
+async def finished(mesh: Mesh, h: Handle, tid: str, timeout_s: float = 40) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+
+    async def done() -> bool:
+        out.update((await mesh.client.get(h.url + f"/transfers/{tid}")).json())
+        return out.get("status") in ("done", "failed")
+
+    await wait_for(done, timeout_s, what=f"transfer {tid}")
+    return out
+
+
+async def test_download_from_the_hub_registers_and_publishes(mesh: Mesh, hub: FakeHub) -> None:
+    a = await mesh.start("a")
+    # No URL: an owner/name model is a Hugging Face repo id.
+    t = await finished(mesh, a, await download(mesh, a, REPO, {}))
+    assert t["status"] == "done", t
+    assert copy_files(a, REPO) == hub_files(hub)
+    info = (await mesh.client.get(a.url + f"/models/{REPO}")).json()
+    assert info["model_type"] == "llama" and info["source_url"] == f"hf://{REPO}"
+    assert hub.repos[REPO].refs["main"] in info["metadata"]["description"]  # the resolved commit
+    # Asking again is a no-op that says so: nothing more from the hub.
+    served = sum(hub.served.values())
+    t = await finished(mesh, a, await download(mesh, a, REPO, {}))
+    assert t["status"] == "done" and t["note"] == "already present", t
+    assert sum(hub.served.values()) == served
+
+
+async def test_three_nodes_asked_at_once_fetch_from_the_hub_once(mesh: Mesh, hub: FakeHub) -> None:
+    a = await mesh.start("a")
+    b = await mesh.start("b", join=[a])
+    c = await mesh.start("c", join=[a])
+
+    async def all_alive() -> bool:
+        for h in (a, b, c):
+            nodes = (await mesh.client.get(h.url + "/nodes")).json()["nodes"]
+            if [n["state"] for n in nodes] != ["alive"] * 3:
+                return False
+        return True
+
+    await wait_for(all_alive, what="3 alive")
+    url = f"{hub.endpoint}/{REPO}"
+    tids: dict[str, str] = {}
+
+    async def ask(h: Handle) -> None:
+        tids[h.node.cfg.node_id] = await download(mesh, h, "tiny", {"source_url": url})
+
+    async with trio.open_nursery() as n:
+        for h in (a, b, c):
+            n.start_soon(ask, h)
+    results = {}
+    for h in (a, b, c):
+        results[h.node.cfg.node_id] = await finished(mesh, h, tids[h.node.cfg.node_id])
+    assert all(t["status"] == "done" for t in results.values()), results
+    want = hub_files(hub)
+    for h in (a, b, c):
+        assert copy_files(h, "tiny") == want
+    # The hub saw each file's bytes once (plus a small margin), not three times.
+    for name, data in want.items():
+        assert hub.served[name] <= len(data) + MARGIN, (name, hub.served[name], len(data))
+    notes = sorted(t["note"] for t in results.values())
+    assert sum(n.startswith("fetched ") and "files" in n for n in notes) == 1, notes
+    assert sum(n.startswith("fetched by another node") for n in notes) == 2, notes
+
+
+async def test_hub_errors_fail_the_transfer_clearly(mesh: Mesh, hub: FakeHub, tmp_path: Path) -> None:
+    a = await mesh.start("a")
+    t = await finished(mesh, a, await download(mesh, a, "x", {"source_url": "hf://acme/missing"}))
+    assert t["status"] == "failed" and t["error"]["code"] == "NOT_FOUND", t
+    hub.token = "the-right-token"
+    (tmp_path / "token").write_text("not-the-token")
+    import os
+
+    os.environ["HF_TOKEN_PATH"] = str(tmp_path / "token")
+    try:
+        t = await finished(mesh, a, await download(mesh, a, "y", {"source_url": f"hf://{REPO}"}))
+    finally:
+        del os.environ["HF_TOKEN_PATH"]
+    assert t["status"] == "failed" and t["error"]["code"] in ("UNAUTHORIZED", "NOT_FOUND"), t
+    assert "not-the-token" not in str(t)
+    assert a.node.store.get("y", "disk") is None
+    assert not any((mesh.root / "a" / "copies" / ".partial").glob("ingest-*"))
