@@ -799,7 +799,13 @@ def _call_download(api: ApiClient, args: argparse.Namespace) -> Any:
     if args.source is not None:
         return api.download_model(args.name, target_device=args.to, source=args.source)
     return api.download_model(
-        args.name, target_device=args.to, source="web", source_url=args.source_url
+        args.name,
+        target_device=args.to,
+        source="web",
+        source_url=args.source_url,
+        revision=args.revision,
+        allow_patterns=args.include,
+        ignore_patterns=args.exclude,
     )
 
 
@@ -1088,8 +1094,12 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument(
         "--url",
         metavar="URL",
-        help="source URL, sent as is (default: the URL the model was registered with)",
+        help="source URL, sent as is: https://..., hf://owner/name (default: the URL the "
+        "model was registered with; an owner/name model with none is a Hugging Face repo)",
     )
+    dl.add_argument("--revision", metavar="REV", help="Hugging Face branch, tag or commit (default main)")
+    dl.add_argument("--include", action="append", metavar="GLOB", help="only files matching (repeatable)")
+    dl.add_argument("--exclude", action="append", metavar="GLOB", help="skip files matching (repeatable)")
     waiting(dl)
 
     cp = client("copy")

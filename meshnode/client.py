@@ -292,12 +292,18 @@ class ApiClient:
         target_device: str,
         source: str = "web",
         source_url: str | None = None,
+        revision: str | None = None,
+        allow_patterns: list[str] | None = None,
+        ignore_patterns: list[str] | None = None,
     ) -> Any:
         """Fetch ``name`` onto ``target_device`` from the web (``source_url``, or the
         registered one when None) or from another copy (``source="node:device"``)."""
         body: dict[str, Any] = {"source": source, "target_device": target_device}
         if source_url is not None:
             body["source_url"] = source_url
+        for key, value in (("revision", revision), ("allow_patterns", allow_patterns), ("ignore_patterns", ignore_patterns)):
+            if value:
+                body[key] = value
         return self.request("POST", model_path(name) + "/download", json=body)
 
     def copy_model(self, name: str, *, to_device: str, from_device: str | None = None) -> Any:

@@ -8,14 +8,17 @@ resolved last-writer-wins on every node (``protocol.view``).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from protocol import (
     HLC,
+    ClockSkewError,
     GossipNode,
     MemberState,
     ModelView,
+    Stamp,
     loc_key,
     parse_device,
     reg_key,
@@ -24,6 +27,8 @@ from protocol import (
 )
 
 __all__ = ["ApiError", "MeshService"]
+
+log = logging.getLogger("meshnode.service")
 
 
 class ApiError(Exception):
@@ -265,8 +270,10 @@ class MeshService:
         if source_url is not None and (not isinstance(source_url, str) or len(source_url) > 2048):
             raise ApiError(400, "INVALID_REQUEST", "source_url must be a string of at most 2048 characters")
         metadata = _clean_metadata(body.get("metadata"))
-        stamp = self.hlc.now(clock.wall_ms)
         existing = self.models().get(name)
+        if existing is not None:
+            self._observe(existing.stamp, clock)  # a write after a read wins over what it read
+        stamp = self.hlc.now(clock.wall_ms)
         since = existing.since if existing is not None else stamp
         self.gossip.set(
             reg_key(name),
@@ -282,9 +289,16 @@ class MeshService:
         )
         return self.model(name)
 
+    def _observe(self, stamp: Stamp, clock: Clock) -> None:
+        try:
+            self.hlc.observe(stamp, clock.wall_ms)
+        except ClockSkewError as e:
+            log.warning("not following a stamp from the future: %s", e)
+
     def unregister(self, name: str, clock: Clock, *, purge: bool = False) -> list[str]:
         """Unregister; with ``purge`` also drop every recorded copy.  Returns the dropped devices."""
         mv = self.model(name)
+        self._observe(mv.stamp, clock)
         dropped = []
         if purge:
             for dev in mv.locations:
@@ -313,6 +327,7 @@ class MeshService:
 
     def set_location(self, name: str, device: str, present: bool, clock: Clock) -> str:
         mv = self.model(name)
+        self._observe(mv.stamp, clock)
         dev = self._device(device)
         if not present and dev not in mv.locations:
             raise ApiError(404, "LOCATION_NOT_FOUND", f"model {mv.name!r} has no copy recorded on {dev}")

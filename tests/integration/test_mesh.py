@@ -161,3 +161,24 @@ async def test_a_node_alone_keeps_dialling_its_seeds(mesh: Mesh) -> None:
     a = await mesh.start("a", "--port", str(port))
     await wait_for(lambda: _all_alive(mesh, a.url, 2), what="b to find a once it is up")
     await wait_for(lambda: _all_alive(mesh, b.url, 2), what="a on b")
+
+
+async def test_a_write_after_a_read_wins_even_against_a_fast_clock(mesh: Mesh) -> None:
+    """b's wall clock runs 30 s ahead: a's later unregister must still win (HLC, not wall time)."""
+    a = await mesh.start("a")
+    b = await mesh.start("b", join=[a])
+    b.node.clock = lambda: _skewed(b.node, 30_000)  # type: ignore[method-assign]
+    assert (await mesh.client.post(b.url + "/models/skew/register", json={})).status_code == 201
+    await wait_for(lambda: _has_model(mesh, a.url, "skew"), what="registration on a")
+    assert (await mesh.client.delete(a.url + "/models/skew")).status_code == 200
+    for h in (a, b):
+        await wait_for(lambda h=h: _no_models(mesh, h.url), what="unregister wins everywhere")
+
+
+def _skewed(node: Any, ahead_ms: int) -> Any:
+    import trio
+
+    from meshnode.node import wall_ms
+    from meshnode.service import Clock
+
+    return Clock(trio.current_time(), wall_ms() + ahead_ms)

@@ -1305,3 +1305,17 @@ def test_transfer_odd_shapes_never_give_a_traceback(
         code, _, err = run(capsys, *argv)
         assert code in (0, 1)
         assert "Traceback" not in err
+
+
+def test_download_passes_revision_and_patterns(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[Any] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(json.loads(request.content))
+        return httpx.Response(202, json={"transfer_id": "t1", "status": "queued", "model": "o/m", "target_device": "n1:disk"})
+
+    monkeypatch.setattr(cli, "make_client", lambda base, token, timeout: ApiClient(base, token=token, timeout_s=timeout, transport=httpx.MockTransport(handler)))
+    rc = cli.main(["download", "o/m", "--to", "n1:disk", "--revision", "v2", "--include", "*.json", "--include", "*.safetensors", "--exclude", "*.bin"])
+    assert rc == 0
+    assert seen == [{"source": "web", "target_device": "n1:disk", "revision": "v2",
+                     "allow_patterns": ["*.json", "*.safetensors"], "ignore_patterns": ["*.bin"]}]
