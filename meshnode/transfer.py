@@ -44,6 +44,7 @@ from protocol.manifest import Manifest, chunk_digest
 from protocol.view import COPY_PREFIX
 
 from .dataplane import ChunkMismatch, DataPlaneError, NotFound, PeerBusy
+from .sources import SourceError
 from .store import Copy, Partial, StoreError
 
 if TYPE_CHECKING:
@@ -56,7 +57,10 @@ log = logging.getLogger("meshnode.transfer")
 XFER_PREFIX = "xfer/"
 ACTIVE_MAX = 4
 PROGRESS_INTERVAL_S = 1.0
-SOURCE_REFRESH_S = 0.5
+SOURCE_REFRESH_S = float(os.environ.get("MN_REFRESH", "0.5"))
+PER_PEER_INFLIGHT = int(os.environ.get("MN_PER_PEER", "4"))
+FULL_SWARM_INFLIGHT = int(os.environ.get("MN_FULL", "1"))
+PARTIAL_SWARM_INFLIGHT = int(os.environ.get("MN_PART", "1"))
 NO_SOURCE_GRACE_S = 3.0
 FINISHED_KEPT = 50
 
@@ -94,6 +98,10 @@ class Transfer:
     started_ms: int = 0
     finished_ms: int = 0
     note: str = ""
+    options: dict[str, Any] = field(default_factory=dict)  # revision and file patterns of a web source
+    source_id: str | None = None
+    claim: list[Any] | None = None
+    fetched: dict[str, Any] | None = None
 
     def public(self, node_id: str) -> dict[str, Any]:
         d = asdict(self)
@@ -169,7 +177,8 @@ class Transfers:
     def _drop_intent(self, t: Transfer) -> None:
         (self.dir / f"{t.id}.json").unlink(missing_ok=True)
 
-    def start(self, model: str, kind: str, source: str | None, manifest_hash: str | None, keep_source: bool) -> Transfer:
+    def start(self, model: str, kind: str, source: str | None, manifest_hash: str | None, keep_source: bool,
+              options: dict[str, Any] | None = None) -> Transfer:
         """Start (or join) a transfer of ``model`` into ``kind`` on this node."""
         self.node.store.tier_root(kind)  # raises for an unknown tier
         for t in self.by_id.values():
@@ -183,6 +192,7 @@ class Transfers:
             manifest_hash=manifest_hash,
             keep_source=keep_source,
             started_ms=int(time.time() * 1000),
+            options=options or {},
         )
         self._save_intent(t)
         self._launch(t)
@@ -237,6 +247,9 @@ class Transfers:
             "error": t.error,
             "started_ms": t.started_ms,
             "finished_ms": t.finished_ms,
+            "note": t.note,
+            "source_id": t.source_id,
+            "claim": t.claim,
         }
         now = trio.current_time()
         g.set(xfer_key(t.id), value, now)
@@ -338,6 +351,15 @@ class Transfers:
         if t.source is not None and t.source.startswith("file://"):
             await self._ingest(t, t.source[len("file://"):])
             return
+        if t.source is not None and t.source.startswith(("http://", "https://", "hf://")):
+            from .ingest import ingest_web
+
+            fetched = await ingest_web(self, t, t.source, t.options)
+            if fetched is not None:
+                await self._register_source(t, fetched)
+                await self._after_publish(t, fetched)
+                return
+            self._save_intent(t)  # another node fetched it: pull its copy from the mesh
         if t.manifest_hash is None:
             t.manifest_hash = self.source_manifest_hash(t.model, t.source)
             if t.manifest_hash is None:
@@ -370,6 +392,19 @@ class Transfers:
             # The registry records what it is: where it came from, its size and hash.
             svc.register(t.model, {"source_url": t.source}, node.clock())
         await self._after_publish(t, copy)
+
+    async def _register_source(self, t: Transfer, copy: Copy) -> None:
+        svc = self.node.service
+        assert svc is not None
+        if t.model in svc.models():
+            return
+        meta = t.fetched or {}
+        body: dict[str, Any] = {"source_url": t.source}
+        if isinstance(meta.get("model_type"), str):
+            body["model_type"] = meta["model_type"][:64]
+        if isinstance(meta.get("revision"), str):
+            body["metadata"] = {"description": f"{t.source} at {meta['revision']}"}
+        svc.register(t.model, body, self.node.clock())
 
     async def _after_publish(self, t: Transfer, copy: Copy) -> None:
         self.node.publish_copy(copy)
@@ -419,12 +454,15 @@ class Transfers:
             raise TransferError("NO_SOURCE", self._no_source_message(t))
         manifest = await self._fetch_manifest(t.manifest_hash, holders)
         t.bytes_total, t.chunks_total = manifest.total_bytes, manifest.n_chunks
+        # A partial left by an earlier run is re-verified; a new one holds nothing
+        # (hashing its preallocated zeros costs a core-second per 256 MiB).
+        resuming = Partial(node.store, t.kind, t.model, manifest).path.exists()
         partial = await trio.to_thread.run_sync(node.store.partial, t.kind, t.model, manifest)
         try:
-            have = await trio.to_thread.run_sync(partial.verified_chunks)
+            have = await trio.to_thread.run_sync(partial.verified_chunks) if resuming else set()
             t.chunks_resumed = len(have)
             t.bytes_done = sum(manifest.chunk(i).length for i in have)
-            plan = ChunkPlan(manifest.n_chunks, have, per_peer_inflight=4, stall_timeout_s=node.cfg.chunk_stall_s)
+            plan = ChunkPlan(manifest.n_chunks, have, per_peer_inflight=PER_PEER_INFLIGHT, stall_timeout_s=node.cfg.chunk_stall_s)
             self._partials[t.manifest_hash] = (partial, plan)
             await self._pull_chunks(t, manifest, partial, plan)
             self._partials.pop(t.manifest_hash, None)
@@ -464,6 +502,7 @@ class Transfers:
         last_source_seen = trio.current_time()
         buffers: list[bytearray] = []
         writing: set[int] = set()
+        by_source: dict[str, int] = {}  # chunks each peer delivered, for the log
 
         def poke() -> None:
             nonlocal wake
@@ -499,6 +538,7 @@ class Transfers:
                     finally:
                         writing.discard(index)
                     redundant = plan.on_verified(peer, index, trio.current_time())
+                    by_source[peer] = by_source.get(peer, 0) + 1
                     t.chunks_fetched += 1
                     t.bytes_done += ref.length
                     for key in redundant:
@@ -512,25 +552,47 @@ class Transfers:
                 buffers.append(buf)
                 poke()
 
+        async def have(nid: str, addr: str, cap: int | None) -> None:
+            try:
+                with trio.fail_after(2):
+                    bits = await client.have(addr, mhash)
+                plan.set_source(nid, _bits(bits, manifest.n_chunks), inflight=cap)
+            except (DataPlaneError, NotFound, PeerBusy, trio.TooSlowError):
+                plan.remove_source(nid)
+
+        me = node.cfg.node_id
+        share: tuple[int, int] = (1, 0)
+
         async def refresh_sources() -> None:
-            nonlocal last_source_seen
+            nonlocal last_source_seen, share
             while True:
                 found = self.holders(mhash)
                 for nid in list(plan.sources):
                     if nid not in found:
                         plan.remove_source(nid)
                         addrs.pop(nid, None)
-                for nid, addr in found.items():
-                    addrs[nid] = addr
-                    if self._is_complete_holder(nid, mhash):
-                        plan.set_source(nid, None)
-                    else:
-                        try:
-                            with trio.fail_after(2):
-                                bits = await client.have(addr, mhash)
-                            plan.set_source(nid, _bits(bits, manifest.n_chunks))
-                        except (DataPlaneError, NotFound, PeerBusy, trio.TooSlowError):
-                            plan.remove_source(nid)
+                complete = {nid for nid in found if self._is_complete_holder(nid, mhash)}
+                pulling = sorted({me, *found} - complete)
+                swarm = len(pulling) > 1
+                async with trio.open_nursery() as asking:
+                    for nid, addr in found.items():
+                        addrs[nid] = addr
+                        if nid in complete:
+                            # One request at a time to a full holder until it has
+                            # delivered a chunk (by then gossip tells whether other
+                            # receivers share it), and while others do.
+                            shared = swarm or not by_source.get(nid)
+                            plan.set_source(nid, None, inflight=FULL_SWARM_INFLIGHT if shared else None)
+                        else:
+                            asking.start_soon(have, nid, addr, PARTIAL_SWARM_INFLIGHT if swarm else None)
+                # The nodes pulling this copy now each prefer their own share of
+                # the chunks (every k-th), so that a full holder they all ask
+                # uploads each rare chunk about once, not once per receiver.
+                now_share = (len(pulling), pulling.index(me))
+                if now_share != share:
+                    share = now_share
+                    k, rank = share
+                    plan.prefer(None if k == 1 else range(rank, manifest.n_chunks, k))
                 if found:
                     last_source_seen = trio.current_time()
                 t.sources = sorted(found)
@@ -574,6 +636,7 @@ class Transfers:
                     await wake.wait()
             nursery.cancel_scope.cancel()
         t.rate_bps = 0.0
+        log.info("transfer %s: chunks by source %s; plan %s", t.id, dict(sorted(by_source.items())), plan.statistics())
 
     def _is_complete_holder(self, node_id: str, manifest_hash: str) -> bool:
         g = self.node.gossip
@@ -599,9 +662,9 @@ def _bits(bitfield: bytes, n: int) -> set[int]:
     return {i for i in range(min(n, len(bitfield) * 8)) if bitfield[i // 8] & (0x80 >> (i % 8))}
 
 
-def _first_known(e: BaseException) -> TransferError | StoreError | None:
+def _first_known(e: BaseException) -> TransferError | StoreError | SourceError | None:
     """The TransferError or StoreError inside ``e`` (trio wraps errors in groups)."""
-    if isinstance(e, TransferError | StoreError):
+    if isinstance(e, TransferError | StoreError | SourceError):
         return e
     if isinstance(e, BaseExceptionGroup):
         for sub in e.exceptions:

@@ -27,11 +27,14 @@ endgame) or VERIFIED.  The caller drives::
    among idle chunks that some free peer holds, so receivers that start
    together diverge and soon have chunks to trade with each other.
 2. After that, rarest first: idle chunks in ascending order of how many
-   (unbanned) sources hold them, ties in random order.  Rarity is kept per
+   (unbanned) sources hold them; among equally rare ones the chunks given
+   to ``prefer`` first (the random picks too), then random order.  Rarity is kept per
    chunk and updated incrementally when a partial holder's set changes; a
    full holder raises every chunk equally, so it is one shared counter.
 3. Each chunk goes to the free peer holding it with the fewest requests in
-   flight (ties at random), which spreads load over the sources.  Once no
+   flight, which spreads load over the sources; at equal load a partial
+   holder before a full one (the full holders' upload is the only way to
+   the chunks nobody else has yet), then at random.  Once no
    free peer holds every chunk, the free partial holders are filled least
    busy first, each with its own rarest idle chunks.
 4. Endgame (when enabled): once *every* missing chunk is in flight, free
@@ -44,8 +47,11 @@ pool with no penalty.  ``on_bad`` (bytes that do not match the digest) also
 counts a strike; at ``ban_after_bad`` strikes the peer is banned for the
 plan's life: it gets nothing more, its requests are released and its chunks
 no longer count toward rarity.  ``expire`` releases requests in flight for
-``stall_timeout_s`` or longer and marks their peer stalled (no new requests)
-until ``now + stall_timeout_s``, so the chunk goes to another holder.
+``stall_timeout_s`` with no progress (no verified chunk from their peer since
+the request or the peer's last delivery, whichever is later: a source whose
+upload is shared by many receivers is slow, not stalled) and marks their
+peer stalled (no new requests) until ``now + stall_timeout_s``, so the chunk
+goes to another holder.
 
 ``stuck(now)`` is true when chunks are missing and no unbanned, unstalled
 source holds any of them (for example the only holder is gone): the caller
@@ -108,12 +114,14 @@ def _ones(bits: bytes | bytearray) -> Iterator[int]:
 
 
 class _Source:
-    __slots__ = ("bits", "count", "inflight")
+    __slots__ = ("bits", "count", "inflight", "delivered_at", "cap")
 
-    def __init__(self, bits: bytearray | None) -> None:
+    def __init__(self, bits: bytearray | None, cap: int) -> None:
+        self.cap = cap  # requests in flight at most (<= per_peer_inflight)
         self.bits = bits  # None: holds every chunk; else bits[c] == 1 when it holds c
         self.count = 0 if bits is None else bits.count(1)
         self.inflight: dict[int, float] = {}  # chunk -> requested at
+        self.delivered_at = -math.inf  # when it last delivered a verified chunk
 
     def holds(self, chunk: int) -> bool:
         return self.bits is None or self.bits[chunk] == 1
@@ -160,9 +168,11 @@ class ChunkPlan:
         self._sources: dict[str, _Source] = {}
         self._full = 0  # sources holding every chunk
         self._partial_count = [0] * n_chunks  # partial sources holding each chunk
-        # Idle chunks, bucketed by partial count (rarity minus the full sources):
-        # each bucket is an unordered list, ``_pos[c]`` is c's index in its
-        # bucket, so add/remove/move and a uniform draw are all O(1).
+        self._other = bytearray(n_chunks)  # 1: not among the preferred chunks (prefer())
+        # Idle chunks, bucketed by key 2 * partial count (rarity minus the full
+        # sources) + 1 when not preferred: each bucket is an unordered list,
+        # ``_pos[c]`` is c's index in its bucket, so add/remove/move and a
+        # uniform draw are all O(1).
         self._buckets: dict[int, list[int]] = {}
         self._pos = [0] * n_chunks
         self._strikes: dict[str, int] = {}
@@ -190,19 +200,27 @@ class ChunkPlan:
 
     # -- sources ------------------------------------------------------------
 
-    def set_source(self, peer: str, chunks: Iterable[int] | None) -> None:
+    def set_source(self, peer: str, chunks: Iterable[int] | None, *, inflight: int | None = None) -> None:
         """Declare what ``peer`` holds: ``None`` for every chunk, else the set.
 
-        Call again to replace a partial holder's set.  Ignored for a banned
-        peer.  Requests already in flight to the peer stay in flight.
+        ``inflight`` caps the requests in flight to this peer below
+        ``per_peer_inflight`` (for example one at a time to a full holder
+        that many receivers share).  Call again to replace a partial
+        holder's set, or the cap.  Ignored for a banned peer.  Requests
+        already in flight to the peer stay in flight.
         """
         _check_peer(peer)
+        if inflight is not None and (not _is_int(inflight) or inflight < 1):
+            raise LocalProtocolError("inflight must be an int >= 1")
         if peer in self._banned:
             return
+        cap = self._per_peer if inflight is None else min(inflight, self._per_peer)
         src = self._sources.get(peer)
+        if src is not None:
+            src.cap = cap
         if chunks is None:
             if src is None:
-                self._sources[peer] = _Source(None)
+                self._sources[peer] = _Source(None, cap)
                 self._full += 1
             elif src.bits is not None:
                 self._make_full(src)
@@ -212,7 +230,7 @@ class ChunkPlan:
             self._check_chunk(c)
             new[c] = 1
         if src is None:
-            src = _Source(new)
+            src = _Source(new, cap)
             self._sources[peer] = src
             self._count_bits(new, +1)
         elif src.bits is None:
@@ -238,7 +256,7 @@ class ChunkPlan:
             return
         src = self._sources.get(peer)
         if src is None:
-            src = _Source(bytearray(self._n))
+            src = _Source(bytearray(self._n), self._per_peer)
             self._sources[peer] = src
         bits = src.bits
         if bits is None:
@@ -264,6 +282,30 @@ class ChunkPlan:
             return []
         return self._drop_source(peer)
 
+    def prefer(self, chunks: Iterable[int] | None) -> None:
+        """Among equally rare idle chunks, hand out ``chunks`` first.
+
+        ``None`` (the default) prefers none.  Receivers that pull one
+        manifest at the same time can each prefer a different share, so
+        that a full source they all ask uploads each chunk about once
+        instead of the same rare chunks to several of them.  O(n_chunks)
+        in C, plus O(changed) in Python.
+        """
+        other = bytearray(self._n)
+        if chunks is not None:
+            other = bytearray(b"\x01") * self._n
+            for c in chunks:
+                self._check_chunk(c)
+                other[c] = 0
+        changed = int.from_bytes(other, "little") ^ int.from_bytes(self._other, "little")
+        for c in _ones(changed.to_bytes(self._n, "little")):
+            if self._state[c] == _IDLE:
+                self._unbucket(c)
+                self._other[c] = other[c]
+                self._bucket(c)
+            else:
+                self._other[c] = other[c]
+
     def _make_full(self, src: _Source) -> None:
         assert src.bits is not None
         self._count_bits(src.bits, -1)
@@ -284,13 +326,16 @@ class ChunkPlan:
         else:
             self._partial_count[chunk] += delta
 
+    def _key(self, chunk: int) -> int:
+        return 2 * self._partial_count[chunk] + self._other[chunk]
+
     def _bucket(self, chunk: int) -> None:
-        bucket = self._buckets.setdefault(self._partial_count[chunk], [])
+        bucket = self._buckets.setdefault(self._key(chunk), [])
         self._pos[chunk] = len(bucket)
         bucket.append(chunk)
 
     def _unbucket(self, chunk: int) -> None:
-        key = self._partial_count[chunk]
+        key = self._key(chunk)
         bucket = self._buckets[key]
         i = self._pos[chunk]
         last = bucket.pop()
@@ -322,7 +367,7 @@ class ChunkPlan:
         free = [
             (peer, src)
             for peer, src in self._sources.items()
-            if len(src.inflight) < self._per_peer and not self._is_stalled(peer, now)
+            if len(src.inflight) < src.cap and not self._is_stalled(peer, now)
         ]
         if not free:
             return out
@@ -342,21 +387,31 @@ class ChunkPlan:
         rng: random.Random,
         out: list[tuple[str, int]],
     ) -> None:
-        # Bucket 0 holds chunks no partial source has: without a full source,
-        # nobody has them.
-        keys = sorted(k for k in self._buckets if k or self._full)
+        # Keys 0 and 1 hold chunks no partial source has: without a full
+        # source, nobody has them.
+        keys = sorted(k for k in self._buckets if k >> 1 or self._full)
+        if self._chunk_peers and 1 in keys:
+            # Key 1: chunks only full sources hold and we do not prefer: when
+            # receivers share the chunks out with prefer(), another receiver
+            # is pulling them from a full source now.  Asking for them too
+            # would spend that source's upload twice on one chunk: wait until
+            # it is shared, unless we would otherwise sit idle.
+            keys.remove(1)
         if self._random_left > 0:
             # Phase 1: uniformly random picks over every idle chunk that has a
-            # holder (lazy Fisher-Yates over a copy; O(idle), start-up only).
-            pool = [c for k in keys for c in self._buckets[k]]
-            end = len(pool)
-            while self._random_left > 0 and end and free:
-                j = rng.randrange(end)
-                end -= 1
-                pool[j], pool[end] = pool[end], pool[j]
-                if self._try_assign(pool[end], free, now, rng, out, duplicate=False):
-                    self._random_left -= 1
-        # Phase 2: rarest first, random order within one rarity.  While a
+            # holder, the preferred ones first (lazy Fisher-Yates over a copy;
+            # O(idle), start-up only).
+            for tier in (0, 1):
+                pool = [c for k in keys if k & 1 == tier for c in self._buckets[k]]
+                end = len(pool)
+                while self._random_left > 0 and end and free:
+                    j = rng.randrange(end)
+                    end -= 1
+                    pool[j], pool[end] = pool[end], pool[j]
+                    if self._try_assign(pool[end], free, now, rng, out, duplicate=False):
+                        self._random_left -= 1
+        # Phase 2: rarest first, the preferred chunks first among equally
+        # rare ones, random order within a bucket.  While a
         # free peer holds every chunk, walk the buckets (a lazy Fisher-Yates
         # inside each): every chunk examined is assignable, so a call costs
         # about one step per free slot.
@@ -401,7 +456,7 @@ class ChunkPlan:
             by_count: dict[int, list[int]] = {}
             for c in _ones(held_idle.to_bytes(self._n, "little")):
                 by_count.setdefault(counts[c], []).append(c)
-            slots = self._per_peer - len(src.inflight)
+            slots = src.cap - len(src.inflight)
             for key in sorted(by_count):
                 group = by_count[key]
                 while group and slots:
@@ -413,7 +468,7 @@ class ChunkPlan:
                     slots -= 1
                 if not slots:
                     break
-        free[:] = [(p, s) for p, s in free if len(s.inflight) < self._per_peer]
+        free[:] = [(p, s) for p, s in free if len(s.inflight) < s.cap]
 
     def _assign_duplicates(
         self,
@@ -442,12 +497,14 @@ class ChunkPlan:
         *,
         duplicate: bool,
     ) -> bool:
+        # Least busy first; at equal load a partial holder before a full one,
+        # whose upload is the only way to the chunks no partial holder has.
         best: list[int] = []
-        best_load = self._per_peer
+        best_load = (self._per_peer, True)
         for k, (_, src) in enumerate(free):
             if not src.holds(chunk) or (duplicate and chunk in src.inflight):
                 continue
-            load = len(src.inflight)
+            load = (len(src.inflight), src.bits is None)
             if load < best_load:
                 best_load = load
                 best = [k]
@@ -458,7 +515,7 @@ class ChunkPlan:
         k = best[0] if len(best) == 1 else best[rng.randrange(len(best))]
         peer, src = free[k]
         self._assign(peer, src, chunk, now, out, duplicate=duplicate)
-        if len(src.inflight) >= self._per_peer:
+        if len(src.inflight) >= src.cap:
             del free[k]
         return True
 
@@ -504,6 +561,9 @@ class ChunkPlan:
         redundant and released: the caller should cancel them.
         """
         self._check_chunk(chunk)
+        src = self._sources.get(peer)
+        if src is not None and now > src.delivered_at:
+            src.delivered_at = now
         self._release(peer, chunk)
         if self._state[chunk] == _VERIFIED:
             return []
@@ -553,11 +613,13 @@ class ChunkPlan:
                 self._stalled_until[peer] = until
 
     def expire(self, now: float) -> list[tuple[str, int]]:
-        """Release requests in flight for ``stall_timeout_s`` or longer.
+        """Release requests that made no progress for ``stall_timeout_s``.
 
-        Their peers are stalled (no new requests) until ``now +
-        stall_timeout_s``.  Returns the released requests so the caller can
-        cancel them.
+        A request's stall clock starts when it is made and restarts whenever
+        its peer delivers a verified chunk (``on_verified``): a peer whose
+        upload is shared by many requests is slow, not stalled.  Their peers
+        are stalled (no new requests) until ``now + stall_timeout_s``.
+        Returns the released requests so the caller can cancel them.
         """
         for peer in [p for p, t in self._stalled_until.items() if t <= now]:
             del self._stalled_until[peer]
@@ -565,7 +627,7 @@ class ChunkPlan:
             (peer, c)
             for peer, src in self._sources.items()
             for c, started in src.inflight.items()
-            if now >= started + self._stall_s  # same sum as next_deadline()
+            if now >= max(started, src.delivered_at) + self._stall_s  # as in next_deadline()
         ]
         for peer, c in expired:
             self._release(peer, c)
@@ -633,7 +695,7 @@ class ChunkPlan:
             return PeerState.UNKNOWN
         if self._is_stalled(peer, now):
             return PeerState.STALLED
-        return PeerState.BUSY if len(src.inflight) >= self._per_peer else PeerState.READY
+        return PeerState.BUSY if len(src.inflight) >= src.cap else PeerState.READY
 
     def stuck(self, now: float) -> bool:
         """Chunks are missing and no unbanned, unstalled source holds any of them."""
@@ -649,7 +711,7 @@ class ChunkPlan:
         """Earliest time a request stalls or a stall ends; None when neither can."""
         times = [t for p, t in self._stalled_until.items() if p in self._sources]
         times.extend(
-            started + self._stall_s
+            max(started, src.delivered_at) + self._stall_s
             for src in self._sources.values()
             for started in src.inflight.values()
         )
@@ -680,14 +742,14 @@ class ChunkPlan:
         for key, bucket in self._buckets.items():
             assert bucket, "empty bucket kept"
             for i, c in enumerate(bucket):
-                assert self._pos[c] == i and self._partial_count[c] == key
+                assert self._pos[c] == i and self._key(c) == key
         counts = [0] * self._n
         for src in self._sources.values():
             if src.bits is not None:
                 assert src.count == src.bits.count(1) < self._n or self._n == 0
                 for c in _ones(src.bits):
                     counts[c] += 1
-            assert len(src.inflight) <= self._per_peer
+            assert len(src.inflight) <= self._per_peer and 1 <= src.cap <= self._per_peer
         assert counts == self._partial_count, "rarity counts drifted"
         assert self._full == sum(s.bits is None for s in self._sources.values())
         requests = {(p, c) for p, s in self._sources.items() for c in s.inflight}
