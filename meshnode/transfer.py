@@ -57,10 +57,13 @@ log = logging.getLogger("meshnode.transfer")
 XFER_PREFIX = "xfer/"
 ACTIVE_MAX = 4
 PROGRESS_INTERVAL_S = 1.0
-SOURCE_REFRESH_S = float(os.environ.get("MN_REFRESH", "0.5"))
-PER_PEER_INFLIGHT = int(os.environ.get("MN_PER_PEER", "4"))
-FULL_SWARM_INFLIGHT = int(os.environ.get("MN_FULL", "1"))
-PARTIAL_SWARM_INFLIGHT = int(os.environ.get("MN_PART", "1"))
+SOURCE_REFRESH_S = 0.5
+PER_PEER_INFLIGHT = 4  # requests in flight per source, for one receiver alone
+# While other receivers pull the same copy (a swarm), one request at a time
+# per source: each source's upload is shared by all of them, and a chunk is
+# served on only once it is complete, so fewer chunks in flight at once means
+# each completes (and can be passed on) sooner, and fewer are fetched twice.
+SWARM_INFLIGHT = 1
 NO_SOURCE_GRACE_S = 3.0
 FINISHED_KEPT = 50
 
@@ -561,7 +564,7 @@ class Transfers:
                 plan.remove_source(nid)
 
         me = node.cfg.node_id
-        share: tuple[int, int] = (1, 0)
+        share: list[str] = [me]
 
         async def refresh_sources() -> None:
             nonlocal last_source_seen, share
@@ -582,17 +585,15 @@ class Transfers:
                             # delivered a chunk (by then gossip tells whether other
                             # receivers share it), and while others do.
                             shared = swarm or not by_source.get(nid)
-                            plan.set_source(nid, None, inflight=FULL_SWARM_INFLIGHT if shared else None)
+                            plan.set_source(nid, None, inflight=SWARM_INFLIGHT if shared else None)
                         else:
-                            asking.start_soon(have, nid, addr, PARTIAL_SWARM_INFLIGHT if swarm else None)
+                            asking.start_soon(have, nid, addr, SWARM_INFLIGHT if swarm else None)
                 # The nodes pulling this copy now each prefer their own share of
-                # the chunks (every k-th), so that a full holder they all ask
-                # uploads each rare chunk about once, not once per receiver.
-                now_share = (len(pulling), pulling.index(me))
-                if now_share != share:
-                    share = now_share
-                    k, rank = share
-                    plan.prefer(None if k == 1 else range(rank, manifest.n_chunks, k))
+                # the chunks, so that a full holder they all ask uploads each
+                # rare chunk about once, not once per receiver.
+                if pulling != share:
+                    share = pulling
+                    plan.prefer(None if len(pulling) == 1 else _my_share(me, pulling, manifest.n_chunks))
                 if found:
                     last_source_seen = trio.current_time()
                 t.sources = sorted(found)
@@ -648,6 +649,12 @@ class Transfers:
             if key.startswith(COPY_PREFIX) and not e.tombstone and isinstance(e.value, dict) and e.value.get("manifest_hash") == manifest_hash:
                 return True
         return False
+
+
+def _my_share(me: str, nodes: list[str], n_chunks: int) -> range:
+    """The chunks ``me`` prefers when the nodes ``nodes`` (sorted) pull the
+    same copy: every k-th, so the shares are disjoint and even."""
+    return range(nodes.index(me), n_chunks, len(nodes))
 
 
 def full_bitfield(n: int) -> bytes:

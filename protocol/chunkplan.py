@@ -114,7 +114,7 @@ def _ones(bits: bytes | bytearray) -> Iterator[int]:
 
 
 class _Source:
-    __slots__ = ("bits", "count", "inflight", "delivered_at", "cap")
+    __slots__ = ("bits", "cap", "count", "delivered_at", "inflight")
 
     def __init__(self, bits: bytearray | None, cap: int) -> None:
         self.cap = cap  # requests in flight at most (<= per_peer_inflight)
@@ -390,13 +390,6 @@ class ChunkPlan:
         # Keys 0 and 1 hold chunks no partial source has: without a full
         # source, nobody has them.
         keys = sorted(k for k in self._buckets if k >> 1 or self._full)
-        if self._chunk_peers and 1 in keys:
-            # Key 1: chunks only full sources hold and we do not prefer: when
-            # receivers share the chunks out with prefer(), another receiver
-            # is pulling them from a full source now.  Asking for them too
-            # would spend that source's upload twice on one chunk: wait until
-            # it is shared, unless we would otherwise sit idle.
-            keys.remove(1)
         if self._random_left > 0:
             # Phase 1: uniformly random picks over every idle chunk that has a
             # holder, the preferred ones first (lazy Fisher-Yates over a copy;

@@ -12,7 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from .test_process import Proc, procs, wait  # noqa: F401  (procs is a fixture)
+from .test_process import Proc, wait
+from .test_process import procs as procs  # the fixture, re-exported for these tests
 
 MiB = 1024 * 1024
 
