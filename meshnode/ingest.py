@@ -153,6 +153,8 @@ async def _fetch(transfers: Transfers, t: Transfer, url: str, hf: tuple[str, str
         )
         copy = await trio.to_thread.run_sync(node.store.ingest_path, t.kind, t.model, staging)
     except BaseException as e:
+        from .transfer import _only_cancelled
+
         if not _only_cancelled(e):  # a crash or stop keeps the partial files for the resume
             await trio.to_thread.run_sync(shutil.rmtree, staging, True)
         raise
@@ -164,10 +166,3 @@ async def _fetch(transfers: Transfers, t: Transfer, url: str, hf: tuple[str, str
     t.fetched = {"revision": result.revision, "model_type": result.model_type}
     return copy
 
-
-def _only_cancelled(e: BaseException) -> bool:
-    if isinstance(e, trio.Cancelled):
-        return True
-    if isinstance(e, BaseExceptionGroup):
-        return all(_only_cancelled(x) for x in e.exceptions)
-    return False

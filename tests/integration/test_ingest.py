@@ -2,29 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-from huggingface_hub import close_session
 
 from tests.integration.fakehub import FakeHub, FakeRepo, model_files, run_fakehub
+from tests.integration.test_sources import hf_env as hf_env  # autouse: a clean HF environment
 
 from .conftest import Handle, Mesh, wait_for
 
 REPO = "acme/tiny"
 MARGIN = 256 * 1024
-
-
-@pytest.fixture(autouse=True)
-def hf_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for var in ("HF_TOKEN", "HF_TOKEN_PATH", "HF_HUB_OFFLINE", "HUGGING_FACE_HUB_TOKEN"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    yield
-    close_session()
 
 
 @pytest.fixture
