@@ -144,7 +144,7 @@ async def _fetch(transfers: Transfers, t: Transfer, url: str, hf: tuple[str, str
 
     def progress(done: int, total: int | None, files_done: int, files_total: int | None) -> None:
         t.bytes_done, t.bytes_total = done, total or t.bytes_total
-        t.note = f"fetching from the source: {files_done} of {files_total or '?'} files"
+        t.files_done, t.files_total = files_done, files_total or t.files_total
 
     try:
         result: SourceResult = await fetch_source(

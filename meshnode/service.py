@@ -96,7 +96,22 @@ def _clean_metadata(raw: Any) -> dict[str, Any]:
         if unknown:
             raise ApiError(400, "INVALID_REQUEST", f"unknown requirements: {', '.join(sorted(unknown))[:200]}")
         out["requirements"] = clean
-    unknown = set(raw) - {"description", "tags", "requirements"}
+    rev = raw.get("revision")
+    if rev is not None:
+        if not isinstance(rev, str) or len(rev) > 64:
+            raise ApiError(400, "INVALID_REQUEST", "metadata.revision must be a string of at most 64 characters")
+        out["revision"] = rev
+    files = raw.get("files")
+    if files is not None:
+        if not isinstance(files, list) or len(files) > 200 or not all(isinstance(f, str) and 0 < len(f) <= 1024 for f in files):
+            raise ApiError(400, "INVALID_REQUEST", "metadata.files must be a list of at most 200 paths")
+        out["files"] = files
+    count = raw.get("file_count")
+    if count is not None:
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise ApiError(400, "INVALID_REQUEST", "metadata.file_count must be a count")
+        out["file_count"] = count
+    unknown = set(raw) - {"description", "tags", "requirements", "revision", "files", "file_count"}
     if unknown:
         raise ApiError(400, "INVALID_REQUEST", f"unknown metadata fields: {', '.join(sorted(unknown))[:200]}")
     return out

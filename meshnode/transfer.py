@@ -66,6 +66,7 @@ PER_PEER_INFLIGHT = 4  # requests in flight per source, for one receiver alone
 SWARM_INFLIGHT = 1
 NO_SOURCE_GRACE_S = 3.0
 FINISHED_KEPT = 50
+FILES_LISTED = 200  # registration metadata lists at most this many file names
 
 
 def xfer_key(transfer_id: str) -> str:
@@ -105,6 +106,8 @@ class Transfer:
     source_id: str | None = None
     claim: list[Any] | None = None
     fetched: dict[str, Any] | None = None
+    files_done: int = 0
+    files_total: int = 0
 
     def public(self, node_id: str) -> dict[str, Any]:
         d = asdict(self)
@@ -214,7 +217,10 @@ class Transfers:
             t.status = "running"
             self._publish_progress(t)
             try:
-                await self._transfer(t)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._progress, t)
+                    await self._transfer(t)
+                    nursery.cancel_scope.cancel()
                 t.status = "done"
                 log.info("transfer %s done: %s on %s:%s (%d chunks fetched, %d resumed)",
                          t.id, t.model, self.node.cfg.node_id, t.kind, t.chunks_fetched, t.chunks_resumed)
@@ -234,6 +240,16 @@ class Transfers:
 
     # -- progress in the catalog -----------------------------------------------------------
 
+    async def _progress(self, t: Transfer) -> None:
+        """Every second while the transfer runs: its rate, and the news in the catalog."""
+        prev, prev_t = t.bytes_done, trio.current_time()
+        while True:
+            await trio.sleep(PROGRESS_INTERVAL_S)
+            now = trio.current_time()
+            t.rate_bps = max(t.bytes_done - prev, 0) / max(now - prev_t, 1e-6)
+            prev, prev_t = t.bytes_done, now
+            self._publish_progress(t)
+
     def _publish_progress(self, t: Transfer) -> None:
         g = self.node.gossip
         if g is None:
@@ -251,6 +267,8 @@ class Transfers:
             "started_ms": t.started_ms,
             "finished_ms": t.finished_ms,
             "note": t.note,
+            "files_done": t.files_done,
+            "files_total": t.files_total,
             "source_id": t.source_id,
             "claim": t.claim,
         }
@@ -389,11 +407,9 @@ class Transfers:
         t.manifest_hash = copy.manifest_hash
         t.bytes_total = t.bytes_done = copy.manifest.total_bytes
         t.chunks_total = t.chunks_fetched = copy.manifest.n_chunks
-        svc = node.service
-        assert svc is not None
-        if t.model not in svc.models():
-            # The registry records what it is: where it came from, its size and hash.
-            svc.register(t.model, {"source_url": t.source}, node.clock())
+        # The registry records what it is: where it came from and its files (the
+        # copy's own key gives its size and hash).
+        await self._register_source(t, copy)
         await self._after_publish(t, copy)
 
     async def _register_source(self, t: Transfer, copy: Copy) -> None:
@@ -405,8 +421,12 @@ class Transfers:
         body: dict[str, Any] = {"source_url": t.source}
         if isinstance(meta.get("model_type"), str):
             body["model_type"] = meta["model_type"][:64]
+        files = [f.path for f in copy.manifest.files]
+        metadata: dict[str, Any] = {"files": files[:FILES_LISTED], "file_count": len(files)}
         if isinstance(meta.get("revision"), str):
-            body["metadata"] = {"description": f"{t.source} at {meta['revision']}"}
+            metadata["revision"] = meta["revision"][:64]
+            metadata["description"] = f"{t.source} at {meta['revision']}"
+        body["metadata"] = metadata
         svc.register(t.model, body, self.node.clock())
 
     async def _after_publish(self, t: Transfer, copy: Copy) -> None:
@@ -600,19 +620,9 @@ class Transfers:
                 poke()
                 await trio.sleep(SOURCE_REFRESH_S)
 
-        async def progress() -> None:
-            prev, prev_t = t.bytes_done, trio.current_time()
-            while True:
-                await trio.sleep(PROGRESS_INTERVAL_S)
-                now = trio.current_time()
-                t.rate_bps = (t.bytes_done - prev) / max(now - prev_t, 1e-6)
-                prev, prev_t = t.bytes_done, now
-                self._publish_progress(t)
-
         rng = node.rng
         async with trio.open_nursery() as nursery:
             nursery.start_soon(refresh_sources)
-            nursery.start_soon(progress)
             while not plan.complete:
                 if fatal:
                     raise fatal[0]

@@ -64,7 +64,9 @@ async def test_download_from_the_hub_registers_and_publishes(mesh: Mesh, hub: Fa
     assert copy_files(a, REPO) == hub_files(hub)
     info = (await mesh.client.get(a.url + f"/models/{REPO}")).json()
     assert info["model_type"] == "llama" and info["source_url"] == f"hf://{REPO}"
-    assert hub.repos[REPO].refs["main"] in info["metadata"]["description"]  # the resolved commit
+    assert info["metadata"]["revision"] == hub.repos[REPO].refs["main"]  # the resolved commit
+    assert sorted(info["metadata"]["files"]) == sorted(hub_files(hub)) and info["metadata"]["file_count"] == 6
+    assert t["files_total"] == t["files_done"] == 6 and t["bytes_done"] == t["bytes_total"] == info["size"]
     # Asking again is a no-op that says so: nothing more from the hub.
     served = sum(hub.served.values())
     t = await finished(mesh, a, await download(mesh, a, REPO, {}))

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import ssl
 from pathlib import Path
+from typing import Any
 
 import httpx
 import trustme
 
-from .conftest import Mesh, wait_for
+from .conftest import Handle, Mesh, wait_for
 
 
 def _certs(tmp: Path) -> tuple[list[str], trustme.CA, Path, Path]:
@@ -56,3 +57,42 @@ async def test_tls_mesh_with_client_certificates(mesh: Mesh, tmp_path: Path) -> 
     except httpx.HTTPError:
         plain_refused = True
     assert plain_refused
+
+
+async def test_tls_mesh_copies_over_the_tls_data_plane(mesh: Mesh, tmp_path: Path) -> None:
+    import os
+
+    flags, ca, cert, key = _certs(tmp_path)
+    a = await mesh.start("a", *flags)
+    b = await mesh.start("b", *flags, join=[a])
+    src = tmp_path / "model"
+    src.mkdir()
+    (src / "w.bin").write_bytes(os.urandom(9 * 1024 * 1024))
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    ctx.load_cert_chain(str(cert), str(key))
+    async with httpx.AsyncClient(verify=ctx, timeout=10) as client:
+        r = await client.post(a.url + "/models/m/download", json={"source_url": src.as_uri(), "target_device": "a:disk"})
+        assert r.status_code == 202, r.text
+
+        async def status(h: Handle, tid: str) -> str:
+            return str((await client.get(h.url + f"/transfers/{tid}")).json().get("status"))
+
+        tid = r.json()["transfer_id"]
+        await wait_for(lambda: _is(status(a, tid), "done"), what="ingest")
+
+        async def b_sees() -> bool:
+            return bool((await client.get(b.url + "/models/m")).json().get("copies"))
+
+        await wait_for(b_sees, what="copy in b's catalog")
+        r = await client.post(b.url + "/models/m/copy", json={"from_device": "a:disk", "to_device": "b:disk"})
+        tid = r.json()["transfer_id"]
+        await wait_for(lambda: _is(status(b, tid), "done"), what="copy over TLS")
+    c = b.node.store.get("m", "disk")
+    assert c is not None and (c.path / "w.bin").read_bytes() == (src / "w.bin").read_bytes()
+    assert b.node.data_client is not None and b.node.data_client.statistics() is not None
+    assert a.node.data_server_stats()["bytes_sent"] >= 9 * 1024 * 1024
+
+
+async def _is(value: Any, want: str) -> bool:
+    return bool(await value == want)

@@ -260,3 +260,16 @@ async def test_two_holders_share_the_work(mesh: Mesh, tmp_path: Path) -> None:
     served = {h.node.cfg.node_id: h.node.data_server_stats()["bytes_sent"] - served_before[h.node.cfg.node_id] for h in (a, b)}
     assert served["a"] > 0 and served["b"] > 0, served
     assert tree_digest(copy_dir(c, "disk", "m")) == tree_digest(src)
+
+
+async def test_download_from_a_node_device(mesh: Mesh, tmp_path: Path) -> None:
+    src = make_model(tmp_path, 5 * MiB)
+    a = await start(mesh, "a")
+    b = await start(mesh, "b", join=[a])
+    await ingest(mesh, a, "m", src)
+    await until_copies(mesh, b.url, "m", 1)
+    r = await mesh.client.post(b.url + "/models/m/download", json={"source": "a:disk", "target_device": "b:dram"})
+    assert r.status_code == 202, r.text
+    t = await wait_transfer(mesh, b.url, r.json()["transfer_id"])
+    assert t["status"] == "done" and t["sources"] == ["a"], t
+    assert tree_digest(copy_dir(b, "dram", "m")) == tree_digest(src)
