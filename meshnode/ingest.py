@@ -27,6 +27,7 @@ from protocol.hlc import Stamp
 from protocol.ingest import Claim, choose_fetcher, source_id
 
 from .sources import SourceError, SourceResult, fetch_source
+from .sources.hf import resolve_hf_commit
 
 if TYPE_CHECKING:
     from .store import Copy
@@ -105,7 +106,12 @@ async def ingest_web(transfers: Transfers, t: Transfer, url: str, options: dict[
     assert g is not None
     hf = hf_repo(url)
     revision = options.get("revision") or (hf[1] if hf else None)
-    sid = source_id(f"hf:{hf[0]}" if hf else url, revision or ("main" if hf else None),
+    if hf is not None:
+        # The same source means the same commit: resolve the branch or tag first
+        # (one metadata request), and fetch exactly that commit if we fetch.
+        repo, revision = await resolve_hf_commit(f"hf://{hf[0]}", revision=revision)
+        hf = (repo, revision)
+    sid = source_id(f"hf:{hf[0]}" if hf else url, revision,
                     options.get("allow_patterns"), options.get("ignore_patterns"))
     t.source_id = sid
     h = _mesh_copy(transfers, sid)

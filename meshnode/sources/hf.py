@@ -469,3 +469,27 @@ async def fetch_hf(
         metadata=metadata,
         verified={rel: outcomes[rel].verified for rel in files},
     )
+
+
+async def resolve_hf_commit(
+    repo_ref: str,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+    retries: RetryPolicy | None = None,
+) -> tuple[str, str]:
+    """``(repo id, commit)`` that ``repo_ref`` at ``revision`` (default main) names now.
+
+    One metadata request: what a node asks before it decides whether the mesh
+    already holds these exact bytes."""
+    policy = retries or DEFAULT_RETRY
+    repo, url_rev, url_origin = parse_hf_ref(repo_ref)
+    rev = revision or url_rev
+    ep = (endpoint or url_origin or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+    tok = await trio.to_thread.run_sync(resolve_token, token)
+    info = await _model_info(HfApi(endpoint=ep, token=tok or False), repo, rev, tok, policy)
+    commit = info.sha or (rev if rev is not None and _SHA1.match(rev) else None)
+    if not commit:
+        raise SourceError("UNAVAILABLE", f"the hub did not say which commit {repo}@{rev or 'main'} is")
+    return repo, str(commit)

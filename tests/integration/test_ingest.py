@@ -72,6 +72,19 @@ async def test_download_from_the_hub_registers_and_publishes(mesh: Mesh, hub: Fa
     t = await finished(mesh, a, await download(mesh, a, REPO, {}))
     assert t["status"] == "done" and t["note"] == "already present", t
     assert sum(hub.served.values()) == served
+    # Another node asked later copies from the mesh, not from the hub.
+    b = await mesh.start("b", join=[a])
+    t = await finished(mesh, b, await download(mesh, b, REPO, {}))
+    assert t["status"] == "done" and t["sources"] == ["a"], t
+    assert copy_files(b, REPO) == hub_files(hub)
+    assert sum(hub.served.values()) == served
+    # A new commit on main is a new source: fetched, not taken from the mesh.
+    repo = hub.repos[REPO]
+    newer = model_files(seed=3)
+    repo.add_commit(newer, "main")
+    t = await finished(mesh, b, await download(mesh, b, REPO, {}))
+    assert t["status"] == "done" and t["note"].startswith("fetched "), t
+    assert copy_files(b, REPO) == {k: v.data for k, v in newer.items()}
 
 
 async def test_three_nodes_asked_at_once_fetch_from_the_hub_once(mesh: Mesh, hub: FakeHub) -> None:
