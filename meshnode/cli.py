@@ -593,6 +593,8 @@ def render_transfer(console: Console, data: Any, args: argparse.Namespace) -> No
         f"{t.get('chunks_fetched', 0)} fetched, {t.get('chunks_resumed', 0)} resumed, "
         f"{t.get('bad_chunks', 0)} bad, of {t.get('chunks_total', '-')}",
     )
+    if _number(t.get("files_total")):
+        grid.add_row("files", f"{t.get('files_done', 0)} of {t.get('files_total')}")
     grid.add_row("sources", ", ".join(_names(t.get("sources"))) or "-")
     banned = _names(t.get("banned"))
     if banned:
@@ -635,7 +637,7 @@ class _TransferBar:
         sources = ", ".join(_names(t.get("sources"))) or "-"
         detail = (
             f"{human_bytes(done)}/{human_bytes(total)}  {_transfer_rate(t)}  "
-            f"eta {_transfer_eta(t)}  [{t.get('status', '?')}] from {sources}"
+            f"eta {_transfer_eta(t)}  [{t.get('status', '?')}] from {sources}{_files(t)}"
         )
         self._progress.update(
             self._task, total=total, completed=done, detail=detail, description=_where(t)
@@ -643,6 +645,12 @@ class _TransferBar:
 
     def stop(self) -> None:
         self._progress.stop()
+
+
+def _files(t: dict[str, Any]) -> str:
+    """`` 3/6 files`` while a web source is fetched file by file; else nothing."""
+    total = _number(t.get("files_total"))
+    return f"  {t.get('files_done', 0)}/{int(total)} files" if total else ""
 
 
 def _print_ndjson(state: dict[str, Any]) -> None:

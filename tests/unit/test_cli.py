@@ -1319,3 +1319,17 @@ def test_download_passes_revision_and_patterns(capsys: pytest.CaptureFixture[str
     assert rc == 0
     assert seen == [{"source": "web", "target_device": "n1:disk", "revision": "v2",
                      "allow_patterns": ["*.json", "*.safetensors"], "ignore_patterns": ["*.bin"]}]
+
+
+def test_transfer_shows_files_and_note(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    state = {"transfer_id": "t9", "model": "o/m", "target_device": "n1:disk", "status": "running",
+             "bytes_done": 10, "bytes_total": 100, "rate_bps": 5, "files_done": 2, "files_total": 6,
+             "note": "fetching from the source", "sources": []}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json=state)
+
+    monkeypatch.setattr(cli, "make_client", lambda base, token, timeout: ApiClient(base, token=token, timeout_s=timeout, transport=httpx.MockTransport(handler)))
+    assert cli.main(["transfer", "t9"]) == 0
+    out = capsys.readouterr().out
+    assert "2 of 6" in out and "fetching from the source" in out
