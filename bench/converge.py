@@ -81,7 +81,7 @@ async def run(args: argparse.Namespace) -> int:
     try:
         for i, port in enumerate(ports):
             cmd = [sys.executable, "-m", "meshnode", "--log-level", "WARNING", "start", "--node-id", f"n{i:02d}",
-                   "--port", str(port), "--data-dir", str(root / f"n{i:02d}"),
+                   "--port", str(port), "--data-port", str(free_port()), "--data-dir", str(root / f"n{i:02d}"),
                    "--gossip-interval", str(args.interval), "--join", seeds]
             procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(root / f"n{i:02d}.log", "wb")))
         urls = [f"http://127.0.0.1:{p}" for p in ports]

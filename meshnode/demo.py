@@ -78,6 +78,7 @@ class Node:
 
     def start(self) -> None:
         cmd = [sys.executable, "-m", "meshnode", "start", "--node-id", self.node_id, "--port", str(self.port),
+               "--data-port", str(free_port()),
                "--data-dir", str(self.data), "--dram-dir", str(self.data.parent / f"{self.node_id}-shm"), *FAST]
         if self.join:
             cmd += ["--join", ",".join(self.join)]

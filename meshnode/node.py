@@ -463,7 +463,7 @@ def main_start(args: Any) -> int:
                 print(f"meshnode: error: {leaf}", file=sys.stderr)
                 return 2
             if isinstance(leaf, OSError) and not isinstance(leaf, ConnectionError):
-                print(f"meshnode: error: cannot serve on {cfg.host}:{cfg.port}: {leaf.strerror or leaf}", file=sys.stderr)
+                print(f"meshnode: error: cannot serve on {cfg.host} (port {cfg.port}, data port {cfg.data_port}): {leaf.strerror or leaf}", file=sys.stderr)
                 return 2
             if isinstance(leaf, KeyboardInterrupt):
                 return 130

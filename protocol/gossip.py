@@ -78,6 +78,13 @@ class GossipConfig:
     relays_max: int = 1024
     housekeeping_interval_s: float = 5.0
     health_max: int = 8
+    # Member lists in anti-entropy: the records changed lately (at most
+    # ``member_recent_max``), and the whole list with probability
+    # member_recent_max / N, so that churn from false suspicions at scale
+    # costs about the same bytes per exchange at any N, not O(N).  Small
+    # tables always go whole.
+    member_recent_s: float = 10.0
+    member_recent_max: int = 32
 
     def __post_init__(self) -> None:
         assert self.gossip_interval_s > 0 and self.probe_interval_s > 0
@@ -443,8 +450,9 @@ class GossipNode:
                     out,
                     to,
                     SyncDigest(
-                        dict(self.catalog.digest()),
-                        self.members.records() if members_differ else None,
+                        # Only member lists differ: no O(N) catalog digest.
+                        None if b.digest_hash == self.catalog.digest_hash() else dict(self.catalog.digest()),
+                        self._member_list(now, rng) if members_differ else None,
                     ),
                 )
         elif isinstance(b, SyncDigest):
@@ -453,15 +461,15 @@ class GossipNode:
                 self._merge_records(b.members, now)
             mine = self.catalog.digest()
             # Often only the member lists differ: equal digests need no delta.
-            same = b.digest == mine
-            deltas = () if same else self.catalog.delta_for(b.digest, self.config.delta_budget_bytes, rng)
+            same = b.digest is None or b.digest == mine
+            deltas = () if b.digest is None or same else self.catalog.delta_for(b.digest, self.config.delta_budget_bytes, rng)
             self._send(
                 out,
                 to,
                 SyncDelta(
                     deltas,
                     None if same else dict(mine),
-                    self.members.records() if theirs_sent else None,
+                    self._member_list(now, rng) if theirs_sent else None,
                 ),
             )
         elif isinstance(b, SyncDelta):
@@ -473,6 +481,13 @@ class GossipNode:
                 if deltas:
                     self._send(out, to, SyncDelta(deltas))
         return out
+
+    def _member_list(self, now: float, rng: random.Random) -> tuple[MemberRecord, ...]:
+        cfg = self.config
+        n = len(self.members.members)
+        if n <= cfg.member_recent_max or rng.random() * n < cfg.member_recent_max:
+            return self.members.records()
+        return self.members.recent_records(now, cfg.member_recent_s, cfg.member_recent_max)
 
     def _merge_records(self, records: tuple[MemberRecord, ...], now: float) -> None:
         # Full member lists are O(N) and mostly what we already hold: skip a record

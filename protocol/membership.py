@@ -155,6 +155,7 @@ class MemberTable:
         self.live = IndexedSet()
         self.gone = IndexedSet()
         self.suspects: set[str] = set()
+        self._recent: dict[str, float] = {me.node_id: now}  # node id -> last change, oldest first
         self._departed: set[str] = set()  # DEAD or LEFT others, the only ones reap can drop
 
     # -- reading -------------------------------------------------------------
@@ -174,6 +175,19 @@ class MemberTable:
 
     def records(self) -> tuple[MemberRecord, ...]:
         return tuple([m.record for m in self.members.values()])
+
+    def recent_records(self, now: float, window_s: float, limit: int) -> tuple[MemberRecord, ...]:
+        """The records that changed in the last ``window_s``, newest first, at most ``limit``.
+
+        O(limit): ``_recent`` keeps members in the order they last changed."""
+        out: list[MemberRecord] = []
+        for nid in reversed(self._recent):
+            if len(out) >= limit or now - self._recent[nid] > window_s:
+                break
+            m = self.members.get(nid)
+            if m is not None:
+                out.append(m.record)
+        return tuple(out)
 
     def members_hash(self) -> int:
         """Sum of the hashes of live (ALIVE or SUSPECT) records."""
@@ -218,6 +232,8 @@ class MemberTable:
                 m.since = now
             m.record = rec
         self._index(rec)
+        self._recent.pop(rec.node_id, None)
+        self._recent[rec.node_id] = now
         return m
 
     def set_self(self, rec: MemberRecord, now: float) -> None:
@@ -288,6 +304,7 @@ class MemberTable:
         ]
         for nid in gone:
             m = self.members.pop(nid)
+            self._recent.pop(nid, None)
             self._hash = (self._hash - _live_hash(m.record)) & _MASK
             self.live.discard(nid)
             self.gone.discard(nid)

@@ -207,7 +207,7 @@ class Sync:
 
 @dataclass(frozen=True, slots=True)
 class SyncDigest:
-    digest: dict[str, NodeDigest]
+    digest: dict[str, NodeDigest] | None  # None: our catalogs already agree
     members: tuple[MemberRecord, ...] | None
 
 
@@ -265,7 +265,7 @@ def _body_wire(b: Body) -> list[Any]:
         return [b.digest_hash, b.members_hash]
     if isinstance(b, SyncDigest):
         return [
-            _digest_wire(b.digest),
+            None if b.digest is None else _digest_wire(b.digest),
             None if b.members is None else [m.to_wire() for m in b.members],
         ]
     if isinstance(b, SyncDelta):
@@ -472,10 +472,7 @@ class _Decoder:
             return Sync(_int(f[0], "digest hash", 0, 2**64 - 1), _int(f[1], "members hash", 0, 2**64 - 1))
         if t is MsgType.SYNC_DIGEST:
             f = _list(v, "sync digest", 2, 2)
-            d = self.digest(f[0])
-            if d is None:
-                raise _fail("sync digest without a digest")
-            return SyncDigest(d, self.records(f[1]))
+            return SyncDigest(self.digest(f[0]), self.records(f[1]))
         f = _list(v, "sync delta", 3, 3)
         return SyncDelta(self.deltas(f[0]), self.digest(f[1]), self.records(f[2]))
 

@@ -239,6 +239,12 @@ async def _model_info(api: HfApi, repo: str, rev: str | None, token: str | None,
         await trio.sleep(delay)
 
 
+def _drop_partials(dest_dir: Path) -> None:
+    for p in dest_dir.rglob("*.part*"):
+        if p.name.endswith((".part", ".part.json")):
+            p.unlink(missing_ok=True)
+
+
 def _already_there(dest_dir: Path, rels: list[str]) -> int:
     n = 0
     for rel in rels:
@@ -416,6 +422,9 @@ async def fetch_hf(
                 nursery.start_soon(one, s)
     except BaseExceptionGroup as eg:
         first = _first_source_error(eg)
+        if first is not None and first.code in ("UNAUTHORIZED", "NOT_FOUND"):
+            # Final answers: partial files of this commit will never be resumed.
+            await trio.to_thread.run_sync(_drop_partials, dest_dir)
         if first is not None and _only_source_errors(eg):
             raise first from None
         raise

@@ -27,6 +27,7 @@ class Proc:
     def __init__(self, node_id: str, root: Path, join: str | None = None, extra: tuple[str, ...] = ()) -> None:
         self.node_id, self.root, self.join, self.extra = node_id, root, join, extra
         self.port = free_port()
+        self.data_port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.address = f"127.0.0.1:{self.port}"
         self.log = root / f"{node_id}.log"
@@ -34,6 +35,7 @@ class Proc:
 
     def start(self) -> Proc:
         cmd = [sys.executable, "-m", "meshnode", "start", "--node-id", self.node_id, "--port", str(self.port),
+               "--data-port", str(self.data_port),
                "--data-dir", str(self.root / self.node_id), "--dram-dir", str(self.root / f"{self.node_id}-shm"),
                *FAST, *self.extra]
         if self.join:

@@ -340,7 +340,6 @@ def test_non_bytes_input_is_remote_error(data: Any) -> None:
         [PROTOCOL_VERSION, CLUSTER, "n1", 1, "a", 1, [1, "n2", [[["n3", "a", 1, 1, 0], ""]]]],
         [PROTOCOL_VERSION, CLUSTER, "n1", 1, "a", 5, [-1, 0]],
         [PROTOCOL_VERSION, CLUSTER, "n1", 1, "a", 5, [0, 1.5]],
-        [PROTOCOL_VERSION, CLUSTER, "n1", 1, "a", 6, [None, None]],
         [PROTOCOL_VERSION, CLUSTER, "n1", 1, "a", 6, [{"n2": [1, 2]}, None]],
         [PROTOCOL_VERSION, CLUSTER, "n1", 1, "a", 6, [{"": [1, 2, 3]}, None]],
         [PROTOCOL_VERSION, CLUSTER, "n1", 1, "a", 6, [[], None]],
