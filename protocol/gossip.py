@@ -48,7 +48,6 @@ from .wire import (
     MemberRecord,
     MemberState,
     MemberUpdate,
-    NodeDigest,
     Ping,
     PingReq,
     Sync,
@@ -542,8 +541,3 @@ class GossipNode:
             self._send(out, self._addr(nid), Gossip(update))
         self.left = True
         return out
-
-    # -- views ------------------------------------------------------------------------
-
-    def digest_copy(self) -> dict[str, NodeDigest]:
-        return dict(self.catalog.digest())
