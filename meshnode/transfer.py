@@ -38,7 +38,7 @@ import httpx
 import trio
 
 from protocol import MemberState
-from protocol.chunkplan import ChunkPlan, ChunkState
+from protocol.chunkplan import ChunkPlan, ChunkState, choose_sources
 from protocol.errors import RemoteProtocolError
 from protocol.manifest import Manifest, chunk_digest
 from protocol.view import COPY_PREFIX
@@ -65,6 +65,10 @@ PER_PEER_INFLIGHT = 4  # requests in flight per source, for one receiver alone
 # each completes (and can be passed on) sooner, and fewer are fetched twice.
 SWARM_INFLIGHT = 1
 NO_SOURCE_GRACE_S = 3.0
+# A receiver pulls from at most this many holders at once (asking each
+# partial one for its bitfield every SOURCE_REFRESH_S): in a larger swarm each
+# receiver sees its own random slice, sticky while useful.
+MAX_SOURCES = 24
 FINISHED_KEPT = 50
 FILES_LISTED = 200  # registration metadata lists at most this many file names
 
@@ -585,20 +589,24 @@ class Transfers:
 
         me = node.cfg.node_id
         share: list[str] = [me]
+        rng = node.rng
 
         async def refresh_sources() -> None:
             nonlocal last_source_seen, share
             while True:
                 found = self.holders(mhash)
+                complete = {nid for nid in found if self._is_complete_holder(nid, mhash)}
+                useless = [nid for nid in plan.sources if nid not in complete and not plan.useful(nid)]
+                chosen = choose_sources(found, complete, plan.sources, useless, MAX_SOURCES, rng)
                 for nid in list(plan.sources):
-                    if nid not in found:
+                    if nid not in chosen:
                         plan.remove_source(nid)
                         addrs.pop(nid, None)
-                complete = {nid for nid in found if self._is_complete_holder(nid, mhash)}
                 pulling = sorted({me, *found} - complete)
                 swarm = len(pulling) > 1
                 async with trio.open_nursery() as asking:
-                    for nid, addr in found.items():
+                    for nid in chosen:
+                        addr = found[nid]
                         addrs[nid] = addr
                         if nid in complete:
                             # One request at a time to a full holder until it has
@@ -616,11 +624,10 @@ class Transfers:
                     plan.prefer(None if len(pulling) == 1 else _my_share(me, pulling, manifest.n_chunks))
                 if found:
                     last_source_seen = trio.current_time()
-                t.sources = sorted(found)
+                t.sources = sorted(chosen)
                 poke()
                 await trio.sleep(SOURCE_REFRESH_S)
 
-        rng = node.rng
         async with trio.open_nursery() as nursery:
             nursery.start_soon(refresh_sources)
             while not plan.complete:

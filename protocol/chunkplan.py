@@ -77,7 +77,7 @@ from collections.abc import Iterable, Iterator
 
 from .errors import LocalProtocolError
 
-__all__ = ["MAX_CHUNKS", "ChunkPlan", "ChunkState", "PeerState"]
+__all__ = ["MAX_CHUNKS", "ChunkPlan", "ChunkState", "PeerState", "choose_sources"]
 
 MAX_CHUNKS = 2**24
 MAX_PER_PEER_INFLIGHT = 1024
@@ -675,6 +675,16 @@ class ChunkPlan:
         src = self._sources.get(peer)
         return src is not None and src.holds(chunk)
 
+    def useful(self, peer: str) -> bool:
+        """Whether ``peer`` is a source holding a chunk not verified yet."""
+        src = self._sources.get(peer)
+        if src is None or self._verified == self._n:
+            return False
+        if src.bits is None:
+            return True
+        missing = int.from_bytes(self._state.translate(_MISSING_MASK), "little")
+        return bool(int.from_bytes(src.bits, "little") & missing)
+
     def rarity(self, chunk: int) -> int:
         """How many unbanned sources hold ``chunk``."""
         self._check_chunk(chunk)
@@ -761,6 +771,49 @@ class ChunkPlan:
     def _check_chunk(self, chunk: int) -> None:
         if not _is_int(chunk) or not 0 <= chunk < self._n:
             raise LocalProtocolError(f"chunk index {chunk!r} outside [0, {self._n})")
+
+
+def choose_sources(
+    found: Iterable[str],
+    complete: Iterable[str],
+    current: Iterable[str],
+    useless: Iterable[str],
+    limit: int,
+    rng: random.Random,
+) -> set[str]:
+    """At most ``limit`` of the holders ``found`` to pull from.
+
+    ``complete`` are the holders with the whole copy, ``current`` the
+    sources already in use, ``useless`` partial holders that hold nothing
+    still missing.  Sticky: a current source stays while it is found and
+    useful, so connections and rarity counts do not churn.  At least one
+    complete holder is kept when there is one (the only way to the chunks
+    no receiver has yet), then the rest are filled at random, so that in a
+    swarm larger than ``limit`` every receiver sees a different slice of it
+    and the chunks still spread.  A useless source makes room for another
+    holder when there is one to try.  O(len(found)).
+    """
+    if not _is_int(limit) or limit < 1:
+        raise LocalProtocolError("limit must be an int >= 1")
+    found_list = sorted(set(found))  # sorted: the choice depends on rng only
+    found_set = set(found_list)
+    full = found_set & set(complete)
+    dull = set(useless) - full
+    out = {p for p in current if p in found_set and p not in dull}
+    if len(out) > limit:
+        out = set(rng.sample(sorted(out), limit))
+    if full and not out & full:
+        if len(out) >= limit:
+            out.remove(rng.choice(sorted(out)))
+        out.add(rng.choice(sorted(full)))
+    rest = [p for p in found_list if p not in out and p not in dull]
+    rng.shuffle(rest)
+    rest.sort(key=lambda p: p not in full)  # complete holders first, random among each kind
+    out.update(rest[: max(0, limit - len(out))])
+    if len(out) < limit:  # nothing better to try: a useless source may become useful
+        spare = [p for p in found_list if p in dull and p not in out]
+        out.update(rng.sample(spare, min(len(spare), limit - len(out))))
+    return out
 
 
 def _any_full(free: list[tuple[str, _Source]]) -> bool:

@@ -682,3 +682,58 @@ def test_expire_at_next_deadline_always_releases() -> None:
         deadline = plan.next_deadline()
         assert deadline is not None
         assert plan.expire(deadline) == [("a", 0)]
+
+
+# -- choose_sources ----------------------------------------------------------
+
+_names = st.sets(st.sampled_from([f"n{i}" for i in range(40)]))
+
+
+@given(
+    found=_names,
+    complete=_names,
+    current=_names,
+    useless=_names,
+    limit=st.integers(1, 30),
+    seed=st.integers(0, 2**32),
+)
+@settings(max_examples=300)
+def test_choose_sources_bounds_and_keeps_what_it_should(
+    found: set[str], complete: set[str], current: set[str], useless: set[str], limit: int, seed: int
+) -> None:
+    from protocol.chunkplan import choose_sources
+
+    out = choose_sources(found, complete, current, useless, limit, random.Random(seed))
+    assert out == choose_sources(found, complete, current, useless, limit, random.Random(seed))
+    assert out <= found
+    assert len(out) == min(limit, len(found))  # never fewer than it could have
+    full = found & complete
+    if full:
+        assert out & full, "a complete holder is always among the sources"
+    dull = (useless - complete) & found
+    if len(found - dull) >= limit:
+        assert not out & dull, "a useless source made room for another"
+    kept = (current & found) - dull
+    if len(kept) < limit and (kept & full or not full):
+        assert kept <= out, "sources in use stay while they are found and useful"
+
+
+def test_choose_sources_spreads_a_large_swarm() -> None:
+    from protocol.chunkplan import choose_sources
+
+    found = {f"n{i}" for i in range(200)}
+    rng = random.Random(7)
+    picks = [choose_sources(found, {"n0"}, (), (), 24, rng) for _ in range(50)]
+    assert all(len(p) == 24 and "n0" in p for p in picks)
+    assert len(set().union(*picks)) > 150  # each receiver its own slice, not the same 24
+    with pytest.raises(LocalProtocolError):
+        choose_sources(found, (), (), (), 0, rng)
+
+
+def test_useful_says_whether_a_source_holds_a_missing_chunk() -> None:
+    plan = ChunkPlan(4, have=[0, 1])
+    plan.set_source("full", None)
+    plan.set_source("old", [0, 1])
+    plan.set_source("new", [1, 2])
+    assert plan.useful("full") and plan.useful("new")
+    assert not plan.useful("old") and not plan.useful("unknown")
