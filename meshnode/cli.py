@@ -17,14 +17,10 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
-from rich.table import Table
-from rich.text import Text
 
 from meshnode.client import (
     DEFAULT_PEER,
@@ -36,10 +32,34 @@ from meshnode.client import (
     model_path,
     normalize_peer_url,
 )
+from meshnode.render import (
+    PROG,
+    TRANSFER_FINAL,
+    TransferBar,
+    as_dict,
+    as_number,
+    follow_hint,
+    human_bytes,
+    human_duration,
+    name_list,
+    render_availability,
+    render_info,
+    render_list,
+    render_nodes,
+    render_register,
+    render_status,
+    render_transfer,
+    render_transfer_started,
+    render_transfers,
+    render_unregister,
+    stderr_console,
+    stdout_console,
+    transfer_error,
+    transfer_target,
+)
 
 __all__ = ["build_parser", "main", "make_client"]
 
-PROG = "meshnode"
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -49,37 +69,13 @@ EXIT_INTERRUPTED = 130
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 _LOG_DATEFMT = "%Y-%m-%dT%H:%M:%S"
-# Width for tables when stdout is not a terminal, so names are not folded.
-_PIPE_WIDTH = 160
-# Leading hex digits of a manifest hash shown in tables (``--json`` has it all).
-_HASH_SHOWN = 12
 
-_STATE_STYLES = {
-    "alive": "green",
-    "suspect": "yellow",
-    "dead": "red",
-    "left": "dim",
-    "online": "green",
-    "offline": "red",
-    "ready": "green",
-    "available": "green",
-    "downloading": "yellow",
-    "pending": "yellow",
-    "registered": "cyan",
-    "failed": "red",
-    "error": "red",
-    "queued": "yellow",
-    "running": "cyan",
-    "done": "green",
-    "recorded": "dim",
-}
 
 # Following a transfer (``--wait``): tests replace the clock and the sleep.
 POLL_INTERVAL_S = 0.5
 # GET /transfers/{id} on a peer that is not the target may answer 404 until
 # gossip brings the transfer there; that long after the POST it means "queued".
 NOT_FOUND_GRACE_S = 5.0
-_TRANSFER_FINAL = ("done", "failed")
 _sleep: Callable[[float], None] = time.sleep
 _monotonic: Callable[[], float] = time.monotonic
 
@@ -123,16 +119,6 @@ def make_client(base_url: str, token: str | None, timeout_s: float) -> ApiClient
 # -- small value helpers -------------------------------------------------------
 
 
-def human_bytes(value: Any) -> str:
-    """``1536`` -> ``"1.5 KiB"``; anything that is not a number -> ``"-"``."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return "-"
-    n = float(value)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(n) < 1024 or unit == "PiB":
-            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 def parse_bytes(text: str) -> int:
@@ -170,487 +156,68 @@ def _log_level(text: str) -> str:
     return level
 
 
-def _styled(value: Any) -> Text:
-    text = "-" if value is None else str(value)
-    return Text(text, style=_STATE_STYLES.get(text.lower(), ""))
 
 
-def _names(items: Any) -> list[str]:
-    """Lists of strings or of dicts (``{"device": ...}``, ``{"node_id": ...}``) -> strings."""
-    if not isinstance(items, list):
-        return []
-    out: list[str] = []
-    for item in items:
-        if isinstance(item, dict):
-            for key in ("device", "model_name", "name", "node_id", "id", "url", "endpoint"):
-                if item.get(key) is not None:
-                    out.append(str(item[key]))
-                    break
-            else:
-                out.append(json.dumps(item, sort_keys=True))
-        else:
-            out.append(str(item))
-    return out
 
 
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
 
 
-def _console() -> Console:
-    console = Console(file=sys.stdout, highlight=False)
-    if not console.is_terminal and "COLUMNS" not in os.environ:
-        console = Console(file=sys.stdout, highlight=False, width=_PIPE_WIDTH)
-    return console
 
 
 # -- renderers (one per command; each gets the decoded JSON) -------------------
 
 
-def render_status(console: Console, data: Any, args: argparse.Namespace) -> None:
-    data = _dict(data)
-    grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold")
-    grid.add_column()
-    grid.add_row("node", str(data.get("node_id", "-")))
-    grid.add_row("cluster", str(data.get("cluster", "-")))
-    nodes = _dict(data.get("nodes"))
-    counts = Text()
-    for state in ("alive", "suspect", "dead", "left"):
-        if counts:
-            counts.append("  ")
-        counts.append(f"{nodes.get(state, 0)} {state}", style=_STATE_STYLES[state])
-    grid.add_row("nodes", Text(f"{nodes.get('total', 0)} total  ").append_text(counts))
-    models = _dict(data.get("models"))
-    grid.add_row(
-        "models",
-        f"{models.get('total', 0)} total  {models.get('replicated', 0)} replicated  "
-        f"{models.get('single_node', 0)} on a single node",
-    )
-    for device, info in sorted(_dict(data.get("storage")).items()):
-        if isinstance(info, dict) and ("total" in info or "free" in info):
-            grid.add_row(
-                f"storage {device}",
-                f"{human_bytes(info.get('free'))} free of {human_bytes(info.get('total'))} "
-                f"({human_bytes(info.get('used'))} used)",
-            )
-    for extra in ("services", "jobs"):
-        section = data.get(extra)
-        if isinstance(section, dict) and section:
-            grid.add_row(extra, "  ".join(f"{v} {k}" for k, v in section.items()))
-        elif isinstance(section, int) and not isinstance(section, bool):
-            grid.add_row(extra, str(section))
-    console.print(grid)
 
 
-def render_nodes(console: Console, data: Any, args: argparse.Namespace) -> None:
-    data = _dict(data)
-    nodes = data.get("nodes") or []
-    table = Table(title=f"nodes ({data.get('total_count', len(nodes))})", title_justify="left")
-    table.add_column("node", no_wrap=True)
-    table.add_column("address", no_wrap=True)
-    table.add_column("state")
-    table.add_column("models", justify="right")
-    table.add_column("gpus", justify="right")
-    table.add_column("disk free", justify="right")
-    for node in nodes:
-        node = _dict(node)
-        disk = _dict(_dict(node.get("storage")).get("disk"))
-        models = node.get("models")
-        gpus = node.get("gpus")
-        table.add_row(
-            str(node.get("node_id", "-")),
-            str(node.get("address", "-")),
-            _styled(node.get("state")),
-            str(len(models)) if isinstance(models, list) else "-",
-            str(len(gpus)) if isinstance(gpus, list) else "-",
-            human_bytes(disk.get("free")),
-        )
-    console.print(table)
 
 
-def render_list(console: Console, data: Any, args: argparse.Namespace) -> None:
-    data = _dict(data)
-    models = data.get("models") or []
-    table = Table(title=f"models ({data.get('total_count', len(models))})", title_justify="left")
-    table.add_column("model", no_wrap=True)
-    table.add_column("type")
-    table.add_column("size", justify="right")
-    table.add_column("locations")
-    table.add_column("services", justify="right")
-    table.add_column("status")
-    for model in models:
-        model = _dict(model)
-        services = model.get("services")
-        table.add_row(
-            str(model.get("model_name", "-")),
-            str(model.get("model_type", "-")),
-            human_bytes(model.get("size")),
-            ", ".join(_names(model.get("locations"))) or "-",
-            str(len(services)) if isinstance(services, list) else "-",
-            _styled(model.get("status")),
-        )
-    console.print(table)
 
 
-def render_info(console: Console, data: Any, args: argparse.Namespace) -> None:
-    data = _dict(data)
-    metadata = _dict(data.get("metadata"))
-    grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold", no_wrap=True)
-    grid.add_column()
-    grid.add_row("model", Text(str(data.get("model_name", args.name)), style="bold"))
-    grid.add_row("type", str(data.get("model_type", "-")))
-    grid.add_row("status", _styled(data.get("status")))
-    grid.add_row("size", human_bytes(data.get("size")))
-    grid.add_row("source", str(data.get("source_url") or "-"))
-    grid.add_row("registered by", str(data.get("registered_by") or "-"))
-    grid.add_row("description", str(metadata.get("description") or "-"))
-    tags = metadata.get("tags")
-    grid.add_row(
-        "tags", ", ".join(str(t) for t in tags) if isinstance(tags, list) and tags else "-"
-    )
-    requirements = _dict(metadata.get("requirements"))
-    if requirements:
-        parts = []
-        for key, value in requirements.items():
-            shown = human_bytes(value) if key in ("min_memory", "min_vram") else str(value)
-            parts.append(f"{key}={shown}")
-        grid.add_row("requirements", "  ".join(parts))
-    console.print(grid)
-
-    rows = _copy_rows(data)
-    if rows:
-        table = Table(title=f"copies ({len(rows)})", title_justify="left")
-        table.add_column("device", no_wrap=True)
-        table.add_column("manifest", no_wrap=True)
-        table.add_column("size", justify="right")
-        table.add_column("status")
-        table.add_column("online")
-        for row in rows:
-            table.add_row(*row)
-        console.print(table)
-    else:
-        console.print("copies: none")
-
-    services = data.get("services")
-    if isinstance(services, list) and services:
-        table = Table(title="services", title_justify="left")
-        table.add_column("node", no_wrap=True)
-        table.add_column("endpoint")
-        table.add_column("status")
-        for svc in services:
-            if isinstance(svc, dict):
-                endpoint = svc.get("url") or svc.get("endpoint") or svc.get("port") or "-"
-                table.add_row(
-                    str(svc.get("node_id") or svc.get("device") or "-"),
-                    str(endpoint),
-                    _styled(svc.get("status")),
-                )
-            else:
-                table.add_row(str(svc), "-", Text("-"))
-        console.print(table)
 
 
-def _short_hash(value: Any) -> str:
-    return str(value)[:_HASH_SHOWN] if value else "-"
 
 
-def _yes_no(value: Any) -> Text:
-    if value is None:
-        return Text("-")
-    return Text("yes", style="green") if value else Text("no", style="red")
 
 
-def _copy_rows(data: dict[str, Any]) -> list[tuple[str, str, str, Text, Text]]:
-    """Rows for ``info``'s copies table: every entry of ``copies`` (device,
-    manifest hash, size, status, online), then every location with no copy
-    behind it (recorded by hand, or an older peer's plain list)."""
-    rows: list[tuple[str, str, str, Text, Text]] = []
-    seen: set[str] = set()
-    copies = data.get("copies")
-    for copy in copies if isinstance(copies, list) else []:
-        if not isinstance(copy, dict):
-            continue
-        device = str(copy.get("device", "-"))
-        seen.add(device)
-        rows.append(
-            (
-                device,
-                _short_hash(copy.get("manifest_hash") or copy.get("manifest")),
-                human_bytes(copy.get("size")),
-                _styled(copy.get("status")),
-                _yes_no(copy.get("online")),
-            )
-        )
-    locations = data.get("locations")
-    for loc in locations if isinstance(locations, list) else []:
-        if isinstance(loc, dict):
-            device = str(loc.get("device", "-"))
-            if device in seen:
-                continue
-            seen.add(device)
-            rows.append(
-                (
-                    device,
-                    _short_hash(loc.get("manifest_hash") or loc.get("manifest")),
-                    human_bytes(loc.get("size")),
-                    _styled(loc.get("status")),
-                    _yes_no(loc.get("online")),
-                )
-            )
-        elif str(loc) not in seen:
-            seen.add(str(loc))
-            rows.append((str(loc), "-", "-", _styled("recorded"), Text("-")))
-    return rows
 
 
-def render_register(console: Console, data: Any, args: argparse.Namespace) -> None:
-    console.print(f"registered model {args.name!r}")
 
 
-def render_unregister(console: Console, data: Any, args: argparse.Namespace) -> None:
-    suffix = " and purged every copy" if args.purge else ""
-    console.print(f"unregistered model {args.name!r}{suffix}")
 
 
-def render_availability(console: Console, data: Any, args: argparse.Namespace) -> None:
-    data = _dict(data)
-    nodes = _dict(data.get("nodes"))
-    table = Table(
-        title=f"availability (catalog: {data.get('total_models', 0)} models)", title_justify="left"
-    )
-    table.add_column("node", no_wrap=True)
-    table.add_column("address", no_wrap=True)
-    table.add_column("online")
-    table.add_column("models", justify="right")
-    table.add_column("pools")
-    for key in sorted(nodes):
-        node = _dict(nodes[key])
-        online = node.get("online")
-        models = node.get("models")
-        table.add_row(
-            str(node.get("node_id", key)),
-            str(node.get("address", "-")),
-            Text("yes", style="green") if online else Text("no", style="red"),
-            str(len(models)) if isinstance(models, list) else "-",
-            ", ".join(_names(node.get("pools"))) or "-",
-        )
-    console.print(table)
-    replicated = _names(data.get("replicated_models"))
-    single = _names(data.get("single_node_models"))
-    console.print(f"replicated ({len(replicated)}): {', '.join(replicated) or '-'}")
-    single_line = Text(f"single node ({len(single)}): {', '.join(single) or '-'}")
-    if single:
-        single_line.stylize("yellow")
-    console.print(single_line)
 
 
 # -- transfers -----------------------------------------------------------------
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value)
 
 
-def human_duration(seconds: Any) -> str:
-    """``83`` -> ``"1m23s"``; ``7500`` -> ``"2h05m"``; not a number -> ``"-"``."""
-    value = _number(seconds)
-    if value is None or value < 0:
-        return "-"
-    total = round(value)
-    if total < 60:
-        return f"{total}s"
-    minutes, secs = divmod(total, 60)
-    if minutes < 60:
-        return f"{minutes}m{secs:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
 
 
-def _transfer_percent(t: dict[str, Any]) -> str:
-    total, done = _number(t.get("bytes_total")), _number(t.get("bytes_done"))
-    if total and done is not None:
-        return f"{min(100.0, 100.0 * done / total):.0f}%"
-    return "100%" if t.get("status") == "done" else "-"
 
 
-def _transfer_rate(t: dict[str, Any]) -> str:
-    rate = _number(t.get("rate_bps"))
-    if not rate or t.get("status") in _TRANSFER_FINAL:
-        return "-"
-    return f"{human_bytes(rate)}/s"
 
 
-def _transfer_eta(t: dict[str, Any]) -> str:
-    if t.get("status") == "done":
-        return "0s"
-    rate, total = _number(t.get("rate_bps")), _number(t.get("bytes_total"))
-    done = _number(t.get("bytes_done")) or 0.0
-    if not rate or not total or t.get("status") == "failed":
-        return "-"
-    return human_duration(max(0.0, total - done) / rate)
 
 
-def _transfer_error(t: dict[str, Any]) -> str:
-    """``"NO_SOURCE: no node holds ..."`` for a failed transfer."""
-    err = t.get("error")
-    if isinstance(err, dict):
-        code = str(err.get("code") or "TRANSFER_FAILED")
-        message = " ".join(str(err.get("message") or "the transfer failed").split())
-        return f"{code}: {message}"
-    if isinstance(err, str) and err.strip():
-        return f"TRANSFER_FAILED: {' '.join(err.split())}"
-    return "TRANSFER_FAILED: the transfer failed (the node gave no reason)"
 
 
-def _where(t: dict[str, Any]) -> str:
-    return f"{t.get('model', '?')} -> {t.get('target_device', '?')}"
 
 
-def _follow_hint(transfer_id: Any, args: argparse.Namespace) -> str:
-    hint = f"{PROG} transfer {transfer_id}"
-    if getattr(args, "peer", None):
-        hint += f" --peer {args.peer}"
-    return hint
 
 
-def _when(ms: Any) -> str:
-    value = _number(ms)
-    if not value:
-        return "-"
-    return datetime.fromtimestamp(value / 1000).isoformat(sep=" ", timespec="seconds")
 
 
-def render_transfer_started(console: Console, data: Any, args: argparse.Namespace) -> None:
-    """download, copy and move without ``--wait``: what started and how to follow it."""
-    t = _dict(data)
-    tid = t.get("transfer_id")
-    if not tid:
-        console.print(f"requested {args.command} of {args.name!r}")
-        return
-    line = Text(f"transfer {tid} ")
-    line.append_text(_styled(t.get("status")))
-    line.append(f": {_where(t)}")
-    sources = _names(t.get("sources"))
-    if sources:
-        line.append(f" from {', '.join(sources)}")
-    console.print(line)
-    if t.get("status") == "failed":
-        console.print(Text(_transfer_error(t), style="red"))
-    note = t.get("note")
-    if note:
-        console.print(f"note: {note}")
-    if t.get("status") not in _TRANSFER_FINAL:
-        console.print(f"follow it with: {_follow_hint(tid, args)}")
 
 
-def render_transfers(console: Console, data: Any, args: argparse.Namespace) -> None:
-    data = _dict(data)
-    items = data.get("transfers") or []
-    table = Table(title=f"transfers ({data.get('total_count', len(items))})", title_justify="left")
-    table.add_column("id", no_wrap=True)
-    table.add_column("model", no_wrap=True)
-    table.add_column("target device", no_wrap=True)
-    table.add_column("status")
-    table.add_column("progress", justify="right")
-    table.add_column("rate", justify="right")
-    table.add_column("sources")
-    for item in items if isinstance(items, list) else []:
-        t = _dict(item)
-        table.add_row(
-            str(t.get("transfer_id", "-")),
-            str(t.get("model", "-")),
-            str(t.get("target_device", "-")),
-            _styled(t.get("status")),
-            _transfer_percent(t),
-            _transfer_rate(t),
-            ", ".join(_names(t.get("sources"))) or "-",
-        )
-    console.print(table)
 
 
-def render_transfer(console: Console, data: Any, args: argparse.Namespace) -> None:
-    t = _dict(data)
-    grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold", no_wrap=True)
-    grid.add_column()
-    grid.add_row("transfer", Text(str(t.get("transfer_id", args.transfer_id)), style="bold"))
-    grid.add_row("model", str(t.get("model", "-")))
-    grid.add_row("target", str(t.get("target_device", "-")))
-    grid.add_row("status", _styled(t.get("status")))
-    grid.add_row(
-        "progress",
-        f"{human_bytes(t.get('bytes_done'))} of {human_bytes(t.get('bytes_total'))} "
-        f"({_transfer_percent(t)})",
-    )
-    grid.add_row("rate", _transfer_rate(t))
-    grid.add_row("eta", _transfer_eta(t))
-    grid.add_row(
-        "chunks",
-        f"{t.get('chunks_fetched', 0)} fetched, {t.get('chunks_resumed', 0)} resumed, "
-        f"{t.get('bad_chunks', 0)} bad, of {t.get('chunks_total', '-')}",
-    )
-    if _number(t.get("files_total")):
-        grid.add_row("files", f"{t.get('files_done', 0)} of {t.get('files_total')}")
-    grid.add_row("sources", ", ".join(_names(t.get("sources"))) or "-")
-    banned = _names(t.get("banned"))
-    if banned:
-        grid.add_row("banned", Text(", ".join(banned), style="yellow"))
-    if t.get("source"):
-        grid.add_row("asked source", str(t["source"]))
-    grid.add_row("started", _when(t.get("started_ms")))
-    if _number(t.get("finished_ms")):
-        grid.add_row("finished", _when(t.get("finished_ms")))
-    if t.get("status") == "failed" or t.get("error"):
-        grid.add_row("error", Text(_transfer_error(t), style="red"))
-    if t.get("note"):
-        grid.add_row("note", str(t["note"]))
-    console.print(grid)
 
 
-def _err_console() -> Console:
-    return Console(file=sys.stderr, highlight=False)
 
 
-class _TransferBar:
-    """A rich progress bar on stderr for one transfer (only on a terminal)."""
-
-    def __init__(self, console: Console, state: dict[str, Any]) -> None:
-        self._progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            TaskProgressColumn(),
-            TextColumn("{task.fields[detail]}"),
-            console=console,
-            transient=True,
-        )
-        self._task = self._progress.add_task(_where(state), total=None, detail="")
-        self._progress.start()
-        self.update(state)
-
-    def update(self, t: dict[str, Any]) -> None:
-        total = _number(t.get("bytes_total")) or None
-        done = _number(t.get("bytes_done")) or 0.0
-        sources = ", ".join(_names(t.get("sources"))) or "-"
-        detail = (
-            f"{human_bytes(done)}/{human_bytes(total)}  {_transfer_rate(t)}  "
-            f"eta {_transfer_eta(t)}  [{t.get('status', '?')}] from {sources}{_files(t)}"
-        )
-        self._progress.update(
-            self._task, total=total, completed=done, detail=detail, description=_where(t)
-        )
-
-    def stop(self) -> None:
-        self._progress.stop()
 
 
-def _files(t: dict[str, Any]) -> str:
-    """`` 3/6 files`` while a web source is fetched file by file; else nothing."""
-    total = _number(t.get("files_total"))
-    return f"  {t.get('files_done', 0)}/{int(total)} files" if total else ""
 
 
 def _print_ndjson(state: dict[str, Any]) -> None:
@@ -666,7 +233,7 @@ def wait_for_transfer(
     A bar on stderr when it is a terminal; with ``--json`` one JSON object per
     answer on stdout, the POST's answer first and the final state last.
     """
-    state = _dict(first)
+    state = as_dict(first)
     tid = state.get("transfer_id")
     if not isinstance(tid, str) or not tid:
         return _fail(
@@ -675,16 +242,16 @@ def wait_for_transfer(
             EXIT_ERROR,
             token,
         )
-    hint = _follow_hint(tid, args)
+    hint = follow_hint(tid, args)
     where = f"on node {state.get('node_id') or 'its target'}"
     started = _monotonic()
     deadline = None if args.wait_timeout is None else started + args.wait_timeout
     if args.json:
         _print_ndjson(state)
-    err_console = _err_console()
-    bar = _TransferBar(err_console, state) if not args.json and err_console.is_terminal else None
+    err_console = stderr_console()
+    bar = TransferBar(err_console, state) if not args.json and err_console.is_terminal else None
     try:
-        while state.get("status") not in _TRANSFER_FINAL:
+        while state.get("status") not in TRANSFER_FINAL:
             if "status" not in state:
                 return _fail(
                     f"unexpected answer about transfer {tid}: no status (try `{hint} --json`)",
@@ -711,7 +278,7 @@ def wait_for_transfer(
                 ):
                     continue  # not gossiped to this peer yet: still queued
                 raise
-            state = _dict(answer)
+            state = as_dict(answer)
             if args.json:
                 _print_ndjson(state)
             if bar is not None:
@@ -737,16 +304,16 @@ def wait_for_transfer(
 
     if state.get("status") == "failed":
         return _fail(
-            f"{_transfer_error(state)} (transfer {tid}: {_where(state)})", EXIT_ERROR, token
+            f"{transfer_error(state)} (transfer {tid}: {transfer_target(state)})", EXIT_ERROR, token
         )
     if not args.json:
         elapsed: Any = None
-        start_ms, end_ms = _number(state.get("started_ms")), _number(state.get("finished_ms"))
+        start_ms, end_ms = as_number(state.get("started_ms")), as_number(state.get("finished_ms"))
         if start_ms and end_ms and end_ms >= start_ms:
             elapsed = (end_ms - start_ms) / 1000
         took = human_duration(elapsed if elapsed is not None else _monotonic() - started)
         details = [f"{human_bytes(state.get('bytes_total'))} in {took}"]
-        sources = _names(state.get("sources"))
+        sources = name_list(state.get("sources"))
         if sources:
             details.append(f"from {', '.join(sources)}")
         if "chunks_fetched" in state:  # a peer that is not the target may not know
@@ -754,10 +321,10 @@ def wait_for_transfer(
                 f"{state.get('chunks_fetched')} chunks fetched, "
                 f"{state.get('chunks_resumed', 0)} resumed"
             )
-        summary = f"transfer {tid} done: {_where(state)} ({'; '.join(details)})"
-        _console().print(summary, soft_wrap=True)
+        summary = f"transfer {tid} done: {transfer_target(state)} ({'; '.join(details)})"
+        stdout_console().print(summary, soft_wrap=True)
         if state.get("note"):
-            _console().print(f"note: {state['note']}", soft_wrap=True)
+            stdout_console().print(f"note: {state['note']}", soft_wrap=True)
     return EXIT_OK
 
 
@@ -950,7 +517,7 @@ def run_client_command(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2, ensure_ascii=False))
         return EXIT_OK
     try:
-        render(_console(), data, args)
+        render(stdout_console(), data, args)
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         return _fail(
             f"unexpected response from peer {peer} for {args.command}: {type(exc).__name__}: {exc}"

@@ -1186,7 +1186,7 @@ def test_wait_shows_a_bar_on_a_terminal(
 
     screen = io.StringIO()
     monkeypatch.setattr(
-        cli, "_err_console", lambda: Console(file=screen, force_terminal=True, width=200)
+        cli, "stderr_console", lambda: Console(file=screen, force_terminal=True, width=200)
     )
     fake(transfer_peer(transfer(), [RUNNING, DONE]))
     code, out, _ = run(capsys, "copy", MODEL, "--to", "node-b:disk", "--wait")
