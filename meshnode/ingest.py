@@ -3,7 +3,8 @@
 The decision of who fetches is ``protocol.ingest`` (earliest claim wins);
 this module does the waiting, the fetching into a staging directory on the
 target tier's filesystem, and hands the result to the store, which hashes it
-into a manifest once.  From then on the mesh moves the copy peer to peer.
+into a manifest once and renames the files into the copy (the tier needs room
+for one copy, not two).  From then on the mesh moves the copy peer to peer.
 
 A node that holds a copy made from a source advertises it in its own
 catalog key ``src/<source id digest>`` -> ``{"source_id", "manifest_hash",
@@ -12,6 +13,7 @@ catalog key ``src/<source id digest>`` -> ``{"source_id", "manifest_hash",
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -157,7 +159,7 @@ async def _fetch(transfers: Transfers, t: Transfer, url: str, hf: tuple[str, str
             f"hf://{hf[0]}" if hf is not None else url, staging, progress=progress, revision=revision,
             allow_patterns=options.get("allow_patterns"), ignore_patterns=options.get("ignore_patterns"),
         )
-        copy = await trio.to_thread.run_sync(node.store.ingest_path, t.kind, t.model, staging)
+        copy = await trio.to_thread.run_sync(functools.partial(node.store.ingest_path, t.kind, t.model, staging, adopt=True))
     except BaseException as e:
         from .transfer import _only_cancelled
 

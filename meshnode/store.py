@@ -259,8 +259,13 @@ class Store:
             self._remove_dir(old)
         return copy
 
-    def ingest_path(self, kind: str, model: str, src: Path, chunk_bytes: int | None = None) -> Copy:
-        """Add a local file or directory as a copy: hash it once, copy it in, publish."""
+    def ingest_path(self, kind: str, model: str, src: Path, chunk_bytes: int | None = None, *, adopt: bool = False) -> Copy:
+        """Add a local file or directory as a copy: hash it once, copy it in, publish.
+
+        ``adopt``: ``src`` is a staging directory this node filled on the tier's
+        own filesystem (a web ingest): its files are renamed into the copy
+        instead of copied, so the tier needs room for one copy, not two.
+        """
         files = list(_walk(src))
         total = sum(size for _, _, size in files)
         cb = chunk_bytes or choose_chunk_bytes(total)
@@ -278,6 +283,10 @@ class Store:
         existing = self.get(model, kind)
         if existing is not None and existing.manifest_hash == manifest.hash:
             return existing
+        if adopt:
+            adopted = self._adopt(kind, model, manifest, files)
+            if adopted is not None:
+                return adopted
         p = self.partial(kind, model, manifest)
         try:
             for rel, path, _size in files:
@@ -293,6 +302,37 @@ class Store:
             # Verify what landed, so a file that changed while we read it is caught.
             if len(p.verified_chunks()) != manifest.n_chunks:
                 raise StoreError("SOURCE_CHANGED", f"{src} changed while it was being added; try again")
+            return p.publish()
+        except OSError as e:
+            p.discard()
+            raise _os_error(e, kind, self.tier_root(kind)) from None
+        except BaseException:
+            p.discard()
+            raise
+
+    def _adopt(self, kind: str, model: str, manifest: Manifest, files: list[tuple[str, Path, int]]) -> Copy | None:
+        """Rename ``files`` (just hashed into ``manifest``) into a partial and
+        publish it; None (nothing moved) when they are not on this tier's
+        filesystem or a partial of this manifest is already being built."""
+        p = Partial(self, kind, model, manifest)
+        try:
+            tier_dev = self.tier_root(kind).stat().st_dev
+            if any(path.stat().st_dev != tier_dev for _, path, _ in files):
+                return None
+            p.path.parent.mkdir(parents=True, exist_ok=True)
+            p.path.mkdir()  # FileExistsError: someone else's partial, left alone
+        except FileExistsError:
+            return None
+        except OSError as e:
+            raise _os_error(e, kind, self.tier_root(kind)) from None
+        try:
+            for rel, path, size in files:
+                dest = p.path / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.rename(path, dest)
+                if dest.stat().st_size != size:
+                    raise StoreError("SOURCE_CHANGED", f"{path} changed while it was being added; try again")
+            p.open()
             return p.publish()
         except OSError as e:
             p.discard()

@@ -141,3 +141,33 @@ async def test_hub_errors_fail_the_transfer_clearly(mesh: Mesh, hub: FakeHub, tm
     assert "not-the-token" not in str(t)
     assert a.node.store.get("y", "disk") is None
     assert not any((mesh.root / "a" / "copies" / ".partial").glob("ingest-*"))
+
+
+@pytest.fixture
+def tmpfs_6m(tmp_path: Path) -> Any:
+    import subprocess
+
+    mnt = tmp_path / "ram"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+async def test_web_ingest_needs_room_for_one_copy_not_two(mesh: Mesh, hub: FakeHub, tmpfs_6m: Path) -> None:
+    # About 4.1 MiB of model on a 6 MiB tier: the files fetched into the staging
+    # directory are renamed into the copy, not copied beside themselves.
+    size = sum(len(v) for v in hub_files(hub).values())
+    assert 3 * 2**20 < size < 6 * 2**20 < 2 * size
+    a = await mesh.start("a", "--dram-dir", str(tmpfs_6m))
+    r = await mesh.client.post(a.url + f"/models/{REPO}/download", json={"target_device": "a:dram"})
+    assert r.status_code == 202, r.text
+    t = await finished(mesh, a, str(r.json()["transfer_id"]))
+    assert t["status"] == "done", t
+    c = a.node.store.get(REPO, "dram")
+    assert c is not None
+    assert {p.relative_to(c.path).as_posix(): p.read_bytes() for p in c.path.rglob("*") if p.is_file()} == hub_files(hub)
+    left = [p for p in (tmpfs_6m / ".partial").rglob("*") if p.is_file()]
+    assert left == [], left  # the staging directory is gone
