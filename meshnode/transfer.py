@@ -600,7 +600,10 @@ class Transfers:
                 chosen = choose_sources(found, complete, plan.sources, useless, MAX_SOURCES, rng)
                 for nid in list(plan.sources):
                     if nid not in chosen:
-                        plan.remove_source(nid)
+                        for key in plan.remove_source(nid):  # its chunks go back to the pool
+                            s = scopes.get(key)
+                            if s is not None:
+                                s.cancel()
                         addrs.pop(nid, None)
                 pulling = sorted({me, *found} - complete)
                 swarm = len(pulling) > 1
