@@ -54,6 +54,9 @@ DRIVER_HOST = 250
 PORT = 7420
 MODEL = "bench/swarm-model"
 TARGET_RATIO = 1.3
+# tc counts whole frames: 1448 payload bytes of a full TCP segment (MTU 1500,
+# timestamps on) travel as 1514 bytes (Ethernet 14, IP 20, TCP 32).
+L2_PER_PAYLOAD = 1514 / 1448
 ANCHORS = "Kraken p50 1.0x, p99 1.8x; Dragonfly 1.5x"
 
 
@@ -499,7 +502,8 @@ def report(r: SwarmResult) -> str:
         f"  slowest / (S/B)          {slowest / sb:10.2f} x   target {TARGET_RATIO} x: {'MET' if slowest / sb <= TARGET_RATIO else 'MISSED'}",
         f"  slowest vs star          {star / slowest:10.2f} x faster",
         f"  seed sent (tc, L2 bytes) {seed_tx / 1e6:10.1f} MB = {seed_tx / S:.2f} x S",
-        f"  all hosts sent           {sum(r.tx_bytes.values()) / S:10.2f} x S   (ideal {r.n_receivers} x S)",
+        f"  all hosts sent           {sum(r.tx_bytes.values()) / S:10.2f} x S   (ideal {r.n_receivers} x S;"
+        f" {r.n_receivers * L2_PER_PAYLOAD:.2f} x S with the headers of full 1500-byte frames)",
         f"  CPU busy during copy     {100 * r.cpu_busy:10.0f} %  of {os.cpu_count()} cores (the whole machine)",
         f"  daemons' CPU             {sum(u + y for u, y in r.proc_cpu_s.values()) / r.wall_s:10.2f} cores"
         f"  (user+sys s: " + ", ".join(f"{k} {u:.1f}+{y:.1f}" for k, (u, y) in
