@@ -19,6 +19,7 @@ Everything here blocks (file I/O): call it through ``trio.to_thread``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -143,6 +144,18 @@ class Partial:
         self.close()
         shutil.rmtree(self.path, ignore_errors=True)
 
+    @contextlib.contextmanager
+    def discarded_on_error(self) -> Iterator[None]:
+        """Any error inside discards the partial; an OSError becomes a StoreError."""
+        try:
+            yield
+        except OSError as e:
+            self.discard()
+            raise _os_error(e, self.kind, self.store.tier_root(self.kind)) from None
+        except BaseException:
+            self.discard()
+            raise
+
 
 def _os_error(e: OSError, kind: str, root: Path) -> StoreError:
     import errno
@@ -228,11 +241,8 @@ class Store:
                 "NO_SPACE",
                 f"{self.node_id}:{kind} has {free} bytes free, {manifest.total_bytes - already} more are needed for {model}",
             )
-        try:
+        with p.discarded_on_error():
             p.open()
-        except OSError as e:
-            p.discard()
-            raise _os_error(e, kind, self.tier_root(kind)) from None
         return p
 
     def _install(self, kind: str, model: str, manifest: Manifest, built: Path) -> Copy:
@@ -288,7 +298,7 @@ class Store:
             if adopted is not None:
                 return adopted
         p = self.partial(kind, model, manifest)
-        try:
+        with p.discarded_on_error():
             for rel, path, _size in files:
                 with open(path, "rb") as fin:
                     fd = p._fds[rel]
@@ -303,12 +313,6 @@ class Store:
             if len(p.verified_chunks()) != manifest.n_chunks:
                 raise StoreError("SOURCE_CHANGED", f"{src} changed while it was being added; try again")
             return p.publish()
-        except OSError as e:
-            p.discard()
-            raise _os_error(e, kind, self.tier_root(kind)) from None
-        except BaseException:
-            p.discard()
-            raise
 
     def _adopt(self, kind: str, model: str, manifest: Manifest, files: list[tuple[str, Path, int]]) -> Copy | None:
         """Rename ``files`` (just hashed into ``manifest``) into a partial and
@@ -325,7 +329,7 @@ class Store:
             return None
         except OSError as e:
             raise _os_error(e, kind, self.tier_root(kind)) from None
-        try:
+        with p.discarded_on_error():
             for rel, path, size in files:
                 dest = p.path / rel
                 dest.parent.mkdir(parents=True, exist_ok=True)
@@ -334,12 +338,6 @@ class Store:
                     raise StoreError("SOURCE_CHANGED", f"{path} changed while it was being added; try again")
             p.open()
             return p.publish()
-        except OSError as e:
-            p.discard()
-            raise _os_error(e, kind, self.tier_root(kind)) from None
-        except BaseException:
-            p.discard()
-            raise
 
     # -- deleting -----------------------------------------------------------------------
 

@@ -447,7 +447,7 @@ class Transfers:
 
         def work() -> Copy:
             p = self.node.store.partial(t.kind, t.model, m)
-            try:
+            with p.discarded_on_error():
                 have = p.verified_chunks()
                 t.chunks_resumed = len(have)
                 for ref in m.chunks():
@@ -462,9 +462,6 @@ class Transfers:
                     t.chunks_fetched += 1
                     t.bytes_done += ref.length
                 return p.publish()
-            except BaseException:
-                p.discard()
-                raise
 
         return await trio.to_thread.run_sync(work)
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import AsyncIterator, Callable
+import subprocess
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +80,26 @@ async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
         yield m
         await m.client.aclose()
         nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
+    """``tmpfs(mib)`` mounts a tmpfs of that size (a small RAM tier that fills
+    up); every mount is removed at the end.  Skips without the right to mount."""
+    mounts: list[Path] = []
+
+    def mount(mib: int) -> Path:
+        mnt = tmp_path / f"tmpfs{len(mounts)}"
+        mnt.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs", str(mnt)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+        mounts.append(mnt)
+        return mnt
+
+    yield mount
+    for mnt in mounts:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 async def wait_for(check: Callable[[], object], timeout_s: float = 15.0, what: str = "condition") -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -143,20 +143,8 @@ async def test_hub_errors_fail_the_transfer_clearly(mesh: Mesh, hub: FakeHub, tm
     assert not any((mesh.root / "a" / "copies" / ".partial").glob("ingest-*"))
 
 
-@pytest.fixture
-def tmpfs_6m(tmp_path: Path) -> Any:
-    import subprocess
-
-    mnt = tmp_path / "ram"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-async def test_web_ingest_needs_room_for_one_copy_not_two(mesh: Mesh, hub: FakeHub, tmpfs_6m: Path) -> None:
+async def test_web_ingest_needs_room_for_one_copy_not_two(mesh: Mesh, hub: FakeHub, tmpfs: Callable[[int], Path]) -> None:
+    tmpfs_6m = tmpfs(6)
     # About 4.1 MiB of model on a 6 MiB tier: the files fetched into the staging
     # directory are renamed into the copy, not copied beside themselves.
     size = sum(len(v) for v in hub_files(hub).values())

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from .conftest import Handle, Mesh, wait_for
 
@@ -210,18 +208,8 @@ async def _progress(mesh: Mesh, url: str, tid: str) -> bool:
     return bool(t.get("bytes_done", 0) > 0 and t["status"] == "running")
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path: Path):  # type: ignore[no-untyped-def]
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-async def test_full_disk_fails_clearly_and_publishes_nothing(mesh: Mesh, tmp_path: Path, small_tmpfs: Path) -> None:
+async def test_full_disk_fails_clearly_and_publishes_nothing(mesh: Mesh, tmp_path: Path, tmpfs: Callable[[int], Path]) -> None:
+    small_tmpfs = tmpfs(4)
     src = make_model(tmp_path, 3 * MiB)  # fits the 4 MiB free check...
     a = await start(mesh, "a")
     b = await mesh.start("b", "--dram-dir", str(small_tmpfs), join=[a])
