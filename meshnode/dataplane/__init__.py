@@ -1,0 +1,84 @@
+"""The data plane: a small binary protocol that moves verified chunks between peers.
+
+Theory of operation
+-------------------
+Weights move on their own TCP port (advertised in the gossiped catalog), not
+through HTTP: a plain socket with ``os.sendfile`` on the sender and
+``recv_into`` a reused buffer on the receiver moves several GB/s on one core,
+where an HTTP client reading a streamed body tops out well under 1 GB/s.
+
+Every integer is big-endian.  One connection carries one handshake, then any
+number of sequential requests.
+
+Handshake (proves the cluster secret both ways without sending it)::
+
+    client -> server  b"MNDP" | version u8 (=1) | client nonce (16)
+    server -> client  version u8 (=1) | server nonce (16) | HMAC-SHA256(K_s, b"srv" | cn | sn)
+    client -> server  HMAC-SHA256(K_c, b"cli" | cn | sn)
+    server -> client  u8: 0 accepted (anything else: refused, then close)
+
+``K_s`` is the server's first accepted secret.  The client checks the server's
+proof against each secret it accepts, and answers with the one that matched
+(so ``K_c`` is known to be shared); the server checks that answer against each
+secret it accepts with ``hmac.compare_digest``.  No secrets configured (a
+single-user loopback setup) means the empty key.  Rotation: add the new secret
+to every node's list, then make it first everywhere, then drop the old one;
+at every step any two nodes share the server's first secret.
+
+A server answers a wrong magic by closing; a wrong version by sending its own
+version byte and closing; a client at connection capacity by sending the
+single byte 0 ("busy") and closing.  A wrong secret is logged (one line,
+rate-limited, never the secret) and closed.
+
+Requests and replies::
+
+    GET_CHUNK  u8 1 | manifest hash (16 raw bytes of the 32-char hex) | chunk index u32
+    HAVE       u8 2 | manifest hash (16)
+    reply      status u8 | length u64 | body
+
+Status 0 OK (body: the chunk, or a bitfield whose bit i, most significant bit
+first, says chunk i is present and verified), 1 NOT_FOUND, 2 BAD_REQUEST,
+3 BUSY.  A non-OK body is an optional short UTF-8 reason (at most 256 bytes).
+A malformed request gets BAD_REQUEST and the connection is closed.
+
+Limits: connections (``max_connections``), concurrent chunk sends
+(``max_concurrent_sends``, beyond which GET_CHUNK answers BUSY), a handshake
+timeout, an idle timeout between requests, a timeout to read a whole request,
+and a stall timeout on every send and receive (no progress for that long
+fails the request).  The client bounds connect plus handshake by
+``connect_timeout_s`` and every wait for bytes by ``read_timeout_s``.
+
+The chunk's xxh3-128 is computed as its bytes arrive; the caller writes a
+chunk to disk only after ``fetch_chunk`` has returned, that is after the
+digest matched.
+"""
+
+from .client import DataClient, DataClientStatistics
+from .common import (
+    MAGIC,
+    VERSION,
+    ChunkMismatch,
+    ChunkResolver,
+    DataPlaneAuthError,
+    DataPlaneError,
+    NotFound,
+    PeerBusy,
+    Status,
+)
+from .server import DataServer, DataServerStatistics
+
+__all__ = [
+    "MAGIC",
+    "VERSION",
+    "ChunkMismatch",
+    "ChunkResolver",
+    "DataClient",
+    "DataClientStatistics",
+    "DataPlaneAuthError",
+    "DataPlaneError",
+    "DataServer",
+    "DataServerStatistics",
+    "NotFound",
+    "PeerBusy",
+    "Status",
+]

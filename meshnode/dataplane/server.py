@@ -1,0 +1,349 @@
+"""The data plane's server: serves verified chunks to authenticated peers."""
+
+from __future__ import annotations
+
+import os
+import secrets as _random
+import ssl
+from dataclasses import dataclass
+
+import trio
+
+from meshnode.ratelimit import TokenBucket
+
+from .common import (
+    _CLIENT_HELLO,
+    _GET_CHUNK_BODY,
+    _REPLY,
+    _SERVER_HELLO,
+    BUSY_BYTE,
+    HASH_BYTES,
+    MAC_BYTES,
+    MAGIC,
+    MAX_BITFIELD_BYTES,
+    MAX_CHUNK_BYTES,
+    MAX_REASON_BYTES,
+    NONCE_BYTES,
+    REQ_GET_CHUNK,
+    REQ_HAVE,
+    SEND_SLICE_BYTES,
+    VERSION,
+    ChunkResolver,
+    Status,
+    _Conn,
+    _keys,
+    _LogLimiter,
+    _mac,
+    _match_key,
+    _PeerClosed,
+    logger,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DataServerStatistics:
+    connections: int
+    connections_total: int
+    sends_in_flight: int
+    requests: int
+    bytes_sent: int
+    auth_failures: int
+    bad_requests: int
+    busy_replies: int
+
+
+class DataServer:
+    """Serves verified chunks to authenticated peers.
+
+    ``resolver`` has ``locate(hash_hex, index) -> (path, offset, length) | None``
+    and ``have(hash_hex) -> bitfield | None``; see :class:`ChunkResolver`.
+    """
+
+    def __init__(
+        self,
+        resolver: ChunkResolver,
+        secrets: tuple[str, ...],
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        egress: TokenBucket | None = None,
+        max_connections: int = 256,
+        max_concurrent_sends: int = 64,
+        handshake_timeout_s: float = 10.0,
+        idle_timeout_s: float = 120.0,
+        request_timeout_s: float = 10.0,
+        stall_timeout_s: float = 30.0,
+    ) -> None:
+        if max_connections < 1 or max_concurrent_sends < 1:
+            raise ValueError("max_connections and max_concurrent_sends must be >= 1")
+        self._resolver = resolver
+        self._keys = _keys(secrets)
+        self._ssl_context = ssl_context
+        self._egress = egress  # kept even when unlimited: set_rate() may limit it later
+        self.max_connections = max_connections
+        self.max_concurrent_sends = max_concurrent_sends
+        self.handshake_timeout_s = handshake_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self.request_timeout_s = request_timeout_s
+        self.stall_timeout_s = stall_timeout_s
+        self.port: int | None = None
+        self._log = _LogLimiter()
+        self._connections = 0
+        self._connections_total = 0
+        self._sends = 0
+        self._requests = 0
+        self._bytes_sent = 0
+        self._auth_failures = 0
+        self._bad_requests = 0
+        self._busy = 0
+
+    def statistics(self) -> DataServerStatistics:
+        return DataServerStatistics(
+            connections=self._connections,
+            connections_total=self._connections_total,
+            sends_in_flight=self._sends,
+            requests=self._requests,
+            bytes_sent=self._bytes_sent,
+            auth_failures=self._auth_failures,
+            bad_requests=self._bad_requests,
+            busy_replies=self._busy,
+        )
+
+    async def serve(
+        self,
+        host: str,
+        port: int,
+        *,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Bind (port 0: any free port), report the bound port, serve until cancelled."""
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        if port == 0 and len(listeners) > 1:  # each would get its own port: keep one
+            for extra in listeners[1:]:
+                await trio.aclose_forcefully(extra)
+            listeners = listeners[:1]
+        try:
+            self.port = listeners[0].socket.getsockname()[1]
+            logger.info(
+                "data plane listening on %s:%d (%s)",
+                host,
+                self.port,
+                "tls" if self._ssl_context else "tcp",
+            )
+            task_status.started(self.port)
+            await trio.serve_listeners(self._handle, listeners)
+        finally:
+            for listener in listeners:
+                await trio.aclose_forcefully(listener)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        self._connections += 1
+        self._connections_total += 1
+        try:
+            peer = _peer_name(stream)
+            if self._connections > self.max_connections:
+                self._busy += 1
+                self._log.warning(
+                    "capacity",
+                    "data plane at %d connections, turned away %s",
+                    self.max_connections,
+                    peer,
+                )
+                with trio.move_on_after(1):
+                    await stream.send_all(bytes([BUSY_BYTE]))
+                return
+            conn = await self._open(stream, peer)
+            if conn is None:
+                return
+            await self._requests_loop(conn, peer)
+        except (
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            _PeerClosed,
+            trio.TooSlowError,
+            OSError,
+        ) as exc:
+            logger.debug("data plane connection from %s ended: %s", _peer_name(stream), exc)
+        except Exception:  # our bug, not the peer's: log it, drop this connection, keep serving
+            self._log.warning("internal", "data plane connection handler failed", exc_info=True)
+        finally:
+            self._connections -= 1
+            await trio.aclose_forcefully(stream)
+
+    async def _open(self, stream: trio.SocketStream, peer: str) -> _Conn | None:
+        """TLS (if configured) and the secret handshake; None if refused."""
+        with trio.move_on_after(self.handshake_timeout_s) as scope:
+            conn: _Conn
+            if self._ssl_context is not None:
+                tls = trio.SSLStream(stream, self._ssl_context, server_side=True)
+                try:
+                    await tls.do_handshake()
+                except trio.BrokenResourceError as exc:
+                    self._log.warning(
+                        "tls:" + peer.rsplit(":", 1)[0],
+                        "data plane TLS handshake with %s failed: %s",
+                        peer,
+                        exc.__cause__ or exc,
+                    )
+                    return None
+                conn = _Conn(tls)
+            else:
+                conn = _Conn(stream)
+            try:
+                ok = await self._handshake(conn, peer)
+            except _PeerClosed as exc:  # before its hello: a probe or a port scan, not worth a line
+                logger.debug("data plane peer %s left before the handshake: %s", peer, exc)
+                return None
+            return conn if ok else None
+        assert scope.cancelled_caught
+        self._auth_failures += 1
+        self._log.warning(
+            "slow:" + peer.rsplit(":", 1)[0], "data plane handshake with %s timed out", peer
+        )
+        return None
+
+    async def _handshake(self, conn: _Conn, peer: str) -> bool:
+        hello = await conn.recv_exact(_CLIENT_HELLO.size, self.handshake_timeout_s, "client hello")
+        magic, version, cn = _CLIENT_HELLO.unpack(hello)
+        if magic != MAGIC:
+            self._auth_failures += 1
+            self._log.warning(
+                "magic:" + peer.rsplit(":", 1)[0],
+                "data plane refused %s: not our protocol (bad magic)",
+                peer,
+            )
+            return False
+        if version != VERSION:
+            self._auth_failures += 1
+            self._log.warning(
+                "version:" + peer.rsplit(":", 1)[0],
+                "data plane refused %s: it speaks version %d, we speak %d",
+                peer,
+                version,
+                VERSION,
+            )
+            await conn.send_all(bytes([VERSION]))
+            return False
+        sn = _random.token_bytes(NONCE_BYTES)
+        await conn.send_all(_SERVER_HELLO.pack(VERSION, sn, _mac(self._keys[0], b"srv", cn, sn)))
+        try:
+            proof = await conn.recv_exact(MAC_BYTES, self.handshake_timeout_s, "client proof")
+        except _PeerClosed:
+            self._auth_failures += 1
+            self._log.warning(
+                "closed:" + peer.rsplit(":", 1)[0],
+                "data plane peer %s hung up during the handshake, after our proof"
+                " (it does not accept our cluster secret?)",
+                peer,
+            )
+            return False
+        if _match_key(self._keys, b"cli", cn, sn, proof) is None:
+            self._auth_failures += 1
+            self._log.warning(
+                "secret:" + peer.rsplit(":", 1)[0],
+                "data plane refused %s: its proof matches no accepted cluster secret",
+                peer,
+            )
+            await conn.send_all(b"\x01")
+            return False
+        await conn.send_all(b"\x00")
+        return True
+
+    async def _reply(self, conn: _Conn, status: Status, reason: str = "") -> None:
+        body = reason.encode("utf-8")[:MAX_REASON_BYTES]
+        await conn.send_all(_REPLY.pack(status, len(body)) + body)
+
+    async def _requests_loop(self, conn: _Conn, peer: str) -> None:
+        buf: bytearray | None = None if conn.fd is not None else bytearray(SEND_SLICE_BYTES)
+        while True:
+            first: bytes | bytearray = b""
+            with trio.move_on_after(self.idle_timeout_s):
+                first = await conn.stream.receive_some(1)
+            if not first:  # EOF, or idle for too long (the scope ended with nothing)
+                return
+            self._requests += 1
+            kind = first[0]
+            if kind == REQ_GET_CHUNK:
+                body = await conn.recv_exact(
+                    _GET_CHUNK_BODY.size, self.request_timeout_s, "GET_CHUNK request"
+                )
+                raw_hash, index = _GET_CHUNK_BODY.unpack(body)
+                await self._get_chunk(conn, peer, raw_hash.hex(), index, buf)
+            elif kind == REQ_HAVE:
+                raw_hash = await conn.recv_exact(HASH_BYTES, self.request_timeout_s, "HAVE request")
+                await self._have(conn, raw_hash.hex())
+            else:
+                self._bad_requests += 1
+                self._log.warning(
+                    "bad:" + peer.rsplit(":", 1)[0],
+                    "data plane: bad request type %d from %s",
+                    kind,
+                    peer,
+                )
+                await self._reply(conn, Status.BAD_REQUEST, f"unknown request type {kind}")
+                return
+
+    async def _have(self, conn: _Conn, hash_hex: str) -> None:
+        try:
+            bits = self._resolver.have(hash_hex)
+        except Exception:
+            logger.exception("data plane resolver.have(%s) failed", hash_hex)
+            bits = None
+        if bits is None:
+            await self._reply(conn, Status.NOT_FOUND, "no such manifest")
+            return
+        if len(bits) > MAX_BITFIELD_BYTES:
+            logger.error(
+                "data plane: bitfield for %s is %d bytes, over the limit", hash_hex, len(bits)
+            )
+            await self._reply(conn, Status.NOT_FOUND, "bitfield too large")
+            return
+        await conn.send_all(_REPLY.pack(Status.OK, len(bits)) + bytes(bits))
+
+    async def _get_chunk(
+        self, conn: _Conn, peer: str, hash_hex: str, index: int, buf: bytearray | None
+    ) -> None:
+        if self._sends >= self.max_concurrent_sends:
+            self._busy += 1
+            await self._reply(conn, Status.BUSY, "too many chunk sends in flight")
+            return
+        try:
+            where = self._resolver.locate(hash_hex, index)
+        except Exception:
+            logger.exception("data plane resolver.locate(%s, %d) failed", hash_hex, index)
+            where = None
+        if where is None:
+            await self._reply(conn, Status.NOT_FOUND, "no such chunk")
+            return
+        path, offset, length = where
+        if offset < 0 or not 0 <= length <= MAX_CHUNK_BYTES:
+            logger.error(
+                "data plane: resolver gave a bad range for %s[%d]: %r", hash_hex, index, where
+            )
+            await self._reply(conn, Status.NOT_FOUND, "no such chunk")
+            return
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            logger.warning("data plane: cannot open %s for %s[%d]: %s", path, hash_hex, index, exc)
+            await self._reply(conn, Status.NOT_FOUND, "chunk file missing")
+            return
+        self._sends += 1
+        try:
+            if os.fstat(fd).st_size < offset + length:
+                logger.warning("data plane: %s is shorter than %s[%d] needs", path, hash_hex, index)
+                await self._reply(conn, Status.NOT_FOUND, "chunk file truncated")
+                return
+            await conn.send_all(_REPLY.pack(Status.OK, length))
+            sent = await conn.send_file(fd, offset, length, self.stall_timeout_s, self._egress, buf)
+            self._bytes_sent += sent
+        finally:
+            self._sends -= 1
+            os.close(fd)
+
+
+def _peer_name(stream: trio.SocketStream) -> str:
+    try:
+        addr = stream.socket.getpeername()
+    except OSError:
+        return "?"
+    return f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
