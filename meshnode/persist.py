@@ -22,7 +22,7 @@ from typing import Any
 
 import msgpack
 
-__all__ = ["DataDirError", "SavedState", "StateFile", "check_data_dir"]
+__all__ = ["DataDirError", "SavedState", "StateFile", "atomic_write", "check_data_dir", "fsync_dir"]
 
 log = logging.getLogger("meshnode.persist")
 
@@ -61,12 +61,28 @@ def check_data_dir(path: Path) -> None:
         ) from None
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` all at once: a temp file beside it, then
+    a rename.  ``durable``: fsync the file before and its directory after, so
+    a power cut leaves the old or the new contents (blocking: run it in a
+    thread on a hot path)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+    if durable:
+        fsync_dir(path.parent)
 
 
 class StateFile:
@@ -121,10 +137,4 @@ class StateFile:
             },
             use_bin_type=True,
         )
-        tmp = self.dir / f".{STATE_NAME}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        _fsync_dir(self.dir)
+        atomic_write(self.path, data)

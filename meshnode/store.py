@@ -37,6 +37,8 @@ from protocol.manifest import (
     validate_rel_path,
 )
 
+from .persist import atomic_write, fsync_dir
+
 __all__ = ["TIERS", "Copy", "Partial", "Store", "StoreError"]
 
 log = logging.getLogger("meshnode.store")
@@ -67,14 +69,6 @@ class Copy:
     @property
     def manifest_hash(self) -> str:
         return self.manifest.hash
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Partial:
@@ -135,7 +129,7 @@ class Partial:
                 os.fsync(fd)
             self.close()
             for d in {(self.path / f.path).parent for f in self.manifest.files} | {self.path}:
-                _fsync_dir(d)
+                fsync_dir(d)
             return self.store._install(self.kind, self.model, self.manifest, self.path)
         except OSError as e:
             raise _os_error(e, self.kind, self.store.tier_root(self.kind)) from None
@@ -255,14 +249,9 @@ class Store:
         if final.exists():
             shutil.rmtree(built, ignore_errors=True)  # the same copy is already here
         else:
-            tmp = parent / f".@{manifest.hash}{_MANIFEST_SUFFIX}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(manifest.encode())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, mfile)
+            atomic_write(mfile, manifest.encode())
             os.rename(built, final)
-            _fsync_dir(parent)
+            fsync_dir(parent)
         copy = Copy(model, kind, manifest, final)
         self._copies[(model, kind)] = copy
         if old is not None and old.manifest_hash != manifest.hash:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
@@ -44,6 +43,7 @@ from protocol.manifest import Manifest, chunk_digest
 from protocol.view import COPY_PREFIX
 
 from .dataplane import ChunkMismatch, DataPlaneError, NotFound, PeerBusy
+from .persist import atomic_write
 from .sources import SourceError
 from .store import Copy, Partial, StoreError
 
@@ -180,9 +180,7 @@ class Transfers:
         return out
 
     def _save_intent(self, t: Transfer) -> None:
-        tmp = self.dir / f".{t.id}.tmp"
-        tmp.write_text(json.dumps(asdict(t)))
-        os.replace(tmp, self.dir / f"{t.id}.json")
+        atomic_write(self.dir / f"{t.id}.json", json.dumps(asdict(t)).encode(), durable=False)
 
     def _drop_intent(self, t: Transfer) -> None:
         (self.dir / f"{t.id}.json").unlink(missing_ok=True)

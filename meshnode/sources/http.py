@@ -28,6 +28,7 @@ from urllib.parse import unquote, urlsplit
 import httpx
 import trio
 
+from meshnode.persist import atomic_write
 from meshnode.sources import (
     DEFAULT_RETRY,
     Progress,
@@ -191,9 +192,7 @@ class _PartFile:
 
     def set_meta(self, etag: str | None, last_modified: str | None, total: int | None, encoded: bool) -> None:
         self.meta = {"url": self.url, "etag": etag, "last_modified": last_modified, "total": total, "encoded": encoded}
-        tmp = self.side.with_name(self.side.name + ".tmp")
-        tmp.write_text(json.dumps(self.meta))
-        os.replace(tmp, self.side)
+        atomic_write(self.side, json.dumps(self.meta).encode(), durable=False)
 
     def write(self, data: bytes) -> None:
         assert self.fd is not None
