@@ -33,7 +33,7 @@ from .peers import PeerSender, make_peer_client
 from .persist import DataDirError, SavedState, StateFile, check_data_dir
 from .ratelimit import TokenBucket
 from .service import ApiError, Clock, MeshService
-from .store import Copy, Store
+from .store import TIERS, Copy, Store
 from .transfer import Transfers, full_bitfield
 
 __all__ = ["MeshNode", "main_start"]
@@ -219,7 +219,7 @@ class MeshNode:
 
     def storage(self) -> dict[str, dict[str, int]]:
         out = {}
-        for kind in ("disk", "dram"):
+        for kind in TIERS:
             try:
                 out[kind] = self.store.usage(kind)
             except OSError:

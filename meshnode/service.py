@@ -30,6 +30,8 @@ __all__ = ["ApiError", "MeshService"]
 
 log = logging.getLogger("meshnode.service")
 
+METADATA_FILES_MAX = 200  # registration metadata lists at most this many file names
+
 
 class ApiError(Exception):
     """An error for the API caller: HTTP status, a stable code, a message."""
@@ -103,8 +105,8 @@ def _clean_metadata(raw: Any) -> dict[str, Any]:
         out["revision"] = rev
     files = raw.get("files")
     if files is not None:
-        if not isinstance(files, list) or len(files) > 200 or not all(isinstance(f, str) and 0 < len(f) <= 1024 for f in files):
-            raise ApiError(400, "INVALID_REQUEST", "metadata.files must be a list of at most 200 paths")
+        if not isinstance(files, list) or len(files) > METADATA_FILES_MAX or not all(isinstance(f, str) and 0 < len(f) <= 1024 for f in files):
+            raise ApiError(400, "INVALID_REQUEST", f"metadata.files must be a list of at most {METADATA_FILES_MAX} paths")
         out["files"] = files
     count = raw.get("file_count")
     if count is not None:

@@ -78,8 +78,10 @@ class Partial:
         self.store, self.kind, self.model, self.manifest = store, kind, model, manifest
         self.path = store.tier_root(kind) / _PARTIAL / manifest.hash
         self._fds: dict[str, int] = {}
+        self.resumed = False  # open() found an earlier run's partial: worth re-verifying
 
     def open(self) -> None:
+        self.resumed = self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
         for f in self.manifest.files:
             p = self.path / f.path
@@ -95,7 +97,7 @@ class Partial:
         for ref in self.manifest.chunks():
             fd = self._fds[ref.path]
             data = os.pread(fd, ref.length, ref.offset)
-            if len(data) == ref.length and chunk_digest(data) == ref.digest:
+            if self.manifest.verify(ref.index, data):
                 have.add(ref.index)
         return have
 

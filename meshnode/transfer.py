@@ -44,6 +44,7 @@ from protocol.view import COPY_PREFIX
 
 from .dataplane import ChunkMismatch, DataPlaneError, NotFound, PeerBusy
 from .persist import atomic_write
+from .service import METADATA_FILES_MAX, ApiError
 from .sources import SourceError
 from .store import Copy, Partial, StoreError
 
@@ -70,7 +71,6 @@ NO_SOURCE_GRACE_S = 3.0
 # receiver sees its own random slice, sticky while useful.
 MAX_SOURCES = 24
 FINISHED_KEPT = 50
-FILES_LISTED = 200  # registration metadata lists at most this many file names
 
 
 def xfer_key(transfer_id: str) -> str:
@@ -159,7 +159,9 @@ class Transfers:
         self.dir.mkdir(parents=True, exist_ok=True)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            for t in self._load_intents():
+            resumed = self._load_intents()
+            self._forget_unfinished({t.id for t in resumed})
+            for t in resumed:
                 log.info("resuming transfer %s of %s to %s", t.id, t.model, t.kind)
                 self._launch(t)
             task_status.started()
@@ -178,6 +180,22 @@ class Transfers:
             t.chunks_fetched = t.bytes_done = 0  # counted afresh; resumed chunks are counted as such
             out.append(t)
         return out
+
+    def _forget_unfinished(self, resumed: set[str]) -> None:
+        """Our ``xfer/`` keys saved as queued or running whose intent is gone
+        (or unreadable) end as failed, so peers neither wait on their claim
+        nor ask this node for chunks of a transfer that no longer runs."""
+        g = self.node.gossip
+        if g is None:
+            return
+        now = trio.current_time()
+        for key, e in list(g.catalog.own.keys.items()):
+            v = e.value
+            if not key.startswith(XFER_PREFIX) or e.tombstone or not isinstance(v, dict):
+                continue
+            if v.get("status") in ("queued", "running") and key[len(XFER_PREFIX):] not in resumed:
+                error = {"code": "INTERRUPTED", "message": "the node restarted with no record of this transfer to resume"}
+                g.set(key, {**v, "status": "failed", "error": error, "finished_ms": int(time.time() * 1000)}, now)
 
     def _save_intent(self, t: Transfer) -> None:
         atomic_write(self.dir / f"{t.id}.json", json.dumps(asdict(t)).encode(), durable=False)
@@ -235,10 +253,16 @@ class Transfers:
                 else:  # a bug must not take the node down
                     t.error = {"code": "INTERNAL", "message": f"{type(exc).__name__}: {exc}"}
                     log.exception("transfer %s crashed", t.id)
-            finally:
-                t.finished_ms = int(time.time() * 1000)
-                self._drop_intent(t)
+            except BaseException as exc:
+                if not _only_cancelled(exc):
+                    raise
+                # The node is stopping: the intent stays, so the restart resumes it.
+                t.status = "queued"
                 self._publish_progress(t)
+                raise
+            t.finished_ms = int(time.time() * 1000)
+            self._drop_intent(t)
+            self._publish_progress(t)
 
     # -- progress in the catalog -----------------------------------------------------------
 
@@ -293,9 +317,14 @@ class Transfers:
         """node id -> data-plane address of the live nodes that can serve this
         manifest: complete copies (any model name: the hash is the identity)
         and transfers in progress."""
+        return self.holders_and_complete(manifest_hash)[0]
+
+    def holders_and_complete(self, manifest_hash: str) -> tuple[dict[str, str], set[str]]:
+        """``holders()``, and which of them hold the copy complete (one catalog pass each)."""
         g = self.node.gossip
         assert g is not None
         out: dict[str, str] = {}
+        complete: set[str] = set()
         me = self.node.cfg.node_id
         for prefix, want_running in ((COPY_PREFIX, False), (XFER_PREFIX, True)):
             for nid, _key, value in g.catalog.items(prefix):
@@ -308,7 +337,9 @@ class Transfers:
                 addr = self.data_address(nid)
                 if addr is not None:
                     out[nid] = addr
-        return out
+                    if not want_running:
+                        complete.add(nid)
+        return out, complete
 
     def data_address(self, node_id: str) -> str | None:
         g = self.node.gossip
@@ -424,7 +455,7 @@ class Transfers:
         if isinstance(meta.get("model_type"), str):
             body["model_type"] = meta["model_type"][:64]
         files = [f.path for f in copy.manifest.files]
-        metadata: dict[str, Any] = {"files": files[:FILES_LISTED], "file_count": len(files)}
+        metadata: dict[str, Any] = {"files": files[:METADATA_FILES_MAX], "file_count": len(files)}
         if isinstance(meta.get("revision"), str):
             metadata["revision"] = meta["revision"][:64]
             metadata["description"] = f"{t.source} at {meta['revision']}"
@@ -435,7 +466,11 @@ class Transfers:
         self.node.publish_copy(copy)
         await self.node.persist_now()
         if not t.keep_source and t.source is not None:
-            await self.node.delete_copy_anywhere(t.model, t.source)
+            try:
+                await self.node.delete_copy_anywhere(t.model, t.source)
+            except ApiError as e:  # the copy is here and published: the move did its part
+                t.note = f"copied, but the source {t.source} was not deleted: {e.message}"
+                log.warning("transfer %s: %s", t.id, t.note)
 
     async def _copy_local(self, t: Transfer, src: Copy) -> Copy:
         """Between tiers of this node: copy the bytes, verify every chunk, publish."""
@@ -446,7 +481,7 @@ class Transfers:
         def work() -> Copy:
             p = self.node.store.partial(t.kind, t.model, m)
             with p.discarded_on_error():
-                have = p.verified_chunks()
+                have = _resumed_chunks(p)
                 t.chunks_resumed = len(have)
                 for ref in m.chunks():
                     if ref.index in have:
@@ -476,12 +511,9 @@ class Transfers:
             raise TransferError("NO_SOURCE", self._no_source_message(t))
         manifest = await self._fetch_manifest(t.manifest_hash, holders)
         t.bytes_total, t.chunks_total = manifest.total_bytes, manifest.n_chunks
-        # A partial left by an earlier run is re-verified; a new one holds nothing
-        # (hashing its preallocated zeros costs a core-second per 256 MiB).
-        resuming = Partial(node.store, t.kind, t.model, manifest).path.exists()
         partial = await trio.to_thread.run_sync(node.store.partial, t.kind, t.model, manifest)
         try:
-            have = await trio.to_thread.run_sync(partial.verified_chunks) if resuming else set()
+            have = await trio.to_thread.run_sync(_resumed_chunks, partial)
             t.chunks_resumed = len(have)
             t.bytes_done = sum(manifest.chunk(i).length for i in have)
             plan = ChunkPlan(manifest.n_chunks, have, per_peer_inflight=PER_PEER_INFLIGHT, stall_timeout_s=node.cfg.chunk_stall_s)
@@ -589,8 +621,7 @@ class Transfers:
         async def refresh_sources() -> None:
             nonlocal last_source_seen, share
             while True:
-                found = self.holders(mhash)
-                complete = {nid for nid in found if self._is_complete_holder(nid, mhash)}
+                found, complete = self.holders_and_complete(mhash)
                 useless = [nid for nid in plan.sources if nid not in complete and not plan.useful(nid)]
                 chosen = choose_sources(found, complete, plan.sources, useless, MAX_SOURCES, rng)
                 for nid in list(plan.sources):
@@ -654,16 +685,12 @@ class Transfers:
         t.rate_bps = 0.0
         log.info("transfer %s: chunks by source %s; plan %s", t.id, dict(sorted(by_source.items())), plan.statistics())
 
-    def _is_complete_holder(self, node_id: str, manifest_hash: str) -> bool:
-        g = self.node.gossip
-        assert g is not None
-        st = g.catalog.nodes.get(node_id)
-        if st is None:
-            return False
-        for key, e in st.keys.items():
-            if key.startswith(COPY_PREFIX) and not e.tombstone and isinstance(e.value, dict) and e.value.get("manifest_hash") == manifest_hash:
-                return True
-        return False
+
+def _resumed_chunks(p: Partial) -> set[int]:
+    """The verified chunks a partial left by an earlier run holds; a new one
+    holds nothing (hashing its preallocated zeros costs a core-second per
+    256 MiB)."""
+    return p.verified_chunks() if p.resumed else set()
 
 
 def _my_share(me: str, nodes: list[str], n_chunks: int) -> range:

@@ -45,7 +45,9 @@ def published(root: Path, node: str, name: str) -> Path:
 
 
 @pytest.mark.slow
-def test_kill_9_receiver_half_way_resumes_without_refetching(procs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("stop", ["kill -9", "SIGTERM"])
+def test_kill_9_receiver_half_way_resumes_without_refetching(procs, tmp_path: Path, stop: str) -> None:  # type: ignore[no-untyped-def]
+    # A crash and a clean stop alike: the intent stays and the restart resumes.
     src = tmp_path / "model"
     src.mkdir()
     (src / "weights.bin").write_bytes(os.urandom(40 * MiB))  # 40 chunks of 1 MiB
@@ -65,7 +67,10 @@ def test_kill_9_receiver_half_way_resumes_without_refetching(procs, tmp_path: Pa
     done_before = int(seen["chunks_fetched"])
     total = int(seen["chunks_total"])
     assert total == 40, seen
-    b.kill()
+    if stop == "SIGTERM":
+        assert b.term() == 0
+    else:
+        b.kill()
     assert any((tmp_path / "b" / "copies" / ".partial").iterdir())
     b.start()  # same data dir: the intent is found and the transfer resumes
     final: dict[str, Any] = {}
