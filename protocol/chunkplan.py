@@ -218,17 +218,19 @@ class ChunkPlan:
         src = self._sources.get(peer)
         if src is not None:
             src.cap = cap
-        if chunks is None:
+        new = None
+        if chunks is not None:
+            new = bytearray(self._n)
+            for c in chunks:
+                self._check_chunk(c)
+                new[c] = 1
+        if new is None or new.count(1) == self._n:  # a full holder
             if src is None:
                 self._sources[peer] = _Source(None, cap)
                 self._full += 1
             elif src.bits is not None:
                 self._make_full(src)
             return
-        new = bytearray(self._n)
-        for c in chunks:
-            self._check_chunk(c)
-            new[c] = 1
         if src is None:
             src = _Source(new, cap)
             self._sources[peer] = src
@@ -246,8 +248,6 @@ class ChunkPlan:
                 self._count_bits((now_held & ~old).to_bytes(self._n, "little"), +1)
             src.bits = new
             src.count = new.count(1)
-        if src.count == self._n:
-            self._make_full(src)
 
     def add_source_chunks(self, peer: str, chunks: Iterable[int]) -> None:
         """``peer`` now also holds ``chunks`` (incremental, O(len(chunks)))."""

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import logging
-import subprocess
 import time
 import traceback
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -343,20 +342,8 @@ async def test_http_chunked_and_errors(hub: FakeHub, tmp_path: Path) -> None:
         assert not client.is_closed
 
 
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, check=False)
-    if r.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
-
-
-async def test_no_space(hub: FakeHub, small_fs: Path) -> None:
+async def test_no_space(hub: FakeHub, tmpfs: Callable[[int], Path]) -> None:
+    small_fs = tmpfs(1)
     hub.plain["big.bin"] = blob(3_000_000)
     # Known length: refused before writing.
     await expect_error("NO_SPACE", fetch_url(hub.url("files/big.bin"), small_fs / "a", retries=FAST))

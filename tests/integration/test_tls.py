@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import trustme
 
 from .conftest import Handle, Mesh, wait_for
@@ -90,8 +91,16 @@ async def test_tls_mesh_copies_over_the_tls_data_plane(mesh: Mesh, tmp_path: Pat
         await wait_for(lambda: _is(status(b, tid), "done"), what="copy over TLS")
     c = b.node.store.get("m", "disk")
     assert c is not None and (c.path / "w.bin").read_bytes() == (src / "w.bin").read_bytes()
-    assert b.node.data_client is not None and b.node.data_client.statistics() is not None
     assert a.node.data_server_stats()["bytes_sent"] >= 9 * 1024 * 1024
+    # The data port speaks TLS only: a plain client with the right secret gets nowhere.
+    from meshnode.dataplane import DataClient, DataPlaneError
+
+    plain = DataClient(a.node.cfg.secrets.cluster_secrets, connect_timeout_s=2, read_timeout_s=2)
+    try:
+        with pytest.raises(DataPlaneError):
+            await plain.have(f"127.0.0.1:{a.node.data_port}", c.manifest_hash)
+    finally:
+        await plain.aclose()
 
 
 async def _is(value: Any, want: str) -> bool:

@@ -164,7 +164,7 @@ async def _state(mesh: Mesh, url: str, node: str, state: str) -> bool:
 
 
 async def test_peer_serving_flipped_bits_is_caught_and_banned(mesh: Mesh, tmp_path: Path) -> None:
-    src = make_model(tmp_path, 40 * MiB)  # 10 chunks: the bad peer is asked more than once
+    src = make_model(tmp_path, 40 * MiB)  # 40 chunks: the bad peer is asked more than once
     a = await start(mesh, "a")
     bad = await start(mesh, "bad", join=[a])
     c = await start(mesh, "c", join=[a])
@@ -174,7 +174,8 @@ async def test_peer_serving_flipped_bits_is_caught_and_banned(mesh: Mesh, tmp_pa
     # Flip bits in every chunk of bad's copy, behind its back.
     f = copy_dir(bad, "disk", "m") / "model.safetensors"
     data = bytearray(f.read_bytes())
-    for off in range(0, len(data), 4 * MiB):
+    chunk_bytes = bad.node.store.get("m", "disk").manifest.chunk_bytes  # type: ignore[union-attr]
+    for off in range(0, len(data), chunk_bytes):
         data[off] ^= 0xFF
     f.write_bytes(bytes(data))
     await until_copies(mesh, c.url, "m", 2)
@@ -211,18 +212,19 @@ async def _progress(mesh: Mesh, url: str, tid: str) -> bool:
 async def test_full_disk_fails_clearly_and_publishes_nothing(mesh: Mesh, tmp_path: Path, tmpfs: Callable[[int], Path]) -> None:
     small_tmpfs = tmpfs(4)
     src = make_model(tmp_path, 3 * MiB)  # fits the 4 MiB free check...
-    a = await start(mesh, "a")
+    a = await mesh.start("a", "--max-egress", "512K")  # slow enough to fill the disk mid-way
     b = await mesh.start("b", "--dram-dir", str(small_tmpfs), join=[a])
     await ingest(mesh, a, "m", src)
     await until_copies(mesh, b.url, "m", 1)
+    r = await mesh.client.post(b.url + "/models/m/copy", json={"from_device": "a:disk", "to_device": "b:dram"})
+    assert r.status_code == 202, r.text
+    tid = r.json()["transfer_id"]
+    await wait_for(lambda: _progress(mesh, b.url, tid), what="the first chunks")
     filler = small_tmpfs / "filler"  # ...until something else takes the space mid-way
     filler.write_bytes(b"x" * (2 * MiB))
-    r = await mesh.client.post(b.url + "/models/m/copy", json={"from_device": "a:disk", "to_device": "b:dram"})
-    if r.status_code == 507:  # refused up front: the space check saw it
-        assert r.json()["error"]["code"] == "NO_SPACE"
-    else:
-        t = await wait_transfer(mesh, b.url, r.json()["transfer_id"])
-        assert t["status"] == "failed" and t["error"]["code"] == "NO_SPACE", t
+    t = await wait_transfer(mesh, b.url, tid)
+    assert t["status"] == "failed" and t["error"]["code"] == "NO_SPACE", t
+    assert 0 < t["bytes_done"] < t["bytes_total"], t  # it failed writing, not up front
     assert b.node.store.get("m", "dram") is None
     assert [p.name for p in small_tmpfs.rglob("*") if p.is_file()] == ["filler"]
     filler.unlink()

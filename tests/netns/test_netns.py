@@ -25,8 +25,8 @@ def test_two_receivers_swarm_over_shaped_links() -> None:
     r = run_swarm(n_receivers=2, size=32 * MiB, rate_mbit=50, prefix=f"mnt{os.getpid()}", timeout_s=60, poll_s=0.1)
     assert r.identical == {"h2": True, "h3": True}
     assert set(r.sources["h2"]) == {"h1", "h3"} and set(r.sources["h3"]) == {"h1", "h2"}
-    chunk = 4 * MiB  # the manifest's chunk size for 32 MiB
+    chunk = 1 * MiB  # the manifest's chunk size for 32 MiB
     assert r.tx_bytes["h2"] + r.tx_bytes["h3"] >= chunk, r.tx_bytes  # receivers served each other
-    # Each receiver needs at least S/B; well under a star's 2 x S/B shows the sharing paid off.
+    # Each receiver needs at least S/B; under a star's 2 x S/B shows the sharing paid off.
     sb = r.size / (r.rate_mbit * 1e6 / 8)
-    assert max(r.times.values()) < 2 * sb * 1.5, r.times
+    assert max(r.times.values()) < 2 * sb, r.times
