@@ -32,6 +32,7 @@ from meshnode.client import (
     model_path,
     normalize_peer_url,
 )
+from meshnode.config import parse_size
 from meshnode.render import (
     PROG,
     TRANSFER_FINAL,
@@ -79,27 +80,6 @@ NOT_FOUND_GRACE_S = 5.0
 _sleep: Callable[[float], None] = time.sleep
 _monotonic: Callable[[], float] = time.monotonic
 
-_SIZE_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 1000,
-    "kb": 1000,
-    "m": 1000**2,
-    "mb": 1000**2,
-    "g": 1000**3,
-    "gb": 1000**3,
-    "t": 1000**4,
-    "tb": 1000**4,
-    "ki": 1024,
-    "kib": 1024,
-    "mi": 1024**2,
-    "mib": 1024**2,
-    "gi": 1024**3,
-    "gib": 1024**3,
-    "ti": 1024**4,
-    "tib": 1024**4,
-}
-
 
 class UsageError(Exception):
     """A problem with what the user typed that argparse could not see."""
@@ -123,18 +103,10 @@ def make_client(base_url: str, token: str | None, timeout_s: float) -> ApiClient
 
 def parse_bytes(text: str) -> int:
     """``"16GiB"``, ``"16G"``, ``"1500000"`` -> bytes (argparse type)."""
-    raw = text.strip().lower().replace(" ", "").replace("_", "")
-    number = raw.rstrip("kmgtib")
-    unit = raw[len(number) :]
-    if unit not in _SIZE_UNITS or not number:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 16GiB or 17179869184)")
     try:
-        value = float(number)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"size must not be negative: {text!r}")
-    return int(value * _SIZE_UNITS[unit])
+        return int(parse_size(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _positive_float(text: str) -> float:

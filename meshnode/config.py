@@ -240,20 +240,49 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
     )
 
 
-_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "KI": 2**10, "MI": 2**20, "GI": 2**30}
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "ki": 1024,
+    "kib": 1024,
+    "mi": 1024**2,
+    "mib": 1024**2,
+    "gi": 1024**3,
+    "gib": 1024**3,
+    "ti": 1024**4,
+    "tib": 1024**4,
+}
+
+
+def parse_size(text: str) -> float:
+    """``"16GiB"``, ``"16G"``, ``"500MB"``, ``"1500000"`` -> bytes; ValueError says why not."""
+    raw = text.strip().lower().replace(" ", "").replace("_", "")
+    number = raw.rstrip("kmgtib")
+    unit = raw[len(number) :]
+    if unit not in _SIZE_UNITS or not number:
+        raise ValueError(f"not a size: {text!r} (try 16GiB or 17179869184)")
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"not a size: {text!r}") from None
+    if value < 0:
+        raise ValueError(f"size must not be negative: {text!r}")
+    return value * _SIZE_UNITS[unit]
 
 
 def parse_rate(text: str | None, what: str) -> float:
-    """``500M``, ``1.5G``, ``800MiB`` (bytes per second; a trailing ``/s`` or ``B`` is fine)."""
+    """``500M``, ``1.5G``, ``800MiB`` (bytes per second; a trailing ``/s`` is fine)."""
     if not text:
         return 0.0
-    t = text.strip().upper().removesuffix("/S").removesuffix("B")
-    num = t.rstrip("KMGI")
-    unit = t[len(num):]
     try:
-        value = float(num) * _UNITS[unit]
-    except (ValueError, KeyError):
-        raise ConfigError(f"bad {what} {text!r}: expected bytes per second like 500M or 1G") from None
-    if value < 0:
-        raise ConfigError(f"bad {what} {text!r}: must not be negative")
-    return value
+        return parse_size(text.strip().lower().removesuffix("/s"))
+    except ValueError as e:
+        raise ConfigError(f"bad {what} {text!r}: expected bytes per second like 500M or 1G ({e})") from None

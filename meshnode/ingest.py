@@ -28,8 +28,9 @@ from protocol import MemberState
 from protocol.hlc import Stamp
 from protocol.ingest import Claim, choose_fetcher, source_id
 
-from .sources import SourceError, SourceResult, fetch_source
-from .sources.hf import resolve_hf_commit
+from .sources import SourceError, SourceResult, fetch_source, is_hf_source
+from .sources.hf import parse_hf_ref, resolve_hf_commit
+from .transfer import XFER_PREFIX, _only_cancelled
 
 if TYPE_CHECKING:
     from .store import Copy
@@ -49,23 +50,17 @@ def src_key(sid: str) -> str:
 
 
 def hf_repo(url: str) -> tuple[str, str | None] | None:
-    """``(repo_id, revision)`` when ``url`` names a Hugging Face repo, else None."""
-    if url.startswith("hf://"):
-        rest = url[len("hf://"):].strip("/")
-        repo, _, rev = rest.partition("@")
-        return repo, rev or None
-    p = urlparse(url)
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    hub_hosts = {"huggingface.co", "www.huggingface.co", urlparse(endpoint).netloc}
-    if p.scheme in ("http", "https") and p.netloc in hub_hosts:
-        parts = [x for x in p.path.split("/") if x]
-        if parts and parts[0] == "models":
-            parts = parts[1:]
-        if len(parts) == 2:
-            return "/".join(parts), None
-        if len(parts) >= 4 and parts[2] == "tree":
-            return "/".join(parts[:2]), "/".join(parts[3:])
-    return None
+    """``(repo_id, revision)`` when ``url`` names a Hugging Face repo (on the
+    hub or on the ``HF_ENDPOINT`` mirror), else None; parsed as the fetcher
+    parses it, so both agree on what is fetched."""
+    endpoint_host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    if not (is_hf_source(url) or (url.startswith(("http://", "https://")) and urlparse(url).hostname == endpoint_host)):
+        return None
+    try:
+        repo, rev, _origin = parse_hf_ref(url)
+    except SourceError:
+        return None
+    return repo, rev
 
 
 def _claims(transfers: Transfers, sid: str) -> list[Claim]:
@@ -73,7 +68,7 @@ def _claims(transfers: Transfers, sid: str) -> list[Claim]:
     g = node.gossip
     assert g is not None
     out = []
-    for nid, _key, value in g.catalog.items("xfer/"):
+    for nid, _key, value in g.catalog.items(XFER_PREFIX):
         if not isinstance(value, dict) or value.get("source_id") != sid:
             continue
         if value.get("status") not in ("queued", "running"):
@@ -146,7 +141,7 @@ async def _fetch(transfers: Transfers, t: Transfer, url: str, hf: tuple[str, str
     node = transfers.node
     g = node.gossip
     assert g is not None
-    staging = node.store.tier_root(t.kind) / ".partial" / f"ingest-{t.id}"
+    staging = node.store.staging_dir(t.kind, f"ingest-{t.id}")
     staging.mkdir(parents=True, exist_ok=True)
     t.note = "fetching from the source"
 
@@ -161,8 +156,6 @@ async def _fetch(transfers: Transfers, t: Transfer, url: str, hf: tuple[str, str
         )
         copy = await trio.to_thread.run_sync(functools.partial(node.store.ingest_path, t.kind, t.model, staging, adopt=True))
     except BaseException as e:
-        from .transfer import _only_cancelled
-
         if not _only_cancelled(e):  # a crash or stop keeps the partial files for the resume
             await trio.to_thread.run_sync(shutil.rmtree, staging, True)
         raise

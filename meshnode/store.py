@@ -228,6 +228,11 @@ class Store:
 
     # -- building copies --------------------------------------------------------------
 
+    def staging_dir(self, kind: str, name: str) -> Path:
+        """A scratch directory on ``kind``'s filesystem, beside the partials
+        (never taken for a copy by ``scan``), so its files can be renamed in."""
+        return self.tier_root(kind) / _PARTIAL / name
+
     def partial(self, kind: str, model: str, manifest: Manifest) -> Partial:
         free = self.usage(kind)["free"]
         p = Partial(self, kind, model, manifest)

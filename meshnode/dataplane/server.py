@@ -195,27 +195,30 @@ class DataServer:
                 return None
             return conn if ok else None
         assert scope.cancelled_caught
-        self._auth_failures += 1
-        self._log.warning(
-            "slow:" + peer.rsplit(":", 1)[0], "data plane handshake with %s timed out", peer
-        )
+        self._refuse("slow", peer, "data plane handshake with %s timed out", peer)
         return None
+
+    def _refuse(self, kind: str, peer: str, msg: str, *args: object) -> None:
+        """Count a refused handshake and say so: one line per kind and host
+        per interval, whatever a peer keeps sending."""
+        self._auth_failures += 1
+        self._log.warning(kind + ":" + peer.rsplit(":", 1)[0], msg, *args)
 
     async def _handshake(self, conn: _Conn, peer: str) -> bool:
         hello = await conn.recv_exact(_CLIENT_HELLO.size, self.handshake_timeout_s, "client hello")
         magic, version, cn = _CLIENT_HELLO.unpack(hello)
         if magic != MAGIC:
-            self._auth_failures += 1
-            self._log.warning(
-                "magic:" + peer.rsplit(":", 1)[0],
+            self._refuse(
+                "magic",
+                peer,
                 "data plane refused %s: not our protocol (bad magic)",
                 peer,
             )
             return False
         if version != VERSION:
-            self._auth_failures += 1
-            self._log.warning(
-                "version:" + peer.rsplit(":", 1)[0],
+            self._refuse(
+                "version",
+                peer,
                 "data plane refused %s: it speaks version %d, we speak %d",
                 peer,
                 version,
@@ -228,18 +231,18 @@ class DataServer:
         try:
             proof = await conn.recv_exact(MAC_BYTES, self.handshake_timeout_s, "client proof")
         except _PeerClosed:
-            self._auth_failures += 1
-            self._log.warning(
-                "closed:" + peer.rsplit(":", 1)[0],
+            self._refuse(
+                "closed",
+                peer,
                 "data plane peer %s hung up during the handshake, after our proof"
                 " (it does not accept our cluster secret?)",
                 peer,
             )
             return False
         if _match_key(self._keys, b"cli", cn, sn, proof) is None:
-            self._auth_failures += 1
-            self._log.warning(
-                "secret:" + peer.rsplit(":", 1)[0],
+            self._refuse(
+                "secret",
+                peer,
                 "data plane refused %s: its proof matches no accepted cluster secret",
                 peer,
             )

@@ -219,12 +219,15 @@ def _api_error(e: BaseException, repo: str, rev: str | None, token: str | None) 
     raise e
 
 
-async def _model_info(api: HfApi, repo: str, rev: str | None, token: str | None, policy: RetryPolicy) -> Any:
+async def _model_info(
+    api: HfApi, repo: str, rev: str | None, token: str | None, policy: RetryPolicy, *, files_metadata: bool = True
+) -> Any:
+    """The repo's info at ``rev``; ``files_metadata``: with every file's size and hashes (the heavy listing)."""
     failures = 0
     while True:
         try:
             return await trio.to_thread.run_sync(
-                lambda: api.model_info(repo, revision=rev, files_metadata=True, timeout=policy.api_timeout_s),
+                lambda: api.model_info(repo, revision=rev, files_metadata=files_metadata, timeout=policy.api_timeout_s),
                 abandon_on_cancel=True,
             )
         except Exception as exc:
@@ -497,7 +500,7 @@ async def resolve_hf_commit(
     rev = revision or url_rev
     ep = (endpoint or url_origin or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
     tok = await trio.to_thread.run_sync(resolve_token, token)
-    info = await _model_info(HfApi(endpoint=ep, token=tok or False), repo, rev, tok, policy)
+    info = await _model_info(HfApi(endpoint=ep, token=tok or False), repo, rev, tok, policy, files_metadata=False)
     commit = info.sha or (rev if rev is not None and _SHA1.match(rev) else None)
     if not commit:
         raise SourceError("UNAVAILABLE", f"the hub did not say which commit {repo}@{rev or 'main'} is")

@@ -168,6 +168,8 @@ class _PartFile:
         self.meta = meta
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
         self.fd = os.open(self.part, flags | (os.O_TRUNC if have == 0 else 0), 0o644)
+        if have and have == self.have and self.hasher is not None:
+            return have  # a retry: the hasher already holds these bytes
         self.have = have
         self.hasher = _new_hasher(self.digest, self.size)
         if have and self.hasher is not None:

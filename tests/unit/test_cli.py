@@ -1333,3 +1333,21 @@ def test_transfer_shows_files_and_note(capsys: pytest.CaptureFixture[str], monke
     assert cli.main(["transfer", "t9"]) == 0
     out = capsys.readouterr().out
     assert "2 of 6" in out and "fetching from the source" in out
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("500M", 500e6), ("1.5G/s", 1.5e9), ("800MiB", 800 * 2**20), ("500MB", 500e6), ("", 0.0), (None, 0.0)],
+)
+def test_rates_share_the_size_units(text: str | None, value: float) -> None:
+    from meshnode.config import parse_rate
+
+    assert parse_rate(text, "--max-egress") == value
+
+
+@pytest.mark.parametrize("text", ["fast", "-1M", "5X", "M"])
+def test_bad_rates_say_which_flag(text: str) -> None:
+    from meshnode.config import ConfigError, parse_rate
+
+    with pytest.raises(ConfigError, match="--max-ingress"):
+        parse_rate(text, "--max-ingress")
