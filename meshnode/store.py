@@ -24,7 +24,7 @@ import logging
 import os
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Container, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +46,6 @@ log = logging.getLogger("meshnode.store")
 TIERS = ("disk", "dram")
 _PARTIAL = ".partial"
 _MANIFEST_SUFFIX = ".manifest"
-_READ_BYTES = 8 * 1024 * 1024
 _FILES_MAX = 100_000
 
 
@@ -114,6 +113,25 @@ class Partial:
             except OSError as e:
                 raise _os_error(e, self.kind, self.store.tier_root(self.kind)) from None
             done += n
+
+    def fill_from(self, sources: Mapping[str, Path], skip: Container[int] = (), on_chunk: Callable[[int], None] | None = None) -> None:
+        """Copy every chunk not in ``skip`` from ``sources[file path]``, each
+        checked against the manifest before it is written (one read of the
+        source, none of the copy); ``on_chunk(length)`` after each.  A chunk
+        that does not match raises ``StoreError("SOURCE_CHANGED")``."""
+        for f in self.manifest.files:
+            todo = [i for i in self.manifest.file_chunks(f.path) if i not in skip]
+            if not todo:
+                continue
+            with open(sources[f.path], "rb") as fin:
+                for i in todo:
+                    ref = self.manifest.chunk(i)
+                    data = os.pread(fin.fileno(), ref.length, ref.offset)
+                    if not self.manifest.verify(i, data):
+                        raise StoreError("SOURCE_CHANGED", f"{sources[f.path]} does not match chunk {i} of the manifest")
+                    self.write_chunk(i, data)
+                    if on_chunk is not None:
+                        on_chunk(ref.length)
 
     def locate(self, index: int) -> tuple[str, int, int]:
         ref = self.manifest.chunk(index)
@@ -295,19 +313,12 @@ class Store:
                 return adopted
         p = self.partial(kind, model, manifest)
         with p.discarded_on_error():
-            for rel, path, _size in files:
-                with open(path, "rb") as fin:
-                    fd = p._fds[rel]
-                    off = 0
-                    while True:
-                        data = fin.read(_READ_BYTES)
-                        if not data:
-                            break
-                        os.pwrite(fd, data, off)
-                        off += len(data)
-            # Verify what landed, so a file that changed while we read it is caught.
-            if len(p.verified_chunks()) != manifest.n_chunks:
-                raise StoreError("SOURCE_CHANGED", f"{src} changed while it was being added; try again")
+            try:  # each chunk checked as it is copied: a file that changed since it was hashed is caught
+                p.fill_from({rel: path for rel, path, _ in files})
+            except StoreError as e:
+                if e.code != "SOURCE_CHANGED":
+                    raise
+                raise StoreError("SOURCE_CHANGED", f"{src} changed while it was being added; try again") from None
             return p.publish()
 
     def _adopt(self, kind: str, model: str, manifest: Manifest, files: list[tuple[str, Path, int]]) -> Copy | None:

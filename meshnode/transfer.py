@@ -39,7 +39,7 @@ import trio
 from protocol import MemberState
 from protocol.chunkplan import ChunkPlan, ChunkState, choose_sources
 from protocol.errors import RemoteProtocolError
-from protocol.manifest import Manifest, chunk_digest
+from protocol.manifest import Manifest
 from protocol.view import COPY_PREFIX
 
 from .dataplane import ChunkMismatch, DataPlaneError, NotFound, PeerBusy
@@ -483,17 +483,17 @@ class Transfers:
             with p.discarded_on_error():
                 have = _resumed_chunks(p)
                 t.chunks_resumed = len(have)
-                for ref in m.chunks():
-                    if ref.index in have:
-                        continue
-                    with open(src.path / ref.path, "rb") as f:
-                        f.seek(ref.offset)
-                        data = f.read(ref.length)
-                    if chunk_digest(data) != ref.digest:
-                        raise TransferError("SOURCE_CORRUPT", f"the local copy on {src.kind} has a bad chunk {ref.index}")
-                    p.write_chunk(ref.index, data)
+
+                def done(length: int) -> None:
                     t.chunks_fetched += 1
-                    t.bytes_done += ref.length
+                    t.bytes_done += length
+
+                try:
+                    p.fill_from({f.path: src.path / f.path for f in m.files}, have, done)
+                except StoreError as e:
+                    if e.code != "SOURCE_CHANGED":
+                        raise
+                    raise TransferError("SOURCE_CORRUPT", f"the local copy on {src.kind}: {e.message}") from None
                 return p.publish()
 
         return await trio.to_thread.run_sync(work)

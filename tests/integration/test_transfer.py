@@ -263,3 +263,19 @@ async def test_download_from_a_node_device(mesh: Mesh, tmp_path: Path) -> None:
     t = await wait_transfer(mesh, b.url, r.json()["transfer_id"])
     assert t["status"] == "done" and t["sources"] == ["a"], t
     assert tree_digest(copy_dir(b, "dram", "m")) == tree_digest(src)
+
+
+async def test_a_bad_local_source_fails_a_tier_copy_and_publishes_nothing(mesh: Mesh, tmp_path: Path) -> None:
+    src = make_model(tmp_path, 3 * MiB)
+    a = await mesh.start("a")
+    await ingest(mesh, a, "m", src)
+    f = copy_dir(a, "disk", "m") / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[MiB + 7] ^= 0xFF  # chunk 1, behind the node's back
+    f.write_bytes(bytes(data))
+    r = await mesh.client.post(a.url + "/models/m/copy", json={"from_device": "a:disk", "to_device": "a:dram"})
+    t = await wait_transfer(mesh, a.url, r.json()["transfer_id"])
+    assert t["status"] == "failed" and t["error"]["code"] == "SOURCE_CORRUPT", t
+    assert "chunk 1" in t["error"]["message"], t
+    assert a.node.store.get("m", "dram") is None
+    assert not any(p.is_file() for p in a.node.store.tier_root("dram").rglob("*"))
