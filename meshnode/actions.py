@@ -12,7 +12,7 @@ from urllib.parse import unquote, urlparse
 
 import trio
 
-from protocol import MemberState, parse_device, validate_model_name
+from protocol import parse_device, validate_model_name
 from protocol.names import Device
 
 from .service import ApiError
@@ -41,7 +41,7 @@ def _store_device(node: MeshNode, d: Device, what: str) -> None:
     m = g.members.get(d.node_id)
     if m is None:
         raise ApiError(404, "NODE_NOT_FOUND", f"{what} names node {d.node_id!r}, which the mesh does not know")
-    if m.state not in (MemberState.ALIVE, MemberState.SUSPECT):
+    if not m.state.reachable:
         raise ApiError(409, "NODE_UNAVAILABLE", f"{what} names node {d.node_id!r}, which is {m.state.label}")
 
 

@@ -24,7 +24,6 @@ from urllib.parse import urlparse
 import trio
 import xxhash
 
-from protocol import MemberState
 from protocol.hlc import Stamp
 from protocol.ingest import Claim, choose_fetcher, source_id
 
@@ -74,7 +73,7 @@ def _claims(transfers: Transfers, sid: str) -> list[Claim]:
         if value.get("status") not in ("queued", "running"):
             continue
         m = g.members.get(nid)
-        if nid != node.cfg.node_id and (m is None or m.state not in (MemberState.ALIVE, MemberState.SUSPECT)):
+        if nid != node.cfg.node_id and (m is None or not m.state.reachable):
             continue
         try:
             out.append(Claim(Stamp.from_wire(value.get("claim")), nid))

@@ -306,7 +306,7 @@ class MeshNode:
         m = g.members.get(node_id)
         if m is None:
             raise ApiError(404, "NODE_NOT_FOUND", f"no node {node_id!r} is known to the mesh")
-        if m.state not in (MemberState.ALIVE, MemberState.SUSPECT):
+        if not m.state.reachable:
             raise ApiError(409, "NODE_UNAVAILABLE", f"node {node_id!r} is {m.state.label}")
         url = f"{self.cfg.scheme}://{m.record.address}/mesh/v1/actions"
         try:

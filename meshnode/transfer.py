@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import trio
 
-from protocol import MemberState
 from protocol.chunkplan import ChunkPlan, ChunkState, choose_sources
 from protocol.errors import RemoteProtocolError
 from protocol.manifest import Manifest
@@ -345,8 +344,8 @@ class Transfers:
         g = self.node.gossip
         assert g is not None
         m = g.members.get(node_id)
-        if m is None or m.state not in (MemberState.ALIVE, MemberState.SUSPECT):
-            return None  # a suspect is probably alive: worth asking, the plan copes if not
+        if m is None or not m.state.reachable:
+            return None  # the plan copes with a suspect that does not answer
         info = g.catalog.get(node_id, "node")
         if not isinstance(info, dict) or not isinstance(info.get("data_port"), int):
             return None
@@ -370,7 +369,7 @@ class Transfers:
                     return h
                 continue
             m = g.members.get(nid)
-            if nid == self.node.cfg.node_id or (m is not None and m.state in (MemberState.ALIVE, MemberState.SUSPECT)):
+            if nid == self.node.cfg.node_id or (m is not None and m.state.reachable):
                 n, newest = votes.get(h, (0, 0))
                 published = value.get("published_ms")
                 votes[h] = (n + 1, max(newest, published if isinstance(published, int) else 0))

@@ -108,6 +108,11 @@ class MemberState(enum.IntEnum):
     def label(self) -> str:
         return self.name.lower()
 
+    @property
+    def reachable(self) -> bool:
+        """Alive or suspect: a suspect is probably alive, so worth asking."""
+        return self in (MemberState.ALIVE, MemberState.SUSPECT)
+
 
 @dataclass(frozen=True, slots=True)
 class MemberRecord:

@@ -3,6 +3,7 @@ into a reused buffer and verified as it arrives."""
 
 from __future__ import annotations
 
+import math
 import secrets as _random
 import ssl
 from collections.abc import Awaitable, Callable
@@ -82,6 +83,7 @@ class DataClient:
         self.idle_per_peer = idle_per_peer
         self.idle_timeout_s = idle_timeout_s  # below the server's, so we rarely reuse a closed one
         self._idle: dict[str, list[_Pooled]] = {}
+        self._swept_at = -math.inf
         self._closed = False
         self._opened = 0
         self._chunks = 0
@@ -226,11 +228,30 @@ class DataClient:
         return await self._connect(peer), False
 
     def _checkin(self, peer: str, conn: _Conn) -> None:
+        now = trio.current_time()
+        if now - self._swept_at >= self.idle_timeout_s:
+            self._sweep(now)
         pool = self._idle.setdefault(peer, [])
         if self._closed or len(pool) >= self.idle_per_peer:
             _close_now(conn)
             return
-        pool.append(_Pooled(conn, trio.current_time()))
+        pool.append(_Pooled(conn, now))
+
+    def _sweep(self, now: float) -> None:
+        """Close connections idle too long, for every peer: one that left or
+        moved is never checked out again.  At most once per idle timeout."""
+        self._swept_at = now
+        for peer, pool in list(self._idle.items()):
+            keep = []
+            for pooled in pool:
+                if now - pooled.idle_since < self.idle_timeout_s:
+                    keep.append(pooled)
+                else:
+                    _close_now(pooled.conn)
+            if keep:
+                self._idle[peer] = keep
+            else:
+                del self._idle[peer]
 
     async def _connect(self, peer: str) -> _Conn:
         host, port = _split_peer(peer)

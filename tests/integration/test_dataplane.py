@@ -613,3 +613,21 @@ def corrupt_copy(src: str, dst: Path, offset: int) -> str:
     data[offset] ^= 0x10
     dst.write_bytes(bytes(data))
     return str(dst)
+
+
+async def test_idle_connections_to_a_peer_never_asked_again_are_closed(
+    resolver: FileResolver, autojump_clock: trio.testing.MockClock
+) -> None:
+    one, two = DataServer(resolver, ("s3cret",)), DataServer(resolver, ("s3cret",))
+    client = DataClient(("s3cret",), idle_timeout_s=5)
+    async with trio.open_nursery() as nursery:
+        peer_one = await start_server(nursery, one)
+        peer_two = await start_server(nursery, two)
+        await client.have(peer_one, MANIFEST)
+        assert client.statistics().idle_connections == 1
+        await trio.sleep(10)  # peer_one is never asked again (it left, say)
+        await client.have(peer_two, MANIFEST)
+        assert client.statistics().idle_connections == 1  # two's only: one's was swept
+        await wait_for(lambda: one.statistics().connections == 0)
+        await client.aclose()
+        nursery.cancel_scope.cancel()
