@@ -311,7 +311,6 @@ def _drive(args: dict[str, Any]) -> dict[str, Any]:
                 raise RuntimeError(f"h{i}'s transfer failed: {t.get('error')}")
             if t["status"] == "done":
                 t["elapsed_s"] = t["finished_ms"] / 1000 - t0_wall
-                t["seen_done_s"] = time.monotonic() - t0
                 results[i] = t
                 log(f"h{i} done in {t['elapsed_s']:.2f} s")
         time.sleep(args["poll_s"])

@@ -58,7 +58,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("run", "bench", "-h", "--help"):
         argv = ["run", *argv]  # `python -m sim [options]` is `python -m sim run [options]`
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.cmd == "run":
+        if not args.duration > args.quiet > 0:
+            parser.error(f"--duration ({args.duration:g} s) must be longer than --quiet ({args.quiet:g} s), which must be > 0")
+        if args.partition is not None and args.partition[1] > args.duration - args.quiet:
+            parser.error(
+                f"--partition heals at {args.partition[1]:g} s, after the faults end at "
+                f"--duration - --quiet = {args.duration - args.quiet:g} s"
+            )
     if args.cmd == "bench":
         plan = BenchPlan.quick() if args.quick else BenchPlan()
         kw: dict[str, object] = {"processes": args.processes}

@@ -230,7 +230,6 @@ class SpreadWatch:
         self.reached = [False] * sim.n
         self.reached[origin] = True
         self.times: list[float] = [0.0]
-        self.bytes_at_start = sim.bytes_total
 
     @property
     def done(self) -> bool:

@@ -64,8 +64,6 @@ _DELIVER = 0
 _TICK = 1
 _CALL = 2
 
-_MSG_TYPE: dict[type, int] = {}
-
 
 @dataclass(frozen=True, slots=True)
 class SimConfig:
@@ -130,8 +128,6 @@ class Simulation:
         self._trace = xxhash.xxh3_64()
         self._trace_buf = array("q")
         self.delivered = 0
-        self.delivered_by_type = [0] * 8
-        self.bytes_out = [0] * n
         self.bytes_total = 0
         self.writes: list[Write] = []
         self.violations: list[str] = []
@@ -219,7 +215,6 @@ class Simulation:
                 continue
             if measure:
                 size = len(encode(s.envelope))
-                self.bytes_out[src] += size
                 self.bytes_total += size
             d = net.admit(src, dst)
             if d is None:
@@ -239,12 +234,8 @@ class Simulation:
                 self.violations.append(f"t={self.clock.now:.3f} wire round trip failed: {e}")
                 return
         out = node.receive(env, self.clock.now + self.clock.skews[dst], self.node_rngs[dst])
-        body = env.body
-        tcode = _MSG_TYPE.get(type(body))
-        if tcode is None:
-            tcode = _MSG_TYPE[type(body)] = int(env.type)
+        tcode = int(env.type)
         self.delivered += 1
-        self.delivered_by_type[tcode] += 1
         buf = self._trace_buf
         buf.append(int(self.clock.now * 1e6))
         buf.append((tcode << 40) | (src << 20) | dst)
@@ -253,7 +244,7 @@ class Simulation:
             del buf[:]
         spread = self.spread
         if spread is not None and tcode == MsgType.SYNC_DELTA:
-            assert isinstance(body, SyncDelta)
+            assert isinstance(env.body, SyncDelta)
             spread.on_delta(dst, node)
         if out:
             self._dispatch(dst, out)

@@ -5,7 +5,7 @@ Theory of operation
 Messages are one-way datagrams.  ``Network.admit`` decides, when a message is
 sent, whether it is lost (probability ``loss``) and, if not, how long it is in
 flight (``delay_min_s`` plus an exponential tail of mean ``delay_jitter_s``).
-``Network.reachable`` is asked again when it arrives: a host that is down, or
+``Network.arrives`` is asked when it arrives: a host that is down, or
 one now on the other side of a partition from the sender, never gets it.
 
 A partition is a group assignment: ``groups[i]`` is node ``i``'s side; nodes
@@ -79,10 +79,6 @@ class Network:
         return False
 
     # -- the datagram path -----------------------------------------------------
-
-    def reachable(self, src: int, dst: int) -> bool:
-        g = self.groups
-        return self.up[dst] and (g is None or g[src] == g[dst])
 
     def admit(self, src: int, dst: int) -> float | None:
         """The message's flight time, or ``None`` if it is lost or cut off."""

@@ -148,3 +148,13 @@ def test_restarted_node_catches_up_on_a_node_that_died_while_it_was_down() -> No
     sim.run_until(80.0)
     assert sim.audit.check_converged() == []
     assert _winner(sim, 5, "late") == (sim.ids[9], stamp)
+
+
+@pytest.mark.parametrize("argv", [["--duration", "40"], ["--duration", "80", "--partition", "30:60"], ["--quiet", "0"]])
+def test_run_refuses_a_schedule_it_cannot_keep_with_a_usage_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from sim.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--nodes", "5", *argv])
+    assert e.value.code == 2
+    assert "error: --" in capsys.readouterr().err
