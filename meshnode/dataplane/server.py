@@ -256,7 +256,7 @@ class DataServer:
         await conn.send_all(_REPLY.pack(status, len(body)) + body)
 
     async def _requests_loop(self, conn: _Conn, peer: str) -> None:
-        buf: bytearray | None = None if conn.fd is not None else bytearray(SEND_SLICE_BYTES)
+        buf: bytearray | None = None  # TLS only: the slice being encrypted, made at the first chunk
         while True:
             first: bytes | bytearray = b""
             with trio.move_on_after(self.idle_timeout_s):
@@ -270,6 +270,8 @@ class DataServer:
                     _GET_CHUNK_BODY.size, self.request_timeout_s, "GET_CHUNK request"
                 )
                 raw_hash, index = _GET_CHUNK_BODY.unpack(body)
+                if buf is None and conn.fd is None:
+                    buf = bytearray(SEND_SLICE_BYTES)
                 await self._get_chunk(conn, peer, raw_hash.hex(), index, buf)
             elif kind == REQ_HAVE:
                 raw_hash = await conn.recv_exact(HASH_BYTES, self.request_timeout_s, "HAVE request")

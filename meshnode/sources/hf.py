@@ -60,8 +60,10 @@ from meshnode.sources.http import (
     PART_SUFFIX,
     Digest,
     ProgressTracker,
+    Transient,
     default_classify,
     download_file,
+    is_transient_status,
     os_error,
 )
 from protocol.errors import InvalidName
@@ -93,13 +95,6 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 
 
 _TRANSPORT_ERRORS = _transport_errors()
-
-
-class _ApiTransient(Exception):
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.retry_after = retry_after
 
 
 def parse_hf_ref(ref: str) -> tuple[str, str | None, str | None]:
@@ -183,7 +178,7 @@ def _status(e: HfHubHTTPError) -> int | None:
     return getattr(r, "status_code", None)
 
 
-def _api_error(e: BaseException, repo: str, rev: str | None, token: str | None) -> SourceError | _ApiTransient:
+def _api_error(e: BaseException, repo: str, rev: str | None, token: str | None) -> SourceError | Transient:
     what = f"{repo}@{rev}" if rev else repo
     if isinstance(e, GatedRepoError):
         if token:
@@ -205,17 +200,17 @@ def _api_error(e: BaseException, repo: str, rev: str | None, token: str | None) 
             return SourceError("UNAUTHORIZED", f"the token has no access to {what} (403)")
         if s in (404, 410):
             return SourceError("NOT_FOUND", f"{what} was not found on the hub ({s})")
-        if s is not None and (s in (408, 425, 429) or 500 <= s <= 599):
+        if s is not None and is_transient_status(s):
             r = getattr(e, "response", None)
             ra = parse_retry_after(r.headers.get("retry-after")) if r is not None else None
-            return _ApiTransient(f"the hub answered {s}", ra)
+            return Transient(f"the hub answered {s}", ra)
         return SourceError("INVALID_REQUEST", f"the hub answered {s} for {what}")
     if isinstance(e, OfflineModeIsEnabled):
         return SourceError("INVALID_REQUEST", "HF_HUB_OFFLINE is set: the hub cannot be reached")
     if isinstance(e, HFValidationError | ValueError):
         return SourceError("INVALID_REQUEST", f"bad request for {what}: {redact(str(e), token)}")
     if isinstance(e, _TRANSPORT_ERRORS):
-        return _ApiTransient(f"cannot reach the hub: {type(e).__name__}")
+        return Transient(f"cannot reach the hub: {type(e).__name__}")
     raise e
 
 

@@ -57,7 +57,9 @@ Digest = tuple[str, str]
 Classify = Callable[[httpx.Response, bool], SourceError | None]
 
 
-class _Transient(Exception):
+class Transient(Exception):
+    """A failure worth retrying (after ``retry_after`` seconds when the server said)."""
+
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.message = message
@@ -196,7 +198,7 @@ class _PartFile:
         self.meta = {"url": self.url, "etag": etag, "last_modified": last_modified, "total": total, "encoded": encoded}
         atomic_write(self.side, json.dumps(self.meta).encode(), durable=False)
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray) -> None:
         assert self.fd is not None
         view = memoryview(data)
         while view:
@@ -281,7 +283,7 @@ def default_classify(r: httpx.Response, with_token: bool) -> SourceError:
     return SourceError("INVALID_REQUEST", f"{url} answered {s} {r.reason_phrase}")
 
 
-def _is_transient_status(s: int) -> bool:
+def is_transient_status(s: int) -> bool:
     return s in (408, 425, 429) or 500 <= s <= 599
 
 
@@ -361,7 +363,7 @@ async def download_file(
                 raise SourceError("BAD_CONTENT", f"{rel} from {safe_url(url)}: {e} (fetched twice)") from None
             log.warning("%s from %s: %s; fetching it again", rel, safe_url(url), e)
             continue
-        except _Transient as e:
+        except Transient as e:
             if before is not None and pf.have > before:
                 failures = 0  # it moved forward: only stalls in a row count
             failures += 1
@@ -420,8 +422,8 @@ async def _attempt(
         async with client.stream("GET", pf.url, headers=h, timeout=policy.timeout()) as r:
             s = r.status_code
             if s >= 400:
-                if _is_transient_status(s):
-                    raise _Transient(f"the server answered {s}", parse_retry_after(r.headers.get("retry-after")))
+                if is_transient_status(s):
+                    raise Transient(f"the server answered {s}", parse_retry_after(r.headers.get("retry-after")))
                 if s == 416 and have > 0:
                     m = _CONTENT_RANGE_UNSAT.match(r.headers.get("content-range", ""))
                     if m and int(m.group(1)) == have:
@@ -430,7 +432,7 @@ async def _attempt(
                     await trio.to_thread.run_sync(pf.reset)
                     sync_progress()
                     out.restarts += 1
-                    raise _Transient("the server refused the range; restarting the file")
+                    raise Transient("the server refused the range; restarting the file")
                 err = classify(r, with_token) if classify is not None else None
                 raise err or default_classify(r, with_token)
             if s not in (200, 206):
@@ -445,7 +447,7 @@ async def _attempt(
                     await trio.to_thread.run_sync(pf.reset)
                     sync_progress()
                     out.restarts += 1
-                    raise _Transient("the server answered with another range than asked; restarting the file")
+                    raise Transient("the server answered with another range than asked; restarting the file")
                 if total is None:
                     total = pf.meta.get("total")
             else:
@@ -473,15 +475,15 @@ async def _attempt(
                     raise SourceError("NO_SPACE", f"{rel} needs {need} more bytes, {free} are free where it is staged")
             await _stream_body(r, pf, encoded, sync_progress)
             if total is not None and pf.have < total:
-                raise _Transient(f"the body ended after {pf.have} of {total} bytes")
+                raise Transient(f"the body ended after {pf.have} of {total} bytes")
     except httpx.UnsupportedProtocol:
         raise SourceError("INVALID_REQUEST", f"unsupported URL {safe_url(pf.url)}") from None
     except httpx.TooManyRedirects:
         raise SourceError("INVALID_REQUEST", f"too many redirects from {safe_url(pf.url)}") from None
     except httpx.TimeoutException as e:
-        raise _Transient(f"timed out ({type(e).__name__})") from None
+        raise Transient(f"timed out ({type(e).__name__})") from None
     except httpx.TransportError as e:
-        raise _Transient(f"{type(e).__name__}: {e}") from None
+        raise Transient(f"{type(e).__name__}: {e}") from None
 
 
 async def _stream_body(r: httpx.Response, pf: _PartFile, encoded: bool, sync_progress: Callable[[], None]) -> None:
@@ -491,14 +493,13 @@ async def _stream_body(r: httpx.Response, pf: _PartFile, encoded: bool, sync_pro
         async for chunk in it:
             buf += chunk
             if len(buf) >= _FLUSH_BYTES:
-                data = bytes(buf)
-                buf.clear()
+                data, buf = buf, bytearray()  # handed over, not copied
                 await trio.to_thread.run_sync(pf.write, data)
                 sync_progress()
     finally:
         if buf:  # keep what arrived before an error: a retry resumes after it
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(pf.write, bytes(buf))
+                await trio.to_thread.run_sync(pf.write, buf)
                 sync_progress()
 
 
