@@ -221,6 +221,11 @@ async def handle_action(node: MeshNode, action: Any) -> dict[str, Any]:
     raise ApiError(400, "INVALID_REQUEST", f"unknown action {str(op)[:40]!r}")
 
 
+def _from_catalog(nid: str, key: str, value: dict[str, Any]) -> dict[str, Any]:
+    tid = key[len(XFER_PREFIX):]
+    return {"transfer_id": tid, "node_id": nid, "target_device": f"{nid}:{value.get('kind')}", **value}
+
+
 def transfers_json(node: MeshNode) -> list[dict[str, Any]]:
     """Every transfer the catalog knows of, this node's from its live state."""
     g = node.gossip
@@ -228,8 +233,23 @@ def transfers_json(node: MeshNode) -> list[dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for nid, key, value in g.catalog.items(XFER_PREFIX):
         if isinstance(value, dict):
-            tid = key[len(XFER_PREFIX):]
-            out[tid] = {"transfer_id": tid, "node_id": nid, "target_device": f"{nid}:{value.get('kind')}", **value}
-    for t in node.transfers.by_id.values():
-        out[t.id] = t.public(node.cfg.node_id)
+            t = _from_catalog(nid, key, value)
+            out[t["transfer_id"]] = t
+    for local in node.transfers.by_id.values():
+        out[local.id] = local.public(node.cfg.node_id)
     return sorted(out.values(), key=lambda x: (x.get("started_ms") or 0, x["transfer_id"]))
+
+
+def transfer_json(node: MeshNode, tid: str) -> dict[str, Any] | None:
+    """One transfer: this node's from its live state, else the first catalog
+    entry with that key (ids are random: one node has it)."""
+    local = node.transfers.by_id.get(tid)
+    if local is not None:
+        return local.public(node.cfg.node_id)
+    g = node.gossip
+    assert g is not None
+    for nid, st in g.catalog.nodes.items():
+        e = st.keys.get(XFER_PREFIX + tid)
+        if e is not None and not e.tombstone and isinstance(e.value, dict):
+            return _from_catalog(nid, XFER_PREFIX + tid, e.value)
+    return None

@@ -175,9 +175,9 @@ def _public_app(node: MeshNode) -> QuartTrio:
     @app.get("/transfers/<tid>")
     async def transfer(tid: str) -> Response:
         svc()
-        for t in actions.transfers_json(node):
-            if t["transfer_id"] == tid:
-                return _json(t)
+        t = actions.transfer_json(node, tid)
+        if t is not None:
+            return _json(t)
         raise ApiError(404, "TRANSFER_NOT_FOUND", f"no transfer {tid[:40]!r} is known")
 
     # -- peer routes (the cluster secret was checked above) ------------------------

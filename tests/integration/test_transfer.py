@@ -184,6 +184,15 @@ async def test_peer_serving_flipped_bits_is_caught_and_banned(mesh: Mesh, tmp_pa
     assert t["status"] == "done", t
     assert tree_digest(copy_dir(c, "disk", "m")) == tree_digest(src)
     assert t["bad_chunks"] >= 1 and "bad" in t["banned"], t
+    # Any node answers for the transfer, from the gossiped catalog.
+    tid = t["transfer_id"]
+
+    async def seen_from_a() -> bool:
+        r = await mesh.client.get(a.url + f"/transfers/{tid}")
+        return r.status_code == 200 and r.json()["status"] == "done" and r.json()["node_id"] == "c"
+
+    await wait_for(seen_from_a, what="c's transfer in a's view")
+    assert (await mesh.client.get(a.url + "/transfers/0123456789abcdef")).status_code == 404
 
 
 async def test_only_holder_dies_fails_clearly(mesh: Mesh, tmp_path: Path) -> None:
