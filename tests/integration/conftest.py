@@ -7,6 +7,7 @@ import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -130,3 +131,15 @@ async def raw_oversized_post(address: str, path: str, content_length: int) -> by
                     break
                 data += chunk
         return data
+
+
+async def wait_transfer(mesh: Mesh, url: str, tid: str, timeout_s: float = 30) -> dict[str, Any]:
+    """Poll ``GET /transfers/{tid}`` on ``url`` until it is done or failed; its last answer."""
+    out: dict[str, Any] = {}
+
+    async def finished() -> bool:
+        out.update((await mesh.client.get(url + f"/transfers/{tid}")).json())
+        return out.get("status") in ("done", "failed")
+
+    await wait_for(finished, timeout_s, what=f"transfer {tid}")
+    return out

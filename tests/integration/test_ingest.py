@@ -12,7 +12,7 @@ import trio
 from tests.integration.fakehub import FakeHub, FakeRepo, model_files, run_fakehub
 from tests.integration.test_sources import hf_env as hf_env  # autouse: a clean HF environment
 
-from .conftest import Handle, Mesh, wait_for
+from .conftest import Handle, Mesh, wait_for, wait_transfer
 
 REPO = "acme/tiny"
 MARGIN = 256 * 1024
@@ -46,14 +46,7 @@ async def download(mesh: Mesh, h: Handle, model: str, body: dict[str, Any]) -> s
 
 
 async def finished(mesh: Mesh, h: Handle, tid: str, timeout_s: float = 40) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-
-    async def done() -> bool:
-        out.update((await mesh.client.get(h.url + f"/transfers/{tid}")).json())
-        return out.get("status") in ("done", "failed")
-
-    await wait_for(done, timeout_s, what=f"transfer {tid}")
-    return out
+    return await wait_transfer(mesh, h.url, tid, timeout_s)
 
 
 async def test_download_from_the_hub_registers_and_publishes(mesh: Mesh, hub: FakeHub) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .conftest import Handle, Mesh, wait_for
+from .conftest import Handle, Mesh, wait_for, wait_transfer
 
 MiB = 1024 * 1024
 
@@ -37,18 +37,6 @@ def copy_dir(h: Handle, kind: str, model: str) -> Path:
 
 async def start(mesh: Mesh, node_id: str, *extra: str, join: list[Handle] | None = None) -> Handle:
     return await mesh.start(node_id, *extra, join=join)
-
-
-async def wait_transfer(mesh: Mesh, url: str, tid: str, timeout_s: float = 30) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-
-    async def finished() -> bool:
-        nonlocal out
-        out = (await mesh.client.get(url + f"/transfers/{tid}")).json()
-        return out.get("status") in ("done", "failed")
-
-    await wait_for(finished, timeout_s, what=f"transfer {tid}")
-    return out
 
 
 async def ingest(mesh: Mesh, h: Handle, model: str, src: Path, kind: str = "disk") -> dict[str, Any]:
