@@ -62,8 +62,9 @@ Bounds and cost: at most ``per_peer_inflight`` requests per peer and two
 per chunk.  Each idle chunk sits in a bucket keyed by its partial-holder
 count (``_pos`` makes moving it O(1)), so while some free peer holds every
 chunk, ``next_requests`` costs about one step per request it makes.  Filling
-a free partial holder scans its bitfield (O(n_chunks), mostly in C); the
-first random picks copy the idle list once; ``set_source`` and ``stuck`` are
+a free partial holder scans its bitfield in C, then takes a Python step per
+idle chunk it holds (O(n_chunks)); the first random picks copy the idle list
+on each call until they are used up; ``set_source`` and ``stuck`` are
 O(n_chunks); ``expire``, ``next_deadline`` and the endgame are O(requests in
 flight).  Nothing is ever O(n_chunks x peers) outside the C scans.
 """
