@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from protocol import GossipConfig, InvalidName, validate_node_id
+from protocol.names import validate_address
 
 __all__ = ["Config", "ConfigError", "Secrets", "add_start_arguments", "config_from_args"]
 
@@ -132,10 +133,10 @@ def _is_loopback(host: str) -> bool:
 
 
 def _hostport(text: str, what: str) -> str:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"bad {what} {text!r}: expected HOST:PORT")
-    return text
+    try:
+        return validate_address(text)
+    except InvalidName as e:
+        raise ConfigError(f"bad {what}: {e}") from None
 
 
 def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None) -> Config:
@@ -199,6 +200,9 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
         _hostport(advertise, "--advertise")
     elif host in ("0.0.0.0", "::", ""):
         raise ConfigError(f"--host {host} binds every address: give --advertise HOST:PORT for peers")
+    else:
+        # Peers reach us at host:port: it must be an address they accept.
+        _hostport(f"[{host}]:{port or 1}" if ":" in host else f"{host}:{port or 1}", "--host (give --advertise HOST:PORT)")
     join = tuple(_hostport(j, "--join peer") for j in _split(o["join"]))
     tls_cert, tls_key = o["tls_cert"], o["tls_key"]
     if bool(tls_cert) != bool(tls_key):

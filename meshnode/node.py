@@ -24,9 +24,10 @@ from hypercorn.config import Config as HyperConfig
 
 from protocol import HLC, Catalog, GossipNode, MemberState, RemoteProtocolError
 from protocol.view import COPY_PREFIX, copy_key
-from protocol.wire import WrongCluster, WrongVersion
+from protocol.wire import WrongCluster, WrongVersion, decode
 
 from . import __version__
+from .api.auth import PeerGate
 from .config import Config, ConfigError, config_from_args
 from .dataplane import DataClient, DataServer
 from .peers import PeerSender, make_peer_client
@@ -55,6 +56,7 @@ class MeshNode:
         self.service: MeshService | None = None
         self.sender: PeerSender | None = None
         self.store = Store(cfg.node_id, cfg.data_dir, cfg.dram_dir)
+        self.peer_gate = PeerGate(cfg.secrets.cluster_secrets)
         self.transfers = Transfers(self)
         self.peer_client: httpx.AsyncClient | None = None
         self.data_client: DataClient | None = None
@@ -311,7 +313,7 @@ class MeshNode:
         url = f"{self.cfg.scheme}://{m.record.address}/mesh/v1/actions"
         try:
             r = await self.peer_client.post(url, json=action, timeout=10)
-        except httpx.HTTPError as e:
+        except (httpx.HTTPError, httpx.InvalidURL, OSError) as e:
             raise ApiError(502, "PEER_UNREACHABLE", f"node {node_id!r} did not answer: {type(e).__name__}") from None
         try:
             body = r.json()
@@ -359,15 +361,17 @@ class MeshNode:
 
     # -- peer messages -----------------------------------------------------------
 
-    def handle_peer_message(self, data: bytes, remote: str) -> None:
-        """Decode, check and apply one peer message.  Raises RemoteProtocolError."""
-        from protocol.wire import decode
-
+    def handle_peer_message(self, data: bytes, remote: str, signer: str | None = None) -> None:
+        """Decode, check and apply one peer message; ``signer`` is the node id
+        its credential proved (None when the node needs none).  Raises
+        RemoteProtocolError."""
         g, sender = self.gossip, self.sender
         if g is None or sender is None:
             raise RemoteProtocolError("node is starting")
         try:
             env = decode(data, self.cfg.cluster)
+            if signer is not None and env.sender != signer:
+                raise RemoteProtocolError(f"message from {env.sender!r} signed by {signer!r}")
         except (WrongCluster, WrongVersion, RemoteProtocolError) as e:
             self.note_bad_peer(remote, e)
             raise
@@ -390,14 +394,18 @@ class MeshNode:
             else:
                 log.warning("dropped a bad message from %s: %s", remote, e)
 
-    def note_refused(self, remote: str, what: str) -> None:
+    def note_refused(self, remote: str, what: str, why: Exception | None = None) -> None:
+        """A request refused for its credential: counted, and one log line per
+        client and kind a minute (the reason never holds a secret)."""
         self.refused_requests += 1
         now = time.monotonic()
         key = (remote.rsplit(":", 1)[0], what)
         last = self._bad_peer_logged.get(key)
         if last is None or now - last > 60:
+            if len(self._bad_peer_logged) > 10_000:
+                self._bad_peer_logged.clear()
             self._bad_peer_logged[key] = now
-            log.warning("refused %s from %s: missing or wrong credential", what, remote)
+            log.warning("refused %s from %s: %s", what, remote, why or "missing or wrong credential")
 
     def data_server_stats(self) -> dict[str, Any]:
         from dataclasses import asdict

@@ -6,32 +6,67 @@ one slot, not the probes to everyone else.  Gossip tolerates loss by design,
 so a full queue drops the newest message and counts it rather than blocking
 the state machine; every request has a timeout.  A peer that refuses us (wrong secret, other cluster, other version)
 is logged once per peer and reason, without the secret.
+
+Every request to a peer (here and wherever the node uses the peer client) is
+signed by ``PeerAuth``: an HMAC over the request under the cluster secret,
+with our node id, the time and a fresh nonce (``protocol.peerauth``); the
+secret itself is never sent.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import ssl
+import time
 from collections import Counter
+from collections.abc import Generator
 
 import httpx
 import trio
 
 from protocol.gossip import Send
+from protocol.peerauth import AUTH_HEADER, NONCE_BYTES, sign
 from protocol.wire import encode
 
 from .config import Config
 
-__all__ = ["PEER_PATH", "PeerSender", "make_peer_client"]
+__all__ = ["PEER_PATH", "PeerAuth", "PeerSender", "make_peer_client", "sign_headers"]
 
 log = logging.getLogger("meshnode.peers")
 
 PEER_PATH = "/mesh/v1/msg"
 
 
+def sign_headers(secret: str, sender: str, method: str, target: str | bytes, body: bytes) -> dict[str, str]:
+    """The peer credential header for one request, signed now with a fresh nonce."""
+    raw = target.encode("ascii") if isinstance(target, str) else target
+    value = sign(secret, sender, method, raw, body, int(time.time() * 1000), secrets.token_bytes(NONCE_BYTES))
+    return {AUTH_HEADER: value}
+
+
+class PeerAuth(httpx.Auth):
+    """Signs every request of the peer client (httpx calls it per request,
+    redirects and retries included, with the body already read)."""
+
+    requires_request_body = True
+
+    def __init__(self, secret: str, sender: str) -> None:
+        self._secret = secret
+        self._sender = sender
+
+    def __repr__(self) -> str:
+        return f"PeerAuth(sender={self._sender!r})"
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers.update(
+            sign_headers(self._secret, self._sender, request.method, request.url.raw_path, request.content)
+        )
+        yield request
+
+
 def make_peer_client(cfg: Config) -> httpx.AsyncClient:
     verify: ssl.SSLContext | bool = True
-    cert = None
     if cfg.tls:
         ctx = ssl.create_default_context(cafile=str(cfg.tls_ca) if cfg.tls_ca else None)
         if cfg.tls_cert and cfg.tls_key:
@@ -39,12 +74,10 @@ def make_peer_client(cfg: Config) -> httpx.AsyncClient:
         verify = ctx
     headers = {"content-type": "application/msgpack", "user-agent": "meshnode-peer/1"}
     secret = cfg.secrets.outgoing_cluster_secret
-    if secret:
-        headers["authorization"] = f"Bearer {secret}"
     return httpx.AsyncClient(
         verify=verify,
-        cert=cert,
         headers=headers,
+        auth=PeerAuth(secret, cfg.node_id) if secret else None,
         timeout=httpx.Timeout(cfg.peer_timeout_s),
         limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
         trust_env=False,
@@ -67,18 +100,23 @@ class PeerSender:
             except trio.WouldBlock:
                 self.stats["dropped_queue_full"] += 1
 
-    def _warn_once(self, to: str, reason: str, msg: str, *args: object) -> None:
-        if (to, reason) not in self._warned and len(self._warned) < 10_000:
-            self._warned.add((to, reason))
-            log.warning(msg, *args)
+    def _first(self, to: str, reason: str) -> bool:
+        """True the first time (per peer and reason) something is worth a log line."""
+        if (to, reason) in self._warned or len(self._warned) >= 10_000:
+            return False
+        self._warned.add((to, reason))
+        return True
 
     async def send_now(self, s: Send) -> bool:
-        url = f"{self.cfg.scheme}://{s.to}{PEER_PATH}"
+        """Deliver one message; False (a log line, a count) on any failure of
+        that one peer: a bad address, a refused connection, a timeout."""
         try:
-            r = await self.client.post(url, content=encode(s.envelope))
-        except httpx.HTTPError as e:
+            r = await self.client.post(f"{self.cfg.scheme}://{s.to}{PEER_PATH}", content=encode(s.envelope))
+        except (httpx.HTTPError, httpx.InvalidURL, OSError, ValueError) as e:
+            # InvalidURL is not an HTTPError: an address the decoder let through
+            # must still never end the node, so it is caught here too.
             self.stats["failed"] += 1
-            log.debug("message to %s failed: %s", s.to, type(e).__name__)
+            log.debug("message to %s failed: %s", s.to[:80], type(e).__name__)
             return False
         if r.status_code == 204 or r.status_code == 200:
             self.stats["sent"] += 1
@@ -90,7 +128,8 @@ class PeerSender:
             reason = str(r.json()["error"]["message"])[:200]
         except Exception:
             reason = r.text[:200]
-        self._warn_once(s.to, "refused", "peer %s refused our message (HTTP %d): %s", s.to, r.status_code, reason)
+        if self._first(s.to, "refused"):
+            log.warning("peer %s refused our message (HTTP %d): %s", s.to, r.status_code, reason)
         return False
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -99,6 +138,10 @@ class PeerSender:
         async def one(s: Send, token: object) -> None:
             try:
                 await self.send_now(s)
+            except Exception:  # a bug in sending to one peer: a log line, never the node's end
+                self.stats["failed"] += 1
+                if self._first(s.to, "crash"):
+                    log.exception("sending a message to %s failed unexpectedly", s.to[:80])
             finally:
                 limiter.release_on_behalf_of(token)
 

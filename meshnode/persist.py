@@ -22,6 +22,9 @@ from typing import Any
 
 import msgpack
 
+from protocol.errors import InvalidName
+from protocol.names import validate_address
+
 __all__ = ["DataDirError", "SavedState", "StateFile", "atomic_write", "check_data_dir", "fsync_dir"]
 
 log = logging.getLogger("meshnode.persist")
@@ -85,6 +88,14 @@ def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
         fsync_dir(path.parent)
 
 
+def _is_address(text: str) -> bool:
+    try:
+        validate_address(text)
+    except InvalidName:
+        return False
+    return True
+
+
 class StateFile:
     def __init__(self, data_dir: Path) -> None:
         self.dir = data_dir
@@ -109,6 +120,11 @@ class StateFile:
                 catalog=dict(raw.get("catalog") or {}),
                 peers=[str(p) for p in raw.get("peers") or []],
             )
+            bad_peers = [p for p in state.peers if not _is_address(p)]
+            if bad_peers:
+                # Saved by an older version that took any address from a peer: never dial them.
+                log.warning("dropping %d unusable peer addresses from the state file", len(bad_peers))
+                state.peers = [p for p in state.peers if _is_address(p)]
         except Exception as e:
             aside = self.dir / f"{STATE_NAME}.corrupt-{int(time.time() * 1000)}"
             os.replace(self.path, aside)

@@ -347,10 +347,11 @@ class Transfers:
         if m is None or not m.state.reachable:
             return None  # the plan copes with a suspect that does not answer
         info = g.catalog.get(node_id, "node")
-        if not isinstance(info, dict) or not isinstance(info.get("data_port"), int):
+        port = info.get("data_port") if isinstance(info, dict) else None
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
             return None
         host = m.record.address.rsplit(":", 1)[0]
-        return f"{host}:{info['data_port']}"
+        return f"{host}:{port}"
 
     def source_manifest_hash(self, model: str, source: str | None) -> str | None:
         """The manifest hash of the copy to fetch: the named device's, or any holder's."""
@@ -394,8 +395,8 @@ class Transfers:
                     errors.append(f"{nid}: HTTP {r.status_code}")
                     continue
                 return Manifest.decode(r.content, expected_hash=manifest_hash)
-            except (httpx.HTTPError, RemoteProtocolError) as e:
-                errors.append(f"{nid}: {e}")
+            except (httpx.HTTPError, httpx.InvalidURL, OSError, RemoteProtocolError) as e:
+                errors.append(f"{nid}: {type(e).__name__}: {e}"[:300])
         raise TransferError("NO_SOURCE", f"no live peer could send the manifest {manifest_hash[:12]}: {'; '.join(errors) or 'no holders'}")
 
     async def _transfer(self, t: Transfer) -> None:

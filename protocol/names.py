@@ -9,26 +9,34 @@ convention.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 
 from .errors import InvalidName
 
 __all__ = [
+    "ADDRESS_MAX",
     "MODEL_NAME_MAX",
     "NODE_ID_MAX",
     "Device",
     "parse_device",
+    "split_address",
+    "validate_address",
     "validate_model_name",
     "validate_node_id",
 ]
 
 MODEL_NAME_MAX = 200
 NODE_ID_MAX = 64
+ADDRESS_MAX = 261  # a 253-character host name, ':' and a 5-digit port, or [IPv6]:port
 
 _SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 _NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 _DEVICE_KIND = re.compile(r"(disk|dram|gpu(0|[1-9][0-9]{0,2}))\Z")
+_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
+_PORT = re.compile(r"[1-9][0-9]{0,4}\Z")
+_IPV4ISH = re.compile(r"[0-9.]+\Z")
 
 
 def validate_model_name(name: object) -> str:
@@ -110,3 +118,53 @@ def parse_device(text: object) -> Device:
             f"bad device kind {kind[:20]!r} in {text[:80]!r}: expected disk, dram or gpuN"
         )
     return Device(node, kind)
+
+
+def split_address(text: object) -> tuple[str, int]:
+    """``(host, port)`` of a peer address, else ``InvalidName``.
+
+    An address is ``HOST:PORT``: HOST is a DNS name (RFC 1123 labels of
+    letters, digits and inner hyphens, at most 253 characters, a last label
+    that is not all digits), a dotted IPv4 address, or an IPv6 address in
+    brackets (``[::1]:7420``, no zone); PORT is 1 to 65535 with no leading
+    zero.  The host is returned without brackets.  Everything a peer or a flag
+    gives as an address passes here before any socket or URL is built from it,
+    so that a forged ``999.1.1.1:80`` or ``host:abc`` is refused where it
+    enters, not where an HTTP client chokes on it.
+    """
+    if not isinstance(text, str):
+        raise InvalidName("address must be a string")
+    if not text or len(text) > ADDRESS_MAX:
+        raise InvalidName(f"address must be 1 to {ADDRESS_MAX} characters")
+    shown = repr(text[:80])
+    host, sep, port = text.rpartition(":")
+    if not sep or not _PORT.match(port) or int(port) > 65535:
+        raise InvalidName(f"bad address {shown}: expected HOST:PORT with a port from 1 to 65535")
+    if host.startswith("["):
+        if not host.endswith("]") or "%" in host:
+            raise InvalidName(f"bad address {shown}: an IPv6 host is written [addr]:port, without a zone")
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise InvalidName(f"bad address {shown}: {host} is not an IPv6 address") from None
+        return host[1:-1], int(port)
+    if _IPV4ISH.match(host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise InvalidName(f"bad address {shown}: {host[:40]!r} is not an IPv4 address") from None
+        return host, int(port)
+    labels = host.split(".")
+    if len(host) > 253 or not all(_LABEL.match(label) for label in labels) or labels[-1].isdigit():
+        raise InvalidName(
+            f"bad address {shown}: the host must be a DNS name (letters, digits, inner '-', "
+            "dot-separated), an IPv4 address or [IPv6]"
+        )
+    return host, int(port)
+
+
+def validate_address(text: object) -> str:
+    """Return ``text`` if it is a valid ``HOST:PORT`` peer address (see ``split_address``)."""
+    split_address(text)
+    assert isinstance(text, str)
+    return text

@@ -25,7 +25,8 @@ from typing import Any
 
 import msgpack
 
-from .errors import RemoteProtocolError
+from .errors import InvalidName, RemoteProtocolError
+from .names import validate_address
 
 __all__ = [
     "CLUSTER_MAX",
@@ -66,7 +67,6 @@ class Limits:
 
     message_bytes: int = MAX_MESSAGE_BYTES
     node_id_chars: int = 64
-    address_chars: int = 255
     key_chars: int = 512
     value_bytes: int = 64 * 1024
     value_depth: int = 16
@@ -333,6 +333,14 @@ def _str(v: Any, what: str, max_chars: int, *, empty: bool = False) -> str:
     return v
 
 
+def _address(v: Any, what: str) -> str:
+    """A peer address (``HOST:PORT``), checked before anything dials it."""
+    try:
+        return validate_address(v)
+    except InvalidName as e:
+        raise _fail(f"{what}: {e}") from None
+
+
 def _list(v: Any, what: str, max_len: int, length: int | None = None) -> list[Any]:
     if not isinstance(v, list) or len(v) > max_len:
         raise _fail(f"{what}: expected a list of at most {max_len} items")
@@ -375,7 +383,7 @@ class _Decoder:
             raise _fail("member state") from e
         return MemberRecord(
             self.node_id(f[0]),
-            _str(f[1], "member address", self.lim.address_chars),
+            _address(f[1], "member address"),
             _int(f[2], "generation"),
             _int(f[3], "incarnation"),
             state,
@@ -466,7 +474,7 @@ class _Decoder:
             return PingReq(
                 _int(f[0], "seq"),
                 self.node_id(f[1]),
-                _str(f[2], "target address", self.lim.address_chars),
+                _address(f[2], "target address"),
                 self.updates(f[3]),
             )
         if t is MsgType.GOSSIP:
@@ -517,6 +525,6 @@ def decode(data: bytes, cluster: str, limits: Limits = DEFAULT_LIMITS) -> Envelo
         cluster=peer_cluster,
         sender=dec.node_id(f[2]),
         generation=_int(f[3], "generation"),
-        sender_addr=_str(f[4], "sender address", limits.address_chars),
+        sender_addr=_address(f[4], "sender address"),
         body=dec.body(t, f[6]),
     )

@@ -21,7 +21,7 @@ from werkzeug.routing import PathConverter
 from .. import actions
 from ..metrics import render_metrics
 from ..service import ApiError, MeshService
-from .auth import check_bearer
+from .auth import PeerAuthError, check_bearer, request_target
 from .peer import PeerFastPath
 
 if TYPE_CHECKING:
@@ -85,9 +85,19 @@ def _public_app(node: MeshNode) -> QuartTrio:
             r.headers["connection"] = "close"
             return r
         if path.startswith("/mesh/"):
-            if not check_bearer(request.headers.get("authorization"), cfg.secrets.cluster_secrets):
-                node.note_refused(_remote(), "a peer request")
-                return _error(401, "UNAUTHORIZED", "missing or wrong cluster secret")
+            gate = node.peer_gate
+            try:
+                cred = gate.precheck(request.scope["headers"])
+                if cred is not None:
+                    target = request_target(request.scope.get("raw_path") or path.encode(), request.scope.get("query_string", b""))
+                    body = await request.get_data(cache=True)
+                    assert isinstance(body, bytes)
+                    gate.check(cred, request.method, target, body)
+            except PeerAuthError as e:
+                node.note_refused(_remote(), "a peer request", e)
+                r = _error(401, "UNAUTHORIZED", e.reason)
+                r.headers["connection"] = "close"
+                return r
             return None
         if path == "/health":
             return None
@@ -111,7 +121,7 @@ def _public_app(node: MeshNode) -> QuartTrio:
         return _error(500, "INTERNAL", "internal error; see the node's log")
 
     async def body_json() -> Any:
-        data = await request.get_data(cache=False)
+        data = await request.get_data(cache=True)  # a peer route's was read to check its MAC
         if len(data) > PUBLIC_BODY_MAX:
             raise ApiError(413, "TOO_LARGE", f"request body over {PUBLIC_BODY_MAX} bytes")
         if not data.strip():

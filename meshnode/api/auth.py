@@ -1,10 +1,22 @@
-"""Bearer-token checks, in constant time, for the public and peer routes."""
+"""Credentials on the way in: API bearer tokens (public routes) and signed
+peer requests (``/mesh/`` routes), checked in constant time, never logged."""
 
 from __future__ import annotations
 
 import hmac
+import time
+from collections.abc import Iterable
 
-__all__ = ["check_bearer"]
+from protocol.peerauth import (
+    AUTH_HEADER,
+    PeerAuthError,
+    PeerCredential,
+    ReplayGuard,
+    parse_header,
+    verify,
+)
+
+__all__ = ["PeerAuthError", "PeerGate", "check_bearer", "request_target"]
 
 
 def check_bearer(header: str | None, accepted: tuple[str, ...]) -> bool:
@@ -22,3 +34,41 @@ def check_bearer(header: str | None, accepted: tuple[str, ...]) -> bool:
     for token in accepted:
         ok |= hmac.compare_digest(given, token.encode())
     return ok
+
+
+def request_target(raw_path: bytes, query_string: bytes) -> bytes:
+    """The path and query as the client signed them (ASGI splits the two)."""
+    return raw_path + b"?" + query_string if query_string else raw_path
+
+
+class PeerGate:
+    """Checks the signature of peer requests (``protocol.peerauth``) against
+    the cluster secrets, with one replay guard for the node."""
+
+    def __init__(self, secrets: tuple[str, ...]) -> None:
+        self.secrets = secrets
+        self.guard = ReplayGuard()
+
+    @property
+    def required(self) -> bool:
+        return bool(self.secrets)
+
+    def precheck(self, headers: Iterable[tuple[bytes, bytes]]) -> PeerCredential | None:
+        """Form and freshness of the credential, before the body is read;
+        None when this node requires none.  Raises ``PeerAuthError``."""
+        if not self.secrets:
+            return None
+        value = None
+        name = AUTH_HEADER.encode()
+        for k, v in headers:
+            if k.lower() == name:
+                value = v.decode("latin-1")
+                break
+        return parse_header(value, int(time.time() * 1000), self.guard.window_ms)
+
+    def check(self, cred: PeerCredential | None, method: str, target: bytes, body: bytes) -> str | None:
+        """The authenticated sender (None when none is required).  Raises ``PeerAuthError``."""
+        if cred is None:
+            return None
+        return verify(cred, self.secrets, method, target, body, self.guard)
+

@@ -1,9 +1,11 @@
 """The peer route, ``POST /mesh/v1/msg``, as a bare ASGI handler.
 
 Peer messages are the bulk of a node's requests (every probe, ack and
-anti-entropy step is one), so they skip the web framework: check the cluster
-secret, read at most ``MAX_MESSAGE_BYTES``, hand the bytes to the node,
-answer 204.  Everything else goes to the Quart app.
+anti-entropy step is one), so they skip the web framework: check the form and
+freshness of the peer credential, read at most ``MAX_MESSAGE_BYTES``, check
+its MAC and nonce, hand the bytes to the node (which checks that the
+envelope's sender is the one that signed), answer 204.  Everything else goes
+to the Quart app.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from protocol import RemoteProtocolError
 from protocol.wire import MAX_MESSAGE_BYTES
 
 from ..peers import PEER_PATH
-from .auth import check_bearer
+from .auth import PeerAuthError, request_target
 
 if TYPE_CHECKING:
     from ..node import MeshNode
@@ -55,16 +57,15 @@ class PeerFastPath:
         if scope["method"] != "POST":
             await _reply(send, 405, "METHOD_NOT_ALLOWED", "peer messages are POSTed")
             return
-        auth = None
         length = None
         for k, v in scope["headers"]:
-            if k == b"authorization":
-                auth = v.decode("latin-1")
-            elif k == b"content-length":
+            if k == b"content-length":
                 length = int(v) if v.isdigit() else None
-        if not check_bearer(auth, node.cfg.secrets.cluster_secrets):
-            node.note_refused(remote, "a peer request")
-            await _reply(send, 401, "UNAUTHORIZED", "missing or wrong cluster secret")
+        try:
+            cred = node.peer_gate.precheck(scope["headers"])
+        except PeerAuthError as e:
+            node.note_refused(remote, "a peer message", e)
+            await _reply(send, 401, "UNAUTHORIZED", e.reason, close=True)
             return
         if length is not None and length > MAX_MESSAGE_BYTES:
             await _reply(send, 413, "TOO_LARGE", f"message over {MAX_MESSAGE_BYTES} bytes", close=True)
@@ -83,8 +84,15 @@ class PeerFastPath:
             chunks.append(chunk)
             if not event.get("more_body", False):
                 break
+        body = b"".join(chunks)
         try:
-            node.handle_peer_message(b"".join(chunks), remote)
+            sender = node.peer_gate.check(cred, "POST", request_target(scope.get("raw_path") or PEER_PATH.encode(), scope.get("query_string", b"")), body)
+        except PeerAuthError as e:
+            node.note_refused(remote, "a peer message", e)
+            await _reply(send, 401, "UNAUTHORIZED", e.reason)
+            return
+        try:
+            node.handle_peer_message(body, remote, sender)
         except RemoteProtocolError as e:
             await _reply(send, 400, "BAD_PEER_MESSAGE", str(e)[:300])
             return

@@ -12,18 +12,21 @@ number of sequential requests.
 
 Handshake (proves the cluster secret both ways without sending it)::
 
-    client -> server  b"MNDP" | version u8 (=1) | client nonce (16)
-    server -> client  version u8 (=1) | server nonce (16) | HMAC-SHA256(K_s, b"srv" | cn | sn)
+    client -> server  b"MNDP" | version u8 (=2) | client nonce (16)
+    server -> client  version u8 (=2) | server nonce (16)
     client -> server  HMAC-SHA256(K_c, b"cli" | cn | sn)
-    server -> client  u8: 0 accepted (anything else: refused, then close)
+    server -> client  u8: 0 accepted | HMAC-SHA256(K_c, b"srv" | cn | sn)
+                      (anything else: refused, then close)
 
-``K_s`` is the server's first accepted secret.  The client checks the server's
-proof against each secret it accepts, and answers with the one that matched
-(so ``K_c`` is known to be shared); the server checks that answer against each
-secret it accepts with ``hmac.compare_digest``.  No secrets configured (a
-single-user loopback setup) means the empty key.  Rotation: add the new secret
-to every node's list, then make it first everywhere, then drop the old one;
-at every step any two nodes share the server's first secret.
+The client proves first, with ``K_c``, its first secret: a stranger who
+connects learns nothing it could test guesses against offline (in version 1
+the server proved first, to anyone).  The server checks the proof against
+each secret it accepts with ``hmac.compare_digest`` and answers with its own
+proof under the secret that matched, which the client checks, so each side
+knows the other holds the secret.  No secrets configured (a single-user
+loopback setup) means the empty key.  Rotation: add the new secret to every
+node's list, then make it first everywhere, then drop the old one; at every
+step each node's first secret is in every other node's list.
 
 A server answers a wrong magic by closing; a wrong version by sending its own
 version byte and closing; a client at connection capacity by sending the

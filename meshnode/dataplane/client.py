@@ -3,6 +3,7 @@ into a reused buffer and verified as it arrives."""
 
 from __future__ import annotations
 
+import hmac
 import math
 import secrets as _random
 import ssl
@@ -21,6 +22,7 @@ from .common import (
     _SERVER_HELLO,
     _T,
     BUSY_BYTE,
+    MAC_BYTES,
     MAGIC,
     MAX_BITFIELD_BYTES,
     MAX_CHUNK_BYTES,
@@ -40,7 +42,6 @@ from .common import (
     _hash_bytes,
     _keys,
     _mac,
-    _match_key,
     _PeerClosed,
     _split_peer,
 )
@@ -293,12 +294,8 @@ class DataClient:
                 f"{peer} speaks data plane version {first[0]}, we speak {VERSION}"
             )
         rest = await conn.recv_exact(_SERVER_HELLO.size - 1, self.read_timeout_s, "server hello")
-        _, sn, proof = _SERVER_HELLO.unpack(first + rest)
-        key = _match_key(self._keys, b"srv", cn, sn, proof)
-        if key is None:
-            raise DataPlaneAuthError(
-                f"{peer} did not prove a cluster secret we accept (wrong or rotated secret?)"
-            )
+        _, sn = _SERVER_HELLO.unpack(first + rest)
+        key = self._keys[0]  # we prove first, with the secret we send
         await conn.send_all(_mac(key, b"cli", cn, sn))
         try:
             verdict = await conn.recv_exact(1, self.read_timeout_s, "handshake verdict")
@@ -306,3 +303,8 @@ class DataClient:
             raise DataPlaneAuthError(f"{peer} closed the connection after our proof") from exc
         if verdict != b"\x00":
             raise DataPlaneAuthError(f"{peer} refused our cluster secret")
+        proof = await conn.recv_exact(MAC_BYTES, self.read_timeout_s, "server proof")
+        if not hmac.compare_digest(_mac(key, b"srv", cn, sn), proof):
+            raise DataPlaneAuthError(
+                f"{peer} did not prove the cluster secret (an impostor, or a wrong secret?)"
+            )

@@ -22,7 +22,7 @@ from meshnode.ratelimit import TokenBucket
 logger = logging.getLogger("meshnode.dataplane")
 
 MAGIC = b"MNDP"
-VERSION = 1
+VERSION = 2  # 2: the client proves the secret first
 NONCE_BYTES = 16
 MAC_BYTES = 32
 HASH_BYTES = 16
@@ -32,7 +32,7 @@ REQ_GET_CHUNK = 1
 REQ_HAVE = 2
 
 _CLIENT_HELLO = struct.Struct("!4sB16s")  # magic, version, client nonce
-_SERVER_HELLO = struct.Struct("!B16s32s")  # version, server nonce, proof
+_SERVER_HELLO = struct.Struct("!B16s")  # version, server nonce
 _GET_CHUNK_BODY = struct.Struct("!16sI")  # manifest hash, chunk index
 _REPLY = struct.Struct("!BQ")  # status, length
 

@@ -227,19 +227,16 @@ class DataServer:
             await conn.send_all(bytes([VERSION]))
             return False
         sn = _random.token_bytes(NONCE_BYTES)
-        await conn.send_all(_SERVER_HELLO.pack(VERSION, sn, _mac(self._keys[0], b"srv", cn, sn)))
+        # The client proves it holds a secret first: a stranger gets nothing
+        # it could test guesses against offline.
+        await conn.send_all(_SERVER_HELLO.pack(VERSION, sn))
         try:
             proof = await conn.recv_exact(MAC_BYTES, self.handshake_timeout_s, "client proof")
         except _PeerClosed:
-            self._refuse(
-                "closed",
-                peer,
-                "data plane peer %s hung up during the handshake, after our proof"
-                " (it does not accept our cluster secret?)",
-                peer,
-            )
+            self._refuse("closed", peer, "data plane peer %s hung up during the handshake", peer)
             return False
-        if _match_key(self._keys, b"cli", cn, sn, proof) is None:
+        key = _match_key(self._keys, b"cli", cn, sn, proof)
+        if key is None:
             self._refuse(
                 "secret",
                 peer,
@@ -248,7 +245,7 @@ class DataServer:
             )
             await conn.send_all(b"\x01")
             return False
-        await conn.send_all(b"\x00")
+        await conn.send_all(b"\x00" + _mac(key, b"srv", cn, sn))
         return True
 
     async def _reply(self, conn: _Conn, status: Status, reason: str = "") -> None:

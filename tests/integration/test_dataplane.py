@@ -112,14 +112,14 @@ async def raw_auth(peer: str, secret: str = "s3cret") -> trio.SocketStream:
     host, port = peer.rsplit(":", 1)
     s = await trio.open_tcp_stream(host, int(port))
     cn = secrets.token_bytes(16)
-    await s.send_all(b"MNDP\x01" + cn)
-    hello = await recv_exact(s, 49)
-    assert hello[0] == 1
+    await s.send_all(b"MNDP\x02" + cn)
+    hello = await recv_exact(s, 17)
+    assert hello[0] == 2
     sn = hello[1:17]
     key = secret.encode()
-    assert hello[17:] == hmac.new(key, b"srv" + cn + sn, hashlib.sha256).digest()
     await s.send_all(hmac.new(key, b"cli" + cn + sn, hashlib.sha256).digest())
     assert await recv_exact(s, 1) == b"\x00"
+    assert await recv_exact(s, 32) == hmac.new(key, b"srv" + cn + sn, hashlib.sha256).digest()
     return s
 
 
@@ -215,7 +215,7 @@ async def test_wrong_secret_is_refused_by_the_client_with_a_log_line_on_the_serv
     client = DataClient(("wrong-secret-xyz",))
     async with trio.open_nursery() as nursery:
         peer = await start_server(nursery, server)
-        with pytest.raises(DataPlaneAuthError, match="did not prove a cluster secret"):
+        with pytest.raises(DataPlaneAuthError, match="refused our cluster secret"):
             await fetch(client, peer, resolver, 0)
         await wait_for(lambda: server.statistics().auth_failures == 1)
         await client.aclose()
@@ -224,7 +224,7 @@ async def test_wrong_secret_is_refused_by_the_client_with_a_log_line_on_the_serv
         r for r in caplog.records if r.name == "meshnode.dataplane" and r.levelno == logging.WARNING
     ]
     assert len(warnings) == 1
-    assert "handshake" in warnings[0].getMessage()
+    assert "matches no accepted cluster secret" in warnings[0].getMessage()
     assert "secret-abc" not in caplog.text and "secret-xyz" not in caplog.text
 
 
@@ -239,11 +239,13 @@ async def test_wrong_proof_is_refused_by_the_server_which_keeps_serving(
         host, port = peer.rsplit(":", 1)
         for _ in range(3):  # the same fault again: still one log line (rate-limited)
             s = await trio.open_tcp_stream(host, int(port))
-            await s.send_all(b"MNDP\x01" + bytes(16))
-            assert len(await recv_exact(s, 49)) == 49
+            await s.send_all(b"MNDP\x02" + bytes(16))
+            # The server's hello is its version and nonce: nothing made with the
+            # secret, so a stranger has nothing to test guesses against offline.
+            assert len(await recv_exact(s, 17)) == 17
             await s.send_all(hmac.new(b"guess", b"cli", hashlib.sha256).digest())
             assert await recv_exact(s, 1) == b"\x01"
-            assert await recv_exact(s, 1) == b""  # and closed
+            assert await recv_exact(s, 1) == b""  # and closed: it never proved anything
             await s.aclose()
         assert await fetch(client, peer, resolver, 1) == resolver.expected(1)
         await client.aclose()
@@ -268,7 +270,7 @@ async def test_wrong_magic_and_version_are_refused(
         await s.aclose()
         s = await trio.open_tcp_stream(host, int(port))
         await s.send_all(b"MNDP\x07" + bytes(16))
-        assert await recv_exact(s, 2) == b"\x01"  # our version, then close
+        assert await recv_exact(s, 2) == b"\x02"  # our version, then close
         await s.aclose()
         nursery.cancel_scope.cancel()
     text = caplog.text
@@ -278,13 +280,34 @@ async def test_wrong_magic_and_version_are_refused(
 async def test_client_refuses_a_server_of_another_version() -> None:
     async def old_server(stream: trio.SocketStream) -> None:
         await recv_exact(stream, 21)
-        await stream.send_all(b"\x02")
+        await stream.send_all(b"\x01")  # version 1: the server proved first
 
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(partial(trio.serve_tcp, old_server, 0, host="127.0.0.1"))
         port = listeners[0].socket.getsockname()[1]
         client = DataClient(("s3cret",))
-        with pytest.raises(DataPlaneAuthError, match="version 2"):
+        with pytest.raises(DataPlaneAuthError, match="version 1"):
+            await client.have(f"127.0.0.1:{port}", MANIFEST)
+        await client.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_client_refuses_a_server_that_cannot_prove_the_secret() -> None:
+    """An impostor (an address in a forged record, a man in the middle) that
+    takes any proof still has to prove the secret back, and cannot."""
+
+    async def impostor(stream: trio.SocketStream) -> None:
+        await recv_exact(stream, 21)
+        await stream.send_all(b"\x02" + bytes(16))
+        await recv_exact(stream, 32)
+        await stream.send_all(b"\x00" + hmac.new(b"guess", b"srv", hashlib.sha256).digest())
+        await recv_exact(stream, 1)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, impostor, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        client = DataClient(("s3cret",))
+        with pytest.raises(DataPlaneAuthError, match="did not prove the cluster secret"):
             await client.have(f"127.0.0.1:{port}", MANIFEST)
         await client.aclose()
         nursery.cancel_scope.cancel()
@@ -420,11 +443,9 @@ async def test_a_server_that_stalls_mid_chunk_times_out(
     async def stalls(stream: trio.SocketStream) -> None:
         hello = await recv_exact(stream, 21)
         cn, sn = hello[5:], bytes(16)
-        await stream.send_all(
-            b"\x01" + sn + hmac.new(b"k", b"srv" + cn + sn, hashlib.sha256).digest()
-        )
+        await stream.send_all(b"\x02" + sn)
         await recv_exact(stream, 32)
-        await stream.send_all(b"\x00")
+        await stream.send_all(b"\x00" + hmac.new(b"k", b"srv" + cn + sn, hashlib.sha256).digest())
         await recv_exact(stream, 21)
         await stream.send_all(struct.pack("!BQ", 0, len(payload)) + payload[:400])
         await trio.sleep_forever()

@@ -8,10 +8,13 @@ from hypothesis import strategies as st
 
 from protocol.errors import InvalidName, LocalProtocolError
 from protocol.names import (
+    ADDRESS_MAX,
     MODEL_NAME_MAX,
     NODE_ID_MAX,
     Device,
     parse_device,
+    split_address,
+    validate_address,
     validate_model_name,
     validate_node_id,
 )
@@ -248,3 +251,98 @@ def test_parse_device_any_text_device_or_invalid_name(text: str) -> None:
     except InvalidName:
         return
     assert str(d) == text
+
+
+# -- peer addresses --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "host", "port"),
+    [
+        ("gpu1:7420", "gpu1", 7420),
+        ("127.0.0.1:1", "127.0.0.1", 1),
+        ("node-3.cluster.local:65535", "node-3.cluster.local", 65535),
+        ("[::1]:7420", "::1", 7420),
+        ("[fd00::12:34]:80", "fd00::12:34", 80),
+        ("0.0.0.0:7420", "0.0.0.0", 7420),
+        ("a" * 63 + ".b:1", "a" * 63 + ".b", 1),
+    ],
+)
+def test_address_accepts(text: str, host: str, port: int) -> None:
+    assert validate_address(text) == text
+    assert split_address(text) == (host, port)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "999.1.1.1:80",  # the address that took a mesh down: not an IPv4 address
+        "host:abc",
+        "1.2.3:4",
+        "01.2.3.4:80",
+        "h:0",
+        "h:65536",
+        "h:080",
+        "h:",
+        ":80",
+        "h",
+        "",
+        "h:80:81",
+        "[::1]",
+        "[::1:80",
+        "::1:80",
+        "[fe80::1%eth0]:80",
+        "[not-v6]:80",
+        "a_b:80",
+        "-a:80",
+        "a-:80",
+        "a..b:80",
+        "a.b.:80",
+        "a.123:80",
+        "host name:80",
+        "h\x00:80",
+        "h/x:80",
+        "user@h:80",
+        "a" * 64 + ":80",
+        ("a" * 60 + ".") * 5 + "b:80",
+        "h:" + "9" * 300,
+        None,
+        80,
+        ["h", 80],
+    ],
+)
+def test_address_refuses(text: object) -> None:
+    with pytest.raises(InvalidName):
+        validate_address(text)
+
+
+@SETTINGS
+@given(st.text(max_size=ADDRESS_MAX + 5))
+def test_any_text_is_an_address_or_invalid_name(text: str) -> None:
+    try:
+        host, port = split_address(text)
+    except InvalidName:
+        return
+    assert 0 < port < 65536 and host
+
+
+_labels = st.from_regex(r"[a-zA-Z0-9]([a-zA-Z0-9-]{0,20}[a-zA-Z0-9])?", fullmatch=True)
+_hosts = st.one_of(
+    st.lists(_labels, min_size=1, max_size=5).filter(lambda ls: not ls[-1].isdigit()).map(".".join),
+    st.ip_addresses(v=4).map(str),
+    st.ip_addresses(v=6).map(lambda a: f"[{a}]"),
+)
+
+
+@SETTINGS
+@given(_hosts, st.integers(1, 65535))
+def test_every_accepted_address_makes_a_url(host: str, port: int) -> None:
+    """What the validator accepts, the HTTP client takes: no peer address can
+    reach httpx and fail there (that is how a forged one killed nodes)."""
+    import httpx
+
+    text = f"{host}:{port}"
+    assert validate_address(text) == text
+    url = httpx.URL(f"http://{text}/mesh/v1/msg")
+    assert (url.port or 80) == port  # httpx drops the scheme's default port
+    assert url.host == split_address(text)[0].lower()

@@ -58,7 +58,14 @@ FUZZ = settings(SETTINGS, max_examples=300)
 
 U63 = st.integers(0, 2**63 - 1)
 node_ids = st.text(min_size=1, max_size=DEFAULT_LIMITS.node_id_chars)
-addresses = st.text(min_size=1, max_size=40)
+_labels = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True)
+_hosts = st.one_of(
+    st.lists(_labels, min_size=1, max_size=4).filter(lambda ls: not ls[-1].isdigit()).map(".".join),
+    st.ip_addresses(v=4).map(str),
+    st.ip_addresses(v=6).map(lambda a: f"[{a}]"),
+)
+# Valid HOST:PORT peer addresses (protocol.names.split_address).
+addresses = st.builds(lambda h, p: f"{h}:{p}", _hosts, st.integers(1, 65535))
 states = st.sampled_from(list(MemberState))
 
 records = st.builds(MemberRecord, node_ids, addresses, U63, U63, states)
@@ -179,7 +186,7 @@ def test_roundtrip_every_message_type(env: Envelope) -> None:
     [
         (Ping(1, "n2"), MsgType.PING),
         (Ack(1, "n2"), MsgType.ACK),
-        (PingReq(1, "n2", "addr"), MsgType.PING_REQ),
+        (PingReq(1, "n2", "h2:7420"), MsgType.PING_REQ),
         (Gossip(()), MsgType.GOSSIP),
         (Sync(0, 2**64 - 1), MsgType.SYNC),
         (SyncDigest({}, None), MsgType.SYNC_DIGEST),
@@ -194,7 +201,7 @@ def test_each_type_minimal_roundtrip(body: Body, msg_type: MsgType) -> None:
 
 
 def test_decoded_member_state_is_enum() -> None:
-    rec = MemberRecord("n2", "a", 3, 4, MemberState.SUSPECT)
+    rec = MemberRecord("n2", "h2:7420", 3, 4, MemberState.SUSPECT)
     out = decode(encode(_env(Gossip((MemberUpdate(rec, "n3"),)))), CLUSTER)
     assert isinstance(out.body, Gossip)
     got = out.body.updates[0]
@@ -250,7 +257,7 @@ def test_any_msgpack_structure_decode_or_remote_error(value: Any) -> None:
     body=msgpack_values,
     sender=st.sampled_from(["n1", "", 3, None, "x" * 65]),
     generation=st.sampled_from([0, 1, -1, 2**64 - 1, "1", True]),
-    addr=st.sampled_from(["a", "", None, "x" * 256]),
+    addr=st.sampled_from(["h1:7420", "a", "", None, "x" * 256, "999.1.1.1:80", "host:abc"]),
 )
 def test_random_bodies_in_valid_envelope(
     msg_type: int, body: Any, sender: Any, generation: Any, addr: Any
@@ -325,32 +332,32 @@ def test_non_bytes_input_is_remote_error(data: Any) -> None:
         {"v": 1},
         [PROTOCOL_VERSION],
         [PROTOCOL_VERSION, CLUSTER],
-        [PROTOCOL_VERSION, CLUSTER, "n1", 1, "a", 1, [1, "n2", []], "extra"],
-        [PROTOCOL_VERSION, CLUSTER, "n1", 1, "a", 0, []],
-        [PROTOCOL_VERSION, CLUSTER, "n1", 1, "a", 8, []],
-        [PROTOCOL_VERSION, CLUSTER, "n1", 1, "a", 256, []],
-        [PROTOCOL_VERSION, CLUSTER, "n1", 1, "a", "1", [1, "n2", []]],
-        [PROTOCOL_VERSION, CLUSTER, "n1", -1, "a", 1, [1, "n2", []]],
-        [PROTOCOL_VERSION, CLUSTER, "", 1, "a", 1, [1, "n2", []]],
+        [PROTOCOL_VERSION, CLUSTER, "n1", 1, "h1:7420", 1, [1, "n2", []], "extra"],
+        [PROTOCOL_VERSION, CLUSTER, "n1", 1, "h1:7420", 0, []],
+        [PROTOCOL_VERSION, CLUSTER, "n1", 1, "h1:7420", 8, []],
+        [PROTOCOL_VERSION, CLUSTER, "n1", 1, "h1:7420", 256, []],
+        [PROTOCOL_VERSION, CLUSTER, "n1", 1, "h1:7420", "1", [1, "n2", []]],
+        [PROTOCOL_VERSION, CLUSTER, "n1", -1, "h1:7420", 1, [1, "n2", []]],
+        [PROTOCOL_VERSION, CLUSTER, "", 1, "h1:7420", 1, [1, "n2", []]],
         [PROTOCOL_VERSION, CLUSTER, "n1", 1, "", 1, [1, "n2", []]],
-        [PROTOCOL_VERSION, 5, "n1", 1, "a", 1, [1, "n2", []]],
-        [PROTOCOL_VERSION, CLUSTER, "n1", 1, "a", 1, [1, "n2"]],
-        [PROTOCOL_VERSION, CLUSTER, "n1", 1, "a", 1, [1, "n2", [[["n3", "a", 1, 1, 4], None]]]],
-        [PROTOCOL_VERSION, CLUSTER, "n1", 1, "a", 1, [1, "n2", [[["n3", "a", 1, 1], None]]]],
-        [PROTOCOL_VERSION, CLUSTER, "n1", 1, "a", 1, [1, "n2", [[["n3", "a", 1, 1, 0], ""]]]],
-        [PROTOCOL_VERSION, CLUSTER, "n1", 1, "a", 5, [-1, 0]],
-        [PROTOCOL_VERSION, CLUSTER, "n1", 1, "a", 5, [0, 1.5]],
-        [PROTOCOL_VERSION, CLUSTER, "n1", 1, "a", 6, [{"n2": [1, 2]}, None]],
-        [PROTOCOL_VERSION, CLUSTER, "n1", 1, "a", 6, [{"": [1, 2, 3]}, None]],
-        [PROTOCOL_VERSION, CLUSTER, "n1", 1, "a", 6, [[], None]],
-        [PROTOCOL_VERSION, CLUSTER, "n1", 1, "a", 7, [[["n2", 1, 0, 1, 0, 0, []]], None, None]],
-        [PROTOCOL_VERSION, CLUSTER, "n1", 1, "a", 7, [[["n2", 1, 5, 4, 0, False, []]], None, None]],
+        [PROTOCOL_VERSION, 5, "n1", 1, "h1:7420", 1, [1, "n2", []]],
+        [PROTOCOL_VERSION, CLUSTER, "n1", 1, "h1:7420", 1, [1, "n2"]],
+        [PROTOCOL_VERSION, CLUSTER, "n1", 1, "h1:7420", 1, [1, "n2", [[["n3", "h3:7420", 1, 1, 4], None]]]],
+        [PROTOCOL_VERSION, CLUSTER, "n1", 1, "h1:7420", 1, [1, "n2", [[["n3", "h3:7420", 1, 1], None]]]],
+        [PROTOCOL_VERSION, CLUSTER, "n1", 1, "h1:7420", 1, [1, "n2", [[["n3", "h3:7420", 1, 1, 0], ""]]]],
+        [PROTOCOL_VERSION, CLUSTER, "n1", 1, "h1:7420", 5, [-1, 0]],
+        [PROTOCOL_VERSION, CLUSTER, "n1", 1, "h1:7420", 5, [0, 1.5]],
+        [PROTOCOL_VERSION, CLUSTER, "n1", 1, "h1:7420", 6, [{"n2": [1, 2]}, None]],
+        [PROTOCOL_VERSION, CLUSTER, "n1", 1, "h1:7420", 6, [{"": [1, 2, 3]}, None]],
+        [PROTOCOL_VERSION, CLUSTER, "n1", 1, "h1:7420", 6, [[], None]],
+        [PROTOCOL_VERSION, CLUSTER, "n1", 1, "h1:7420", 7, [[["n2", 1, 0, 1, 0, 0, []]], None, None]],
+        [PROTOCOL_VERSION, CLUSTER, "n1", 1, "h1:7420", 7, [[["n2", 1, 5, 4, 0, False, []]], None, None]],
         [
             PROTOCOL_VERSION,
             CLUSTER,
             "n1",
             1,
-            "a",
+            "h1:7420",
             7,
             [[["n2", 1, 0, 1, 0, False, [["k", 1, 1, 1]]]], None, None],
         ],
@@ -359,7 +366,7 @@ def test_non_bytes_input_is_remote_error(data: Any) -> None:
             CLUSTER,
             "n1",
             1,
-            "a",
+            "h1:7420",
             7,
             [[["n2", 1, 0, 1, 0, False, [["k", 1, 1, True]]]], None, None],
         ],
@@ -368,7 +375,7 @@ def test_non_bytes_input_is_remote_error(data: Any) -> None:
             CLUSTER,
             "n1",
             1,
-            "a",
+            "h1:7420",
             7,
             [[["n2", 1, 0, 1, 0, False, [["", 1, 1, False]]]], None, None],
         ],
@@ -377,7 +384,7 @@ def test_non_bytes_input_is_remote_error(data: Any) -> None:
             CLUSTER,
             "n1",
             1,
-            "a",
+            "h1:7420",
             7,
             [[["n2", 1, 0, 1, 0, False, [["k", 0, 1, False]]]], None, None],
         ],
@@ -386,7 +393,7 @@ def test_non_bytes_input_is_remote_error(data: Any) -> None:
             CLUSTER,
             "n1",
             1,
-            "a",
+            "h1:7420",
             7,
             [[["n2", 1, 0, 1, 0, False, [["k" * 513, 1, 1, False]]]], None, None],
         ],
@@ -398,7 +405,7 @@ def test_malformed_envelopes_rejected(raw: Any) -> None:
 
 
 def test_non_string_map_keys_rejected() -> None:
-    raw = [PROTOCOL_VERSION, CLUSTER, "n1", 1, "a", 6, [{1: [1, 2, 3]}, None]]
+    raw = [PROTOCOL_VERSION, CLUSTER, "n1", 1, "h1:7420", 6, [{1: [1, 2, 3]}, None]]
     with pytest.raises(RemoteProtocolError):
         decode(msgpack.packb(raw, use_bin_type=True, strict_types=False), CLUSTER)
     value = {b"k": 1}
@@ -407,7 +414,7 @@ def test_non_string_map_keys_rejected() -> None:
         CLUSTER,
         "n1",
         1,
-        "a",
+        "h1:7420",
         7,
         [[["n2", 1, 0, 1, 0, False, [["k", 1, value, False]]]], None, None],
     ]
@@ -422,12 +429,36 @@ def test_ext_types_rejected_in_values() -> None:
             CLUSTER,
             "n1",
             1,
-            "a",
+            "h1:7420",
             7,
             [[["n2", 1, 0, 1, 0, False, [["k", 1, ext, False]]]], None, None],
         ]
         with pytest.raises(RemoteProtocolError):
             decode(msgpack.packb(raw, use_bin_type=True), CLUSTER)
+
+
+@pytest.mark.parametrize("bad", ["999.1.1.1:80", "host:abc", "h:0", "[::1]", "a b:1", ""])
+@pytest.mark.parametrize("where", ["sender", "ping update", "ping-req target", "gossip", "digest members", "delta members"])
+def test_bad_peer_addresses_rejected_wherever_they_enter(bad: str, where: str) -> None:
+    """An address no socket can take never gets past the decoder: a forged
+    member record with one killed every node that gossiped it."""
+
+    def raw(addr: str) -> list[Any]:
+        rec = ["n3", addr, 1, 0, 0]
+        bodies = {
+            "sender": (1, [1, "n2", []]),
+            "ping update": (1, [1, "n2", [[rec, None]]]),
+            "ping-req target": (3, [1, "n2", addr, []]),
+            "gossip": (4, [[[rec, None]]]),
+            "digest members": (6, [None, [["n4", "h4:7420", 1, 0, 0], rec]]),
+            "delta members": (7, [[], None, [rec]]),
+        }
+        msg_type, body = bodies[where]
+        return [PROTOCOL_VERSION, CLUSTER, "n1", 1, addr if where == "sender" else "h1:7420", msg_type, body]
+
+    decode(msgpack.packb(raw("h3:7420"), use_bin_type=True), CLUSTER)  # a good address passes
+    with pytest.raises(RemoteProtocolError, match="address"):
+        decode(msgpack.packb(raw(bad), use_bin_type=True), CLUSTER)
 
 
 # -- limits --------------------------------------------------------------------
@@ -449,7 +480,7 @@ def test_custom_message_limit() -> None:
 
 
 def test_too_many_updates_rejected() -> None:
-    rec = MemberRecord("n2", "a", 1, 0, MemberState.ALIVE)
+    rec = MemberRecord("n2", "h2:7420", 1, 0, MemberState.ALIVE)
     lim = Limits(updates_per_message=3)
     ok = _env(Gossip((MemberUpdate(rec),) * 3))
     assert decode(encode(ok), CLUSTER, lim) == ok
@@ -545,7 +576,7 @@ def test_wrong_version(version: Any) -> None:
 
 @pytest.mark.parametrize("version", [True, 1.0])
 def test_version_must_be_an_integer(version: Any) -> None:
-    raw = [version, CLUSTER, "n1", 1, "a", int(MsgType.PING), [1, "n2", []]]
+    raw = [version, CLUSTER, "n1", 1, "h1:7420", int(MsgType.PING), [1, "n2", []]]
     with pytest.raises(WrongVersion):
         decode(msgpack.packb(raw, use_bin_type=True), CLUSTER)
 
