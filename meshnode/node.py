@@ -64,7 +64,7 @@ class MeshNode:
         self.data_server: DataServer | None = None
         self.address: str | None = None
         self.url: str | None = None
-        self.generation = 0
+        self.start_generation = 0
         self.started = trio.Event()
         self._stop = trio.Event()
         self._persist_lock = trio.Lock()
@@ -72,6 +72,11 @@ class MeshNode:
         self._bad_peer_logged: dict[tuple[str, str], float] = {}
         self.bad_messages = 0
         self.refused_requests = 0
+
+    @property
+    def generation(self) -> int:
+        """The generation we run as: set at start, moved up only to refute an identity conflict."""
+        return self.gossip.generation if self.gossip is not None else self.start_generation
 
     # -- clock -----------------------------------------------------------------
 
@@ -109,20 +114,20 @@ class MeshNode:
         now = trio.current_time()
         prev = saved.generation if saved else 0
         # Wall-clock ms as the generation survives a lost data dir; +1 survives a clock step back.
-        self.generation = max(prev + 1, wall_ms())
-        catalog = Catalog(cfg.node_id, self.generation, tombstone_grace_s=cfg.gossip.tombstone_grace_s)
+        self.start_generation = generation = max(prev + 1, wall_ms())
+        catalog = Catalog(cfg.node_id, generation, tombstone_grace_s=cfg.gossip.tombstone_grace_s)
         seeds = list(cfg.join)
         if saved is not None:
             own = saved.catalog.get(cfg.node_id)
             if own is not None:
-                catalog.restore({cfg.node_id: own}, now, self.generation)
+                catalog.restore({cfg.node_id: own}, now, generation)
             self.hlc.advance_to(saved.hlc_wall_ms)
             seeds += [p for p in saved.peers if p not in seeds and p != address]
             log.info(
                 "restarting as generation %d (was %d) with %d keys of our own; %d peers remembered",
-                self.generation, prev, len(catalog.own.keys), len(saved.peers),
+                generation, prev, len(catalog.own.keys), len(saved.peers),
             )
-        self.gossip = GossipNode(cfg.node_id, address, self.generation, cfg.gossip, now, seeds, catalog)
+        self.gossip = GossipNode(cfg.node_id, address, generation, cfg.gossip, now, seeds, catalog)
         self.service = MeshService(self.gossip, self.hlc)
         self.gossip.set(
             "node",
@@ -204,6 +209,7 @@ class MeshNode:
             now = trio.current_time()
             try:
                 sender.enqueue(g.tick(now, self.rng))
+                self._log_notices()
             except Exception:  # a bug in a tick must not take the node down
                 log.exception("gossip tick failed")
             # Sleep until the next timer, but never longer than a quarter second.
@@ -349,7 +355,7 @@ class MeshNode:
             own = g.catalog.snapshot()
             state = SavedState(
                 node_id=self.cfg.node_id,
-                generation=self.generation,
+                generation=g.generation,  # moved up by a refuted identity conflict, maybe
                 hlc_wall_ms=self.hlc.high_water_ms,
                 catalog=own,
                 peers=sorted(
@@ -375,7 +381,14 @@ class MeshNode:
         except (WrongCluster, WrongVersion, RemoteProtocolError) as e:
             self.note_bad_peer(remote, e)
             raise
-        sender.enqueue(g.receive(env, trio.current_time(), self.rng))
+        sender.enqueue(g.receive(env, trio.current_time(), self.rng, wall_ms()))
+        self._log_notices()
+
+    def _log_notices(self) -> None:
+        g = self.gossip
+        assert g is not None
+        while g.notices:
+            log.warning("%s", g.notices.popleft().text)
 
     def note_bad_peer(self, remote: str, e: Exception) -> None:
         self.bad_messages += 1
@@ -422,6 +435,9 @@ class MeshNode:
                 suspicions_raised=g.stats.suspicions_raised,
                 deaths_declared=g.stats.deaths_declared,
                 refutations=g.stats.refutations,
+                identity_conflicts=g.stats.identity_conflicts,
+                generation_moves=g.stats.generation_moves,
+                future_generations_dropped=g.stats.future_generations_dropped,
                 catalog_nodes=len(g.catalog.nodes),
                 catalog_keys=sum(len(st.keys) for st in g.catalog.nodes.values()),
             )

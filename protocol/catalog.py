@@ -341,6 +341,15 @@ class Catalog:
         if node_id != self.self_id and st is not None and st.generation < generation:
             self._put_node(NodeState(node_id, generation))
 
+    def move_generation(self, generation: int) -> None:
+        """Our own keys move to a new, higher generation (an identity conflict
+        was refuted): peers drop the old generation's keys and take these."""
+        own = self.own
+        if generation <= own.generation:
+            raise LocalProtocolError("a generation only moves up")
+        own.generation = generation
+        self._rehash(self.self_id)
+
     # -- persistence ---------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:

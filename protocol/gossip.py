@@ -32,22 +32,40 @@ the end of the interval: the target becomes SUSPECT.  A suspect that does not
 refute (by bumping its incarnation) before the Lifeguard timeout is declared
 DEAD.  ``leave`` marks ourselves LEFT and tells a few peers, so the mesh shows
 "left", not "dead".
+
+Forged or mistaken news about ourselves is refuted, never obeyed:
+
+* a record of us at our generation that is not ALIVE, or names another
+  address, is refuted by bumping our incarnation (SWIM);
+* a record of us at a *higher* generation (another process with our id, or a
+  forgery that would evict us: "left" at generation+1), or a peer's digest
+  saying our keys go beyond what we wrote, is an identity conflict: we move
+  to a generation above it, which supersedes the claim and our old keys
+  everywhere, at most once per ``identity_refute_interval_s``, and report it
+  in ``notices`` (the daemon logs them at WARNING) and ``stats``;
+* generations are wall-clock milliseconds, so a record whose generation is
+  more than ``generation_ahead_max_ms`` ahead of the caller's ``wall_ms`` is
+  dropped (a forged 2**63-1 would otherwise outrank every restart forever);
+* catalog deltas are taken only at the generation our member record holds.
 """
 
 from __future__ import annotations
 
 import random
+from collections import deque
 from dataclasses import dataclass, field
 
 from .catalog import Catalog
 from .membership import BroadcastQueue, MemberTable, SuspicionConfig
 from .wire import (
+    INT_MAX,
     Ack,
     Envelope,
     Gossip,
     MemberRecord,
     MemberState,
     MemberUpdate,
+    NodeDigest,
     Ping,
     PingReq,
     Sync,
@@ -55,7 +73,7 @@ from .wire import (
     SyncDigest,
 )
 
-__all__ = ["GossipConfig", "GossipNode", "Send"]
+__all__ = ["GossipConfig", "GossipNode", "Notice", "Send"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +102,10 @@ class GossipConfig:
     # tables always go whole.
     member_recent_s: float = 10.0
     member_recent_max: int = 32
+    # Generations are wall-clock ms: one further ahead of ours than this is refused.
+    generation_ahead_max_ms: int = 60_000
+    # An identity conflict moves our generation at most this often.
+    identity_refute_interval_s: float = 5.0
 
     def __post_init__(self) -> None:
         assert self.gossip_interval_s > 0 and self.probe_interval_s > 0
@@ -104,6 +126,14 @@ class GossipConfig:
 class Send:
     to: str  # peer address
     envelope: Envelope
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """Something an operator should hear about (the daemon logs it at WARNING)."""
+
+    kind: str  # "identity_conflict", "future_generation"
+    text: str
 
 
 @dataclass(slots=True)
@@ -132,6 +162,8 @@ class Stats:
     deaths_declared: int = 0
     refutations: int = 0
     identity_conflicts: int = 0
+    generation_moves: int = 0
+    future_generations_dropped: int = 0
     syncs_in_agreement: int = 0
     counters: dict[str, int] = field(default_factory=dict)
 
@@ -173,6 +205,9 @@ class GossipNode:
         self._next_housekeeping = now + config.housekeeping_interval_s
         self._started = False
         self.version = 0  # bumped on every change of what we know (persist when it moves)
+        self.notices: deque[Notice] = deque(maxlen=64)  # drained by the caller
+        self._generation_limit: int | None = None  # set per received message from wall_ms
+        self._next_identity_move = now
 
     # -- helpers -------------------------------------------------------------
 
@@ -223,6 +258,17 @@ class GossipNode:
 
     def _merge_update(self, u: MemberUpdate, now: float) -> None:
         rec = u.record
+        limit = self._generation_limit
+        if limit is not None and rec.generation > limit:
+            self.stats.future_generations_dropped += 1
+            if self.stats.future_generations_dropped == 1 or self.stats.future_generations_dropped % 1000 == 0:
+                self._notice(
+                    "future_generation",
+                    f"dropped a record of {rec.node_id} at generation {rec.generation}, "
+                    f"{(rec.generation - limit + self.config.generation_ahead_max_ms) / 1000:.0f} s ahead of our clock "
+                    f"(its clock is wrong, or the record is forged); {self.stats.future_generations_dropped} so far",
+                )
+            return
         if rec.node_id == self.id:
             self._about_me(rec, now)
             return
@@ -234,21 +280,70 @@ class GossipNode:
             if old_gen is not None and rec.generation > old_gen:
                 self.catalog.reset_generation(rec.node_id, rec.generation)
 
+    def _notice(self, kind: str, text: str) -> None:
+        self.notices.append(Notice(kind, text))
+
     def _about_me(self, rec: MemberRecord, now: float) -> None:
         me = self.members.self_record
+        if self.left or rec.generation < me.generation:
+            return
         if rec.generation > me.generation:
-            # Another process claims our id with a newer generation: do not fight it silently.
-            self.stats.identity_conflicts += 1
+            self._identity_conflict(
+                rec.generation,
+                f"the mesh says node {self.id} is at generation {rec.generation} ({rec.state.label}, "
+                f"address {rec.address}), above ours ({me.generation}): another process runs with our id, "
+                "or the record is forged",
+                now,
+            )
             return
-        if rec.generation < me.generation or self.left:
-            return
-        if rec.state is not MemberState.ALIVE and rec.incarnation >= me.incarnation:
+        wrong = rec.state is not MemberState.ALIVE or rec.address != me.address
+        if wrong and rec.incarnation >= me.incarnation:
+            if rec.incarnation >= INT_MAX:  # no incarnation above it: leave the generation instead
+                self._identity_conflict(me.generation, f"a record of us at the last incarnation ({rec.state.label})", now)
+                return
             self.stats.refutations += 1
-            self._health_delta(+1)  # being suspected hints that we are the slow one
+            if rec.state is not MemberState.ALIVE:
+                self._health_delta(+1)  # being suspected hints that we are the slow one
             new = MemberRecord(self.id, self.address, self.generation, rec.incarnation + 1, MemberState.ALIVE)
             self.members.set_self(new, now)
             self.broadcasts.push(MemberUpdate(new))
             self._changed()
+
+    def _identity_conflict(self, above: int, why: str, now: float) -> None:
+        """Someone speaks for us at or above generation ``above``: move past it
+        (at most once per ``identity_refute_interval_s``), so our record and our
+        keys supersede the claim on every node."""
+        self.stats.identity_conflicts += 1
+        if now < self._next_identity_move or above >= INT_MAX:
+            return
+        self._next_identity_move = now + self.config.identity_refute_interval_s
+        new_gen = above + 1
+        self._notice("identity_conflict", f"{why}; moving to generation {new_gen} to refute it")
+        self.stats.generation_moves += 1
+        self.generation = new_gen
+        self.catalog.move_generation(new_gen)
+        rec = MemberRecord(self.id, self.address, new_gen, 0, MemberState.ALIVE)
+        self.members.set_self(rec, now)
+        self.broadcasts.push(MemberUpdate(rec))
+        self._changed()
+
+    def _check_digest_of_me(self, digest: dict[str, NodeDigest] | None, now: float) -> None:
+        """A peer's digest holds more of our keys than we wrote: someone wrote
+        in our name (a forged delta at our generation).  Move past it."""
+        d = None if digest is None else digest.get(self.id)
+        own = self.catalog.own
+        if d is None or self.left:
+            return
+        limit = self._generation_limit
+        if limit is not None and d.generation > limit:
+            return
+        if d.generation > own.generation or (d.generation == own.generation and d.max_version > own.max_version):
+            self._identity_conflict(
+                max(d.generation, own.generation),
+                f"a peer holds keys of node {self.id} (us) at generation {d.generation} version {d.max_version}, "
+                f"beyond what we wrote (generation {own.generation} version {own.max_version})",
+                now,
+            )
 
     def _learn_sender(self, env: Envelope, now: float) -> None:
         if env.sender == self.id:
@@ -411,10 +506,14 @@ class GossipNode:
 
     # -- messages -------------------------------------------------------------------
 
-    def receive(self, env: Envelope, now: float, rng: random.Random) -> list[Send]:
+    def receive(self, env: Envelope, now: float, rng: random.Random, wall_ms: int | None = None) -> list[Send]:
+        """Take one decoded message; what to send in answer.  ``wall_ms`` (the
+        caller's wall clock) bounds the generations taken from it; None takes
+        any (the simulator's generations are not clocks)."""
         out: list[Send] = []
         if self.left:
             return out
+        self._generation_limit = None if wall_ms is None else wall_ms + self.config.generation_ahead_max_ms
         self.stats.messages_in += 1
         self._learn_sender(env, now)
         b = env.body
@@ -455,6 +554,7 @@ class GossipNode:
                     ),
                 )
         elif isinstance(b, SyncDigest):
+            self._check_digest_of_me(b.digest, now)
             theirs_sent = b.members is not None
             if b.members is not None:
                 self._merge_records(b.members, now)
@@ -472,6 +572,7 @@ class GossipNode:
                 ),
             )
         elif isinstance(b, SyncDelta):
+            self._check_digest_of_me(b.digest, now)
             if b.members is not None:
                 self._merge_records(b.members, now)
             self._apply_deltas(b, now)
@@ -520,8 +621,12 @@ class GossipNode:
                 st = self.catalog.nodes.get(d.node_id)
                 if st is None or d.generation != st.generation:
                     continue
-            elif d.generation < m.record.generation:
-                continue  # only for members we know, at their current generation
+            elif d.generation != m.record.generation:
+                # Only at the generation its member record holds: an older one is
+                # stale, and a newer one waits for the record (which the bound on
+                # generations checks), so a forged delta cannot install a
+                # generation that outranks the real node's keys.
+                continue
             if self.catalog.apply_delta(d, now):
                 self._changed()
 

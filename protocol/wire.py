@@ -30,6 +30,7 @@ from .names import validate_address
 
 __all__ = [
     "CLUSTER_MAX",
+    "INT_MAX",
     "MAX_MESSAGE_BYTES",
     "PROTOCOL_VERSION",
     "Ack",
@@ -59,6 +60,7 @@ __all__ = [
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 CLUSTER_MAX = 64
+INT_MAX = 2**63 - 1  # the largest generation, incarnation, version or sequence number
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,7 +323,7 @@ def _fail(what: str) -> RemoteProtocolError:
     return RemoteProtocolError(what)
 
 
-def _int(v: Any, what: str, lo: int = 0, hi: int = 2**63 - 1) -> int:
+def _int(v: Any, what: str, lo: int = 0, hi: int = INT_MAX) -> int:
     if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
         raise _fail(f"{what}: expected an integer in [{lo}, {hi}]")
     return v

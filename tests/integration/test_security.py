@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import time
 
 import pytest
@@ -12,9 +13,18 @@ import trio
 from meshnode.config import ConfigError, add_start_arguments, config_from_args
 from meshnode.peers import sign_headers
 from protocol.peerauth import AUTH_HEADER, sign
-from protocol.wire import Envelope, Ping, encode
+from protocol.wire import (
+    INT_MAX,
+    Envelope,
+    Gossip,
+    MemberRecord,
+    MemberState,
+    MemberUpdate,
+    Ping,
+    encode,
+)
 
-from .conftest import Mesh, wait_for
+from .conftest import Handle, Mesh, wait_for
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -139,3 +149,53 @@ async def test_other_cluster_is_refused_and_never_merged(mesh: Mesh, caplog: pyt
 async def _knows(mesh: Mesh, url: str, node: str) -> bool:
     r = await mesh.client.get(url + "/nodes")
     return node in {n["node_id"] for n in r.json()["nodes"]}
+
+
+async def _send_as(mesh: Mesh, to: str, secret: str, signer: str, body: object) -> int:
+    data = encode(Envelope("meshnode", signer, 1, "127.0.0.1:9", body))  # type: ignore[arg-type]
+    r = await mesh.client.post(to + "/mesh/v1/msg", content=data, headers=sign_headers(secret, signer, "POST", "/mesh/v1/msg", data))
+    return r.status_code
+
+
+async def test_a_forged_eviction_is_refuted_and_logged(mesh: Mesh, caplog: pytest.LogCaptureFixture) -> None:
+    """A record of a live node at generation+1 marked left made every node drop
+    it and its registrations, and it said nothing; one at 2**63-1 outlived a
+    restart.  Now the victim moves above the forgery with a WARNING and a
+    metric, and a far-future generation is dropped by everyone."""
+    caplog.set_level(logging.WARNING)
+    secret = "s3cret-" + "f" * 30
+    a = await mesh.start("a", "--cluster-secret", secret)
+    b = await mesh.start("b", "--cluster-secret", secret, join=[a])
+    c = await mesh.start("c", "--cluster-secret", secret, join=[a])
+    await mesh.client.post(b.url + "/models/victim-model/register", json={})
+    await wait_for(lambda: _alive_everywhere(mesh, [a, b, c], "b"), what="b alive everywhere")
+    await wait_for(lambda: _listed(mesh, a.url, "victim-model"), what="the model reaches a")
+    gen = b.node.generation
+    for forged_gen in (INT_MAX, gen + 1):
+        forged = Gossip((MemberUpdate(MemberRecord("b", b.address, forged_gen, 0, MemberState.LEFT)),))
+        for target in (a, c, b):
+            assert await _send_as(mesh, target.url, secret, "c", forged) == 204
+    await wait_for(lambda: b.node.generation > gen + 1, what="b moves above the forgery")
+    await wait_for(lambda: _alive_everywhere(mesh, [a, b, c], "b"), what="b alive everywhere again")
+    await wait_for(lambda: _listed(mesh, a.url, "victim-model"), what="b's registration back on a")
+    warned = [r.getMessage() for r in caplog.records if r.name == "meshnode.node" and r.levelno == logging.WARNING]
+    assert any("or the record is forged; moving to generation" in m for m in warned), warned
+    assert any("ahead of our clock" in m for m in warned), warned
+    metrics = (await mesh.client.get(b.url + "/metrics")).text
+    conflicts = re.search(r"^meshnode_identity_conflicts_total (\S+)$", metrics, re.M)
+    assert conflicts is not None and float(conflicts.group(1)) >= 1
+    assert (await mesh.client.get(b.url + "/health")).json()["generation"] == b.node.generation
+    for h in (a, c):
+        assert all(n["generation"] < INT_MAX for n in (await mesh.client.get(h.url + "/nodes")).json()["nodes"])
+
+
+async def _alive_everywhere(mesh: Mesh, handles: list[Handle], node: str) -> bool:
+    for h in handles:
+        r = await mesh.client.get(h.url + "/nodes")
+        if {n["node_id"]: n["state"] for n in r.json()["nodes"]}.get(node) != "alive":
+            return False
+    return True
+
+
+async def _listed(mesh: Mesh, url: str, model: str) -> bool:
+    return (await mesh.client.get(url + f"/models/{model}")).status_code == 200

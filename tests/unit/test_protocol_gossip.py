@@ -17,15 +17,20 @@ import random
 from collections.abc import Callable
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from protocol.gossip import GossipConfig, GossipNode, Send
 from protocol.wire import (
+    INT_MAX,
     Ack,
+    DeltaEntry,
     Envelope,
     Gossip,
     MemberRecord,
     MemberState,
     MemberUpdate,
+    NodeDelta,
     Ping,
     Sync,
     SyncDelta,
@@ -382,19 +387,165 @@ def test_injected_suspicion_is_refuted() -> None:
     assert b.stats.refutations == 2
 
 
-def test_identity_conflict_is_counted_not_fought() -> None:
+def _forge(mesh: Mesh, to: str, *records: MemberRecord, via: str = "c", wall_ms: int | None = None) -> None:
+    """Deliver forged member records to ``to`` as if ``via`` (an insider) gossiped them."""
+    node = mesh.node(to)
+    env = Envelope("test", via, 1, addr_of(via), Gossip(tuple(MemberUpdate(r) for r in records)))
+    mesh.post(addr_of(to), node.receive(env, mesh.now, random.Random(0), wall_ms))
+
+
+@pytest.mark.parametrize("state", [ALIVE, LEFT, DEAD])
+def test_a_forged_newer_generation_is_refuted_by_moving_above_it(state: MemberState) -> None:
+    """A record of b at generation+1 marked left made every node drop b and its
+    registrations, and b said nothing.  Now b moves above it, warns, and the
+    mesh ends with b alive and its keys back."""
+    ids = ("a", "b", "c")
+    mesh = mesh_of(ids, seed=9)
+    b = mesh.node("b")
+    b.set("reg/llama", {"by": "b"}, 0.0)
+    mesh.run_for(5.0)
+    assert all_alive(mesh, ids)
+    forged = MemberRecord("b", addr_of("b"), 2, 0, state)
+    for victim in ("a", "c"):  # the forgery reaches the others first
+        _forge(mesh, victim, forged)
+    _forge(mesh, "b", forged)
+    assert b.stats.identity_conflicts == 1 and b.stats.generation_moves == 1
+    assert b.generation == 3 and b.members.self_record == MemberRecord("b", addr_of("b"), 3, 0, ALIVE)
+    assert [n.kind for n in b.notices] == ["identity_conflict"] and "generation 3" in b.notices[0].text
+    mesh.run_for(10.0)
+    for viewer in ("a", "c"):
+        assert record_of(mesh.node(viewer), "b") == MemberRecord("b", addr_of("b"), 3, 0, ALIVE)
+        assert mesh.node(viewer).catalog.get("b", "reg/llama") == {"by": "b"}
+    assert_catalogs_equal([mesh.node(n) for n in ids])
+
+
+def test_identity_moves_are_rate_limited() -> None:
+    """Two live processes with one id would leapfrog each other: each move is
+    counted and reported, and a node moves at most once per interval."""
     mesh = mesh_of(("a", "b"), seed=9)
     mesh.run_for(3.0)
     b = mesh.node("b")
-    imposter = MemberRecord("b", "elsewhere:1", 2, 0, ALIVE)
-    b.receive(
-        Envelope("test", "a", 1, addr_of("a"), Gossip((MemberUpdate(imposter),))),
-        mesh.now,
-        random.Random(0),
+    _forge(mesh, "b", MemberRecord("b", "elsewhere:1", 2, 0, ALIVE), via="a")
+    _forge(mesh, "b", MemberRecord("b", "elsewhere:1", 5, 0, ALIVE), via="a")
+    assert b.stats.identity_conflicts == 2 and b.stats.generation_moves == 1 and b.generation == 3
+    mesh.run_for(CFG.identity_refute_interval_s)
+    _forge(mesh, "b", MemberRecord("b", "elsewhere:1", 5, 0, ALIVE), via="a")
+    assert b.stats.generation_moves == 2 and b.generation == 6
+
+
+def test_a_record_of_us_with_another_address_is_refuted() -> None:
+    ids = ("a", "b", "c")
+    mesh = mesh_of(ids, seed=4)
+    mesh.run_for(5.0)
+    b = mesh.node("b")
+    hijack = MemberRecord("b", "attacker:7946", 1, b.incarnation, ALIVE)
+    for viewer in ("a", "c", "b"):
+        _forge(mesh, viewer, hijack)
+    assert b.incarnation == hijack.incarnation + 1 and b.generation == 1
+    mesh.run_for(10.0)
+    for viewer in ("a", "c"):
+        assert record_of(mesh.node(viewer), "b").address == addr_of("b")
+
+
+def test_a_suspicion_at_the_last_incarnation_moves_the_generation() -> None:
+    """No incarnation is above 2**63-1: refuting one means a new generation,
+    and every message still encodes (an overflow would be dropped by peers)."""
+    mesh = mesh_of(("a", "b"), seed=5)
+    mesh.run_for(3.0)
+    b = mesh.node("b")
+    _forge(mesh, "b", MemberRecord("b", addr_of("b"), 1, INT_MAX, SUSPECT), via="a")
+    assert b.generation == 2 and b.incarnation == 0
+    mesh.run_for(10.0)  # every message goes through the codec
+    assert record_of(mesh.node("a"), "b") == MemberRecord("b", addr_of("b"), 2, 0, ALIVE)
+
+
+def test_generations_far_ahead_of_the_clock_are_dropped() -> None:
+    """A forged generation of 2**63-1 outranked every restart forever (it
+    survived a wiped data dir).  Generations are clocks: one more than the
+    bound ahead of ours is dropped, and the node says so."""
+    wall = 1_800_000_000_000
+    mesh = Mesh(seed=6)
+    a = mesh.add("a", generation=wall)
+    mesh.add("b", seeds=("a",), generation=wall)
+    mesh.run_for(3.0)
+    for gen in (INT_MAX, wall + CFG.generation_ahead_max_ms + 1):
+        _forge(mesh, "a", MemberRecord("b", addr_of("b"), gen, 0, LEFT), via="b", wall_ms=wall)
+        _forge(mesh, "a", MemberRecord("z", "z.mesh:1", gen, 0, ALIVE), via="b", wall_ms=wall)
+    assert record_of(a, "b").generation == wall and state_of(a, "b") is ALIVE
+    assert a.members.get("z") is None
+    assert a.stats.future_generations_dropped == 4
+    assert [n.kind for n in a.notices] == ["future_generation"]
+    # Within the bound (a peer whose clock is a little ahead) is taken.
+    _forge(mesh, "a", MemberRecord("z", "z.mesh:1", wall + 30_000, 0, ALIVE), via="b", wall_ms=wall)
+    assert state_of(a, "z") is ALIVE
+
+
+def test_keys_forged_in_our_name_are_superseded() -> None:
+    """An insider sends deltas of b's keys at b's generation with versions b
+    never wrote.  Peers take them (they cannot tell), but b sees in their
+    digest that its keys go beyond its own, and moves its generation: every
+    node then drops the forged keys and holds b's real ones."""
+    ids = ("a", "b", "c")
+    mesh = mesh_of(ids, seed=8)
+    b = mesh.node("b")
+    b.set("reg/llama", {"by": "b"}, 0.0)
+    mesh.run_for(5.0)
+    a = mesh.node("a")
+    forged = NodeDelta("b", 1, 0, 10**6, 0, True, (DeltaEntry("reg/llama", 10**6, {"by": "evil"}, False),))
+    env = Envelope("test", "c", 1, addr_of("c"), SyncDelta((forged,)))
+    a.receive(env, mesh.now, random.Random(0))
+    assert a.catalog.get("b", "reg/llama") == {"by": "evil"}
+    mesh.run_for(10.0)
+    assert b.generation == 2 and b.stats.identity_conflicts >= 1
+    for n in ids:
+        assert mesh.node(n).catalog.get("b", "reg/llama") == {"by": "b"}
+    assert_catalogs_equal([mesh.node(n) for n in ids])
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, database=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["a", "b", "c"]),
+            st.integers(1, 6),
+            st.sampled_from([0, 1, 7, INT_MAX]),
+            st.sampled_from(list(MemberState)),
+            st.sampled_from([addr_of("b"), "attacker:1"]),
+        ),
+        min_size=1,
+        max_size=6,
     )
-    assert b.stats.identity_conflicts == 1
-    assert b.members.self_record.generation == 1
-    assert b.incarnation == 0
+)
+def test_whatever_is_forged_about_a_node_it_ends_alive_with_its_keys(
+    forgeries: list[tuple[str, int, int, MemberState, str]],
+) -> None:
+    ids = ("a", "b", "c")
+    mesh = mesh_of(ids, seed=11)
+    b = mesh.node("b")
+    b.set("reg/llama", {"by": "b"}, 0.0)
+    mesh.run_for(5.0)
+    for to, gen, inc, state, addr in forgeries:
+        _forge(mesh, to, MemberRecord("b", addr, gen, inc, state))
+        mesh.run_for(1.0)
+    mesh.run_for(CFG.identity_refute_interval_s * len(forgeries) + 15.0)
+    me = b.members.self_record
+    assert me.state is ALIVE and me.address == addr_of("b")
+    for viewer in ("a", "c"):
+        assert record_of(mesh.node(viewer), "b") == me
+        assert mesh.node(viewer).catalog.get("b", "reg/llama") == {"by": "b"}
+
+
+def test_a_delta_at_a_generation_the_member_record_lacks_is_ignored() -> None:
+    """A forged delta cannot install a newer generation of b's keys (which
+    would outrank b's real ones everywhere): deltas go in only at the
+    generation b's member record holds."""
+    mesh = mesh_of(("a", "b"), seed=8)
+    mesh.node("b").set("reg/llama", {"by": "b"}, 0.0)
+    mesh.run_for(5.0)
+    a = mesh.node("a")
+    forged = NodeDelta("b", 99, 0, 1, 0, True, (DeltaEntry("reg/llama", 1, {"by": "evil"}, False),))
+    a.receive(Envelope("test", "c", 1, addr_of("c"), SyncDelta((forged,))), mesh.now, random.Random(0))
+    assert a.catalog.get("b", "reg/llama") == {"by": "b"} and a.catalog.nodes["b"].generation == 1
 
 
 # -- leaving and restarting --------------------------------------------------------------
