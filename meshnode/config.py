@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import math
 import os
 import socket
 import tomllib
@@ -53,6 +54,7 @@ class Config:
     advertise: str | None = None
     cluster: str = "meshnode"
     secrets: Secrets = field(default_factory=Secrets)
+    notes: tuple[str, ...] = ()  # warnings for the operator, logged at start
     gossip: GossipConfig = field(default_factory=GossipConfig)
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -123,6 +125,43 @@ def _read_secret_file(path: str, what: str) -> str:
         raise ConfigError(f"cannot read the {what} file {path}: {e.strerror}") from None
 
 
+SECRET_BITS_MIN = 128
+_GENERATE = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'  (or: openssl rand -base64 32)"
+
+
+def secret_bits(text: str) -> float:
+    """A rough estimate of a secret's entropy: its length times the bits of
+    the alphabet its characters come from (hex digits 4, lowercase 4.7, mixed
+    case and digits 5.95, any printable 6.57).  Fewer than 8 different
+    characters count as none: ``aaaa...`` or ``abab...`` is not a secret."""
+    if len(set(text)) < 8:
+        return 0.0
+    if all(c in "0123456789abcdef" for c in text) or all(c in "0123456789ABCDEF" for c in text):
+        alphabet = 16
+    else:
+        alphabet = 0
+        for chars, size in (
+            (str.islower, 26),
+            (str.isupper, 26),
+            (str.isdigit, 10),
+            (lambda c: not c.isalnum(), 33),
+        ):
+            if any(chars(c) for c in text):
+                alphabet += size
+    return len(text) * math.log2(max(alphabet, 2))
+
+
+def _check_strength(values: tuple[str, ...], what: str, flag: str, host: str) -> None:
+    for v in values:
+        bits = secret_bits(v)
+        if bits < SECRET_BITS_MIN:
+            raise ConfigError(
+                f"{what} has about {bits:.0f} bits of entropy; a node bound to {host} needs at least "
+                f"{SECRET_BITS_MIN} (it can be guessed offline from one captured handshake otherwise). "
+                f"Generate one with: {_GENERATE}, and give it with {flag}"
+            )
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -189,12 +228,29 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
     secrets = _split(o["cluster_secret"])
     if o["cluster_secret_file"]:
         secrets += _split(_read_secret_file(o["cluster_secret_file"], "cluster secret"))
-    if not _is_loopback(host) and (not api_tokens or not secrets):
-        raise ConfigError(
-            f"refusing to bind {host}, which is not a loopback address, without both an API token "
-            "(--api-tokens / MESHNODE_API_TOKENS / --api-tokens-file) and a cluster secret "
-            "(--cluster-secret / MESHNODE_CLUSTER_SECRET / --cluster-secret-file)"
-        )
+    notes: list[str] = []
+    if not _is_loopback(host):
+        if not api_tokens or not secrets:
+            raise ConfigError(
+                f"refusing to bind {host}, which is not a loopback address, without both an API token "
+                "(--api-tokens-file / MESHNODE_API_TOKENS) and a cluster secret "
+                "(--cluster-secret-file / MESHNODE_CLUSTER_SECRET)"
+            )
+        _check_strength(api_tokens, "an API token", "--api-tokens-file FILE or MESHNODE_API_TOKENS", host)
+        _check_strength(secrets, "the cluster secret", "--cluster-secret-file FILE or MESHNODE_CLUSTER_SECRET", host)
+        for name in ("api_tokens", "cluster_secret"):
+            if getattr(args, name, None):
+                flag = "--" + name.replace("_", "-")
+                notes.append(
+                    f"{flag} given on the command line: any local user can read it in /proc/<pid>/cmdline; "
+                    f"use {flag}-file or MESHNODE_{name.upper()} instead"
+                )
+        if not o["tls_cert"]:
+            notes.append(
+                "no TLS: peer requests are signed (the cluster secret never crosses the wire) but not "
+                "encrypted, and API tokens travel in clear; give --tls-cert, --tls-key (and --tls-ca) "
+                "for confidentiality"
+            )
     advertise = o["advertise"]
     if advertise:
         _hostport(advertise, "--advertise")
@@ -232,6 +288,7 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
         advertise=advertise,
         cluster=o["cluster"],
         secrets=Secrets(api_tokens, secrets),
+        notes=tuple(notes),
         gossip=gossip,
         tls_cert=Path(tls_cert) if tls_cert else None,
         tls_key=Path(tls_key) if tls_key else None,

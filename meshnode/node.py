@@ -138,6 +138,8 @@ class MeshNode:
 
     async def run(self, *, task_status: trio.TaskStatus[MeshNode] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.cfg
+        for note in cfg.notes:
+            log.warning("%s", note)
         check_data_dir(cfg.data_dir)
         server_ssl, client_ssl = self._ssl_contexts()
         self.data_client = DataClient(

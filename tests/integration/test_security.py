@@ -10,7 +10,7 @@ import time
 import pytest
 import trio
 
-from meshnode.config import ConfigError, add_start_arguments, config_from_args
+from meshnode.config import ConfigError, add_start_arguments, config_from_args, secret_bits
 from meshnode.peers import sign_headers
 from protocol.peerauth import AUTH_HEADER, sign
 from protocol.wire import (
@@ -33,18 +33,64 @@ def parse(*argv: str) -> argparse.Namespace:
     return p.parse_args(list(argv))
 
 
+STRONG = ["Tq4-" + "x1Yz_Wv9" * 3, "0123456789abcdef" * 2, "k3Jd9fQ2mZp8LwXr5TbN7cVh1"]
+
+
 @pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "::"])
 def test_refuses_non_loopback_without_token_and_secret(host: str, tmp_path: object) -> None:
     with pytest.raises(ConfigError, match="refusing to bind"):
         config_from_args(parse("--host", host, "--advertise", "h:1"), env={})
     with pytest.raises(ConfigError, match="refusing to bind"):
-        config_from_args(parse("--host", host, "--advertise", "h:1"), env={"MESHNODE_API_TOKENS": "t"})
+        config_from_args(parse("--host", host, "--advertise", "h:1"), env={"MESHNODE_API_TOKENS": STRONG[0]})
     cfg = config_from_args(
         parse("--host", host, "--advertise", "h:1"),
-        env={"MESHNODE_API_TOKENS": "t1,t2", "MESHNODE_CLUSTER_SECRET": "s"},
+        env={"MESHNODE_API_TOKENS": f"{STRONG[0]},{STRONG[1]}", "MESHNODE_CLUSTER_SECRET": STRONG[2]},
     )
-    assert cfg.secrets.api_tokens == ("t1", "t2")
-    assert "t1" not in repr(cfg) and "s'" not in repr(cfg.secrets)
+    assert cfg.secrets.api_tokens == (STRONG[0], STRONG[1])
+    assert STRONG[0] not in repr(cfg) and STRONG[2] not in repr(cfg)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "secret", "weak"),
+    [
+        ("t", STRONG[2], "API token"),  # a 1-character token on 0.0.0.0 used to be taken
+        (STRONG[0], "abcd", "cluster secret"),  # a 4-character secret fell in 1.6 s
+        (f"{STRONG[0]},short", STRONG[2], "API token"),  # every token of a rotation list
+        (STRONG[0], "password" * 4, "cluster secret"),  # long but repetitive
+        (STRONG[0], "0123456789abcdef0123456789abcde", "cluster secret"),  # 124 bits of hex
+    ],
+)
+def test_refuses_weak_secrets_on_non_loopback_binds(tokens: str, secret: str, weak: str) -> None:
+    env = {"MESHNODE_API_TOKENS": tokens, "MESHNODE_CLUSTER_SECRET": secret}
+    with pytest.raises(ConfigError, match=f"{weak} has about \\d+ bits of entropy.*at least 128.*token_urlsafe") as e:
+        config_from_args(parse("--host", "0.0.0.0", "--advertise", "h:1"), env=env)
+    assert secret not in str(e.value) and "short" not in str(e.value)
+    # On loopback (a single-user home setup) short ones are fine.
+    config_from_args(parse(), env=env)
+
+
+@pytest.mark.parametrize(("text", "low", "high"), [
+    ("0123456789abcdef" * 2, 128, 128),  # openssl rand -hex 16
+    ("A" * 43, 0, 0),
+    ("Tq4-x1Yz_Wv9x1Yz_Wv9x1Yz", 150, 160),  # 24 printable
+    ("ab" * 40, 0, 0),
+])
+def test_secret_bits(text: str, low: float, high: float) -> None:
+    assert low <= secret_bits(text) <= high
+
+
+def test_secrets_given_as_flags_are_warned_about(tmp_path: object) -> None:
+    """Flags show in /proc/<pid>/cmdline: the node says so at start on a
+    non-loopback bind, and points to the file and environment forms."""
+    args = parse("--host", "0.0.0.0", "--advertise", "h:1", "--api-tokens", STRONG[0], "--cluster-secret", STRONG[2])
+    cfg = config_from_args(args, env={})
+    assert any("--api-tokens given on the command line" in n and "--api-tokens-file" in n for n in cfg.notes)
+    assert any("--cluster-secret given on the command line" in n for n in cfg.notes)
+    assert any("no TLS" in n for n in cfg.notes)
+    assert not any(STRONG[0] in n or STRONG[2] in n for n in cfg.notes)
+    env_cfg = config_from_args(parse("--host", "0.0.0.0", "--advertise", "h:1"),
+                               env={"MESHNODE_API_TOKENS": STRONG[0], "MESHNODE_CLUSTER_SECRET": STRONG[2]})
+    assert not any("command line" in n for n in env_cfg.notes)
 
 
 def test_config_file_env_and_flags(tmp_path: object) -> None:
