@@ -398,7 +398,8 @@ def run_swarm(
         for i in range(1, n_hosts + 1):
             cmd = ["ip", "netns", "exec", topo.host(i), meshnode, "--log-level", log_level, "start",
                    "--node-id", f"h{i}", "--host", host_ip(i), "--port", str(PORT),
-                   "--data-dir", str(tmp / f"h{i}"), "--dram-dir", str(tmp / f"h{i}-shm")]
+                   "--data-dir", str(tmp / f"h{i}"), "--dram-dir", str(tmp / f"h{i}-shm"),
+                   "--ingest-roots", str(tmp / "src")]
             if i > 1:
                 cmd += ["--join", f"{host_ip(1)}:{PORT}"]
             with open(tmp / f"h{i}.log", "wb") as logf:

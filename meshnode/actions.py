@@ -6,16 +6,19 @@ holder of a copy to delete), handed over through the peer route
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
+import httpx
 import trio
 
 from protocol import parse_device, validate_model_name
 from protocol.names import Device
 
+from .ingest import hf_repo
 from .service import ApiError
+from .sources import SourceError
+from .sources.guard import confine_path, resolve_public
 from .store import TIERS, StoreError
 from .transfer import XFER_PREFIX
 
@@ -198,9 +201,11 @@ async def handle_action(node: MeshNode, action: Any) -> dict[str, Any]:
             return t.public(node.cfg.node_id)
         if op == "ingest":
             path = action.get("path")
-            if not isinstance(path, str) or not path.startswith("/"):
+            if not isinstance(path, str) or not path.startswith("/") or len(path) > 4096 or "\x00" in path:
                 raise ApiError(400, "INVALID_REQUEST", "ingest needs an absolute path")
-            if not await trio.to_thread.run_sync(Path(path).exists):
+            # Confined first: a path outside the roots is refused whether or not it exists.
+            real = await trio.to_thread.run_sync(confine_path, path, node.cfg.ingest_roots)
+            if not await trio.to_thread.run_sync(real.exists):
                 raise ApiError(404, "SOURCE_NOT_FOUND", f"{path} does not exist on {node.cfg.node_id}")
             t = node.transfers.start(model, kind, "file://" + path, None, True)
             return t.public(node.cfg.node_id)
@@ -209,6 +214,10 @@ async def handle_action(node: MeshNode, action: Any) -> dict[str, Any]:
             options = action.get("options") or {}
             if not isinstance(url, str) or not url.startswith(("http://", "https://", "hf://")) or not isinstance(options, dict):
                 raise ApiError(400, "INVALID_REQUEST", "fetch needs an http(s) or hf:// source_url")
+            if not node.cfg.allow_private_sources and hf_repo(url) is None:
+                u = httpx.URL(url)
+                # A clear refusal now; the download checks every hop again.
+                await resolve_public(u.host, u.port or (443 if u.scheme == "https" else 80))
             t = node.transfers.start(model, kind, url, None, True, options)
             return t.public(node.cfg.node_id)
         if op == "delete_copy":
@@ -218,6 +227,11 @@ async def handle_action(node: MeshNode, action: Any) -> dict[str, Any]:
             return {"model_name": model, "device": f"{node.cfg.node_id}:{kind}", "deleted": True}
     except StoreError as e:
         raise ApiError(400 if e.code == "INVALID_DEVICE" else 507 if e.code == "NO_SPACE" else 500, e.code, e.message) from None
+    except SourceError as e:
+        status = {"PATH_NOT_ALLOWED": 403, "PRIVATE_SOURCE": 403, "NOT_FOUND": 404}.get(e.code, 400)
+        raise ApiError(status, e.code, e.message) from None
+    except httpx.InvalidURL as e:
+        raise ApiError(400, "INVALID_REQUEST", f"bad source_url: {e}") from None
     raise ApiError(400, "INVALID_REQUEST", f"unknown action {str(op)[:40]!r}")
 
 

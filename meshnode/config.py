@@ -61,6 +61,8 @@ class Config:
     tls_ca: Path | None = None
     data_port: int = 0
     dram_dir: Path | None = None
+    ingest_roots: tuple[Path, ...] = ()  # empty: <data-dir>/import
+    allow_private_sources: bool = False
     max_ingress_bps: float = 0.0  # 0: unlimited
     max_egress_bps: float = 0.0
     chunk_stall_s: float = 10.0
@@ -103,13 +105,28 @@ _OPTIONS: list[tuple[str, type, str, Any]] = [
     ("tls_cert", str, "TLS certificate (PEM) for the HTTP server", None),
     ("tls_key", str, "TLS private key (PEM)", None),
     ("tls_ca", str, "CA bundle: verify peers, and require client certificates", None),
+    ("ingest_roots", str, "directories local ingest may read, comma-separated (default <data-dir>/import)", None),
+    ("allow_private_sources", bool, "fetch http(s) sources on loopback, private and link-local addresses too", False),
 ]
 
 
 def add_start_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML config file (env MESHNODE_CONFIG)")
     for name, typ, help_text, _default in _OPTIONS:
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_text)
+        flag = "--" + name.replace("_", "-")
+        if typ is bool:
+            p.add_argument(flag, dest=name, action="store_const", const=True, default=None, help=help_text)
+        else:
+            p.add_argument(flag, dest=name, type=typ, default=None, help=help_text)
+
+
+def _parse_bool(text: str) -> bool:
+    v = text.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
 
 
 def _split(v: str | None) -> tuple[str, ...]:
@@ -200,12 +217,17 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
         ev = env.get("MESHNODE_" + name.upper())
         if ev is not None and ev != "":
             try:
-                return typ(ev)
+                return _parse_bool(ev) if typ is bool else typ(ev)
             except ValueError:
                 raise ConfigError(f"MESHNODE_{name.upper()}={ev!r} is not a valid {typ.__name__}") from None
         if name in file_values:
+            v = file_values[name]
+            if typ is bool:
+                if not isinstance(v, bool):
+                    raise ConfigError(f"config key {name} must be true or false")
+                return v
             try:
-                return typ(file_values[name])
+                return typ(v)
             except (TypeError, ValueError):
                 raise ConfigError(f"config key {name} is not a valid {typ.__name__}") from None
         return default
@@ -295,10 +317,24 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
         tls_ca=Path(o["tls_ca"]) if o["tls_ca"] else None,
         data_port=data_port,
         dram_dir=Path(o["dram_dir"]).expanduser() if o["dram_dir"] else None,
+        ingest_roots=_ingest_roots(o["ingest_roots"], data_dir),
+        allow_private_sources=bool(o["allow_private_sources"]),
         max_ingress_bps=parse_rate(o["max_ingress"], "--max-ingress"),
         max_egress_bps=parse_rate(o["max_egress"], "--max-egress"),
         chunk_stall_s=o["chunk_stall"],
     )
+
+
+def _ingest_roots(text: str | None, data_dir: Path) -> tuple[Path, ...]:
+    if not text:
+        return (data_dir / "import",)
+    roots = []
+    for r in _split(text):
+        p = Path(r).expanduser()
+        if not p.is_absolute():
+            raise ConfigError(f"--ingest-roots: {r!r} is not an absolute path")
+        roots.append(p)
+    return tuple(roots)
 
 
 _SIZE_UNITS = {

@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             list(states(n.url).values()) == ["alive"] * 3 for n in nodes))
         cli("nodes", "--peer", a.url)
 
-        say("making a small model and registering it on node1")
-        model = make_model(root / "models")
+        say("making a small model in node1's import directory and registering it there")
+        model = make_model(a.data / "import")  # the directory a node ingests from by default
         size = sum(f.stat().st_size for f in model.iterdir())
         cli("register", "demo/tiny-llm", "--type", "llm", "--url", model.as_uri(),
             "--desc", f"a {size // (1024 * 1024)} MiB demo model", "--tags", "demo,tiny", "--peer", a.url)

@@ -27,6 +27,7 @@ import xxhash
 from protocol.hlc import Stamp
 from protocol.ingest import Claim, choose_fetcher, source_id
 
+from .persist import make_dirs
 from .sources import SourceError, SourceResult, fetch_source, is_hf_source
 from .sources.hf import parse_hf_ref, resolve_hf_commit
 from .transfer import XFER_PREFIX, _only_cancelled
@@ -141,7 +142,7 @@ async def _fetch(transfers: Transfers, t: Transfer, url: str, hf: tuple[str, str
     g = node.gossip
     assert g is not None
     staging = node.store.staging_dir(t.kind, f"ingest-{t.id}")
-    staging.mkdir(parents=True, exist_ok=True)
+    make_dirs(staging)
     t.note = "fetching from the source"
 
     def progress(done: int, total: int | None, files_done: int, files_total: int | None) -> None:
@@ -152,6 +153,7 @@ async def _fetch(transfers: Transfers, t: Transfer, url: str, hf: tuple[str, str
         result: SourceResult = await fetch_source(
             f"hf://{hf[0]}" if hf is not None else url, staging, progress=progress, revision=revision,
             allow_patterns=options.get("allow_patterns"), ignore_patterns=options.get("ignore_patterns"),
+            allow_private=node.cfg.allow_private_sources,
         )
         copy = await trio.to_thread.run_sync(functools.partial(node.store.ingest_path, t.kind, t.model, staging, adopt=True))
     except BaseException as e:

@@ -31,7 +31,7 @@ from .api.auth import PeerGate
 from .config import Config, ConfigError, config_from_args
 from .dataplane import DataClient, DataServer
 from .peers import PeerSender, make_peer_client
-from .persist import DataDirError, SavedState, StateFile, check_data_dir
+from .persist import DataDirError, SavedState, StateFile, check_data_dir, make_dirs
 from .ratelimit import TokenBucket
 from .service import ApiError, Clock, MeshService
 from .store import TIERS, Copy, Store
@@ -141,6 +141,11 @@ class MeshNode:
         for note in cfg.notes:
             log.warning("%s", note)
         check_data_dir(cfg.data_dir)
+        for root in cfg.ingest_roots:
+            if root == cfg.data_dir / "import":
+                make_dirs(root)  # where an operator drops files to ingest, by default
+            elif not root.is_dir():
+                log.warning("ingest root %s is not a directory: nothing can be ingested from it", root)
         server_ssl, client_ssl = self._ssl_contexts()
         self.data_client = DataClient(
             cfg.secrets.cluster_secrets,

@@ -25,13 +25,47 @@ import msgpack
 from protocol.errors import InvalidName
 from protocol.names import validate_address
 
-__all__ = ["DataDirError", "SavedState", "StateFile", "atomic_write", "check_data_dir", "fsync_dir"]
+__all__ = [
+    "DIR_MODE",
+    "FILE_MODE",
+    "DataDirError",
+    "SavedState",
+    "StateFile",
+    "atomic_write",
+    "check_data_dir",
+    "fsync_dir",
+    "make_dirs",
+]
 
 log = logging.getLogger("meshnode.persist")
 
 FORMAT = 1
 STATE_NAME = "state.msgpack"
 STATE_MAX_BYTES = 512 * 1024 * 1024
+
+
+# What the node writes is its own: the owner reads and writes, its group
+# (an operator's) reads, nobody else anything.  Explicit on every file and
+# directory the node makes, whatever the process umask.
+FILE_MODE = 0o640
+DIR_MODE = 0o750
+
+
+def make_dirs(path: Path, mode: int = DIR_MODE) -> None:
+    """``mkdir -p`` that makes every missing directory with ``mode`` (Python's
+    own gives the parents the umask's defaults)."""
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=mode)
+        except FileExistsError:
+            pass
 
 
 class DataDirError(Exception):
@@ -50,13 +84,15 @@ class SavedState:
 def check_data_dir(path: Path) -> None:
     """Create the data dir if needed and prove we can write to it."""
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        make_dirs(path)
         probe = path / f".write-test-{os.getpid()}"
-        with open(probe, "wb") as f:
-            f.write(b"ok")
-            f.flush()
-            os.fsync(f.fileno())
-        probe.unlink()
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"ok")
+                f.flush()
+                os.fsync(f.fileno())
+        finally:  # a full disk must not leave the probe behind
+            probe.unlink(missing_ok=True)
     except OSError as e:
         raise DataDirError(
             f"data dir {path} is not usable: {e.strerror or e}; "
@@ -72,18 +108,23 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
+def atomic_write(path: Path, data: bytes, *, durable: bool = True, mode: int = FILE_MODE) -> None:
     """Replace ``path`` with ``data`` all at once: a temp file beside it, then
     a rename.  ``durable``: fsync the file before and its directory after, so
     a power cut leaves the old or the new contents (blocking: run it in a
-    thread on a hot path)."""
+    thread on a hot path).  A failure leaves no temp file behind."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+        with open(fd, "wb") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     if durable:
         fsync_dir(path.parent)
 
@@ -153,4 +194,4 @@ class StateFile:
             },
             use_bin_type=True,
         )
-        atomic_write(self.path, data)
+        atomic_write(self.path, data, mode=0o600)

@@ -27,6 +27,7 @@ import stat
 from collections.abc import Callable, Container, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from protocol.errors import RemoteProtocolError
 from protocol.manifest import (
@@ -37,7 +38,7 @@ from protocol.manifest import (
     validate_rel_path,
 )
 
-from .persist import atomic_write, fsync_dir
+from .persist import DIR_MODE, FILE_MODE, atomic_write, fsync_dir, make_dirs
 
 __all__ = ["TIERS", "Copy", "Partial", "Store", "StoreError"]
 
@@ -81,11 +82,12 @@ class Partial:
 
     def open(self) -> None:
         self.resumed = self.path.exists()
-        self.path.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.path)
         for f in self.manifest.files:
             p = self.path / f.path
-            p.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
+            make_dirs(p.parent)
+            fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+            _tighten(fd)
             self._fds[f.path] = fd
             if os.fstat(fd).st_size != f.size:
                 os.ftruncate(fd, f.size)
@@ -123,7 +125,7 @@ class Partial:
             todo = [i for i in self.manifest.file_chunks(f.path) if i not in skip]
             if not todo:
                 continue
-            with open(sources[f.path], "rb") as fin:
+            with _open_source(sources[f.path]) as fin:
                 for i in todo:
                     ref = self.manifest.chunk(i)
                     data = os.pread(fin.fileno(), ref.length, ref.offset)
@@ -171,6 +173,35 @@ class Partial:
             raise
 
 
+def _tighten(fd: int) -> None:
+    """A file the store holds is never group-writable or readable by others
+    (copies made by an older version were 0644)."""
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    if mode & ~FILE_MODE:
+        os.fchmod(fd, mode & FILE_MODE)
+
+
+def _tighten_tree(copy_dir: Path, manifest: Manifest) -> None:
+    """Owner-only modes on a copy found at start (an older version wrote 0644
+    files in 0755 directories)."""
+    paths = [copy_dir / f.path for f in manifest.files]
+    dirs = {copy_dir} | {p.parent for p in paths}
+    for p, limit in [*((d, DIR_MODE) for d in dirs), *((p, FILE_MODE) for p in paths)]:
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            continue
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & ~limit and not stat.S_ISLNK(st.st_mode):
+            os.chmod(p, mode & limit)
+
+
+def _open_source(path: Path) -> BinaryIO:
+    """A file to copy from, never through a symlink (one swapped in after the
+    path was checked would lead out of the ingest roots or the store)."""
+    return open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb")
+
+
 def _os_error(e: OSError, kind: str, root: Path) -> StoreError:
     import errno
 
@@ -201,7 +232,9 @@ class Store:
         self._copies.clear()
         for kind, root in self._roots.items():
             try:
-                root.mkdir(parents=True, exist_ok=True)
+                make_dirs(root)
+                if stat.S_IMODE(root.stat().st_mode) & ~DIR_MODE:
+                    os.chmod(root, stat.S_IMODE(root.stat().st_mode) & DIR_MODE)
             except OSError as e:
                 log.warning("cannot use %s at %s: %s", kind, root, e.strerror)
                 continue
@@ -223,6 +256,7 @@ class Store:
                 if prev is not None:
                     log.warning("two copies of %s on %s; keeping %s", model, kind, prev.manifest_hash)
                     continue
+                _tighten_tree(copy_dir, manifest)
                 self._copies[(model, kind)] = Copy(model, kind, manifest, copy_dir)
         return list(self._copies.values())
 
@@ -267,7 +301,7 @@ class Store:
     def _install(self, kind: str, model: str, manifest: Manifest, built: Path) -> Copy:
         root = self.tier_root(kind)
         parent = root / model
-        parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(parent)
         final = parent / f"@{manifest.hash}"
         mfile = parent / f"@{manifest.hash}{_MANIFEST_SUFFIX}"
         old = self._copies.get((model, kind))
@@ -296,12 +330,16 @@ class Store:
         builder = ManifestBuilder(cb)
         for rel, path, size in files:
             digests = []
-            with open(path, "rb") as f:
-                while True:
-                    data = f.read(cb)
-                    if not data:
-                        break
+            with _open_source(path) as f:
+                left = size
+                while left > 0:  # exactly the size it had when listed
+                    data = f.read(min(cb, left))
+                    if len(data) < min(cb, left):
+                        raise StoreError("SOURCE_CHANGED", f"{path} shrank while it was being added; try again")
                     digests.append(chunk_digest(data))
+                    left -= len(data)
+                if os.fstat(f.fileno()).st_size != size:
+                    raise StoreError("SOURCE_CHANGED", f"{path} grew while it was being added; try again")
             builder.add_file(rel, size, tuple(digests))
         manifest = builder.build()
         existing = self.get(model, kind)
@@ -330,8 +368,8 @@ class Store:
             tier_dev = self.tier_root(kind).stat().st_dev
             if any(path.stat().st_dev != tier_dev for _, path, _ in files):
                 return None
-            p.path.parent.mkdir(parents=True, exist_ok=True)
-            p.path.mkdir()  # FileExistsError: someone else's partial, left alone
+            make_dirs(p.path.parent)
+            p.path.mkdir(mode=DIR_MODE)  # FileExistsError: someone else's partial, left alone
         except FileExistsError:
             return None
         except OSError as e:
@@ -339,8 +377,9 @@ class Store:
         with p.discarded_on_error():
             for rel, path, size in files:
                 dest = p.path / rel
-                dest.parent.mkdir(parents=True, exist_ok=True)
+                make_dirs(dest.parent)
                 os.rename(path, dest)
+                os.chmod(dest, FILE_MODE, follow_symlinks=False)
                 if dest.stat().st_size != size:
                     raise StoreError("SOURCE_CHANGED", f"{path} changed while it was being added; try again")
             p.open()

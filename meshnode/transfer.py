@@ -30,7 +30,6 @@ import math
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -42,9 +41,10 @@ from protocol.manifest import Manifest
 from protocol.view import COPY_PREFIX
 
 from .dataplane import ChunkMismatch, DataPlaneError, NotFound, PeerBusy
-from .persist import atomic_write
+from .persist import atomic_write, make_dirs
 from .service import METADATA_FILES_MAX, ApiError
 from .sources import SourceError
+from .sources.guard import confine_path
 from .store import Copy, Partial, StoreError
 
 if TYPE_CHECKING:
@@ -155,7 +155,7 @@ class Transfers:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.dir)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             resumed = self._load_intents()
@@ -436,7 +436,9 @@ class Transfers:
     async def _ingest(self, t: Transfer, path: str) -> None:
         """A local file or directory becomes a copy: hashed once, then the mesh moves it."""
         node = self.node
-        copy = await trio.to_thread.run_sync(node.store.ingest_path, t.kind, t.model, Path(path))
+        # Checked again here: a resumed ingest runs under today's roots.
+        real = await trio.to_thread.run_sync(confine_path, path, node.cfg.ingest_roots)
+        copy = await trio.to_thread.run_sync(node.store.ingest_path, t.kind, t.model, real)
         t.manifest_hash = copy.manifest_hash
         t.bytes_total = t.bytes_done = copy.manifest.total_bytes
         t.chunks_total = t.chunks_fetched = copy.manifest.n_chunks

@@ -51,7 +51,8 @@ __all__ = [
 log = logging.getLogger("meshnode.sources")
 
 SOURCE_ERROR_CODES = frozenset(
-    {"UNAUTHORIZED", "NOT_FOUND", "NO_SPACE", "BAD_CONTENT", "UNAVAILABLE", "INVALID_REQUEST"}
+    {"UNAUTHORIZED", "NOT_FOUND", "NO_SPACE", "BAD_CONTENT", "UNAVAILABLE", "INVALID_REQUEST",
+     "PATH_NOT_ALLOWED", "PRIVATE_SOURCE"}
 )
 
 #: ``progress(bytes_done, bytes_total, files_done, files_total)``; called from the trio thread.
@@ -66,7 +67,9 @@ class SourceError(Exception):
     repository, revision, file or URL), ``NO_SPACE`` (the staging filesystem
     is full), ``BAD_CONTENT`` (checksum or length mismatch after a retry),
     ``UNAVAILABLE`` (transient errors after the retry budget, or a local I/O
-    error), ``INVALID_REQUEST`` (a bad URL, repository id, pattern or path).
+    error), ``INVALID_REQUEST`` (a bad URL, repository id, pattern or path),
+    ``PATH_NOT_ALLOWED`` (a local path outside the ingest roots) and
+    ``PRIVATE_SOURCE`` (a host on a private range; see ``guard``).
     The message never holds a token.
     """
 
@@ -200,10 +203,12 @@ async def fetch_source(
     ignore_patterns: Sequence[str] | str | None = None,
     endpoint: str | None = None,
     retries: RetryPolicy | None = None,
+    allow_private: bool = False,
 ) -> SourceResult:
     """Download ``url`` into ``dest_dir``: a Hugging Face repository (``hf://``
     or a hub URL) with :func:`~meshnode.sources.hf.fetch_hf`, any other
-    ``http(s)://`` URL as one file with :func:`~meshnode.sources.http.fetch_url`."""
+    ``http(s)://`` URL as one file with :func:`~meshnode.sources.http.fetch_url`,
+    from public addresses only unless ``allow_private`` (see ``guard``)."""
     if is_hf_source(url):
         from meshnode.sources.hf import fetch_hf
 
@@ -221,6 +226,11 @@ async def fetch_source(
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme not in ("http", "https"):
         raise SourceError("INVALID_REQUEST", f"unsupported source URL {safe_url(url)!r}: use http(s)://, hf:// or a hub URL")
+    from meshnode.sources.guard import PublicOnlyTransport
     from meshnode.sources.http import fetch_url
 
-    return await fetch_url(url, dest_dir, progress=progress, retries=retries)
+    if allow_private:
+        return await fetch_url(url, dest_dir, progress=progress, retries=retries)
+    policy = retries or DEFAULT_RETRY
+    async with httpx.AsyncClient(transport=PublicOnlyTransport(), follow_redirects=True, timeout=policy.timeout()) as c:
+        return await fetch_url(url, dest_dir, progress=progress, retries=retries, client=c)

@@ -45,6 +45,7 @@ from huggingface_hub.utils import (  # type: ignore[attr-defined]  # exported la
     validate_repo_id,
 )
 
+from meshnode.persist import make_dirs
 from meshnode.sources import (
     DEFAULT_RETRY,
     HF_HOSTS,
@@ -357,7 +358,7 @@ async def fetch_hf(
     total: int | None = sum(x for x in sizes if x is not None) if all(x is not None for x in sizes) else None
     rels = [s.rfilename for s in selected]
     try:
-        await trio.to_thread.run_sync(lambda: dest_dir.mkdir(parents=True, exist_ok=True))
+        await trio.to_thread.run_sync(make_dirs, dest_dir)
         if total is not None:
             have = await trio.to_thread.run_sync(_already_there, dest_dir, rels)
             free = (await trio.to_thread.run_sync(shutil.disk_usage, dest_dir)).free

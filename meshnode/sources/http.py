@@ -28,7 +28,7 @@ from urllib.parse import unquote, urlsplit
 import httpx
 import trio
 
-from meshnode.persist import atomic_write
+from meshnode.persist import FILE_MODE, atomic_write, make_dirs
 from meshnode.sources import (
     DEFAULT_RETRY,
     Progress,
@@ -147,7 +147,7 @@ class _PartFile:
 
     def prepare(self) -> int:
         """Open the partial file for appending; hash what is kept. Returns the bytes kept."""
-        self.final.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.final.parent)
         meta: dict[str, Any] = {}
         try:
             loaded = json.loads(self.side.read_text())
@@ -169,7 +169,7 @@ class _PartFile:
             self.side.unlink(missing_ok=True)
         self.meta = meta
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
-        self.fd = os.open(self.part, flags | (os.O_TRUNC if have == 0 else 0), 0o644)
+        self.fd = os.open(self.part, flags | (os.O_TRUNC if have == 0 else 0), FILE_MODE)
         if have and have == self.have and self.hasher is not None:
             return have  # a retry: the hasher already holds these bytes
         self.have = have
@@ -540,7 +540,7 @@ async def fetch_url(
     except InvalidName as e:
         raise SourceError("INVALID_REQUEST", f"bad file name {name!r}: {e}") from None
     try:
-        await trio.to_thread.run_sync(lambda: dest_dir.mkdir(parents=True, exist_ok=True))
+        await trio.to_thread.run_sync(make_dirs, dest_dir)
     except OSError as e:
         raise os_error(e, str(dest_dir)) from None
     tracker = ProgressTracker(progress, None, 1)

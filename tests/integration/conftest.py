@@ -52,12 +52,18 @@ class Mesh:
         self.root = root
         self.client = httpx.AsyncClient(timeout=10)
 
-    async def start(self, node_id: str, *extra: str, join: list[Handle] | None = None, env: dict[str, str] | None = None, data_dir: Path | None = None) -> Handle:
+    async def start(self, node_id: str, *extra: str, join: list[Handle] | None = None, env: dict[str, str] | None = None,
+                    data_dir: Path | None = None, confined: bool = False) -> Handle:
+        """Start a node.  Unless ``confined``, it may ingest from anywhere in
+        the test's directory and fetch from the test's servers on loopback
+        (the defaults, <data-dir>/import and public hosts only, have tests of
+        their own)."""
         p = argparse.ArgumentParser()
         add_start_arguments(p)
         # Every node's RAM tier inside the test's own directory, never the shared /dev/shm.
         dram = [] if "--dram-dir" in extra else ["--dram-dir", str(self.root / f"{node_id}-shm")]
-        argv = ["--node-id", node_id, "--port", "0", "--data-dir", str(data_dir or self.root / node_id), *dram, *FAST, *extra]
+        opened = [] if confined else ["--ingest-roots", str(self.root), "--allow-private-sources"]
+        argv = ["--node-id", node_id, "--port", "0", "--data-dir", str(data_dir or self.root / node_id), *dram, *FAST, *opened, *extra]
         if join:
             argv += ["--join", ",".join(h.address for h in join)]
         cfg = config_from_args(p.parse_args(argv), env=env or {})

@@ -152,3 +152,20 @@ async def test_web_ingest_needs_room_for_one_copy_not_two(mesh: Mesh, hub: FakeH
     assert {p.relative_to(c.path).as_posix(): p.read_bytes() for p in c.path.rglob("*") if p.is_file()} == hub_files(hub)
     left = [p for p in (tmpfs_6m / ".partial").rglob("*") if p.is_file()]
     assert left == [], left  # the staging directory is gone
+
+
+async def test_a_web_ingest_is_owner_only(mesh: Mesh, hub: FakeHub) -> None:
+    """Files fetched into staging are renamed into the copy: they too end 0640
+    or tighter, in 0750 directories, whatever the umask."""
+    import os
+
+    from .test_host_access import _loose
+
+    old = os.umask(0o000)
+    try:
+        a = await mesh.start("a")
+        t = await finished(mesh, a, await download(mesh, a, REPO, {}))
+        assert t["status"] == "done", t
+        assert _loose(mesh.root / "a") == []
+    finally:
+        os.umask(old)

@@ -37,7 +37,7 @@ class Proc:
         cmd = [sys.executable, "-m", "meshnode", "start", "--node-id", self.node_id, "--port", str(self.port),
                "--data-port", str(self.data_port),
                "--data-dir", str(self.root / self.node_id), "--dram-dir", str(self.root / f"{self.node_id}-shm"),
-               *FAST, *self.extra]
+               "--ingest-roots", str(self.root), *FAST, *self.extra]
         if self.join:
             cmd += ["--join", self.join]
         with open(self.log, "ab") as log:

@@ -293,8 +293,12 @@ async def test_http_resume_with_range(hub: FakeHub, tmp_path: Path) -> None:
     assert all(s.if_range for s in hub.requests_for("/files/")[1:])
     assert calls[-1] == (len(data), len(data), 1, 1)
     assert res.metadata["etag"] and res.verified == {"w.bin": False}
-    # An http(s) URL through the dispatcher, with a name of our choosing.
-    res = await fetch_source(hub.url("files/w.bin"), tmp_path / "t", retries=FAST)
+    # An http(s) URL through the dispatcher: a server on loopback only when allowed.
+    with pytest.raises(SourceError) as e:
+        await fetch_source(hub.url("files/w.bin"), tmp_path / "t", retries=FAST)
+    assert e.value.code == "PRIVATE_SOURCE" and "--allow-private-sources" in e.value.message
+    assert not (tmp_path / "t" / "w.bin").exists()
+    res = await fetch_source(hub.url("files/w.bin"), tmp_path / "t", retries=FAST, allow_private=True)
     assert res.files == ["w.bin"]
 
 

@@ -130,7 +130,8 @@ async def test_copy_requests_are_validated(mesh: Mesh, tmp_path: Path) -> None:
     assert await err("/models/m/copy", {"from_device": "b:dram", "to_device": "a:dram"}) == (404, "COPY_NOT_FOUND")
     assert await err("/models/nope/copy", {"from_device": "a:disk", "to_device": "b:disk"}) == (404, "MODEL_NOT_FOUND")
     assert await err("/models/m/copy", {"from_device": "a:disk", "to_device": "b:disk", "keep_source": "yes"}) == (400, "INVALID_REQUEST")
-    assert await err("/models/m/download", {"source_url": "file:///no/such/dir", "target_device": "b:disk"}) == (404, "SOURCE_NOT_FOUND")
+    assert await err("/models/m/download", {"source_url": f"file://{mesh.root}/no/such/dir", "target_device": "b:disk"}) == (404, "SOURCE_NOT_FOUND")
+    assert await err("/models/m/download", {"source_url": "file:///no/such/dir", "target_device": "b:disk"}) == (403, "PATH_NOT_ALLOWED")
     assert await err("/models/m/download", {"source_url": "gopher://x", "target_device": "b:disk"}) == (400, "INVALID_REQUEST")
     # Peer routes need the credential (none here: loopback home setup), and check their input.
     r = await c.post(b.url + "/mesh/v1/actions", json={"op": "transfer", "model": "../x", "kind": "disk"})

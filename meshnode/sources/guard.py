@@ -1,0 +1,119 @@
+"""What an API token may make a node read: the operator's ingest roots, and
+public HTTP servers.
+
+An API token names sources, and the node reads them with its own rights.
+Without limits a token could ingest ``/etc/shadow``, list any directory
+through the copy's file list, probe which paths exist, or make the node fetch
+from servers only reachable from inside (cloud metadata at 169.254.169.254,
+an admin port on loopback).  So:
+
+* a local path is taken only when, after every symlink is resolved, it lies
+  inside one of the ingest roots (``--ingest-roots``; by default
+  ``<data-dir>/import``).  A path outside gets ``PATH_NOT_ALLOWED`` whether
+  or not it exists, so the answer tells nothing about the host;
+* an ``http(s)://`` source whose host resolves to a loopback, private,
+  link-local, shared, multicast or reserved address gets ``PRIVATE_SOURCE``
+  unless the operator allows them (``--allow-private-sources``).  The check
+  runs on every request the download makes (redirects included) and the
+  connection goes to the very address that was checked, so neither a
+  redirect nor a DNS answer that changes in between gets around it.  The
+  Hugging Face endpoint is the operator's (``HF_ENDPOINT``) and not checked.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+import trio
+
+from . import SourceError, safe_url
+
+__all__ = ["PublicOnlyTransport", "confine_path", "is_public_address", "resolve_public"]
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def confine_path(path: str, roots: Sequence[Path]) -> Path:
+    """The real path of ``path`` when it lies inside one of ``roots`` (both
+    resolved through symlinks); else ``SourceError``.  Blocking (it reads
+    links): run it in a thread."""
+    if not os.path.isabs(path):
+        raise SourceError("INVALID_REQUEST", f"{path[:200]!r} is not an absolute path")
+    real = Path(os.path.realpath(path))
+    for root in roots:
+        r = Path(os.path.realpath(root))
+        if real == r or real.is_relative_to(r):
+            return real
+    shown = ", ".join(str(r) for r in roots) or "none"
+    raise SourceError(
+        "PATH_NOT_ALLOWED",
+        f"{path[:200]} is outside the directories this node ingests from ({shown}); "
+        "put the files there, or have the operator add a root with --ingest-roots",
+    )
+
+
+def is_public_address(ip: IPAddress) -> bool:
+    """A globally routable unicast address (an IPv4-mapped IPv6 one judged as IPv4)."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+async def resolve_public(host: str, port: int) -> list[str]:
+    """Every address ``host`` resolves to, or ``SourceError`` when one of
+    them is not public (all must be: a name that also points inside is refused)."""
+    try:
+        literal: IPAddress | None = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        literal = None
+    if literal is not None:
+        addrs = [str(literal)]
+    else:
+        try:
+            infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as e:
+            raise SourceError("NOT_FOUND", f"cannot resolve {host[:100]}: {e}") from None
+        addrs = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        if not addrs:
+            raise SourceError("NOT_FOUND", f"{host[:100]} resolves to no address")
+    for a in addrs:
+        if not is_public_address(ipaddress.ip_address(a.split("%", 1)[0])):
+            what = host[:100] if a == host.strip("[]") else f"{host[:100]} is {a}, which"
+            raise SourceError(
+                "PRIVATE_SOURCE",
+                f"{what} is a loopback, private or link-local address: this node fetches from such "
+                "addresses only when its operator allows it (--allow-private-sources)",
+            )
+    return addrs
+
+
+class PublicOnlyTransport(httpx.AsyncBaseTransport):
+    """An HTTP transport that connects only to public addresses: each request
+    (each hop of a redirect too) has its host resolved and checked, then goes
+    to the checked address, with the original name kept for ``Host`` and TLS."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport | None = None) -> None:
+        self._inner = inner or httpx.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        host = url.host
+        port = url.port or (443 if url.scheme == "https" else 80)
+        try:
+            addrs = await resolve_public(host, port)
+        except SourceError as e:
+            raise SourceError(e.code, f"{safe_url(str(url))}: {e.message}") from None
+        pinned = addrs[0]
+        if pinned != host:
+            request.url = url.copy_with(host=pinned)
+            if url.scheme == "https":
+                request.extensions = {**request.extensions, "sni_hostname": host}
+        return await self._inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
