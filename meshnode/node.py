@@ -31,7 +31,15 @@ from .api.auth import PeerGate
 from .config import Config, ConfigError, config_from_args
 from .dataplane import DataClient, DataServer
 from .peers import PeerSender, make_peer_client
-from .persist import DataDirError, SavedState, StateFile, check_data_dir, make_dirs
+from .persist import (
+    DataDirError,
+    DataDirLock,
+    SavedState,
+    StateFile,
+    check_data_dir,
+    make_dirs,
+    remove_leftovers,
+)
 from .ratelimit import TokenBucket
 from .service import ApiError, Clock, MeshService
 from .store import TIERS, Copy, Store
@@ -141,6 +149,19 @@ class MeshNode:
         for note in cfg.notes:
             log.warning("%s", note)
         check_data_dir(cfg.data_dir)
+        lock = DataDirLock(cfg.data_dir)
+        lock.acquire()
+        try:
+            await self._run_locked(task_status)
+        finally:
+            lock.release()
+
+    async def _run_locked(self, task_status: trio.TaskStatus[MeshNode]) -> None:
+        cfg = self.cfg
+        for where in (cfg.data_dir, cfg.data_dir / "transfers"):
+            n = remove_leftovers(where)
+            if n:
+                log.info("removed %d files an interrupted write left in %s", n, where)
         for root in cfg.ingest_roots:
             if root == cfg.data_dir / "import":
                 make_dirs(root)  # where an operator drops files to ingest, by default

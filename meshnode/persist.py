@@ -13,6 +13,7 @@ and the node starts from its peers; it says so in the log.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import time
@@ -29,12 +30,14 @@ __all__ = [
     "DIR_MODE",
     "FILE_MODE",
     "DataDirError",
+    "DataDirLock",
     "SavedState",
     "StateFile",
     "atomic_write",
     "check_data_dir",
     "fsync_dir",
     "make_dirs",
+    "remove_leftovers",
 ]
 
 log = logging.getLogger("meshnode.persist")
@@ -98,6 +101,56 @@ def check_data_dir(path: Path) -> None:
             f"data dir {path} is not usable: {e.strerror or e}; "
             "choose another with --data-dir or fix its permissions"
         ) from None
+
+
+class DataDirLock:
+    """One process per data dir: an exclusive ``flock`` on ``<data-dir>/lock``
+    held while the node runs (the kernel drops it when the process dies, even
+    by kill -9), so a second node on the same directory exits with a clear
+    error instead of interleaving writes with the first."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / "lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
+            raise DataDirError(
+                f"data dir {self.path.parent} is in use by another meshnode process (pid {holder}); "
+                "stop it, or give this one its own --data-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+
+def remove_leftovers(directory: Path) -> int:
+    """Delete what an interrupted write of this node left in ``directory``
+    (``.<name>.tmp-<pid>`` of ``atomic_write``, ``.write-test-<pid>``); call
+    it only while holding the data dir's lock.  Returns how many."""
+    removed = 0
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return 0
+    for name in names:
+        if name.startswith(".write-test-") or (name.startswith(".") and ".tmp-" in name):
+            try:
+                (directory / name).unlink()
+                removed += 1
+            except (IsADirectoryError, FileNotFoundError):
+                continue
+    return removed
 
 
 def fsync_dir(path: Path) -> None:

@@ -86,8 +86,8 @@ def _clean_metadata(raw: Any) -> dict[str, Any]:
         for k in ("min_memory", "min_vram"):
             v = req.get(k)
             if v is not None:
-                if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                    raise ApiError(400, "INVALID_REQUEST", f"metadata.requirements.{k} must be a number of bytes")
+                if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2**63:
+                    raise ApiError(400, "INVALID_REQUEST", f"metadata.requirements.{k} must be a number of bytes below 2**63")
                 clean[k] = v
         arch = req.get("gpu_arch")
         if arch is not None:
@@ -110,8 +110,8 @@ def _clean_metadata(raw: Any) -> dict[str, Any]:
         out["files"] = files
     count = raw.get("file_count")
     if count is not None:
-        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
-            raise ApiError(400, "INVALID_REQUEST", "metadata.file_count must be a count")
+        if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count < 2**63:
+            raise ApiError(400, "INVALID_REQUEST", "metadata.file_count must be a count below 2**63")
         out["file_count"] = count
     unknown = set(raw) - {"description", "tags", "requirements", "revision", "files", "file_count"}
     if unknown:

@@ -238,6 +238,10 @@ class Store:
             except OSError as e:
                 log.warning("cannot use %s at %s: %s", kind, root, e.strerror)
                 continue
+            for tmp in root.rglob(".@*" + _MANIFEST_SUFFIX + ".tmp-*"):
+                rel = tmp.relative_to(root)
+                if rel.parts[0] != _PARTIAL and len(rel.parts) <= 3:  # beside a manifest, not in a copy
+                    tmp.unlink(missing_ok=True)  # a manifest write cut short (kill -9)
             for mfile in root.rglob("@*" + _MANIFEST_SUFFIX):
                 rel = mfile.relative_to(root)
                 if rel.parts[0] == _PARTIAL:

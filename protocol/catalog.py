@@ -38,8 +38,8 @@ from typing import Any
 import msgpack
 import xxhash
 
-from .errors import LocalProtocolError
-from .wire import DeltaEntry, NodeDelta, NodeDigest, encoded_size
+from .errors import LocalProtocolError, RemoteProtocolError
+from .wire import DeltaEntry, NodeDelta, NodeDigest, check_value, encoded_size
 
 __all__ = ["Catalog", "Entry", "NodeState", "digest_entry_hash"]
 
@@ -150,7 +150,13 @@ class Catalog:
     def _check_local(self, key: str, value: Any) -> int:
         if not isinstance(key, str) or not key or len(key) > self.key_max_chars:
             raise LocalProtocolError(f"catalog key must be 1 to {self.key_max_chars} characters")
-        size = encoded_size(value) + len(key.encode()) + _ENTRY_OVERHEAD
+        try:
+            # What peers would refuse (too deep, a type the wire lacks, an
+            # integer msgpack cannot carry) is refused here, before it is ours.
+            check_value(value)
+            size = encoded_size(value) + len(key.encode()) + _ENTRY_OVERHEAD
+        except (RemoteProtocolError, OverflowError, TypeError, ValueError) as e:
+            raise LocalProtocolError(f"catalog value for {key[:80]!r} cannot be sent: {e}") from None
         if size > self.value_max_bytes:
             raise LocalProtocolError(
                 f"catalog value for {key!r} is {size} bytes, over the {self.value_max_bytes} byte limit"

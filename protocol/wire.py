@@ -355,6 +355,8 @@ def check_value(v: Any, depth: int = 0, max_depth: int = DEFAULT_LIMITS.value_de
     """Raise ``RemoteProtocolError`` unless ``v`` is a plain JSON-like value."""
     if depth > max_depth:
         raise _fail("value nested too deeply")
+    if isinstance(v, int) and not isinstance(v, bool) and not -(2**63) <= v < 2**64:
+        raise _fail("integer out of range")
     if v is None or isinstance(v, bool | int | float | str | bytes):
         return
     if isinstance(v, list):

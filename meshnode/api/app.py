@@ -18,6 +18,8 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import PathConverter
 
+from protocol import LocalProtocolError
+
 from .. import actions
 from ..metrics import render_metrics
 from ..service import ApiError, MeshService
@@ -32,6 +34,21 @@ __all__ = ["create_app"]
 log = logging.getLogger("meshnode.api")
 
 PUBLIC_BODY_MAX = 1024 * 1024
+
+
+JSON_DEPTH_MAX = 32
+
+
+def _depth_over(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests deeper than ``limit`` (iterative: no recursion to exhaust)."""
+    stack = [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict | list):
+            if d > limit:
+                return True
+            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return False
 
 
 def _json(data: Any, status: int = 200) -> Response:
@@ -110,6 +127,11 @@ def _public_app(node: MeshNode) -> QuartTrio:
     async def _api_error(e: ApiError) -> Response:
         return _error(e.status, e.code, e.message)
 
+    @app.errorhandler(LocalProtocolError)
+    async def _local_error(e: LocalProtocolError) -> Response:
+        # A value this node will not write or send (a bad name, too large, too deep).
+        return _error(400, "INVALID_REQUEST", str(e)[:500])
+
     @app.errorhandler(HTTPException)
     async def _http_error(e: HTTPException) -> Response:
         code = (e.name or "error").upper().replace(" ", "_")
@@ -127,9 +149,14 @@ def _public_app(node: MeshNode) -> QuartTrio:
         if not data.strip():
             return None
         try:
-            return json.loads(data)
+            value = json.loads(data)
         except (ValueError, UnicodeDecodeError) as e:
             raise ApiError(400, "INVALID_JSON", f"request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise ApiError(400, "INVALID_JSON", f"request body nests deeper than {JSON_DEPTH_MAX} levels") from None
+        if _depth_over(value, JSON_DEPTH_MAX):
+            raise ApiError(400, "INVALID_JSON", f"request body nests deeper than {JSON_DEPTH_MAX} levels")
+        return value
 
     # -- public routes -----------------------------------------------------------
 

@@ -63,6 +63,27 @@ async def test_request_errors(mesh: Mesh) -> None:
     assert (await c.get(a.url + "/health")).json()["status"] == "ok"
 
 
+async def test_deep_json_and_huge_integers_are_400_not_500(mesh: Mesh) -> None:
+    """JSON nested 1,000 levels gave a 500 (RecursionError); integers of 2**64
+    and up in min_vram, min_memory or file_count gave a 500 (OverflowError,
+    when the catalog packed them)."""
+    a = await mesh.start("a")
+    c = mesh.client
+    for depth in (33, 1000, 100_000):
+        body = b'{"metadata": ' * 1 + b"[" * depth + b"]" * depth + b"}"
+        assert err(await c.post(a.url + "/models/m/register", content=body)) == (400, "INVALID_JSON")
+    assert err(await c.post(a.url + "/models/m/copy", content=b"[" * 5000 + b"]" * 5000)) == (400, "INVALID_JSON")
+    for field in ("min_vram", "min_memory"):
+        for v in (2**63, 2**64, 2**100):
+            r = await c.post(a.url + "/models/m/register", json={"metadata": {"requirements": {field: v}}})
+            assert err(r) == (400, "INVALID_REQUEST")
+    r = await c.post(a.url + "/models/m/register", json={"metadata": {"file_count": 2**64}})
+    assert err(r) == (400, "INVALID_REQUEST")
+    r = await c.post(a.url + "/models/m/register", json={"metadata": {"requirements": {"min_vram": 2**63 - 1}}})
+    assert r.status_code == 201
+    assert (await c.get(a.url + "/models/m")).json()["metadata"]["requirements"]["min_vram"] == 2**63 - 1
+
+
 async def test_bad_peer_messages_are_logged_and_dropped(mesh: Mesh, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="meshnode")
     a = await mesh.start("a")

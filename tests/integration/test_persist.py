@@ -11,7 +11,7 @@ from meshnode.config import add_start_arguments
 from meshnode.node import main_start
 from meshnode.persist import STATE_NAME
 
-from .conftest import Mesh, wait_for
+from .conftest import Mesh, wait_for, wait_transfer
 
 
 async def test_restart_keeps_registrations_and_bumps_generation(mesh: Mesh) -> None:
@@ -70,3 +70,51 @@ def test_data_dir_of_another_node_is_refused(tmp_path: Path, capsys: pytest.Capt
     rc = main_start(_args("--node-id", "a", "--port", "0", "--data-dir", str(tmp_path)))
     assert rc == 2
     assert "belongs to node 'other'" in capsys.readouterr().err
+
+
+async def test_a_node_cleans_what_interrupted_writes_left(mesh: Mesh, tmp_path: Path) -> None:
+    """kill -9 during a save left ``.state.msgpack.tmp-<pid>`` files (13 after
+    40 kills) and ENOSPC left ``.write-test-<pid>``: a node removes its own
+    leftovers at start (it holds the data dir's lock, so nothing else writes
+    there), and only those."""
+    a = await mesh.start("a")
+    src = tmp_path / "m"
+    src.mkdir()
+    (src / ".weights.tmp-1").write_bytes(b"a model file that only looks like a leftover")
+    r = await mesh.client.post(a.url + "/models/m/download", json={"source_url": f"file://{src}", "target_device": "a:disk"})
+    assert (await wait_transfer(mesh, a.url, r.json()["transfer_id"]))["status"] == "done"
+    a.kill()
+    await a.done.wait()
+    data = mesh.root / "a"
+    copy_dir = next((data / "copies" / "m").glob("@*[!t]"))
+    leftovers = [
+        data / ".state.msgpack.tmp-4242",
+        data / ".write-test-77",
+        data / "transfers" / ".0123abcd.json.tmp-99",
+        copy_dir.parent / f".{copy_dir.name}.manifest.tmp-5",
+    ]
+    for p in leftovers:
+        p.write_bytes(b"half")
+    await mesh.start("a", data_dir=data)
+    assert [p for p in leftovers if p.exists()] == []
+    assert (copy_dir / ".weights.tmp-1").read_bytes().startswith(b"a model file")
+
+
+def test_one_process_per_data_dir(tmp_path: Path) -> None:
+    """A second node on a data dir in use exits 2 with one line naming the first."""
+    import subprocess
+    import sys
+
+    from .test_process import Proc
+
+    first = Proc("a", tmp_path).start()
+    assert first.p is not None
+    r = subprocess.run(
+        [sys.executable, "-m", "meshnode", "start", "--node-id", "a", "--port", "0", "--data-dir", str(tmp_path / "a")],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert r.returncode == 2, r.stderr
+    assert f"in use by another meshnode process (pid {first.p.pid})" in r.stderr and r.stderr.count("\n") == 1
+    first.kill()
+    assert first.start().p is not None  # kill -9 released it
+    first.kill()

@@ -1,0 +1,48 @@
+"""The local store on its own: a source that changes while it is added."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from meshnode import store as store_mod
+from meshnode.store import Store, StoreError
+
+from .conftest import Mesh, wait_transfer
+
+
+@pytest.mark.parametrize(("listed", "what"), [(500, "grew"), (3000, "shrank")])
+def test_a_file_that_changes_size_while_it_is_hashed_is_source_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, listed: int, what: str
+) -> None:
+    """It used to end as ``INTERNAL: ExceptionGroup`` (the manifest builder
+    refused a digest count that did not fit the size)."""
+    src = tmp_path / "w.bin"
+    src.write_bytes(os.urandom(2000))
+    real_walk = store_mod._walk
+
+    def walk(path: Path) -> Iterator[tuple[str, Path, int]]:
+        for rel, p, _size in real_walk(path):
+            yield rel, p, listed  # the size it had when it was listed
+
+    monkeypatch.setattr(store_mod, "_walk", walk)
+    s = Store("n", tmp_path / "data", tmp_path / "shm")
+    s.scan()
+    with pytest.raises(StoreError) as e:
+        s.ingest_path("disk", "m", src, chunk_bytes=1024 * 1024)
+    assert e.value.code == "SOURCE_CHANGED" and what in e.value.message
+    assert s.copies() == [] and not list((tmp_path / "data" / "copies").rglob("*.bin"))
+
+
+async def test_a_growing_file_fails_the_transfer_as_source_changed(mesh: Mesh, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = mesh.root / "grow.bin"
+    src.write_bytes(os.urandom(4000))
+    real_walk = store_mod._walk
+    monkeypatch.setattr(store_mod, "_walk", lambda p: ((r, q, size - 1000) for r, q, size in real_walk(p)))
+    a = await mesh.start("a")
+    r = await mesh.client.post(a.url + "/models/g/download", json={"source_url": f"file://{src}", "target_device": "a:disk"})
+    t = await wait_transfer(mesh, a.url, r.json()["transfer_id"])
+    assert t["status"] == "failed" and t["error"]["code"] == "SOURCE_CHANGED", t
