@@ -24,7 +24,7 @@ from .. import actions
 from ..metrics import render_metrics
 from ..service import ApiError, MeshService
 from .auth import PeerAuthError, check_bearer, request_target
-from .peer import PeerFastPath
+from .peer import DrainOrClose, PeerFastPath
 
 if TYPE_CHECKING:
     from ..node import MeshNode
@@ -73,9 +73,10 @@ class ModelNameConverter(PathConverter):
     part_isolating = False
 
 
-def create_app(node: MeshNode) -> PeerFastPath:
-    """The ASGI app: the peer fast path in front of the public Quart app."""
-    return PeerFastPath(_public_app(node), node)
+def create_app(node: MeshNode) -> DrainOrClose:
+    """The ASGI app: the peer fast path in front of the public Quart app, and
+    in front of both the rule that every response drains or closes."""
+    return DrainOrClose(PeerFastPath(_public_app(node), node))
 
 
 def _public_app(node: MeshNode) -> QuartTrio:

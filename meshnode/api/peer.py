@@ -14,6 +14,8 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+import trio
+
 from protocol import RemoteProtocolError
 from protocol.wire import MAX_MESSAGE_BYTES
 
@@ -23,7 +25,7 @@ from .auth import PeerAuthError, request_target
 if TYPE_CHECKING:
     from ..node import MeshNode
 
-__all__ = ["PeerFastPath"]
+__all__ = ["DrainOrClose", "PeerFastPath"]
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -40,6 +42,58 @@ async def _reply(send: Send, status: int, code: str = "", message: str = "", clo
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+def _has_body(scope: Scope) -> bool:
+    for k, v in scope["headers"]:
+        if k == b"content-length":
+            return v.strip() not in (b"0", b"")
+        if k == b"transfer-encoding":
+            return True
+    return False
+
+
+class DrainOrClose:
+    """Every response drains the request or closes the connection.
+
+    A route that answered before the request's body had arrived (401, 404,
+    405, a refusal by size) hung a keep-alive connection for 30 s: Quart
+    cancels the request's task as soon as its response is sent, which cut
+    hypercorn short while it was deciding, in that very task, whether to
+    close the connection or ready it for the next request.  So the last send
+    of every response is shielded (bounded, like hypercorn's own writes), and
+    a response sent before the body was all read says ``Connection: close``:
+    the client opens a fresh connection, the server closes this one."""
+
+    def __init__(self, app: ASGIApp, send_timeout_s: float = 30.0) -> None:
+        self.app = app
+        self.send_timeout_s = send_timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        drained = not _has_body(scope)
+
+        async def tracked_receive() -> dict[str, Any]:
+            nonlocal drained
+            event = await receive()
+            if event["type"] != "http.request" or not event.get("more_body", False):
+                drained = True
+            return event
+
+        async def guarded_send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start" and not drained:
+                headers = [h for h in message.get("headers", []) if h[0].lower() != b"connection"]
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                with trio.move_on_after(self.send_timeout_s) as scope_:
+                    scope_.shield = True
+                    await send(message)
+                return
+            await send(message)
+
+        await self.app(scope, tracked_receive, guarded_send)
 
 
 class PeerFastPath:
