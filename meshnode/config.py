@@ -61,6 +61,8 @@ class Config:
     tls_ca: Path | None = None
     data_port: int = 0
     dram_dir: Path | None = None
+    max_connections: int | None = None  # None: from the open-file limit
+    max_client_connections: int = 64
     ingest_roots: tuple[Path, ...] = ()  # empty: <data-dir>/import
     allow_private_sources: bool = False
     max_ingress_bps: float = 0.0  # 0: unlimited
@@ -105,6 +107,8 @@ _OPTIONS: list[tuple[str, type, str, Any]] = [
     ("tls_cert", str, "TLS certificate (PEM) for the HTTP server", None),
     ("tls_key", str, "TLS private key (PEM)", None),
     ("tls_ca", str, "CA bundle: verify peers, and require client certificates", None),
+    ("max_connections", int, "HTTP connections at once (default: from the open-file limit, at most 4096)", None),
+    ("max_client_connections", int, "HTTP connections from one client address (default 64)", 64),
     ("ingest_roots", str, "directories local ingest may read, comma-separated (default <data-dir>/import)", None),
     ("allow_private_sources", bool, "fetch http(s) sources on loopback, private and link-local addresses too", False),
 ]
@@ -289,6 +293,10 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
         raise ConfigError("gossip and probe intervals must be positive")
     if o["fanout"] < 1:
         raise ConfigError("fanout must be at least 1")
+    if o["max_connections"] is not None and o["max_connections"] < 16:
+        raise ConfigError("--max-connections must be at least 16")
+    if o["max_client_connections"] < 1:
+        raise ConfigError("--max-client-connections must be at least 1")
     data_port = o["data_port"]
     if data_port is None:
         data_port = 0 if port == 0 else port + 1
@@ -317,6 +325,8 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
         tls_ca=Path(o["tls_ca"]) if o["tls_ca"] else None,
         data_port=data_port,
         dram_dir=Path(o["dram_dir"]).expanduser() if o["dram_dir"] else None,
+        max_connections=o["max_connections"],
+        max_client_connections=o["max_client_connections"],
         ingest_roots=_ingest_roots(o["ingest_roots"], data_dir),
         allow_private_sources=bool(o["allow_private_sources"]),
         max_ingress_bps=parse_rate(o["max_ingress"], "--max-ingress"),

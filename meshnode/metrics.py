@@ -32,6 +32,7 @@ _COUNTERS = {
     "send_sent": "peer messages delivered",
     "send_failed": "peer messages that failed to send",
     "send_dropped_queue_full": "peer messages dropped because the send queue was full",
+    "http_connections_refused": "HTTP connections turned away at a connection bound",
 }
 
 
@@ -54,6 +55,9 @@ class _Collector:
             for state, n in sorted(counts.items()):
                 members.add_metric([state], n)
             yield members
+            conns = GaugeMetricFamily("meshnode_http_connections", "HTTP connections open now")
+            conns.add_metric([], float(stats.get("http_connections", 0)))
+            yield conns
             keys = GaugeMetricFamily("meshnode_catalog_keys", "catalog keys held, all origins")
             keys.add_metric([], float(stats.get("catalog_keys", 0)))
             yield keys

@@ -14,11 +14,9 @@ import random
 import signal
 import sys
 import time
-from functools import partial
 from typing import Any
 
 import httpx
-import hypercorn.trio
 import trio
 from hypercorn.config import Config as HyperConfig
 
@@ -30,6 +28,7 @@ from . import __version__
 from .api.auth import PeerGate
 from .config import Config, ConfigError, config_from_args
 from .dataplane import DataClient, DataServer
+from .httpserver import ConnectionLimits, HttpServer, raise_fd_limit
 from .peers import PeerSender, make_peer_client
 from .persist import (
     DataDirError,
@@ -78,6 +77,9 @@ class MeshNode:
         self._persist_lock = trio.Lock()
         self._persisted_version = -1
         self._bad_peer_logged: dict[tuple[str, str], float] = {}
+        self.http: HttpServer | None = None
+        self._member_hosts: set[str] = set()
+        self._member_hosts_version = -1
         self.bad_messages = 0
         self.refused_requests = 0
 
@@ -103,7 +105,10 @@ class MeshNode:
         hc.accesslog = None
         hc.errorlog = logging.getLogger("meshnode.http")
         hc.graceful_timeout = 1.0
-        hc.keep_alive_timeout = 30.0
+        # Also the time a client has to send a complete request head (the idle
+        # timer runs until one arrives), so a slowloris is cut off in 5 s.  Peer
+        # and CLI clients let an idle connection go sooner (3 s).
+        hc.keep_alive_timeout = 5.0
         hc.read_timeout = 30
         if self.cfg.tls:
             hc.certfile = str(self.cfg.tls_cert)
@@ -114,6 +119,19 @@ class MeshNode:
                 hc.ca_certs = str(self.cfg.tls_ca)
                 hc.verify_mode = ssl.CERT_REQUIRED
         return hc
+
+    def _privileged_client(self, ip: str) -> bool:
+        """Members of the mesh, this host's own addresses and loopback: the
+        clients the HTTP server keeps a reserve of connections for."""
+        if ip in ("127.0.0.1", "::1") or ip == self.cfg.host:
+            return True
+        g = self.gossip
+        if g is None:
+            return False
+        if self._member_hosts_version != g.version:
+            self._member_hosts_version = g.version
+            self._member_hosts = {m.record.address.rsplit(":", 1)[0].strip("[]") for m in g.members}
+        return ip in self._member_hosts
 
     def _start_gossip(self, address: str) -> None:
         cfg = self.cfg
@@ -193,9 +211,13 @@ class MeshNode:
         async with make_peer_client(cfg) as client, trio.open_nursery() as nursery:
             self.peer_client = client
             self.sender = PeerSender(cfg, client)
-            app = create_app(self)
-            bound = await nursery.start(partial(hypercorn.trio.serve, app, self._hyper_config()))  # type: ignore[arg-type]
+            nofile = raise_fd_limit()
+            limits = ConnectionLimits.for_fd_limit(nofile, total=cfg.max_connections, per_client=cfg.max_client_connections)
+            self.http = HttpServer(create_app(self), self._hyper_config(), limits, self._privileged_client)
+            bound = await nursery.start(self.http.serve)
             port = int(str(bound[0]).rsplit(":", 1)[1])
+            log.info("HTTP: at most %d connections (%d from one client, the last %d for peers and local "
+                     "clients); open-file limit %d", limits.total, limits.per_client, limits.reserve, nofile)
             self.data_port = await nursery.start(data_server.serve, cfg.host, cfg.data_port)
             host = cfg.host if ":" not in cfg.host else f"[{cfg.host}]"
             self.address = cfg.advertise or f"{host}:{port}"
@@ -471,6 +493,8 @@ class MeshNode:
             )
         if self.sender is not None:
             out.update({f"send_{k}": v for k, v in self.sender.stats.items()})
+        if self.http is not None:
+            out.update(self.http.statistics())
         return out
 
 

@@ -79,7 +79,8 @@ def make_peer_client(cfg: Config) -> httpx.AsyncClient:
         headers=headers,
         auth=PeerAuth(secret, cfg.node_id) if secret else None,
         timeout=httpx.Timeout(cfg.peer_timeout_s),
-        limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+        # Idle connections go after 3 s, before a peer's server drops them (5 s).
+        limits=httpx.Limits(max_connections=256, max_keepalive_connections=64, keepalive_expiry=3.0),
         trust_env=False,
     )
 

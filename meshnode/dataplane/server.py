@@ -67,6 +67,7 @@ class DataServer:
         ssl_context: ssl.SSLContext | None = None,
         egress: TokenBucket | None = None,
         max_connections: int = 256,
+        max_per_client: int = 32,
         max_concurrent_sends: int = 64,
         handshake_timeout_s: float = 10.0,
         idle_timeout_s: float = 120.0,
@@ -80,6 +81,8 @@ class DataServer:
         self._ssl_context = ssl_context
         self._egress = egress  # kept even when unlimited: set_rate() may limit it later
         self.max_connections = max_connections
+        self.max_per_client = max_per_client
+        self._by_client: dict[str, int] = {}
         self.max_concurrent_sends = max_concurrent_sends
         self.handshake_timeout_s = handshake_timeout_s
         self.idle_timeout_s = idle_timeout_s
@@ -138,15 +141,19 @@ class DataServer:
     async def _handle(self, stream: trio.SocketStream) -> None:
         self._connections += 1
         self._connections_total += 1
+        peer = _peer_name(stream)
+        client = peer.rsplit(":", 1)[0]
+        self._by_client[client] = self._by_client.get(client, 0) + 1
         try:
-            peer = _peer_name(stream)
-            if self._connections > self.max_connections:
+            over_total = self._connections > self.max_connections
+            if over_total or self._by_client[client] > self.max_per_client:
                 self._busy += 1
                 self._log.warning(
                     "capacity",
-                    "data plane at %d connections, turned away %s",
-                    self.max_connections,
+                    "data plane turned away %s: %s",
                     peer,
+                    f"at {self.max_connections} connections" if over_total
+                    else f"{self.max_per_client} connections from one client",
                 )
                 with trio.move_on_after(1):
                     await stream.send_all(bytes([BUSY_BYTE]))
@@ -167,6 +174,9 @@ class DataServer:
             self._log.warning("internal", "data plane connection handler failed", exc_info=True)
         finally:
             self._connections -= 1
+            self._by_client[client] -= 1
+            if not self._by_client[client]:
+                del self._by_client[client]
             await trio.aclose_forcefully(stream)
 
     async def _open(self, stream: trio.SocketStream, peer: str) -> _Conn | None:

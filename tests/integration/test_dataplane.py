@@ -480,6 +480,29 @@ async def test_a_server_at_its_connection_limit_says_busy(resolver: FileResolver
         nursery.cancel_scope.cancel()
 
 
+async def test_one_client_address_cannot_take_every_data_connection(resolver: FileResolver) -> None:
+    """Connections that never finish the handshake used to hold every slot
+    for 10 s each; one client address now holds at most ``max_per_client``."""
+    server = DataServer(resolver, ("s3cret",), max_per_client=2)
+    async with trio.open_nursery() as nursery:
+        peer = await start_server(nursery, server)
+        host, port = peer.rsplit(":", 1)
+        squatters = [await trio.open_tcp_stream(host, int(port)) for _ in range(2)]
+        third = await trio.open_tcp_stream(host, int(port))
+        assert await recv_exact(third, 2) == bytes([0])  # busy, then closed
+        # Another client address (any 127.x is this host) is still served.
+        sock = trio.socket.socket()
+        await sock.bind(("127.0.0.9", 0))
+        await sock.connect((host, int(port)))
+        other = trio.SocketStream(sock)
+        await other.send_all(b"MNDP\x02" + bytes(16))
+        assert (await recv_exact(other, 17))[0] == 2  # a server hello: admitted
+        for s in [*squatters, third, other]:
+            await s.aclose()
+        nursery.cancel_scope.cancel()
+    assert server.statistics().busy_replies == 1
+
+
 async def test_a_peer_that_is_not_there() -> None:
     with trio.socket.socket() as s:
         await s.bind(("127.0.0.1", 0))

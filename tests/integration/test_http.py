@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import select
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
-from .test_process import Proc
+from .test_process import Proc, states, wait
 
 TOKEN = "t" * 40
 
@@ -76,3 +78,95 @@ def test_keep_alive_still_works_for_requests_that_were_read(node: Proc) -> None:
             assert r.status_code == 201 and "connection" not in r.headers
         r = c.get(node.url + "/models")
         assert r.status_code == 200 and "connection" not in r.headers
+
+
+def _connect_from(src_ip: str, port: int) -> socket.socket:
+    s = socket.socket()
+    s.bind((src_ip, 0))  # any 127.x.y.z is this host: many client addresses on loopback
+    s.settimeout(10)
+    s.connect(("127.0.0.1", port))
+    return s
+
+
+def _sort(socks: list[socket.socket]) -> tuple[list[socket.socket], list[socket.socket]]:
+    """(admitted, refused): a refused connection gets a 503 and is closed at
+    once; an admitted one stays silent, waiting for our request.  Decided
+    within the 5 s a request head may take, so the admitted are all still open."""
+    refused: list[socket.socket] = []
+    pending = list(socks)
+    while pending:
+        readable, _, _ = select.select(pending, [], [], 0.3)
+        if not readable:
+            break  # a quiet 0.3 s after the last refusal: the rest were admitted
+        for s in readable:
+            try:
+                data = s.recv(4096)
+            except ConnectionResetError:
+                data = b""
+            assert data == b"" or (data.startswith(b"HTTP/1.1 503") and b"TOO_MANY_CONNECTIONS" in data), data
+            refused.append(s)
+            pending.remove(s)
+    return pending, refused
+
+
+@pytest.fixture
+def capped(tmp_path: Path) -> Iterator[tuple[Proc, Proc]]:
+    extra = ("--max-connections", "64", "--max-client-connections", "8")
+    a = Proc("ca", tmp_path, None, extra).start()
+    b = Proc("cb", tmp_path, a.address).start()
+    yield a, b
+    for p in (a, b):
+        p.kill()
+
+
+def test_connection_bounds_keep_health_and_peers_answering(capped: tuple[Proc, Proc]) -> None:
+    """About 1,000 idle connections stopped /health at ulimit -n 1024, and
+    thousands more made peers mark the node dead.  Now one client gets at
+    most --max-client-connections, all clients together all but a reserve,
+    and the reserve serves peers and local clients."""
+    a, b = capped
+    held: list[socket.socket] = []
+    try:
+        # One client address: 8 admitted, the 9th turned away with a 503.
+        admitted, refused = _sort([_connect_from("127.0.0.2", a.port) for _ in range(9)])
+        held += admitted + refused
+        assert (len(admitted), len(refused)) == (8, 1)
+        # Many client addresses: the total stops short of the reserve (64 - 8).
+        admitted, refused = _sort([_connect_from(f"127.0.0.{i}", a.port) for i in range(3, 20) for _ in range(8)])
+        held += admitted + refused
+        # (The node's own peer connections, from b on 127.0.0.1, count towards the total too.)
+        assert 40 <= len(admitted) <= 64 - 8 - 8 and len(refused) == 17 * 8 - len(admitted)
+        # The reserve: local clients and peers still get through.
+        assert httpx.get(a.url + "/health", timeout=5).status_code == 200
+        assert httpx.post(b.url + "/models/during-flood/register", json={}, timeout=5).status_code == 201
+        wait(lambda: httpx.get(a.url + "/models/during-flood", timeout=2).status_code == 200, 4, "gossip during the flood")
+        assert states(b.url)["ca"] == "alive"
+        metrics = httpx.get(a.url + "/metrics", timeout=5).text
+        assert "meshnode_http_connections_refused_total" in metrics
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_a_slow_request_head_is_cut_off(capped: tuple[Proc, Proc]) -> None:
+    """A client that sends its request head a byte at a time (slowloris) is
+    disconnected once the head timeout (5 s) has passed."""
+    a, _ = capped
+    s = _connect_from("127.0.0.50", a.port)
+    head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100
+    t0 = time.monotonic()
+    closed_after = None
+    for byte in head:
+        try:
+            s.send(bytes([byte]))
+            s.settimeout(0.5)
+            if s.recv(1) == b"":
+                closed_after = time.monotonic() - t0
+                break
+        except TimeoutError:
+            continue
+        except (BrokenPipeError, ConnectionResetError):
+            closed_after = time.monotonic() - t0
+            break
+    s.close()
+    assert closed_after is not None and 4 <= closed_after < 9, closed_after
