@@ -124,7 +124,7 @@ async def request_download(node: MeshNode, name: str, raw: Any) -> dict[str, Any
     if not isinstance(url, str) or not url:
         svc = node.service
         assert svc is not None
-        mv = svc.models().get(name)
+        mv = svc.index.get(name)
         url = mv.source_url if mv is not None else None
     if not isinstance(url, str) or not url:
         if "/" not in name:

@@ -22,11 +22,11 @@ from protocol import (
     loc_key,
     parse_device,
     reg_key,
-    resolve_models,
     validate_model_name,
 )
+from protocol.view import ModelIndex
 
-__all__ = ["ApiError", "MeshService"]
+__all__ = ["ApiError", "MeshService", "Write"]
 
 log = logging.getLogger("meshnode.service")
 
@@ -41,6 +41,9 @@ class ApiError(Exception):
         self.status = status
         self.code = code
         self.message = message
+
+
+Write = tuple[str, Any]  # a catalog key and its new value (None: delete it)
 
 
 @dataclass
@@ -120,9 +123,10 @@ def _clean_metadata(raw: Any) -> dict[str, Any]:
 
 
 class MeshService:
-    def __init__(self, gossip: GossipNode, hlc: HLC) -> None:
+    def __init__(self, gossip: GossipNode, hlc: HLC, index: ModelIndex) -> None:
         self.gossip = gossip
         self.hlc = hlc
+        self.index = index  # subscribed to gossip's catalog
 
     @property
     def node_id(self) -> str:
@@ -131,11 +135,12 @@ class MeshService:
     # -- reads ---------------------------------------------------------------
 
     def models(self) -> dict[str, ModelView]:
-        return resolve_models(self.gossip.catalog.items())
+        """Every registered model (a live mapping: do not change it)."""
+        return self.index.all()
 
     def model(self, name: str) -> ModelView:
         name = _model_name(name)
-        mv = self.models().get(name)
+        mv = self.index.get(name)
         if mv is None:
             raise ApiError(404, "MODEL_NOT_FOUND", f"model {name!r} is not registered")
         return mv
@@ -271,7 +276,11 @@ class MeshService:
 
     # -- writes --------------------------------------------------------------
 
-    def register(self, name: str, body: Any, clock: Clock) -> ModelView:
+    # Writes are computed here and applied by the daemon's ``commit``, which
+    # puts them on disk before they enter the catalog.  Each returns the
+    # catalog writes, ``[(key, value)]``.
+
+    def register(self, name: str, body: Any, clock: Clock) -> list[Write]:
         name = _model_name(name)
         if body is None:
             body = {}
@@ -287,24 +296,20 @@ class MeshService:
         if source_url is not None and (not isinstance(source_url, str) or len(source_url) > 2048):
             raise ApiError(400, "INVALID_REQUEST", "source_url must be a string of at most 2048 characters")
         metadata = _clean_metadata(body.get("metadata"))
-        existing = self.models().get(name)
+        existing = self.index.get(name)
         if existing is not None:
             self._observe(existing.stamp, clock)  # a write after a read wins over what it read
         stamp = self.hlc.now(clock.wall_ms)
         since = existing.since if existing is not None else stamp
-        self.gossip.set(
-            reg_key(name),
-            {
-                "stamp": stamp.to_wire(),
-                "since": since.to_wire(),
-                "op": "register",
-                "model_type": model_type,
-                "source_url": source_url,
-                "metadata": metadata,
-            },
-            clock.mono,
-        )
-        return self.model(name)
+        value = {
+            "stamp": stamp.to_wire(),
+            "since": since.to_wire(),
+            "op": "register",
+            "model_type": model_type,
+            "source_url": source_url,
+            "metadata": metadata,
+        }
+        return [(reg_key(name), value)]
 
     def _observe(self, stamp: Stamp, clock: Clock) -> None:
         try:
@@ -312,23 +317,20 @@ class MeshService:
         except ClockSkewError as e:
             log.warning("not following a stamp from the future: %s", e)
 
-    def unregister(self, name: str, clock: Clock, *, purge: bool = False) -> list[str]:
-        """Unregister; with ``purge`` also drop every recorded copy.  Returns the dropped devices."""
+    def unregister(self, name: str, clock: Clock, *, purge: bool = False) -> tuple[list[str], list[Write]]:
+        """Unregister; with ``purge`` also drop every recorded copy.  The dropped devices, and the writes."""
         mv = self.model(name)
         self._observe(mv.stamp, clock)
         dropped = []
+        writes: list[Write] = []
         if purge:
             for dev in mv.locations:
                 stamp = self.hlc.now(clock.wall_ms)
-                self.gossip.set(loc_key(mv.name, dev), {"stamp": stamp.to_wire(), "op": "drop"}, clock.mono)
+                writes.append((loc_key(mv.name, dev), {"stamp": stamp.to_wire(), "op": "drop"}))
                 dropped.append(dev)
         stamp = self.hlc.now(clock.wall_ms)
-        self.gossip.set(
-            reg_key(mv.name),
-            {"stamp": stamp.to_wire(), "since": stamp.to_wire(), "op": "unregister"},
-            clock.mono,
-        )
-        return dropped
+        writes.append((reg_key(mv.name), {"stamp": stamp.to_wire(), "since": stamp.to_wire(), "op": "unregister"}))
+        return dropped, writes
 
     def _device(self, device: str) -> str:
         try:
@@ -342,16 +344,11 @@ class MeshService:
             raise ApiError(404, "NODE_NOT_FOUND", f"no node {d.node_id!r} is known to the mesh")
         return str(d)
 
-    def set_location(self, name: str, device: str, present: bool, clock: Clock) -> str:
+    def set_location(self, name: str, device: str, present: bool, clock: Clock) -> tuple[str, list[Write]]:
         mv = self.model(name)
         self._observe(mv.stamp, clock)
         dev = self._device(device)
         if not present and dev not in mv.locations:
             raise ApiError(404, "LOCATION_NOT_FOUND", f"model {mv.name!r} has no copy recorded on {dev}")
         stamp = self.hlc.now(clock.wall_ms)
-        self.gossip.set(
-            loc_key(mv.name, dev),
-            {"stamp": stamp.to_wire(), "op": "add" if present else "drop"},
-            clock.mono,
-        )
-        return dev
+        return dev, [(loc_key(mv.name, dev), {"stamp": stamp.to_wire(), "op": "add" if present else "drop"})]

@@ -450,7 +450,7 @@ class Transfers:
     async def _register_source(self, t: Transfer, copy: Copy) -> None:
         svc = self.node.service
         assert svc is not None
-        if t.model in svc.models():
+        if svc.index.get(t.model) is not None:
             return
         meta = t.fetched or {}
         body: dict[str, Any] = {"source_url": t.source}
@@ -462,7 +462,7 @@ class Transfers:
             metadata["revision"] = meta["revision"][:64]
             metadata["description"] = f"{t.source} at {meta['revision']}"
         body["metadata"] = metadata
-        svc.register(t.model, body, self.node.clock())
+        await self.node.commit(svc.register(t.model, body, self.node.clock()))
 
     async def _after_publish(self, t: Transfer, copy: Copy) -> None:
         self.node.publish_copy(copy)
@@ -713,9 +713,9 @@ def _bits(bitfield: bytes, n: int) -> set[int]:
     return {i for i in range(min(n, len(bitfield) * 8)) if bitfield[i // 8] & (0x80 >> (i % 8))}
 
 
-def _first_known(e: BaseException) -> TransferError | StoreError | SourceError | None:
-    """The TransferError or StoreError inside ``e`` (trio wraps errors in groups)."""
-    if isinstance(e, TransferError | StoreError | SourceError):
+def _first_known(e: BaseException) -> TransferError | StoreError | SourceError | ApiError | None:
+    """The coded error inside ``e`` (trio wraps errors in groups)."""
+    if isinstance(e, TransferError | StoreError | SourceError | ApiError):
         return e
     if isinstance(e, BaseExceptionGroup):
         for sub in e.exceptions:

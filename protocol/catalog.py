@@ -26,6 +26,11 @@ across them, so it is commutative, associative and idempotent.
 
 A summary hash of the digest (a sum of 64-bit per-origin hashes, kept up to
 date incrementally) lets two agreeing peers find out in one small message.
+
+Listeners (``subscribe``) hear of every change to the live keys as it
+happens: a key set or gone, or all of a node's keys gone at once (a new
+generation, a reset, a node forgotten).  Read views and persistence keep
+themselves up to date from them instead of walking the whole catalog.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import msgpack
 import xxhash
@@ -41,7 +46,7 @@ import xxhash
 from .errors import LocalProtocolError, RemoteProtocolError
 from .wire import DeltaEntry, NodeDelta, NodeDigest, check_value, encoded_size
 
-__all__ = ["Catalog", "Entry", "NodeState", "digest_entry_hash"]
+__all__ = ["Catalog", "CatalogListener", "Entry", "NodeState", "digest_entry_hash"]
 
 _MASK = 2**64 - 1
 _ENTRY_OVERHEAD = 16  # msgpack framing per entry, roughly
@@ -58,6 +63,16 @@ def digest_entry_hash(node_id: str, d: NodeDigest) -> int:
     return xxhash.xxh3_64_intdigest(
         f"{node_id}\x00{d.generation}\x00{d.max_version}\x00{d.last_gc_version}".encode()
     )
+
+
+class CatalogListener(Protocol):
+    """Told of every change to the catalog's live keys."""
+
+    def key_changed(self, node_id: str, key: str, value: Any | None) -> None:
+        """``key`` of ``node_id`` now holds ``value``; None: it is gone (deleted or a tombstone)."""
+
+    def node_cleared(self, node_id: str) -> None:
+        """Every key of ``node_id`` is gone (the ones that follow, if any, are reported one by one)."""
 
 
 @dataclass(slots=True)
@@ -113,7 +128,24 @@ class Catalog:
         # Origins that may hold a tombstone (a superset), so collection does not walk every key.
         self._tomb_origins: set[str] = set()
         self.stats = {"deltas_applied": 0, "deltas_gap": 0, "resets_sent": 0, "resets_applied": 0}
+        self._listeners: list[CatalogListener] = []
         self._put_node(NodeState(self_id, generation))
+
+    def subscribe(self, listener: CatalogListener) -> None:
+        """Tell ``listener`` of every change from now on (subscribe before ``restore``)."""
+        self._listeners.append(listener)
+
+    def _changed(self, node_id: str, key: str, value: Any | None) -> None:
+        for lst in self._listeners:
+            lst.key_changed(node_id, key, value)
+
+    def _cleared(self, st: NodeState) -> None:
+        """``st``'s keys replace whatever was known of that node."""
+        for lst in self._listeners:
+            lst.node_cleared(st.node_id)
+            for key, e in st.keys.items():
+                if not e.tombstone:
+                    lst.key_changed(st.node_id, key, e.value)
 
     # -- bookkeeping ---------------------------------------------------------
 
@@ -176,6 +208,7 @@ class Catalog:
         own.max_version += 1
         own.keys[key] = Entry(value, own.max_version, False, now, size)
         self._rehash(self.self_id)
+        self._changed(self.self_id, key, value)
         return own.max_version
 
     def delete(self, key: str, now: float) -> bool:
@@ -187,6 +220,7 @@ class Catalog:
         own.keys[key] = Entry(None, own.max_version, True, now, len(key.encode()) + _ENTRY_OVERHEAD)
         self._tomb_origins.add(self.self_id)
         self._rehash(self.self_id)
+        self._changed(self.self_id, key, None)
         return True
 
     def get(self, node_id: str, key: str) -> Any:
@@ -289,7 +323,9 @@ class Catalog:
             return False
         elif delta.to_version <= st.max_version:
             return False
-        changed = st is not self.nodes.get(delta.node_id)
+        fresh = st is not self.nodes.get(delta.node_id)
+        changed = fresh
+        applied: list[DeltaEntry] = []
         for e in delta.entries:
             cur = st.keys.get(e.key)
             if cur is not None and cur.version >= e.version:
@@ -298,6 +334,7 @@ class Catalog:
             st.keys[e.key] = Entry(e.value, e.version, e.tombstone, now, size)
             if e.tombstone:
                 self._tomb_origins.add(delta.node_id)
+            applied.append(e)
             changed = True
         if delta.to_version > st.max_version:
             st.max_version = delta.to_version
@@ -310,6 +347,11 @@ class Catalog:
         if changed:
             self.stats["deltas_applied"] += 1
             self._put_node(st)
+            if fresh:
+                self._cleared(st)
+            else:
+                for e in applied:
+                    self._changed(st.node_id, e.key, None if e.tombstone else e.value)
         return changed
 
     # -- collection ----------------------------------------------------------
@@ -340,12 +382,16 @@ class Catalog:
         """Drop everything about a node that left the mesh for good."""
         if node_id != self.self_id and self.nodes.pop(node_id, None) is not None:
             self._rehash(node_id)
+            for lst in self._listeners:
+                lst.node_cleared(node_id)
 
     def reset_generation(self, node_id: str, generation: int) -> None:
         """A node restarted: its old generation's keys no longer hold."""
         st = self.nodes.get(node_id)
         if node_id != self.self_id and st is not None and st.generation < generation:
-            self._put_node(NodeState(node_id, generation))
+            fresh = NodeState(node_id, generation)
+            self._put_node(fresh)
+            self._cleared(fresh)
 
     def move_generation(self, generation: int) -> None:
         """Our own keys move to a new, higher generation (an identity conflict
@@ -358,7 +404,13 @@ class Catalog:
 
     # -- persistence ---------------------------------------------------------
 
-    def snapshot(self) -> dict[str, Any]:
+    def check(self, key: str, value: Any) -> None:
+        """Raise ``LocalProtocolError`` unless ``set(key, value)`` would succeed."""
+        self._check_local(key, value)
+
+    def snapshot(self, node_ids: list[str] | None = None) -> dict[str, Any]:
+        """The state of ``node_ids`` (default: every node) as plain values."""
+        nodes = self.nodes if node_ids is None else {n: self.nodes[n] for n in node_ids if n in self.nodes}
         return {
             nid: {
                 "generation": st.generation,
@@ -366,7 +418,7 @@ class Catalog:
                 "last_gc_version": st.last_gc_version,
                 "entries": [[k, e.version, e.value, e.tombstone] for k, e in st.keys.items()],
             }
-            for nid, st in self.nodes.items()
+            for nid, st in nodes.items()
         }
 
     def restore(self, snap: dict[str, Any], now: float, own_generation: int) -> None:
@@ -381,3 +433,4 @@ class Catalog:
             if nid == self.self_id:
                 st.generation = own_generation
             self._put_node(st)
+            self._cleared(st)

@@ -17,6 +17,11 @@ registration's ``since``, so unregistering clears a model's locations.
 Copies a node actually holds are its own single-writer keys,
 ``copy/<model>@<kind>``: ``{"manifest_hash", "size", "files", "published_ms"}``;
 they are locations too, reported by the only node that can know.
+
+``ModelIndex`` keeps these keys by model as the catalog changes (it is a
+catalog listener), so that reading or writing one model costs what that model
+holds, not what the whole catalog holds; each model is resolved again only
+when one of its keys changed, by ``resolve_models`` over its own keys.
 """
 
 from __future__ import annotations
@@ -32,9 +37,11 @@ __all__ = [
     "LOC_PREFIX",
     "REG_PREFIX",
     "CopyView",
+    "ModelIndex",
     "ModelView",
     "copy_key",
     "loc_key",
+    "model_of_key",
     "reg_key",
     "resolve_models",
 ]
@@ -148,3 +155,75 @@ def resolve_models(items: Iterable[tuple[str, str, Any]]) -> dict[str, ModelView
     for mv in out.values():
         mv.locations.sort()
     return out
+
+
+def model_of_key(key: str) -> str | None:
+    """The model a ``reg/``, ``loc/`` or ``copy/`` key is about; None for other keys."""
+    if key.startswith(REG_PREFIX):
+        return key[len(REG_PREFIX) :]
+    for prefix in (LOC_PREFIX, COPY_PREFIX):
+        if key.startswith(prefix):
+            name, sep, _ = key[len(prefix) :].rpartition("@")
+            return name if sep else None
+    return None
+
+
+class ModelIndex:
+    """The catalog's model keys by model, and each model's resolved view,
+    kept up to date by catalog changes (see ``Catalog.subscribe``)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, dict[tuple[str, str], Any]] = {}  # model -> (node, key) -> value
+        self._by_node: dict[str, dict[str, str]] = {}  # node -> key -> model
+        self._views: dict[str, ModelView] = {}
+        self._dirty: set[str] = set()
+
+    # -- catalog listener -------------------------------------------------------
+
+    def key_changed(self, node_id: str, key: str, value: Any | None) -> None:
+        model = model_of_key(key)
+        if model is None:
+            return
+        entries = self._entries.setdefault(model, {})
+        keys = self._by_node.setdefault(node_id, {})
+        if value is None:
+            entries.pop((node_id, key), None)
+            keys.pop(key, None)
+        else:
+            entries[(node_id, key)] = value
+            keys[key] = model
+        self._dirty.add(model)
+
+    def node_cleared(self, node_id: str) -> None:
+        for key, model in self._by_node.pop(node_id, {}).items():
+            entries = self._entries.get(model)
+            if entries is not None:
+                entries.pop((node_id, key), None)
+            self._dirty.add(model)
+
+    # -- reading -------------------------------------------------------------------
+
+    def _refresh(self, model: str) -> None:
+        self._dirty.discard(model)
+        entries = self._entries.get(model)
+        if not entries:
+            self._entries.pop(model, None)
+            self._views.pop(model, None)
+            return
+        view = resolve_models((nid, key, value) for (nid, key), value in entries.items()).get(model)
+        if view is None:
+            self._views.pop(model, None)
+        else:
+            self._views[model] = view
+
+    def get(self, model: str) -> ModelView | None:
+        """The registered model ``model``, or None."""
+        if model in self._dirty:
+            self._refresh(model)
+        return self._views.get(model)
+
+    def all(self) -> dict[str, ModelView]:
+        """Every registered model (a live mapping: do not change it)."""
+        for model in list(self._dirty):
+            self._refresh(model)
+        return self._views

@@ -246,8 +246,8 @@ def _public_app(node: MeshNode) -> QuartTrio:
     @app.post("/models/<model:name>/locations/<device>")
     async def add_location(name: str, device: str) -> Response:
         s = svc()
-        dev = s.set_location(name, device, True, node.clock())
-        await node.persist_now()
+        dev, writes = s.set_location(name, device, True, node.clock())
+        await node.commit(writes)
         return _json({"model_name": name, "device": dev, "recorded": True}, 201)
 
     @app.delete("/models/<model:name>/locations/<device>")
@@ -256,16 +256,15 @@ def _public_app(node: MeshNode) -> QuartTrio:
         deleted = await actions.request_delete_copy(node, name, device)
         if deleted is not None:
             return _json({"model_name": name, "device": deleted["device"], "dropped": True, "deleted_copy": True})
-        dev = s.set_location(name, device, False, node.clock())
-        await node.persist_now()
+        dev, writes = s.set_location(name, device, False, node.clock())
+        await node.commit(writes)
         return _json({"model_name": name, "device": dev, "dropped": True})
 
     @app.post("/models/<model:name>/register")
     async def register(name: str) -> Response:
         s = svc()
-        mv = s.register(name, await body_json(), node.clock())
-        await node.persist_now()  # acknowledged means durable
-        out = s.model_json(mv, full=True)
+        await node.commit(s.register(name, await body_json(), node.clock()))  # acknowledged means durable
+        out = s.model_json(s.model(name), full=True)
         out["registered"] = True
         return _json(out, 201)
 
@@ -278,8 +277,8 @@ def _public_app(node: MeshNode) -> QuartTrio:
     async def unregister(name: str) -> Response:
         s = svc()
         purge = request.args.get("purge", "false").lower() in ("1", "true", "yes")
-        dropped = s.unregister(name, node.clock(), purge=purge)
-        await node.persist_now()
+        dropped, writes = s.unregister(name, node.clock(), purge=purge)
+        await node.commit(writes)
         return _json({"model_name": name, "unregistered": True, "purged_locations": dropped})
 
     @app.get("/v2/catalog/availability")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,40 @@ def test_one_process_per_data_dir(tmp_path: Path) -> None:
     first.kill()
     assert first.start().p is not None  # kill -9 released it
     first.kill()
+
+
+async def test_a_full_data_dir_refuses_writes_with_507_and_shows_nothing(mesh: Mesh, tmpfs: Callable[[int], Path]) -> None:
+    """Registrations on a full data dir were 500 INTERNAL after the write had
+    already gone out by gossip.  Now a write is on disk before anyone hears of
+    it: a full disk is 507 NO_SPACE and no node sees the model."""
+    data = tmpfs(4)
+    a = await mesh.start("a", data_dir=data)
+    b = await mesh.start("b", join=[a])
+    await wait_for(lambda: _has_node(mesh, b.url, "a"), what="b knows a")
+    filler = data / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    for attempt in range(3):
+        r = await mesh.client.post(a.url + f"/models/lost-{attempt}/register", json={"model_type": "llm"})
+        assert r.status_code == 507 and r.json()["error"]["code"] == "NO_SPACE", r.text
+    assert (await mesh.client.get(a.url + "/models/lost-0")).status_code == 404
+    filler.unlink()
+    r = await mesh.client.post(a.url + "/models/kept/register", json={"model_type": "llm"})
+    assert r.status_code == 201, r.text
+    await wait_for(lambda: _has(mesh, b.url, "kept"), what="the later registration reaches b")
+    for attempt in range(3):
+        assert not await _has(mesh, b.url, f"lost-{attempt}")
+    # And it survives a kill: the log holds it, nothing half-written in it.
+    a.kill()
+    await a.done.wait()
+    a2 = await mesh.start("a", data_dir=data)
+    assert await _has(mesh, a2.url, "kept") and not await _has(mesh, a2.url, "lost-0")
+
+
+async def _has_node(mesh: Mesh, url: str, node: str) -> bool:
+    return node in {n["node_id"] for n in (await mesh.client.get(url + "/nodes")).json()["nodes"]}

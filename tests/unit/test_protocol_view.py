@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from protocol.catalog import Catalog
 from protocol.hlc import HLC, Stamp
-from protocol.view import LOC_PREFIX, REG_PREFIX, loc_key, reg_key, resolve_models
+from protocol.view import LOC_PREFIX, REG_PREFIX, ModelIndex, loc_key, reg_key, resolve_models
 
 SETTINGS = settings(max_examples=100, deadline=None, derandomize=True, database=None)
 
@@ -263,3 +263,79 @@ def test_resolution_is_order_independent(
     )
     out = resolve_models(items)
     assert (MODEL in out) == (winner[1]["op"] == "register")
+
+
+# -- the incremental index ---------------------------------------------------------
+
+_KEYS = [reg_key("m1"), reg_key("o/m2"), loc_key("m1", "b:disk"), loc_key("o/m2", "a:dram"),
+         "copy/m1@disk", "copy/o/m2@dram", "node", "xfer/1"]
+
+
+@st.composite
+def _ops(draw: st.DrawFn) -> list[tuple[Any, ...]]:
+    out: list[tuple[Any, ...]] = []
+    for _ in range(draw(st.integers(1, 40))):
+        kind = draw(st.sampled_from(["set", "set", "set", "delete", "sync", "sync", "forget", "reset", "gc"]))
+        who = draw(st.sampled_from(["a", "b", "c"]))
+        other = draw(st.sampled_from(["a", "b", "c"]))
+        key = draw(st.sampled_from(_KEYS))
+        op = draw(st.sampled_from(["register", "unregister", "add", "drop"]))
+        out.append((kind, who, other, key, op, draw(st.integers(0, 50))))
+    return out
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, database=None)
+@given(_ops())
+def test_the_index_always_equals_resolving_the_whole_catalog(ops: list[tuple[Any, ...]]) -> None:
+    """Whatever happens to a catalog (own writes, deltas and resets from
+    peers, nodes forgotten or restarted, tombstones collected), its
+    ModelIndex holds what ``resolve_models`` over every key gives."""
+    rng = random.Random(0)
+    cats = {n: Catalog(n, 1, tombstone_grace_s=1.0) for n in "abc"}
+    idx = {n: ModelIndex() for n in "abc"}
+    for n in "abc":
+        cats[n].subscribe(idx[n])
+    hlc = {n: HLC(n) for n in "abc"}
+    now = 0.0
+    gens = dict.fromkeys("abc", 1)
+    for kind, who, other, key, op, t in ops:
+        now += 1.0
+        cat = cats[who]
+        if kind == "set":
+            stamp = hlc[who].now(1000 + t)
+            if key.startswith("copy/"):
+                value: Any = {"manifest_hash": "h" * 32, "size": t, "files": 1}
+            elif key.startswith(("reg/", "loc/")):
+                value = {"stamp": stamp.to_wire(), "since": stamp.to_wire(), "op": op}
+            else:
+                value = {"t": t}
+            cat.set(key, value, now)
+        elif kind == "delete":
+            cat.delete(key, now)
+        elif kind == "sync" and who != other:
+            for d in cats[other].delta_for(dict(cat.digest()), 1 << 20, rng):
+                cat.apply_delta(d, now)
+        elif kind == "forget":
+            cat.forget(other)
+        elif kind == "reset" and who != other:
+            gens[other] += 1
+            cat.reset_generation(other, gens[other])
+        elif kind == "gc":
+            cat.collect_tombstones(now + 10)
+        for n in "abc":
+            assert idx[n].all() == resolve_models(cats[n].items())
+            for name in ("m1", "o/m2", "nope"):
+                assert idx[n].get(name) == resolve_models(cats[n].items()).get(name)
+
+
+def test_a_restore_fills_the_index() -> None:
+    src = Catalog("a", 1)
+    stamp = Stamp(5, 0, "a")
+    src.set(reg_key("m"), reg(stamp), 0.0)
+    src.set("copy/m@disk", {"manifest_hash": "h" * 32, "size": 3}, 0.0)
+    dst = Catalog("a", 2)
+    idx = ModelIndex()
+    dst.subscribe(idx)
+    dst.restore(src.snapshot(), 0.0, 2)
+    assert idx.get("m") == resolve_models(dst.items())["m"] and idx.get("m") is not None
+    assert idx.get("m").locations == ["a:disk"]  # type: ignore[union-attr]
