@@ -43,7 +43,9 @@ from .common import (
     _keys,
     _mac,
     _PeerClosed,
+    _PlainConn,
     _split_peer,
+    _TlsConn,
 )
 
 
@@ -257,19 +259,19 @@ class DataClient:
     async def _connect(self, peer: str) -> _Conn:
         host, port = _split_peer(peer)
         stream: trio.SocketStream | None = None
+        conn: _Conn | None = None
         try:
             with trio.fail_after(self.connect_timeout_s):
                 stream = await trio.open_tcp_stream(host, port)
-                conn: _Conn
                 if self._ssl_context is not None:
-                    tls = trio.SSLStream(stream, self._ssl_context, server_hostname=host)
-                    await tls.do_handshake()
-                    conn = _Conn(tls)
+                    conn = await _TlsConn.wrap(stream, self._ssl_context, server_side=False, server_hostname=host)
                 else:
-                    conn = _Conn(stream)
+                    conn = _PlainConn(stream)
                 await self._handshake(conn, peer)
         except BaseException as exc:
-            if stream is not None:
+            if conn is not None:
+                await conn.aclose()
+            elif stream is not None:
                 await trio.aclose_forcefully(stream)
             if isinstance(exc, trio.TooSlowError):
                 raise DataPlaneError(

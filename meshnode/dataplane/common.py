@@ -4,11 +4,16 @@ docstring for the protocol."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import logging
 import os
+import select
+import socket
+import ssl
 import struct
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from enum import IntEnum
@@ -164,54 +169,66 @@ async def _stall_bounded(
 
 
 class _Conn:
-    """One connection, plain (raw fd fast path) or TLS (SSLStream)."""
+    """One authenticated connection: the interface both kinds implement."""
 
-    def __init__(self, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]) -> None:
-        self.stream = stream
-        self.fd: int | None = (
-            stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
-        )
+    tls = False
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.stream.send_all(data)
+        raise NotImplementedError
+
+    async def receive_some(self, n: int) -> bytes:
+        """Up to ``n`` bytes; b"" at EOF.  Waits as long as it takes (the caller bounds it)."""
+        raise NotImplementedError
 
     async def recv_exact(self, n: int, timeout_s: float, what: str) -> bytes:
         out = bytearray()
         while len(out) < n:
-            chunk = await _stall_bounded(timeout_s, what, self.stream.receive_some, n - len(out))
+            chunk = await _stall_bounded(timeout_s, what, self.receive_some, n - len(out))
             if not chunk:
                 raise _PeerClosed(f"{what}: peer closed after {len(out)} of {n} bytes")
             out += chunk
         return bytes(out)
 
     async def recv_into(
-        self,
-        view: memoryview,
-        hasher: xxhash.xxh3_128,
-        timeout_s: float,
-        ingress: TokenBucket | None,
+        self, view: memoryview, hasher: xxhash.xxh3_128, timeout_s: float, ingress: TokenBucket | None
     ) -> None:
         """Fill ``view`` exactly, hashing as bytes arrive."""
+        raise NotImplementedError
+
+    async def send_file(
+        self, fd: int, offset: int, length: int, timeout_s: float, egress: TokenBucket | None, buf: bytearray | None
+    ) -> int:
+        """Send ``length`` bytes of ``fd`` from ``offset``; returns bytes sent."""
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+    def close_now(self) -> None:
+        """Close without awaiting (no TLS close_notify)."""
+        raise NotImplementedError
+
+
+class _PlainConn(_Conn):
+    """A plain TCP connection on its raw fd: ``readv`` into the caller's
+    buffer, ``os.sendfile`` from the page cache."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.fd = stream.socket.fileno()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.stream.send_all(data)
+
+    async def receive_some(self, n: int) -> bytes:
+        return bytes(await self.stream.receive_some(n))
+
+    async def recv_into(
+        self, view: memoryview, hasher: xxhash.xxh3_128, timeout_s: float, ingress: TokenBucket | None
+    ) -> None:
         length = len(view)
         pos = 0
         fd = self.fd
-        if fd is None:  # TLS: SSLStream hands out bytes; one copy into the buffer
-            while pos < length:
-                data = await _stall_bounded(
-                    timeout_s,
-                    "reading chunk",
-                    self.stream.receive_some,
-                    min(RECV_SLICE_BYTES, length - pos),
-                )
-                if not data:
-                    raise _PeerClosed(f"peer closed after {pos} of {length} chunk bytes")
-                n = len(data)
-                view[pos : pos + n] = data
-                hasher.update(data)
-                pos += n
-                if ingress is not None:
-                    await ingress.take(n)
-            return
         since_checkpoint = 0
         # Limited: a slice per read, so tokens are taken in small steps.
         most = length if ingress is None or ingress.unlimited else RECV_SLICE_BYTES
@@ -235,37 +252,19 @@ class _Conn:
                     await trio.lowlevel.checkpoint()
 
     async def send_file(
-        self,
-        fd: int,
-        offset: int,
-        length: int,
-        timeout_s: float,
-        egress: TokenBucket | None,
-        buf: bytearray | None,
+        self, fd: int, offset: int, length: int, timeout_s: float, egress: TokenBucket | None, buf: bytearray | None
     ) -> int:
-        """Send ``length`` bytes of ``fd`` from ``offset``; returns bytes sent."""
         end = offset + length
         sock_fd = self.fd
         while offset < end:
             slice_end = min(end, offset + SEND_SLICE_BYTES)
             if egress is not None:
                 await egress.take(slice_end - offset)
-            if sock_fd is None:  # TLS: read into a buffer, encrypt, send
-                assert buf is not None
-                view = memoryview(buf)[: slice_end - offset]
-                n = os.preadv(fd, [view], offset)
-                if n <= 0:
-                    raise _PeerClosed("file ended before the chunk did (truncated on disk?)")
-                await _stall_bounded(timeout_s, "sending chunk", self.stream.send_all, view[:n])
-                offset += n
-                continue
             while offset < slice_end:
                 try:
                     n = os.sendfile(sock_fd, fd, offset, slice_end - offset)
                 except BlockingIOError:
-                    await _stall_bounded(
-                        timeout_s, "sending chunk", trio.lowlevel.wait_writable, sock_fd
-                    )
+                    await _stall_bounded(timeout_s, "sending chunk", trio.lowlevel.wait_writable, sock_fd)
                     continue
                 if n == 0:
                     raise _PeerClosed("file ended before the chunk did (truncated on disk?)")
@@ -277,9 +276,215 @@ class _Conn:
     async def aclose(self) -> None:
         await trio.aclose_forcefully(self.stream)
 
+    def close_now(self) -> None:
+        self.stream.socket.close()
+
+
+# Threads encrypting or decrypting chunks at once, for all TLS connections of
+# the process: about one per core (more only fight over the cores).
+_TLS_THREADS = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
+
+
+class _ThreadCancelled(Exception):
+    """The trio side gave up on a chunk a worker thread was moving."""
+
+
+class _TlsConn(_Conn):
+    """A TLS connection on a non-blocking ``ssl.SSLSocket``: OpenSSL reads
+    and writes the socket itself, a whole record per call, with no memory BIO
+    and no Python-level copy in between (trio's ``SSLStream`` moves every
+    byte through a memory BIO and Python bytes objects: 2x slower here).
+
+    A whole chunk is encrypted or decrypted in a worker thread (OpenSSL
+    releases the GIL), so the crypto of several connections runs beside the
+    event loop.  The thread waits for the socket with ``poll`` and for the
+    trio side with a wake-up pipe: when the request is cancelled (a stall, an
+    endgame twin that won), the thread is woken, gives up, and is waited for,
+    so it never touches the buffer or the socket after the call returned.
+    Short messages (hello, requests, replies) stay on the event loop."""
+
+    tls = True
+
+    def __init__(self, sock: ssl.SSLSocket) -> None:
+        self.sock = sock
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    @classmethod
+    async def wrap(
+        cls, stream: trio.SocketStream, ctx: ssl.SSLContext, *, server_side: bool, server_hostname: str | None = None
+    ) -> _TlsConn:
+        """Take over ``stream``'s socket and do the TLS handshake (the caller bounds the time)."""
+        raw = socket.socket(fileno=stream.socket.detach())
+        raw.setblocking(False)
+        try:
+            sock = ctx.wrap_socket(
+                raw, server_side=server_side, server_hostname=server_hostname, do_handshake_on_connect=False
+            )
+        except BaseException:
+            raw.close()
+            raise
+        conn = cls(sock)
+        try:
+            await conn._io(sock.do_handshake)
+        except BaseException:
+            conn.close_now()
+            raise
+        return conn
+
+    async def _io(self, op: Callable[..., _T], *args: object) -> _T:
+        """``op(*args)`` on the non-blocking socket, waiting for it as OpenSSL asks."""
+        while True:
+            try:
+                return op(*args)
+            except ssl.SSLWantReadError:
+                await trio.lowlevel.wait_readable(self.sock)
+            except ssl.SSLWantWriteError:
+                await trio.lowlevel.wait_writable(self.sock)
+            except (ssl.SSLEOFError, ssl.SSLZeroReturnError) as e:
+                raise _PeerClosed(f"TLS connection closed: {e}") from None
+            except ssl.SSLError as e:
+                raise trio.BrokenResourceError(f"TLS error: {e}") from None
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[await self._io(self.sock.send, view) :]
+
+    async def receive_some(self, n: int) -> bytes:
+        try:
+            return await self._io(self.sock.recv, n)
+        except _PeerClosed:
+            return b""
+
+    # -- chunks, in a worker thread ------------------------------------------------
+
+    async def _in_thread(self, fn: Callable[..., None], *args: object) -> None:
+        done = threading.Event()
+
+        def work() -> None:
+            try:
+                fn(*args)
+            finally:
+                done.set()
+
+        try:
+            while True:  # a wake-up byte left by a cancel that lost the race
+                os.read(self._wake_r, 64)
+        except BlockingIOError:
+            pass
+        try:
+            await trio.to_thread.run_sync(work, abandon_on_cancel=True, limiter=_TLS_THREADS)
+        except trio.Cancelled:
+            os.write(self._wake_w, b"\0")
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(done.wait, 10.0)
+            raise
+        except _ThreadCancelled:  # pragma: no cover - only after a cancel, which raised above
+            raise trio.BrokenResourceError("cancelled") from None
+
+    def _wait(self, events: int, timeout_s: float, what: str) -> None:
+        """Block until the socket is ready for ``events``, the trio side gives
+        up (``_ThreadCancelled``), or ``timeout_s`` passes with neither."""
+        p = select.poll()
+        p.register(self.sock, events)
+        p.register(self._wake_r, select.POLLIN)
+        ready = p.poll(timeout_s * 1000)
+        if not ready:
+            raise trio.TooSlowError(f"{what}: no progress for {timeout_s:g} s")
+        if any(fd == self._wake_r for fd, _ in ready):
+            raise _ThreadCancelled(what)
+
+    def _recv_into_blocking(self, view: memoryview, hasher: xxhash.xxh3_128, timeout_s: float) -> None:
+        length = len(view)
+        pos = 0
+        sock = self.sock
+        while pos < length:
+            try:
+                n = sock.recv_into(view[pos:])  # one TLS record, decrypted into place
+            except ssl.SSLWantReadError:
+                self._wait(select.POLLIN, timeout_s, "reading chunk")
+                continue
+            except ssl.SSLWantWriteError:
+                self._wait(select.POLLOUT, timeout_s, "reading chunk")
+                continue
+            except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
+                n = 0
+            except ssl.SSLError as e:
+                raise trio.BrokenResourceError(f"TLS error: {e}") from None
+            if n == 0:
+                raise _PeerClosed(f"peer closed after {pos} of {length} chunk bytes")
+            pos += n
+        hasher.update(view)
+
+    async def recv_into(
+        self, view: memoryview, hasher: xxhash.xxh3_128, timeout_s: float, ingress: TokenBucket | None
+    ) -> None:
+        if ingress is None or ingress.unlimited:
+            await self._in_thread(self._recv_into_blocking, view, hasher, timeout_s)
+            return
+        length = len(view)  # rate-limited: on the event loop, tokens taken as records arrive
+        pos = 0
+        while pos < length:
+            data = await _stall_bounded(timeout_s, "reading chunk", self.receive_some, min(RECV_SLICE_BYTES, length - pos))
+            if not data:
+                raise _PeerClosed(f"peer closed after {pos} of {length} chunk bytes")
+            n = len(data)
+            view[pos : pos + n] = data
+            hasher.update(data)
+            pos += n
+            await ingress.take(n)
+
+    def _send_file_blocking(self, fd: int, offset: int, length: int, timeout_s: float, buf: bytearray) -> None:
+        end = offset + length
+        sock = self.sock
+        while offset < end:
+            view = memoryview(buf)[: min(end - offset, len(buf))]
+            n = os.preadv(fd, [view], offset)
+            if n <= 0:
+                raise _PeerClosed("file ended before the chunk did (truncated on disk?)")
+            view = view[:n]
+            while view:
+                try:
+                    view = view[sock.send(view) :]
+                except ssl.SSLWantWriteError:
+                    self._wait(select.POLLOUT, timeout_s, "sending chunk")
+                except ssl.SSLWantReadError:
+                    self._wait(select.POLLIN, timeout_s, "sending chunk")
+                except ssl.SSLError as e:
+                    raise trio.BrokenResourceError(f"TLS error: {e}") from None
+            offset += n
+
+    async def send_file(
+        self, fd: int, offset: int, length: int, timeout_s: float, egress: TokenBucket | None, buf: bytearray | None
+    ) -> int:
+        assert buf is not None
+        if egress is None:
+            await self._in_thread(self._send_file_blocking, fd, offset, length, timeout_s, buf)
+            return length
+        end = offset + length  # rate-limited: on the event loop, a slice at a time
+        while offset < end:
+            slice_end = min(end, offset + SEND_SLICE_BYTES)
+            await egress.take(slice_end - offset)
+            view = memoryview(buf)[: slice_end - offset]
+            n = os.preadv(fd, [view], offset)
+            if n <= 0:
+                raise _PeerClosed("file ended before the chunk did (truncated on disk?)")
+            await _stall_bounded(timeout_s, "sending chunk", self.send_all, view[:n])
+            offset += n
+        return length
+
+    async def aclose(self) -> None:
+        self.close_now()
+        await trio.lowlevel.checkpoint()
+
+    def close_now(self) -> None:
+        self.sock.close()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+
 
 def _close_now(conn: _Conn) -> None:
     """Close a connection without awaiting (plain sockets close at once; TLS skips close_notify)."""
-    stream = conn.stream
-    sock_stream = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
-    sock_stream.socket.close()
+    conn.close_now()

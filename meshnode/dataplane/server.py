@@ -36,6 +36,8 @@ from .common import (
     _mac,
     _match_key,
     _PeerClosed,
+    _PlainConn,
+    _TlsConn,
     logger,
 )
 
@@ -161,7 +163,10 @@ class DataServer:
             conn = await self._open(stream, peer)
             if conn is None:
                 return
-            await self._requests_loop(conn, peer)
+            try:
+                await self._requests_loop(conn, peer)
+            finally:
+                await conn.aclose()
         except (
             trio.BrokenResourceError,
             trio.ClosedResourceError,
@@ -184,26 +189,27 @@ class DataServer:
         with trio.move_on_after(self.handshake_timeout_s) as scope:
             conn: _Conn
             if self._ssl_context is not None:
-                tls = trio.SSLStream(stream, self._ssl_context, server_side=True)
                 try:
-                    await tls.do_handshake()
-                except trio.BrokenResourceError as exc:
+                    conn = await _TlsConn.wrap(stream, self._ssl_context, server_side=True)
+                except (trio.BrokenResourceError, _PeerClosed, OSError) as exc:
                     self._log.warning(
                         "tls:" + peer.rsplit(":", 1)[0],
                         "data plane TLS handshake with %s failed: %s",
                         peer,
-                        exc.__cause__ or exc,
+                        exc,
                     )
                     return None
-                conn = _Conn(tls)
             else:
-                conn = _Conn(stream)
+                conn = _PlainConn(stream)
             try:
                 ok = await self._handshake(conn, peer)
             except _PeerClosed as exc:  # before its hello: a probe or a port scan, not worth a line
                 logger.debug("data plane peer %s left before the handshake: %s", peer, exc)
+                ok = False
+            if not ok:
+                await conn.aclose()
                 return None
-            return conn if ok else None
+            return conn
         assert scope.cancelled_caught
         self._refuse("slow", peer, "data plane handshake with %s timed out", peer)
         return None
@@ -267,7 +273,7 @@ class DataServer:
         while True:
             first: bytes | bytearray = b""
             with trio.move_on_after(self.idle_timeout_s):
-                first = await conn.stream.receive_some(1)
+                first = await conn.receive_some(1)
             if not first:  # EOF, or idle for too long (the scope ended with nothing)
                 return
             self._requests += 1
@@ -277,7 +283,7 @@ class DataServer:
                     _GET_CHUNK_BODY.size, self.request_timeout_s, "GET_CHUNK request"
                 )
                 raw_hash, index = _GET_CHUNK_BODY.unpack(body)
-                if buf is None and conn.fd is None:
+                if buf is None and conn.tls:
                     buf = bytearray(SEND_SLICE_BYTES)
                 await self._get_chunk(conn, peer, raw_hash.hex(), index, buf)
             elif kind == REQ_HAVE:

@@ -9,6 +9,7 @@ import os
 import secrets
 import ssl
 import struct
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from functools import partial
@@ -674,4 +675,53 @@ async def test_idle_connections_to_a_peer_never_asked_again_are_closed(
         assert client.statistics().idle_connections == 1  # two's only: one's was swept
         await wait_for(lambda: one.statistics().connections == 0)
         await client.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def _stalling_tls_server(ca: trustme.CA, payload: bytes, nursery: trio.Nursery) -> str:
+    """A TLS data server that proves the secret, then sends part of a chunk and stalls."""
+    server_ctx, _ = tls_contexts(ca)
+
+    async def stalls(stream: trio.SocketStream) -> None:
+        tls = trio.SSLStream(stream, server_ctx, server_side=True)
+        hello = await recv_exact(tls, 21)
+        cn, sn = hello[5:], bytes(16)
+        await tls.send_all(b"\x02" + sn)
+        await recv_exact(tls, 32)
+        await tls.send_all(b"\x00" + hmac.new(b"k", b"srv" + cn + sn, hashlib.sha256).digest())
+        await recv_exact(tls, 21)
+        await tls.send_all(struct.pack("!BQ", 0, len(payload)) + payload[:100_000])
+        await trio.sleep_forever()
+
+    listeners = await nursery.start(partial(trio.serve_tcp, stalls, 0, host="127.0.0.1"))
+    return f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+
+
+async def test_a_tls_chunk_stalled_mid_way_times_out_and_a_cancel_returns_at_once(ca: trustme.CA) -> None:
+    """Over TLS a chunk is decrypted in a worker thread: a stall still ends
+    after the read timeout, and a cancel (a stall reassignment, an endgame
+    twin that won) returns at once, the thread stopped and the connection
+    dropped, not after the thread's own timeout."""
+    payload = os.urandom(1_000_000)
+    digest = xxhash.xxh3_128(payload).digest()
+    _, client_ctx = tls_contexts(ca)
+    async with trio.open_nursery() as nursery:
+        peer = await _stalling_tls_server(ca, payload, nursery)
+        client = DataClient(("k",), ssl_context=client_ctx, read_timeout_s=1)
+        start = time.monotonic()
+        with pytest.raises(DataPlaneError, match="no progress"):
+            await client.fetch_chunk(peer, MANIFEST, 0, len(payload), digest, bytearray(len(payload)))
+        assert 0.9 <= time.monotonic() - start < 3
+        slow = DataClient(("k",), ssl_context=client_ctx, read_timeout_s=60)
+        buf = bytearray(len(payload))
+        start = time.monotonic()
+        with trio.move_on_after(0.5):
+            await slow.fetch_chunk(peer, MANIFEST, 0, len(payload), digest, buf)
+        assert time.monotonic() - start < 2  # not the 60 s the thread would wait alone
+        snapshot = bytes(buf)
+        await trio.sleep(0.2)
+        assert bytes(buf) == snapshot  # nothing writes into the buffer once the call returned
+        assert slow.statistics().idle_connections == 0  # a connection cut mid-chunk is never reused
+        for c in (client, slow):
+            await c.aclose()
         nursery.cancel_scope.cancel()
