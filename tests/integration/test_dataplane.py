@@ -440,20 +440,8 @@ async def test_a_server_that_stalls_mid_chunk_times_out(
     slow_autojump: trio.testing.MockClock,
 ) -> None:
     payload = os.urandom(1000)
-
-    async def stalls(stream: trio.SocketStream) -> None:
-        hello = await recv_exact(stream, 21)
-        cn, sn = hello[5:], bytes(16)
-        await stream.send_all(b"\x02" + sn)
-        await recv_exact(stream, 32)
-        await stream.send_all(b"\x00" + hmac.new(b"k", b"srv" + cn + sn, hashlib.sha256).digest())
-        await recv_exact(stream, 21)
-        await stream.send_all(struct.pack("!BQ", 0, len(payload)) + payload[:400])
-        await trio.sleep_forever()
-
     async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(partial(trio.serve_tcp, stalls, 0, host="127.0.0.1"))
-        peer = f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        peer = await _stalling_server(nursery, payload, 400)
         client = DataClient(("k",), read_timeout_s=7)
         start = trio.current_time()
         with pytest.raises(DataPlaneError, match="no progress"):
@@ -678,19 +666,21 @@ async def test_idle_connections_to_a_peer_never_asked_again_are_closed(
         nursery.cancel_scope.cancel()
 
 
-async def _stalling_tls_server(ca: trustme.CA, payload: bytes, nursery: trio.Nursery) -> str:
-    """A TLS data server that proves the secret, then sends part of a chunk and stalls."""
-    server_ctx, _ = tls_contexts(ca)
+async def _stalling_server(
+    nursery: trio.Nursery, payload: bytes, sent: int, ctx: ssl.SSLContext | None = None
+) -> str:
+    """A data server (over TLS with ``ctx``) that proves the secret "k", then
+    sends the first ``sent`` bytes of a chunk and stalls."""
 
     async def stalls(stream: trio.SocketStream) -> None:
-        tls = trio.SSLStream(stream, server_ctx, server_side=True)
-        hello = await recv_exact(tls, 21)
+        s: trio.abc.Stream = stream if ctx is None else trio.SSLStream(stream, ctx, server_side=True)
+        hello = await recv_exact(s, 21)
         cn, sn = hello[5:], bytes(16)
-        await tls.send_all(b"\x02" + sn)
-        await recv_exact(tls, 32)
-        await tls.send_all(b"\x00" + hmac.new(b"k", b"srv" + cn + sn, hashlib.sha256).digest())
-        await recv_exact(tls, 21)
-        await tls.send_all(struct.pack("!BQ", 0, len(payload)) + payload[:100_000])
+        await s.send_all(b"\x02" + sn)
+        await recv_exact(s, 32)
+        await s.send_all(b"\x00" + hmac.new(b"k", b"srv" + cn + sn, hashlib.sha256).digest())
+        await recv_exact(s, 21)
+        await s.send_all(struct.pack("!BQ", 0, len(payload)) + payload[:sent])
         await trio.sleep_forever()
 
     listeners = await nursery.start(partial(trio.serve_tcp, stalls, 0, host="127.0.0.1"))
@@ -704,9 +694,9 @@ async def test_a_tls_chunk_stalled_mid_way_times_out_and_a_cancel_returns_at_onc
     dropped, not after the thread's own timeout."""
     payload = os.urandom(1_000_000)
     digest = xxhash.xxh3_128(payload).digest()
-    _, client_ctx = tls_contexts(ca)
+    server_ctx, client_ctx = tls_contexts(ca)
     async with trio.open_nursery() as nursery:
-        peer = await _stalling_tls_server(ca, payload, nursery)
+        peer = await _stalling_server(nursery, payload, 100_000, server_ctx)
         client = DataClient(("k",), ssl_context=client_ctx, read_timeout_s=1)
         start = time.monotonic()
         with pytest.raises(DataPlaneError, match="no progress"):
