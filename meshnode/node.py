@@ -23,7 +23,8 @@ import trio
 from hypercorn.config import Config as HyperConfig
 
 from protocol import HLC, Catalog, GossipNode, MemberState, RemoteProtocolError
-from protocol.view import COPY_PREFIX, ModelIndex, copy_key
+from protocol.keys import COPY_PREFIX, copy_key
+from protocol.view import ModelIndex
 from protocol.wire import WrongCluster, WrongVersion, decode
 
 from . import __version__

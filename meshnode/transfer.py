@@ -37,8 +37,8 @@ import trio
 
 from protocol.chunkplan import ChunkPlan, ChunkState, choose_sources
 from protocol.errors import RemoteProtocolError
+from protocol.keys import COPY_PREFIX
 from protocol.manifest import Manifest
-from protocol.view import COPY_PREFIX
 
 from .dataplane import ChunkMismatch, DataPlaneError, NotFound, PeerBusy
 from .persist import atomic_write, make_dirs

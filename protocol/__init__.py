@@ -10,8 +10,9 @@ from .catalog import Catalog
 from .errors import InvalidName, LocalProtocolError, ProtocolError, RemoteProtocolError
 from .gossip import GossipConfig, GossipNode, Send
 from .hlc import HLC, ClockSkewError, Stamp
+from .keys import copy_key, loc_key, reg_key
 from .names import Device, parse_device, validate_model_name, validate_node_id
-from .view import ModelView, loc_key, reg_key, resolve_models
+from .view import ModelView, resolve_models
 from .wire import Envelope, MemberRecord, MemberState, decode, encode
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "RemoteProtocolError",
     "Send",
     "Stamp",
+    "copy_key",
     "decode",
     "encode",
     "loc_key",

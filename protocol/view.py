@@ -2,12 +2,10 @@
 on every node.
 
 Keys that several nodes may write for one model live in each writer's own
-keyspace, stamped with the writer's HLC:
-
-* ``reg/<model>``: ``{"stamp", "since", "op": "register" | "unregister",
-  "model_type", "source_url", "metadata"}``; ``since`` is the stamp at which
-  the current registration began (re-registering keeps it).
-* ``loc/<model>@<device>``: ``{"stamp", "op": "add" | "drop"}``
+keyspace, stamped with the writer's HLC (their records are in ``keys``):
+``reg/<model>`` (``RegRecord``: a registration or an unregistration, and
+``since``, the stamp at which the current registration began) and
+``loc/<model>@<device>`` (``LocRecord``: a location added or dropped by hand).
 
 For each model the record with the highest stamp wins (last writer wins), so
 concurrent writes on both sides of a partition converge to one answer with no
@@ -15,8 +13,8 @@ coordinator.  A location counts only if it was recorded at or after the
 registration's ``since``, so unregistering clears a model's locations.
 
 Copies a node actually holds are its own single-writer keys,
-``copy/<model>@<kind>``: ``{"manifest_hash", "size", "files", "published_ms"}``;
-they are locations too, reported by the only node that can know.
+``copy/<model>@<kind>`` (``CopyRecord``); they are locations too, reported by
+the only node that can know.
 
 ``ModelIndex`` keeps these keys by model as the catalog changes (it is a
 catalog listener), so that reading or writing one model costs what that model
@@ -26,41 +24,25 @@ when one of its keys changed, by ``resolve_models`` over its own keys.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from .hlc import Stamp
+from .keys import (
+    REG_PREFIX,
+    CopyRecord,
+    LocOp,
+    LocRecord,
+    RecordError,
+    RegOp,
+    RegRecord,
+    model_of_key,
+    parse_copy_key,
+    parse_loc_key,
+)
 
-__all__ = [
-    "COPY_PREFIX",
-    "LOC_PREFIX",
-    "REG_PREFIX",
-    "CopyView",
-    "ModelIndex",
-    "ModelView",
-    "copy_key",
-    "loc_key",
-    "model_of_key",
-    "reg_key",
-    "resolve_models",
-]
-
-REG_PREFIX = "reg/"
-LOC_PREFIX = "loc/"
-COPY_PREFIX = "copy/"
-
-
-def reg_key(model: str) -> str:
-    return REG_PREFIX + model
-
-
-def loc_key(model: str, device: str) -> str:
-    return f"{LOC_PREFIX}{model}@{device}"
-
-
-def copy_key(model: str, kind: str) -> str:
-    return f"{COPY_PREFIX}{model}@{kind}"
+__all__ = ["CopyView", "ModelIndex", "ModelView", "resolve_models"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +57,7 @@ class ModelView:
     name: str
     model_type: str | None
     source_url: str | None
-    metadata: dict[str, Any]
+    metadata: Mapping[str, Any]
     registered_by: str
     stamp: Stamp
     since: Stamp
@@ -88,61 +70,46 @@ class ModelView:
         return max(sizes) if sizes else None
 
 
-def _stamp(v: Any, field_name: str = "stamp") -> Stamp | None:
-    if not isinstance(v, dict):
-        return None
-    try:
-        return Stamp.from_wire(v.get(field_name))
-    except Exception:
-        return None
-
-
 def resolve_models(items: Iterable[tuple[str, str, Any]]) -> dict[str, ModelView]:
-    """Resolve ``(node_id, key, value)`` catalog items into registered models."""
-    regs: dict[str, tuple[Stamp, str, dict[str, Any]]] = {}
-    locs: dict[tuple[str, str], tuple[Stamp, str]] = {}
+    """Resolve ``(node_id, key, value)`` catalog items into registered models.
+    Values that are not their key's record are skipped."""
+    regs: dict[str, tuple[RegRecord, str]] = {}
+    locs: dict[tuple[str, str], LocRecord] = {}
     copies: list[tuple[str, CopyView]] = []
     for node_id, key, value in items:
-        if key.startswith(COPY_PREFIX):
-            name, sep, kind = key[len(COPY_PREFIX) :].rpartition("@")
-            if sep and isinstance(value, dict):
-                h, size = value.get("manifest_hash"), value.get("size")
-                if isinstance(h, str) and isinstance(size, int):
-                    copies.append((name, CopyView(f"{node_id}:{kind}", h, size)))
+        try:
+            if key.startswith(REG_PREFIX):
+                reg = RegRecord.from_value(value)
+                name = key[len(REG_PREFIX) :]
+                cur = regs.get(name)
+                if cur is None or reg.stamp > cur[0].stamp:
+                    regs[name] = (reg, node_id)
+            elif (at := parse_loc_key(key)) is not None:
+                loc = LocRecord.from_value(value)
+                cur_loc = locs.get(at)
+                if cur_loc is None or loc.stamp > cur_loc.stamp:
+                    locs[at] = loc
+            elif (held := parse_copy_key(key)) is not None:
+                c = CopyRecord.from_value(value)
+                copies.append((held[0], CopyView(f"{node_id}:{held[1]}", c.manifest_hash, c.size)))
+        except RecordError:
             continue
-        stamp = _stamp(value)
-        if stamp is None:
-            continue
-        if key.startswith(REG_PREFIX):
-            name = key[len(REG_PREFIX) :]
-            cur = regs.get(name)
-            if cur is None or stamp > cur[0]:
-                regs[name] = (stamp, node_id, value)
-        elif key.startswith(LOC_PREFIX):
-            name, sep, device = key[len(LOC_PREFIX) :].rpartition("@")
-            if not sep:
-                continue
-            op = value.get("op")
-            cur_loc = locs.get((name, device))
-            if cur_loc is None or stamp > cur_loc[0]:
-                locs[(name, device)] = (stamp, str(op))
     out: dict[str, ModelView] = {}
-    for name, (stamp, node_id, value) in regs.items():
-        if value.get("op") != "register":
+    for name, (reg, node_id) in regs.items():
+        if reg.op is not RegOp.REGISTER:
             continue
-        meta = value.get("metadata")
         out[name] = ModelView(
             name=name,
-            model_type=value.get("model_type") if isinstance(value.get("model_type"), str) else None,
-            source_url=value.get("source_url") if isinstance(value.get("source_url"), str) else None,
-            metadata=meta if isinstance(meta, dict) else {},
+            model_type=reg.model_type,
+            source_url=reg.source_url,
+            metadata=reg.metadata,
             registered_by=node_id,
-            stamp=stamp,
-            since=_stamp(value, "since") or stamp,
+            stamp=reg.stamp,
+            since=reg.since,
         )
-    for (name, device), (stamp, op) in sorted(locs.items()):
+    for (name, device), loc in sorted(locs.items()):
         mv = out.get(name)
-        if mv is None or op != "add" or stamp < mv.since:
+        if mv is None or loc.op is not LocOp.ADD or loc.stamp < mv.since:
             continue
         mv.locations.append(device)
     for name, cv in sorted(copies, key=lambda x: (x[0], x[1].device)):
@@ -155,17 +122,6 @@ def resolve_models(items: Iterable[tuple[str, str, Any]]) -> dict[str, ModelView
     for mv in out.values():
         mv.locations.sort()
     return out
-
-
-def model_of_key(key: str) -> str | None:
-    """The model a ``reg/``, ``loc/`` or ``copy/`` key is about; None for other keys."""
-    if key.startswith(REG_PREFIX):
-        return key[len(REG_PREFIX) :]
-    for prefix in (LOC_PREFIX, COPY_PREFIX):
-        if key.startswith(prefix):
-            name, sep, _ = key[len(prefix) :].rpartition("@")
-            return name if sep else None
-    return None
 
 
 class ModelIndex:

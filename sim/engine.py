@@ -41,7 +41,7 @@ from protocol.catalog import Catalog
 from protocol.errors import RemoteProtocolError
 from protocol.gossip import GossipConfig, GossipNode, Send
 from protocol.hlc import HLC, Stamp
-from protocol.view import reg_key
+from protocol.keys import reg_key
 from protocol.wire import (
     Envelope,
     MemberRecord,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from protocol.hlc import Stamp
-from protocol.view import reg_key, resolve_models
+from protocol.keys import reg_key
+from protocol.view import resolve_models
 from protocol.wire import MemberState
 from sim.engine import SimConfig, Simulation
 from sim.scenarios import ChaosSpec, chaos, crash_detection, spread

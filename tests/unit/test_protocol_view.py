@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from protocol.catalog import Catalog
 from protocol.hlc import HLC, Stamp
-from protocol.view import LOC_PREFIX, REG_PREFIX, ModelIndex, loc_key, reg_key, resolve_models
+from protocol.keys import LOC_PREFIX, REG_PREFIX, loc_key, reg_key
+from protocol.view import ModelIndex, resolve_models
 
 SETTINGS = settings(max_examples=100, deadline=None, derandomize=True, database=None)
 

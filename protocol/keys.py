@@ -1,0 +1,478 @@
+"""Every catalog key family, and a typed record for each.
+
+Theory of operation
+-------------------
+A node's own keys (``catalog.py``) hold plain values (msgpack-able dicts), so
+that any version of the daemon can gossip them.  This module is the one place
+that knows their shape: each family has a key function, a frozen record with
+``to_value()``, and ``from_value(raw)``, which turns any malformed value (a
+peer's, or an older version's) into one error, ``RecordError``.  No other
+module parses a key or a value by hand.
+
+=================================  ================  =====================================
+key                                record            written by
+=================================  ================  =====================================
+``reg/<model>``                    ``RegRecord``     any node (last writer wins on ``stamp``)
+``loc/<model>@<node:device>``      ``LocRecord``     any node (last writer wins on ``stamp``)
+``copy/<model>@<kind>``            ``CopyRecord``    the node that holds the copy
+``xfer/<transfer id>``             ``XferRecord``    the node the transfer runs on
+``src/<source id digest>``         ``SrcRecord``     a node that fetched a source
+``node``                           ``NodeInfo``      each node, about itself
+``storage``                        ``Storage``       each node, about itself
+``gpus``, ``svc/``, ``job/``       (to come)         GPUs, services, pipelines
+=================================  ================  =====================================
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import xxhash
+
+from .errors import RemoteProtocolError
+from .hlc import Stamp
+
+__all__ = [
+    "COPY_PREFIX",
+    "GPUS_KEY",
+    "JOB_PREFIX",
+    "LOC_PREFIX",
+    "NODE_KEY",
+    "REG_PREFIX",
+    "SRC_PREFIX",
+    "STORAGE_KEY",
+    "SVC_PREFIX",
+    "TRANSITIONS",
+    "XFER_PREFIX",
+    "CopyRecord",
+    "ErrorRecord",
+    "LocOp",
+    "LocRecord",
+    "NodeInfo",
+    "RecordError",
+    "RegOp",
+    "RegRecord",
+    "SrcRecord",
+    "Storage",
+    "TierUsage",
+    "TransferStatus",
+    "XferRecord",
+    "copy_key",
+    "loc_key",
+    "model_of_key",
+    "parse_copy_key",
+    "parse_loc_key",
+    "reg_key",
+    "src_key",
+    "xfer_key",
+]
+
+REG_PREFIX = "reg/"
+LOC_PREFIX = "loc/"
+COPY_PREFIX = "copy/"
+XFER_PREFIX = "xfer/"
+SRC_PREFIX = "src/"
+SVC_PREFIX = "svc/"  # serving engines (to come)
+JOB_PREFIX = "job/"  # pipelines (to come)
+NODE_KEY = "node"
+STORAGE_KEY = "storage"
+GPUS_KEY = "gpus"  # NVML readings (to come)
+
+_STR_MAX = 4096
+_INT_MAX = 2**63 - 1
+
+
+class RecordError(RemoteProtocolError):
+    """A catalog value does not have the shape of its key's record."""
+
+
+# -- keys --------------------------------------------------------------------------------
+
+
+def reg_key(model: str) -> str:
+    return REG_PREFIX + model
+
+
+def loc_key(model: str, device: str) -> str:
+    return f"{LOC_PREFIX}{model}@{device}"
+
+
+def copy_key(model: str, kind: str) -> str:
+    return f"{COPY_PREFIX}{model}@{kind}"
+
+
+def xfer_key(transfer_id: str) -> str:
+    return XFER_PREFIX + transfer_id
+
+
+def src_key(source_id: str) -> str:
+    return SRC_PREFIX + xxhash.xxh3_64_hexdigest(source_id.encode())
+
+
+def _split_at(key: str, prefix: str) -> tuple[str, str] | None:
+    if not key.startswith(prefix):
+        return None
+    name, sep, rest = key[len(prefix) :].rpartition("@")
+    return (name, rest) if sep and name and rest else None
+
+
+def parse_loc_key(key: str) -> tuple[str, str] | None:
+    """``(model, device)`` of a ``loc/`` key, or None."""
+    return _split_at(key, LOC_PREFIX)
+
+
+def parse_copy_key(key: str) -> tuple[str, str] | None:
+    """``(model, kind)`` of a ``copy/`` key, or None."""
+    return _split_at(key, COPY_PREFIX)
+
+
+def model_of_key(key: str) -> str | None:
+    """The model a ``reg/``, ``loc/`` or ``copy/`` key is about; None for other keys."""
+    if key.startswith(REG_PREFIX):
+        return key[len(REG_PREFIX) :] or None
+    parsed = parse_loc_key(key) or parse_copy_key(key)
+    return parsed[0] if parsed else None
+
+
+# -- field checks ------------------------------------------------------------------------------
+
+
+def _dict(raw: Any, what: str) -> Mapping[str, Any]:
+    if not isinstance(raw, dict):
+        raise RecordError(f"{what}: expected a map")
+    return raw
+
+
+def _str(raw: Any, what: str, *, optional: bool = False, max_chars: int = _STR_MAX) -> Any:
+    if raw is None and optional:
+        return None
+    if not isinstance(raw, str) or len(raw) > max_chars:
+        raise RecordError(f"{what}: expected a string of at most {max_chars} characters")
+    return raw
+
+
+def _int(raw: Any, what: str, *, optional: bool = False, lo: int = 0) -> Any:
+    if raw is None and optional:
+        return None
+    if not isinstance(raw, int) or isinstance(raw, bool) or not lo <= raw <= _INT_MAX:
+        raise RecordError(f"{what}: expected an integer of at least {lo}")
+    return raw
+
+
+def _stamp(raw: Any, what: str) -> Stamp:
+    try:
+        return Stamp.from_wire(raw)
+    except RemoteProtocolError:
+        raise RecordError(f"{what}: expected an HLC stamp") from None
+
+
+def _enum(cls: type[enum.Enum], raw: Any, what: str) -> Any:
+    try:
+        return cls(raw)
+    except ValueError:
+        raise RecordError(f"{what}: expected one of {', '.join(str(m.value) for m in cls)}") from None
+
+
+# -- the registry: written by any node, last writer wins ----------------------------------------
+
+
+class RegOp(enum.Enum):
+    REGISTER = "register"
+    UNREGISTER = "unregister"
+
+
+@dataclass(frozen=True, slots=True)
+class RegRecord:
+    """``reg/<model>``: a registration or an unregistration.  ``since`` is the
+    stamp at which the current registration began (re-registering keeps it):
+    locations recorded before it no longer count."""
+
+    stamp: Stamp
+    since: Stamp
+    op: RegOp
+    model_type: str | None = None
+    source_url: str | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_value(self) -> dict[str, Any]:
+        if self.op is RegOp.UNREGISTER:
+            return {"stamp": self.stamp.to_wire(), "since": self.since.to_wire(), "op": self.op.value}
+        return {
+            "stamp": self.stamp.to_wire(),
+            "since": self.since.to_wire(),
+            "op": self.op.value,
+            "model_type": self.model_type,
+            "source_url": self.source_url,
+            "metadata": dict(self.metadata),
+        }
+
+    @classmethod
+    def from_value(cls, raw: Any) -> RegRecord:
+        v = _dict(raw, "registration")
+        stamp = _stamp(v.get("stamp"), "registration stamp")
+        try:
+            since = Stamp.from_wire(v.get("since"))
+        except RemoteProtocolError:
+            since = stamp  # an older writer's value without one: the registration began with it
+        op = _enum(RegOp, v.get("op"), "registration op")
+        meta = v.get("metadata")
+        return cls(
+            stamp=stamp,
+            since=since,
+            op=op,
+            model_type=v.get("model_type") if isinstance(v.get("model_type"), str) else None,
+            source_url=v.get("source_url") if isinstance(v.get("source_url"), str) else None,
+            metadata=meta if isinstance(meta, dict) else {},
+        )
+
+
+class LocOp(enum.Enum):
+    ADD = "add"
+    DROP = "drop"
+
+
+@dataclass(frozen=True, slots=True)
+class LocRecord:
+    """``loc/<model>@<node:device>``: a location recorded or dropped by hand."""
+
+    stamp: Stamp
+    op: LocOp
+
+    def to_value(self) -> dict[str, Any]:
+        return {"stamp": self.stamp.to_wire(), "op": self.op.value}
+
+    @classmethod
+    def from_value(cls, raw: Any) -> LocRecord:
+        v = _dict(raw, "location")
+        return cls(_stamp(v.get("stamp"), "location stamp"), _enum(LocOp, v.get("op"), "location op"))
+
+
+# -- a node's own facts --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CopyRecord:
+    """``copy/<model>@<kind>``: a complete copy this node holds."""
+
+    manifest_hash: str
+    size: int
+    files: int = 0
+    chunk_bytes: int = 0
+    published_ms: int = 0
+
+    def to_value(self) -> dict[str, Any]:
+        return {
+            "manifest_hash": self.manifest_hash,
+            "size": self.size,
+            "files": self.files,
+            "chunk_bytes": self.chunk_bytes,
+            "published_ms": self.published_ms,
+        }
+
+    @classmethod
+    def from_value(cls, raw: Any) -> CopyRecord:
+        v = _dict(raw, "copy")
+        return cls(
+            manifest_hash=_str(v.get("manifest_hash"), "copy manifest_hash", max_chars=64),
+            size=_int(v.get("size"), "copy size"),
+            files=_int(v.get("files", 0), "copy files"),
+            chunk_bytes=_int(v.get("chunk_bytes", 0), "copy chunk_bytes"),
+            published_ms=_int(v.get("published_ms", 0) or 0, "copy published_ms"),
+        )
+
+
+class TransferStatus(enum.Enum):
+    """A transfer's states.  ``TRANSITIONS`` lists the moves allowed."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+    @property
+    def active(self) -> bool:
+        return self in (TransferStatus.QUEUED, TransferStatus.RUNNING)
+
+    @property
+    def finished(self) -> bool:
+        return self in (TransferStatus.DONE, TransferStatus.FAILED)
+
+    def can_become(self, other: TransferStatus) -> bool:
+        return other in TRANSITIONS[self]
+
+
+TRANSITIONS: dict[TransferStatus, frozenset[TransferStatus]] = {
+    # queued: waiting for a slot (or for the node to resume it); failed: refused or interrupted
+    TransferStatus.QUEUED: frozenset({TransferStatus.RUNNING, TransferStatus.FAILED}),
+    # running back to queued: the node stopped, the intent stays, a restart resumes it
+    TransferStatus.RUNNING: frozenset({TransferStatus.DONE, TransferStatus.FAILED, TransferStatus.QUEUED}),
+    TransferStatus.DONE: frozenset(),
+    TransferStatus.FAILED: frozenset(),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorRecord:
+    code: str
+    message: str
+
+    def to_value(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message}
+
+    @classmethod
+    def from_value(cls, raw: Any) -> ErrorRecord:
+        v = _dict(raw, "error")
+        return cls(_str(v.get("code"), "error code", max_chars=64), _str(v.get("message"), "error message"))
+
+
+@dataclass(frozen=True, slots=True)
+class XferRecord:
+    """``xfer/<id>``: a transfer this node runs (it is the receiving end):
+    its progress, and for an outside source its claim (``protocol.ingest``)."""
+
+    model: str
+    kind: str
+    status: TransferStatus
+    manifest_hash: str | None = None
+    bytes_done: int = 0
+    bytes_total: int = 0
+    rate_bps: int = 0
+    sources: tuple[str, ...] = ()
+    error: ErrorRecord | None = None
+    started_ms: int = 0
+    finished_ms: int = 0
+    note: str = ""
+    files_done: int = 0
+    files_total: int = 0
+    source_id: str | None = None
+    claim: Stamp | None = None
+
+    def to_value(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "kind": self.kind,
+            "manifest_hash": self.manifest_hash,
+            "status": self.status.value,
+            "bytes_done": self.bytes_done,
+            "bytes_total": self.bytes_total,
+            "rate_bps": self.rate_bps,
+            "sources": list(self.sources),
+            "error": None if self.error is None else self.error.to_value(),
+            "started_ms": self.started_ms,
+            "finished_ms": self.finished_ms,
+            "note": self.note,
+            "files_done": self.files_done,
+            "files_total": self.files_total,
+            "source_id": self.source_id,
+            "claim": None if self.claim is None else self.claim.to_wire(),
+        }
+
+    @classmethod
+    def from_value(cls, raw: Any) -> XferRecord:
+        v = _dict(raw, "transfer")
+        sources = v.get("sources") or []
+        if not isinstance(sources, list) or len(sources) > 64 or not all(isinstance(s, str) for s in sources):
+            raise RecordError("transfer sources: expected a list of node ids")
+        return cls(
+            model=_str(v.get("model"), "transfer model", max_chars=512),
+            kind=_str(v.get("kind"), "transfer kind", max_chars=16),
+            status=_enum(TransferStatus, v.get("status"), "transfer status"),
+            manifest_hash=_str(v.get("manifest_hash"), "transfer manifest_hash", optional=True, max_chars=64),
+            bytes_done=_int(v.get("bytes_done", 0), "transfer bytes_done"),
+            bytes_total=_int(v.get("bytes_total", 0), "transfer bytes_total"),
+            rate_bps=_int(v.get("rate_bps", 0), "transfer rate_bps"),
+            sources=tuple(sources),
+            error=None if v.get("error") is None else ErrorRecord.from_value(v.get("error")),
+            started_ms=_int(v.get("started_ms", 0) or 0, "transfer started_ms"),
+            finished_ms=_int(v.get("finished_ms", 0) or 0, "transfer finished_ms"),
+            note=_str(v.get("note") or "", "transfer note"),
+            files_done=_int(v.get("files_done", 0) or 0, "transfer files_done"),
+            files_total=_int(v.get("files_total", 0) or 0, "transfer files_total"),
+            source_id=_str(v.get("source_id"), "transfer source_id", optional=True),
+            claim=None if v.get("claim") is None else _stamp(v.get("claim"), "transfer claim"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SrcRecord:
+    """``src/<digest>``: this node holds a copy made from that outside source."""
+
+    source_id: str
+    manifest_hash: str
+    model: str
+    revision: str | None = None
+
+    def to_value(self) -> dict[str, Any]:
+        return {"source_id": self.source_id, "manifest_hash": self.manifest_hash, "model": self.model,
+                "revision": self.revision}
+
+    @classmethod
+    def from_value(cls, raw: Any) -> SrcRecord:
+        v = _dict(raw, "source")
+        return cls(
+            source_id=_str(v.get("source_id"), "source id"),
+            manifest_hash=_str(v.get("manifest_hash"), "source manifest_hash", max_chars=64),
+            model=_str(v.get("model"), "source model", max_chars=512),
+            revision=_str(v.get("revision"), "source revision", optional=True, max_chars=256),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """``node``: how to reach this node's data plane, and what it runs."""
+
+    address: str
+    version: str
+    started_ms: int
+    data_port: int
+
+    def to_value(self) -> dict[str, Any]:
+        return {"address": self.address, "version": self.version, "started_ms": self.started_ms,
+                "data_port": self.data_port}
+
+    @classmethod
+    def from_value(cls, raw: Any) -> NodeInfo:
+        v = _dict(raw, "node info")
+        port = _int(v.get("data_port"), "node data_port")
+        if not 0 < port < 65536:
+            raise RecordError("node data_port: expected a port from 1 to 65535")
+        return cls(
+            address=_str(v.get("address"), "node address", max_chars=300),
+            version=_str(v.get("version"), "node version", max_chars=64),
+            started_ms=_int(v.get("started_ms", 0), "node started_ms"),
+            data_port=port,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TierUsage:
+    total: int
+    used: int
+    free: int
+
+    def to_value(self) -> dict[str, int]:
+        return {"total": self.total, "used": self.used, "free": self.free}
+
+
+@dataclass(frozen=True, slots=True)
+class Storage:
+    """``storage``: each tier's usage on this node, rounded to MiB."""
+
+    tiers: Mapping[str, TierUsage]
+
+    def to_value(self) -> dict[str, Any]:
+        return {k: u.to_value() for k, u in self.tiers.items()}
+
+    @classmethod
+    def from_value(cls, raw: Any) -> Storage:
+        v = _dict(raw, "storage")
+        tiers = {}
+        for name, usage in list(v.items())[:16]:
+            u = _dict(usage, "storage tier")
+            tiers[_str(name, "storage tier name", max_chars=16)] = TierUsage(
+                _int(u.get("total"), "tier total"), _int(u.get("used"), "tier used"), _int(u.get("free"), "tier free")
+            )
+        return cls(tiers)
