@@ -15,11 +15,10 @@ import trio
 from protocol import parse_device, validate_model_name
 from protocol.names import Device
 
+from .errors import MeshError
 from .ingest import hf_repo
-from .service import ApiError
-from .sources import SourceError
 from .sources.guard import confine_path, resolve_public
-from .store import TIERS, StoreError
+from .store import TIERS
 from .transfer import XFER_PREFIX
 
 if TYPE_CHECKING:
@@ -32,30 +31,30 @@ def _device(text: Any, what: str) -> Device:
     try:
         d = parse_device(text)
     except ValueError as e:
-        raise ApiError(400, "INVALID_DEVICE", f"{what}: {e}") from None
+        raise MeshError("INVALID_DEVICE", f"{what}: {e}") from None
     return d
 
 
 def _store_device(node: MeshNode, d: Device, what: str) -> None:
     if d.is_web or d.kind not in TIERS:
-        raise ApiError(400, "INVALID_DEVICE", f"{what} must be node:disk or node:dram, not {d}")
+        raise MeshError("INVALID_DEVICE", f"{what} must be node:disk or node:dram, not {d}")
     g = node.gossip
     assert g is not None and d.node_id is not None
     m = g.members.get(d.node_id)
     if m is None:
-        raise ApiError(404, "NODE_NOT_FOUND", f"{what} names node {d.node_id!r}, which the mesh does not know")
+        raise MeshError("NODE_NOT_FOUND", f"{what} names node {d.node_id!r}, which the mesh does not know")
     if not m.state.reachable:
-        raise ApiError(409, "NODE_UNAVAILABLE", f"{what} names node {d.node_id!r}, which is {m.state.label}")
+        raise MeshError("NODE_UNAVAILABLE", f"{what} names node {d.node_id!r}, which is {m.state.label}")
 
 
 def _body(body: Any, allowed: set[str]) -> dict[str, Any]:
     if body is None:
         body = {}
     if not isinstance(body, dict):
-        raise ApiError(400, "INVALID_REQUEST", "request body must be a JSON object")
+        raise MeshError("INVALID_REQUEST", "request body must be a JSON object")
     unknown = set(body) - allowed
     if unknown:
-        raise ApiError(400, "INVALID_REQUEST", f"unknown fields: {', '.join(sorted(unknown))[:200]}")
+        raise MeshError("INVALID_REQUEST", f"unknown fields: {', '.join(sorted(unknown))[:200]}")
     return body
 
 
@@ -81,12 +80,12 @@ async def request_copy(node: MeshNode, name: str, raw: Any, *, move: bool) -> di
     mv = svc.model(name)
     body = _body(raw, {"from_device", "to_device", "keep_source", "priority"})
     if "to_device" not in body:
-        raise ApiError(400, "INVALID_REQUEST", "to_device is required")
+        raise MeshError("INVALID_REQUEST", "to_device is required")
     to = _device(body["to_device"], "to_device")
     _store_device(node, to, "to_device")
     keep = body.get("keep_source", not move)
     if not isinstance(keep, bool):
-        raise ApiError(400, "INVALID_REQUEST", "keep_source must be true or false")
+        raise MeshError("INVALID_REQUEST", "keep_source must be true or false")
     if move:
         keep = False
     src: Device | None = None
@@ -94,17 +93,17 @@ async def request_copy(node: MeshNode, name: str, raw: Any, *, move: bool) -> di
     if body.get("from_device") is not None:
         src = _device(body["from_device"], "from_device")
         if src.is_web:
-            raise ApiError(400, "INVALID_DEVICE", "from_device 'web' is a download: use POST /models/{name}/download")
+            raise MeshError("INVALID_DEVICE", "from_device 'web' is a download: use POST /models/{name}/download")
         if str(src) == str(to):
-            raise ApiError(400, "SAME_DEVICE", f"{to} is both source and target: nothing to {'move' if move else 'copy'}")
+            raise MeshError("SAME_DEVICE", f"{to} is both source and target: nothing to {'move' if move else 'copy'}")
         manifest_hash = _copy_on(node, mv.name, src)
         if manifest_hash is None:
-            raise ApiError(404, "COPY_NOT_FOUND", f"{src} holds no copy of {mv.name!r}")
+            raise MeshError("COPY_NOT_FOUND", f"{src} holds no copy of {mv.name!r}")
         _store_device(node, src, "from_device")
     elif move:
-        raise ApiError(400, "INVALID_REQUEST", "a move needs from_device")
+        raise MeshError("INVALID_REQUEST", "a move needs from_device")
     elif not mv.copies:
-        raise ApiError(404, "COPY_NOT_FOUND", f"no node holds a copy of {mv.name!r}")
+        raise MeshError("COPY_NOT_FOUND", f"no node holds a copy of {mv.name!r}")
     assert to.node_id is not None
     return await _run_on(node, to.node_id, {
         "op": "transfer", "model": mv.name, "kind": to.kind,
@@ -116,7 +115,7 @@ async def request_download(node: MeshNode, name: str, raw: Any) -> dict[str, Any
     body = _body(raw, {"source", "source_url", "target_device", "priority", "revision", "allow_patterns", "ignore_patterns"})
     source = body.get("source", "web")
     if "target_device" not in body:
-        raise ApiError(400, "INVALID_REQUEST", "target_device is required")
+        raise MeshError("INVALID_REQUEST", "target_device is required")
     if source != "web":
         return await request_copy(node, name, {"from_device": source, "to_device": body["target_device"]}, move=False)
     name = _name(name)
@@ -128,7 +127,7 @@ async def request_download(node: MeshNode, name: str, raw: Any) -> dict[str, Any
         url = mv.source_url if mv is not None else None
     if not isinstance(url, str) or not url:
         if "/" not in name:
-            raise ApiError(400, "INVALID_REQUEST", "source_url is required (or register the model with one)")
+            raise MeshError("INVALID_REQUEST", "source_url is required (or register the model with one)")
         url = f"hf://{name}"  # an owner/name model with no URL is a Hugging Face repo id
     to = _device(body["target_device"], "target_device")
     _store_device(node, to, "target_device")
@@ -136,7 +135,7 @@ async def request_download(node: MeshNode, name: str, raw: Any) -> dict[str, Any
     if parsed.scheme == "file" or (parsed.scheme == "" and url.startswith("/")):
         path = unquote(parsed.path) if parsed.scheme == "file" else url
         if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
-            raise ApiError(400, "INVALID_REQUEST", "file:// URLs name a path on the target node: file:///path")
+            raise MeshError("INVALID_REQUEST", "file:// URLs name a path on the target node: file:///path")
         assert to.node_id is not None
         return await _run_on(node, to.node_id, {"op": "ingest", "model": name, "kind": to.kind, "path": path, "source_url": url})
     if parsed.scheme in ("http", "https", "hf"):
@@ -144,7 +143,7 @@ async def request_download(node: MeshNode, name: str, raw: Any) -> dict[str, Any
         rev = body.get("revision")
         if rev is not None:
             if not isinstance(rev, str) or not 0 < len(rev) <= 256:
-                raise ApiError(400, "INVALID_REQUEST", "revision must be a branch, tag or commit")
+                raise MeshError("INVALID_REQUEST", "revision must be a branch, tag or commit")
             options["revision"] = rev
         for k in ("allow_patterns", "ignore_patterns"):
             v = body.get(k)
@@ -152,20 +151,20 @@ async def request_download(node: MeshNode, name: str, raw: Any) -> dict[str, Any
                 if isinstance(v, str):
                     v = [v]
                 if not isinstance(v, list) or len(v) > 64 or not all(isinstance(x, str) and 0 < len(x) <= 256 for x in v):
-                    raise ApiError(400, "INVALID_REQUEST", f"{k} must be a list of glob patterns")
+                    raise MeshError("INVALID_REQUEST", f"{k} must be a list of glob patterns")
                 options[k] = v
         if len(url) > 2048:
-            raise ApiError(400, "INVALID_REQUEST", "source_url is too long")
+            raise MeshError("INVALID_REQUEST", "source_url is too long")
         assert to.node_id is not None
         return await _run_on(node, to.node_id, {"op": "fetch", "model": name, "kind": to.kind, "source_url": url, "options": options})
-    raise ApiError(400, "INVALID_REQUEST", f"cannot download from {parsed.scheme or 'this'} URLs: use hf://, https://, file:// or a node:device source")
+    raise MeshError("INVALID_REQUEST", f"cannot download from {parsed.scheme or 'this'} URLs: use hf://, https://, file:// or a node:device source")
 
 
 def _name(name: Any) -> str:
     try:
         return validate_model_name(name)
     except ValueError as e:
-        raise ApiError(400, "INVALID_MODEL_NAME", str(e)) from None
+        raise MeshError("INVALID_MODEL_NAME", str(e)) from None
 
 
 async def request_delete_copy(node: MeshNode, name: str, device: str) -> dict[str, Any] | None:
@@ -182,12 +181,12 @@ async def request_delete_copy(node: MeshNode, name: str, device: str) -> dict[st
 async def handle_action(node: MeshNode, action: Any) -> dict[str, Any]:
     """Run an action handed to this node (by ourselves or a peer); peers' input is checked."""
     if not isinstance(action, dict):
-        raise ApiError(400, "INVALID_REQUEST", "an action is a JSON object")
+        raise MeshError("INVALID_REQUEST", "an action is a JSON object")
     op = action.get("op")
     model = _name(action.get("model"))
     kind = action.get("kind")
     if kind not in TIERS:
-        raise ApiError(400, "INVALID_DEVICE", f"this node has no device {str(kind)[:20]!r}")
+        raise MeshError("INVALID_DEVICE", f"this node has no device {str(kind)[:20]!r}")
     try:
         if op == "transfer":
             source = action.get("source")
@@ -196,24 +195,24 @@ async def handle_action(node: MeshNode, action: Any) -> dict[str, Any]:
             if source is not None:
                 _device(source, "source")
             if mh is not None and (not isinstance(mh, str) or len(mh) != 32):
-                raise ApiError(400, "INVALID_REQUEST", "bad manifest_hash")
+                raise MeshError("INVALID_REQUEST", "bad manifest_hash")
             t = node.transfers.start(model, kind, source, mh, bool(keep))
             return t.public(node.cfg.node_id)
         if op == "ingest":
             path = action.get("path")
             if not isinstance(path, str) or not path.startswith("/") or len(path) > 4096 or "\x00" in path:
-                raise ApiError(400, "INVALID_REQUEST", "ingest needs an absolute path")
+                raise MeshError("INVALID_REQUEST", "ingest needs an absolute path")
             # Confined first: a path outside the roots is refused whether or not it exists.
             real = await trio.to_thread.run_sync(confine_path, path, node.cfg.ingest_roots)
             if not await trio.to_thread.run_sync(real.exists):
-                raise ApiError(404, "SOURCE_NOT_FOUND", f"{path} does not exist on {node.cfg.node_id}")
+                raise MeshError("SOURCE_NOT_FOUND", f"{path} does not exist on {node.cfg.node_id}")
             t = node.transfers.start(model, kind, "file://" + path, None, True)
             return t.public(node.cfg.node_id)
         if op == "fetch":
             url = action.get("source_url")
             options = action.get("options") or {}
             if not isinstance(url, str) or not url.startswith(("http://", "https://", "hf://")) or not isinstance(options, dict):
-                raise ApiError(400, "INVALID_REQUEST", "fetch needs an http(s) or hf:// source_url")
+                raise MeshError("INVALID_REQUEST", "fetch needs an http(s) or hf:// source_url")
             if not node.cfg.allow_private_sources and hf_repo(url) is None:
                 u = httpx.URL(url)
                 # A clear refusal now; the download checks every hop again.
@@ -223,16 +222,11 @@ async def handle_action(node: MeshNode, action: Any) -> dict[str, Any]:
         if op == "delete_copy":
             deleted = await node.delete_copy_local(model, kind)
             if not deleted:
-                raise ApiError(404, "COPY_NOT_FOUND", f"{node.cfg.node_id}:{kind} holds no copy of {model!r}")
+                raise MeshError("COPY_NOT_FOUND", f"{node.cfg.node_id}:{kind} holds no copy of {model!r}")
             return {"model_name": model, "device": f"{node.cfg.node_id}:{kind}", "deleted": True}
-    except StoreError as e:
-        raise ApiError(400 if e.code == "INVALID_DEVICE" else 507 if e.code == "NO_SPACE" else 500, e.code, e.message) from None
-    except SourceError as e:
-        status = {"PATH_NOT_ALLOWED": 403, "PRIVATE_SOURCE": 403, "NOT_FOUND": 404}.get(e.code, 400)
-        raise ApiError(status, e.code, e.message) from None
     except httpx.InvalidURL as e:
-        raise ApiError(400, "INVALID_REQUEST", f"bad source_url: {e}") from None
-    raise ApiError(400, "INVALID_REQUEST", f"unknown action {str(op)[:40]!r}")
+        raise MeshError("INVALID_REQUEST", f"bad source_url: {e}") from None
+    raise MeshError("INVALID_REQUEST", f"unknown action {str(op)[:40]!r}")
 
 
 def _from_catalog(nid: str, key: str, value: dict[str, Any]) -> dict[str, Any]:

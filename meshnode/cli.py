@@ -25,8 +25,8 @@ from rich.console import Console
 from meshnode.client import (
     DEFAULT_PEER,
     DEFAULT_TIMEOUT_S,
+    AnswerError,
     ApiClient,
-    ApiError,
     ClientError,
     PeerUnreachableError,
     model_path,
@@ -242,7 +242,7 @@ def wait_for_transfer(
             _sleep(max(0.0, pause))
             try:
                 answer = api.get_transfer(tid)
-            except ApiError as exc:
+            except AnswerError as exc:
                 if (
                     exc.status == 404
                     and exc.code == "TRANSFER_NOT_FOUND"
@@ -482,7 +482,7 @@ def run_client_command(args: argparse.Namespace) -> int:
                 return wait_for_transfer(api, data, args, token)
     except PeerUnreachableError as exc:
         return _fail(str(exc), EXIT_UNREACHABLE, token)
-    except (ApiError, ClientError) as exc:
+    except (AnswerError, ClientError) as exc:
         return _fail(str(exc), EXIT_ERROR, token)
 
     if args.json:

@@ -8,7 +8,7 @@ The CLI is its main user, but scripts may use it too::
 Errors come in three kinds, all subclasses of ``ClientError`` and all with a
 message that is safe to show (it never contains the token):
 
-- ``ApiError``: the peer answered with an error status; ``status``, ``code``
+- ``AnswerError``: the peer answered with an error status; ``status``, ``code``
   and ``message`` come from its ``{"error": {"code", "message"}}`` body.
 - ``PeerUnreachableError``: no connection could be made (refused, DNS, connect
   timeout).
@@ -28,8 +28,8 @@ __all__ = [
     "DEFAULT_PEER",
     "DEFAULT_PORT",
     "DEFAULT_TIMEOUT_S",
+    "AnswerError",
     "ApiClient",
-    "ApiError",
     "ClientError",
     "PeerUnreachableError",
     "model_path",
@@ -50,7 +50,7 @@ class ClientError(Exception):
     """Something went wrong talking to a peer; ``str(err)`` is one line for people."""
 
 
-class ApiError(ClientError):
+class AnswerError(ClientError):
     """The peer answered with an error status."""
 
     def __init__(self, status: int, code: str, message: str) -> None:
@@ -217,7 +217,7 @@ class ApiClient:
                 f"(HTTP {response.status_code})"
             ) from None
 
-    def _error(self, response: httpx.Response) -> ApiError:
+    def _error(self, response: httpx.Response) -> AnswerError:
         status = response.status_code
         code = f"HTTP_{status}"
         message = response.reason_phrase or "error"
@@ -236,7 +236,7 @@ class ApiClient:
         message = _one_line(message)
         if status == 401 and not self._has_token:
             message += " (no token given: use --token, --token-file or MESHNODE_TOKEN)"
-        return ApiError(status, _one_line(code, 64), message)
+        return AnswerError(status, _one_line(code, 64), message)
 
     # -- endpoints ---------------------------------------------------------
 

@@ -31,6 +31,7 @@ from . import __version__
 from .api.auth import PeerGate
 from .config import Config, ConfigError, config_from_args
 from .dataplane import DataClient, DataServer
+from .errors import MeshError
 from .httpserver import ConnectionLimits, HttpServer, raise_fd_limit
 from .peers import PeerSender, make_peer_client
 from .persist import (
@@ -44,7 +45,7 @@ from .persist import (
     remove_leftovers,
 )
 from .ratelimit import TokenBucket
-from .service import ApiError, Clock, MeshService
+from .service import Clock, MeshService
 from .store import TIERS, Copy, Store
 from .transfer import Transfers, full_bitfield
 
@@ -369,26 +370,27 @@ class MeshNode:
             await self.forward_action(node_id, {"op": "delete_copy", "model": model, "kind": kind})
 
     async def forward_action(self, node_id: str, action: dict[str, Any]) -> dict[str, Any]:
-        """Hand an action to the node that must run it; its answer, or ApiError."""
+        """Hand an action to the node that must run it; its answer, or a MeshError."""
         g = self.gossip
         assert g is not None and self.peer_client is not None
         m = g.members.get(node_id)
         if m is None:
-            raise ApiError(404, "NODE_NOT_FOUND", f"no node {node_id!r} is known to the mesh")
+            raise MeshError("NODE_NOT_FOUND", f"no node {node_id!r} is known to the mesh")
         if not m.state.reachable:
-            raise ApiError(409, "NODE_UNAVAILABLE", f"node {node_id!r} is {m.state.label}")
+            raise MeshError("NODE_UNAVAILABLE", f"node {node_id!r} is {m.state.label}")
         url = f"{self.cfg.scheme}://{m.record.address}/mesh/v1/actions"
         try:
             r = await self.peer_client.post(url, json=action, timeout=10)
         except (httpx.HTTPError, httpx.InvalidURL, OSError) as e:
-            raise ApiError(502, "PEER_UNREACHABLE", f"node {node_id!r} did not answer: {type(e).__name__}") from None
+            raise MeshError("PEER_UNREACHABLE", f"node {node_id!r} did not answer: {type(e).__name__}") from None
         try:
             body = r.json()
         except ValueError:
-            raise ApiError(502, "BAD_PEER_ANSWER", f"node {node_id!r} sent a non-JSON answer (HTTP {r.status_code})") from None
+            raise MeshError("BAD_PEER_ANSWER", f"node {node_id!r} sent a non-JSON answer (HTTP {r.status_code})") from None
         if r.status_code >= 400:
             err = body.get("error", {}) if isinstance(body, dict) else {}
-            raise ApiError(r.status_code, str(err.get("code", "PEER_ERROR")), str(err.get("message", "peer refused")))
+            # The peer's own answer, passed on as it was.
+            raise MeshError(str(err.get("code", "PEER_ERROR"))[:64], str(err.get("message", "peer refused"))[:500], status=r.status_code)
         return body if isinstance(body, dict) else {}
 
     # -- data plane resolver ----------------------------------------------------------
@@ -474,8 +476,8 @@ class MeshNode:
                 await trio.to_thread.run_sync(self.state_file.append, records, *meta)
             except OSError as e:
                 if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise ApiError(507, "NO_SPACE", f"the data dir {self.cfg.data_dir} is full: nothing was written") from None
-                raise ApiError(500, "IO_ERROR", f"cannot write to the data dir: {e.strerror or e}") from None
+                    raise MeshError("NO_SPACE", f"the data dir {self.cfg.data_dir} is full: nothing was written") from None
+                raise MeshError("IO_ERROR", f"cannot write to the data dir: {e.strerror or e}") from None
             self._persisted_meta = meta
             now = trio.current_time()
             for key, value in writes:

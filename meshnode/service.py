@@ -26,21 +26,13 @@ from protocol import (
 )
 from protocol.view import ModelIndex
 
-__all__ = ["ApiError", "MeshService", "Write"]
+from .errors import MeshError
+
+__all__ = ["MeshService", "Write"]
 
 log = logging.getLogger("meshnode.service")
 
 METADATA_FILES_MAX = 200  # registration metadata lists at most this many file names
-
-
-class ApiError(Exception):
-    """An error for the API caller: HTTP status, a stable code, a message."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
 
 
 Write = tuple[str, Any]  # a catalog key and its new value (None: delete it)
@@ -58,7 +50,7 @@ def _model_name(name: str) -> str:
     try:
         return validate_model_name(name)
     except ValueError as e:
-        raise ApiError(400, "INVALID_MODEL_NAME", str(e)) from None
+        raise MeshError("INVALID_MODEL_NAME", str(e)) from None
 
 
 _DESC_MAX = 4096
@@ -69,56 +61,56 @@ def _clean_metadata(raw: Any) -> dict[str, Any]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ApiError(400, "INVALID_REQUEST", "metadata must be an object")
+        raise MeshError("INVALID_REQUEST", "metadata must be an object")
     out: dict[str, Any] = {}
     desc = raw.get("description")
     if desc is not None:
         if not isinstance(desc, str) or len(desc) > _DESC_MAX:
-            raise ApiError(400, "INVALID_REQUEST", f"metadata.description must be a string of at most {_DESC_MAX} characters")
+            raise MeshError("INVALID_REQUEST", f"metadata.description must be a string of at most {_DESC_MAX} characters")
         out["description"] = desc
     tags = raw.get("tags")
     if tags is not None:
         if not isinstance(tags, list) or len(tags) > _TAGS_MAX or not all(isinstance(t, str) and 0 < len(t) <= 64 for t in tags):
-            raise ApiError(400, "INVALID_REQUEST", f"metadata.tags must be a list of at most {_TAGS_MAX} short strings")
+            raise MeshError("INVALID_REQUEST", f"metadata.tags must be a list of at most {_TAGS_MAX} short strings")
         out["tags"] = tags
     req = raw.get("requirements")
     if req is not None:
         if not isinstance(req, dict):
-            raise ApiError(400, "INVALID_REQUEST", "metadata.requirements must be an object")
+            raise MeshError("INVALID_REQUEST", "metadata.requirements must be an object")
         clean: dict[str, Any] = {}
         for k in ("min_memory", "min_vram"):
             v = req.get(k)
             if v is not None:
                 if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2**63:
-                    raise ApiError(400, "INVALID_REQUEST", f"metadata.requirements.{k} must be a number of bytes below 2**63")
+                    raise MeshError("INVALID_REQUEST", f"metadata.requirements.{k} must be a number of bytes below 2**63")
                 clean[k] = v
         arch = req.get("gpu_arch")
         if arch is not None:
             if not isinstance(arch, str) or len(arch) > 64:
-                raise ApiError(400, "INVALID_REQUEST", "metadata.requirements.gpu_arch must be a short string")
+                raise MeshError("INVALID_REQUEST", "metadata.requirements.gpu_arch must be a short string")
             clean["gpu_arch"] = arch
         unknown = set(req) - {"min_memory", "min_vram", "gpu_arch"}
         if unknown:
-            raise ApiError(400, "INVALID_REQUEST", f"unknown requirements: {', '.join(sorted(unknown))[:200]}")
+            raise MeshError("INVALID_REQUEST", f"unknown requirements: {', '.join(sorted(unknown))[:200]}")
         out["requirements"] = clean
     rev = raw.get("revision")
     if rev is not None:
         if not isinstance(rev, str) or len(rev) > 64:
-            raise ApiError(400, "INVALID_REQUEST", "metadata.revision must be a string of at most 64 characters")
+            raise MeshError("INVALID_REQUEST", "metadata.revision must be a string of at most 64 characters")
         out["revision"] = rev
     files = raw.get("files")
     if files is not None:
         if not isinstance(files, list) or len(files) > METADATA_FILES_MAX or not all(isinstance(f, str) and 0 < len(f) <= 1024 for f in files):
-            raise ApiError(400, "INVALID_REQUEST", f"metadata.files must be a list of at most {METADATA_FILES_MAX} paths")
+            raise MeshError("INVALID_REQUEST", f"metadata.files must be a list of at most {METADATA_FILES_MAX} paths")
         out["files"] = files
     count = raw.get("file_count")
     if count is not None:
         if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count < 2**63:
-            raise ApiError(400, "INVALID_REQUEST", "metadata.file_count must be a count below 2**63")
+            raise MeshError("INVALID_REQUEST", "metadata.file_count must be a count below 2**63")
         out["file_count"] = count
     unknown = set(raw) - {"description", "tags", "requirements", "revision", "files", "file_count"}
     if unknown:
-        raise ApiError(400, "INVALID_REQUEST", f"unknown metadata fields: {', '.join(sorted(unknown))[:200]}")
+        raise MeshError("INVALID_REQUEST", f"unknown metadata fields: {', '.join(sorted(unknown))[:200]}")
     return out
 
 
@@ -142,7 +134,7 @@ class MeshService:
         name = _model_name(name)
         mv = self.index.get(name)
         if mv is None:
-            raise ApiError(404, "MODEL_NOT_FOUND", f"model {name!r} is not registered")
+            raise MeshError("MODEL_NOT_FOUND", f"model {name!r} is not registered")
         return mv
 
     def state_of(self, node_id: str) -> MemberState | None:
@@ -285,16 +277,16 @@ class MeshService:
         if body is None:
             body = {}
         if not isinstance(body, dict):
-            raise ApiError(400, "INVALID_REQUEST", "request body must be a JSON object")
+            raise MeshError("INVALID_REQUEST", "request body must be a JSON object")
         unknown = set(body) - {"model_type", "source_url", "metadata"}
         if unknown:
-            raise ApiError(400, "INVALID_REQUEST", f"unknown fields: {', '.join(sorted(unknown))[:200]}")
+            raise MeshError("INVALID_REQUEST", f"unknown fields: {', '.join(sorted(unknown))[:200]}")
         model_type = body.get("model_type")
         if model_type is not None and (not isinstance(model_type, str) or not 0 < len(model_type) <= 64):
-            raise ApiError(400, "INVALID_REQUEST", "model_type must be a string of 1 to 64 characters")
+            raise MeshError("INVALID_REQUEST", "model_type must be a string of 1 to 64 characters")
         source_url = body.get("source_url")
         if source_url is not None and (not isinstance(source_url, str) or len(source_url) > 2048):
-            raise ApiError(400, "INVALID_REQUEST", "source_url must be a string of at most 2048 characters")
+            raise MeshError("INVALID_REQUEST", "source_url must be a string of at most 2048 characters")
         metadata = _clean_metadata(body.get("metadata"))
         existing = self.index.get(name)
         if existing is not None:
@@ -336,12 +328,12 @@ class MeshService:
         try:
             d = parse_device(device)
         except ValueError as e:
-            raise ApiError(400, "INVALID_DEVICE", str(e)) from None
+            raise MeshError("INVALID_DEVICE", str(e)) from None
         if d.is_web:
-            raise ApiError(400, "INVALID_DEVICE", "'web' is a source, not a place a copy can live")
+            raise MeshError("INVALID_DEVICE", "'web' is a source, not a place a copy can live")
         assert d.node_id is not None
         if d.node_id not in self.gossip.members:
-            raise ApiError(404, "NODE_NOT_FOUND", f"no node {d.node_id!r} is known to the mesh")
+            raise MeshError("NODE_NOT_FOUND", f"no node {d.node_id!r} is known to the mesh")
         return str(d)
 
     def set_location(self, name: str, device: str, present: bool, clock: Clock) -> tuple[str, list[Write]]:
@@ -349,6 +341,6 @@ class MeshService:
         self._observe(mv.stamp, clock)
         dev = self._device(device)
         if not present and dev not in mv.locations:
-            raise ApiError(404, "LOCATION_NOT_FOUND", f"model {mv.name!r} has no copy recorded on {dev}")
+            raise MeshError("LOCATION_NOT_FOUND", f"model {mv.name!r} has no copy recorded on {dev}")
         stamp = self.hlc.now(clock.wall_ms)
         return dev, [(loc_key(mv.name, dev), {"stamp": stamp.to_wire(), "op": "add" if present else "drop"})]

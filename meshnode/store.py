@@ -38,6 +38,7 @@ from protocol.manifest import (
     validate_rel_path,
 )
 
+from .errors import MeshError
 from .persist import DIR_MODE, FILE_MODE, atomic_write, fsync_dir, make_dirs
 
 __all__ = ["TIERS", "Copy", "Partial", "Store", "StoreError"]
@@ -50,13 +51,8 @@ _MANIFEST_SUFFIX = ".manifest"
 _FILES_MAX = 100_000
 
 
-class StoreError(Exception):
+class StoreError(MeshError):
     """A store operation failed; the message says why (and what to do)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 @dataclass(frozen=True)

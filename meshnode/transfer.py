@@ -41,9 +41,9 @@ from protocol.keys import COPY_PREFIX
 from protocol.manifest import Manifest
 
 from .dataplane import ChunkMismatch, DataPlaneError, NotFound, PeerBusy
+from .errors import MeshError, first_mesh_error
 from .persist import atomic_write, make_dirs
-from .service import METADATA_FILES_MAX, ApiError
-from .sources import SourceError
+from .service import METADATA_FILES_MAX
 from .sources.guard import confine_path
 from .store import Copy, Partial, StoreError
 
@@ -76,11 +76,8 @@ def xfer_key(transfer_id: str) -> str:
     return XFER_PREFIX + transfer_id
 
 
-class TransferError(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+class TransferError(MeshError):
+    """A transfer could not be done (``NO_SOURCE``, ``SOURCE_CORRUPT``, ...)."""
 
 
 @dataclass
@@ -244,7 +241,7 @@ class Transfers:
                 log.info("transfer %s done: %s on %s:%s (%d chunks fetched, %d resumed)",
                          t.id, t.model, self.node.cfg.node_id, t.kind, t.chunks_fetched, t.chunks_resumed)
             except Exception as exc:
-                e = _first_known(exc)
+                e = first_mesh_error(exc)
                 t.status = "failed"
                 if e is not None:
                     t.error = {"code": e.code, "message": e.message}
@@ -470,7 +467,7 @@ class Transfers:
         if not t.keep_source and t.source is not None:
             try:
                 await self.node.delete_copy_anywhere(t.model, t.source)
-            except ApiError as e:  # the copy is here and published: the move did its part
+            except MeshError as e:  # the copy is here and published: the move did its part
                 t.note = f"copied, but the source {t.source} was not deleted: {e.message}"
                 log.warning("transfer %s: %s", t.id, t.note)
 
@@ -711,18 +708,6 @@ def full_bitfield(n: int) -> bytes:
 
 def _bits(bitfield: bytes, n: int) -> set[int]:
     return {i for i in range(min(n, len(bitfield) * 8)) if bitfield[i // 8] & (0x80 >> (i % 8))}
-
-
-def _first_known(e: BaseException) -> TransferError | StoreError | SourceError | ApiError | None:
-    """The coded error inside ``e`` (trio wraps errors in groups)."""
-    if isinstance(e, TransferError | StoreError | SourceError | ApiError):
-        return e
-    if isinstance(e, BaseExceptionGroup):
-        for sub in e.exceptions:
-            found = _first_known(sub)
-            if found is not None:
-                return found
-    return None
 
 
 def _only_cancelled(e: BaseException) -> bool:

@@ -21,8 +21,9 @@ from werkzeug.routing import PathConverter
 from protocol import LocalProtocolError
 
 from .. import actions
+from ..errors import MeshError
 from ..metrics import render_metrics
-from ..service import ApiError, MeshService
+from ..service import MeshService
 from .auth import PeerAuthError, check_bearer, request_target
 from .peer import DrainOrClose, PeerFastPath
 
@@ -90,7 +91,7 @@ def _public_app(node: MeshNode) -> QuartTrio:
 
     def svc() -> MeshService:
         if node.service is None:
-            raise ApiError(503, "STARTING", "the node is still starting")
+            raise MeshError("STARTING", "the node is still starting")
         return node.service
 
     @app.before_request
@@ -124,8 +125,8 @@ def _public_app(node: MeshNode) -> QuartTrio:
             return _error(401, "UNAUTHORIZED", "missing or wrong API token")
         return None
 
-    @app.errorhandler(ApiError)
-    async def _api_error(e: ApiError) -> Response:
+    @app.errorhandler(MeshError)
+    async def _mesh_error(e: MeshError) -> Response:
         return _error(e.status, e.code, e.message)
 
     @app.errorhandler(LocalProtocolError)
@@ -146,17 +147,17 @@ def _public_app(node: MeshNode) -> QuartTrio:
     async def body_json() -> Any:
         data = await request.get_data(cache=True)  # a peer route's was read to check its MAC
         if len(data) > PUBLIC_BODY_MAX:
-            raise ApiError(413, "TOO_LARGE", f"request body over {PUBLIC_BODY_MAX} bytes")
+            raise MeshError("TOO_LARGE", f"request body over {PUBLIC_BODY_MAX} bytes")
         if not data.strip():
             return None
         try:
             value = json.loads(data)
         except (ValueError, UnicodeDecodeError) as e:
-            raise ApiError(400, "INVALID_JSON", f"request body is not valid JSON: {e}") from None
+            raise MeshError("INVALID_JSON", f"request body is not valid JSON: {e}") from None
         except RecursionError:
-            raise ApiError(400, "INVALID_JSON", f"request body nests deeper than {JSON_DEPTH_MAX} levels") from None
+            raise MeshError("INVALID_JSON", f"request body nests deeper than {JSON_DEPTH_MAX} levels") from None
         if _depth_over(value, JSON_DEPTH_MAX):
-            raise ApiError(400, "INVALID_JSON", f"request body nests deeper than {JSON_DEPTH_MAX} levels")
+            raise MeshError("INVALID_JSON", f"request body nests deeper than {JSON_DEPTH_MAX} levels")
         return value
 
     # -- public routes -----------------------------------------------------------
@@ -216,7 +217,7 @@ def _public_app(node: MeshNode) -> QuartTrio:
         t = actions.transfer_json(node, tid)
         if t is not None:
             return _json(t)
-        raise ApiError(404, "TRANSFER_NOT_FOUND", f"no transfer {tid[:40]!r} is known")
+        raise MeshError("TRANSFER_NOT_FOUND", f"no transfer {tid[:40]!r} is known")
 
     # -- peer routes (the cluster secret was checked above) ------------------------
 
@@ -224,7 +225,7 @@ def _public_app(node: MeshNode) -> QuartTrio:
     async def manifest(mhash: str) -> Response:
         c = node.store.find(mhash)
         if c is None:
-            raise ApiError(404, "COPY_NOT_FOUND", "no such manifest here")
+            raise MeshError("COPY_NOT_FOUND", "no such manifest here")
         return Response(c.manifest.encode(), status=200, content_type="application/msgpack")
 
     @app.post("/mesh/v1/actions")

@@ -37,6 +37,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from meshnode.errors import MeshError
+
 __all__ = [
     "HF_HOSTS",
     "SOURCE_ERROR_CODES",
@@ -59,7 +61,7 @@ SOURCE_ERROR_CODES = frozenset(
 Progress = Callable[[int, int | None, int, int | None], None]
 
 
-class SourceError(Exception):
+class SourceError(MeshError):
     """A download from a source failed.
 
     ``code`` is one of :data:`SOURCE_ERROR_CODES`: ``UNAUTHORIZED`` (401/403:
@@ -73,13 +75,7 @@ class SourceError(Exception):
     The message never holds a token.
     """
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
-    def __repr__(self) -> str:
-        return f"SourceError({self.code!r}, {self.message!r})"
 
 
 @dataclass

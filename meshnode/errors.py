@@ -1,0 +1,81 @@
+"""One error vocabulary for the daemon.
+
+Every failure a client, a peer or an operator should hear about is a
+``MeshError``: a stable code (``MODEL_NOT_FOUND``, ``NO_SPACE``, ...) and a
+message for people.  The API answers it as ``{"error": {"code", "message"}}``
+with the status ``STATUS`` gives its code; a transfer records it as its
+error; the CLI prints ``CODE: message``.  The store's, the transfers' and the
+sources' errors are kinds of it, so one ``except MeshError`` (or one
+``ExceptionGroup.split(MeshError)``) finds any of them.
+"""
+
+from __future__ import annotations
+
+__all__ = ["STATUS", "MeshError", "first_mesh_error"]
+
+STATUS: dict[str, int] = {
+    # the request is wrong
+    "INVALID_REQUEST": 400,
+    "INVALID_JSON": 400,
+    "INVALID_MODEL_NAME": 400,
+    "INVALID_DEVICE": 400,
+    "SAME_DEVICE": 400,
+    "BAD_PEER_MESSAGE": 400,
+    "UNAUTHORIZED": 401,
+    "PATH_NOT_ALLOWED": 403,
+    "PRIVATE_SOURCE": 403,
+    "NOT_FOUND": 404,
+    "MODEL_NOT_FOUND": 404,
+    "NODE_NOT_FOUND": 404,
+    "COPY_NOT_FOUND": 404,
+    "TRANSFER_NOT_FOUND": 404,
+    "SOURCE_NOT_FOUND": 404,
+    "LOCATION_NOT_FOUND": 404,
+    "METHOD_NOT_ALLOWED": 405,
+    "NODE_UNAVAILABLE": 409,
+    "TOO_LARGE": 413,
+    # the mesh cannot do it now
+    "PEER_UNREACHABLE": 502,
+    "BAD_PEER_ANSWER": 502,
+    "PEER_ERROR": 502,
+    "STARTING": 503,
+    "TOO_MANY_CONNECTIONS": 503,
+    "NO_SPACE": 507,
+    # our fault, or the disk's
+    "IO_ERROR": 500,
+    "INTERNAL": 500,
+}
+
+
+class MeshError(Exception):
+    """An error with a stable ``code`` and a one-line ``message``.
+
+    ``status`` is the HTTP status the API answers with: ``STATUS[code]``
+    (500 for a code it does not list), or the one given, for an error a
+    peer answered with that we pass on as it was.
+    """
+
+    def __init__(self, code: str, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self._status = status
+
+    @property
+    def status(self) -> int:
+        return self._status if self._status is not None else STATUS.get(self.code, 500)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.code!r}, {self.message!r})"
+
+
+def first_mesh_error(e: BaseException) -> MeshError | None:
+    """The first ``MeshError`` in ``e``, looking inside exception groups (trio wraps errors in them)."""
+    if isinstance(e, MeshError):
+        return e
+    if isinstance(e, BaseExceptionGroup):
+        matched, _ = e.split(MeshError)
+        while isinstance(matched, BaseExceptionGroup):
+            matched = matched.exceptions[0]  # type: ignore[assignment]
+        return matched if isinstance(matched, MeshError) else None
+    return None
