@@ -43,7 +43,7 @@ import xxhash
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from meshnode.dataplane import DataClient, DataServer
+from meshnode.copies.dataplane import DataClient, DataServer
 from protocol.manifest import choose_chunk_bytes
 
 MiB = 1024 * 1024

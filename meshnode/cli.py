@@ -1,6 +1,6 @@
 """The ``meshnode`` console script.
 
-``meshnode start`` runs a node (see ``meshnode.config`` and ``meshnode.node``);
+``meshnode start`` runs a node (see ``meshnode.config`` and ``meshnode.daemon``);
 every other command talks HTTP to one peer, which answers for the whole mesh.
 
 Exit codes: 0 success; 1 the peer answered with an error or something else
@@ -501,7 +501,7 @@ def run_client_command(args: argparse.Namespace) -> int:
 
 
 def run_start(args: argparse.Namespace) -> int:
-    from meshnode.node import main_start
+    from meshnode.daemon import main_start
 
     return main_start(args)
 

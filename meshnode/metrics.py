@@ -6,15 +6,12 @@ a collector, so nothing on the hot path touches prometheus_client.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-
-if TYPE_CHECKING:
-    from .node import MeshNode
 
 __all__ = ["render_metrics"]
 
@@ -37,33 +34,30 @@ _COUNTERS = {
 
 
 class _Collector:
-    def __init__(self, node: MeshNode) -> None:
-        self.node = node
+    def __init__(self, stats: Mapping[str, Any], members: Mapping[str, int]) -> None:
+        self.stats = stats
+        self.members = members
 
     def collect(self) -> Iterator[Metric]:
-        stats = self.node.statistics()
+        stats = self.stats
         for name, help_text in _COUNTERS.items():
             c = CounterMetricFamily(f"meshnode_{name}", help_text)
             c.add_metric([], float(stats.get(name, 0)))
             yield c
-        g = self.node.gossip
-        if g is not None:
-            members = GaugeMetricFamily("meshnode_members", "members by state", labels=["state"])
-            counts: dict[str, int] = {}
-            for m in g.members:
-                counts[m.state.label] = counts.get(m.state.label, 0) + 1
-            for state, n in sorted(counts.items()):
-                members.add_metric([state], n)
-            yield members
-            conns = GaugeMetricFamily("meshnode_http_connections", "HTTP connections open now")
-            conns.add_metric([], float(stats.get("http_connections", 0)))
-            yield conns
-            keys = GaugeMetricFamily("meshnode_catalog_keys", "catalog keys held, all origins")
-            keys.add_metric([], float(stats.get("catalog_keys", 0)))
-            yield keys
+        members = GaugeMetricFamily("meshnode_members", "members by state", labels=["state"])
+        for state, n in sorted(self.members.items()):
+            members.add_metric([state], n)
+        yield members
+        conns = GaugeMetricFamily("meshnode_http_connections", "HTTP connections open now")
+        conns.add_metric([], float(stats.get("http_connections", 0)))
+        yield conns
+        keys = GaugeMetricFamily("meshnode_catalog_keys", "catalog keys held, all origins")
+        keys.add_metric([], float(stats.get("catalog_keys", 0)))
+        yield keys
 
 
-def render_metrics(node: MeshNode) -> tuple[bytes, str]:
+def render_metrics(stats: Mapping[str, Any], members: Mapping[str, int]) -> tuple[bytes, str]:
+    """The Prometheus text of a node's counters (``stats``) and its members by state."""
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(_Collector(node))
+    reg.register(_Collector(stats, members))
     return generate_latest(reg), CONTENT_TYPE_LATEST

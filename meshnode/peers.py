@@ -21,6 +21,7 @@ import ssl
 import time
 from collections import Counter
 from collections.abc import Generator
+from typing import Any
 
 import httpx
 import trio
@@ -30,8 +31,9 @@ from protocol.peerauth import AUTH_HEADER, NONCE_BYTES, sign
 from protocol.wire import encode
 
 from .config import Config
+from .errors import MeshError
 
-__all__ = ["PEER_PATH", "PeerAuth", "PeerSender", "make_peer_client", "sign_headers"]
+__all__ = ["PEER_PATH", "PeerAuth", "PeerClient", "PeerSender", "make_peer_client", "sign_headers"]
 
 log = logging.getLogger("meshnode.peers")
 
@@ -152,3 +154,41 @@ class PeerSender:
                 token = object()  # a unique borrower per message
                 await limiter.acquire_on_behalf_of(token)
                 nursery.start_soon(one, s, token)
+
+
+class PeerClient:
+    """Requests to one peer's HTTP routes: an action handed over, a manifest."""
+
+    def __init__(self, client: httpx.AsyncClient, scheme: str, action_timeout_s: float = 10.0) -> None:
+        self.client = client
+        self.scheme = scheme
+        self.action_timeout_s = action_timeout_s
+
+    async def post_action(self, node_id: str, address: str, action: dict[str, Any]) -> dict[str, Any]:
+        """``POST /mesh/v1/actions`` to the node at ``address``; its answer, or a ``MeshError``
+        (a peer's error answer is passed on with its code and status)."""
+        try:
+            r = await self.client.post(f"{self.scheme}://{address}/mesh/v1/actions", json=action,
+                                       timeout=self.action_timeout_s)
+        except (httpx.HTTPError, httpx.InvalidURL, OSError) as e:
+            raise MeshError("PEER_UNREACHABLE", f"node {node_id!r} did not answer: {type(e).__name__}") from None
+        try:
+            body = r.json()
+        except ValueError:
+            raise MeshError("BAD_PEER_ANSWER", f"node {node_id!r} sent a non-JSON answer (HTTP {r.status_code})") from None
+        if r.status_code >= 400:
+            err = body.get("error", {}) if isinstance(body, dict) else {}
+            err = err if isinstance(err, dict) else {}
+            raise MeshError(str(err.get("code", "PEER_ERROR"))[:64], str(err.get("message", "peer refused"))[:500],
+                            status=r.status_code)
+        return body if isinstance(body, dict) else {}
+
+    async def get_manifest(self, address: str, manifest_hash: str) -> bytes:
+        """The manifest's bytes (the caller checks them against the hash), or a ``MeshError``."""
+        try:
+            r = await self.client.get(f"{self.scheme}://{address}/mesh/v1/manifests/{manifest_hash}")
+        except (httpx.HTTPError, httpx.InvalidURL, OSError) as e:
+            raise MeshError("PEER_UNREACHABLE", f"{type(e).__name__}: {e}") from None
+        if r.status_code != 200:
+            raise MeshError("PEER_ERROR", f"HTTP {r.status_code}")
+        return r.content

@@ -34,6 +34,7 @@ import xxhash
 
 from .errors import RemoteProtocolError
 from .hlc import Stamp
+from .transfer.states import TRANSITIONS, TransferStatus
 
 __all__ = [
     "COPY_PREFIX",
@@ -284,36 +285,6 @@ class CopyRecord:
         )
 
 
-class TransferStatus(enum.Enum):
-    """A transfer's states.  ``TRANSITIONS`` lists the moves allowed."""
-
-    QUEUED = "queued"
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
-
-    @property
-    def active(self) -> bool:
-        return self in (TransferStatus.QUEUED, TransferStatus.RUNNING)
-
-    @property
-    def finished(self) -> bool:
-        return self in (TransferStatus.DONE, TransferStatus.FAILED)
-
-    def can_become(self, other: TransferStatus) -> bool:
-        return other in TRANSITIONS[self]
-
-
-TRANSITIONS: dict[TransferStatus, frozenset[TransferStatus]] = {
-    # queued: waiting for a slot (or for the node to resume it); failed: refused or interrupted
-    TransferStatus.QUEUED: frozenset({TransferStatus.RUNNING, TransferStatus.FAILED}),
-    # running back to queued: the node stopped, the intent stays, a restart resumes it
-    TransferStatus.RUNNING: frozenset({TransferStatus.DONE, TransferStatus.FAILED, TransferStatus.QUEUED}),
-    TransferStatus.DONE: frozenset(),
-    TransferStatus.FAILED: frozenset(),
-}
-
-
 @dataclass(frozen=True, slots=True)
 class ErrorRecord:
     code: str
@@ -331,7 +302,7 @@ class ErrorRecord:
 @dataclass(frozen=True, slots=True)
 class XferRecord:
     """``xfer/<id>``: a transfer this node runs (it is the receiving end):
-    its progress, and for an outside source its claim (``protocol.ingest``)."""
+    its progress, and for an outside source its claim (``transfer.claims``)."""
 
     model: str
     kind: str

@@ -63,6 +63,12 @@ class ModelView:
     since: Stamp
     locations: list[str] = field(default_factory=list)
     copies: list[CopyView] = field(default_factory=list)
+    newest: Stamp | None = None  # the newest stamp of its registration and its location records
+
+    @property
+    def seen(self) -> Stamp:
+        """What a write about this model must be stamped after to win over all of it."""
+        return self.stamp if self.newest is None or self.newest < self.stamp else self.newest
 
     @property
     def size(self) -> int | None:
@@ -109,7 +115,11 @@ def resolve_models(items: Iterable[tuple[str, str, Any]]) -> dict[str, ModelView
         )
     for (name, device), loc in sorted(locs.items()):
         mv = out.get(name)
-        if mv is None or loc.op is not LocOp.ADD or loc.stamp < mv.since:
+        if mv is None:
+            continue
+        if mv.newest is None or loc.stamp > mv.newest:
+            mv.newest = loc.stamp
+        if loc.op is not LocOp.ADD or loc.stamp < mv.since:
             continue
         mv.locations.append(device)
     for name, cv in sorted(copies, key=lambda x: (x[0], x[1].device)):

@@ -18,19 +18,55 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from protocol.catalog import digest_entry_hash
 from protocol.gossip import GossipNode
+from protocol.hlc import Stamp
 from protocol.membership import record_hash
 from protocol.view import resolve_models
 from protocol.wire import MemberState
 
-if TYPE_CHECKING:
-    from .engine import Simulation
+from .clock import SimClock
+from .network import Network
 
-__all__ = ["Audit", "CrashWatch", "Event", "SpreadWatch"]
+__all__ = ["Audit", "CrashWatch", "Event", "Simulated", "SpreadWatch", "Write"]
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """An acknowledged registration: it must survive on every node that lives."""
+
+    model: str
+    node: int
+    generation: int
+    stamp: Stamp
+    t: float
+
+
+class Simulated(Protocol):
+    """What the audit reads of a simulation (``engine.Simulation`` is one)."""
+
+    n: int
+    ids: list[str]
+    id_index: dict[str, int]
+    gens: list[int]
+    left: list[bool]
+    writes: list[Write]
+    spread: SpreadWatch | None
+    net: Network
+    clock: SimClock
+
+    @property
+    def now(self) -> float: ...
+
+    def node(self, i: int) -> GossipNode: ...
+
+    def is_up(self, i: int) -> bool: ...
+
+    def live(self) -> Sequence[int]: ...
 
 _MASK = 2**64 - 1
 
@@ -45,7 +81,7 @@ class Event:
 
 @dataclass(slots=True)
 class Audit:
-    sim: Simulation
+    sim: Simulated
     suspicions: int = 0
     false_suspicions: list[Event] = field(default_factory=list)
     deaths: int = 0
@@ -219,7 +255,7 @@ class Audit:
 class SpreadWatch:
     """When does a key written at ``origin`` reach each live node?"""
 
-    def __init__(self, sim: Simulation, origin: int, key: str, version: int) -> None:
+    def __init__(self, sim: Simulated, origin: int, key: str, version: int) -> None:
         self.sim = sim
         self.origin_id = sim.ids[origin]
         self.generation = sim.gens[origin]
@@ -258,7 +294,7 @@ class SpreadWatch:
 class CrashWatch:
     """When does every live node agree that crashed node ``target`` is dead?"""
 
-    def __init__(self, sim: Simulation, target: int) -> None:
+    def __init__(self, sim: Simulated, target: int) -> None:
         self.sim = sim
         self.target = target
         self.target_id = sim.ids[target]

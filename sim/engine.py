@@ -41,7 +41,9 @@ from protocol.catalog import Catalog
 from protocol.errors import RemoteProtocolError
 from protocol.gossip import GossipConfig, GossipNode, Send
 from protocol.hlc import HLC, Stamp
-from protocol.keys import reg_key
+from protocol.keys import RegRecord, reg_key
+from protocol.registry import Registration, register_write
+from protocol.view import resolve_models
 from protocol.wire import (
     Envelope,
     MemberRecord,
@@ -54,7 +56,7 @@ from protocol.wire import (
     encode,
 )
 
-from .audit import Audit, CrashWatch, SpreadWatch
+from .audit import Audit, CrashWatch, SpreadWatch, Write
 from .clock import SimClock
 from .network import Network
 
@@ -81,15 +83,6 @@ class SimConfig:
     measure_bytes: bool = False  # count len(encode(env)) of every sent message
     check_every_s: float = 1.0  # period of the sampled (expensive) invariant checks
     check_sample: int = 8  # nodes checked in full per period (all when N is small)
-
-
-@dataclass(frozen=True, slots=True)
-class Write:
-    model: str
-    node: int
-    generation: int
-    stamp: Stamp
-    t: float
 
 
 class Simulation:
@@ -374,27 +367,12 @@ class Simulation:
     # -- writes ----------------------------------------------------------------------
 
     def register(self, i: int, model: str, metadata: dict[str, Any] | None = None) -> Stamp:
-        """Register ``model`` through node ``i`` (what ``POST /models`` does)."""
+        """Register ``model`` through node ``i``, by the rules ``POST /models`` follows."""
         node = self.node(i)
-        key = reg_key(model)
-        hlc = self.hlcs[i]
-        now_ms = self.clock.local_ms(i)
-        # Causality: a write made after seeing another write of the same model must win.
-        for _, k, v in node.catalog.items(key):
-            if k == key and isinstance(v, dict):
-                try:
-                    hlc.observe(Stamp.from_wire(v.get("stamp")), now_ms)
-                except RemoteProtocolError:
-                    pass
-        stamp = hlc.now(now_ms)
-        value = {
-            "stamp": stamp.to_wire(),
-            "since": stamp.to_wire(),
-            "op": "register",
-            "model_type": "llm",
-            "source_url": None,
-            "metadata": metadata or {},
-        }
+        existing = resolve_models(node.catalog.items(reg_key(model))).get(model)
+        reg = Registration("llm", None, metadata or {})
+        (key, value), _warning = register_write(model, reg, existing, self.hlcs[i], self.clock.local_ms(i))
+        stamp = RegRecord.from_value(value).stamp
         node.set(key, value, self.local(i))
         self.writes.append(Write(model, i, self.gens[i], stamp, self.clock.now))
         self._resched(i, node)

@@ -3,34 +3,39 @@
 Public routes (INTERFACES.md) take and give JSON; every error is
 ``{"error": {"code", "message"}}`` with a fitting status.  They need an API
 bearer token when the node has any.  ``/mesh/v1/msg`` takes one msgpack peer
-message and needs the cluster secret when the node has one.  Credentials are
-compared in constant time and never echoed or logged.
+message and the other ``/mesh/`` routes a peer's request, each signed with
+the cluster secret when the node has one.  Credentials are compared in
+constant time and never echoed or logged.  The app is given its parts
+(``ApiParts``), not the node.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import PathConverter
 
-from protocol import LocalProtocolError
+from protocol import LocalProtocolError, RemoteProtocolError
 
-from .. import actions
+from ..actions import Router
+from ..copies.catalog import CopyCatalog
+from ..copies.store import Store
+from ..copies.transfers import Transfers
 from ..errors import MeshError
-from ..metrics import render_metrics
-from ..service import MeshService
-from .auth import PeerAuthError, check_bearer, request_target
+from ..mesh import Mesh
+from ..registry import Registry
+from ..views import Views
+from .auth import PeerAuthError, PeerGate, Refusals, check_bearer, request_target
 from .peer import DrainOrClose, PeerFastPath
 
-if TYPE_CHECKING:
-    from ..node import MeshNode
-
-__all__ = ["create_app"]
+__all__ = ["ApiParts", "Running", "create_app"]
 
 log = logging.getLogger("meshnode.api")
 
@@ -74,25 +79,58 @@ class ModelNameConverter(PathConverter):
     part_isolating = False
 
 
-def create_app(node: MeshNode) -> DrainOrClose:
+@dataclass
+class Running:
+    """The parts that exist once the node has joined the mesh."""
+
+    mesh: Mesh
+    registry: Registry
+    views: Views
+    router: Router
+    transfers: Transfers
+    copies: CopyCatalog
+
+
+@dataclass
+class ApiParts:
+    """What the API uses.  ``running`` is set once the node has started (until
+    then the routes answer 503 ``STARTING``, ``/health`` excepted)."""
+
+    node_id: str
+    api_tokens: tuple[str, ...]
+    scheme: str
+    store: Store
+    peer_gate: PeerGate
+    refusals: Refusals
+    generation: Callable[[], int]
+    metrics: Callable[[], tuple[bytes, str]]
+    running: Running | None = None
+
+
+def create_app(parts: ApiParts) -> DrainOrClose:
     """The ASGI app: the peer fast path in front of the public Quart app, and
     in front of both the rule that every response drains or closes."""
-    return DrainOrClose(PeerFastPath(_public_app(node), node))
+
+    def receive(data: bytes, remote: str, signer: str | None) -> None:
+        if parts.running is None:
+            raise RemoteProtocolError("node is starting")
+        parts.running.mesh.receive(data, remote, signer)
+
+    return DrainOrClose(PeerFastPath(_public_app(parts), parts.peer_gate, parts.refusals, receive))
 
 
-def _public_app(node: MeshNode) -> QuartTrio:
+def _public_app(parts: ApiParts) -> QuartTrio:
     app = QuartTrio("meshnode")
     app.url_map.merge_slashes = False
     app.url_map.strict_slashes = False
     app.url_map.converters["model"] = ModelNameConverter
     app.config["MAX_CONTENT_LENGTH"] = PUBLIC_BODY_MAX
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
-    cfg = node.cfg
 
-    def svc() -> MeshService:
-        if node.service is None:
+    def running() -> Running:
+        if parts.running is None:
             raise MeshError("STARTING", "the node is still starting")
-        return node.service
+        return parts.running
 
     @app.before_request
     async def _auth() -> Response | None:
@@ -104,7 +142,7 @@ def _public_app(node: MeshNode) -> QuartTrio:
             r.headers["connection"] = "close"
             return r
         if path.startswith("/mesh/"):
-            gate = node.peer_gate
+            gate = parts.peer_gate
             try:
                 cred = gate.precheck(request.scope["headers"])
                 if cred is not None:
@@ -113,15 +151,15 @@ def _public_app(node: MeshNode) -> QuartTrio:
                     assert isinstance(body, bytes)
                     gate.check(cred, request.method, target, body)
             except PeerAuthError as e:
-                node.note_refused(_remote(), "a peer request", e)
+                parts.refusals.note(_remote(), "a peer request", e)
                 r = _error(401, "UNAUTHORIZED", e.reason)
                 r.headers["connection"] = "close"
                 return r
             return None
         if path == "/health":
             return None
-        if not check_bearer(request.headers.get("authorization"), cfg.secrets.api_tokens):
-            node.note_refused(_remote(), "an API request")
+        if not check_bearer(request.headers.get("authorization"), parts.api_tokens):
+            parts.refusals.note(_remote(), "an API request")
             return _error(401, "UNAUTHORIZED", "missing or wrong API token")
         return None
 
@@ -164,131 +202,118 @@ def _public_app(node: MeshNode) -> QuartTrio:
 
     @app.get("/health")
     async def health() -> Response:
-        return _json({"status": "ok", "node_id": cfg.node_id, "generation": node.generation})
+        return _json({"status": "ok", "node_id": parts.node_id, "generation": parts.generation()})
 
     @app.get("/status")
     async def status() -> Response:
-        return _json(svc().status_json())
+        return _json(running().views.status_json())
 
     @app.get("/nodes")
     async def nodes() -> Response:
-        import trio
-
-        items = svc().nodes_json(trio.current_time())
+        items = running().views.nodes_json()
         return _json({"nodes": items, "total_count": len(items)})
 
     @app.get("/storage")
     async def storage() -> Response:
-        s = svc()
-        devices = node.storage()
+        devices = running().copies.storage()
         copies = [
-            {"model_name": c.model, "device": f"{s.node_id}:{c.kind}", "manifest_hash": c.manifest_hash,
+            {"model_name": c.model, "device": f"{parts.node_id}:{c.kind}", "manifest_hash": c.manifest_hash,
              "size": c.manifest.total_bytes}
-            for c in node.store.copies()
+            for c in parts.store.copies()
         ]
-        return _json({"node_id": s.node_id, "devices": devices, "copies": copies})
+        return _json({"node_id": parts.node_id, "devices": devices, "copies": copies})
 
     # -- copies and transfers ------------------------------------------------------
 
     @app.post("/models/<model:name>/copy")
     async def copy_model(name: str) -> Response:
-        svc()
-        return _json(await actions.request_copy(node, name, await body_json(), move=False), 202)
+        return _json(await running().router.copy(name, await body_json(), move=False), 202)
 
     @app.post("/models/<model:name>/move")
     async def move_model(name: str) -> Response:
-        svc()
-        return _json(await actions.request_copy(node, name, await body_json(), move=True), 202)
+        return _json(await running().router.copy(name, await body_json(), move=True), 202)
 
     @app.post("/models/<model:name>/download")
     async def download_model(name: str) -> Response:
-        svc()
-        return _json(await actions.request_download(node, name, await body_json()), 202)
+        return _json(await running().router.download(name, await body_json()), 202)
 
     @app.get("/transfers")
     async def transfers() -> Response:
-        svc()
-        items = actions.transfers_json(node)
+        items = running().transfers.transfers_json()
         return _json({"transfers": items, "total_count": len(items)})
 
     @app.get("/transfers/<tid>")
     async def transfer(tid: str) -> Response:
-        svc()
-        t = actions.transfer_json(node, tid)
+        t = running().transfers.transfer_json(tid)
         if t is not None:
             return _json(t)
         raise MeshError("TRANSFER_NOT_FOUND", f"no transfer {tid[:40]!r} is known")
 
-    # -- peer routes (the cluster secret was checked above) ------------------------
+    # -- peer routes (the credential was checked above) ------------------------------
 
     @app.get("/mesh/v1/manifests/<mhash>")
     async def manifest(mhash: str) -> Response:
-        c = node.store.find(mhash)
+        c = parts.store.find(mhash)
         if c is None:
             raise MeshError("COPY_NOT_FOUND", "no such manifest here")
         return Response(c.manifest.encode(), status=200, content_type="application/msgpack")
 
     @app.post("/mesh/v1/actions")
     async def peer_action() -> Response:
-        svc()
-        return _json(await actions.handle_action(node, await body_json()))
+        return _json(await running().router.handle_peer(await body_json()))
+
+    # -- the registry ------------------------------------------------------------------
 
     @app.get("/models")
     async def models() -> Response:
-        s = svc()
-        ms = [s.model_json(mv) for _, mv in sorted(s.models().items())]
+        ms = running().views.models_json()
         return _json({"models": ms, "total_count": len(ms)})
 
     @app.get("/models/<model:name>/locations")
     async def locations(name: str) -> Response:
-        mv = svc().model(name)
+        mv = running().registry.model(name)
         return _json({"model_name": mv.name, "locations": mv.locations})
 
     @app.post("/models/<model:name>/locations/<device>")
     async def add_location(name: str, device: str) -> Response:
-        s = svc()
-        dev, writes = s.set_location(name, device, True, node.clock())
-        await node.commit(writes)
+        dev = await running().registry.set_location(name, device, True)
         return _json({"model_name": name, "device": dev, "recorded": True}, 201)
 
     @app.delete("/models/<model:name>/locations/<device>")
     async def drop_location(name: str, device: str) -> Response:
-        s = svc()
-        deleted = await actions.request_delete_copy(node, name, device)
+        r = running()
+        deleted = await r.router.delete_copy(name, device)
         if deleted is not None:
             return _json({"model_name": name, "device": deleted["device"], "dropped": True, "deleted_copy": True})
-        dev, writes = s.set_location(name, device, False, node.clock())
-        await node.commit(writes)
+        dev = await r.registry.set_location(name, device, False)
         return _json({"model_name": name, "device": dev, "dropped": True})
 
     @app.post("/models/<model:name>/register")
     async def register(name: str) -> Response:
-        s = svc()
-        await node.commit(s.register(name, await body_json(), node.clock()))  # acknowledged means durable
-        out = s.model_json(s.model(name), full=True)
+        r = running()
+        mv = await r.registry.register(name, await body_json())  # acknowledged means durable
+        out = r.views.model_json(mv, full=True)
         out["registered"] = True
         return _json(out, 201)
 
     @app.get("/models/<model:name>")
     async def model_info(name: str) -> Response:
-        s = svc()
-        return _json(s.model_json(s.model(name), full=True))
+        r = running()
+        return _json(r.views.model_json(r.registry.model(name), full=True))
 
     @app.delete("/models/<model:name>")
     async def unregister(name: str) -> Response:
-        s = svc()
         purge = request.args.get("purge", "false").lower() in ("1", "true", "yes")
-        dropped, writes = s.unregister(name, node.clock(), purge=purge)
-        await node.commit(writes)
+        dropped = await running().registry.unregister(name, purge=purge)
         return _json({"model_name": name, "unregistered": True, "purged_locations": dropped})
 
     @app.get("/v2/catalog/availability")
     async def availability() -> Response:
-        return _json(svc().availability_json())
+        return _json(running().views.availability_json(parts.scheme))
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        body, ctype = render_metrics(node)
+        body, ctype = parts.metrics()
         return Response(body, status=200, content_type=ctype)
 
     return app

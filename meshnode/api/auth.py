@@ -4,6 +4,7 @@ peer requests (``/mesh/`` routes), checked in constant time, never logged."""
 from __future__ import annotations
 
 import hmac
+import logging
 import time
 from collections.abc import Iterable
 
@@ -16,7 +17,9 @@ from protocol.peerauth import (
     verify,
 )
 
-__all__ = ["PeerAuthError", "PeerGate", "check_bearer", "request_target"]
+__all__ = ["PeerAuthError", "PeerGate", "Refusals", "check_bearer", "request_target"]
+
+log = logging.getLogger("meshnode.api")
 
 
 def check_bearer(header: str | None, accepted: tuple[str, ...]) -> bool:
@@ -72,3 +75,24 @@ class PeerGate:
             return None
         return verify(cred, self.secrets, method, target, body, self.guard)
 
+
+
+class Refusals:
+    """Requests refused for their credential: counted, and one log line per
+    client and kind a minute (the reason never holds a secret)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._logged: dict[tuple[str, str], float] = {}
+
+    def note(self, remote: str, what: str, why: Exception | None = None) -> None:
+        self.count += 1
+        now = time.monotonic()
+        key = (remote.rsplit(":", 1)[0], what)
+        last = self._logged.get(key)
+        if last is not None and now - last <= 60:
+            return
+        if len(self._logged) > 10_000:
+            self._logged.clear()
+        self._logged[key] = now
+        log.warning("refused %s from %s: %s", what, remote, why or "missing or wrong credential")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
@@ -20,10 +20,7 @@ from protocol import RemoteProtocolError
 from protocol.wire import MAX_MESSAGE_BYTES
 
 from ..peers import PEER_PATH
-from .auth import PeerAuthError, request_target
-
-if TYPE_CHECKING:
-    from ..node import MeshNode
+from .auth import PeerAuthError, PeerGate, Refusals, request_target
 
 __all__ = ["DrainOrClose", "PeerFastPath"]
 
@@ -96,16 +93,20 @@ class DrainOrClose:
         await self.app(scope, tracked_receive, guarded_send)
 
 
+Receiver = Callable[[bytes, str, "str | None"], None]  # data, remote, signer; raises RemoteProtocolError
+
+
 class PeerFastPath:
-    def __init__(self, app: ASGIApp, node: MeshNode) -> None:
+    def __init__(self, app: ASGIApp, gate: PeerGate, refusals: Refusals, receive: Receiver) -> None:
         self.app = app
-        self.node = node
+        self.gate = gate
+        self.refusals = refusals
+        self.receive = receive
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != PEER_PATH:
             await self.app(scope, receive, send)
             return
-        node = self.node
         client = scope.get("client") or ("?", 0)
         remote = f"{client[0]}:{client[1]}"
         if scope["method"] != "POST":
@@ -116,9 +117,9 @@ class PeerFastPath:
             if k == b"content-length":
                 length = int(v) if v.isdigit() else None
         try:
-            cred = node.peer_gate.precheck(scope["headers"])
+            cred = self.gate.precheck(scope["headers"])
         except PeerAuthError as e:
-            node.note_refused(remote, "a peer message", e)
+            self.refusals.note(remote, "a peer message", e)
             await _reply(send, 401, "UNAUTHORIZED", e.reason, close=True)
             return
         if length is not None and length > MAX_MESSAGE_BYTES:
@@ -140,13 +141,14 @@ class PeerFastPath:
                 break
         body = b"".join(chunks)
         try:
-            sender = node.peer_gate.check(cred, "POST", request_target(scope.get("raw_path") or PEER_PATH.encode(), scope.get("query_string", b"")), body)
+            target = request_target(scope.get("raw_path") or PEER_PATH.encode(), scope.get("query_string", b""))
+            sender = self.gate.check(cred, "POST", target, body)
         except PeerAuthError as e:
-            node.note_refused(remote, "a peer message", e)
+            self.refusals.note(remote, "a peer message", e)
             await _reply(send, 401, "UNAUTHORIZED", e.reason)
             return
         try:
-            node.handle_peer_message(body, remote, sender)
+            self.receive(body, remote, sender)
         except RemoteProtocolError as e:
             await _reply(send, 400, "BAD_PEER_MESSAGE", str(e)[:300])
             return

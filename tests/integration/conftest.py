@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from meshnode.config import add_start_arguments, config_from_args
-from meshnode.node import MeshNode
+from meshnode.daemon import MeshNode
 
 # Gossip fast; probe at a pace a loaded 2-core CI machine keeps up with.
 FAST = ["--gossip-interval", "0.1", "--probe-interval", "0.4"]

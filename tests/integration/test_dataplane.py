@@ -21,7 +21,7 @@ import trio.testing
 import trustme
 import xxhash
 
-from meshnode.dataplane import (
+from meshnode.copies.dataplane import (
     ChunkMismatch,
     DataClient,
     DataPlaneAuthError,
@@ -211,7 +211,7 @@ async def test_not_found_and_out_of_range_keep_the_connection(
 async def test_wrong_secret_is_refused_by_the_client_with_a_log_line_on_the_server(
     resolver: FileResolver, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="meshnode.dataplane")
+    caplog.set_level(logging.INFO, logger="meshnode.copies.dataplane")
     server = DataServer(resolver, ("right-secret-abc",))
     client = DataClient(("wrong-secret-xyz",))
     async with trio.open_nursery() as nursery:
@@ -222,7 +222,7 @@ async def test_wrong_secret_is_refused_by_the_client_with_a_log_line_on_the_serv
         await client.aclose()
         nursery.cancel_scope.cancel()
     warnings = [
-        r for r in caplog.records if r.name == "meshnode.dataplane" and r.levelno == logging.WARNING
+        r for r in caplog.records if r.name == "meshnode.copies.dataplane" and r.levelno == logging.WARNING
     ]
     assert len(warnings) == 1
     assert "matches no accepted cluster secret" in warnings[0].getMessage()
@@ -232,7 +232,7 @@ async def test_wrong_secret_is_refused_by_the_client_with_a_log_line_on_the_serv
 async def test_wrong_proof_is_refused_by_the_server_which_keeps_serving(
     resolver: FileResolver, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="meshnode.dataplane")
+    caplog.set_level(logging.INFO, logger="meshnode.copies.dataplane")
     server = DataServer(resolver, ("s3cret",))
     client = DataClient(("s3cret",))
     async with trio.open_nursery() as nursery:
@@ -260,7 +260,7 @@ async def test_wrong_proof_is_refused_by_the_server_which_keeps_serving(
 async def test_wrong_magic_and_version_are_refused(
     resolver: FileResolver, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="meshnode.dataplane")
+    caplog.set_level(logging.INFO, logger="meshnode.copies.dataplane")
     server = DataServer(resolver, ("s3cret",))
     async with trio.open_nursery() as nursery:
         peer = await start_server(nursery, server)

@@ -12,8 +12,8 @@ import httpx
 import pytest
 import trio
 
-from meshnode.sources import SourceError
-from meshnode.sources.guard import PublicOnlyTransport, is_public_address
+from meshnode.copies.sources import SourceError
+from meshnode.copies.sources.guard import PublicOnlyTransport, is_public_address
 
 from .conftest import Mesh, wait_transfer
 

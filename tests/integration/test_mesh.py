@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from meshnode.mesh import wall_ms
+
 from .conftest import Mesh, wait_for
 
 
@@ -113,7 +115,8 @@ async def test_crashed_node_is_suspected_then_dead_and_a_restart_comes_back(mesh
 async def test_clean_stop_is_seen_as_left_not_dead(mesh: Mesh) -> None:
     a = await mesh.start("a")
     b = await mesh.start("b", join=[a])
-    await wait_for(lambda: _all_alive(mesh, a.url, 2), what="2 alive")
+    for h in (a, b):  # b can only tell a it leaves once it has heard of a
+        await wait_for(lambda h=h: _all_alive(mesh, h.url, 2), what="2 alive")
     await b.stop()
     await wait_for(lambda: _state_is(mesh, a.url, "b", "left"), what="b left")
     # And it stays "left": nobody declares it dead later.
@@ -167,18 +170,10 @@ async def test_a_write_after_a_read_wins_even_against_a_fast_clock(mesh: Mesh) -
     """b's wall clock runs 30 s ahead: a's later unregister must still win (HLC, not wall time)."""
     a = await mesh.start("a")
     b = await mesh.start("b", join=[a])
-    b.node.clock = lambda: _skewed(b.node, 30_000)  # type: ignore[method-assign]
+    assert b.node.registry is not None
+    b.node.registry.clock_ms = lambda: wall_ms() + 30_000
     assert (await mesh.client.post(b.url + "/models/skew/register", json={})).status_code == 201
     await wait_for(lambda: _has_model(mesh, a.url, "skew"), what="registration on a")
     assert (await mesh.client.delete(a.url + "/models/skew")).status_code == 200
     for h in (a, b):
         await wait_for(lambda h=h: _no_models(mesh, h.url), what="unregister wins everywhere")
-
-
-def _skewed(node: Any, ahead_ms: int) -> Any:
-    import trio
-
-    from meshnode.node import wall_ms
-    from meshnode.service import Clock
-
-    return Clock(trio.current_time(), wall_ms() + ahead_ms)

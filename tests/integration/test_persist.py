@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from meshnode.config import add_start_arguments
-from meshnode.node import main_start
+from meshnode.daemon import main_start
 from meshnode.persist import STATE_NAME
 
 from .conftest import Mesh, wait_for, wait_transfer

@@ -13,10 +13,10 @@ import pytest
 import trio
 from huggingface_hub import close_session
 
-from meshnode.sources import RetryPolicy, SourceError, fetch_source, is_hf_source
-from meshnode.sources.hf import fetch_hf, parse_hf_ref
-from meshnode.sources.http import fetch_url
-from meshnode.store import Store
+from meshnode.copies.sources import RetryPolicy, SourceError, fetch_source, is_hf_source
+from meshnode.copies.sources.hf import fetch_hf, parse_hf_ref
+from meshnode.copies.sources.http import fetch_url
+from meshnode.copies.store import Store
 from tests.integration.fakehub import FakeHub, FakeRepo, model_files, run_fakehub
 
 FAST = RetryPolicy(attempts=3, base_s=0.01, max_s=0.05, connect_timeout_s=5, read_timeout_s=5, api_timeout_s=5)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from meshnode import store as store_mod
-from meshnode.store import Store, StoreError
+from meshnode.copies import store as store_mod
+from meshnode.copies.store import Store, StoreError
 
 from .conftest import Mesh, wait_transfer
 

@@ -93,7 +93,7 @@ async def test_tls_mesh_copies_over_the_tls_data_plane(mesh: Mesh, tmp_path: Pat
     assert c is not None and (c.path / "w.bin").read_bytes() == (src / "w.bin").read_bytes()
     assert a.node.data_server_stats()["bytes_sent"] >= 9 * 1024 * 1024
     # The data port speaks TLS only: a plain client with the right secret gets nowhere.
-    from meshnode.dataplane import DataClient, DataPlaneError
+    from meshnode.copies.dataplane import DataClient, DataPlaneError
 
     plain = DataClient(a.node.cfg.secrets.cluster_secrets, connect_timeout_s=2, read_timeout_s=2)
     try:

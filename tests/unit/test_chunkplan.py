@@ -16,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocol.chunkplan import ChunkPlan, ChunkState, PeerState
 from protocol.errors import LocalProtocolError
+from protocol.transfer.chunkplan import ChunkPlan, ChunkState, PeerState
 
 SETTINGS = settings(
     max_examples=150,
@@ -701,7 +701,7 @@ _names = st.sets(st.sampled_from([f"n{i}" for i in range(40)]))
 def test_choose_sources_bounds_and_keeps_what_it_should(
     found: set[str], complete: set[str], current: set[str], useless: set[str], limit: int, seed: int
 ) -> None:
-    from protocol.chunkplan import choose_sources
+    from protocol.transfer.chunkplan import choose_sources
 
     out = choose_sources(found, complete, current, useless, limit, random.Random(seed))
     assert out == choose_sources(found, complete, current, useless, limit, random.Random(seed))
@@ -719,7 +719,7 @@ def test_choose_sources_bounds_and_keeps_what_it_should(
 
 
 def test_choose_sources_spreads_a_large_swarm() -> None:
-    from protocol.chunkplan import choose_sources
+    from protocol.transfer.chunkplan import choose_sources
 
     found = {f"n{i}" for i in range(200)}
     rng = random.Random(7)

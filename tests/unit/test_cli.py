@@ -741,7 +741,7 @@ def test_start_dispatches_to_the_node(
         seen.append(args)
         return 0
 
-    monkeypatch.setitem(sys.modules, "meshnode.node", types.SimpleNamespace(main_start=main_start))
+    monkeypatch.setitem(sys.modules, "meshnode.daemon", types.SimpleNamespace(main_start=main_start))
     code, _, _ = run(capsys, "start", "--log-level", "ERROR")
     assert code == 0
     assert len(seen) == 1 and seen[0].command == "start"

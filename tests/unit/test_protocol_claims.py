@@ -4,7 +4,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from protocol.hlc import Stamp
-from protocol.ingest import Claim, choose_fetcher, source_id
+from protocol.transfer.claims import Claim, choose_fetcher, source_id
 
 claims = st.lists(
     st.builds(lambda w, lg, n: Claim(Stamp(w, lg, n), n), st.integers(0, 10), st.integers(0, 3), st.sampled_from("abcde")),

@@ -24,7 +24,7 @@ import xxhash
 
 from meshnode.ratelimit import TokenBucket
 
-logger = logging.getLogger("meshnode.dataplane")
+logger = logging.getLogger("meshnode.copies.dataplane")
 
 MAGIC = b"MNDP"
 VERSION = 2  # 2: the client proves the secret first

@@ -28,8 +28,11 @@ from urllib.parse import unquote, urlsplit
 import httpx
 import trio
 
-from meshnode.persist import FILE_MODE, atomic_write, make_dirs
-from meshnode.sources import (
+from protocol.errors import InvalidName
+from protocol.manifest import validate_rel_path
+
+from ...persist import FILE_MODE, atomic_write, make_dirs
+from .common import (
     DEFAULT_RETRY,
     Progress,
     RetryPolicy,
@@ -39,12 +42,10 @@ from meshnode.sources import (
     redact,
     safe_url,
 )
-from protocol.errors import InvalidName
-from protocol.manifest import validate_rel_path
 
 __all__ = ["Digest", "FileOutcome", "ProgressTracker", "download_file", "fetch_url"]
 
-log = logging.getLogger("meshnode.sources")
+log = logging.getLogger("meshnode.copies.sources")
 
 PART_SUFFIX = ".part"
 SIDECAR_SUFFIX = ".part.json"

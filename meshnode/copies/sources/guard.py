@@ -31,7 +31,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from . import SourceError, safe_url
+from .common import SourceError, safe_url
 
 __all__ = ["PublicOnlyTransport", "confine_path", "is_public_address", "resolve_public"]
 

@@ -45,8 +45,11 @@ from huggingface_hub.utils import (  # type: ignore[attr-defined]  # exported la
     validate_repo_id,
 )
 
-from meshnode.persist import make_dirs
-from meshnode.sources import (
+from protocol.errors import InvalidName
+from protocol.manifest import validate_rel_path
+
+from ...persist import make_dirs
+from .common import (
     DEFAULT_RETRY,
     HF_HOSTS,
     Progress,
@@ -57,7 +60,7 @@ from meshnode.sources import (
     redact,
     safe_url,
 )
-from meshnode.sources.http import (
+from .http import (
     PART_SUFFIX,
     Digest,
     ProgressTracker,
@@ -67,12 +70,10 @@ from meshnode.sources.http import (
     is_transient_status,
     os_error,
 )
-from protocol.errors import InvalidName
-from protocol.manifest import validate_rel_path
 
 __all__ = ["fetch_hf", "parse_hf_ref", "resolve_token"]
 
-log = logging.getLogger("meshnode.sources")
+log = logging.getLogger("meshnode.copies.sources")
 
 _REV_MARKERS = ("tree", "resolve", "blob", "commit")
 _SHA1 = re.compile(r"^[0-9a-f]{40}$")

@@ -22,12 +22,14 @@ partition each side may fetch once; that is the price of having no head.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from .hlc import Stamp
+from ..hlc import Stamp
+from ..keys import RecordError, SrcRecord, XferRecord
 
-__all__ = ["Claim", "choose_fetcher", "source_id"]
+__all__ = ["Claim", "choose_fetcher", "live_claims", "mesh_copy", "source_id"]
 
 
 def source_id(url: str, revision: str | None = None, allow: Sequence[str] | None = None,
@@ -53,3 +55,34 @@ def choose_fetcher(claims: Iterable[Claim]) -> str | None:
     """The node that fetches: the earliest claim, ties broken by node id."""
     best = min(claims, default=None)
     return None if best is None else best.node_id
+
+
+def live_claims(xfer_items: Iterable[tuple[str, str, Any]], sid: str, me: str,
+                reachable: Callable[[str], bool]) -> list[Claim]:
+    """The claims on source ``sid`` that still count: of transfers queued or
+    running, on this node or a reachable one."""
+    out = []
+    for nid, _key, value in xfer_items:
+        try:
+            x = XferRecord.from_value(value)
+        except RecordError:
+            continue
+        if x.source_id != sid or not x.status.active or x.claim is None:
+            continue
+        if nid != me and not reachable(nid):
+            continue
+        out.append(Claim(x.claim, nid))
+    return out
+
+
+def mesh_copy(src_items: Iterable[tuple[str, str, Any]], sid: str, available: Callable[[str], bool]) -> str | None:
+    """The manifest hash of a copy made from ``sid`` that ``available(hash)``
+    says can be had (held here, or by a reachable holder), if any node made one."""
+    for _nid, _key, value in src_items:
+        try:
+            s = SrcRecord.from_value(value)
+        except RecordError:
+            continue
+        if s.source_id == sid and available(s.manifest_hash):
+            return s.manifest_hash
+    return None

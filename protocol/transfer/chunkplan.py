@@ -76,7 +76,7 @@ import math
 import random
 from collections.abc import Iterable, Iterator
 
-from .errors import LocalProtocolError
+from ..errors import LocalProtocolError
 
 __all__ = ["MAX_CHUNKS", "ChunkPlan", "ChunkState", "PeerState", "choose_sources"]
 

@@ -38,12 +38,12 @@ from protocol.manifest import (
     validate_rel_path,
 )
 
-from .errors import MeshError
-from .persist import DIR_MODE, FILE_MODE, atomic_write, fsync_dir, make_dirs
+from ..errors import MeshError
+from ..persist import DIR_MODE, FILE_MODE, atomic_write, fsync_dir, make_dirs
 
 __all__ = ["TIERS", "Copy", "Partial", "Store", "StoreError"]
 
-log = logging.getLogger("meshnode.store")
+log = logging.getLogger("meshnode.copies.store")
 
 TIERS = ("disk", "dram")
 _PARTIAL = ".partial"

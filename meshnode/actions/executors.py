@@ -1,0 +1,64 @@
+"""Executors: what runs an action on this node, one handler per action type.
+
+``run`` dispatches a typed action (``protocol.actions``) through a table;
+the peer route decodes a peer's JSON once (``decode_action``) and comes here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+from protocol.actions import Action, DeleteCopy, LocalPath, StartTransfer, Web
+
+from ..copies.catalog import CopyCatalog
+from ..copies.ingest import hf_repo
+from ..copies.sources.guard import confine_path, resolve_public
+from ..copies.transfers import Transfers
+from ..errors import MeshError
+
+__all__ = ["Executors"]
+
+
+class Executors:
+    def __init__(
+        self, node_id: str, transfers: Transfers, copies: CopyCatalog, ingest_roots: tuple[Path, ...],
+        allow_private_sources: bool,
+    ) -> None:
+        self.node_id = node_id
+        self.transfers = transfers
+        self.copies = copies
+        self.ingest_roots = ingest_roots
+        self.allow_private_sources = allow_private_sources
+        self._table: dict[type, Callable[[Any], Awaitable[dict[str, Any]]]] = {
+            StartTransfer: self._start_transfer,
+            DeleteCopy: self._delete_copy,
+        }
+
+    async def run(self, action: Action) -> dict[str, Any]:
+        return await self._table[type(action)](action)
+
+    async def _start_transfer(self, a: StartTransfer) -> dict[str, Any]:
+        src = a.source
+        if isinstance(src, LocalPath):
+            # Confined first: a path outside the roots is refused whether or not it exists.
+            real = await trio.to_thread.run_sync(confine_path, src.path, self.ingest_roots)
+            if not await trio.to_thread.run_sync(real.exists):
+                raise MeshError("SOURCE_NOT_FOUND", f"{src.path} does not exist on {self.node_id}")
+        elif isinstance(src, Web) and not self.allow_private_sources and hf_repo(src.url) is None:
+            try:
+                u = httpx.URL(src.url)
+            except httpx.InvalidURL as e:
+                raise MeshError("INVALID_REQUEST", f"bad source_url: {e}") from None
+            # A clear refusal now; the download checks every hop again.
+            await resolve_public(u.host, u.port or (443 if u.scheme == "https" else 80))
+        return self.transfers.start(a).public(self.node_id)
+
+    async def _delete_copy(self, a: DeleteCopy) -> dict[str, Any]:
+        if not await self.copies.delete_local(a.model, a.kind):
+            raise MeshError("COPY_NOT_FOUND", f"{self.node_id}:{a.kind} holds no copy of {a.model!r}")
+        return {"model_name": a.model, "device": f"{self.node_id}:{a.kind}", "deleted": True}

@@ -1,0 +1,188 @@
+"""The router: takes copy, move, download and delete requests on any node,
+checks them, and runs each on the node that must do the work (a copy on its
+target, a delete on the node that holds the copy): here through the
+executors, elsewhere through the peer route (``POST /mesh/v1/actions``)."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from protocol import InvalidName
+from protocol.actions import (
+    TIERS,
+    Action,
+    CopyOf,
+    DeleteCopy,
+    LocalPath,
+    StartTransfer,
+    Web,
+    decode_action,
+    encode_action,
+)
+from protocol.keys import CopyRecord, RecordError, copy_key
+from protocol.names import Device, parse_device
+from protocol.registry import InvalidInput
+
+from ..errors import MeshError
+from ..mesh import Mesh
+from ..peers import PeerClient
+from ..registry import Registry, model_name
+from .executors import Executors
+
+__all__ = ["Router"]
+
+
+def _device(text: Any, what: str) -> Device:
+    try:
+        return parse_device(text)
+    except InvalidName as e:
+        raise MeshError("INVALID_DEVICE", f"{what}: {e}") from None
+
+
+def _body(body: Any, allowed: set[str]) -> dict[str, Any]:
+    if body is None:
+        body = {}
+    if not isinstance(body, dict):
+        raise MeshError("INVALID_REQUEST", "request body must be a JSON object")
+    unknown = set(body) - allowed
+    if unknown:
+        raise MeshError("INVALID_REQUEST", f"unknown fields: {', '.join(sorted(unknown))[:200]}")
+    return body
+
+
+class Router:
+    def __init__(self, mesh: Mesh, registry: Registry, executors: Executors, peers: PeerClient) -> None:
+        self.mesh = mesh
+        self.registry = registry
+        self.executors = executors
+        self.peers = peers
+
+    # -- where an action runs ----------------------------------------------------------
+
+    async def run_on(self, node_id: str, action: Action) -> dict[str, Any]:
+        """Run ``action`` on ``node_id``: here, or handed over; its answer, or a ``MeshError``."""
+        if node_id == self.mesh.id:
+            return await self.executors.run(action)
+        m = self.mesh.member(node_id)
+        if m is None:
+            raise MeshError("NODE_NOT_FOUND", f"no node {node_id!r} is known to the mesh")
+        if not m.state.reachable:
+            raise MeshError("NODE_UNAVAILABLE", f"node {node_id!r} is {m.state.label}")
+        return await self.peers.post_action(node_id, m.record.address, encode_action(action))
+
+    async def handle_peer(self, raw: Any) -> dict[str, Any]:
+        """An action a peer handed us: decoded and checked once, then run."""
+        try:
+            action = decode_action(raw)
+        except InvalidInput as e:
+            raise MeshError(e.code, e.message) from None
+        return await self.executors.run(action)
+
+    # -- requests ----------------------------------------------------------------------
+
+    def _store_device(self, d: Device, what: str) -> None:
+        if d.is_web or d.kind not in TIERS:
+            raise MeshError("INVALID_DEVICE", f"{what} must be node:disk or node:dram, not {d}")
+        assert d.node_id is not None
+        m = self.mesh.member(d.node_id)
+        if m is None:
+            raise MeshError("NODE_NOT_FOUND", f"{what} names node {d.node_id!r}, which the mesh does not know")
+        if not m.state.reachable:
+            raise MeshError("NODE_UNAVAILABLE", f"{what} names node {d.node_id!r}, which is {m.state.label}")
+
+    def _copy_on(self, model: str, device: Device) -> str | None:
+        """The manifest hash of ``model``'s copy on ``device``, from the catalog."""
+        assert device.node_id is not None
+        try:
+            return CopyRecord.from_value(self.mesh.get(device.node_id, copy_key(model, device.kind))).manifest_hash
+        except RecordError:
+            return None
+
+    async def copy(self, name: str, raw: Any, *, move: bool) -> dict[str, Any]:
+        mv = self.registry.model(name)
+        body = _body(raw, {"from_device", "to_device", "keep_source", "priority"})
+        if "to_device" not in body:
+            raise MeshError("INVALID_REQUEST", "to_device is required")
+        to = _device(body["to_device"], "to_device")
+        self._store_device(to, "to_device")
+        keep = body.get("keep_source", not move)
+        if not isinstance(keep, bool):
+            raise MeshError("INVALID_REQUEST", "keep_source must be true or false")
+        if move:
+            keep = False
+        src: Device | None = None
+        manifest_hash = None
+        if body.get("from_device") is not None:
+            src = _device(body["from_device"], "from_device")
+            if src.is_web:
+                raise MeshError("INVALID_DEVICE", "from_device 'web' is a download: use POST /models/{name}/download")
+            if str(src) == str(to):
+                raise MeshError("SAME_DEVICE", f"{to} is both source and target: nothing to {'move' if move else 'copy'}")
+            manifest_hash = self._copy_on(mv.name, src)
+            if manifest_hash is None:
+                raise MeshError("COPY_NOT_FOUND", f"{src} holds no copy of {mv.name!r}")
+            self._store_device(src, "from_device")
+        elif move:
+            raise MeshError("INVALID_REQUEST", "a move needs from_device")
+        elif not mv.copies:
+            raise MeshError("COPY_NOT_FOUND", f"no node holds a copy of {mv.name!r}")
+        assert to.node_id is not None
+        action = StartTransfer(mv.name, to.kind, CopyOf(str(src) if src else None), manifest_hash, keep)
+        return await self.run_on(to.node_id, action)
+
+    async def download(self, name: str, raw: Any) -> dict[str, Any]:
+        body = _body(raw, {"source", "source_url", "target_device", "priority", "revision", "allow_patterns",
+                           "ignore_patterns"})
+        source = body.get("source", "web")
+        if "target_device" not in body:
+            raise MeshError("INVALID_REQUEST", "target_device is required")
+        if source != "web":
+            return await self.copy(name, {"from_device": source, "to_device": body["target_device"]}, move=False)
+        name = model_name(name)
+        url = body.get("source_url")
+        if not isinstance(url, str) or not url:
+            mv = self.registry.find(name)
+            url = mv.source_url if mv is not None else None
+        if not isinstance(url, str) or not url:
+            if "/" not in name:
+                raise MeshError("INVALID_REQUEST", "source_url is required (or register the model with one)")
+            url = f"hf://{name}"  # an owner/name model with no URL is a Hugging Face repo id
+        to = _device(body["target_device"], "target_device")
+        self._store_device(to, "target_device")
+        assert to.node_id is not None
+        parsed = urlparse(url)
+        if parsed.scheme == "file" or (parsed.scheme == "" and url.startswith("/")):
+            path = unquote(parsed.path) if parsed.scheme == "file" else url
+            if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
+                raise MeshError("INVALID_REQUEST", "file:// URLs name a path on the target node: file:///path")
+            if not path.startswith("/") or len(path) > 4096 or "\x00" in path:
+                raise MeshError("INVALID_REQUEST", "ingest needs an absolute path")
+            return await self.run_on(to.node_id, StartTransfer(name, to.kind, LocalPath(path)))
+        if parsed.scheme in ("http", "https", "hf"):
+            options = {k: body[k] for k in ("revision", "allow_patterns", "ignore_patterns") if body.get(k) is not None}
+            try:
+                web = decode_action({"op": "fetch", "model": name, "kind": to.kind, "source_url": url,
+                                     "options": options})
+            except InvalidInput as e:
+                raise MeshError(e.code, e.message) from None
+            assert isinstance(web, StartTransfer) and isinstance(web.source, Web)
+            return await self.run_on(to.node_id, web)
+        raise MeshError("INVALID_REQUEST",
+                        f"cannot download from {parsed.scheme or 'this'} URLs: use hf://, https://, file:// or a node:device source")
+
+    async def delete_copy(self, name: str, device: str) -> dict[str, Any] | None:
+        """Delete a real copy on ``device`` (wherever it is); None when there is none."""
+        d = _device(device, "device")
+        if d.is_web or d.kind not in TIERS:
+            return None
+        model = model_name(name)
+        if self._copy_on(model, d) is None:
+            return None
+        assert d.node_id is not None
+        return await self.run_on(d.node_id, DeleteCopy(model, d.kind))
+
+    async def delete_source(self, model: str, device: str) -> object:
+        """A move's last step: delete the copy it moved from (``node:kind``)."""
+        node_id, _, kind = device.partition(":")
+        return await self.run_on(node_id, DeleteCopy(model, kind))

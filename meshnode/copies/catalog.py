@@ -1,0 +1,88 @@
+"""What this node says in the catalog about its copies and its storage: a
+``copy/<model>@<kind>`` record per copy in the store, and its ``storage``."""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from protocol.keys import (
+    COPY_PREFIX,
+    STORAGE_KEY,
+    CopyRecord,
+    RecordError,
+    Storage,
+    TierUsage,
+    copy_key,
+)
+
+from ..mesh import Mesh, wall_ms
+from ..saver import Saver
+from .store import TIERS, Copy, Store
+
+__all__ = ["CopyCatalog"]
+
+log = logging.getLogger("meshnode.copies")
+
+MIB = 1024 * 1024
+
+
+class CopyCatalog:
+    def __init__(self, mesh: Mesh, store: Store, saver: Saver) -> None:
+        self.mesh = mesh
+        self.store = store
+        self.saver = saver
+
+    async def load(self) -> None:
+        """Publish the copies on disk; withdraw copy records whose copy is gone."""
+        copies = await trio.to_thread.run_sync(self.store.scan)
+        present = {copy_key(c.model, c.kind) for c in copies}
+        for key, e in self.mesh.own_keys(COPY_PREFIX):
+            if not e.tombstone and key not in present:
+                self.mesh.delete(key)
+        for c in copies:
+            self.publish(c)
+        if copies:
+            log.info("holding %d copies: %s", len(copies), ", ".join(f"{c.model}@{c.kind}" for c in copies[:10]))
+
+    def publish(self, c: Copy) -> None:
+        key = copy_key(c.model, c.kind)
+        try:
+            prev: CopyRecord | None = CopyRecord.from_value(self.mesh.get(self.mesh.id, key))
+        except RecordError:
+            prev = None
+        published = prev.published_ms if prev is not None and prev.manifest_hash == c.manifest_hash else 0
+        rec = CopyRecord(c.manifest_hash, c.manifest.total_bytes, len(c.manifest.files), c.manifest.chunk_bytes,
+                         published or wall_ms())
+        self.mesh.set(key, rec.to_value())
+        self.sample_storage()
+
+    async def delete_local(self, model: str, kind: str) -> bool:
+        """Delete our copy of ``model`` on ``kind``; False when there was none."""
+        c = await trio.to_thread.run_sync(self.store.delete, model, kind)
+        self.mesh.delete(copy_key(model, kind))
+        self.sample_storage()
+        await self.saver.persist_now()
+        return c is not None
+
+    def storage(self) -> dict[str, dict[str, int]]:
+        out = {}
+        for kind in TIERS:
+            try:
+                out[kind] = self.store.usage(kind)
+            except OSError:
+                continue
+        return out
+
+    def sample_storage(self) -> None:
+        # Rounded to MiB, so that a few bytes written do not cause gossip.
+        tiers = {k: TierUsage(u["total"] // MIB * MIB, u["used"] // MIB * MIB, u["free"] // MIB * MIB)
+                 for k, u in self.storage().items()}
+        self.mesh.set(STORAGE_KEY, Storage(tiers).to_value())
+
+    async def run(self, interval_s: float, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await trio.sleep(interval_s)
+            self.sample_storage()

@@ -1,0 +1,362 @@
+"""The puller: builds a copy on this node from the nodes that hold it.
+
+Data flow
+---------
+1. ``protocol.transfer.sources.holders`` says which reachable nodes hold the
+   manifest (whole copies, and transfers of it that are running); their
+   data-plane addresses are in their ``node`` records.
+2. The manifest is fetched from a holder over the peer route and checked
+   against its hash.
+3. A ``Partial`` is opened in the target tier; after a crash it re-verifies
+   what is already there, so only missing or bad chunks are fetched again.
+4. ``protocol.transfer.chunkplan.ChunkPlan`` decides which chunk to ask which
+   holder for (random first, then rarest first, endgame, stall reassignment,
+   bans); the data plane fetches each chunk into a reused buffer and verifies
+   its xxh3 digest *before* it is written.
+5. When every chunk is verified: fsync and one rename (``Partial.publish``).
+
+While it pulls, its verified chunks are served to other receivers
+(``locate`` and ``have``), so a swarm spreads a copy faster than its seed.
+Every step has a bound: a few requests in flight per holder, a stall timeout
+per chunk, a bounded set of holders, a clear final error.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+
+import trio
+
+from protocol.errors import RemoteProtocolError
+from protocol.keys import COPY_PREFIX, CopyRecord, RecordError
+from protocol.manifest import Manifest
+from protocol.transfer.chunkplan import ChunkPlan, ChunkState, choose_sources
+from protocol.transfer.sources import holders
+
+from ..errors import MeshError
+from ..mesh import Mesh
+from ..peers import PeerClient
+from .dataplane import ChunkMismatch, DataClient, DataPlaneError, NotFound, PeerBusy
+from .store import Copy, Partial, Store, StoreError
+from .transfer import Transfer
+
+__all__ = ["LocalChunks", "Puller", "TransferError", "full_bitfield", "only_cancelled"]
+
+log = logging.getLogger("meshnode.transfers")
+
+PER_PEER_INFLIGHT = 4  # requests in flight per source, for one receiver alone
+# While other receivers pull the same copy (a swarm), one request at a time
+# per source: each source's upload is shared by all of them, and a chunk is
+# served on only once it is complete, so fewer chunks in flight at once means
+# each completes (and can be passed on) sooner, and fewer are fetched twice.
+SWARM_INFLIGHT = 1
+SOURCE_REFRESH_S = 0.5
+NO_SOURCE_GRACE_S = 3.0
+# A receiver pulls from at most this many holders at once (asking each
+# partial one for its bitfield every SOURCE_REFRESH_S): in a larger swarm each
+# receiver sees its own random slice, sticky while useful.
+MAX_SOURCES = 24
+
+
+class TransferError(MeshError):
+    """A transfer could not be done (``NO_SOURCE``, ``SOURCE_CORRUPT``, ...)."""
+
+
+class Puller:
+    def __init__(
+        self, mesh: Mesh, store: Store, data: DataClient, peers: PeerClient, chunk_stall_s: float, rng: random.Random
+    ) -> None:
+        self.mesh = mesh
+        self.store = store
+        self.data = data
+        self.peers = peers
+        self.chunk_stall_s = chunk_stall_s
+        self.rng = rng
+        self._partials: dict[str, tuple[Partial, ChunkPlan]] = {}  # manifest hash -> what we are building
+
+    # -- serving what we are building -------------------------------------------------
+
+    def locate(self, manifest_hash: str, index: int) -> tuple[str, int, int] | None:
+        entry = self._partials.get(manifest_hash)
+        if entry is None:
+            return None
+        partial, plan = entry
+        if not 0 <= index < plan.n_chunks or plan.chunk_state(index) is not ChunkState.VERIFIED:
+            return None
+        return partial.locate(index)
+
+    def have(self, manifest_hash: str) -> bytes | None:
+        entry = self._partials.get(manifest_hash)
+        if entry is None:
+            return None
+        _, plan = entry
+        bits = bytearray(full_bitfield(plan.n_chunks))
+        for i in plan.missing():
+            bits[i // 8] &= ~(0x80 >> (i % 8)) & 0xFF
+        return bytes(bits)
+
+    # -- holders ----------------------------------------------------------------------------
+
+    def holders(self, manifest_hash: str) -> tuple[dict[str, str], set[str]]:
+        """node id -> data-plane address of the reachable nodes that can serve
+        this manifest, and which of them hold it complete."""
+        h = holders(self.mesh.items(), manifest_hash, self.mesh.id, self.mesh.reachable)
+        found = {nid: addr for nid in h.nodes if (addr := self.mesh.data_address(nid)) is not None}
+        return found, {nid for nid in h.complete if nid in found}
+
+    def _no_source_message(self, t: Transfer) -> str:
+        held = []
+        for nid, _key, value in self.mesh.items(COPY_PREFIX):
+            try:
+                if CopyRecord.from_value(value).manifest_hash != t.manifest_hash:
+                    continue
+            except RecordError:
+                continue
+            state = self.mesh.state_of(nid)
+            held.append(f"{nid} ({state.label if state else 'unknown'})")
+        if held:
+            return f"no live node can serve {t.model!r}: its holder(s) {', '.join(sorted(set(held)))} cannot be reached"
+        return f"no node holds a copy of {t.model!r} any more"
+
+    async def _fetch_manifest(self, manifest_hash: str, found: dict[str, str]) -> Manifest:
+        errors = []
+        for nid in found:
+            address = self.mesh.address_of(nid)
+            if address is None:
+                continue
+            try:
+                data = await self.peers.get_manifest(address, manifest_hash)
+                return Manifest.decode(data, expected_hash=manifest_hash)
+            except (MeshError, RemoteProtocolError) as e:
+                errors.append(f"{nid}: {e}"[:300])
+        raise TransferError("NO_SOURCE", f"no live peer could send the manifest {manifest_hash[:12]}: {'; '.join(errors) or 'no holders'}")
+
+    # -- pulling ----------------------------------------------------------------------------
+
+    async def pull(self, t: Transfer) -> Copy:
+        """Fetch ``t.manifest_hash`` from its holders into ``t.kind``; the published copy."""
+        assert t.manifest_hash is not None
+        found, _ = self.holders(t.manifest_hash)
+        # The node that took the request may have seen the copy before gossip told us.
+        with trio.move_on_after(NO_SOURCE_GRACE_S):
+            while not found:
+                await trio.sleep(0.1)
+                found, _ = self.holders(t.manifest_hash)
+        if not found:
+            raise TransferError("NO_SOURCE", self._no_source_message(t))
+        manifest = await self._fetch_manifest(t.manifest_hash, found)
+        t.bytes_total, t.chunks_total = manifest.total_bytes, manifest.n_chunks
+        partial = await trio.to_thread.run_sync(self.store.partial, t.kind, t.model, manifest)
+        try:
+            have = await trio.to_thread.run_sync(resumed_chunks, partial)
+            t.chunks_resumed = len(have)
+            t.bytes_done = sum(manifest.chunk(i).length for i in have)
+            plan = ChunkPlan(manifest.n_chunks, have, per_peer_inflight=PER_PEER_INFLIGHT, stall_timeout_s=self.chunk_stall_s)
+            self._partials[t.manifest_hash] = (partial, plan)
+            await self._pull_chunks(t, manifest, partial, plan)
+            self._partials.pop(t.manifest_hash, None)
+            return await trio.to_thread.run_sync(partial.publish)
+        except BaseException as e:
+            self._partials.pop(t.manifest_hash, None)
+            if only_cancelled(e):
+                # The node is stopping: keep the verified chunks for the resume.
+                partial.close()
+            else:
+                # A failed transfer leaves nothing behind and publishes nothing.
+                await trio.to_thread.run_sync(partial.discard)
+            raise
+
+    async def _pull_chunks(self, t: Transfer, manifest: Manifest, partial: Partial, plan: ChunkPlan) -> None:
+        assert t.manifest_hash is not None
+        mhash = t.manifest_hash
+        client = self.data
+        wake = trio.Event()
+        fatal: list[BaseException] = []
+        scopes: dict[tuple[str, int], trio.CancelScope] = {}
+        addrs: dict[str, str] = {}
+        last_source_seen = trio.current_time()
+        buffers: list[bytearray] = []
+        writing: set[int] = set()
+        by_source: dict[str, int] = {}  # chunks each peer delivered, for the log
+
+        def poke() -> None:
+            nonlocal wake
+            wake.set()
+
+        async def fetch(peer: str, index: int, scope: trio.CancelScope) -> None:
+            ref = manifest.chunk(index)
+            buf = buffers.pop() if buffers else bytearray(manifest.chunk_bytes)
+            try:
+                with scope:
+                    try:
+                        data = await client.fetch_chunk(addrs[peer], mhash, index, ref.length, ref.digest, buf)
+                    except ChunkMismatch:
+                        t.bad_chunks += 1
+                        banned = plan.on_bad(peer, index, trio.current_time())
+                        log.warning("peer %s served a bad chunk %d of %s%s", peer, index, t.model,
+                                    "; banned for this transfer" if banned else "")
+                        if banned:
+                            t.banned.append(peer)
+                        return
+                    except (NotFound, PeerBusy, DataPlaneError, KeyError) as e:
+                        log.debug("chunk %d from %s failed: %s", index, peer, e)
+                        plan.on_failed(peer, index, trio.current_time())
+                        return
+                    if index in writing or plan.chunk_state(index) is ChunkState.VERIFIED:
+                        return  # an endgame twin got here first
+                    writing.add(index)
+                    try:
+                        await trio.to_thread.run_sync(partial.write_chunk, index, data)
+                    except StoreError as e:
+                        fatal.append(e)
+                        return
+                    finally:
+                        writing.discard(index)
+                    redundant = plan.on_verified(peer, index, trio.current_time())
+                    by_source[peer] = by_source.get(peer, 0) + 1
+                    t.chunks_fetched += 1
+                    t.bytes_done += ref.length
+                    for key in redundant:
+                        s = scopes.get(key)
+                        if s is not None:
+                            s.cancel()
+                if scope.cancelled_caught and plan.chunk_state(index) is not ChunkState.VERIFIED:
+                    plan.on_failed(peer, index, trio.current_time())
+            finally:
+                scopes.pop((peer, index), None)
+                buffers.append(buf)
+                poke()
+
+        async def have(nid: str, addr: str, cap: int | None) -> None:
+            try:
+                with trio.fail_after(2):
+                    bits = await client.have(addr, mhash)
+                plan.set_source(nid, bits_of(bits, manifest.n_chunks), inflight=cap)
+            except (DataPlaneError, NotFound, PeerBusy, trio.TooSlowError):
+                plan.remove_source(nid)
+
+        me = self.mesh.id
+        share: list[str] = [me]
+        rng = self.rng
+
+        async def refresh_sources() -> None:
+            nonlocal last_source_seen, share
+            while True:
+                found, complete = self.holders(mhash)
+                useless = [nid for nid in plan.sources if nid not in complete and not plan.useful(nid)]
+                chosen = choose_sources(found, complete, plan.sources, useless, MAX_SOURCES, rng)
+                for nid in list(plan.sources):
+                    if nid not in chosen:
+                        for key in plan.remove_source(nid):  # its chunks go back to the pool
+                            s = scopes.get(key)
+                            if s is not None:
+                                s.cancel()
+                        addrs.pop(nid, None)
+                pulling = sorted({me, *found} - complete)
+                swarm = len(pulling) > 1
+                async with trio.open_nursery() as asking:
+                    for nid in chosen:
+                        addr = found[nid]
+                        addrs[nid] = addr
+                        if nid in complete:
+                            # One request at a time to a full holder until it has
+                            # delivered a chunk (by then gossip tells whether other
+                            # receivers share it), and while others do.
+                            shared = swarm or not by_source.get(nid)
+                            plan.set_source(nid, None, inflight=SWARM_INFLIGHT if shared else None)
+                        else:
+                            asking.start_soon(have, nid, addr, SWARM_INFLIGHT if swarm else None)
+                # The nodes pulling this copy now each prefer their own share of
+                # the chunks, so that a full holder they all ask uploads each
+                # rare chunk about once, not once per receiver.
+                if pulling != share:
+                    share = pulling
+                    plan.prefer(None if len(pulling) == 1 else my_share(me, pulling, manifest.n_chunks))
+                if found:
+                    last_source_seen = trio.current_time()
+                t.sources = sorted(chosen)
+                poke()
+                await trio.sleep(SOURCE_REFRESH_S)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(refresh_sources)
+            while not plan.complete:
+                if fatal:
+                    raise fatal[0]
+                now = trio.current_time()
+                for peer, index in plan.expire(now):
+                    s = scopes.get((peer, index))
+                    if s is not None:
+                        s.cancel()
+                    log.info("chunk %d from %s stalled; asking another peer", index, peer)
+                for peer, index in plan.next_requests(now, rng):
+                    if peer not in addrs:
+                        plan.on_failed(peer, index, now)
+                        continue
+                    scope = trio.CancelScope()
+                    scopes[(peer, index)] = scope
+                    nursery.start_soon(fetch, peer, index, scope)
+                if not scopes and plan.stuck(now) and now - last_source_seen > NO_SOURCE_GRACE_S:
+                    raise TransferError("NO_SOURCE", self._no_source_message(t))
+                wake = trio.Event()
+                deadline = plan.next_deadline()
+                with trio.move_on_at(min(deadline if deadline is not None else math.inf, now + 0.5)):
+                    await wake.wait()
+            nursery.cancel_scope.cancel()
+        t.rate_bps = 0.0
+        log.info("transfer %s: chunks by source %s; plan %s", t.id, dict(sorted(by_source.items())), plan.statistics())
+
+
+class LocalChunks:
+    """What the data plane serves: verified chunks of the copies in the store,
+    and of the copies this node is still building."""
+
+    def __init__(self, store: Store, puller: Puller) -> None:
+        self.store = store
+        self.puller = puller
+
+    def locate(self, manifest_hash: str, index: int) -> tuple[str, int, int] | None:
+        return self.store.locate(manifest_hash, index) or self.puller.locate(manifest_hash, index)
+
+    def have(self, manifest_hash: str) -> bytes | None:
+        c = self.store.find(manifest_hash)
+        if c is not None:
+            return full_bitfield(c.manifest.n_chunks)
+        return self.puller.have(manifest_hash)
+
+
+def resumed_chunks(p: Partial) -> set[int]:
+    """The verified chunks a partial left by an earlier run holds; a new one
+    holds nothing (hashing its preallocated zeros costs a core-second per
+    256 MiB)."""
+    return p.verified_chunks() if p.resumed else set()
+
+
+def my_share(me: str, nodes: list[str], n_chunks: int) -> range:
+    """The chunks ``me`` prefers when the nodes ``nodes`` (sorted) pull the
+    same copy: every k-th, so the shares are disjoint and even."""
+    return range(nodes.index(me), n_chunks, len(nodes))
+
+
+def full_bitfield(n: int) -> bytes:
+    """Every one of ``n`` chunks present; bit i is byte i // 8, mask 0x80 >> i % 8 (the data plane's order)."""
+    bits = bytearray(b"\xff" * ((n + 7) // 8))
+    if n % 8:
+        bits[-1] = (0xFF << (8 - n % 8)) & 0xFF
+    return bytes(bits)
+
+
+def bits_of(bitfield: bytes, n: int) -> set[int]:
+    return {i for i in range(min(n, len(bitfield) * 8)) if bitfield[i // 8] & (0x80 >> (i % 8))}
+
+
+def only_cancelled(e: BaseException) -> bool:
+    """Whether ``e`` is a cancellation (or a group of only those): the node stopping, not a failure."""
+    if isinstance(e, trio.Cancelled):
+        return True
+    if isinstance(e, BaseExceptionGroup):
+        return all(only_cancelled(x) for x in e.exceptions)
+    return False
+

@@ -1,0 +1,340 @@
+"""Transfers: building a copy on this node, whatever its source.
+
+A transfer (``Transfer``) starts from a ``StartTransfer`` action, runs here
+(this node is always the receiving end) and moves through its states
+(``protocol.transfer.states``): queued until one of ``ACTIVE_MAX`` slots is
+free, running, then done or failed; a stop puts a running one back to queued
+and its intent (``Intents``) resumes it after the restart.  By its source:
+
+* ``CopyOf``: another copy in the mesh, pulled chunk by chunk from every
+  holder (``Puller``), or copied between this node's tiers;
+* ``LocalPath``: a file or directory inside the ingest roots, hashed once;
+* ``Web``: the hub or a URL, fetched once per mesh (``WebIngest``), or
+  pulled from the node that fetched it.
+
+Its progress is in the catalog (its ``xfer/<id>`` record) every second; the
+copy is published (``copy/`` record) when complete, the registry learns
+where an ingested model came from, and a move then deletes its source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from protocol import HLC
+from protocol.actions import CopyOf, LocalPath, StartTransfer, Web, source_text
+from protocol.keys import COPY_PREFIX, XFER_PREFIX, ErrorRecord, RecordError, XferRecord, xfer_key
+from protocol.registry import METADATA_FILES_MAX
+from protocol.transfer import TransferStatus
+from protocol.transfer.sources import source_manifest_hash
+
+from ..errors import MeshError, first_mesh_error
+from ..mesh import Mesh, wall_ms
+from ..registry import Registry
+from ..saver import Saver
+from .catalog import CopyCatalog
+from .ingest import WebIngest
+from .intents import Intents
+from .puller import Puller, TransferError, only_cancelled, resumed_chunks
+from .sources.guard import confine_path
+from .store import Copy, Store, StoreError
+from .transfer import Transfer
+
+__all__ = ["ACTIVE_MAX", "TransferSettings", "Transfers"]
+
+log = logging.getLogger("meshnode.transfers")
+
+ACTIVE_MAX = 4
+PROGRESS_INTERVAL_S = 1.0
+FINISHED_KEPT = 50  # finished transfers whose records stay in the catalog
+HISTORY_MAX = 1000  # transfers this node remembers, finished ones dropped first
+
+
+@dataclass(frozen=True)
+class TransferSettings:
+    intents_dir: Path
+    chunk_stall_s: float
+    ingest_roots: tuple[Path, ...]
+    allow_private_sources: bool
+    settle_s: float  # how long a claim waits for concurrent claims (a few gossip rounds)
+
+
+DeleteSource = Callable[[str, str], Awaitable[object]]  # (model, "node:kind"): a move's last step
+
+
+class Transfers:
+    """The transfers this node runs."""
+
+    def __init__(
+        self,
+        mesh: Mesh,
+        store: Store,
+        puller: Puller,
+        copies: CopyCatalog,
+        saver: Saver,
+        registry: Registry,
+        hlc: HLC,
+        settings: TransferSettings,
+        delete_source: DeleteSource,
+    ) -> None:
+        self.mesh = mesh
+        self.store = store
+        self.puller = puller
+        self.copies = copies
+        self.saver = saver
+        self.registry = registry
+        self.settings = settings
+        self.delete_source = delete_source
+        self.intents = Intents(settings.intents_dir)
+        self.web = WebIngest(mesh, hlc, store, puller, self.publish, settle_s=settings.settle_s,
+                             allow_private=settings.allow_private_sources)
+        self.by_id: dict[str, Transfer] = {}
+        self._limiter = trio.CapacityLimiter(ACTIVE_MAX)
+        self._nursery: trio.Nursery | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        resumed = await trio.to_thread.run_sync(self.intents.load)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self._forget_unfinished({t.id for t in resumed})
+            for t in resumed:
+                log.info("resuming transfer %s of %s to %s", t.id, t.model, t.kind)
+                self._launch(t)
+            task_status.started()
+            await trio.sleep_forever()
+
+    def _forget_unfinished(self, resumed: set[str]) -> None:
+        """Our ``xfer/`` records saved as queued or running whose intent is gone
+        (or unreadable) end as failed, so peers neither wait on their claim
+        nor ask this node for chunks of a transfer that no longer runs."""
+        for key, e in self.mesh.own_keys(XFER_PREFIX):
+            if e.tombstone or key[len(XFER_PREFIX):] in resumed:
+                continue
+            try:
+                rec = XferRecord.from_value(e.value)
+            except RecordError:
+                continue
+            if rec.status.active:
+                error = ErrorRecord("INTERRUPTED", "the node restarted with no record of this transfer to resume")
+                failed = dataclasses.replace(rec, status=TransferStatus.FAILED, error=error, finished_ms=wall_ms())
+                self.mesh.set(key, failed.to_value())
+
+    def start(self, action: StartTransfer) -> Transfer:
+        """Start (or join) a transfer of ``action.model`` into ``action.kind`` on this node."""
+        self.store.tier_root(action.kind)  # raises for an unknown tier
+        for t in self.by_id.values():
+            if t.model == action.model and t.kind == action.kind and t.status.active:
+                return t  # one transfer per target at a time: asking again joins it
+        t = Transfer(action.model, action.kind, action.source, action.manifest_hash, action.keep_source)
+        self.intents.save(t)
+        self._launch(t)
+        return t
+
+    def _launch(self, t: Transfer) -> None:
+        assert self._nursery is not None
+        self.by_id[t.id] = t
+        if len(self.by_id) > HISTORY_MAX:
+            for old in [x for x in self.by_id.values() if x.status.finished][: HISTORY_MAX // 10]:
+                del self.by_id[old.id]
+        self._nursery.start_soon(self._run_one, t)
+
+    async def _run_one(self, t: Transfer) -> None:
+        async with self._limiter:
+            t.move(TransferStatus.RUNNING)
+            self.publish(t)
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._progress, t)
+                    await self._transfer(t)
+                    nursery.cancel_scope.cancel()
+                t.move(TransferStatus.DONE)
+                log.info("transfer %s done: %s on %s:%s (%d chunks fetched, %d resumed)",
+                         t.id, t.model, self.mesh.id, t.kind, t.chunks_fetched, t.chunks_resumed)
+            except Exception as exc:
+                e = first_mesh_error(exc)
+                if e is not None:
+                    t.fail(e.code, e.message)
+                    log.error("transfer %s of %s failed: %s", t.id, t.model, e.message)
+                else:  # a bug must not take the node down
+                    t.fail("INTERNAL", f"{type(exc).__name__}: {exc}")
+                    log.exception("transfer %s crashed", t.id)
+            except BaseException as exc:
+                if not only_cancelled(exc):
+                    raise
+                # The node is stopping: the intent stays, so the restart resumes it.
+                t.move(TransferStatus.QUEUED)
+                self.publish(t)
+                raise
+            t.finished_ms = wall_ms()
+            self.intents.drop(t)
+            self.publish(t)
+
+    # -- progress in the catalog -------------------------------------------------------
+
+    async def _progress(self, t: Transfer) -> None:
+        """Every second while the transfer runs: its rate, and the news in the catalog."""
+        prev, prev_t = t.bytes_done, trio.current_time()
+        while True:
+            await trio.sleep(PROGRESS_INTERVAL_S)
+            now = trio.current_time()
+            t.rate_bps = max(t.bytes_done - prev, 0) / max(now - prev_t, 1e-6)
+            prev, prev_t = t.bytes_done, now
+            self.publish(t)
+
+    def publish(self, t: Transfer) -> None:
+        self.mesh.set(xfer_key(t.id), t.record().to_value())
+        if t.status.finished:
+            # Keep the news of the last FINISHED_KEPT finished transfers only.
+            finished = []
+            for k, e in self.mesh.own_keys(XFER_PREFIX):
+                if e.tombstone:
+                    continue
+                try:
+                    rec = XferRecord.from_value(e.value)
+                except RecordError:
+                    continue
+                if rec.status.finished:
+                    finished.append((rec.finished_ms, k))
+            for _, k in sorted(finished)[:-FINISHED_KEPT]:
+                self.mesh.delete(k)
+
+    # -- the transfer itself -----------------------------------------------------------
+
+    async def _transfer(self, t: Transfer) -> None:
+        src = t.source
+        if isinstance(src, LocalPath):
+            await self._ingest_local(t, src.path)
+            return
+        if isinstance(src, Web):
+            fetched = await self.web.ingest(t, src)
+            if fetched is not None:
+                await self._register_source(t, fetched)
+                await self._after_publish(t, fetched)
+                return
+            self.intents.save(t)  # another node fetched it: pull its copy from the mesh
+        if t.manifest_hash is None:
+            device = src.device if isinstance(src, CopyOf) else None
+            t.manifest_hash = source_manifest_hash(self.mesh.items(COPY_PREFIX), t.model, device, self.mesh.id,
+                                                   self.mesh.reachable)
+            if t.manifest_hash is None:
+                raise TransferError("NO_SOURCE", f"{device or 'any live node'} holds no copy of {t.model!r}")
+            self.intents.save(t)
+        existing = self.store.get(t.model, t.kind)
+        if existing is not None and existing.manifest_hash == t.manifest_hash:
+            t.note = "already present"
+            t.bytes_total = t.bytes_done = existing.manifest.total_bytes
+            await self._after_publish(t, existing)
+            return
+        local = self.store.find(t.manifest_hash)
+        copy = await (self._copy_local(t, local) if local is not None else self.puller.pull(t))
+        await self._after_publish(t, copy)
+
+    async def _ingest_local(self, t: Transfer, path: str) -> None:
+        """A local file or directory becomes a copy: hashed once, then the mesh moves it."""
+        # Checked again here: a resumed ingest runs under today's roots.
+        real = await trio.to_thread.run_sync(confine_path, path, self.settings.ingest_roots)
+        copy = await trio.to_thread.run_sync(self.store.ingest_path, t.kind, t.model, real)
+        t.manifest_hash = copy.manifest_hash
+        t.bytes_total = t.bytes_done = copy.manifest.total_bytes
+        t.chunks_total = t.chunks_fetched = copy.manifest.n_chunks
+        # The registry records what it is: where it came from and its files (the
+        # copy's own record gives its size and hash).
+        await self._register_source(t, copy)
+        await self._after_publish(t, copy)
+
+    async def _register_source(self, t: Transfer, copy: Copy) -> None:
+        if self.registry.find(t.model) is not None:
+            return
+        meta = t.fetched or {}
+        body: dict[str, Any] = {"source_url": source_text(t.source)}
+        if isinstance(meta.get("model_type"), str):
+            body["model_type"] = meta["model_type"][:64]
+        files = [f.path for f in copy.manifest.files]
+        metadata: dict[str, Any] = {"files": files[:METADATA_FILES_MAX], "file_count": len(files)}
+        if isinstance(meta.get("revision"), str):
+            metadata["revision"] = meta["revision"][:64]
+            metadata["description"] = f"{source_text(t.source)} at {meta['revision']}"
+        body["metadata"] = metadata
+        await self.registry.register(t.model, body)
+
+    async def _after_publish(self, t: Transfer, copy: Copy) -> None:
+        self.copies.publish(copy)
+        await self.saver.persist_now()
+        src = t.source
+        if not t.keep_source and isinstance(src, CopyOf) and src.device is not None:
+            try:
+                await self.delete_source(t.model, src.device)
+            except MeshError as e:  # the copy is here and published: the move did its part
+                t.note = f"copied, but the source {src.device} was not deleted: {e.message}"
+                log.warning("transfer %s: %s", t.id, t.note)
+
+    async def _copy_local(self, t: Transfer, src: Copy) -> Copy:
+        """Between tiers of this node: copy the bytes, verify every chunk, publish."""
+        m = src.manifest
+        t.bytes_total, t.chunks_total = m.total_bytes, m.n_chunks
+        t.sources = [f"{self.mesh.id}:{src.kind}"]
+
+        def work() -> Copy:
+            p = self.store.partial(t.kind, t.model, m)
+            with p.discarded_on_error():
+                have = resumed_chunks(p)
+                t.chunks_resumed = len(have)
+
+                def done(length: int) -> None:
+                    t.chunks_fetched += 1
+                    t.bytes_done += length
+
+                try:
+                    p.fill_from({f.path: src.path / f.path for f in m.files}, have, done)
+                except StoreError as e:
+                    if e.code != "SOURCE_CHANGED":
+                        raise
+                    raise TransferError("SOURCE_CORRUPT", f"the local copy on {src.kind}: {e.message}") from None
+                return p.publish()
+
+        return await trio.to_thread.run_sync(work)
+
+    # -- what the API shows ----------------------------------------------------------------
+
+    def transfers_json(self) -> list[dict[str, Any]]:
+        """Every transfer the catalog knows of; this node's from its live state."""
+        out: dict[str, dict[str, Any]] = {}
+        for nid, key, value in self.mesh.items(XFER_PREFIX):
+            t = _from_catalog(nid, key, value)
+            if t is not None:
+                out[t["transfer_id"]] = t
+        for local in self.by_id.values():
+            out[local.id] = local.public(self.mesh.id)
+        return sorted(out.values(), key=lambda x: (x.get("started_ms") or 0, x["transfer_id"]))
+
+    def transfer_json(self, tid: str) -> dict[str, Any] | None:
+        """One transfer: this node's from its live state, else the first
+        catalog record with that key (ids are random: one node has it)."""
+        local = self.by_id.get(tid)
+        if local is not None:
+            return local.public(self.mesh.id)
+        for nid in self.mesh.origins():
+            e = self.mesh.entry(nid, xfer_key(tid))
+            if e is not None and not e.tombstone:
+                found = _from_catalog(nid, xfer_key(tid), e.value)
+                if found is not None:
+                    return found
+        return None
+
+
+def _from_catalog(nid: str, key: str, value: Any) -> dict[str, Any] | None:
+    try:
+        rec = XferRecord.from_value(value)
+    except RecordError:
+        return None
+    return {"transfer_id": key[len(XFER_PREFIX):], "node_id": nid, "target_device": f"{nid}:{rec.kind}",
+            **rec.to_value()}

@@ -1,0 +1,394 @@
+"""The composition root: one node, its sockets, its parts, one trio nursery.
+
+``MeshNode.run`` takes the data dir (a lock, the leftovers of interrupted
+writes, the import directory), binds the HTTP server (public API and peer
+routes on one port) and the data plane, loads the saved state, starts the
+gossip state machine at a new, higher generation, makes the parts, each
+given only what it uses:
+
+=============  ====================================================================
+``mesh``       the gossip state machine, the catalog and the members (``Mesh``)
+``saver``      own keys on disk, registry writes before they are seen (``Saver``)
+``registry``   the model registry (``Registry``) and its read views (``Views``)
+``copies``     the store's copies and storage in the catalog (``CopyCatalog``)
+``puller``     builds copies from the holders, serves what it has (``Puller``)
+``transfers``  runs transfers of every kind (``Transfers``)
+``router``     runs an action here (``Executors``) or on the node it names
+=============  ====================================================================
+
+and runs their loops.  ``stop()`` (SIGTERM/SIGINT) tells the mesh we are
+leaving, saves a snapshot, and returns.  Nothing imports this module back.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import random
+import signal
+import ssl
+import sys
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+import trio
+from hypercorn.config import Config as HyperConfig
+
+from protocol import HLC, Catalog, GossipNode
+from protocol.keys import NODE_KEY, NodeInfo
+from protocol.view import ModelIndex
+
+from . import __version__
+from .actions import Executors, Router
+from .api.app import ApiParts, Running, create_app
+from .api.auth import PeerGate, Refusals
+from .config import Config, ConfigError, config_from_args
+from .copies.catalog import CopyCatalog
+from .copies.dataplane import DataClient, DataServer
+from .copies.puller import LocalChunks, Puller
+from .copies.store import Store
+from .copies.transfers import Transfers, TransferSettings
+from .httpserver import ConnectionLimits, HttpServer, raise_fd_limit
+from .mesh import Mesh, wall_ms
+from .metrics import render_metrics
+from .peers import PeerClient, PeerSender, make_peer_client
+from .persist import (
+    DataDirError,
+    DataDirLock,
+    OwnKeysJournal,
+    SavedState,
+    StateFile,
+    check_data_dir,
+    make_dirs,
+    remove_leftovers,
+)
+from .ratelimit import TokenBucket
+from .registry import Registry
+from .saver import Saver
+from .views import Views
+
+__all__ = ["MeshNode", "main_start"]
+
+log = logging.getLogger("meshnode.node")
+
+
+class MeshNode:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.rng = random.Random(random.SystemRandom().getrandbits(64))
+        self.hlc = HLC(cfg.node_id)
+        self.state_file = StateFile(cfg.data_dir)
+        self.store = Store(cfg.node_id, cfg.data_dir, cfg.dram_dir)
+        self.refusals = Refusals()
+        self.api = ApiParts(
+            node_id=cfg.node_id,
+            api_tokens=cfg.secrets.api_tokens,
+            scheme=cfg.scheme,
+            store=self.store,
+            peer_gate=PeerGate(cfg.secrets.cluster_secrets),
+            refusals=self.refusals,
+            generation=lambda: self.generation,
+            metrics=self._metrics,
+        )
+        # Made once the node has joined (``_start``).
+        self.mesh: Mesh | None = None
+        self.saver: Saver | None = None
+        self.registry: Registry | None = None
+        self.copies: CopyCatalog | None = None
+        self.puller: Puller | None = None
+        self.transfers: Transfers | None = None
+        self.router: Router | None = None
+        self.http: HttpServer | None = None
+        self.data_server: DataServer | None = None
+        self.data_port = 0
+        self.address: str | None = None
+        self.url: str | None = None
+        self.start_generation = 0
+        self._chunks: LocalChunks | None = None
+        self._member_hosts: set[str] = set()
+        self._member_hosts_version = -1
+        self.started = trio.Event()
+        self._stop = trio.Event()
+
+    @property
+    def generation(self) -> int:
+        """The generation we run as: set at start, moved up only to refute an identity conflict."""
+        return self.mesh.generation if self.mesh is not None else self.start_generation
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- start -------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[MeshNode] = trio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.cfg
+        for note in cfg.notes:
+            log.warning("%s", note)
+        check_data_dir(cfg.data_dir)
+        lock = DataDirLock(cfg.data_dir)
+        lock.acquire()
+        try:
+            await self._run_locked(task_status)
+        finally:
+            lock.release()
+
+    async def _run_locked(self, task_status: trio.TaskStatus[MeshNode]) -> None:
+        cfg = self.cfg
+        for where in (cfg.data_dir, cfg.data_dir / "transfers"):
+            n = remove_leftovers(where)
+            if n:
+                log.info("removed %d files an interrupted write left in %s", n, where)
+        for root in cfg.ingest_roots:
+            if root == cfg.data_dir / "import":
+                make_dirs(root)  # where an operator drops files to ingest, by default
+            elif not root.is_dir():
+                log.warning("ingest root %s is not a directory: nothing can be ingested from it", root)
+        server_ssl, client_ssl = self._ssl_contexts()
+        data_client = DataClient(
+            cfg.secrets.cluster_secrets,
+            ssl_context=client_ssl,
+            ingress=TokenBucket(cfg.max_ingress_bps, 1024 * 1024) if cfg.max_ingress_bps else None,
+        )
+        self.data_server = DataServer(
+            self,
+            cfg.secrets.cluster_secrets,
+            ssl_context=server_ssl,
+            egress=TokenBucket(cfg.max_egress_bps, 1024 * 1024) if cfg.max_egress_bps else None,
+        )
+        try:
+            await self._serve(data_client, task_status)
+        finally:
+            with trio.CancelScope(shield=True):
+                await data_client.aclose()
+        log.info("node %s stopped", cfg.node_id)
+
+    async def _serve(self, data_client: DataClient, task_status: trio.TaskStatus[MeshNode]) -> None:
+        cfg = self.cfg
+        assert self.data_server is not None
+        async with make_peer_client(cfg) as client, trio.open_nursery() as nursery:
+            sender = PeerSender(cfg, client)
+            nofile = raise_fd_limit()
+            limits = ConnectionLimits.for_fd_limit(nofile, total=cfg.max_connections, per_client=cfg.max_client_connections)
+            self.http = HttpServer(create_app(self.api), self._hyper_config(), limits, self._privileged_client)
+            bound = await nursery.start(self.http.serve)
+            port = int(str(bound[0]).rsplit(":", 1)[1])
+            log.info("HTTP: at most %d connections (%d from one client, the last %d for peers and local "
+                     "clients); open-file limit %d", limits.total, limits.per_client, limits.reserve, nofile)
+            self.data_port = await nursery.start(self.data_server.serve, cfg.host, cfg.data_port)
+            host = cfg.host if ":" not in cfg.host else f"[{cfg.host}]"
+            self.address = cfg.advertise or f"{host}:{port}"
+            self.url = f"{cfg.scheme}://{host}:{port}"
+            await self._start(self.address, sender, data_client, PeerClient(client, cfg.scheme))
+            assert self.mesh and self.saver and self.transfers and self.copies
+            await nursery.start(sender.run)
+            await nursery.start(self.transfers.run)
+            await nursery.start(self.mesh.run)
+            await nursery.start(self.saver.run, cfg.persist_interval_s)
+            await nursery.start(self.copies.run, cfg.storage_refresh_s)
+            log.info(
+                "node %s generation %d listening on %s (cluster %r, joining %s)",
+                cfg.node_id, self.generation, self.url, cfg.cluster, ",".join(cfg.join) or "nobody",
+            )
+            self.started.set()
+            task_status.started(self)
+            await self._stop.wait()
+            await self.mesh.leave(cfg.peer_timeout_s)
+            await self.saver.save_snapshot()
+            nursery.cancel_scope.cancel()
+
+    async def _start(self, address: str, sender: PeerSender, data_client: DataClient, peers: PeerClient) -> None:
+        """Load the saved state, join at a new generation, make the parts."""
+        cfg = self.cfg
+        saved = self.state_file.load(cfg.node_id)
+        now = trio.current_time()
+        prev = saved.generation if saved else 0
+        # Wall-clock ms as the generation survives a lost data dir; +1 survives a clock step back.
+        self.start_generation = generation = max(prev + 1, wall_ms())
+        catalog = Catalog(cfg.node_id, generation, tombstone_grace_s=cfg.gossip.tombstone_grace_s)
+        index = ModelIndex()
+        catalog.subscribe(index)  # before the restore, so it sees every key
+        seeds = list(cfg.join)
+        if saved is not None:
+            self._restore(catalog, saved, generation, now)
+            seeds += [p for p in saved.peers if p not in seeds and p != address]
+        journal = OwnKeysJournal(cfg.node_id)
+        catalog.subscribe(journal)  # after the restore: what was restored is on disk
+        mesh = self.mesh = Mesh(GossipNode(cfg.node_id, address, generation, cfg.gossip, now, seeds, catalog), sender, self.rng)
+        mesh.set(NODE_KEY, NodeInfo(address, __version__, wall_ms(), self.data_port).to_value())
+        saver = self.saver = Saver(mesh, self.hlc, self.state_file, journal)
+        registry = self.registry = Registry(mesh, self.hlc, index, saver)
+        copies = self.copies = CopyCatalog(mesh, self.store, saver)
+        puller = self.puller = Puller(mesh, self.store, data_client, peers, cfg.chunk_stall_s, self.rng)
+        self._chunks = LocalChunks(self.store, puller)
+        settings = TransferSettings(
+            intents_dir=cfg.data_dir / "transfers",
+            chunk_stall_s=cfg.chunk_stall_s,
+            ingest_roots=cfg.ingest_roots,
+            allow_private_sources=cfg.allow_private_sources,
+            settle_s=4 * cfg.gossip.gossip_interval_s,
+        )
+        transfers = self.transfers = Transfers(
+            mesh, self.store, puller, copies, saver, registry, self.hlc, settings, self._delete_source
+        )
+        executors = Executors(cfg.node_id, transfers, copies, cfg.ingest_roots, cfg.allow_private_sources)
+        router = self.router = Router(mesh, registry, executors, peers)
+        self.api.running = Running(mesh, registry, Views(mesh, index), router, transfers, copies)
+        copies.sample_storage()
+        await copies.load()
+        await saver.save_snapshot()  # the new generation is on disk before anyone hears of it
+
+    def _restore(self, catalog: Catalog, saved: SavedState, generation: int, now: float) -> None:
+        own = saved.catalog.get(self.cfg.node_id)
+        if own is not None:
+            catalog.restore({self.cfg.node_id: own}, now, generation)
+        self.hlc.advance_to(saved.hlc_wall_ms)
+        log.info(
+            "restarting as generation %d (was %d) with %d keys of our own; %d peers remembered",
+            generation, saved.generation, len(catalog.own.keys), len(saved.peers),
+        )
+
+    async def _delete_source(self, model: str, device: str) -> object:
+        assert self.router is not None
+        return await self.router.delete_source(model, device)
+
+    # -- what the data plane serves ----------------------------------------------------
+
+    def locate(self, manifest_hash: str, index: int) -> tuple[str, int, int] | None:
+        return None if self._chunks is None else self._chunks.locate(manifest_hash, index)
+
+    def have(self, manifest_hash: str) -> bytes | None:
+        return None if self._chunks is None else self._chunks.have(manifest_hash)
+
+    # -- sockets ------------------------------------------------------------------------
+
+    def _hyper_config(self) -> HyperConfig:
+        hc = HyperConfig()
+        host = self.cfg.host
+        hc.bind = [f"[{host}]:{self.cfg.port}" if ":" in host else f"{host}:{self.cfg.port}"]
+        hc.accesslog = None
+        hc.errorlog = logging.getLogger("meshnode.http")
+        hc.graceful_timeout = 1.0
+        # Also the time a client has to send a complete request head (the idle
+        # timer runs until one arrives), so a slowloris is cut off in 5 s.  Peer
+        # and CLI clients let an idle connection go sooner (3 s).
+        hc.keep_alive_timeout = 5.0
+        hc.read_timeout = 30
+        if self.cfg.tls:
+            hc.certfile = str(self.cfg.tls_cert)
+            hc.keyfile = str(self.cfg.tls_key)
+            if self.cfg.tls_ca:
+                hc.ca_certs = str(self.cfg.tls_ca)
+                hc.verify_mode = ssl.CERT_REQUIRED
+        return hc
+
+    def _ssl_contexts(self) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
+        cfg = self.cfg
+        if not cfg.tls:
+            return None, None
+        server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server.load_cert_chain(str(cfg.tls_cert), str(cfg.tls_key))
+        if cfg.tls_ca:
+            server.load_verify_locations(str(cfg.tls_ca))
+            server.verify_mode = ssl.CERT_REQUIRED
+        client = ssl.create_default_context(cafile=str(cfg.tls_ca) if cfg.tls_ca else None)
+        client.load_cert_chain(str(cfg.tls_cert), str(cfg.tls_key))
+        return server, client
+
+    def _privileged_client(self, ip: str) -> bool:
+        """Members of the mesh, this host's own addresses and loopback: the
+        clients the HTTP server keeps a reserve of connections for."""
+        if ip in ("127.0.0.1", "::1") or ip == self.cfg.host:
+            return True
+        mesh = self.mesh
+        if mesh is None:
+            return False
+        if self._member_hosts_version != mesh.version:
+            self._member_hosts_version = mesh.version
+            self._member_hosts = {m.record.address.rsplit(":", 1)[0].strip("[]") for m in mesh.members()}
+        return ip in self._member_hosts
+
+    # -- numbers ------------------------------------------------------------------------
+
+    def statistics(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"refused_requests": self.refusals.count}
+        if self.mesh is not None:
+            out.update(self.mesh.statistics())
+        if self.http is not None:
+            out.update(self.http.statistics())
+        return out
+
+    def data_server_stats(self) -> dict[str, Any]:
+        return asdict(self.data_server.statistics()) if self.data_server is not None else {}
+
+    def _metrics(self) -> tuple[bytes, str]:
+        members: Counter[str] = Counter()
+        if self.mesh is not None:
+            members.update(m.state.label for m in self.mesh.members())
+        return render_metrics(self.statistics(), members)
+
+
+async def _run_until_signal(node: MeshNode) -> None:
+    async with trio.open_nursery() as nursery:
+
+        async def watch_signals() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+                async for sig in sigs:
+                    log.info("received %s: leaving the mesh", signal.Signals(sig).name)
+                    node.stop()
+                    return
+
+        nursery.start_soon(watch_signals)
+        await node.run()
+        nursery.cancel_scope.cancel()
+
+
+def _tune_gc() -> None:
+    """A daemon's heap is mostly long-lived, acyclic catalog data, which every
+    full collection of the cyclic GC walks (about 150 ms at 10,000 models, a
+    stall of every request).  Collect young objects in larger batches and the
+    whole heap a hundred times less often than CPython's default, and keep
+    what was loaded at start (modules, classes) out of every later walk."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 50, 100)
+
+
+def main_start(args: Any) -> int:
+    """``meshnode start``: run one node in the foreground until SIGTERM/SIGINT."""
+    try:
+        cfg = config_from_args(args)
+        check_data_dir(cfg.data_dir)
+    except (ConfigError, DataDirError) as e:
+        print(f"meshnode: error: {e}", file=sys.stderr)
+        return 2
+    node = MeshNode(cfg)
+    _tune_gc()
+    try:
+        trio.run(_run_until_signal, node)
+    except BaseException as e:  # trio's exception groups, as one clear line
+        leaf = _first_leaf(e, lambda x: isinstance(x, DataDirError))
+        if leaf is not None:
+            print(f"meshnode: error: {leaf}", file=sys.stderr)
+            return 2
+        leaf = _first_leaf(e, lambda x: isinstance(x, OSError) and not isinstance(x, ConnectionError))
+        if isinstance(leaf, OSError):
+            print(f"meshnode: error: cannot serve on {cfg.host} (port {cfg.port}, data port {cfg.data_port}): "
+                  f"{leaf.strerror or leaf}", file=sys.stderr)
+            return 2
+        if _first_leaf(e, lambda x: isinstance(x, KeyboardInterrupt)) is not None:
+            return 130
+        raise
+    return 0
+
+
+def _first_leaf(e: BaseException, want: Callable[[BaseException], bool]) -> BaseException | None:
+    """The first exception in ``e`` (looking inside groups) that ``want`` accepts."""
+    if isinstance(e, BaseExceptionGroup):
+        for sub in e.exceptions:
+            found = _first_leaf(sub, want)
+            if found is not None:
+                return found
+        return None
+    return e if want(e) else None

@@ -1,0 +1,217 @@
+"""The mesh as the daemon's parts see it: the catalog and the members, and
+the loop that drives the gossip state machine.
+
+``Mesh`` wraps ``protocol.GossipNode`` with the clock and the peer sender:
+parts read and write the catalog through it (``get``, ``items``, ``set``,
+``delete``), ask about members (``state_of``, ``reachable``, ``online``,
+``data_address``), and never touch the state machine themselves.  It also
+runs the gossip ticks, takes decoded peer messages (``receive``), and logs
+what the state machine reports (identity conflicts, bad peers).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import trio
+
+from protocol import GossipNode, MemberState, RemoteProtocolError
+from protocol.catalog import Entry
+from protocol.keys import NODE_KEY, NodeInfo, RecordError
+from protocol.membership import Member
+from protocol.wire import WrongCluster, WrongVersion, decode
+
+from .peers import PeerSender
+
+__all__ = ["Mesh", "wall_ms"]
+
+log = logging.getLogger("meshnode.mesh")
+
+
+def wall_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Mesh:
+    def __init__(self, gossip: GossipNode, sender: PeerSender, rng: random.Random) -> None:
+        self.gossip = gossip
+        self.sender = sender
+        self.rng = rng
+        self.bad_messages = 0
+        self._logged: dict[tuple[str, str], float] = {}
+
+    # -- who we are ---------------------------------------------------------------------
+
+    @property
+    def id(self) -> str:
+        return self.gossip.id
+
+    @property
+    def cluster(self) -> str:
+        return self.gossip.config.cluster
+
+    @property
+    def generation(self) -> int:
+        """Set at start; moved up only to refute an identity conflict."""
+        return self.gossip.generation
+
+    @property
+    def left(self) -> bool:
+        return self.gossip.left
+
+    @property
+    def version(self) -> int:
+        """Moves whenever what this node knows changes."""
+        return self.gossip.version
+
+    # -- members ------------------------------------------------------------------------
+
+    def members(self) -> Iterator[Member]:
+        return iter(self.gossip.members)
+
+    def member(self, node_id: str) -> Member | None:
+        return self.gossip.members.get(node_id)
+
+    def state_of(self, node_id: str) -> MemberState | None:
+        m = self.gossip.members.get(node_id)
+        return None if m is None else m.state
+
+    def reachable(self, node_id: str) -> bool:
+        """Worth asking: ourselves, or a member alive or suspect."""
+        if node_id == self.id:
+            return not self.left
+        m = self.gossip.members.get(node_id)
+        return m is not None and m.state.reachable
+
+    def online(self, node_id: str) -> bool:
+        """Alive (ourselves, until we leave)."""
+        if node_id == self.id:
+            return not self.left
+        return self.state_of(node_id) is MemberState.ALIVE
+
+    def address_of(self, node_id: str) -> str | None:
+        m = self.gossip.members.get(node_id)
+        return None if m is None else m.record.address
+
+    def data_address(self, node_id: str) -> str | None:
+        """``host:port`` of a reachable member's data plane (its ``node`` record)."""
+        m = self.gossip.members.get(node_id)
+        if m is None or not m.state.reachable:
+            return None
+        try:
+            info = NodeInfo.from_value(self.get(node_id, NODE_KEY))
+        except RecordError:
+            return None
+        return f"{m.record.address.rsplit(':', 1)[0]}:{info.data_port}"
+
+    # -- the catalog --------------------------------------------------------------------
+
+    def get(self, node_id: str, key: str) -> Any:
+        return self.gossip.catalog.get(node_id, key)
+
+    def items(self, prefix: str = "") -> Iterator[tuple[str, str, Any]]:
+        """Every live ``(node_id, key, value)`` whose key starts with ``prefix``."""
+        return self.gossip.catalog.items(prefix)
+
+    def origins(self) -> list[str]:
+        """Every node the catalog holds keys of."""
+        return list(self.gossip.catalog.nodes)
+
+    def entry(self, node_id: str, key: str) -> Entry | None:
+        st = self.gossip.catalog.nodes.get(node_id)
+        return None if st is None else st.keys.get(key)
+
+    def own_keys(self, prefix: str = "") -> Iterable[tuple[str, Entry]]:
+        """Our own entries (tombstones too) whose key starts with ``prefix``."""
+        return [(k, e) for k, e in self.gossip.catalog.own.keys.items() if k.startswith(prefix)]
+
+    def check(self, key: str, value: Any) -> None:
+        """``LocalProtocolError`` unless ``set(key, value)`` would work."""
+        self.gossip.catalog.check(key, value)
+
+    def set(self, key: str, value: Any) -> int:
+        return self.gossip.set(key, value, trio.current_time())
+
+    def delete(self, key: str) -> bool:
+        return self.gossip.delete(key, trio.current_time())
+
+    # -- driving the state machine ------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The gossip ticks, until cancelled."""
+        g = self.gossip
+        task_status.started()
+        while True:
+            try:
+                self.sender.enqueue(g.tick(trio.current_time(), self.rng))
+                self._log_notices()
+            except Exception:  # a bug in a tick must not take the node down
+                log.exception("gossip tick failed")
+            # Sleep until the next timer, but never longer than a quarter second.
+            await trio.sleep_until(min(g.next_deadline(), trio.current_time() + 0.25))
+
+    def receive(self, data: bytes, remote: str, signer: str | None = None) -> None:
+        """Decode, check and apply one peer message; ``signer`` is the node id
+        its credential proved (None when the node needs none).  Raises
+        RemoteProtocolError (and logs it)."""
+        try:
+            env = decode(data, self.cluster)
+            if signer is not None and env.sender != signer:
+                raise RemoteProtocolError(f"message from {env.sender!r} signed by {signer!r}")
+        except (WrongCluster, WrongVersion, RemoteProtocolError) as e:
+            self._note_bad_peer(remote, e)
+            raise
+        self.sender.enqueue(self.gossip.receive(env, trio.current_time(), self.rng, wall_ms()))
+        self._log_notices()
+
+    async def leave(self, timeout_s: float) -> None:
+        """Tell a few peers we are leaving (they show us as ``left``)."""
+        sends = self.gossip.leave(trio.current_time(), self.rng)
+        with trio.move_on_after(timeout_s):
+            async with trio.open_nursery() as n:
+                for s in sends:
+                    n.start_soon(self.sender.send_now, s)
+        log.info("left the mesh (told %d peers)", len(sends))
+
+    def _log_notices(self) -> None:
+        while self.gossip.notices:
+            log.warning("%s", self.gossip.notices.popleft().text)
+
+    def _note_bad_peer(self, remote: str, e: Exception) -> None:
+        self.bad_messages += 1
+        now = time.monotonic()
+        key = (remote.rsplit(":", 1)[0], type(e).__name__)
+        last = self._logged.get(key)
+        if last is not None and now - last <= 60:
+            return
+        if len(self._logged) > 10_000:
+            self._logged.clear()
+        self._logged[key] = now
+        if isinstance(e, WrongCluster):
+            log.warning("refused a node of another cluster at %s: %s", remote, e)
+        elif isinstance(e, WrongVersion):
+            log.warning("refused a peer at %s that speaks another protocol: %s", remote, e)
+        else:
+            log.warning("dropped a bad message from %s: %s", remote, e)
+
+    def statistics(self) -> dict[str, Any]:
+        g = self.gossip
+        s = g.stats
+        return {
+            "bad_messages": self.bad_messages,
+            "messages_in": s.messages_in,
+            "messages_out": s.messages_out,
+            "suspicions_raised": s.suspicions_raised,
+            "deaths_declared": s.deaths_declared,
+            "refutations": s.refutations,
+            "identity_conflicts": s.identity_conflicts,
+            "generation_moves": s.generation_moves,
+            "future_generations_dropped": s.future_generations_dropped,
+            "catalog_nodes": len(g.catalog.nodes),
+            "catalog_keys": sum(len(st.keys) for st in g.catalog.nodes.values()),
+            **{f"send_{k}": v for k, v in self.sender.stats.items()},
+        }

@@ -1,0 +1,102 @@
+"""The model registry on this node: reads from the model index, writes by
+the rules of ``protocol.registry``, saved before they are seen (``Saver.commit``)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from protocol import HLC, InvalidName, parse_device, validate_model_name
+from protocol.registry import (
+    InvalidInput,
+    Write,
+    location_write,
+    parse_registration,
+    register_write,
+    unregister_writes,
+)
+from protocol.view import ModelIndex, ModelView
+
+from .errors import MeshError
+from .mesh import Mesh, wall_ms
+from .saver import Saver
+
+__all__ = ["Registry", "model_name"]
+
+log = logging.getLogger("meshnode.registry")
+
+
+def model_name(name: Any) -> str:
+    """``name`` if it is a valid model name, else ``MeshError(INVALID_MODEL_NAME)``."""
+    try:
+        return validate_model_name(name)
+    except InvalidName as e:
+        raise MeshError("INVALID_MODEL_NAME", str(e)) from None
+
+
+class Registry:
+    def __init__(self, mesh: Mesh, hlc: HLC, index: ModelIndex, saver: Saver) -> None:
+        self.mesh = mesh
+        self.hlc = hlc
+        self.index = index  # subscribed to the mesh's catalog
+        self.saver = saver
+        self.clock_ms: Callable[[], int] = wall_ms  # the wall clock writes are stamped with
+
+    # -- reads ---------------------------------------------------------------------
+
+    def models(self) -> dict[str, ModelView]:
+        """Every registered model (a live mapping: do not change it)."""
+        return self.index.all()
+
+    def find(self, name: str) -> ModelView | None:
+        return self.index.get(name)
+
+    def model(self, name: str) -> ModelView:
+        name = model_name(name)
+        mv = self.index.get(name)
+        if mv is None:
+            raise MeshError("MODEL_NOT_FOUND", f"model {name!r} is not registered")
+        return mv
+
+    # -- writes ----------------------------------------------------------------------
+
+    async def _commit(self, writes: list[Write], warning: str | None) -> None:
+        if warning:
+            log.warning("%s", warning)
+        await self.saver.commit(writes)
+
+    async def register(self, name: str, body: Any) -> ModelView:
+        name = model_name(name)
+        try:
+            reg = parse_registration(body)
+        except InvalidInput as e:
+            raise MeshError(e.code, e.message) from None
+        write, warning = register_write(name, reg, self.index.get(name), self.hlc, self.clock_ms())
+        await self._commit([write], warning)
+        return self.model(name)
+
+    async def unregister(self, name: str, *, purge: bool = False) -> list[str]:
+        """Unregister; with ``purge`` also drop every recorded location.  The dropped devices."""
+        dropped, writes, warning = unregister_writes(self.model(name), self.hlc, wall_ms(), purge=purge)
+        await self._commit(writes, warning)
+        return dropped
+
+    async def set_location(self, name: str, device: str, present: bool) -> str:
+        """Record (or drop) a location by hand; the device, as written."""
+        mv = self.model(name)
+        try:
+            d = parse_device(device)
+        except InvalidName as e:
+            raise MeshError("INVALID_DEVICE", str(e)) from None
+        if d.is_web:
+            raise MeshError("INVALID_DEVICE", "'web' is a source, not a place a copy can live")
+        assert d.node_id is not None
+        if self.mesh.member(d.node_id) is None:
+            raise MeshError("NODE_NOT_FOUND", f"no node {d.node_id!r} is known to the mesh")
+        dev = str(d)
+        if not present and dev not in mv.locations:
+            raise MeshError("LOCATION_NOT_FOUND", f"model {mv.name!r} has no copy recorded on {dev}")
+        write, warning = location_write(mv, dev, present, self.hlc, self.clock_ms())
+        await self._commit([write], warning)
+        return dev

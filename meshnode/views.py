@@ -1,0 +1,135 @@
+"""What the API shows of the mesh: models, nodes, availability, status, as JSON."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from protocol import MemberState
+from protocol.keys import GPUS_KEY, STORAGE_KEY, RecordError, Storage
+from protocol.registry import availability, storage_totals
+from protocol.view import ModelIndex, ModelView
+
+from .mesh import Mesh
+
+__all__ = ["Views"]
+
+
+def _node_of(device: str) -> str:
+    return device.split(":", 1)[0]
+
+
+class Views:
+    def __init__(self, mesh: Mesh, index: ModelIndex) -> None:
+        self.mesh = mesh
+        self.index = index
+
+    def model_status(self, mv: ModelView) -> str:
+        if not mv.locations:
+            return "registered"
+        if any(self.mesh.online(_node_of(d)) for d in mv.locations if ":" in d):
+            return "available"
+        return "unavailable"
+
+    def model_json(self, mv: ModelView, *, full: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "model_name": mv.name,
+            "model_type": mv.model_type,
+            "size": mv.size,
+            "locations": mv.locations,
+            "services": [],
+            "status": self.model_status(mv),
+        }
+        if full:
+            out.update(
+                source_url=mv.source_url,
+                metadata=mv.metadata,
+                registered_by=mv.registered_by,
+                registered_at_ms=mv.stamp.wall_ms,
+                copies=[
+                    {"device": c.device, "manifest_hash": c.manifest_hash, "size": c.size,
+                     "status": "ready", "online": self.mesh.online(_node_of(c.device))}
+                    for c in mv.copies
+                ],
+            )
+        return out
+
+    def models_json(self) -> list[dict[str, Any]]:
+        return [self.model_json(mv) for _, mv in sorted(self.index.all().items())]
+
+    def nodes_json(self) -> list[dict[str, Any]]:
+        now = trio.current_time()
+        held: dict[str, set[str]] = {}
+        for mv in self.index.all().values():
+            for d in mv.locations:
+                held.setdefault(_node_of(d), set()).add(mv.name)
+        out = []
+        for m in sorted(self.mesh.members(), key=lambda m: m.record.node_id):
+            r = m.record
+            out.append(
+                {
+                    "node_id": r.node_id,
+                    "address": r.address,
+                    "state": r.state.label,
+                    "generation": r.generation,
+                    "incarnation": r.incarnation,
+                    "last_change_s": round(max(now - m.since, 0.0), 3),
+                    "storage": self.mesh.get(r.node_id, STORAGE_KEY) or {},
+                    "gpus": self.mesh.get(r.node_id, GPUS_KEY) or [],
+                    "models": sorted(held.get(r.node_id, ())),
+                    "self": r.node_id == self.mesh.id,
+                }
+            )
+        return out
+
+    def availability_json(self, scheme: str = "http") -> dict[str, Any]:
+        models = self.index.all()
+        members = [m.record for m in self.mesh.members()]
+        online = {r.node_id for r in members if self.mesh.online(r.node_id)}
+        av = availability(models, [r.node_id for r in members], online)
+        nodes = {
+            r.node_id: {
+                "node_id": r.node_id,
+                "address": f"{scheme}://{r.address}",
+                "online": r.node_id in online,
+                "models": av.models_by_node[r.node_id],
+                "pools": [],
+            }
+            for r in members
+        }
+        return {
+            "nodes": nodes,
+            "total_models": len(models),
+            "replicated_models": av.replicated,
+            "single_node_models": av.single_node,
+        }
+
+    def status_json(self) -> dict[str, Any]:
+        counts = {s.label: 0 for s in MemberState}
+        for m in self.mesh.members():
+            counts[m.state.label] += 1
+        if self.mesh.left:
+            counts["alive"] -= 1
+            counts["left"] += 1
+        counts["total"] = sum(counts.values())
+        av = self.availability_json()
+        storages = []
+        for _nid, _key, value in self.mesh.items(STORAGE_KEY):
+            try:
+                storages.append(Storage.from_value(value))
+            except RecordError:
+                continue
+        return {
+            "node_id": self.mesh.id,
+            "cluster": self.mesh.cluster,
+            "nodes": counts,
+            "models": {
+                "total": av["total_models"],
+                "replicated": len(av["replicated_models"]),
+                "single_node": len(av["single_node_models"]),
+            },
+            "storage": storage_totals(storages),
+            "services": 0,
+            "jobs": {},
+        }

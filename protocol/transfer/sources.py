@@ -1,0 +1,81 @@
+"""Where a copy comes from: the holders of a manifest, and which copy to fetch.
+
+Both read the catalog's ``copy/`` and ``xfer/`` records (``keys``) of every
+node, with ``reachable(node_id)`` saying which nodes are worth asking.  The
+manifest hash is a copy's identity, so a holder may hold it under any model
+name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from ..keys import COPY_PREFIX, XFER_PREFIX, CopyRecord, RecordError, XferRecord, parse_copy_key
+from .states import TransferStatus
+
+__all__ = ["Holders", "holders", "source_manifest_hash"]
+
+Items = Iterable[tuple[str, str, Any]]  # (node_id, key, value) from the catalog
+
+
+@dataclass(frozen=True, slots=True)
+class Holders:
+    nodes: frozenset[str]  # can serve chunks of the manifest now
+    complete: frozenset[str]  # of those, hold it whole (the others are fetching it)
+
+
+def holders(items: Items, manifest_hash: str, me: str, reachable: Callable[[str], bool]) -> Holders:
+    """The reachable nodes other than ``me`` that hold ``manifest_hash``:
+    complete copies, and transfers of it that are running."""
+    nodes: set[str] = set()
+    complete: set[str] = set()
+    for nid, key, value in items:
+        if nid == me or nid in complete:
+            continue
+        try:
+            if key.startswith(COPY_PREFIX):
+                if CopyRecord.from_value(value).manifest_hash != manifest_hash:
+                    continue
+                whole = True
+            elif key.startswith(XFER_PREFIX):
+                x = XferRecord.from_value(value)
+                if x.manifest_hash != manifest_hash or x.status is not TransferStatus.RUNNING:
+                    continue
+                whole = False
+            else:
+                continue
+        except RecordError:
+            continue
+        if not reachable(nid):
+            continue
+        nodes.add(nid)
+        if whole:
+            complete.add(nid)
+    return Holders(frozenset(nodes), frozenset(complete))
+
+
+def source_manifest_hash(
+    copy_items: Items, model: str, source: str | None, me: str, reachable: Callable[[str], bool]
+) -> str | None:
+    """The manifest hash of the copy of ``model`` to fetch: the one on the
+    ``source`` device (``node:kind``) if named, else the copy most reachable
+    nodes hold, the newest among equals.  None: no such copy."""
+    votes: dict[str, tuple[int, int]] = {}  # hash -> (reachable holders, newest published_ms)
+    for nid, key, value in copy_items:
+        parsed = parse_copy_key(key)
+        if parsed is None or parsed[0] != model:
+            continue
+        try:
+            c = CopyRecord.from_value(value)
+        except RecordError:
+            continue
+        if source is not None:
+            if f"{nid}:{parsed[1]}" == source:
+                return c.manifest_hash
+            continue
+        if nid == me or reachable(nid):
+            n, newest = votes.get(c.manifest_hash, (0, 0))
+            votes[c.manifest_hash] = (n + 1, max(newest, c.published_ms))
+    return max(votes, key=lambda h: votes[h]) if votes else None
