@@ -29,7 +29,6 @@ import signal
 import ssl
 import sys
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -50,6 +49,7 @@ from .copies.dataplane import DataClient, DataServer
 from .copies.puller import LocalChunks, Puller
 from .copies.store import Store
 from .copies.transfers import Transfers, TransferSettings
+from .errors import first_of
 from .httpserver import ConnectionLimits, HttpServer, raise_fd_limit
 from .mesh import Mesh, wall_ms
 from .metrics import render_metrics
@@ -368,27 +368,17 @@ def main_start(args: Any) -> int:
     try:
         trio.run(_run_until_signal, node)
     except BaseException as e:  # trio's exception groups, as one clear line
-        leaf = _first_leaf(e, lambda x: isinstance(x, DataDirError))
+        leaf = first_of(e, DataDirError)
         if leaf is not None:
             print(f"meshnode: error: {leaf}", file=sys.stderr)
             return 2
-        leaf = _first_leaf(e, lambda x: isinstance(x, OSError) and not isinstance(x, ConnectionError))
+        leaf = first_of(e, lambda x: isinstance(x, OSError) and not isinstance(x, ConnectionError))
         if isinstance(leaf, OSError):
             print(f"meshnode: error: cannot serve on {cfg.host} (port {cfg.port}, data port {cfg.data_port}): "
                   f"{leaf.strerror or leaf}", file=sys.stderr)
             return 2
-        if _first_leaf(e, lambda x: isinstance(x, KeyboardInterrupt)) is not None:
+        if first_of(e, KeyboardInterrupt) is not None:
             return 130
         raise
     return 0
 
-
-def _first_leaf(e: BaseException, want: Callable[[BaseException], bool]) -> BaseException | None:
-    """The first exception in ``e`` (looking inside groups) that ``want`` accepts."""
-    if isinstance(e, BaseExceptionGroup):
-        for sub in e.exceptions:
-            found = _first_leaf(sub, want)
-            if found is not None:
-                return found
-        return None
-    return e if want(e) else None

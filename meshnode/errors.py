@@ -11,6 +11,8 @@ sources' errors are kinds of it, so one ``except MeshError`` (or one
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = ["STATUS", "MeshError", "first_mesh_error"]
 
 STATUS: dict[str, int] = {
@@ -69,13 +71,28 @@ class MeshError(Exception):
         return f"{type(self).__name__}({self.code!r}, {self.message!r})"
 
 
-def first_mesh_error(e: BaseException) -> MeshError | None:
-    """The first ``MeshError`` in ``e``, looking inside exception groups (trio wraps errors in them)."""
-    if isinstance(e, MeshError):
-        return e
+def first_of(e: BaseException, condition: Any) -> BaseException | None:
+    """The first exception in ``e`` that ``condition`` (a type, a tuple of
+    types, or a predicate, as ``ExceptionGroup.split`` takes) matches,
+    looking inside exception groups (trio wraps errors in them)."""
+    if not isinstance(e, BaseExceptionGroup):
+        if isinstance(condition, type | tuple):
+            return e if isinstance(e, condition) else None
+        return e if condition(e) else None
+    found: BaseException | None = e.split(condition)[0]
+    while isinstance(found, BaseExceptionGroup):
+        found = found.exceptions[0]
+    return found
+
+
+def only(e: BaseException, kinds: type[BaseException] | tuple[type[BaseException], ...]) -> bool:
+    """Whether ``e`` is of ``kinds``, or a group of nothing else."""
     if isinstance(e, BaseExceptionGroup):
-        matched, _ = e.split(MeshError)
-        while isinstance(matched, BaseExceptionGroup):
-            matched = matched.exceptions[0]  # type: ignore[assignment]
-        return matched if isinstance(matched, MeshError) else None
-    return None
+        return e.split(kinds)[1] is None
+    return isinstance(e, kinds)
+
+
+def first_mesh_error(e: BaseException) -> MeshError | None:
+    """The first ``MeshError`` in ``e``, looking inside exception groups."""
+    found = first_of(e, MeshError)
+    return found if isinstance(found, MeshError) else None

@@ -129,7 +129,7 @@ class PeerSender:
         reason = ""
         try:
             reason = str(r.json()["error"]["message"])[:200]
-        except Exception:
+        except (ValueError, KeyError, TypeError):  # not our error shape: show the text
             reason = r.text[:200]
         if self._first(s.to, "refused"):
             log.warning("peer %s refused our message (HTTP %d): %s", s.to, r.status_code, reason)

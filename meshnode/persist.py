@@ -314,7 +314,7 @@ class StateFile:
                 break
             try:
                 rec = msgpack.unpackb(payload, raw=False, strict_map_key=False)
-            except Exception:
+            except Exception:  # msgpack raises several unrelated types; a torn tail ends the log
                 break
             if not _is_record(rec):
                 break

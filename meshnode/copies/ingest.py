@@ -28,9 +28,10 @@ from protocol.actions import Web
 from protocol.keys import SRC_PREFIX, XFER_PREFIX, SrcRecord, src_key
 from protocol.transfer.claims import choose_fetcher, live_claims, mesh_copy, source_id
 
+from ..errors import only
 from ..mesh import Mesh, wall_ms
 from ..persist import make_dirs
-from .puller import Puller, only_cancelled
+from .puller import Puller
 from .sources import SourceError, SourceResult, fetch_source, is_hf_source
 from .sources.hf import parse_hf_ref, resolve_hf_commit
 from .store import Copy, Store
@@ -140,7 +141,7 @@ class WebIngest:
             )
             copy = await trio.to_thread.run_sync(functools.partial(self.store.ingest_path, t.kind, t.model, staging, adopt=True))
         except BaseException as e:
-            if not only_cancelled(e):  # a crash or stop keeps the partial files for the resume
+            if not only(e, trio.Cancelled):  # a crash or stop keeps the partial files for the resume
                 await trio.to_thread.run_sync(shutil.rmtree, staging, True)
             raise
         await trio.to_thread.run_sync(shutil.rmtree, staging, True)

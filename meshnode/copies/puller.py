@@ -35,14 +35,14 @@ from protocol.manifest import Manifest
 from protocol.transfer.chunkplan import ChunkPlan, ChunkState, choose_sources
 from protocol.transfer.sources import holders
 
-from ..errors import MeshError
+from ..errors import MeshError, only
 from ..mesh import Mesh
 from ..peers import PeerClient
 from .dataplane import ChunkMismatch, DataClient, DataPlaneError, NotFound, PeerBusy
 from .store import Copy, Partial, Store, StoreError
 from .transfer import Transfer
 
-__all__ = ["LocalChunks", "Puller", "TransferError", "full_bitfield", "only_cancelled"]
+__all__ = ["LocalChunks", "Puller", "TransferError", "full_bitfield"]
 
 log = logging.getLogger("meshnode.transfers")
 
@@ -160,7 +160,7 @@ class Puller:
             return await trio.to_thread.run_sync(partial.publish)
         except BaseException as e:
             self._partials.pop(t.manifest_hash, None)
-            if only_cancelled(e):
+            if only(e, trio.Cancelled):
                 # The node is stopping: keep the verified chunks for the resume.
                 partial.close()
             else:
@@ -350,13 +350,3 @@ def full_bitfield(n: int) -> bytes:
 
 def bits_of(bitfield: bytes, n: int) -> set[int]:
     return {i for i in range(min(n, len(bitfield) * 8)) if bitfield[i // 8] & (0x80 >> (i % 8))}
-
-
-def only_cancelled(e: BaseException) -> bool:
-    """Whether ``e`` is a cancellation (or a group of only those): the node stopping, not a failure."""
-    if isinstance(e, trio.Cancelled):
-        return True
-    if isinstance(e, BaseExceptionGroup):
-        return all(only_cancelled(x) for x in e.exceptions)
-    return False
-

@@ -35,14 +35,14 @@ from protocol.registry import METADATA_FILES_MAX
 from protocol.transfer import TransferStatus
 from protocol.transfer.sources import source_manifest_hash
 
-from ..errors import MeshError, first_mesh_error
+from ..errors import MeshError, first_mesh_error, only
 from ..mesh import Mesh, wall_ms
 from ..registry import Registry
 from ..saver import Saver
 from .catalog import CopyCatalog
 from .ingest import WebIngest
 from .intents import Intents
-from .puller import Puller, TransferError, only_cancelled, resumed_chunks
+from .puller import Puller, TransferError, resumed_chunks
 from .sources.guard import confine_path
 from .store import Copy, Store, StoreError
 from .transfer import Transfer
@@ -168,7 +168,7 @@ class Transfers:
                     t.fail("INTERNAL", f"{type(exc).__name__}: {exc}")
                     log.exception("transfer %s crashed", t.id)
             except BaseException as exc:
-                if not only_cancelled(exc):
+                if not only(exc, trio.Cancelled):
                     raise
                 # The node is stopping: the intent stays, so the restart resumes it.
                 t.move(TransferStatus.QUEUED)

@@ -48,6 +48,7 @@ from huggingface_hub.utils import (  # type: ignore[attr-defined]  # exported la
 from protocol.errors import InvalidName
 from protocol.manifest import validate_rel_path
 
+from ...errors import first_of, only
 from ...persist import make_dirs
 from .common import (
     DEFAULT_RETRY,
@@ -274,25 +275,6 @@ def _pattern_list(p: Sequence[str] | str | None) -> list[str] | str | None:
     return list(p)
 
 
-def _first_source_error(e: BaseException) -> SourceError | None:
-    if isinstance(e, SourceError):
-        return e
-    if isinstance(e, BaseExceptionGroup):
-        for sub in e.exceptions:
-            found = _first_source_error(sub)
-            if found is not None:
-                return found
-    return None
-
-
-def _only_source_errors(e: BaseException) -> bool:
-    if isinstance(e, SourceError | trio.Cancelled):
-        return True
-    if isinstance(e, BaseExceptionGroup):
-        return all(_only_source_errors(x) for x in e.exceptions)
-    return False
-
-
 async def fetch_hf(
     repo_id: str,
     dest_dir: Path,
@@ -421,11 +403,11 @@ async def fetch_hf(
             for s in selected:
                 nursery.start_soon(one, s)
     except BaseExceptionGroup as eg:
-        first = _first_source_error(eg)
-        if first is not None and first.code in ("UNAUTHORIZED", "NOT_FOUND"):
+        first = first_of(eg, SourceError)
+        if isinstance(first, SourceError) and first.code in ("UNAUTHORIZED", "NOT_FOUND"):
             # Final answers: partial files of this commit will never be resumed.
             await trio.to_thread.run_sync(_drop_partials, dest_dir)
-        if first is not None and _only_source_errors(eg):
+        if first is not None and only(eg, (SourceError, trio.Cancelled)):
             raise first from None
         raise
     finally:
