@@ -71,7 +71,7 @@ from .views import Views
 
 __all__ = ["MeshNode", "main_start"]
 
-log = logging.getLogger("meshnode.node")
+log = logging.getLogger("meshnode.daemon")
 
 
 class MeshNode:

@@ -15,6 +15,7 @@ import trio
 
 from meshnode.config import add_start_arguments, config_from_args
 from meshnode.daemon import MeshNode
+from tests.needs import unavailable
 
 # Gossip fast; probe at a pace a loaded 2-core CI machine keeps up with.
 FAST = ["--gossip-interval", "0.1", "--probe-interval", "0.4"]
@@ -92,7 +93,8 @@ async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
     """``tmpfs(mib)`` mounts a tmpfs of that size (a small RAM tier that fills
-    up); every mount is removed at the end.  Skips without the right to mount."""
+    up); every mount is removed at the end.  Skips without the right to mount
+    (fails as root: see ``tests.needs``)."""
     mounts: list[Path] = []
 
     def mount(mib: int) -> Path:
@@ -100,7 +102,7 @@ def tmpfs(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
         mnt.mkdir()
         r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs", str(mnt)], capture_output=True)
         if r.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+            unavailable(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
         mounts.append(mnt)
         return mnt
 

@@ -701,13 +701,13 @@ async def test_a_tls_chunk_stalled_mid_way_times_out_and_a_cancel_returns_at_onc
         start = time.monotonic()
         with pytest.raises(DataPlaneError, match="no progress"):
             await client.fetch_chunk(peer, MANIFEST, 0, len(payload), digest, bytearray(len(payload)))
-        assert 0.9 <= time.monotonic() - start < 3
+        assert time.monotonic() - start >= 0.9  # it waited for the read timeout
         slow = DataClient(("k",), ssl_context=client_ctx, read_timeout_s=60)
         buf = bytearray(len(payload))
-        start = time.monotonic()
-        with trio.move_on_after(0.5):
-            await slow.fetch_chunk(peer, MANIFEST, 0, len(payload), digest, buf)
-        assert time.monotonic() - start < 2  # not the 60 s the thread would wait alone
+        with trio.fail_after(30):  # the thread alone would wait 60 s
+            with trio.move_on_after(0.5) as cancelled:
+                await slow.fetch_chunk(peer, MANIFEST, 0, len(payload), digest, buf)
+        assert cancelled.cancelled_caught
         snapshot = bytes(buf)
         await trio.sleep(0.2)
         assert bytes(buf) == snapshot  # nothing writes into the buffer once the call returned

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +104,6 @@ def test_holder_that_stops_answering_loses_its_chunks_to_others(procs, tmp_path:
     tid = r.json()["transfer_id"]
     wait(lambda: transfer(b.url, tid)["chunks_fetched"] >= 1, timeout_s=20, what="progress")
     assert a.p is not None
-    t0 = time.monotonic()
     os.kill(a.p.pid, signal.SIGSTOP)
     try:
         final: dict[str, Any] = {}
@@ -115,10 +113,9 @@ def test_holder_that_stops_answering_loses_its_chunks_to_others(procs, tmp_path:
             return final["status"] in ("done", "failed")
 
         wait(finished, timeout_s=40, what="transfer to finish without a")
-        took = time.monotonic() - t0
+        assert a.p.poll() is None  # it finished while a was still stopped
     finally:
         os.kill(a.p.pid, signal.SIGCONT)
     assert final["status"] == "done", final
     assert sha(published(tmp_path, "b", "weights.bin")) == sha(src / "weights.bin")
-    # 40 MiB at c's 10 MB/s is 4 s; the stalled chunks moved within the 2 s stall timeout.
-    assert took < 30, took
+    assert "c" in final["sources"], final  # the chunks a held were taken from c

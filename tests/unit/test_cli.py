@@ -1,6 +1,6 @@
 """The ``meshnode`` command line against a fake peer.
 
-The fake is a plain function behind ``httpx.MockTransport``; ``cli.make_client``
+The fake is a plain function behind ``httpx.MockTransport``; ``cli.commands.make_client``
 is swapped so every command talks to it.  Each test checks what went over the
 wire (method, path, body, Authorization) and what the user saw.
 """
@@ -21,7 +21,8 @@ import httpx
 import pytest
 
 from meshnode import cli
-from meshnode.client import ApiClient, model_path, normalize_peer_url
+from meshnode.cli import commands, render, values, waiting
+from meshnode.cli.client import ApiClient, model_path, normalize_peer_url
 
 TOKEN = "s3cret-token-value"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -173,7 +174,7 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> Callable[[Handler], Wire]:
                 transport=httpx.MockTransport(recording),
             )
 
-        monkeypatch.setattr(cli, "make_client", make_client)
+        monkeypatch.setattr(commands, "make_client", make_client)
         return wire
 
     return install
@@ -719,14 +720,14 @@ def test_normalize_peer_url() -> None:
     ],
 )
 def test_parse_bytes(text: str, value: int) -> None:
-    assert cli.parse_bytes(text) == value
+    assert values.parse_bytes(text) == value
 
 
 def test_human_bytes() -> None:
-    assert cli.human_bytes(0) == "0 B"
-    assert cli.human_bytes(1536) == "1.5 KiB"
-    assert cli.human_bytes(None) == "-"
-    assert cli.human_bytes(True) == "-"
+    assert render.human_bytes(0) == "0 B"
+    assert render.human_bytes(1536) == "1.5 KiB"
+    assert render.human_bytes(None) == "-"
+    assert render.human_bytes(True) == "-"
 
 
 # -- start ---------------------------------------------------------------------
@@ -870,7 +871,7 @@ FAILED = transfer(
 
 
 class FakeTime:
-    """Replaces ``cli._sleep`` and ``cli._monotonic``: sleeping moves the clock."""
+    """Replaces ``cli.waiting._sleep`` and ``_monotonic``: sleeping moves the clock."""
 
     def __init__(self) -> None:
         self.now = 1000.0
@@ -890,8 +891,8 @@ class FakeTime:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> FakeTime:
     fake_time = FakeTime()
-    monkeypatch.setattr(cli, "_sleep", fake_time.sleep)
-    monkeypatch.setattr(cli, "_monotonic", fake_time.monotonic)
+    monkeypatch.setattr(waiting, "_sleep", fake_time.sleep)
+    monkeypatch.setattr(waiting, "_monotonic", fake_time.monotonic)
     return fake_time
 
 
@@ -1038,7 +1039,7 @@ def test_wait_polls_until_done(
     assert len(polls(wire)) == 4
     assert all(r.url.raw_path == f"/transfers/{TID}".encode() for r in polls(wire))
     assert all(r.url.host == "node-a" for r in wire.requests)  # the same peer throughout
-    assert clock.sleeps == [cli.POLL_INTERVAL_S] * 4
+    assert clock.sleeps == [waiting.POLL_INTERVAL_S] * 4
     assert (
         f"transfer {TID} done: {MODEL} -> node-b:disk (4.0 GiB in 42s; from node-a, node-c" in out
     )
@@ -1110,7 +1111,7 @@ def test_wait_gives_up_on_404_after_the_grace(
     assert code == 1
     assert_one_error_line(err, "meshnode: error: TRANSFER_NOT_FOUND:")
     assert f"meshnode transfer {TID}" in err
-    assert len(polls(wire)) == int(cli.NOT_FOUND_GRACE_S / cli.POLL_INTERVAL_S)
+    assert len(polls(wire)) == int(waiting.NOT_FOUND_GRACE_S / waiting.POLL_INTERVAL_S)
 
 
 def test_wait_does_not_tolerate_other_404s(
@@ -1186,7 +1187,7 @@ def test_wait_shows_a_bar_on_a_terminal(
 
     screen = io.StringIO()
     monkeypatch.setattr(
-        cli, "stderr_console", lambda: Console(file=screen, force_terminal=True, width=200)
+        waiting, "stderr_console", lambda: Console(file=screen, force_terminal=True, width=200)
     )
     fake(transfer_peer(transfer(), [RUNNING, DONE]))
     code, out, _ = run(capsys, "copy", MODEL, "--to", "node-b:disk", "--wait")
@@ -1314,7 +1315,7 @@ def test_download_passes_revision_and_patterns(capsys: pytest.CaptureFixture[str
         seen.append(json.loads(request.content))
         return httpx.Response(202, json={"transfer_id": "t1", "status": "queued", "model": "o/m", "target_device": "n1:disk"})
 
-    monkeypatch.setattr(cli, "make_client", lambda base, token, timeout: ApiClient(base, token=token, timeout_s=timeout, transport=httpx.MockTransport(handler)))
+    monkeypatch.setattr(commands, "make_client", lambda base, token, timeout: ApiClient(base, token=token, timeout_s=timeout, transport=httpx.MockTransport(handler)))
     rc = cli.main(["download", "o/m", "--to", "n1:disk", "--revision", "v2", "--include", "*.json", "--include", "*.safetensors", "--exclude", "*.bin"])
     assert rc == 0
     assert seen == [{"source": "web", "target_device": "n1:disk", "revision": "v2",
@@ -1329,7 +1330,7 @@ def test_transfer_shows_files_and_note(capsys: pytest.CaptureFixture[str], monke
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, json=state)
 
-    monkeypatch.setattr(cli, "make_client", lambda base, token, timeout: ApiClient(base, token=token, timeout_s=timeout, transport=httpx.MockTransport(handler)))
+    monkeypatch.setattr(commands, "make_client", lambda base, token, timeout: ApiClient(base, token=token, timeout_s=timeout, transport=httpx.MockTransport(handler)))
     assert cli.main(["transfer", "t9"]) == 0
     out = capsys.readouterr().out
     assert "2 of 6" in out and "fetching from the source" in out

@@ -124,7 +124,7 @@ def test_a_stamp_from_far_in_the_future_is_reported_not_followed() -> None:
     future = Stamp(10_000_000, 0, "z")
     items[("z", reg_key("m"))] = RegRecord(future, future, RegOp.REGISTER).to_value()
     before = _models(items)["m"]
-    (key, value), warning = register_write("m", Registration(), before, clock, 1_000)
+    (_key, value), warning = register_write("m", Registration(), before, clock, 1_000)
     assert warning is not None and "future" in warning
     assert RegRecord.from_value(value).stamp < future  # it cannot win, and says so
 
@@ -214,9 +214,7 @@ def _catalog(copies: list[Any], xfers: list[Any]) -> list[tuple[str, str, Any]]:
 def test_holders_are_the_reachable_copies_and_running_transfers(copies, xfers, h, me, up) -> None:  # type: ignore[no-untyped-def]
     items = _catalog(copies, xfers)
     got = holders(items, h, me, lambda n: n in up)
-    whole = {n for n, _m, _k, hh, _ in copies if hh == h} - {me}
-    fetching = {n for n, _t, hh, s in xfers if hh == h and s is TransferStatus.RUNNING} - {me}
-    # the last record of a key wins in the catalog; rebuild the truth from it
+    # the last record of a key wins in the catalog: the truth is what it holds
     whole = {n for n, k, v in items if k.startswith("copy/") and isinstance(v, dict) and v["manifest_hash"] == h} - {me}
     fetching = {n for n, k, v in items if k.startswith("xfer/") and isinstance(v, dict) and v.get("manifest_hash") == h
                 and v.get("status") == "running"} - {me}
@@ -261,7 +259,7 @@ def test_only_active_claims_of_reachable_nodes_count(raw, me, up) -> None:  # ty
     items = [(n, xfer_key(f"t{i}"), XferRecord("m", "disk", status, None, source_id=sid,
                                                claim=None if c is None else Stamp(c, 0, n)).to_value())
              for i, (n, sid, status, c) in enumerate(raw)]
-    got = live_claims(items + [("a", xfer_key("junk"), 17)], "s1", me, lambda n: n in up)
+    got = live_claims([*items, ("a", xfer_key("junk"), 17)], "s1", me, lambda n: n in up)
     want = sorted((Stamp(c, 0, n), n) for n, sid, status, c in raw
                   if sid == "s1" and status.active and c is not None and (n == me or n in up))
     assert sorted((cl.stamp, cl.node_id) for cl in got) == want

@@ -21,6 +21,28 @@ from rich.table import Table
 from rich.text import Text
 
 PROG = "meshnode"
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 2
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(Exception):
+    """A problem with what the user typed that argparse could not see."""
+
+
+def _redact(text: str, secret: str | None) -> str:
+    if secret:
+        text = text.replace(secret, "***")
+    return text
+
+
+def fail(message: str, code: int, secret: str | None = None) -> int:
+    """Print one error line on stderr (the token never in it); return ``code``."""
+    print(f"{PROG}: error: {_redact(message, secret)}", file=sys.stderr)
+    return code
 TRANSFER_FINAL = ("done", "failed")
 
 # Width for tables when stdout is not a terminal, so names are not folded.

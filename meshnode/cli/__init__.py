@@ -1,0 +1,89 @@
+"""The ``meshnode`` console script.
+
+``meshnode start`` runs a node (see ``meshnode.config`` and ``meshnode.daemon``);
+every other command talks HTTP to one peer, which answers for the whole mesh.
+
+- ``parser``: the arguments of every command;
+- ``commands``: what each client command asks the peer, and how it runs;
+- ``waiting``: following a transfer until it ends (``--wait``);
+- ``render``: what the CLI prints (tables, bars, error lines, exit codes);
+- ``client``: the HTTP client of the public API, for scripts too.
+
+Exit codes: 0 success; 1 the peer answered with an error or something else
+went wrong (one line on stderr); 2 bad usage or the peer could not be reached;
+130 interrupted.  Logging is configured here and only here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from .parser import build_parser
+from .render import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, fail
+from .values import log_level
+
+__all__ = ["build_parser", "configure_logging", "main"]
+
+_LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+_LOG_DATEFMT = "%Y-%m-%dT%H:%M:%S"
+
+
+# -- entry point ---------------------------------------------------------------
+
+
+def configure_logging(level_name: str) -> None:
+    level = getattr(logging, level_name)
+    logging.basicConfig(level=level, format=_LOG_FORMAT, datefmt=_LOG_DATEFMT)
+    # httpx logs every request at INFO; a CLI's stderr is for one-line errors.
+    if level > logging.DEBUG:
+        for name in ("httpx", "httpcore"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _exit_code(code: object) -> int:
+    if code is None:
+        return EXIT_OK
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return EXIT_ERROR
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``meshnode`` command line; return the process exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version and usage errors
+        return _exit_code(exc.code)
+
+    level = getattr(args, "log_level", None) or os.environ.get("MESHNODE_LOG_LEVEL") or "INFO"
+    try:
+        level = log_level(level)
+    except argparse.ArgumentTypeError as exc:
+        return fail(f"MESHNODE_LOG_LEVEL: {exc}", EXIT_USAGE)
+    configure_logging(level)
+
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # `meshnode list | head`: the reader left; say nothing more, and keep
+        # Python from complaining again when it flushes stdout at exit.
+        _silence_stdout()
+        return EXIT_ERROR
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # not a real file (tests, embedding)
+        pass

@@ -1,0 +1,253 @@
+"""The client commands: what each asks the peer, and how its answer is shown.
+
+``COMMANDS`` maps a command name to its help line, its call (``ApiClient``
+method) and its renderer; ``run_client_command`` runs one of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from .client import (
+    DEFAULT_PEER,
+    DEFAULT_TIMEOUT_S,
+    AnswerError,
+    ApiClient,
+    ClientError,
+    PeerUnreachableError,
+    model_path,
+    normalize_peer_url,
+)
+from .render import (
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    UsageError,
+    fail,
+    render_availability,
+    render_info,
+    render_list,
+    render_nodes,
+    render_register,
+    render_status,
+    render_transfer,
+    render_transfer_started,
+    render_transfers,
+    render_unregister,
+    stdout_console,
+)
+from .values import positive_float
+from .waiting import wait_for_transfer
+
+__all__ = ["COMMANDS", "file_url", "make_client", "run_client_command", "run_start"]
+
+
+def make_client(base_url: str, token: str | None, timeout_s: float) -> ApiClient:
+    """Build the ``ApiClient`` every client command uses.
+
+    Module-level on purpose: tests swap it for one with an ``httpx.MockTransport``.
+    """
+    return ApiClient(base_url, token=token, timeout_s=timeout_s)
+
+
+Call = Callable[[ApiClient, argparse.Namespace], Any]
+Render = Callable[[Console, Any, argparse.Namespace], None]
+
+
+def _requirements(args: argparse.Namespace) -> dict[str, Any]:
+    req: dict[str, Any] = {}
+    if args.min_memory is not None:
+        req["min_memory"] = args.min_memory
+    if args.min_vram is not None:
+        req["min_vram"] = args.min_vram
+    if args.gpu_arch:
+        req["gpu_arch"] = args.gpu_arch
+    return req
+
+
+def _tags(text: str | None) -> list[str]:
+    if not text:
+        return []
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _call_register(api: ApiClient, args: argparse.Namespace) -> Any:
+    return api.register_model(
+        args.name,
+        model_type=args.type,
+        source_url=args.url,
+        description=args.desc,
+        tags=_tags(args.tags),
+        requirements=_requirements(args),
+    )
+
+
+def file_url(path: str) -> str:
+    """``--from PATH`` -> ``file:///abs/path``: the path is on the target node, but a
+    relative one (or ``~``) is made absolute here, against this shell's directory."""
+    if not path.strip():
+        raise UsageError("--from: the path is empty")
+    return Path(os.path.abspath(os.path.expanduser(path))).as_uri()
+
+
+def _call_download(api: ApiClient, args: argparse.Namespace) -> Any:
+    if args.source is not None:
+        return api.download_model(args.name, target_device=args.to, source=args.source)
+    return api.download_model(
+        args.name,
+        target_device=args.to,
+        source="web",
+        source_url=args.source_url,
+        revision=args.revision,
+        allow_patterns=args.include,
+        ignore_patterns=args.exclude,
+    )
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    """Checks and conversions that need no peer (raise ``UsageError``)."""
+    if getattr(args, "wait_timeout", None) is not None and not getattr(args, "wait", False):
+        raise UsageError("--wait-timeout needs --wait")
+    if args.command == "download":
+        args.source_url = file_url(args.from_path) if args.from_path is not None else args.url
+    if args.command == "transfer" and not args.transfer_id.strip():
+        raise UsageError("transfer id is empty")
+
+
+COMMANDS: dict[str, tuple[str, Call, Render]] = {
+    "status": ("the mesh at a glance", lambda api, a: api.status(), render_status),
+    "nodes": ("every known node", lambda api, a: api.nodes(), render_nodes),
+    "list": ("every registered model", lambda api, a: api.list_models(), render_list),
+    "info": (
+        "one model: registration, copies, services",
+        lambda api, a: api.get_model(a.name),
+        render_info,
+    ),
+    "register": ("register a model in the catalog", _call_register, render_register),
+    "unregister": (
+        "remove a model from the catalog",
+        lambda api, a: api.unregister_model(a.name, purge=a.purge),
+        render_unregister,
+    ),
+    "availability": (
+        "which node holds which model (llama-orch's view)",
+        lambda api, a: api.availability(),
+        render_availability,
+    ),
+    "download": (
+        "fetch a model onto a device from a path, a URL or another copy",
+        _call_download,
+        render_transfer_started,
+    ),
+    "copy": (
+        "copy a model onto a device (from a given copy or any holder)",
+        lambda api, a: api.copy_model(a.name, to_device=a.to, from_device=a.from_device),
+        render_transfer_started,
+    ),
+    "move": (
+        "move a model's copy to another device (copy, then drop the source)",
+        lambda api, a: api.move_model(a.name, from_device=a.from_device, to_device=a.to),
+        render_transfer_started,
+    ),
+    "transfers": (
+        "every transfer the mesh knows of",
+        lambda api, a: api.transfers(),
+        render_transfers,
+    ),
+    "transfer": (
+        "one transfer: progress, sources, error",
+        lambda api, a: api.get_transfer(a.transfer_id),
+        render_transfer,
+    ),
+}
+
+
+def _resolve_token(
+    args: argparse.Namespace, environ: dict[str, str] | os._Environ[str]
+) -> str | None:
+    if args.token:
+        return str(args.token).strip() or None
+    path = args.token_file
+    if not path and not environ.get("MESHNODE_TOKEN"):
+        path = environ.get("MESHNODE_TOKEN_FILE")
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as exc:
+            raise UsageError(f"cannot read token file {path}: {exc.strerror or exc}") from None
+        # A file may hold a comma- or newline-separated list (the server's
+        # rotation format); a client sends the first.
+        tokens = [t.strip() for t in text.replace("\n", ",").split(",") if t.strip()]
+        if not tokens:
+            raise UsageError(f"token file {path} is empty")
+        return tokens[0]
+    return environ.get("MESHNODE_TOKEN", "").strip() or None
+
+
+def _resolve_timeout(args: argparse.Namespace, environ: dict[str, str] | os._Environ[str]) -> float:
+    if args.timeout is not None:
+        return float(args.timeout)
+    text = environ.get("MESHNODE_TIMEOUT")
+    if not text:
+        return DEFAULT_TIMEOUT_S
+    try:
+        return positive_float(text)
+    except argparse.ArgumentTypeError as exc:
+        raise UsageError(f"MESHNODE_TIMEOUT: {exc}") from None
+
+
+def run_client_command(args: argparse.Namespace) -> int:
+    """Run one HTTP command against ``--peer``; return the exit code."""
+    environ = os.environ
+    token: str | None = None
+    try:
+        token = _resolve_token(args, environ)
+        peer = normalize_peer_url(args.peer or environ.get("MESHNODE_PEER") or DEFAULT_PEER)
+        timeout_s = _resolve_timeout(args, environ)
+        if getattr(args, "name", None) is not None:
+            model_path(args.name)  # reject impossible names before any I/O
+        _prepare(args)
+    except (UsageError, ValueError) as exc:
+        return fail(str(exc), EXIT_USAGE, token)
+
+    _help, call, render = COMMANDS[args.command]
+    try:
+        with make_client(peer, token, timeout_s) as api:
+            data = call(api, args)
+            if getattr(args, "wait", False):
+                return wait_for_transfer(api, data, args, token)
+    except PeerUnreachableError as exc:
+        return fail(str(exc), EXIT_UNREACHABLE, token)
+    except (AnswerError, ClientError) as exc:
+        return fail(str(exc), EXIT_ERROR, token)
+
+    if args.json:
+        print(json.dumps(data, indent=2, ensure_ascii=False))
+        return EXIT_OK
+    try:
+        render(stdout_console(), data, args)
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        return fail(
+            f"unexpected response from peer {peer} for {args.command}: {type(exc).__name__}: {exc}"
+            " (try --json)",
+            EXIT_ERROR,
+            token,
+        )
+    return EXIT_OK
+
+
+def run_start(args: argparse.Namespace) -> int:
+    """``meshnode start``: imported here, not at the top, so that the client
+    commands start without loading the daemon (trio, the web server, NVML)."""
+    from ..daemon import main_start
+
+    return main_start(args)

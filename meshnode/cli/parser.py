@@ -1,0 +1,171 @@
+"""The ``meshnode`` argument parser: ``start`` and every client command."""
+
+from __future__ import annotations
+
+import argparse
+
+from .. import __version__
+from ..config import add_start_arguments
+from .client import DEFAULT_PEER, DEFAULT_TIMEOUT_S
+from .commands import COMMANDS, run_client_command, run_start
+from .render import PROG
+from .values import LOG_LEVELS, log_level, parse_bytes, positive_float
+
+__all__ = ["build_parser"]
+
+
+def _logging_parent() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument(
+        "--log-level",
+        type=log_level,
+        default=argparse.SUPPRESS,
+        metavar="LEVEL",
+        help=f"one of {', '.join(LOG_LEVELS)} (env MESHNODE_LOG_LEVEL, default INFO)",
+    )
+    return p
+
+
+def _client_parent() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("peer")
+    g.add_argument(
+        "--peer",
+        metavar="URL",
+        help=f"peer to ask: URL or HOST:PORT (env MESHNODE_PEER, default {DEFAULT_PEER})",
+    )
+    tok = g.add_mutually_exclusive_group()
+    tok.add_argument("--token", metavar="TOKEN", help="API bearer token (env MESHNODE_TOKEN)")
+    tok.add_argument(
+        "--token-file",
+        metavar="PATH",
+        help="read the API token from a file (env MESHNODE_TOKEN_FILE)",
+    )
+    g.add_argument(
+        "--timeout",
+        type=positive_float,
+        metavar="SECONDS",
+        help=f"HTTP timeout (env MESHNODE_TIMEOUT, default {DEFAULT_TIMEOUT_S:g})",
+    )
+    g.add_argument("--json", action="store_true", help="print the raw JSON response (for scripts)")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    logging_parent = _logging_parent()
+    client_parent = _client_parent()
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="A peer-to-peer mesh of nodes that keeps ML model weights where a GPU "
+        "cluster needs them. `start` runs a node; every other command asks one peer.",
+        parents=[logging_parent],
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    start = sub.add_parser("start", help="run a node in the foreground", parents=[logging_parent])
+    add_start_arguments(start)
+    start.set_defaults(handler=run_start)
+
+    def client(name: str) -> argparse.ArgumentParser:
+        help_text = COMMANDS[name][0]
+        p = sub.add_parser(
+            name, help=help_text, description=help_text, parents=[logging_parent, client_parent]
+        )
+        p.set_defaults(handler=run_client_command)
+        return p
+
+    client("status")
+    client("nodes")
+    client("list")
+    client("info").add_argument("name", metavar="NAME", help="model name, e.g. owner/model")
+
+    reg = client("register")
+    reg.add_argument("name", metavar="NAME", help="model name, e.g. owner/model")
+    reg.add_argument("--type", required=True, metavar="T", help="model type, e.g. llm, diffusion")
+    reg.add_argument("--url", required=True, metavar="URL", help="where the weights come from")
+    reg.add_argument(
+        "--desc", "--description", dest="desc", required=True, metavar="D", help="description"
+    )
+    reg.add_argument("--tags", metavar="A,B", help="comma-separated tags")
+    reg.add_argument(
+        "--min-memory", type=parse_bytes, metavar="BYTES", help="host memory needed (e.g. 32GiB)"
+    )
+    reg.add_argument(
+        "--min-vram", type=parse_bytes, metavar="BYTES", help="GPU memory needed (e.g. 16GiB)"
+    )
+    reg.add_argument("--gpu-arch", metavar="ARCH", help="GPU architecture needed, e.g. sm_80")
+
+    unreg = client("unregister")
+    unreg.add_argument("name", metavar="NAME", help="model name, e.g. owner/model")
+    unreg.add_argument("--purge", action="store_true", help="also delete every copy")
+
+    client("availability")
+
+    def waiting(p: argparse.ArgumentParser) -> None:
+        g = p.add_argument_group("waiting")
+        g.add_argument(
+            "--wait",
+            action="store_true",
+            help="follow the transfer until it is done (exit 0) or failed (exit 1): a progress "
+            "bar on stderr, or with --json one JSON object per poll on stdout (the last is final)",
+        )
+        g.add_argument(
+            "--wait-timeout",
+            type=positive_float,
+            metavar="SECONDS",
+            help="with --wait, give up waiting after this long (exit 1; the transfer goes on)",
+        )
+
+    name_help = "model name, e.g. owner/model"
+    device_help = "a device as NODE:DEVICE, e.g. gpu2:disk or gpu2:dram"
+
+    dl = client("download")
+    dl.add_argument("name", metavar="NAME", help=name_help)
+    dl.add_argument("--to", required=True, metavar="NODE:DEVICE", help=f"target: {device_help}")
+    src = dl.add_mutually_exclusive_group()
+    src.add_argument(
+        "--from",
+        dest="from_path",
+        metavar="PATH",
+        help="a file or directory ON THE TARGET NODE, sent as file:///abs/path; a relative "
+        "path (or ~) is made absolute here, against this shell's working directory",
+    )
+    src.add_argument(
+        "--source", metavar="NODE:DEVICE", help="fetch from this node's copy instead of the web"
+    )
+    src.add_argument(
+        "--url",
+        metavar="URL",
+        help="source URL, sent as is: https://..., hf://owner/name (default: the URL the "
+        "model was registered with; an owner/name model with none is a Hugging Face repo)",
+    )
+    dl.add_argument("--revision", metavar="REV", help="Hugging Face branch, tag or commit (default main)")
+    dl.add_argument("--include", action="append", metavar="GLOB", help="only files matching (repeatable)")
+    dl.add_argument("--exclude", action="append", metavar="GLOB", help="skip files matching (repeatable)")
+    waiting(dl)
+
+    cp = client("copy")
+    cp.add_argument("name", metavar="NAME", help=name_help)
+    cp.add_argument("--to", required=True, metavar="NODE:DEVICE", help=f"target: {device_help}")
+    cp.add_argument(
+        "--from",
+        dest="from_device",
+        metavar="NODE:DEVICE",
+        help="copy from this copy (default: any node that holds one)",
+    )
+    waiting(cp)
+
+    mv = client("move")
+    mv.add_argument("name", metavar="NAME", help=name_help)
+    mv.add_argument(
+        "--from", dest="from_device", required=True, metavar="NODE:DEVICE", help="source copy"
+    )
+    mv.add_argument("--to", required=True, metavar="NODE:DEVICE", help=f"target: {device_help}")
+    waiting(mv)
+
+    client("transfers")
+    client("transfer").add_argument(
+        "transfer_id", metavar="ID", help="transfer id, as download/copy/move print it"
+    )
+    return parser
