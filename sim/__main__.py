@@ -1,4 +1,4 @@
-"""``python -m sim [run|bench]``: the simulator's command line."""
+"""``python -m sim [run|bench|swarm]``: the simulator's command line."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import time
 from collections.abc import Sequence
 
 from .bench import BenchPlan, run_bench
-from .report import fmt
+from .report import fmt, table
 from .scenarios import ChaosSpec, chaos
+from .swarm import swarm_table
 
 
 def _partition(s: str) -> tuple[float, float] | None:
@@ -51,12 +52,26 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--processes", type=int, default=0)
     b.add_argument("--spread-seeds", type=int, default=None)
     b.add_argument("--fd-duration", type=float, default=None, help="simulated s for the N=1000 false-death run")
+    w = sub.add_parser("swarm", help="one seed, N receivers: the daemon's pull policy against the star")
+    w.add_argument("--receivers", type=_sizes, default=[2, 6, 24, 100], help="comma-separated swarm sizes")
+    w.add_argument("--chunks", type=int, default=64)
+    w.add_argument("--seed", type=int, default=1)
     return p
+
+
+def _sizes(s: str) -> list[int]:
+    try:
+        out = [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes like 2,6,24: {s!r}") from None
+    if not out or any(not 1 <= n <= 1000 for n in out):
+        raise argparse.ArgumentTypeError("each size must be in [1, 1000]")
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("run", "bench", "-h", "--help"):
+    if not argv or argv[0] not in ("run", "bench", "swarm", "-h", "--help"):
         argv = ["run", *argv]  # `python -m sim [options]` is `python -m sim run [options]`
     parser = _parser()
     args = parser.parse_args(argv)
@@ -68,6 +83,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"--partition heals at {args.partition[1]:g} s, after the faults end at "
                 f"--duration - --quiet = {args.duration - args.quiet:g} s"
             )
+    if args.cmd == "swarm":
+        if not 1 <= args.chunks <= 4096:
+            parser.error("--chunks must be in [1, 4096]")
+        rows = swarm_table(args.receivers, chunks=args.chunks, seed=args.seed)
+        print(f"sim swarm: 1 seed, {args.chunks} chunks of 1 MiB, every link 100 Mbit/s each way; "
+              "times against S/B (one receiver's own link)")
+        print(table(rows[0], rows[1:]))
+        return 0
     if args.cmd == "bench":
         plan = BenchPlan.quick() if args.quick else BenchPlan()
         kw: dict[str, object] = {"processes": args.processes}

@@ -32,8 +32,9 @@ import trio
 from protocol.errors import RemoteProtocolError
 from protocol.keys import COPY_PREFIX, CopyRecord, RecordError
 from protocol.manifest import Manifest
-from protocol.transfer.chunkplan import ChunkPlan, ChunkState, choose_sources
+from protocol.transfer.chunkplan import ChunkPlan, ChunkState
 from protocol.transfer.sources import holders
+from protocol.transfer.swarm import PER_PEER_INFLIGHT, refresh
 
 from ..errors import MeshError, only
 from ..mesh import Mesh
@@ -46,18 +47,8 @@ __all__ = ["LocalChunks", "Puller", "TransferError", "full_bitfield"]
 
 log = logging.getLogger("meshnode.transfers")
 
-PER_PEER_INFLIGHT = 4  # requests in flight per source, for one receiver alone
-# While other receivers pull the same copy (a swarm), one request at a time
-# per source: each source's upload is shared by all of them, and a chunk is
-# served on only once it is complete, so fewer chunks in flight at once means
-# each completes (and can be passed on) sooner, and fewer are fetched twice.
-SWARM_INFLIGHT = 1
 SOURCE_REFRESH_S = 0.5
 NO_SOURCE_GRACE_S = 3.0
-# A receiver pulls from at most this many holders at once (asking each
-# partial one for its bitfield every SOURCE_REFRESH_S): in a larger swarm each
-# receiver sees its own random slice, sticky while useful.
-MAX_SOURCES = 24
 
 
 class TransferError(MeshError):
@@ -238,45 +229,30 @@ class Puller:
                 plan.remove_source(nid)
 
         me = self.mesh.id
-        share: list[str] = [me]
+        pulling: tuple[str, ...] = (me,)
         rng = self.rng
 
         async def refresh_sources() -> None:
-            nonlocal last_source_seen, share
+            nonlocal last_source_seen, pulling
             while True:
                 found, complete = self.holders(mhash)
-                useless = [nid for nid in plan.sources if nid not in complete and not plan.useful(nid)]
-                chosen = choose_sources(found, complete, plan.sources, useless, MAX_SOURCES, rng)
-                for nid in list(plan.sources):
-                    if nid not in chosen:
-                        for key in plan.remove_source(nid):  # its chunks go back to the pool
-                            s = scopes.get(key)
-                            if s is not None:
-                                s.cancel()
-                        addrs.pop(nid, None)
-                pulling = sorted({me, *found} - complete)
-                swarm = len(pulling) > 1
+                r = refresh(plan, found, complete, me, lambda nid: bool(by_source.get(nid)), pulling, rng)
+                pulling = r.pulling
+                for key in r.cancel:  # the dropped sources' chunks go back to the pool
+                    s = scopes.get(key)
+                    if s is not None:
+                        s.cancel()
+                for nid in list(addrs):
+                    if nid not in r.chosen:
+                        addrs.pop(nid)
+                for nid in r.chosen:
+                    addrs[nid] = found[nid]
                 async with trio.open_nursery() as asking:
-                    for nid in chosen:
-                        addr = found[nid]
-                        addrs[nid] = addr
-                        if nid in complete:
-                            # One request at a time to a full holder until it has
-                            # delivered a chunk (by then gossip tells whether other
-                            # receivers share it), and while others do.
-                            shared = swarm or not by_source.get(nid)
-                            plan.set_source(nid, None, inflight=SWARM_INFLIGHT if shared else None)
-                        else:
-                            asking.start_soon(have, nid, addr, SWARM_INFLIGHT if swarm else None)
-                # The nodes pulling this copy now each prefer their own share of
-                # the chunks, so that a full holder they all ask uploads each
-                # rare chunk about once, not once per receiver.
-                if pulling != share:
-                    share = pulling
-                    plan.prefer(None if len(pulling) == 1 else my_share(me, pulling, manifest.n_chunks))
+                    for nid, cap in r.ask.items():
+                        asking.start_soon(have, nid, found[nid], cap)
                 if found:
                     last_source_seen = trio.current_time()
-                t.sources = sorted(chosen)
+                t.sources = sorted(r.chosen)
                 poke()
                 await trio.sleep(SOURCE_REFRESH_S)
 
@@ -332,12 +308,6 @@ def resumed_chunks(p: Partial) -> set[int]:
     holds nothing (hashing its preallocated zeros costs a core-second per
     256 MiB)."""
     return p.verified_chunks() if p.resumed else set()
-
-
-def my_share(me: str, nodes: list[str], n_chunks: int) -> range:
-    """The chunks ``me`` prefers when the nodes ``nodes`` (sorted) pull the
-    same copy: every k-th, so the shares are disjoint and even."""
-    return range(nodes.index(me), n_chunks, len(nodes))
 
 
 def full_bitfield(n: int) -> bytes:
