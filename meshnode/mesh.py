@@ -26,6 +26,7 @@ from protocol.membership import Member
 from protocol.wire import WrongCluster, WrongVersion, decode
 
 from .peers import PeerSender
+from .ratelimit import LogOnce
 
 __all__ = ["Mesh", "wall_ms"]
 
@@ -42,7 +43,7 @@ class Mesh:
         self.sender = sender
         self.rng = rng
         self.bad_messages = 0
-        self._logged: dict[tuple[str, str], float] = {}
+        self._log_once = LogOnce()
 
     # -- who we are ---------------------------------------------------------------------
 
@@ -183,14 +184,8 @@ class Mesh:
 
     def _note_bad_peer(self, remote: str, e: Exception) -> None:
         self.bad_messages += 1
-        now = time.monotonic()
-        key = (remote.rsplit(":", 1)[0], type(e).__name__)
-        last = self._logged.get(key)
-        if last is not None and now - last <= 60:
+        if not self._log_once((remote.rsplit(":", 1)[0], type(e).__name__)):
             return
-        if len(self._logged) > 10_000:
-            self._logged.clear()
-        self._logged[key] = now
         if isinstance(e, WrongCluster):
             log.warning("refused a node of another cluster at %s: %s", remote, e)
         elif isinstance(e, WrongVersion):

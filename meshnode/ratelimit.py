@@ -1,4 +1,5 @@
-"""A token bucket for bandwidth limits, on trio's clock.
+"""A token bucket for bandwidth limits, on trio's clock; and ``LogOnce``, a
+bound on how often one kind of log line about one peer is written.
 
 The data plane takes tokens per slice it sends (egress) or per read it makes
 (ingress), so that moving weights never starves inference traffic on the same
@@ -14,11 +15,13 @@ Time is ``trio.current_time()``, so tests measure throughput on a MockClock
 
 from __future__ import annotations
 
+import time
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import trio
 
-__all__ = ["TokenBucket", "TokenBucketStatistics"]
+__all__ = ["LogOnce", "TokenBucket", "TokenBucketStatistics"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,3 +113,24 @@ class TokenBucket:
             waited_s=self._waited_s,
             waiters=self._waiters,
         )
+
+
+class LogOnce:
+    """Whether to log a line about ``key`` now: once per ``every_s`` per key,
+    so that a peer sending junk in a loop costs one line a minute, not one a
+    message.  At most ``keys_max`` keys are remembered (then all are forgotten)."""
+
+    def __init__(self, every_s: float = 60.0, keys_max: int = 10_000) -> None:
+        self.every_s = every_s
+        self.keys_max = keys_max
+        self._last: dict[Hashable, float] = {}
+
+    def __call__(self, key: Hashable) -> bool:
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last <= self.every_s:
+            return False
+        if len(self._last) >= self.keys_max:
+            self._last.clear()
+        self._last[key] = now
+        return True

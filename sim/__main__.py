@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 from .bench import BenchPlan, run_bench
 from .report import fmt, table
@@ -98,8 +99,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             kw["spread_seeds"] = args.spread_seeds
         if args.fd_duration is not None and not args.quick:
             kw["fd_duration_s"] = (plan.fd_duration_s[0], args.fd_duration)
-        from dataclasses import replace
-
         plan = replace(plan, **kw)  # type: ignore[arg-type]
         missed = run_bench(plan)
         return 1 if missed else 0

@@ -17,6 +17,8 @@ from protocol.peerauth import (
     verify,
 )
 
+from ..ratelimit import LogOnce
+
 __all__ = ["PeerAuthError", "PeerGate", "Refusals", "check_bearer", "request_target"]
 
 log = logging.getLogger("meshnode.api")
@@ -83,16 +85,10 @@ class Refusals:
 
     def __init__(self) -> None:
         self.count = 0
-        self._logged: dict[tuple[str, str], float] = {}
+        self._log_once = LogOnce()
 
     def note(self, remote: str, what: str, why: Exception | None = None) -> None:
         self.count += 1
-        now = time.monotonic()
-        key = (remote.rsplit(":", 1)[0], what)
-        last = self._logged.get(key)
-        if last is not None and now - last <= 60:
+        if not self._log_once((remote.rsplit(":", 1)[0], what)):
             return
-        if len(self._logged) > 10_000:
-            self._logged.clear()
-        self._logged[key] = now
         log.warning("refused %s from %s: %s", what, remote, why or "missing or wrong credential")

@@ -22,7 +22,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from .parser import build_parser
+from .parser import build_parser, client_defaults
 from .render import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, fail
 from .values import log_level
 
@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version and usage errors
         return _exit_code(exc.code)
+    problem = client_defaults(args)
+    if problem is not None:
+        return fail(problem, EXIT_USAGE)
 
     level = getattr(args, "log_level", None) or os.environ.get("MESHNODE_LOG_LEVEL") or "INFO"
     try:

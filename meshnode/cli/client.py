@@ -18,6 +18,7 @@ message that is safe to show (it never contains the token):
 
 from __future__ import annotations
 
+import re
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote
@@ -44,6 +45,7 @@ DEFAULT_TIMEOUT_S = 10.0
 # Bounds on what we echo back from a peer: one line, not a novel.
 _MESSAGE_CHARS_MAX = 300
 _USER_AGENT = "meshnode-cli"
+_TOKEN_CHARS = re.compile(r"[A-Za-z0-9._~+/=-]+")  # RFC 6750's b64token
 
 
 class ClientError(Exception):
@@ -74,6 +76,13 @@ def _one_line(text: str, limit: int = _MESSAGE_CHARS_MAX) -> str:
     if len(text) > limit:
         text = text[: limit - 3] + "..."
     return text
+
+
+def check_token(token: str | None) -> None:
+    """Refuse (``ValueError``) a token that no Authorization header can carry,
+    before any request, so that no error about the header can quote it."""
+    if token and not _TOKEN_CHARS.fullmatch(token):
+        raise ValueError("the API token holds characters a bearer token cannot (letters, digits and -._~+/= only)")
 
 
 def normalize_peer_url(peer: str) -> str:
@@ -150,6 +159,8 @@ class ApiClient:
             raise ValueError("timeout must be positive")
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
+        check_token(token)
+        self._token = token or None
         self._has_token = bool(token)
         headers = {"Accept": "application/json", "User-Agent": _USER_AGENT}
         if token:
@@ -233,10 +244,18 @@ class ApiClient:
                 message = err["message"]
         elif isinstance(err, str) and err:
             message = err
-        message = _one_line(message)
+        message = _one_line(self._redact(message))
         if status == 401 and not self._has_token:
             message += " (no token given: use --token, --token-file or MESHNODE_TOKEN)"
-        return AnswerError(status, _one_line(code, 64), message)
+        return AnswerError(status, _one_line(self._redact(code), 64), message)
+
+    def _redact(self, text: str) -> str:
+        """A peer's text with our token, where it stands as a whole word, shown as ``***``
+        (a peer should never echo it; ours do not): never a search and replace
+        that would mangle words which merely contain the token's letters."""
+        if not self._token:
+            return text
+        return re.sub(rf"(?<![A-Za-z0-9._~+/=-]){re.escape(self._token)}(?![A-Za-z0-9._~+/=-])", "***", text)
 
     # -- endpoints ---------------------------------------------------------
 

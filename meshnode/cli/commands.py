@@ -22,6 +22,7 @@ from .client import (
     ApiClient,
     ClientError,
     PeerUnreachableError,
+    check_token,
     model_path,
     normalize_peer_url,
 )
@@ -211,24 +212,25 @@ def run_client_command(args: argparse.Namespace) -> int:
     token: str | None = None
     try:
         token = _resolve_token(args, environ)
+        check_token(token)
         peer = normalize_peer_url(args.peer or environ.get("MESHNODE_PEER") or DEFAULT_PEER)
         timeout_s = _resolve_timeout(args, environ)
         if getattr(args, "name", None) is not None:
             model_path(args.name)  # reject impossible names before any I/O
         _prepare(args)
     except (UsageError, ValueError) as exc:
-        return fail(str(exc), EXIT_USAGE, token)
+        return fail(str(exc), EXIT_USAGE)
 
     _help, call, render = COMMANDS[args.command]
     try:
         with make_client(peer, token, timeout_s) as api:
             data = call(api, args)
             if getattr(args, "wait", False):
-                return wait_for_transfer(api, data, args, token)
+                return wait_for_transfer(api, data, args)
     except PeerUnreachableError as exc:
-        return fail(str(exc), EXIT_UNREACHABLE, token)
+        return fail(str(exc), EXIT_UNREACHABLE)
     except (AnswerError, ClientError) as exc:
-        return fail(str(exc), EXIT_ERROR, token)
+        return fail(str(exc), EXIT_ERROR)
 
     if args.json:
         print(json.dumps(data, indent=2, ensure_ascii=False))
@@ -239,8 +241,7 @@ def run_client_command(args: argparse.Namespace) -> int:
         return fail(
             f"unexpected response from peer {peer} for {args.command}: {type(exc).__name__}: {exc}"
             " (try --json)",
-            EXIT_ERROR,
-            token,
+            EXIT_ERROR
         )
     return EXIT_OK
 

@@ -11,7 +11,7 @@ from .commands import COMMANDS, run_client_command, run_start
 from .render import PROG
 from .values import LOG_LEVELS, log_level, parse_bytes, positive_float
 
-__all__ = ["build_parser"]
+__all__ = ["build_parser", "client_defaults"]
 
 
 def _logging_parent() -> argparse.ArgumentParser:
@@ -29,26 +29,47 @@ def _logging_parent() -> argparse.ArgumentParser:
 def _client_parent() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("peer")
+    # SUPPRESS: the flags work before the verb and after it, and a value given
+    # before it is not overwritten by the subcommand's default (see client_defaults).
     g.add_argument(
         "--peer",
+        default=argparse.SUPPRESS,
         metavar="URL",
         help=f"peer to ask: URL or HOST:PORT (env MESHNODE_PEER, default {DEFAULT_PEER})",
     )
     tok = g.add_mutually_exclusive_group()
-    tok.add_argument("--token", metavar="TOKEN", help="API bearer token (env MESHNODE_TOKEN)")
+    tok.add_argument("--token", default=argparse.SUPPRESS, metavar="TOKEN", help="API bearer token (env MESHNODE_TOKEN)")
     tok.add_argument(
         "--token-file",
+        default=argparse.SUPPRESS,
         metavar="PATH",
         help="read the API token from a file (env MESHNODE_TOKEN_FILE)",
     )
     g.add_argument(
         "--timeout",
         type=positive_float,
+        default=argparse.SUPPRESS,
         metavar="SECONDS",
         help=f"HTTP timeout (env MESHNODE_TIMEOUT, default {DEFAULT_TIMEOUT_S:g})",
     )
-    g.add_argument("--json", action="store_true", help="print the raw JSON response (for scripts)")
+    g.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                   help="print the raw JSON response (for scripts)")
     return p
+
+
+_CLIENT_DEFAULTS = {"peer": None, "token": None, "token_file": None, "timeout": None, "json": False}
+
+
+def client_defaults(args: argparse.Namespace) -> str | None:
+    """Fill in the peer flags not given before or after the verb; a problem
+    argparse cannot see across the two places (both --token and
+    --token-file), or None."""
+    for name, default in _CLIENT_DEFAULTS.items():
+        if not hasattr(args, name):
+            setattr(args, name, default)
+    if args.token is not None and args.token_file is not None:
+        return "argument --token-file: not allowed with argument --token"
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="A peer-to-peer mesh of nodes that keeps ML model weights where a GPU "
         "cluster needs them. `start` runs a node; every other command asks one peer.",
-        parents=[logging_parent],
+        parents=[logging_parent, client_parent],
+        # Whole flag names only before the verb: its own flags (`--to`) must not
+        # be read as an abbreviation of ours (`--token`).
+        allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -33,15 +33,11 @@ class UsageError(Exception):
     """A problem with what the user typed that argparse could not see."""
 
 
-def _redact(text: str, secret: str | None) -> str:
-    if secret:
-        text = text.replace(secret, "***")
-    return text
-
-
-def fail(message: str, code: int, secret: str | None = None) -> int:
-    """Print one error line on stderr (the token never in it); return ``code``."""
-    print(f"{PROG}: error: {_redact(message, secret)}", file=sys.stderr)
+def fail(message: str, code: int) -> int:
+    """Print one error line on stderr; return ``code``.  No message holds the
+    token: ``ApiClient`` refuses a token it could not send and redacts one a
+    peer echoes."""
+    print(f"{PROG}: error: {message}", file=sys.stderr)
     return code
 TRANSFER_FINAL = ("done", "failed")
 

@@ -48,7 +48,7 @@ def _print_ndjson(state: dict[str, Any]) -> None:
 
 
 def wait_for_transfer(
-    api: ApiClient, first: Any, args: argparse.Namespace, token: str | None
+    api: ApiClient, first: Any, args: argparse.Namespace
 ) -> int:
     """Poll ``GET /transfers/{id}`` on the same peer until the transfer is done
     (exit 0) or failed (exit 1), ``--wait-timeout`` passes (1) or Ctrl-C (130).
@@ -62,8 +62,7 @@ def wait_for_transfer(
         return fail(
             f"the peer's answer to {args.command} names no transfer_id, so there is nothing "
             "to wait for (try --json)",
-            EXIT_ERROR,
-            token,
+            EXIT_ERROR
         )
     hint = follow_hint(tid, args)
     where = f"on node {state.get('node_id') or 'its target'}"
@@ -78,16 +77,14 @@ def wait_for_transfer(
             if "status" not in state:
                 return fail(
                     f"unexpected answer about transfer {tid}: no status (try `{hint} --json`)",
-                    EXIT_ERROR,
-                    token,
+                    EXIT_ERROR
                 )
             now = _monotonic()
             if deadline is not None and now >= deadline:
                 return fail(
                     f"transfer {tid} still {state.get('status')} after --wait-timeout "
                     f"{args.wait_timeout:g}s; it continues {where}: follow it with `{hint}`",
-                    EXIT_ERROR,
-                    token,
+                    EXIT_ERROR
                 )
             pause = POLL_INTERVAL_S if deadline is None else min(POLL_INTERVAL_S, deadline - now)
             _sleep(max(0.0, pause))
@@ -117,17 +114,17 @@ def wait_for_transfer(
         return EXIT_INTERRUPTED
     except PeerUnreachableError as exc:
         return fail(
-            f"{exc}; transfer {tid} may continue {where}: `{hint}`", EXIT_UNREACHABLE, token
+            f"{exc}; transfer {tid} may continue {where}: `{hint}`", EXIT_UNREACHABLE
         )
     except ClientError as exc:
-        return fail(f"{exc} (while following transfer {tid}: `{hint}`)", EXIT_ERROR, token)
+        return fail(f"{exc} (while following transfer {tid}: `{hint}`)", EXIT_ERROR)
     finally:
         if bar is not None:
             bar.stop()
 
     if state.get("status") == "failed":
         return fail(
-            f"{transfer_error(state)} (transfer {tid}: {transfer_target(state)})", EXIT_ERROR, token
+            f"{transfer_error(state)} (transfer {tid}: {transfer_target(state)})", EXIT_ERROR
         )
     if not args.json:
         elapsed: Any = None

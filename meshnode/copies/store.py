@@ -20,6 +20,7 @@ Everything here blocks (file I/O): call it through ``trio.to_thread``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -199,8 +200,6 @@ def _open_source(path: Path) -> BinaryIO:
 
 
 def _os_error(e: OSError, kind: str, root: Path) -> StoreError:
-    import errno
-
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return StoreError("NO_SPACE", f"{kind} is full ({root}): {e.strerror}")
     return StoreError("IO_ERROR", f"{kind} I/O error at {root}: {e.strerror or e}")

@@ -138,6 +138,8 @@ async def test_copy_requests_are_validated(mesh: Mesh, tmp_path: Path) -> None:
     assert r.status_code == 400 and r.json()["error"]["code"] == "INVALID_MODEL_NAME"
     r = await c.post(b.url + "/mesh/v1/actions", json={"op": "rm -rf", "model": "m", "kind": "disk"})
     assert r.status_code == 400
+    r = await c.post(b.url + "/mesh/v1/actions", json={"op": "transfer", "model": "m", "kind": "disk", "keep_source": "false"})
+    assert r.status_code == 400 and "keep_source must be true or false" in r.json()["error"]["message"]
     assert (await c.get(b.url + "/mesh/v1/manifests/" + "0" * 32)).status_code == 404
     # A dead node as target.
     d = await start(mesh, "d", join=[a])

@@ -159,3 +159,19 @@ def test_run_refuses_a_schedule_it_cannot_keep_with_a_usage_line(argv: list[str]
         main(["run", "--nodes", "5", *argv])
     assert e.value.code == 2
     assert "error: --" in capsys.readouterr().err
+
+
+def test_the_readme_swarm_command_runs_as_written() -> None:
+    """README's `python -m sim swarm` line, run as written from the repository
+    root: it prints the table, and at every size the swarm beats the star."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    lines = [ln.split("#")[0].strip() for ln in (root / "README.md").read_text().splitlines()]
+    (cmd,) = [ln for ln in lines if ln.startswith(".venv/bin/python -m sim swarm")]
+    out = subprocess.run(cmd, shell=True, cwd=root, capture_output=True, text=True, timeout=300, check=True).stdout
+    rows = [r.split("|") for r in out.splitlines() if re.match(r"^\d+\s+\|", r)]
+    assert [int(r[0]) for r in rows] == [2, 6, 24, 100]
+    assert all(float(r[3].strip().rstrip("x")) > 1.5 for r in rows), out  # star / swarm

@@ -515,6 +515,55 @@ def test_error_message_never_echoes_the_token(
     assert_one_error_line(err, "meshnode: error: FORBIDDEN: token *** is not accepted (HTTP 403)")
 
 
+def test_a_short_token_is_not_searched_for_inside_words(
+    fake: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--token o` once turned "missing or wrong API token" into "missing ***r wr***ng API t***ken"."""
+    fake(lambda request: error_response(401, "UNAUTHORIZED", "missing or wrong API token"))
+    code, _, err = run(capsys, "status", "--token", "o")
+    assert code == 1
+    assert_one_error_line(err, "meshnode: error: UNAUTHORIZED: missing or wrong API token (HTTP 401)")
+
+
+def test_a_token_no_header_can_carry_is_refused_before_any_request(
+    fake: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    wire = fake(routes({("GET", "/status"): STATUS}))
+    code, out, err = run(capsys, "status", "--token", "s3cret value\n")
+    assert code == 2 and not wire.requests
+    assert "s3cret" not in out + err
+    assert_one_error_line(err, "meshnode: error: the API token holds characters")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("--peer", "http://gpu2:7420", "--token", TOKEN, "--json", "nodes"),
+        ("nodes", "--peer", "http://gpu2:7420", "--token", TOKEN, "--json"),
+        ("--peer", "http://gpu2:7420", "nodes", "--token", TOKEN, "--json"),
+    ],
+)
+def test_peer_flags_work_before_and_after_the_verb(
+    fake: Any, capsys: pytest.CaptureFixture[str], argv: tuple[str, ...]
+) -> None:
+    """README's `meshnode --peer http://gpu2:7420 nodes` once exited 2."""
+    wire = fake(routes({("GET", "/nodes"): NODES}))
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    assert wire.base_url == "http://gpu2:7420" and wire.token == TOKEN
+    assert json.loads(out) == NODES
+
+
+def test_token_and_token_file_on_either_side_of_the_verb_conflict(
+    fake: Any, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    wire = fake(routes({("GET", "/nodes"): NODES}))
+    (tmp_path / "t").write_text(TOKEN)
+    code, _, err = run(capsys, "--token", TOKEN, "nodes", "--token-file", str(tmp_path / "t"))
+    assert code == 2 and not wire.requests
+    assert_one_error_line(err, "meshnode: error: argument --token-file: not allowed with argument --token")
+
+
 def test_unauthorized_without_token_hints_at_the_flag(
     fake: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
