@@ -11,6 +11,7 @@ from protocol import HLC, InvalidName, parse_device, validate_model_name
 from protocol.registry import (
     InvalidInput,
     Write,
+    changed_fields,
     location_write,
     parse_registration,
     register_write,
@@ -66,15 +67,21 @@ class Registry:
             log.warning("%s", warning)
         await self.saver.commit(writes)
 
-    async def register(self, name: str, body: Any) -> ModelView:
+    async def register(self, name: str, body: Any) -> tuple[ModelView, list[str] | None]:
+        """Register ``name``; its view, and what it changed of a registration it
+        replaced (None: there was none)."""
         name = model_name(name)
         try:
             reg = parse_registration(body)
         except InvalidInput as e:
             raise MeshError(e.code, e.message) from None
-        write, warning = register_write(name, reg, self.index.get(name), self.hlc, self.clock_ms())
+        existing = self.index.get(name)
+        write, warning = register_write(name, reg, existing, self.hlc, self.clock_ms())
         await self._commit([write], warning)
-        return self.model(name)
+        changed = changed_fields(existing, reg)
+        if changed:
+            log.info("model %s registered again; changed: %s", name, ", ".join(changed))
+        return self.model(name), changed
 
     async def unregister(self, name: str, *, purge: bool = False) -> list[str]:
         """Unregister; with ``purge`` also drop every recorded location.  The dropped devices."""

@@ -42,6 +42,7 @@ __all__ = [
     "Registration",
     "Write",
     "availability",
+    "changed_fields",
     "location_write",
     "parse_registration",
     "register_write",
@@ -107,8 +108,12 @@ def _clean_metadata(raw: Any) -> dict[str, Any]:
                 clean[k] = _count(req[k], f"metadata.requirements.{k} (bytes)")
         arch = req.get("gpu_arch")
         if arch is not None:
-            if not isinstance(arch, str) or len(arch) > 64:
-                raise InvalidInput("metadata.requirements.gpu_arch must be a short string")
+            # One architecture ("sm_80") or the list the seeds write (["sm_80", "sm_90"]).
+            ok_str = isinstance(arch, str) and 0 < len(arch) <= 64
+            ok_list = isinstance(arch, list) and 0 < len(arch) <= 16 and all(
+                isinstance(a, str) and 0 < len(a) <= 64 for a in arch)
+            if not (ok_str or ok_list):
+                raise InvalidInput("metadata.requirements.gpu_arch must be a short string or a list of up to 16")
             clean["gpu_arch"] = arch
         unknown = set(req) - {"min_memory", "min_vram", "gpu_arch"}
         if unknown:
@@ -150,6 +155,17 @@ def parse_registration(body: Any) -> Registration:
     if source_url is not None and (not isinstance(source_url, str) or len(source_url) > 2048):
         raise InvalidInput("source_url must be a string of at most 2048 characters")
     return Registration(model_type, source_url, _clean_metadata(body.get("metadata")))
+
+
+def changed_fields(existing: ModelView | None, reg: Registration) -> list[str] | None:
+    """What a registration changes of the one it replaces: None for a first
+    registration, else the fields that differ (``[]``: the same again)."""
+    if existing is None:
+        return None
+    out = [f for f in ("model_type", "source_url") if getattr(existing, f) != getattr(reg, f)]
+    old, new = dict(existing.metadata), dict(reg.metadata)
+    out += [f"metadata.{k}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return out
 
 
 def _observe(hlc: HLC, seen: Stamp | None, now_ms: int) -> str | None:

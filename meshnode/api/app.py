@@ -291,10 +291,13 @@ def _public_app(parts: ApiParts) -> QuartTrio:
     @app.post("/models/<model:name>/register")
     async def register(name: str) -> Response:
         r = running()
-        mv = await r.registry.register(name, await body_json())  # acknowledged means durable
+        mv, changed = await r.registry.register(name, await body_json())  # acknowledged means durable
         out = r.views.model_json(mv, full=True)
         out["registered"] = True
-        return _json(out, 201)
+        # Registering again replaces the registration: say so, and what changed.
+        out["replaced"] = changed is not None
+        out["changed"] = changed or []
+        return _json(out, 201 if changed is None else 200)
 
     @app.get("/models/<model:name>")
     async def model_info(name: str) -> Response:

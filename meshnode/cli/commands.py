@@ -70,7 +70,8 @@ def _requirements(args: argparse.Namespace) -> dict[str, Any]:
     if args.min_vram is not None:
         req["min_vram"] = args.min_vram
     if args.gpu_arch:
-        req["gpu_arch"] = args.gpu_arch
+        arches = _tags(args.gpu_arch)
+        req["gpu_arch"] = arches[0] if len(arches) == 1 else arches
     return req
 
 

@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument(
         "--min-vram", type=parse_bytes, metavar="BYTES", help="GPU memory needed (e.g. 16GiB)"
     )
-    reg.add_argument("--gpu-arch", metavar="ARCH", help="GPU architecture needed, e.g. sm_80")
+    reg.add_argument("--gpu-arch", metavar="ARCH", help="GPU architecture needed, e.g. sm_80, or several: sm_80,sm_90")
 
     unreg = client("unregister")
     unreg.add_argument("name", metavar="NAME", help="model name, e.g. owner/model")

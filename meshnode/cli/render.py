@@ -193,7 +193,7 @@ def render_list(console: Console, data: Any, args: argparse.Namespace) -> None:
         services = model.get("services")
         table.add_row(
             str(model.get("model_name", "-")),
-            str(model.get("model_type", "-")),
+            str(model.get("model_type") or "-"),
             human_bytes(model.get("size")),
             ", ".join(name_list(model.get("locations"))) or "-",
             str(len(services)) if isinstance(services, list) else "-",
@@ -209,7 +209,7 @@ def render_info(console: Console, data: Any, args: argparse.Namespace) -> None:
     grid.add_column(style="bold", no_wrap=True)
     grid.add_column()
     grid.add_row("model", Text(str(data.get("model_name", args.name)), style="bold"))
-    grid.add_row("type", str(data.get("model_type", "-")))
+    grid.add_row("type", str(data.get("model_type") or "-"))
     grid.add_row("status", _styled(data.get("status")))
     grid.add_row("size", human_bytes(data.get("size")))
     grid.add_row("source", str(data.get("source_url") or "-"))
@@ -315,7 +315,13 @@ def _copy_rows(data: dict[str, Any]) -> list[tuple[str, str, str, Text, Text]]:
 
 
 def render_register(console: Console, data: Any, args: argparse.Namespace) -> None:
-    console.print(f"registered model {args.name!r}")
+    d = as_dict(data)
+    if not d.get("replaced"):
+        console.print(f"registered model {args.name!r}")
+        return
+    changed = name_list(d.get("changed"))
+    what = f"changed: {', '.join(changed)}" if changed else "nothing changed"
+    console.print(f"registered model {args.name!r} again, replacing its registration ({what})", soft_wrap=True)
 
 
 def render_unregister(console: Console, data: Any, args: argparse.Namespace) -> None:

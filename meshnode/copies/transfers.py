@@ -264,7 +264,7 @@ class Transfers:
             metadata["revision"] = meta["revision"][:64]
             metadata["description"] = f"{source_text(t.source)} at {meta['revision']}"
         body["metadata"] = metadata
-        await self.registry.register(t.model, body)
+        await self.registry.register(t.model, body)  # only when unregistered: nothing replaced
 
     async def _after_publish(self, t: Transfer, copy: Copy) -> None:
         self.copies.publish(copy)

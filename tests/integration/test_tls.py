@@ -41,6 +41,10 @@ async def test_tls_mesh_with_client_certificates(mesh: Mesh, tmp_path: Path) -> 
             return (await client.get(b.url + "/models/tls-model")).status_code == 200
 
         await wait_for(on_b, what="registration over TLS gossip")
+        # llama-orch's availability view gives each node's address with the scheme it serves.
+        av = (await client.get(b.url + "/v2/catalog/availability")).json()
+        addresses = [n["address"] for n in av["nodes"].values()]
+        assert addresses and all(addr.startswith("https://") for addr in addresses), av
 
     # Without a client certificate the handshake is refused; plain HTTP gets nothing either.
     no_cert = ssl.create_default_context()

@@ -255,6 +255,17 @@ def test_list_table(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
         assert text in out, text
 
 
+def test_an_unknown_model_type_shows_as_a_dash_not_none(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """A model registered by an ingest may have no type: it showed as the text "None"."""
+    untyped = {**MODELS["models"][1], "model_type": None}
+    fake(routes({("GET", "/models"): {"models": [untyped], "total_count": 1},
+                 ("GET", "/models/gpt2"): {**INFO, "model_name": "gpt2", "model_type": None}}))
+    for argv in (("list",), ("info", "gpt2")):
+        code, out, err = run(capsys, *argv)
+        assert code == 0, err
+        assert "None" not in out, out
+
+
 def test_list_json(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
     fake(routes({("GET", "/models"): MODELS}))
     code, out, _ = run(capsys, "list", "--json")
@@ -354,6 +365,22 @@ def test_register_sends_the_registration(fake: Any, capsys: pytest.CaptureFixtur
         },
     }
     assert "registered model 'meta-llama/Llama-3.1-8B-Instruct'" in out
+
+
+def test_register_several_gpu_archs(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    wire = fake(lambda request: httpx.Response(201, json={"model_name": "m"}))
+    code, _, err = run(capsys, "register", "m", "--type", "llm", "--url", "u", "--desc", "d",
+                       "--gpu-arch", "sm_80,sm_90")
+    assert code == 0, err
+    assert json.loads(wire.last.content)["metadata"]["requirements"] == {"gpu_arch": ["sm_80", "sm_90"]}
+
+
+def test_register_again_says_what_it_replaced(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    fake(lambda request: httpx.Response(200, json={"model_name": "m", "replaced": True,
+                                                   "changed": ["metadata.description"]}))
+    code, out, err = run(capsys, "register", "m", "--type", "llm", "--url", "u", "--desc", "d")
+    assert code == 0, err
+    assert "again, replacing its registration (changed: metadata.description)" in out
 
 
 def test_register_minimal_body(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:

@@ -139,6 +139,8 @@ def test_a_stamp_from_far_in_the_future_is_reported_not_followed() -> None:
         ({"metadata": {"requirements": {"min_vram": True}}}, "min_vram"),
         ({"metadata": {"requirements": {"min_memory": 2**63}}}, "min_memory"),
         ({"metadata": {"files": ["a"] * 201}}, "files"),
+        ({"metadata": {"requirements": {"gpu_arch": ["sm_80", 90]}}}, "gpu_arch"),
+        ({"metadata": {"requirements": {"gpu_arch": []}}}, "gpu_arch"),
         ({"metadata": {"secret": 1}}, "unknown metadata fields: secret"),
     ],
 )
@@ -152,6 +154,10 @@ def test_a_registration_keeps_only_what_it_checked() -> None:
     reg = parse_registration({"model_type": "llm", "metadata": {"tags": ["a"], "requirements": {"min_vram": 5}}})
     assert reg == Registration("llm", None, {"tags": ["a"], "requirements": {"min_vram": 5}})
     assert parse_registration(None) == Registration()
+    # gpu_arch as the seeds write it: a list (it was refused), or one string.
+    for arch in (["sm_80", "sm_90"], "sm_80"):
+        got = parse_registration({"metadata": {"requirements": {"gpu_arch": arch}}})
+        assert got.metadata["requirements"]["gpu_arch"] == arch
 
 
 @SETTINGS
