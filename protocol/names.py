@@ -19,6 +19,7 @@ __all__ = [
     "ADDRESS_MAX",
     "MODEL_NAME_MAX",
     "NODE_ID_MAX",
+    "RESERVED_SEGMENTS",
     "Device",
     "parse_device",
     "split_address",
@@ -37,6 +38,12 @@ _DEVICE_KIND = re.compile(r"(disk|dram|gpu(0|[1-9][0-9]{0,2}))\Z")
 _LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 _PORT = re.compile(r"[1-9][0-9]{0,4}\Z")
 _IPV4ISH = re.compile(r"[0-9.]+\Z")
+
+
+# The API's sub-resources of a model (``/models/<name>/<sub>``): the second
+# segment of an owner/name model may not be one, or ``/models/acme/copy``
+# would mean both the model ``acme/copy`` and copying ``acme``.
+RESERVED_SEGMENTS = frozenset({"copy", "download", "locations", "move", "register", "services"})
 
 
 def validate_model_name(name: object) -> str:
@@ -64,6 +71,11 @@ def validate_model_name(name: object) -> str:
                 "model name segments use letters, digits, '.', '_' and '-' and start "
                 "with a letter or digit"
             )
+    if len(parts) == 2 and parts[1] in RESERVED_SEGMENTS:
+        raise InvalidName(
+            f"model name {name!r} ends in {parts[1]!r}, which the API reserves for a model's "
+            f"sub-resources ({', '.join(sorted(RESERVED_SEGMENTS))})"
+        )
     return name
 
 

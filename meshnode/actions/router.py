@@ -109,8 +109,9 @@ class Router:
         keep = body.get("keep_source", not move)
         if not isinstance(keep, bool):
             raise MeshError("INVALID_REQUEST", "keep_source must be true or false")
-        if move:
-            keep = False
+        # A move that keeps its source is a copy (gswarm's pipelines write it so): it
+        # says so in its answer, never a silent delete.
+        kept_by_move = move and keep
         src: Device | None = None
         manifest_hash = None
         if body.get("from_device") is not None:
@@ -129,7 +130,10 @@ class Router:
             raise MeshError("COPY_NOT_FOUND", f"no node holds a copy of {mv.name!r}")
         assert to.node_id is not None
         action = StartTransfer(mv.name, to.kind, CopyOf(str(src) if src else None), manifest_hash, keep)
-        return await self.run_on(to.node_id, action)
+        out = await self.run_on(to.node_id, action)
+        if kept_by_move:
+            out["note"] = "keep_source: true makes this move a copy: the source stays"
+        return out
 
     async def download(self, name: str, raw: Any) -> dict[str, Any]:
         body = _body(raw, {"source", "source_url", "target_device", "priority", "revision", "allow_patterns",

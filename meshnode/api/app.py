@@ -20,9 +20,10 @@ from typing import Any
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
-from werkzeug.routing import PathConverter
+from werkzeug.routing import BaseConverter, PathConverter
 
 from protocol import LocalProtocolError, RemoteProtocolError
+from protocol.names import RESERVED_SEGMENTS
 
 from ..actions import Router
 from ..copies.catalog import CopyCatalog
@@ -79,6 +80,15 @@ class ModelNameConverter(PathConverter):
     part_isolating = False
 
 
+class DeviceConverter(BaseConverter):
+    """A device segment that is not one of a model's sub-resources, so that
+    ``/models/acme/locations/register`` is never read as the device
+    ``register`` of the model ``acme``: it is the model ``acme/locations``
+    (a name the validator refuses, its last segment being reserved)."""
+
+    regex = "(?!(?:" + "|".join(sorted(RESERVED_SEGMENTS)) + ")(?:/|$))[^/]+"
+
+
 @dataclass
 class Running:
     """The parts that exist once the node has joined the mesh."""
@@ -124,6 +134,7 @@ def _public_app(parts: ApiParts) -> QuartTrio:
     app.url_map.merge_slashes = False
     app.url_map.strict_slashes = False
     app.url_map.converters["model"] = ModelNameConverter
+    app.url_map.converters["device"] = DeviceConverter
     app.config["MAX_CONTENT_LENGTH"] = PUBLIC_BODY_MAX
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
 
@@ -274,12 +285,12 @@ def _public_app(parts: ApiParts) -> QuartTrio:
         mv = running().registry.model(name)
         return _json({"model_name": mv.name, "locations": mv.locations})
 
-    @app.post("/models/<model:name>/locations/<device>")
+    @app.post("/models/<model:name>/locations/<device:device>")
     async def add_location(name: str, device: str) -> Response:
         dev = await running().registry.set_location(name, device, True)
         return _json({"model_name": name, "device": dev, "recorded": True}, 201)
 
-    @app.delete("/models/<model:name>/locations/<device>")
+    @app.delete("/models/<model:name>/locations/<device:device>")
     async def drop_location(name: str, device: str) -> Response:
         r = running()
         deleted = await r.router.delete_copy(name, device)

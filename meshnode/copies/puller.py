@@ -29,6 +29,7 @@ import random
 
 import trio
 
+from protocol.actions import CopyOf
 from protocol.errors import RemoteProtocolError
 from protocol.keys import COPY_PREFIX, CopyRecord, RecordError
 from protocol.manifest import Manifest
@@ -90,11 +91,13 @@ class Puller:
 
     # -- holders ----------------------------------------------------------------------------
 
-    def holders(self, manifest_hash: str) -> tuple[dict[str, str], set[str]]:
+    def holders(self, manifest_hash: str, named: str | None = None) -> tuple[dict[str, str], set[str]]:
         """node id -> data-plane address of the reachable nodes that can serve
-        this manifest, and which of them hold it complete."""
+        this manifest (only the ``named`` one, for a transfer whose source was
+        named), and which of them hold it complete."""
         h = holders(self.mesh.items(), manifest_hash, self.mesh.id, self.mesh.reachable)
-        found = {nid: addr for nid in h.nodes if (addr := self.mesh.data_address(nid)) is not None}
+        found = {nid: addr for nid in h.nodes
+                 if (named is None or nid == named) and (addr := self.mesh.data_address(nid)) is not None}
         return found, {nid for nid in h.complete if nid in found}
 
     def _no_source_message(self, t: Transfer) -> str:
@@ -129,13 +132,19 @@ class Puller:
     async def pull(self, t: Transfer) -> Copy:
         """Fetch ``t.manifest_hash`` from its holders into ``t.kind``; the published copy."""
         assert t.manifest_hash is not None
-        found, _ = self.holders(t.manifest_hash)
+        named = named_source(t)
+        found, _ = self.holders(t.manifest_hash, named)
         # The node that took the request may have seen the copy before gossip told us.
         with trio.move_on_after(NO_SOURCE_GRACE_S):
             while not found:
                 await trio.sleep(0.1)
-                found, _ = self.holders(t.manifest_hash)
+                found, _ = self.holders(t.manifest_hash, named)
         if not found:
+            if named is not None:
+                state = self.mesh.state_of(named)
+                raise TransferError("NO_SOURCE", f"the named source {named} cannot serve {t.model!r} "
+                                                 f"({state.label if state else 'unknown to this node'}); "
+                                                 "leave the source out to pull from any holder")
             raise TransferError("NO_SOURCE", self._no_source_message(t))
         manifest = await self._fetch_manifest(t.manifest_hash, found)
         t.bytes_total, t.chunks_total = manifest.total_bytes, manifest.n_chunks
@@ -162,6 +171,7 @@ class Puller:
     async def _pull_chunks(self, t: Transfer, manifest: Manifest, partial: Partial, plan: ChunkPlan) -> None:
         assert t.manifest_hash is not None
         mhash = t.manifest_hash
+        named = named_source(t)
         client = self.data
         wake = trio.Event()
         fatal: list[BaseException] = []
@@ -235,7 +245,7 @@ class Puller:
         async def refresh_sources() -> None:
             nonlocal last_source_seen, pulling
             while True:
-                found, complete = self.holders(mhash)
+                found, complete = self.holders(mhash, named)
                 r = refresh(plan, found, complete, me, lambda nid: bool(by_source.get(nid)), pulling, rng)
                 pulling = r.pulling
                 for key in r.cancel:  # the dropped sources' chunks go back to the pool
@@ -308,6 +318,14 @@ def resumed_chunks(p: Partial) -> set[int]:
     holds nothing (hashing its preallocated zeros costs a core-second per
     256 MiB)."""
     return p.verified_chunks() if p.resumed else set()
+
+
+def named_source(t: Transfer) -> str | None:
+    """The node a transfer was told to copy from, if it was told: then only it is asked."""
+    src = t.source
+    if isinstance(src, CopyOf) and src.device is not None:
+        return src.device.split(":", 1)[0]
+    return None
 
 
 def full_bitfield(n: int) -> bytes:

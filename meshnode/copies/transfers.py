@@ -42,7 +42,7 @@ from ..saver import Saver
 from .catalog import CopyCatalog
 from .ingest import WebIngest
 from .intents import Intents
-from .puller import Puller, TransferError, resumed_chunks
+from .puller import Puller, TransferError, named_source, resumed_chunks
 from .sources.guard import confine_path
 from .store import Copy, Store, StoreError
 from .transfer import Transfer
@@ -235,6 +235,9 @@ class Transfers:
             await self._after_publish(t, existing)
             return
         local = self.store.find(t.manifest_hash)
+        named = named_source(t)
+        if named is not None and named != self.mesh.id:
+            local = None  # the source was named: it is used, not a copy of the same bytes here
         copy = await (self._copy_local(t, local) if local is not None else self.puller.pull(t))
         await self._after_publish(t, copy)
 

@@ -76,7 +76,7 @@ def test_the_route_list_is_complete(tmp_path: Path) -> None:
     for rule in app.url_map.iter_rules():
         if rule.endpoint == "static":
             continue
-        path = rule.rule.replace("<model:name>", "{name}")
+        path = rule.rule.replace("<model:name>", "{name}").replace("<device:device>", "{device}")
         for arg in ("tid", "mhash", "device"):
             path = path.replace(f"<{arg}>", "{" + arg + "}")
         for method in rule.methods or ():

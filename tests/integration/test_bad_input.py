@@ -113,3 +113,34 @@ async def test_bad_peer_messages_are_logged_and_dropped(mesh: Mesh, caplog: pyte
 
 async def _has(mesh: Mesh, url: str, name: str) -> bool:
     return (await mesh.client.get(url + f"/models/{name}")).status_code == 200
+
+
+async def test_names_and_routes_are_never_ambiguous(mesh: Mesh) -> None:
+    """`acme/locations` once could not be registered: the route for model
+    `acme` answered.  A sub-resource's name is reserved as the second
+    segment of a model name, and every sub-resource of `acme/m` reaches its
+    own handler."""
+    from protocol.names import RESERVED_SEGMENTS
+
+    a = await mesh.start("a")
+    for word in sorted(RESERVED_SEGMENTS):
+        r = await mesh.client.post(a.url + f"/models/acme/{word}/register", json={})
+        assert err(r) == (400, "INVALID_MODEL_NAME"), word
+        assert "reserves" in r.json()["error"]["message"]
+    assert (await mesh.client.get(a.url + "/models")).json()["total_count"] == 0
+    assert (await mesh.client.post(a.url + "/models/acme/m/register", json={})).status_code == 201
+    assert (await mesh.client.post(a.url + "/models/locations/register", json={})).status_code == 201  # one segment: fine
+    m = a.url + "/models/acme/m"
+    assert (await mesh.client.get(m)).json()["model_name"] == "acme/m"
+    assert (await mesh.client.get(m + "/locations")).json() == {"model_name": "acme/m", "locations": []}
+    r = await mesh.client.post(m + "/locations/a:disk")
+    assert r.status_code == 201 and r.json()["device"] == "a:disk"
+    assert (await mesh.client.get(m + "/locations")).json()["locations"] == ["a:disk"]
+    assert (await mesh.client.delete(m + "/locations/a:disk")).json()["dropped"] is True
+    # copy, move and download answer for acme/m, with their own checks.
+    assert err(await mesh.client.post(m + "/copy", json={"to_device": "a:disk"})) == (404, "COPY_NOT_FOUND")
+    assert err(await mesh.client.post(m + "/move", json={"from_device": "a:disk", "to_device": "a:dram"}))[1] in (
+        "COPY_NOT_FOUND", "NO_SOURCE")
+    assert err(await mesh.client.post(m + "/download", json={"source_url": "gopher://x", "target_device": "a:disk"})) == (
+        400, "INVALID_REQUEST")
+    assert (await mesh.client.get(a.url + "/models/locations")).json()["model_name"] == "locations"

@@ -252,6 +252,45 @@ async def test_two_holders_share_the_work(mesh: Mesh, tmp_path: Path) -> None:
     assert tree_digest(copy_dir(c, "disk", "m")) == tree_digest(src)
 
 
+async def test_a_named_source_is_the_only_source(mesh: Mesh, tmp_path: Path) -> None:
+    """A copy asked `from_device: b:disk` once reported "from a:disk": the
+    named source is used, alone, even where other holders would be faster."""
+    src = make_model(tmp_path, 8 * MiB)
+    a = await start(mesh, "a")
+    b = await start(mesh, "b", join=[a])
+    c = await start(mesh, "c", join=[a])
+    await ingest(mesh, a, "m", src)
+    r = await mesh.client.post(a.url + "/models/m/copy", json={"from_device": "a:disk", "to_device": "b:disk"})
+    assert (await wait_transfer(mesh, b.url, r.json()["transfer_id"]))["status"] == "done"
+    await until_copies(mesh, c.url, "m", 2)
+    sent_by_a = a.node.data_server_stats()["bytes_sent"]
+    r = await mesh.client.post(c.url + "/models/m/copy", json={"from_device": "b:disk", "to_device": "c:disk"})
+    t = await wait_transfer(mesh, c.url, r.json()["transfer_id"])
+    assert t["status"] == "done" and t["sources"] == ["b"], t
+    assert a.node.data_server_stats()["bytes_sent"] == sent_by_a  # a was not asked for a byte
+    # A named source that cannot serve says so; it does not quietly use another holder.
+    b.kill()
+    await wait_for(lambda: _state(mesh, c.url, "b", "dead"), what="b dead")
+    r = await mesh.client.post(c.url + "/models/m/copy", json={"from_device": "b:disk", "to_device": "c:dram"})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "NODE_UNAVAILABLE", r.text
+
+
+async def test_a_move_that_keeps_its_source_is_a_copy_and_says_so(mesh: Mesh, tmp_path: Path) -> None:
+    src = make_model(tmp_path, 3 * MiB)
+    a = await start(mesh, "a")
+    b = await start(mesh, "b", join=[a])
+    await ingest(mesh, a, "m", src)
+    await until_copies(mesh, b.url, "m", 1)
+    r = await mesh.client.post(b.url + "/models/m/move", json={"from_device": "a:disk", "to_device": "b:disk",
+                                                               "keep_source": True})
+    assert r.status_code == 202, r.text
+    assert r.json()["keep_source"] is True and "copy" in r.json()["note"]
+    t = await wait_transfer(mesh, b.url, r.json()["transfer_id"])
+    assert t["status"] == "done" and t["keep_source"] is True, t
+    await until_copies(mesh, b.url, "m", 2)  # the source is still there
+    assert tree_digest(copy_dir(a, "disk", "m")) == tree_digest(src)
+
+
 async def test_download_from_a_node_device(mesh: Mesh, tmp_path: Path) -> None:
     src = make_model(tmp_path, 5 * MiB)
     a = await start(mesh, "a")

@@ -346,3 +346,13 @@ def test_every_accepted_address_makes_a_url(host: str, port: int) -> None:
     url = httpx.URL(f"http://{text}/mesh/v1/msg")
     assert (url.port or 80) == port  # httpx drops the scheme's default port
     assert url.host == split_address(text)[0].lower()
+
+
+def test_sub_resource_names_are_reserved_as_a_second_segment() -> None:
+    from protocol.names import RESERVED_SEGMENTS
+
+    for word in RESERVED_SEGMENTS:
+        with pytest.raises(InvalidName, match="reserves"):
+            validate_model_name(f"acme/{word}")
+        assert validate_model_name(word) == word  # one segment: no route is confused
+        assert validate_model_name(f"acme/{word}-v2") == f"acme/{word}-v2"
