@@ -220,6 +220,7 @@ class MeshNode:
         saver = self.saver = Saver(mesh, self.hlc, self.state_file, journal)
         registry = self.registry = Registry(mesh, self.hlc, index, saver)
         copies = self.copies = CopyCatalog(mesh, self.store, saver)
+        catalog.subscribe(copies)  # a purge reaching this node deletes its copies
         puller = self.puller = Puller(mesh, self.store, data_client, peers, cfg.chunk_stall_s, self.rng)
         self._chunks = LocalChunks(self.store, puller)
         settings = TransferSettings(

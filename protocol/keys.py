@@ -197,10 +197,14 @@ class RegRecord:
     model_type: str | None = None
     source_url: str | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    purged: bool = False  # an unregistration that also deletes every copy, on every node
 
     def to_value(self) -> dict[str, Any]:
         if self.op is RegOp.UNREGISTER:
-            return {"stamp": self.stamp.to_wire(), "since": self.since.to_wire(), "op": self.op.value}
+            out: dict[str, Any] = {"stamp": self.stamp.to_wire(), "since": self.since.to_wire(), "op": self.op.value}
+            if self.purged:
+                out["purged"] = True
+            return out
         return {
             "stamp": self.stamp.to_wire(),
             "since": self.since.to_wire(),
@@ -227,6 +231,7 @@ class RegRecord:
             model_type=v.get("model_type") if isinstance(v.get("model_type"), str) else None,
             source_url=v.get("source_url") if isinstance(v.get("source_url"), str) else None,
             metadata=meta if isinstance(meta, dict) else {},
+            purged=op is RegOp.UNREGISTER and v.get("purged") is True,
         )
 
 

@@ -14,7 +14,9 @@ stamped by the writer's HLC and resolved last-writer-wins by the read view
 * re-registering keeps ``since``, the stamp at which the registration began,
   so the locations recorded under it stay; a first registration and an
   unregistration begin a new one;
-* unregistering with ``purge`` also drops every location the model had.
+* unregistering with ``purge`` also drops every location the model had,
+  and marks the unregistration ``purged``: while it is the model's newest
+  record, every node deletes its copies of the model (``purged_models``).
 
 ``parse_registration`` checks what a client sends before anything is
 written, and says what is wrong (``InvalidInput`` with a code).
@@ -32,7 +34,17 @@ from typing import Any
 
 from .errors import LocalProtocolError
 from .hlc import HLC, ClockSkewError, Stamp
-from .keys import LocOp, LocRecord, RegOp, RegRecord, Storage, loc_key, reg_key
+from .keys import (
+    REG_PREFIX,
+    LocOp,
+    LocRecord,
+    RecordError,
+    RegOp,
+    RegRecord,
+    Storage,
+    loc_key,
+    reg_key,
+)
 from .view import ModelView
 
 __all__ = [
@@ -45,6 +57,7 @@ __all__ = [
     "changed_fields",
     "location_write",
     "parse_registration",
+    "purged_models",
     "register_write",
     "storage_totals",
     "unregister_writes",
@@ -205,8 +218,28 @@ def unregister_writes(
             writes.append((loc_key(view.name, dev), LocRecord(hlc.now(now_ms), LocOp.DROP).to_value()))
             dropped.append(dev)
     stamp = hlc.now(now_ms)
-    writes.append((reg_key(view.name), RegRecord(stamp, stamp, RegOp.UNREGISTER).to_value()))
+    writes.append((reg_key(view.name), RegRecord(stamp, stamp, RegOp.UNREGISTER, purged=purge).to_value()))
     return dropped, writes, warning
+
+
+def purged_models(reg_items: Iterable[tuple[str, str, Any]]) -> set[str]:
+    """The models whose newest ``reg/`` record, over every node's, is an
+    unregistration with purge: every node deletes its copies of them (a node
+    that was down does it when it is back; a registration after the purge
+    ends it)."""
+    newest: dict[str, RegRecord] = {}
+    for _nid, key, value in reg_items:
+        if not key.startswith(REG_PREFIX):
+            continue
+        try:
+            rec = RegRecord.from_value(value)
+        except RecordError:
+            continue
+        model = key[len(REG_PREFIX) :]
+        cur = newest.get(model)
+        if cur is None or rec.stamp > cur.stamp:
+            newest[model] = rec
+    return {m for m, r in newest.items() if r.op is RegOp.UNREGISTER and r.purged}
 
 
 def location_write(view: ModelView, device: str, present: bool, hlc: HLC, now_ms: int) -> tuple[Write, str | None]:

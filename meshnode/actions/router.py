@@ -8,6 +8,8 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+import trio
+
 from protocol import InvalidName
 from protocol.actions import (
     TIERS,
@@ -31,6 +33,9 @@ from ..registry import Registry, model_name
 from .executors import Executors
 
 __all__ = ["Router"]
+
+PURGE_TIMEOUT_S = 10.0  # per holder asked to delete its copy at once
+PURGE_DEVICES_MAX = 256  # asked at once; the rest delete theirs when the purge reaches them
 
 
 def _device(text: Any, what: str) -> Device:
@@ -185,6 +190,33 @@ class Router:
             return None
         assert d.node_id is not None
         return await self.run_on(d.node_id, DeleteCopy(model, d.kind))
+
+    async def purge_copies(self, model: str, devices: list[str]) -> tuple[list[str], list[dict[str, str]]]:
+        """Ask each holder to delete its copy of ``model`` now: the devices
+        freed, and those not yet (with why; each deletes its copy when the
+        purge reaches it)."""
+        deleted: list[str] = []
+        pending: list[dict[str, str]] = []
+
+        async def one(device: str) -> None:
+            try:
+                with trio.fail_after(PURGE_TIMEOUT_S):
+                    await self.delete_copy(model, device)  # None: gone already (its node's sweep was first)
+                deleted.append(device)
+            except MeshError as e:
+                if e.code == "COPY_NOT_FOUND":  # its node's own sweep deleted it first
+                    deleted.append(device)
+                    return
+                pending.append({"device": device, "reason": f"{e.message}; it deletes its copy when the purge reaches it"})
+            except trio.TooSlowError:
+                pending.append({"device": device, "reason": "no answer in time; it deletes its copy when the purge reaches it"})
+
+        async with trio.open_nursery() as nursery:
+            for device in devices[:PURGE_DEVICES_MAX]:
+                nursery.start_soon(one, device)
+        for device in devices[PURGE_DEVICES_MAX:]:
+            pending.append({"device": device, "reason": "deleted by its node when the purge reaches it"})
+        return sorted(deleted), sorted(pending, key=lambda p: p["device"])
 
     async def delete_source(self, model: str, device: str) -> object:
         """A move's last step: delete the copy it moved from (``node:kind``)."""

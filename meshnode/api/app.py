@@ -292,6 +292,10 @@ def _public_app(parts: ApiParts) -> QuartTrio:
 
     @app.delete("/models/<model:name>/locations/<device:device>")
     async def drop_location(name: str, device: str) -> Response:
+        return await _drop(name, device)
+
+    async def _drop(name: str, device: str) -> Response:
+        """Free one device: delete the copy there, or drop a location recorded by hand."""
         r = running()
         deleted = await r.router.delete_copy(name, device)
         if deleted is not None:
@@ -317,9 +321,20 @@ def _public_app(parts: ApiParts) -> QuartTrio:
 
     @app.delete("/models/<model:name>")
     async def unregister(name: str) -> Response:
+        device = request.args.get("device")
+        if device is not None:  # gswarm's "remove from one device": the model stays registered
+            return await _drop(name, device)
         purge = request.args.get("purge", "false").lower() in ("1", "true", "yes")
-        dropped = await running().registry.unregister(name, purge=purge)
-        return _json({"model_name": name, "unregistered": True, "purged_locations": dropped})
+        r = running()
+        copies = [c.device for c in r.registry.model(name).copies]
+        dropped = await r.registry.unregister(name, purge=purge)
+        out: dict[str, Any] = {"model_name": name, "unregistered": True, "purged_locations": dropped}
+        if purge:
+            # The purge is in the catalog now, so a holder that is down deletes its copy when
+            # it is back; the reachable ones are asked to delete theirs at once.
+            deleted, pending = await r.router.purge_copies(name, copies)
+            out["deleted_copies"], out["pending_copies"] = deleted, pending
+        return _json(out)
 
     @app.get("/v2/catalog/availability")
     async def availability() -> Response:

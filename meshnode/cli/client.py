@@ -299,6 +299,10 @@ class ApiClient:
         params = {"purge": "true"} if purge else None
         return self.request("DELETE", model_path(name), params=params)
 
+    def delete_from(self, name: str, device: str) -> Any:
+        """Free one device (gswarm's "remove from one device"): its copy is deleted, the model stays."""
+        return self.request("DELETE", model_path(name), params={"device": device})
+
     def availability(self) -> Any:
         return self.request("GET", "/v2/catalog/availability")
 

@@ -34,6 +34,7 @@ from .render import (
     UsageError,
     fail,
     render_availability,
+    render_delete,
     render_info,
     render_list,
     render_nodes,
@@ -138,6 +139,11 @@ COMMANDS: dict[str, tuple[str, Call, Render]] = {
         "remove a model from the catalog",
         lambda api, a: api.unregister_model(a.name, purge=a.purge),
         render_unregister,
+    ),
+    "delete": (
+        "delete a model's copy on one device (the model stays registered)",
+        lambda api, a: api.delete_from(a.name, a.on),
+        render_delete,
     ),
     "availability": (
         "which node holds which model (llama-orch's view)",

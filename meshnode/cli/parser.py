@@ -122,7 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     unreg = client("unregister")
     unreg.add_argument("name", metavar="NAME", help="model name, e.g. owner/model")
-    unreg.add_argument("--purge", action="store_true", help="also delete every copy")
+    unreg.add_argument("--purge", action="store_true",
+                       help="also delete every copy on every node (a node that is down does it when back)")
+
+    dele = client("delete")
+    dele.add_argument("name", metavar="NAME", help="model name, e.g. owner/model")
+    dele.add_argument("--on", required=True, metavar="NODE:DEVICE", help="the device to free, e.g. gpu2:disk")
 
     client("availability")
 

@@ -325,8 +325,22 @@ def render_register(console: Console, data: Any, args: argparse.Namespace) -> No
 
 
 def render_unregister(console: Console, data: Any, args: argparse.Namespace) -> None:
-    suffix = " and purged every copy" if args.purge else ""
-    console.print(f"unregistered model {args.name!r}{suffix}")
+    d = as_dict(data)
+    console.print(f"unregistered model {args.name!r}")
+    if not args.purge:
+        return
+    deleted = name_list(d.get("deleted_copies"))
+    console.print(f"deleted copies: {', '.join(deleted) if deleted else 'none'}", soft_wrap=True)
+    pending = d.get("pending_copies")
+    for p in pending if isinstance(pending, list) else []:
+        p = as_dict(p)
+        console.print(f"not yet deleted: {p.get('device', '-')}: {p.get('reason', '-')}", soft_wrap=True)
+
+
+def render_delete(console: Console, data: Any, args: argparse.Namespace) -> None:
+    d = as_dict(data)
+    what = "deleted the copy on" if d.get("deleted_copy") else "dropped the location"
+    console.print(f"{what} {d.get('device', args.on)} of {args.name!r}", soft_wrap=True)
 
 
 def render_availability(console: Console, data: Any, args: argparse.Namespace) -> None:

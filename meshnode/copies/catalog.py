@@ -4,19 +4,24 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import trio
 
 from protocol.keys import (
     COPY_PREFIX,
+    REG_PREFIX,
     STORAGE_KEY,
     CopyRecord,
     RecordError,
     Storage,
     TierUsage,
     copy_key,
+    parse_copy_key,
 )
+from protocol.registry import purged_models
 
+from ..errors import MeshError
 from ..mesh import Mesh, wall_ms
 from ..saver import Saver
 from .store import TIERS, Copy, Store
@@ -33,6 +38,16 @@ class CopyCatalog:
         self.mesh = mesh
         self.store = store
         self.saver = saver
+        self._purge_asked = trio.Event()
+
+    # -- catalog listener: a purge anywhere wakes the sweep at once ------------------------
+
+    def key_changed(self, node_id: str, key: str, value: Any | None) -> None:
+        if key.startswith(REG_PREFIX) and isinstance(value, dict) and value.get("purged") is True:
+            self._purge_asked.set()
+
+    def node_cleared(self, node_id: str) -> None:
+        pass
 
     async def load(self) -> None:
         """Publish the copies on disk; withdraw copy records whose copy is gone."""
@@ -81,8 +96,35 @@ class CopyCatalog:
                  for k, u in self.storage().items()}
         self.mesh.set(STORAGE_KEY, Storage(tiers).to_value())
 
+    async def purge(self) -> list[str]:
+        """Delete our copies of the models a purge unregistered (``purged_models``);
+        the devices freed.  Also how a node that was down when the purge was
+        asked does its part once it is back."""
+        purged = purged_models(self.mesh.items(REG_PREFIX))
+        if not purged:
+            return []
+        freed = []
+        for key, e in list(self.mesh.own_keys(COPY_PREFIX)):
+            held = parse_copy_key(key)
+            if e.tombstone or held is None or held[0] not in purged:
+                continue
+            model, kind = held
+            try:
+                await self.delete_local(model, kind)
+            except (MeshError, OSError) as e:  # tried again at the next sweep
+                log.warning("could not delete the purged copy of %s on %s: %s", model, kind, e)
+                continue
+            freed.append(f"{self.mesh.id}:{kind}")
+            log.info("deleted the copy of %s on %s: the model was unregistered with purge", model, kind)
+        return freed
+
     async def run(self, interval_s: float, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Every ``interval_s``, and at once when a purge arrives: sample the
+        storage, delete what a purge asks of this node."""
         task_status.started()
         while True:
-            await trio.sleep(interval_s)
+            await self.purge()
+            with trio.move_on_after(interval_s):
+                await self._purge_asked.wait()
+            self._purge_asked = trio.Event()
             self.sample_storage()

@@ -318,3 +318,52 @@ async def test_a_bad_local_source_fails_a_tier_copy_and_publishes_nothing(mesh: 
     assert "chunk 1" in t["error"]["message"], t
     assert a.node.store.get("m", "dram") is None
     assert not any(p.is_file() for p in a.node.store.tier_root("dram").rglob("*"))
+
+
+async def test_purge_deletes_every_copy_even_on_a_node_that_was_down(mesh: Mesh, tmp_path: Path) -> None:
+    """`unregister --purge` once said it purged every copy while the files
+    stayed, `/storage` listed them and registering again brought them back."""
+    src = make_model(tmp_path, 2 * MiB)
+    a = await start(mesh, "a")
+    b = await start(mesh, "b", join=[a])
+    c = await start(mesh, "c", join=[a])
+    await ingest(mesh, a, "m", src)
+    for to, node in (("b:disk", b), ("c:dram", c)):
+        r = await mesh.client.post(a.url + "/models/m/copy", json={"from_device": "a:disk", "to_device": to})
+        assert (await wait_transfer(mesh, node.url, r.json()["transfer_id"]))["status"] == "done"
+    await until_copies(mesh, a.url, "m", 3)
+    c.kill()
+    await wait_for(lambda: _state(mesh, a.url, "c", "dead"), what="c dead")
+    r = await mesh.client.delete(a.url + "/models/m", params={"purge": "true"})
+    assert r.status_code == 200, r.text
+    assert r.json()["deleted_copies"] == ["a:disk", "b:disk"]
+    assert [p["device"] for p in r.json()["pending_copies"]] == ["c:dram"]
+    assert a.node.store.get("m", "disk") is None and b.node.store.get("m", "disk") is None
+    for h in (a, b):
+        assert (await mesh.client.get(h.url + "/storage")).json()["copies"] == []
+    # c, back, deletes its copy when the purge reaches it.
+    c = await start(mesh, "c", join=[a])
+    await wait_for(lambda: c.node.store.get("m", "dram") is None, what="c deletes its purged copy")
+    assert not any((mesh.root / "c-shm").rglob("model.safetensors"))
+    # Registering the name again brings nothing back.
+    assert (await mesh.client.post(a.url + "/models/m/register", json={})).status_code == 201
+    await wait_for(lambda: c.node.registry.find("m") is not None, what="c sees the new registration")
+    assert (await mesh.client.get(c.url + "/models/m")).json()["copies"] == []
+
+
+async def test_delete_with_a_device_frees_one_copy_and_keeps_the_model(mesh: Mesh, tmp_path: Path) -> None:
+    """gswarm's "remove from one device": `DELETE /models/{name}?device=` once
+    unregistered the model everywhere, orphaning its copies."""
+    src = make_model(tmp_path, 2 * MiB)
+    a = await start(mesh, "a")
+    b = await start(mesh, "b", join=[a])
+    await ingest(mesh, a, "m", src)
+    r = await mesh.client.post(a.url + "/models/m/copy", json={"from_device": "a:disk", "to_device": "b:disk"})
+    assert (await wait_transfer(mesh, b.url, r.json()["transfer_id"]))["status"] == "done"
+    await until_copies(mesh, a.url, "m", 2)
+    r = await mesh.client.delete(a.url + "/models/m", params={"device": "b:disk"})
+    assert r.status_code == 200 and r.json()["deleted_copy"] is True, r.text
+    assert b.node.store.get("m", "disk") is None
+    await until_copies(mesh, a.url, "m", 1)
+    info = (await mesh.client.get(a.url + "/models/m")).json()
+    assert info["model_name"] == "m" and [c["device"] for c in info["copies"]] == ["a:disk"]

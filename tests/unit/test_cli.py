@@ -474,12 +474,27 @@ def test_unregister(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_unregister_purge(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    wire = fake(lambda request: httpx.Response(200, json={"purged": 2}))
+    """It says which copies were deleted and which are not yet, not "purged every copy"."""
+    answer = {"unregistered": True, "deleted_copies": ["a:disk", "b:disk"],
+              "pending_copies": [{"device": "c:dram", "reason": "node 'c' is dead; it deletes its copy when back"}]}
+    wire = fake(lambda request: httpx.Response(200, json=answer))
     code, out, _ = run(capsys, "unregister", "gpt2", "--purge")
     assert code == 0
     assert wire.last.method == "DELETE"
     assert wire.last.url.raw_path == b"/models/gpt2?purge=true"
-    assert "purged" in out
+    assert "deleted copies: a:disk, b:disk" in out
+    assert "not yet deleted: c:dram: node 'c' is dead" in out
+    assert "every copy" not in out
+
+
+def test_delete_frees_one_device(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    wire = fake(lambda request: httpx.Response(200, json={"model_name": "gpt2", "device": "b:disk",
+                                                          "dropped": True, "deleted_copy": True}))
+    code, out, err = run(capsys, "delete", "gpt2", "--on", "b:disk")
+    assert code == 0, err
+    assert wire.last.method == "DELETE"
+    assert wire.last.url.raw_path == b"/models/gpt2?device=b%3Adisk"
+    assert "deleted the copy on b:disk of 'gpt2'" in out
 
 
 def test_unregister_json_with_empty_body(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:

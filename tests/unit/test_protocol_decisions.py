@@ -43,6 +43,7 @@ from protocol.registry import (
     availability,
     location_write,
     parse_registration,
+    purged_models,
     register_write,
     storage_totals,
     unregister_writes,
@@ -109,6 +110,8 @@ def test_registry_writes_follow_what_they_read(steps: list[tuple[str, str, int]]
             dropped, writes, _ = unregister_writes(before, clocks[node], wall, purge=op == "purge")
             _apply(items, node, writes)
             assert "m" not in _models(items)
+            # While the purge is the newest record, every node deletes its copies.
+            assert purged_models((n, k, v) for (n, k), v in items.items()) == ({"m"} if op == "purge" else set())
             assert dropped == (list(before.locations) if op == "purge" else [])
             w, _ = register_write("m", Registration(), None, clocks[node], wall)
             _apply(items, node, [w])
@@ -116,6 +119,7 @@ def test_registry_writes_follow_what_they_read(steps: list[tuple[str, str, int]]
             assert again.since > before.since  # a new registration, not the old one revived
             if op == "purge":
                 assert again.locations == []
+            assert purged_models((n, k, v) for (n, k), v in items.items()) == set()  # a registration ends it
 
 
 def test_a_stamp_from_far_in_the_future_is_reported_not_followed() -> None:

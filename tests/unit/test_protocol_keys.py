@@ -42,7 +42,7 @@ texts = st.text(max_size=30)
 records = st.one_of(
     st.builds(RegRecord, stamps, stamps, st.just(RegOp.REGISTER), st.none() | texts, st.none() | texts,
               st.dictionaries(st.text(max_size=5), st.integers(), max_size=3)),
-    st.builds(RegRecord, stamps, stamps, st.just(RegOp.UNREGISTER)),
+    st.builds(RegRecord, stamps, stamps, st.just(RegOp.UNREGISTER), purged=st.booleans()),
     st.builds(LocRecord, stamps, st.sampled_from(list(LocOp))),
     st.builds(CopyRecord, st.text("0123456789abcdef", min_size=32, max_size=32), small, small, small, small),
     st.builds(XferRecord, texts, st.sampled_from(["disk", "dram"]), st.sampled_from(list(TransferStatus)),
