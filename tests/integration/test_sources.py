@@ -12,6 +12,7 @@ import httpx
 import pytest
 import trio
 from huggingface_hub import close_session
+from huggingface_hub import constants as hf_constants
 
 from meshnode.copies.sources import RetryPolicy, SourceError, fetch_source, is_hf_source
 from meshnode.copies.sources.hf import fetch_hf, parse_hf_ref
@@ -27,9 +28,12 @@ MARGIN = 256 * 1024
 
 
 @pytest.fixture(autouse=True)
-def hf_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def hf_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
     for var in ("HF_TOKEN", "HF_TOKEN_PATH", "HF_HUB_OFFLINE", "HUGGING_FACE_HUB_TOKEN"):
         monkeypatch.delenv(var, raising=False)
+    # Where `hf auth login` saves its token: here, empty, whatever this machine's user saved.
+    monkeypatch.setattr(hf_constants, "HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))
+    monkeypatch.setattr(hf_constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "hf-home" / "stored_tokens"))
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     yield
     close_session()  # the hub client's pooled connections point at a server that is gone
@@ -188,6 +192,15 @@ async def test_bad_token_is_unauthorized_and_never_shown(hub: FakeHub, tmp_path:
     res = await fetch_hf(REPO, tmp_path / "c", endpoint=hub.endpoint, allow_patterns="*.json", retries=FAST)
     assert res.files == ["config.json", "generation_config.json", "tokenizer/tokenizer.json"]
     assert all(s.authorized for s in hub.log[-2:])
+    # The token `hf auth login` saved is used when nothing else names one.
+    monkeypatch.delenv("HF_TOKEN_PATH")
+    saved = Path(hf_constants.HF_TOKEN_PATH)
+    saved.parent.mkdir(parents=True)
+    saved.write_text(hub.token)
+    res = await fetch_hf(REPO, tmp_path / "saved", endpoint=hub.endpoint, allow_patterns="*.json", retries=FAST)
+    assert len(res.files) == 3 and all(s.authorized for s in hub.log[-2:])
+    saved.unlink()
+    monkeypatch.setenv("HF_TOKEN_PATH", str(tok_file))
     monkeypatch.setenv("HF_TOKEN", secret)  # wins over the file
     e = await expect_error("UNAUTHORIZED", fetch_hf(REPO, tmp_path / "d", endpoint=hub.endpoint, retries=FAST))
     assert secret not in str(e)

@@ -11,7 +11,7 @@ against its sha256 and every other file against its git blob id, hashing while
 streaming (on resume, the prefix on disk first).
 
 Token: the argument, else ``HF_TOKEN``, else the file named by
-``HF_TOKEN_PATH``.  It is sent as ``Authorization: Bearer`` to the hub only
+``HF_TOKEN_PATH``, else the token ``hf auth login`` saved (``get_token``).  It is sent as ``Authorization: Bearer`` to the hub only
 (httpx drops it on a redirect to another host, e.g. the CDN) and never
 appears in a log line or an error message.
 """
@@ -31,7 +31,7 @@ from urllib.parse import unquote, urlsplit
 
 import httpx
 import trio
-from huggingface_hub import HfApi, constants, hf_hub_url
+from huggingface_hub import HfApi, constants, get_token, hf_hub_url
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
@@ -164,7 +164,10 @@ def _read_token_file(path: str) -> str | None:
 
 
 def resolve_token(token: str | None) -> str | None:
-    """The argument, else ``HF_TOKEN``, else the file named by ``HF_TOKEN_PATH``. Blocks (a file read)."""
+    """The argument, else ``HF_TOKEN``, else the file named by ``HF_TOKEN_PATH``
+    (read now, so a change of it needs no restart), else what
+    ``huggingface_hub.get_token`` finds: the token ``hf auth login`` saved on
+    this node.  Blocks (a file read)."""
     if token is not None and token.strip():
         return token.strip()
     env = os.environ.get("HF_TOKEN", "").strip()
@@ -173,7 +176,7 @@ def resolve_token(token: str | None) -> str | None:
     path = os.environ.get("HF_TOKEN_PATH", "").strip()
     if path:
         return _read_token_file(path)
-    return None
+    return get_token()
 
 
 def _status(e: HfHubHTTPError) -> int | None:
