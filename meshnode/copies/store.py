@@ -390,7 +390,19 @@ class Store:
         c = self._copies.pop((model, kind), None)
         if c is not None:
             self._remove_dir(c)
+            self._prune(kind, model)
         return c
+
+    def _prune(self, kind: str, model: str) -> None:
+        """Remove the model's directories (``<root>/owner/name``) once nothing is left in them."""
+        root = self.tier_root(kind)
+        d = root / model
+        while d != root and d.is_relative_to(root):
+            try:
+                d.rmdir()  # only when empty
+            except OSError:
+                return
+            d = d.parent
 
     def _remove_dir(self, c: Copy) -> None:
         mfile = c.path.with_name(c.path.name + _MANIFEST_SUFFIX)

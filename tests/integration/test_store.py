@@ -46,3 +46,19 @@ async def test_a_growing_file_fails_the_transfer_as_source_changed(mesh: Mesh, m
     r = await mesh.client.post(a.url + "/models/g/download", json={"source_url": f"file://{src}", "target_device": "a:disk"})
     t = await wait_transfer(mesh, a.url, r.json()["transfer_id"])
     assert t["status"] == "failed" and t["error"]["code"] == "SOURCE_CHANGED", t
+
+
+def test_deleting_a_copy_leaves_no_empty_model_directories(tmp_path: Path) -> None:
+    """`copies/org/model/` stayed behind, empty, after a move or a delete."""
+    src = tmp_path / "w.bin"
+    src.write_bytes(os.urandom(3000))
+    s = Store("n", tmp_path / "data", tmp_path / "shm")
+    s.scan()
+    s.ingest_path("disk", "org/model", src, chunk_bytes=1024 * 1024)
+    s.ingest_path("disk", "org/other", src, chunk_bytes=1024 * 1024)
+    root = s.tier_root("disk")
+    assert (root / "org" / "model").is_dir()
+    s.delete("org/model", "disk")
+    assert not (root / "org" / "model").exists() and (root / "org" / "other").is_dir()  # the owner still has one
+    s.delete("org/other", "disk")
+    assert not (root / "org").exists() and root.is_dir()
