@@ -325,6 +325,9 @@ class XferRecord:
     files_total: int = 0
     source_id: str | None = None
     claim: Stamp | None = None
+    chunks_total: int = 0
+    chunks_fetched: int = 0
+    chunks_resumed: int = 0
 
     def to_value(self) -> dict[str, Any]:
         return {
@@ -344,6 +347,9 @@ class XferRecord:
             "files_total": self.files_total,
             "source_id": self.source_id,
             "claim": None if self.claim is None else self.claim.to_wire(),
+            "chunks_total": self.chunks_total,
+            "chunks_fetched": self.chunks_fetched,
+            "chunks_resumed": self.chunks_resumed,
         }
 
     @classmethod
@@ -369,6 +375,9 @@ class XferRecord:
             files_total=_int(v.get("files_total", 0) or 0, "transfer files_total"),
             source_id=_str(v.get("source_id"), "transfer source_id", optional=True),
             claim=None if v.get("claim") is None else _stamp(v.get("claim"), "transfer claim"),
+            chunks_total=_int(v.get("chunks_total", 0) or 0, "transfer chunks_total"),
+            chunks_fetched=_int(v.get("chunks_fetched", 0) or 0, "transfer chunks_fetched"),
+            chunks_resumed=_int(v.get("chunks_resumed", 0) or 0, "transfer chunks_resumed"),
         )
 
 

@@ -75,6 +75,9 @@ class Transfer:
             files_total=self.files_total,
             source_id=self.source_id,
             claim=self.claim,
+            chunks_total=self.chunks_total,
+            chunks_fetched=self.chunks_fetched,
+            chunks_resumed=self.chunks_resumed,
         )
 
     def public(self, node_id: str) -> dict[str, Any]:

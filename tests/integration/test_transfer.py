@@ -302,6 +302,13 @@ async def test_download_from_a_node_device(mesh: Mesh, tmp_path: Path) -> None:
     t = await wait_transfer(mesh, b.url, r.json()["transfer_id"])
     assert t["status"] == "done" and t["sources"] == ["a"], t
     assert tree_digest(copy_dir(b, "dram", "m")) == tree_digest(src)
+    # Another node shows the same chunk counts (it showed "0 fetched of -").
+    async def same_on_a() -> bool:
+        seen = (await mesh.client.get(a.url + f"/transfers/{t['transfer_id']}")).json()
+        return bool(seen.get("status") == "done" and seen["chunks_total"] == t["chunks_total"] > 0
+                    and seen["chunks_fetched"] == t["chunks_fetched"])
+
+    await wait_for(same_on_a, what="a shows b's transfer with its chunks")
 
 
 async def test_a_bad_local_source_fails_a_tier_copy_and_publishes_nothing(mesh: Mesh, tmp_path: Path) -> None:

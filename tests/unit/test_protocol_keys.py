@@ -48,7 +48,7 @@ records = st.one_of(
     st.builds(XferRecord, texts, st.sampled_from(["disk", "dram"]), st.sampled_from(list(TransferStatus)),
               st.none() | st.text("0123456789abcdef", min_size=32, max_size=32), small, small, small,
               st.lists(texts, max_size=3).map(tuple), st.none() | st.builds(ErrorRecord, st.text(max_size=10), texts),
-              small, small, texts, small, small, st.none() | texts, st.none() | stamps),
+              small, small, texts, small, small, st.none() | texts, st.none() | stamps, small, small, small),
     st.builds(SrcRecord, texts, st.text("0123456789abcdef", max_size=32), texts, st.none() | texts),
     st.builds(NodeInfo, texts, texts, small, st.integers(1, 65535)),
     st.builds(Storage, st.dictionaries(st.sampled_from(["disk", "dram"]), st.builds(TierUsage, small, small, small))),
