@@ -44,6 +44,7 @@ class Mesh:
         self.rng = rng
         self.bad_messages = 0
         self._log_once = LogOnce()
+        self._leave_acked = trio.Event()
 
     # -- who we are ---------------------------------------------------------------------
 
@@ -167,16 +168,30 @@ class Mesh:
             self._note_bad_peer(remote, e)
             raise
         self.sender.enqueue(self.gossip.receive(env, trio.current_time(), self.rng, wall_ms()))
+        if self.gossip.left and self.gossip.leave_settled:
+            self._leave_acked.set()
         self._log_notices()
 
     async def leave(self, timeout_s: float) -> None:
-        """Tell a few peers we are leaving (they show us as ``left``)."""
-        sends = self.gossip.leave(trio.current_time(), self.rng)
+        """Tell peers we are leaving (they show us as ``left``), round after
+        round until one acknowledges (``GossipNode.leave``), within ``timeout_s``."""
+        g = self.gossip
+        sends = g.leave(trio.current_time(), self.rng)
+        told = 0
         with trio.move_on_after(timeout_s):
-            async with trio.open_nursery() as n:
-                for s in sends:
-                    n.start_soon(self.sender.send_now, s)
-        log.info("left the mesh (told %d peers)", len(sends))
+            while True:
+                told += len(sends)
+                async with trio.open_nursery() as n:
+                    for s in sends:
+                        n.start_soon(self.sender.send_now, s)
+                if g.leave_settled or not g.members.live:
+                    break
+                with trio.move_on_at(g.leave_deadline()):  # the next round, unless acknowledged first
+                    await self._leave_acked.wait()
+                sends = g.leave_tick(trio.current_time(), self.rng)
+        lv = g.leaving_ack
+        log.info("left the mesh (told %d peers; %s)", told,
+                 f"acknowledged by {lv}" if lv else "no peer acknowledged: they may show this node as dead")
 
     def _log_notices(self) -> None:
         while self.gossip.notices:

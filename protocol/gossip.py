@@ -51,6 +51,7 @@ Forged or mistaken news about ourselves is refuted, never obeyed:
 
 from __future__ import annotations
 
+import math
 import random
 from collections import deque
 from dataclasses import dataclass, field
@@ -136,6 +137,21 @@ class Notice:
     text: str
 
 
+LEAVE_ROUNDS = 3  # rounds of telling peers we leave, until one acknowledges
+
+
+@dataclass(slots=True)
+class _Leaving:
+    record: MemberRecord  # ours, LEFT
+    tell: int  # peers told per round
+    rounds: int = 0
+    next_at: float = 0.0
+    told: set[str] = field(default_factory=set)
+    pending: dict[int, str] = field(default_factory=dict)  # Ping seq -> the peer it went to
+    acked: str | None = None  # the first peer that acknowledged
+    gave_up: bool = False
+
+
 @dataclass(slots=True)
 class _Probe:
     target: str
@@ -194,6 +210,7 @@ class GossipNode:
         self.broadcasts.push(MemberUpdate(me))
         self.stats = Stats()
         self.left = False
+        self._leaving: _Leaving | None = None
         self._seq = 0
         self._health = 0
         self._probe: _Probe | None = None
@@ -401,6 +418,8 @@ class GossipNode:
         return self.config.probe_interval_s * (1 + self._health)
 
     def next_deadline(self) -> float:
+        if self.left:  # no more ticks: only the leave's rounds (``leave_deadline``)
+            return self.leave_deadline()
         p = self._probe
         # A new probe cannot start while one is out, so its time is no deadline before then.
         next_probe = self._next_probe if p is None else max(self._next_probe, p.start + self._probe_interval())
@@ -512,6 +531,7 @@ class GossipNode:
         any (the simulator's generations are not clocks)."""
         out: list[Send] = []
         if self.left:
+            self._leave_acked(env)  # the only message a leaving node still takes
             return out
         self._generation_limit = None if wall_ms is None else wall_ms + self.config.generation_ahead_max_ms
         self.stats.messages_in += 1
@@ -633,7 +653,13 @@ class GossipNode:
     # -- leaving ---------------------------------------------------------------------
 
     def leave(self, now: float, rng: random.Random, tell: int = 4) -> list[Send]:
-        """Mark ourselves LEFT and tell up to ``tell`` live peers."""
+        """Mark ourselves LEFT and tell up to ``tell`` live peers.
+
+        The news travels in Pings, so a peer that takes it answers with an
+        Ack: until one does, ``leave_tick`` tells ``tell`` other peers every
+        probe timeout, at most ``LEAVE_ROUNDS`` rounds (a lost message, or a
+        partition around us, would otherwise leave the whole mesh to declare
+        us dead).  The caller keeps us reachable until ``leave_settled``."""
         out: list[Send] = []
         if self.left:
             return out
@@ -641,8 +667,55 @@ class GossipNode:
         rec = MemberRecord(self.id, self.address, me.generation, me.incarnation, MemberState.LEFT)
         self.members.set_self(rec, now)
         self._changed()
-        update = (MemberUpdate(rec),)
-        for nid in self.members.live.sample(rng, tell):
-            self._send(out, self._addr(nid), Gossip(update))
         self.left = True
+        self._leaving = _Leaving(rec, tell)
+        self._leave_round(now, rng, out)
         return out
+
+    def _leave_round(self, now: float, rng: random.Random, out: list[Send]) -> None:
+        lv = self._leaving
+        assert lv is not None
+        lv.rounds += 1
+        lv.next_at = now + self.config.probe_timeout_s
+        shuffled = self.members.live.sample(rng, len(self.members.live))
+        # Peers not told yet first; in a small mesh, the same ones again.
+        order = [n for n in shuffled if n not in lv.told] + [n for n in shuffled if n in lv.told]
+        for nid in order[: lv.tell]:
+            seq = self._next_seq()
+            lv.told.add(nid)
+            lv.pending[seq] = nid
+            self._send(out, self._addr(nid), Ping(seq, nid, (MemberUpdate(lv.record),)))
+
+    def leave_tick(self, now: float, rng: random.Random) -> list[Send]:
+        """While leaving: tell more peers if none has acknowledged yet."""
+        out: list[Send] = []
+        lv = self._leaving
+        if lv is None or self.leave_settled or now < lv.next_at:
+            return out
+        if lv.rounds < LEAVE_ROUNDS:
+            self._leave_round(now, rng, out)
+        else:
+            lv.next_at = math.inf  # given up: the peers that heard spread it, or we are dead to them
+            lv.gave_up = True
+        return out
+
+    @property
+    def leave_settled(self) -> bool:
+        """Left, and a peer acknowledged it (or every round was tried)."""
+        lv = self._leaving
+        return lv is not None and (lv.acked is not None or lv.gave_up)
+
+    @property
+    def leaving_ack(self) -> str | None:
+        """The peer that acknowledged our leave, if one did."""
+        return None if self._leaving is None else self._leaving.acked
+
+    def leave_deadline(self) -> float:
+        lv = self._leaving
+        return math.inf if lv is None or self.leave_settled else lv.next_at
+
+    def _leave_acked(self, env: Envelope) -> None:
+        lv = self._leaving
+        b = env.body
+        if lv is not None and isinstance(b, Ack) and lv.pending.get(b.seq) == b.target:
+            lv.acked = b.target

@@ -1,4 +1,4 @@
-"""``python -m sim [run|bench|swarm]``: the simulator's command line."""
+"""``python -m sim [run|bench|sweep|swarm]``: the simulator's command line."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from .bench import BenchPlan, run_bench
 from .report import fmt, table
 from .scenarios import ChaosSpec, chaos
 from .swarm import swarm_table
+from .sweep import draw, sweep
 
 
 def _partition(s: str) -> tuple[float, float] | None:
@@ -53,6 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--processes", type=int, default=0)
     b.add_argument("--spread-seeds", type=int, default=None)
     b.add_argument("--fd-duration", type=float, default=None, help="simulated s for the N=1000 false-death run")
+    sw = sub.add_parser("sweep", help="many seeded chaos runs over random parameters; violations by kind")
+    sw.add_argument("--seeds", type=int, default=1000, help="how many seeds (10000 for the long run)")
+    sw.add_argument("--start", type=int, default=1, help="the first seed")
+    sw.add_argument("--processes", type=int, default=0, help="0: one per CPU")
     w = sub.add_parser("swarm", help="one seed, N receivers: the daemon's pull policy against the star")
     w.add_argument("--receivers", type=_sizes, default=[2, 6, 24, 100], help="comma-separated swarm sizes")
     w.add_argument("--chunks", type=int, default=64)
@@ -72,7 +77,7 @@ def _sizes(s: str) -> list[int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("run", "bench", "swarm", "-h", "--help"):
+    if not argv or argv[0] not in ("run", "bench", "sweep", "swarm", "-h", "--help"):
         argv = ["run", *argv]  # `python -m sim [options]` is `python -m sim run [options]`
     parser = _parser()
     args = parser.parse_args(argv)
@@ -84,6 +89,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"--partition heals at {args.partition[1]:g} s, after the faults end at "
                 f"--duration - --quiet = {args.duration - args.quiet:g} s"
             )
+    if args.cmd == "sweep":
+        if not 1 <= args.seeds <= 1_000_000:
+            parser.error("--seeds must be in [1, 1000000]")
+        t = time.perf_counter()
+        res = sweep(range(args.start, args.start + args.seeds), processes=args.processes)
+        print(f"sim sweep: {args.seeds} seeds from {args.start}, {time.perf_counter() - t:.0f} s; "
+              f"runs with violations: {len(res.failed)}")
+        kinds = ["left seen as not left", "lost registration", "catalogs differ", "model views differ",
+                 "live node unknown or dead", "stale digest", "crash not detected", "other"]
+        print(table(["violation", "runs"], [[k, str(res.by_kind.get(k, 0))] for k in kinds]))
+        for seed in sorted(res.failed)[:20]:
+            print(f"  seed {seed}: {draw(seed)}")
+            for v in res.failed[seed][:3]:
+                print(f"    ! {v}")
+        return 1 if res.failed else 0
     if args.cmd == "swarm":
         if not 1 <= args.chunks <= 4096:
             parser.error("--chunks must be in [1, 4096]")

@@ -164,6 +164,8 @@ class Simulation:
         return self.clock.now + self.clock.skews[i]
 
     def _resched(self, i: int, node: GossipNode) -> None:
+        if node.left:
+            return  # a leaving node does not tick: its rounds run in _leave_step
         t = node.next_deadline() - self.clock.skews[i]
         if t < self._timer_at[i]:
             tok = self._timer_tok[i] + 1
@@ -346,17 +348,29 @@ class Simulation:
         self._start(i, node)
 
     def leave(self, i: int) -> None:
-        """Graceful leave: tell a few peers, then the process exits."""
+        """Graceful leave: tell a few peers, stay reachable until one of them
+        acknowledges (or every round was tried), then the process exits."""
         if not self.net.up[i]:
             return
         node = self.node(i)
         out = node.leave(self.local(i), self.node_rngs[i])
         self._dispatch(i, out)
         self.left[i] = True
-        self.net.up[i] = False
-        self.audit.on_down(i)
-        self._timer_tok[i] += 1
+        self._timer_tok[i] += 1  # no more ticks: only the leave's own rounds
         self._timer_at[i] = math.inf
+        self._leave_step(i, node)
+
+    def _leave_step(self, i: int, node: GossipNode) -> None:
+        if not self.net.up[i] or self.nodes[i] is not node:
+            return  # crashed while leaving
+        if not node.leave_settled:
+            self._dispatch(i, node.leave_tick(self.local(i), self.node_rngs[i]))
+        if node.leave_settled:
+            self.net.up[i] = False
+            self.audit.on_down(i)
+            return
+        wait = max(0.0, node.leave_deadline() - self.local(i))
+        self.at(self.clock.now + min(wait, 0.05), partial(self._leave_step, i, node))
 
     def partition(self, groups: list[int]) -> None:
         self.net.partition(groups, self.clock.now)
