@@ -136,7 +136,7 @@ def test_sigterm_leaves_cleanly(procs) -> None:  # type: ignore[no-untyped-def]
     wait(lambda: states(a.url) == {"a": "alive", "b": "alive"}, what="both alive")
     assert b.term() == 0  # within term()'s 20 s, or it raises
     assert states(a.url)["b"] == "left"
-    assert "left the mesh" in b.log.read_text()
+    assert "left the mesh" in b.log.read_text() and "acknowledged by a" in b.log.read_text()
 
 
 def test_unusable_data_dir_and_busy_port(procs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
