@@ -35,6 +35,7 @@ STATUS: dict[str, int] = {
     "LOCATION_NOT_FOUND": 404,
     "METHOD_NOT_ALLOWED": 405,
     "NODE_UNAVAILABLE": 409,
+    "CONTENT_CONFLICT": 409,
     "TOO_LARGE": 413,
     # the mesh cannot do it now
     "PEER_UNREACHABLE": 502,

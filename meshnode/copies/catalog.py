@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -20,17 +21,36 @@ from protocol.keys import (
     parse_copy_key,
 )
 from protocol.registry import purged_models
+from protocol.transfer.sources import content_conflict
 
 from ..errors import MeshError
 from ..mesh import Mesh, wall_ms
 from ..saver import Saver
-from .store import TIERS, Copy, Store
+from .store import TIERS, Copy, Store, StoreError
 
-__all__ = ["CopyCatalog"]
+__all__ = ["CopyCatalog", "one_content"]
 
 log = logging.getLogger("meshnode.copies")
 
 MIB = 1024 * 1024
+
+
+def one_content(mesh: Mesh, model: str) -> Callable[[str], None]:
+    """For ``Store.ingest_path``: refuse new bytes for a model whose copies in
+    the mesh hold other bytes (``transfer.sources.content_conflict``).  The
+    copies are read now, in the event loop; the check runs in the worker."""
+    items = list(mesh.items(COPY_PREFIX))
+
+    def accept(manifest_hash: str) -> None:
+        other = content_conflict(items, model, manifest_hash)
+        if other is not None:
+            raise StoreError(
+                "CONTENT_CONFLICT",
+                f"{model!r} already has other content (the copy on {other}); one model has one content: "
+                "delete or purge its copies first, or give this content another model name",
+            )
+
+    return accept
 
 
 class CopyCatalog:

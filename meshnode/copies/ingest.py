@@ -31,6 +31,7 @@ from protocol.transfer.claims import choose_fetcher, live_claims, mesh_copy, sou
 from ..errors import only
 from ..mesh import Mesh, wall_ms
 from ..persist import make_dirs
+from .catalog import one_content
 from .puller import Puller
 from .sources import SourceError, SourceResult, fetch_source, is_hf_source
 from .sources.hf import parse_hf_ref, resolve_hf_commit
@@ -139,7 +140,8 @@ class WebIngest:
                 allow_patterns=web.allow_patterns, ignore_patterns=web.ignore_patterns,
                 allow_private=self.allow_private,
             )
-            copy = await trio.to_thread.run_sync(functools.partial(self.store.ingest_path, t.kind, t.model, staging, adopt=True))
+            copy = await trio.to_thread.run_sync(functools.partial(
+                self.store.ingest_path, t.kind, t.model, staging, adopt=True, accept=one_content(self.mesh, t.model)))
         except BaseException as e:
             if not only(e, trio.Cancelled):  # a crash or stop keeps the partial files for the resume
                 await trio.to_thread.run_sync(shutil.rmtree, staging, True)

@@ -316,8 +316,12 @@ class Store:
             self._remove_dir(old)
         return copy
 
-    def ingest_path(self, kind: str, model: str, src: Path, chunk_bytes: int | None = None, *, adopt: bool = False) -> Copy:
+    def ingest_path(self, kind: str, model: str, src: Path, chunk_bytes: int | None = None, *, adopt: bool = False,
+                    accept: Callable[[str], None] | None = None) -> Copy:
         """Add a local file or directory as a copy: hash it once, copy it in, publish.
+
+        ``accept(manifest_hash)``, once the content is hashed and before
+        anything is copied or replaced, may refuse it (raise ``StoreError``).
 
         ``adopt``: ``src`` is a staging directory this node filled on the tier's
         own filesystem (a web ingest): its files are renamed into the copy
@@ -344,6 +348,8 @@ class Store:
         existing = self.get(model, kind)
         if existing is not None and existing.manifest_hash == manifest.hash:
             return existing
+        if accept is not None:
+            accept(manifest.hash)
         if adopt:
             adopted = self._adopt(kind, model, manifest, files)
             if adopted is not None:

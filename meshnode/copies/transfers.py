@@ -20,6 +20,7 @@ where an ingested model came from, and a move then deletes its source.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from ..errors import MeshError, first_mesh_error, only
 from ..mesh import Mesh, wall_ms
 from ..registry import Registry
 from ..saver import Saver
-from .catalog import CopyCatalog
+from .catalog import CopyCatalog, one_content
 from .ingest import WebIngest
 from .intents import Intents
 from .puller import Puller, TransferError, named_source, resumed_chunks
@@ -245,7 +246,8 @@ class Transfers:
         """A local file or directory becomes a copy: hashed once, then the mesh moves it."""
         # Checked again here: a resumed ingest runs under today's roots.
         real = await trio.to_thread.run_sync(confine_path, path, self.settings.ingest_roots)
-        copy = await trio.to_thread.run_sync(self.store.ingest_path, t.kind, t.model, real)
+        copy = await trio.to_thread.run_sync(functools.partial(
+            self.store.ingest_path, t.kind, t.model, real, accept=one_content(self.mesh, t.model)))
         t.manifest_hash = copy.manifest_hash
         t.bytes_total = t.bytes_done = copy.manifest.total_bytes
         t.chunks_total = t.chunks_fetched = copy.manifest.n_chunks

@@ -15,7 +15,7 @@ from typing import Any
 from ..keys import COPY_PREFIX, XFER_PREFIX, CopyRecord, RecordError, XferRecord, parse_copy_key
 from .states import TransferStatus
 
-__all__ = ["Holders", "holders", "source_manifest_hash"]
+__all__ = ["Holders", "content_conflict", "holders", "source_manifest_hash"]
 
 Items = Iterable[tuple[str, str, Any]]  # (node_id, key, value) from the catalog
 
@@ -79,3 +79,20 @@ def source_manifest_hash(
             n, newest = votes.get(c.manifest_hash, (0, 0))
             votes[c.manifest_hash] = (n + 1, max(newest, c.published_ms))
     return max(votes, key=lambda h: votes[h]) if votes else None
+
+
+def content_conflict(copy_items: Items, model: str, manifest_hash: str) -> str | None:
+    """One model, one content: a device (``node:kind``) that holds a copy of
+    ``model`` with other bytes than ``manifest_hash``, if any.  A new copy
+    made from outside (a path, the web) with different bytes is refused
+    while one exists, rather than leaving the model with two manifests."""
+    for nid, key, value in copy_items:
+        parsed = parse_copy_key(key)
+        if parsed is None or parsed[0] != model:
+            continue
+        try:
+            if CopyRecord.from_value(value).manifest_hash != manifest_hash:
+                return f"{nid}:{parsed[1]}"
+        except RecordError:
+            continue
+    return None

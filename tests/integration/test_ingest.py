@@ -71,10 +71,18 @@ async def test_download_from_the_hub_registers_and_publishes(mesh: Mesh, hub: Fa
     assert t["status"] == "done" and t["sources"] == ["a"], t
     assert copy_files(b, REPO) == hub_files(hub)
     assert sum(hub.served.values()) == served
-    # A new commit on main is a new source: fetched, not taken from the mesh.
+    # A new commit on main is a new source, and new content: one model has one
+    # content, so it is refused while the old copies exist ...
     repo = hub.repos[REPO]
+    older = hub_files(hub)
     newer = model_files(seed=3)
     repo.add_commit(newer, "main")
+    t = await finished(mesh, b, await download(mesh, b, REPO, {}))
+    assert t["status"] == "failed" and t["error"]["code"] == "CONTENT_CONFLICT", t
+    assert copy_files(b, REPO) == older  # nothing replaced
+    # ... and fetched, not taken from the mesh, once they are purged.
+    r = await mesh.client.delete(a.url + f"/models/{REPO}", params={"purge": "true"})
+    assert r.json()["deleted_copies"] == ["a:disk", "b:disk"], r.text
     t = await finished(mesh, b, await download(mesh, b, REPO, {}))
     assert t["status"] == "done" and t["note"].startswith("fetched "), t
     assert copy_files(b, REPO) == {k: v.data for k, v in newer.items()}

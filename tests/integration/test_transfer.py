@@ -374,3 +374,26 @@ async def test_delete_with_a_device_frees_one_copy_and_keeps_the_model(mesh: Mes
     await until_copies(mesh, a.url, "m", 1)
     info = (await mesh.client.get(a.url + "/models/m")).json()
     assert info["model_name"] == "m" and [c["device"] for c in info["copies"]] == ["a:disk"]
+
+
+async def test_one_model_has_one_content(mesh: Mesh, tmp_path: Path) -> None:
+    """An ingest into a node that held a different copy of the model once
+    replaced it silently, leaving the model with two manifests."""
+    first = make_model(tmp_path / "first", 2 * MiB)
+    second = make_model(tmp_path / "second", 3 * MiB)
+    a = await start(mesh, "a")
+    b = await start(mesh, "b", join=[a])
+    t = await ingest(mesh, a, "m", first)
+    await until_copies(mesh, b.url, "m", 1)
+    for h, kind in ((a, "disk"), (b, "disk"), (a, "dram")):  # the same node's copy, or another node's
+        r = await mesh.client.post(h.url + "/models/m/download",
+                                   json={"source_url": second.as_uri(), "target_device": f"{h.node.cfg.node_id}:{kind}"})
+        failed = await wait_transfer(mesh, h.url, r.json()["transfer_id"])
+        assert failed["status"] == "failed" and failed["error"]["code"] == "CONTENT_CONFLICT", failed
+        assert "a:disk" in failed["error"]["message"]
+    info = (await mesh.client.get(b.url + "/models/m")).json()
+    assert {c["manifest_hash"] for c in info["copies"]} == {t["manifest_hash"]}
+    assert tree_digest(copy_dir(a, "disk", "m")) == tree_digest(first)
+    # The same bytes again are welcome anywhere.
+    r = await mesh.client.post(b.url + "/models/m/download", json={"source_url": first.as_uri(), "target_device": "b:disk"})
+    assert (await wait_transfer(mesh, b.url, r.json()["transfer_id"]))["status"] == "done"
