@@ -21,6 +21,7 @@ import trio
 
 from protocol import GossipNode, MemberState, RemoteProtocolError
 from protocol.catalog import Entry
+from protocol.causal import After, seen
 from protocol.keys import NODE_KEY, NodeInfo, RecordError
 from protocol.membership import Member
 from protocol.wire import WrongCluster, WrongVersion, decode
@@ -31,6 +32,8 @@ from .ratelimit import LogOnce
 __all__ = ["Mesh", "wall_ms"]
 
 log = logging.getLogger("meshnode.mesh")
+
+WAIT_PULL_EVERY_S = 0.5  # a reader waiting for a write asks its writer again this often
 
 
 def wall_ms() -> int:
@@ -45,6 +48,8 @@ class Mesh:
         self.bad_messages = 0
         self._log_once = LogOnce()
         self._leave_acked = trio.Event()
+        self._catalog_changed = trio.Event()
+        gossip.catalog.subscribe(self)  # wakes readers waiting for a write (wait_seen)
 
     # -- who we are ---------------------------------------------------------------------
 
@@ -171,6 +176,38 @@ class Mesh:
         if self.gossip.left and self.gossip.leave_settled:
             self._leave_acked.set()
         self._log_notices()
+
+    # -- read your writes (protocol.causal) -----------------------------------------------
+
+    def key_changed(self, node_id: str, key: str, value: Any | None) -> None:
+        ev, self._catalog_changed = self._catalog_changed, trio.Event()
+        ev.set()
+
+    def node_cleared(self, node_id: str) -> None:
+        self.key_changed(node_id, "", None)
+
+    def token(self) -> str:
+        """The causality token of everything this node has written so far."""
+        return After.of(self.gossip.catalog).text()
+
+    async def wait_seen(self, after: After, timeout_s: float) -> bool:
+        """Wait until this node has seen ``after`` (pulling from its writer
+        meanwhile), at most ``timeout_s``; whether it has."""
+        if seen(self.gossip.catalog, after):
+            return True
+        deadline = trio.current_time() + timeout_s
+        next_pull = trio.current_time()
+        while not seen(self.gossip.catalog, after):
+            now = trio.current_time()
+            if now >= deadline:
+                return False
+            if now >= next_pull:  # ask the writer itself, not a random peer
+                self.sender.enqueue(self.gossip.sync_with(after.node_id))
+                next_pull = now + WAIT_PULL_EVERY_S
+            ev = self._catalog_changed
+            with trio.move_on_at(min(deadline, next_pull)):
+                await ev.wait()
+        return True
 
     async def leave(self, timeout_s: float) -> None:
         """Tell peers we are leaving (they show us as ``left``), round after

@@ -488,6 +488,13 @@ class GossipNode:
             rng.shuffle(self._probe_order)
         return None
 
+    def sync_with(self, node_id: str) -> list[Send]:
+        """Open anti-entropy with ``node_id`` now (a reader waiting for its write)."""
+        out: list[Send] = []
+        if not self.left and node_id != self.id and self.members.get(node_id) is not None:
+            self._send(out, self._addr(node_id), self._sync_open())
+        return out
+
     def _sync_open(self) -> Sync:
         return Sync(self.catalog.digest_hash(), self.members.members_hash())
 

@@ -17,12 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from quart import Response, request
+from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import BaseConverter, PathConverter
 
 from protocol import LocalProtocolError, RemoteProtocolError
+from protocol.causal import After
 from protocol.names import RESERVED_SEGMENTS
 
 from ..actions import Router
@@ -41,6 +42,9 @@ __all__ = ["ApiParts", "Running", "create_app"]
 log = logging.getLogger("meshnode.api")
 
 PUBLIC_BODY_MAX = 1024 * 1024
+AFTER_HEADER = "X-Mesh-After"  # a request: answer once this write is seen here
+TOKEN_HEADER = "X-Mesh-Token"  # a write's answer: its causality token
+READ_AFTER_WAIT_S = 2.0
 
 
 JSON_DEPTH_MAX = 32
@@ -173,6 +177,36 @@ def _public_app(parts: ApiParts) -> QuartTrio:
             parts.refusals.note(_remote(), "an API request")
             return _error(401, "UNAUTHORIZED", "missing or wrong API token")
         return None
+
+    @app.before_request
+    async def _read_after() -> None:
+        """``X-Mesh-After: <token>``: answer only once this node has seen that
+        write (``protocol.causal``), waiting at most READ_AFTER_WAIT_S."""
+        text = request.headers.get(AFTER_HEADER)
+        if text is None or request.path.startswith("/mesh/") or request.path == "/health":
+            return
+        try:
+            after = After.parse(text)
+        except LocalProtocolError as e:
+            raise MeshError("INVALID_REQUEST", f"{AFTER_HEADER}: {e}") from None
+        g.caught_up = await running().mesh.wait_seen(after, READ_AFTER_WAIT_S)
+
+    @app.after_request
+    async def _write_token(response: Response) -> Response:
+        """Every write answers with its causality token (header and body), for the next read."""
+        if parts.running is None or request.path.startswith("/mesh/"):
+            return response
+        if hasattr(g, "caught_up"):
+            response.headers["X-Mesh-Caught-Up"] = "true" if g.caught_up else "false"
+        if request.method in ("POST", "DELETE") and response.status_code < 300:
+            token = parts.running.mesh.token()
+            response.headers[TOKEN_HEADER] = token
+            if response.mimetype == "application/json":
+                body = json.loads(await response.get_data())
+                if isinstance(body, dict):
+                    body["mesh_token"] = token
+                    response.set_data(json.dumps(body))
+        return response
 
     @app.errorhandler(MeshError)
     async def _mesh_error(e: MeshError) -> Response:

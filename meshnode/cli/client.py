@@ -160,6 +160,10 @@ class ApiClient:
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
         check_token(token)
+        # Read your writes: the causality token of the last write this client
+        # made (a response's X-Mesh-Token), sent as X-Mesh-After with every
+        # request, so that any node answers only once it has seen that write.
+        self.last_write: str | None = None
         self._token = token or None
         self._has_token = bool(token)
         headers = {"Accept": "application/json", "User-Agent": _USER_AGENT}
@@ -200,8 +204,9 @@ class ApiClient:
         params: dict[str, str] | None = None,
     ) -> Any:
         """Send one request; return the decoded JSON body (``{}`` when empty)."""
+        headers = {"X-Mesh-After": self.last_write} if self.last_write else None
         try:
-            response = self._http.request(method, path, json=json, params=params)
+            response = self._http.request(method, path, json=json, params=params, headers=headers)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             raise PeerUnreachableError(self.base_url, _reason(exc, self.timeout_s)) from None
         except httpx.TimeoutException as exc:
@@ -213,6 +218,9 @@ class ApiClient:
             raise ClientError(
                 f"request {method} {path} to peer {self.base_url} failed: {_reason(exc, self.timeout_s)}"
             ) from None
+        written = response.headers.get("x-mesh-token")
+        if written and len(written) <= 200:
+            self.last_write = written
         if response.is_success:
             return self._decode(response, method, path)
         raise self._error(response)

@@ -15,6 +15,7 @@ from typing import Any
 
 from rich.console import Console
 
+from . import last_write
 from .client import (
     DEFAULT_PEER,
     DEFAULT_TIMEOUT_S,
@@ -231,7 +232,13 @@ def run_client_command(args: argparse.Namespace) -> int:
     _help, call, render = COMMANDS[args.command]
     try:
         with make_client(peer, token, timeout_s) as api:
-            data = call(api, args)
+            api.last_write = last_write.load()
+            before = api.last_write
+            try:
+                data = call(api, args)
+            finally:
+                if api.last_write != before:
+                    last_write.save(api.last_write)
             if getattr(args, "wait", False):
                 return wait_for_transfer(api, data, args)
     except PeerUnreachableError as exc:

@@ -191,3 +191,26 @@ async def test_a_write_after_a_read_wins_even_against_a_fast_clock(mesh: Mesh) -
     assert (await mesh.client.delete(a.url + "/models/skew")).status_code == 200
     for h in (a, b):
         await wait_for(lambda h=h: _no_models(mesh, h.url), what="unregister wins everywhere")
+
+
+async def test_read_your_writes_through_any_node(mesh: Mesh) -> None:
+    """A model registered on a and asked for on b a moment later was 404
+    MODEL_NOT_FOUND: b had not heard yet.  A write answers with its token;
+    a request carrying it waits (bounded) until the node has seen it."""
+    a = await mesh.start("a", "--gossip-interval", "2")  # slow gossip: b would not hear for a while
+    b = await mesh.start("b", "--gossip-interval", "2", join=[a])
+    await wait_for(lambda: _all_alive(mesh, a.url, 2), what="2 alive")
+    for i in range(3):
+        r = await mesh.client.post(a.url + f"/models/ryw-{i}/register", json={"model_type": "llm"})
+        token = r.headers["X-Mesh-Token"]
+        assert r.json()["mesh_token"] == token and token.startswith("a:")
+        # At once, on b, with the token: no 404, no retry loop.
+        got = await mesh.client.get(b.url + f"/models/ryw-{i}", headers={"X-Mesh-After": token})
+        assert got.status_code == 200, got.text
+        assert got.headers["X-Mesh-Caught-Up"] == "true"
+    # Without the token b may not know yet (that is the point of it); with a bad one, a clear 400.
+    bad = await mesh.client.get(b.url + "/models", headers={"X-Mesh-After": "a:x:1"})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "INVALID_REQUEST"
+    # A token from a node that is gone: the wait is bounded, and the answer says it did not catch up.
+    far = await mesh.client.get(b.url + "/models", headers={"X-Mesh-After": "ghost:1:5"})
+    assert far.status_code == 200 and far.headers["X-Mesh-Caught-Up"] == "false"

@@ -145,7 +145,8 @@ class Wire:
 
 
 @pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))  # the last write's token lives here
     for name in list(os.environ):
         if name.startswith("MESHNODE_"):
             monkeypatch.delenv(name)
@@ -1443,3 +1444,21 @@ def test_bad_rates_say_which_flag(text: str) -> None:
 
     with pytest.raises(ConfigError, match="--max-ingress"):
         parse_rate(text, "--max-ingress")
+
+
+def test_the_next_command_carries_the_last_writes_token(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """Register through one peer, then copy through another at once: the
+    copy's request carries the register's token, so the second peer answers
+    only once it has seen the registration (read your writes)."""
+    token = "node-a:17:42"
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST" and request.url.path.endswith("/register"):
+            return httpx.Response(201, json={"model_name": "m", "mesh_token": token}, headers={"X-Mesh-Token": token})
+        return httpx.Response(202, json={"transfer_id": "t1", "status": "queued", "node_id": "node-b"})
+
+    wire = fake(handler)
+    assert run(capsys, "register", "m", "--type", "llm", "--url", "u", "--desc", "d", "--peer", "node-a")[0] == 0
+    assert "x-mesh-after" not in wire.requests[0].headers
+    assert run(capsys, "copy", "m", "--to", "node-b:disk", "--peer", "node-b")[0] == 0
+    assert wire.requests[1].headers["x-mesh-after"] == token
