@@ -234,8 +234,8 @@ async def test_full_disk_fails_clearly_and_publishes_nothing(mesh: Mesh, tmp_pat
     assert tree_digest(copy_dir(b, "dram", "m")) == tree_digest(src)
 
 
-async def test_two_holders_share_the_work(mesh: Mesh, tmp_path: Path) -> None:
-    src = make_model(tmp_path, 24 * MiB)
+async def two_holders_and_a_third(mesh: Mesh, src: Path) -> tuple[Handle, Handle, Handle]:
+    """a and b hold the model ``m`` made from ``src``; c, which has none, knows both copies."""
     a = await start(mesh, "a")
     b = await start(mesh, "b", join=[a])
     c = await start(mesh, "c", join=[a])
@@ -243,6 +243,12 @@ async def test_two_holders_share_the_work(mesh: Mesh, tmp_path: Path) -> None:
     r = await mesh.client.post(a.url + "/models/m/copy", json={"from_device": "a:disk", "to_device": "b:disk"})
     assert (await wait_transfer(mesh, b.url, r.json()["transfer_id"]))["status"] == "done"
     await until_copies(mesh, c.url, "m", 2)
+    return a, b, c
+
+
+async def test_two_holders_share_the_work(mesh: Mesh, tmp_path: Path) -> None:
+    src = make_model(tmp_path, 24 * MiB)
+    a, b, c = await two_holders_and_a_third(mesh, src)
     served_before = {h.node.cfg.node_id: h.node.data_server_stats()["bytes_sent"] for h in (a, b)}
     r = await mesh.client.post(c.url + "/models/m/copy", json={"to_device": "c:disk"})
     t = await wait_transfer(mesh, c.url, r.json()["transfer_id"])
@@ -256,13 +262,7 @@ async def test_a_named_source_is_the_only_source(mesh: Mesh, tmp_path: Path) -> 
     """A copy asked `from_device: b:disk` once reported "from a:disk": the
     named source is used, alone, even where other holders would be faster."""
     src = make_model(tmp_path, 8 * MiB)
-    a = await start(mesh, "a")
-    b = await start(mesh, "b", join=[a])
-    c = await start(mesh, "c", join=[a])
-    await ingest(mesh, a, "m", src)
-    r = await mesh.client.post(a.url + "/models/m/copy", json={"from_device": "a:disk", "to_device": "b:disk"})
-    assert (await wait_transfer(mesh, b.url, r.json()["transfer_id"]))["status"] == "done"
-    await until_copies(mesh, c.url, "m", 2)
+    a, b, c = await two_holders_and_a_third(mesh, src)
     sent_by_a = a.node.data_server_stats()["bytes_sent"]
     r = await mesh.client.post(c.url + "/models/m/copy", json={"from_device": "b:disk", "to_device": "c:disk"})
     t = await wait_transfer(mesh, c.url, r.json()["transfer_id"])
