@@ -68,6 +68,7 @@ class Config:
     max_ingress_bps: float = 0.0  # 0: unlimited
     max_egress_bps: float = 0.0
     chunk_stall_s: float = 10.0
+    source_wait_s: float = 60.0
     peer_timeout_s: float = 2.0
     persist_interval_s: float = 1.0
     storage_refresh_s: float = 10.0
@@ -96,6 +97,8 @@ _OPTIONS: list[tuple[str, type, str, Any]] = [
     ("max_ingress", str, "cap on incoming chunk bytes per second, e.g. 500M (default: none)", None),
     ("max_egress", str, "cap on outgoing chunk bytes per second, e.g. 500M (default: none)", None),
     ("chunk_stall", float, "seconds before a chunk request that made no progress moves to another peer", 10.0),
+    ("source_wait", float, "seconds a transfer waits, its chunks kept, for holders that became unreachable "
+     "(a partition, a restart) before it fails with NO_SOURCE", 60.0),
     ("cluster", str, "cluster label; nodes of other clusters are refused", "meshnode"),
     ("api_tokens", str, "comma-separated API bearer tokens", None),
     ("api_tokens_file", str, "file holding comma- or newline-separated API tokens", None),
@@ -293,6 +296,9 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
         raise ConfigError("gossip and probe intervals must be positive")
     if o["fanout"] < 1:
         raise ConfigError("fanout must be at least 1")
+    for flag in ("chunk_stall", "source_wait"):
+        if not 0 < o[flag] <= 86_400:  # also refuses nan
+            raise ConfigError(f"--{flag.replace('_', '-')} must be between 0 and 86400 seconds")
     if o["max_connections"] is not None and o["max_connections"] < 16:
         raise ConfigError("--max-connections must be at least 16")
     if o["max_client_connections"] < 1:
@@ -332,6 +338,7 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
         max_ingress_bps=parse_rate(o["max_ingress"], "--max-ingress"),
         max_egress_bps=parse_rate(o["max_egress"], "--max-egress"),
         chunk_stall_s=o["chunk_stall"],
+        source_wait_s=o["source_wait"],
     )
 
 

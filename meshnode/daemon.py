@@ -221,7 +221,8 @@ class MeshNode:
         registry = self.registry = Registry(mesh, self.hlc, index, saver)
         copies = self.copies = CopyCatalog(mesh, self.store, saver)
         catalog.subscribe(copies)  # a purge reaching this node deletes its copies
-        puller = self.puller = Puller(mesh, self.store, data_client, peers, cfg.chunk_stall_s, self.rng)
+        puller = self.puller = Puller(mesh, self.store, data_client, peers, cfg.chunk_stall_s, self.rng,
+                                     source_wait_s=cfg.source_wait_s)
         self._chunks = LocalChunks(self.store, puller)
         settings = TransferSettings(
             intents_dir=cfg.data_dir / "transfers",

@@ -58,13 +58,15 @@ class TransferError(MeshError):
 
 class Puller:
     def __init__(
-        self, mesh: Mesh, store: Store, data: DataClient, peers: PeerClient, chunk_stall_s: float, rng: random.Random
+        self, mesh: Mesh, store: Store, data: DataClient, peers: PeerClient, chunk_stall_s: float, rng: random.Random,
+        *, source_wait_s: float = 60.0,
     ) -> None:
         self.mesh = mesh
         self.store = store
         self.data = data
         self.peers = peers
         self.chunk_stall_s = chunk_stall_s
+        self.source_wait_s = source_wait_s  # a running transfer waits this long for holders to come back
         self.rng = rng
         self._partials: dict[str, tuple[Partial, ChunkPlan]] = {}  # manifest hash -> what we are building
 
@@ -284,8 +286,15 @@ class Puller:
                     scope = trio.CancelScope()
                     scopes[(peer, index)] = scope
                     nursery.start_soon(fetch, peer, index, scope)
-                if not scopes and plan.stuck(now) and now - last_source_seen > NO_SOURCE_GRACE_S:
-                    raise TransferError("NO_SOURCE", self._no_source_message(t))
+                if not scopes and plan.stuck(now):
+                    # No holder can be reached (a partition, a restart): the verified chunks
+                    # stay, and the transfer goes on when one is back, or fails at the bound.
+                    if now - last_source_seen > self.source_wait_s:
+                        raise TransferError("NO_SOURCE", self._no_source_message(t))
+                    if now - last_source_seen > NO_SOURCE_GRACE_S:
+                        t.note = f"waiting for a holder to come back (up to {self.source_wait_s:g} s)"
+                elif t.note.startswith("waiting for a holder"):
+                    t.note = ""
                 wake = trio.Event()
                 deadline = plan.next_deadline()
                 with trio.move_on_at(min(deadline if deadline is not None else math.inf, now + 0.5)):

@@ -189,13 +189,18 @@ async def test_peer_serving_flipped_bits_is_caught_and_banned(mesh: Mesh, tmp_pa
 async def test_only_holder_dies_fails_clearly(mesh: Mesh, tmp_path: Path) -> None:
     src = make_model(tmp_path, 16 * MiB)
     a = await start(mesh, "a", "--max-egress", "2M")
-    b = await start(mesh, "b", join=[a])
+    b = await start(mesh, "b", "--source-wait", "4", join=[a])
     await ingest(mesh, a, "m", src)
     await until_copies(mesh, b.url, "m", 1)
     r = await mesh.client.post(b.url + "/models/m/copy", json={"from_device": "a:disk", "to_device": "b:disk"})
     tid = r.json()["transfer_id"]
     await wait_for(lambda: _progress(mesh, b.url, tid), what="transfer under way")
     a.kill()
+    # It waits for the holder first, and says so ...
+    async def waiting() -> bool:
+        return "waiting for a holder" in (await mesh.client.get(b.url + f"/transfers/{tid}")).json()["note"]
+
+    await wait_for(waiting, what="the transfer waits for its holder")
     t = await wait_transfer(mesh, b.url, tid, timeout_s=40)
     assert t["status"] == "failed" and t["error"]["code"] == "NO_SOURCE", t
     assert "a" in t["error"]["message"]

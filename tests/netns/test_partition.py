@@ -33,6 +33,8 @@ pytestmark = pytest.mark.netns
 SUBNET = "10.78.0"
 PORT = 7420
 GOSSIP_S = 0.2
+MODEL_BYTES = 24 * 1024 * 1024
+SOURCE_WAIT = os.environ.get("PARTITION_SOURCE_WAIT", "60")  # 3 shows the old behaviour: the copy fails
 WEST, EAST = (1, 2, 3), (4, 5)
 
 
@@ -93,7 +95,7 @@ class Cut:
 
 
 @pytest.fixture
-def cut_mesh() -> Iterator[tuple[Cut, httpx.Client, dict[int, str]]]:
+def cut_mesh() -> Iterator[tuple[Cut, httpx.Client, dict[int, str], Path]]:
     why = netns_usable()
     if why is not None:
         unavailable(why)
@@ -103,19 +105,24 @@ def cut_mesh() -> Iterator[tuple[Cut, httpx.Client, dict[int, str]]]:
     env = {**os.environ, "MESHNODE_API_TOKENS": token, "MESHNODE_CLUSTER_SECRET": secret}
     meshnode = str(Path(sys.executable).parent / "meshnode")
     procs: list[subprocess.Popen[bytes]] = []
+    (tmp / "src").mkdir()
+    (tmp / "src" / "weights.bin").write_bytes(os.urandom(MODEL_BYTES))
     try:
         topo.up()
         for i, ns in topo.hosts.items():
             cmd = ["ip", "netns", "exec", ns, meshnode, "start", "--node-id", f"h{i}", "--host", ip(i),
                    "--port", str(PORT), "--data-dir", str(tmp / f"h{i}"), "--dram-dir", str(tmp / f"h{i}-shm"),
                    "--gossip-interval", str(GOSSIP_S), "--probe-interval", "0.5"]
-            if i != 1:
+            cmd += ["--ingest-roots", str(tmp / "src"), "--chunk-stall", "2", "--source-wait", SOURCE_WAIT]
+            if i == 1:
+                cmd += ["--max-egress", "4M"]  # so that the transfer is under way when the link goes
+            else:
                 cmd += ["--join", f"{ip(1)}:{PORT}"]
             with open(tmp / f"h{i}.log", "wb") as logf:
                 procs.append(subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT,
                                               stdin=subprocess.DEVNULL, start_new_session=True))
         client = httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=5)
-        yield topo, client, {i: f"http://{ip(i)}:{PORT}" for i in topo.hosts}
+        yield topo, client, {i: f"http://{ip(i)}:{PORT}" for i in topo.hosts}, tmp
         client.close()
     finally:
         for p in procs:
@@ -147,13 +154,24 @@ def models(client: httpx.Client, url: str) -> set[str]:
 
 
 def test_writes_on_both_sides_of_a_cut_survive_and_every_node_converges(
-    cut_mesh: tuple[Cut, httpx.Client, dict[int, str]],
+    cut_mesh: tuple[Cut, httpx.Client, dict[int, str], Path],
 ) -> None:
-    topo, client, urls = cut_mesh
+    topo, client, urls, tmp = cut_mesh
     everyone = {f"h{i}": "alive" for i in urls}
     for u in urls.values():
         until("all five alive", lambda u=u: states(client, u) == everyone)
-    client.post(urls[1] + "/models/before/register", json={}).raise_for_status()
+    # A model on h1 (west), copied to h4 (east) when the link goes.
+    src = tmp / "src" / "weights.bin"
+    r = client.post(urls[1] + "/models/before/download", json={"source_url": src.as_uri(), "target_device": "h1:disk"})
+    until("h1's ingest", lambda: client.get(urls[1] + f"/transfers/{r.json()['transfer_id']}").json()["status"] == "done")
+    until("h4 knows h1's copy", lambda: bool(client.get(urls[4] + "/models/before").json().get("copies")))
+    r = client.post(urls[4] + "/models/before/copy", json={"from_device": "h1:disk", "to_device": "h4:disk"})
+    tid = r.json()["transfer_id"]
+
+    def copied() -> int:
+        return int(client.get(urls[4] + f"/transfers/{tid}").json()["bytes_done"])
+
+    until("the copy under way", lambda: copied() > 0)
 
     topo.cut()
     # Each side comes to see the other as gone.
@@ -166,11 +184,20 @@ def test_writes_on_both_sides_of_a_cut_survive_and_every_node_converges(
             written.add(f"{side}-{k}")
     until("the west has its writes", lambda: models(client, urls[1]) >= {"west-0", "west-1", "west-2"})
     assert not models(client, urls[1]) & {"east-0", "east-1", "east-2"}  # really cut
+    time.sleep(4.0)  # longer than the 3 s after which a transfer with no holder used to fail
+    stalled = client.get(urls[4] + f"/transfers/{tid}").json()
+    assert stalled["status"] == "running" and stalled["bytes_done"] < MODEL_BYTES, stalled  # waiting, not failed
 
     topo.heal()
     took = until("every node lists every write and sees all five alive",
                  lambda: all(models(client, u) == written and states(client, u) == everyone for u in urls.values()))
     print(f"converged {took:.1f} s after the heal ({took / GOSSIP_S:.0f} gossip intervals)")
+    # The transfer across the cut went on from where it was once the link was back.
+    until("the copy across the cut", lambda: client.get(urls[4] + f"/transfers/{tid}").json()["status"] != "running")
+    done = client.get(urls[4] + f"/transfers/{tid}").json()
+    assert done["status"] == "done", done
+    copies = list((tmp / "h4" / "copies").rglob("weights.bin"))
+    assert len(copies) == 1 and copies[0].read_bytes() == src.read_bytes()
     # The side that wrote each model is the one every node names.
     for u in urls.values():
         for m in client.get(u + "/models").json()["models"]:
