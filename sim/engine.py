@@ -364,13 +364,17 @@ class Simulation:
         if not self.net.up[i] or self.nodes[i] is not node:
             return  # crashed while leaving
         if not node.leave_settled:
-            self._dispatch(i, node.leave_tick(self.local(i), self.node_rngs[i]))
+            local = self.local(i)
+            # As for ticks: a deadline a rounding error away counts as reached (else
+            # ``now + wait == now`` in floating point, and the step repeats forever).
+            local = max(local, min(node.leave_deadline(), local + 1e-9))
+            self._dispatch(i, node.leave_tick(local, self.node_rngs[i]))
         if node.leave_settled:
             self.net.up[i] = False
             self.audit.on_down(i)
             return
-        wait = max(0.0, node.leave_deadline() - self.local(i))
-        self.at(self.clock.now + min(wait, 0.05), partial(self._leave_step, i, node))
+        wait = node.leave_deadline() - self.local(i)
+        self.at(self.clock.now + min(max(wait, 1e-6), 0.05), partial(self._leave_step, i, node))
 
     def partition(self, groups: list[int]) -> None:
         self.net.partition(groups, self.clock.now)
