@@ -221,7 +221,7 @@ class Mesh:
                 async with trio.open_nursery() as n:
                     for s in sends:
                         n.start_soon(self.sender.send_now, s)
-                if g.leave_settled or not g.members.live:
+                if g.leave_settled or not sends:  # acknowledged, or nobody left to tell
                     break
                 with trio.move_on_at(g.leave_deadline()):  # the next round, unless acknowledged first
                     await self._leave_acked.wait()

@@ -684,7 +684,10 @@ class GossipNode:
         assert lv is not None
         lv.rounds += 1
         lv.next_at = now + self.config.probe_timeout_s
-        shuffled = self.members.live.sample(rng, len(self.members.live))
+        # Nobody live (a partition around us, or we declared them dead wrongly):
+        # the dead we remember, who may hear us yet.
+        pool = self.members.live if len(self.members.live) else self.members.gone
+        shuffled = pool.sample(rng, len(pool))
         # Peers not told yet first; in a small mesh, the same ones again.
         order = [n for n in shuffled if n not in lv.told] + [n for n in shuffled if n in lv.told]
         for nid in order[: lv.tell]:

@@ -95,7 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         t = time.perf_counter()
         res = sweep(range(args.start, args.start + args.seeds), processes=args.processes)
         print(f"sim sweep: {args.seeds} seeds from {args.start}, {time.perf_counter() - t:.0f} s; "
-              f"runs with violations: {len(res.failed)}")
+              f"runs with violations: {len(res.failed)}; leaves no peer could hear (cut off, so seen dead): "
+              f"{res.leaves_unheard}")
         kinds = ["left seen as not left", "lost registration", "catalogs differ", "model views differ",
                  "live node unknown or dead", "stale digest", "crash not detected", "other"]
         print(table(["violation", "runs"], [[k, str(res.by_kind.get(k, 0))] for k in kinds]))

@@ -54,6 +54,7 @@ class Simulated(Protocol):
     id_index: dict[str, int]
     gens: list[int]
     left: list[bool]
+    left_acked: list[bool]
     writes: list[Write]
     spread: SpreadWatch | None
     net: Network
@@ -240,6 +241,10 @@ class Audit:
         return out
 
     def left_seen_as_left(self) -> list[str]:
+        """A clean leave (one a peer acknowledged) ends as ``left`` on every live
+        node that remembers it.  A leave nobody heard (the node was cut off from
+        every peer; the daemon logs that it was not acknowledged) is a crash to
+        the rest: ``dead`` or ``left``, never alive."""
         sim = self.sim
         out = []
         for j in range(sim.n):
@@ -247,7 +252,9 @@ class Audit:
                 continue
             for i in sim.live():
                 m = sim.node(i).members.get(sim.ids[j])
-                if m is not None and m.record.generation == sim.gens[j] and m.state is not MemberState.LEFT:
+                if m is None or m.record.generation != sim.gens[j] or m.state is MemberState.LEFT:
+                    continue
+                if sim.left_acked[j] or m.state is not MemberState.DEAD:
                     out.append(f"node {i} sees left node {j} as {m.state.label}")
         return out
 

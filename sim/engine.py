@@ -113,6 +113,7 @@ class Simulation:
         self.node_rngs: list[random.Random] = [random.Random(0)] * n
         self.hlcs = [HLC(nid) for nid in self.ids]
         self.left = [False] * n
+        self.left_acked = [False] * n  # a peer acknowledged the leave: a clean one
         self.snapshots: list[dict[str, Any] | None] = [None] * n
         self._heap: list[tuple[float, int, int, int, Any, int]] = []
         self._seq = 0
@@ -370,6 +371,7 @@ class Simulation:
             local = max(local, min(node.leave_deadline(), local + 1e-9))
             self._dispatch(i, node.leave_tick(local, self.node_rngs[i]))
         if node.leave_settled:
+            self.left_acked[i] = node.leaving_ack is not None
             self.net.up[i] = False
             self.audit.on_down(i)
             return

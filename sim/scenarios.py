@@ -155,6 +155,7 @@ def chaos(spec: ChaosSpec) -> Outcome:
         "false_deaths": len(sim.audit.false_deaths),
         "suspect_pairs_at_end": sim.audit.suspected_at_end,
         "writes": len(sim.writes),
+        "leaves_unheard": sum(1 for j in range(n) if sim.left[j] and not sim.left_acked[j]),
         "crash_agreed_dead_s": [w.all_dead for w in watches if not w.abandoned],
         "crash_first_dead_s": [w.first_dead for w in watches if not w.abandoned],
         "bytes_per_node_per_round": sim.bytes_total / (live_n * spec.duration_s / gi),

@@ -63,8 +63,9 @@ def draw(seed: int) -> ChaosSpec:
     )
 
 
-def _one(seed: int) -> tuple[int, list[str]]:
-    return seed, chaos(draw(seed)).violations
+def _one(seed: int) -> tuple[int, list[str], int]:
+    out = chaos(draw(seed))
+    return seed, out.violations, int(out.metrics["leaves_unheard"])
 
 
 @dataclass
@@ -72,13 +73,17 @@ class SweepResult:
     seeds: int
     by_kind: Counter[str] = field(default_factory=Counter)
     failed: dict[int, list[str]] = field(default_factory=dict)  # seed -> its violations
+    # Leaves no peer acknowledged (the node was cut off from all of them): a crash
+    # to the rest, and not a violation, but counted so that it is seen.
+    leaves_unheard: int = 0
 
 
 def sweep(seeds: range, processes: int = 0) -> SweepResult:
     out = SweepResult(len(seeds))
     ctx = get_context("fork")
     with ctx.Pool(processes or None) as pool:
-        for seed, violations in pool.imap_unordered(_one, seeds, chunksize=4):
+        for seed, violations, unheard in pool.imap_unordered(_one, seeds, chunksize=4):
+            out.leaves_unheard += unheard
             if violations:
                 out.failed[seed] = violations
                 out.by_kind.update({kind_of(v) for v in violations})

@@ -3,6 +3,7 @@ random sizes, loss, skew, crashes, restarts, a leave and partitions."""
 
 from __future__ import annotations
 
+from sim.engine import SimConfig, Simulation
 from sim.scenarios import chaos
 from sim.sweep import draw, kind_of, sweep
 
@@ -21,6 +22,31 @@ def test_a_clean_leave_ends_left_where_its_messages_were_lost() -> None:
     spec = draw(19)
     assert spec.nodes == 7 and spec.loss > 0.29 and spec.leaves == 1
     assert chaos(spec).violations == []
+
+
+def test_a_leave_nobody_could_hear_is_a_crash_to_the_rest() -> None:
+    """Seed 4741: the leaving node was alone on its side of a partition and
+    already dead to everyone; no message of its leave could arrive.  Nobody
+    acknowledged it, so it is a crash to the others: dead, and counted."""
+    out = chaos(draw(4741))
+    assert out.violations == [] and out.metrics["leaves_unheard"] == 1
+
+
+def test_the_audit_holds_a_clean_leave_to_left() -> None:
+    """The exemption is only for leaves nobody heard: the same end state for a
+    leave a peer acknowledged is a violation."""
+    sim = Simulation(SimConfig(nodes=4, seed=2))
+    sim.run_until(5.0)
+    sim.partition([0, 0, 0, 1])
+    sim.run_until(40.0)
+    sim.leave(3)
+    sim.run_until(45.0)
+    sim.heal()
+    sim.run_until(70.0)
+    assert sim.left[3] and not sim.left_acked[3]
+    assert sim.audit.left_seen_as_left() == []
+    sim.left_acked[3] = True
+    assert len(sim.audit.left_seen_as_left()) == 3
 
 
 def test_a_leave_step_a_rounding_error_from_its_deadline_ends() -> None:

@@ -630,6 +630,30 @@ def test_a_leave_nobody_acknowledges_gives_up_after_its_rounds() -> None:
     assert b.leave_deadline() == math.inf
 
 
+def test_a_node_that_thinks_everyone_dead_tells_the_dead_it_leaves() -> None:
+    """Sweep seed 4741: a node cut off from every peer left with nobody live to
+    tell, so the mesh saw it dead.  With no live peer, the leave is told to the
+    dead it remembers: one that is reachable again acknowledges it."""
+    cfg = GossipConfig(cluster="test")
+    mesh = Mesh(seed=13, config=cfg)
+    mesh.add("a")
+    mesh.add("b", seeds=("a",))
+    mesh.run_for(5.0)
+    cut = True
+    mesh.drop_rules.append(lambda frm, to, env: cut)
+    mesh.run_for(60.0)
+    a, b = mesh.node("a"), mesh.node("b")
+    assert state_of(a, "b") is DEAD and state_of(b, "a") is DEAD and not b.members.live
+    cut = False
+    rng = random.Random(3)
+    sends = b.leave(mesh.now, rng)
+    assert [s.to for s in sends] == [addr_of("a")]
+    mesh.post(addr_of("b"), sends)
+    mesh.run_for(0.1)
+    assert b.leave_settled and b.leaving_ack == "a"
+    assert state_of(a, "b") is LEFT
+
+
 def test_restarted_node_supersedes_old_self_and_resets_catalog() -> None:
     ids = ("a", "b", "c")
     mesh = mesh_of(ids, seed=11)
