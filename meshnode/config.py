@@ -314,6 +314,7 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
         probe_interval_s=o["probe_interval"],
         probe_timeout_s=o["probe_interval"] / 2,
         fanout=o["fanout"],
+        redial_interval_s=2 * o["gossip_interval"],
     )
     return Config(
         node_id=node_id,

@@ -89,7 +89,9 @@ class GossipConfig:
     suspicion_max_mult: float = 6.0
     retransmit_mult: int = 4
     piggyback_max: int = 16
-    redial_interval_s: float = 5.0
+    # One random dead member is re-dialled this often: what finds the other side
+    # when a partition heals (first contact in about redial_interval_s / side size).
+    redial_interval_s: float = 1.0
     reap_after_s: float = 3600.0
     tombstone_grace_s: float = 3600.0
     delta_budget_bytes: int = 256 * 1024
