@@ -28,7 +28,7 @@ from ..mesh import Mesh, wall_ms
 from ..saver import Saver
 from .store import TIERS, Copy, Store, StoreError
 
-__all__ = ["CopyCatalog", "one_content"]
+__all__ = ["CopyCatalog", "conflict_error", "one_content"]
 
 log = logging.getLogger("meshnode.copies")
 
@@ -44,13 +44,17 @@ def one_content(mesh: Mesh, model: str) -> Callable[[str], None]:
     def accept(manifest_hash: str) -> None:
         other = content_conflict(items, model, manifest_hash)
         if other is not None:
-            raise StoreError(
-                "CONTENT_CONFLICT",
-                f"{model!r} already has other content (the copy on {other}); one model has one content: "
-                "delete or purge its copies first, or give this content another model name",
-            )
+            raise conflict_error(model, other)
 
     return accept
+
+
+def conflict_error(model: str, other: str) -> StoreError:
+    return StoreError(
+        "CONTENT_CONFLICT",
+        f"{model!r} already has other content (the copy on {other}); one model has one content: "
+        "delete or purge its copies first, or give this content another model name",
+    )
 
 
 class CopyCatalog:

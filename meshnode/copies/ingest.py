@@ -25,13 +25,15 @@ import trio
 
 from protocol import HLC
 from protocol.actions import Web
-from protocol.keys import SRC_PREFIX, XFER_PREFIX, SrcRecord, src_key
+from protocol.keys import COPY_PREFIX, REG_PREFIX, SRC_PREFIX, XFER_PREFIX, SrcRecord, src_key
+from protocol.registry import purged_models
 from protocol.transfer.claims import choose_fetcher, live_claims, mesh_copy, source_id
+from protocol.transfer.sources import fetch_conflict
 
 from ..errors import only
 from ..mesh import Mesh, wall_ms
 from ..persist import make_dirs
-from .catalog import one_content
+from .catalog import conflict_error, one_content
 from .puller import Puller
 from .sources import SourceError, SourceResult, fetch_source, is_hf_source
 from .sources.hf import parse_hf_ref, resolve_hf_commit
@@ -103,6 +105,11 @@ class WebIngest:
         if h is not None:
             t.manifest_hash, t.note = h, "already in the mesh: copying it from there"
             return None
+        other = fetch_conflict(self.mesh.items(COPY_PREFIX), self.mesh.items(SRC_PREFIX), t.model, sid,
+                               purged=t.model in purged_models(self.mesh.items(REG_PREFIX)),
+                               reachable=lambda nid: nid == self.mesh.id or self.mesh.reachable(nid))
+        if other is not None:  # it could only end in CONTENT_CONFLICT: refused before a byte is fetched
+            raise conflict_error(t.model, other)
         if t.claim is None:  # a resumed transfer keeps its place in the queue
             t.claim = self.hlc.now(wall_ms())
         self.publish(t)

@@ -12,10 +12,18 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from ..keys import COPY_PREFIX, XFER_PREFIX, CopyRecord, RecordError, XferRecord, parse_copy_key
+from ..keys import (
+    COPY_PREFIX,
+    XFER_PREFIX,
+    CopyRecord,
+    RecordError,
+    SrcRecord,
+    XferRecord,
+    parse_copy_key,
+)
 from .states import TransferStatus
 
-__all__ = ["Holders", "content_conflict", "holders", "source_manifest_hash"]
+__all__ = ["Holders", "content_conflict", "fetch_conflict", "holders", "source_manifest_hash"]
 
 Items = Iterable[tuple[str, str, Any]]  # (node_id, key, value) from the catalog
 
@@ -92,6 +100,34 @@ def content_conflict(copy_items: Items, model: str, manifest_hash: str) -> str |
             continue
         try:
             if CopyRecord.from_value(value).manifest_hash != manifest_hash:
+                return f"{nid}:{parsed[1]}"
+        except RecordError:
+            continue
+    return None
+
+
+def fetch_conflict(copy_items: Items, src_items: Items, model: str, source_id: str, *, purged: bool,
+                   reachable: Callable[[str], bool]) -> str | None:
+    """Before fetching from outside: a device holding a copy of ``model`` whose
+    bytes no node made from ``source_id`` (its ``src/`` records), if any.  Such
+    a fetch could only end in ``content_conflict``, so it is refused before a
+    byte is fetched.  A copy some node made from this same source is no
+    conflict, even while its holders are unreachable; nor, when the model was
+    unregistered with purge, a copy whose reachable holder is deleting it."""
+    made: set[str] = set()
+    for _nid, _key, value in src_items:
+        try:
+            rec = SrcRecord.from_value(value)
+        except RecordError:
+            continue
+        if rec.source_id == source_id:
+            made.add(rec.manifest_hash)
+    for nid, key, value in copy_items:
+        parsed = parse_copy_key(key)
+        if parsed is None or parsed[0] != model or (purged and reachable(nid)):
+            continue
+        try:
+            if CopyRecord.from_value(value).manifest_hash not in made:
                 return f"{nid}:{parsed[1]}"
         except RecordError:
             continue

@@ -80,10 +80,16 @@ async def test_download_from_the_hub_registers_and_publishes(mesh: Mesh, hub: Fa
     t = await finished(mesh, b, await download(mesh, b, REPO, {}))
     assert t["status"] == "failed" and t["error"]["code"] == "CONTENT_CONFLICT", t
     assert copy_files(b, REPO) == older  # nothing replaced
+    assert sum(hub.served.values()) == served  # refused before a byte was fetched
     # ... and fetched, not taken from the mesh, once they are purged.
     r = await mesh.client.delete(a.url + f"/models/{REPO}", params={"purge": "true"})
     assert r.json()["deleted_copies"] == ["a:disk", "b:disk"], r.text
-    t = await finished(mesh, b, await download(mesh, b, REPO, {}))
+    # Through b at once, after the purge (read your writes): the purged copies
+    # are going, so the new commit is fetched.
+    r = await mesh.client.post(b.url + f"/models/{REPO}/download", json={"target_device": "b:disk"},
+                               headers={"X-Mesh-After": r.headers["X-Mesh-Token"]})
+    assert r.status_code == 202, r.text
+    t = await finished(mesh, b, r.json()["transfer_id"])
     assert t["status"] == "done" and t["note"].startswith("fetched "), t
     assert copy_files(b, REPO) == {k: v.data for k, v in newer.items()}
 

@@ -49,7 +49,12 @@ from protocol.registry import (
     unregister_writes,
 )
 from protocol.transfer.claims import live_claims, mesh_copy
-from protocol.transfer.sources import holders, source_manifest_hash
+from protocol.transfer.sources import (
+    content_conflict,
+    fetch_conflict,
+    holders,
+    source_manifest_hash,
+)
 from protocol.transfer.states import TRANSITIONS, IllegalTransition, TransferStatus, advance
 from protocol.view import resolve_models
 
@@ -346,3 +351,35 @@ def test_every_action_crosses_the_peer_route_unchanged(a: Any) -> None:
 def test_a_bad_action_is_refused_with_a_reason(raw: Any, needle: str) -> None:
     with pytest.raises(InvalidInput, match=needle):
         decode_action(raw)
+
+
+# -- one model, one content ---------------------------------------------------------
+
+
+def _copy(nid: str, model: str, h: str) -> tuple[str, str, Any]:
+    return (nid, copy_key(model, "disk"), CopyRecord(h, 10).to_value())
+
+
+def _src(nid: str, sid: str, h: str, model: str) -> tuple[str, str, Any]:
+    return (nid, src_key(sid), SrcRecord(sid, h, model).to_value())
+
+
+def test_content_conflict_names_a_copy_with_other_bytes() -> None:
+    items = [_copy("a", "m", "h1"), _copy("b", "other", "h2"), ("c", copy_key("m", "disk"), {"bad": 1})]
+    assert content_conflict(items, "m", "h1") is None
+    assert content_conflict(items, "m", "h2") == "a:disk"
+    assert content_conflict(items, "nobody", "h2") is None
+
+
+@given(st.lists(st.tuples(st.sampled_from("abc"), st.sampled_from(["h1", "h2"])), max_size=4),
+       st.booleans(), st.sets(st.sampled_from("abc")))
+def test_a_fetch_is_refused_before_it_starts_exactly_when_it_could_only_conflict(
+        copies: list[tuple[str, str]], purged: bool, up: set[str]) -> None:
+    """``fetch_conflict`` names a copy iff one of the model's copies, not going
+    away under a purge, holds bytes no node made from this source."""
+    src = [_src("z", "S", "h1", "m"), _src("z", "T", "h2", "m")]
+    items = [_copy(n, "m", h) for n, h in copies]
+    got = fetch_conflict(items, src, "m", "S", purged=purged, reachable=up.__contains__)
+    blocking = [f"{n}:disk" for n, h in copies if h != "h1" and not (purged and n in up)]
+    assert (got is None) == (not blocking)
+    assert got is None or got in blocking
