@@ -120,6 +120,8 @@ def _prepare(args: argparse.Namespace) -> None:
     """Checks and conversions that need no peer (raise ``UsageError``)."""
     if getattr(args, "wait_timeout", None) is not None and not getattr(args, "wait", False):
         raise UsageError("--wait-timeout needs --wait")
+    if getattr(args, "quiet", False) and (args.wait or args.json):
+        raise UsageError("--quiet prints the transfer id alone: it goes with neither --wait nor --json")
     if args.command == "download":
         args.source_url = file_url(args.from_path) if args.from_path is not None else args.url
     if args.command == "transfer" and not args.transfer_id.strip():

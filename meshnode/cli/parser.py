@@ -145,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="SECONDS",
             help="with --wait, give up waiting after this long (exit 1; the transfer goes on)",
         )
+        g.add_argument(
+            "-q", "--quiet",
+            action="store_true",
+            help="print only the transfer id, for scripts: id=$(meshnode copy ... -q)",
+        )
 
     name_help = "model name, e.g. owner/model"
     device_help = "a device as NODE:DEVICE, e.g. gpu2:disk or gpu2:dram"

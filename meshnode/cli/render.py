@@ -454,6 +454,11 @@ def render_transfer_started(console: Console, data: Any, args: argparse.Namespac
     """download, copy and move without ``--wait``: what started and how to follow it."""
     t = as_dict(data)
     tid = t.get("transfer_id")
+    if getattr(args, "quiet", False):
+        if not tid:
+            raise ValueError("the answer names no transfer_id")
+        print(tid)
+        return
     if not tid:
         console.print(f"requested {args.command} of {args.name!r}")
         return

@@ -246,11 +246,14 @@ class Transfers:
         """A local file or directory becomes a copy: hashed once, then the mesh moves it."""
         # Checked again here: a resumed ingest runs under today's roots.
         real = await trio.to_thread.run_sync(confine_path, path, self.settings.ingest_roots)
+        before = self.store.get(t.model, t.kind)
         copy = await trio.to_thread.run_sync(functools.partial(
             self.store.ingest_path, t.kind, t.model, real, accept=one_content(self.mesh, t.model)))
         t.manifest_hash = copy.manifest_hash
         t.bytes_total = t.bytes_done = copy.manifest.total_bytes
         t.chunks_total = t.chunks_fetched = copy.manifest.n_chunks
+        if before is not None and before.manifest_hash == copy.manifest_hash:
+            t.note, t.chunks_fetched = "already present: the files hold the same bytes", 0
         # The registry records what it is: where it came from and its files (the
         # copy's own record gives its size and hash).
         await self._register_source(t, copy)

@@ -146,7 +146,7 @@ class FakeHub:
     # -- serving ------------------------------------------------------------------------
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host=self.host)
+        listeners = await trio.open_tcp_listeners(self.port, host=self.host)  # port 0 (the default): any
         self.port = listeners[0].socket.getsockname()[1]
         task_status.started()
         await trio.serve_listeners(self._connection, listeners)

@@ -1112,6 +1112,18 @@ def test_copy_json_without_wait_is_the_raw_answer(
     assert json.loads(out) == transfer()
 
 
+def test_quiet_prints_the_transfer_id_alone(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """README: ``id=$(meshnode copy gpt2 --to gpu1:dram --quiet)`` then ``meshnode transfer "$id"``."""
+    fake(transfer_peer(transfer(), [RUNNING]))
+    for cmd in (["copy", "gpt2", "--to", "node-b:disk"], ["move", "gpt2", "--from", "a:disk", "--to", "b:disk"],
+                ["download", "gpt2", "--to", "b:disk", "--source", "a:disk"]):
+        code, out, err = run(capsys, *cmd, "-q")
+        assert (code, out, err) == (0, f"{TID}\n", "")
+    for extra in ("--wait", "--json"):
+        code, out, err = run(capsys, "copy", "gpt2", "--to", "node-b:disk", "--quiet", extra)
+        assert code == 2 and out == "" and "--quiet prints the transfer id alone" in err
+
+
 def test_bad_device_is_left_to_the_server(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
     wire = fake(lambda request: error_response(400, "INVALID_DEVICE", "to_device: not a device"))
     code, out, err = run(capsys, "copy", "gpt2", "--to", "nonsense", "--wait")
