@@ -30,3 +30,10 @@ def test_the_demo_runs_as_written() -> None:
     gens = re.search(r"node2 generation (\d+) -> (\d+)", out)
     assert gens is not None and int(gens.group(2)) > int(gens.group(1))
     assert out.count(" left ") >= 2 and "demo finished" in out
+
+
+def test_the_secret_recipe_runs_as_written() -> None:
+    """README's Security table tells how to make a token or a cluster secret."""
+    (cmd,) = re.findall(r"`(python3 -c '[^`]*')`", (ROOT / "README.md").read_text())
+    r = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=30, check=True)
+    assert re.fullmatch(r"[A-Za-z0-9_-]{43}\n", r.stdout)  # 32 random bytes: 256 bits
