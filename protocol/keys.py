@@ -19,7 +19,8 @@ key                                record            written by
 ``src/<source id digest>``         ``SrcRecord``     a node that fetched a source
 ``node``                           ``NodeInfo``      each node, about itself
 ``storage``                        ``Storage``       each node, about itself
-``gpus``, ``svc/``, ``job/``       (to come)         GPUs, services, pipelines
+``job/``, ``step/``, ``jobcancel/``  see ``jobs.py``    pipelines: the job, its parts, a cancel
+``gpus``, ``svc/``                 (to come)         GPUs, services
 =================================  ================  =====================================
 """
 
@@ -77,7 +78,7 @@ COPY_PREFIX = "copy/"
 XFER_PREFIX = "xfer/"
 SRC_PREFIX = "src/"
 SVC_PREFIX = "svc/"  # serving engines (to come)
-JOB_PREFIX = "job/"  # pipelines (to come)
+JOB_PREFIX = "job/"  # pipelines: protocol/jobs.py
 NODE_KEY = "node"
 STORAGE_KEY = "storage"
 GPUS_KEY = "gpus"  # NVML readings (to come)
