@@ -69,6 +69,8 @@ class Config:
     max_egress_bps: float = 0.0
     chunk_stall_s: float = 10.0
     source_wait_s: float = 60.0
+    job_node_wait_s: float = 60.0
+    job_keep_s: float = 86_400.0
     peer_timeout_s: float = 2.0
     persist_interval_s: float = 1.0
     storage_refresh_s: float = 10.0
@@ -97,6 +99,9 @@ _OPTIONS: list[tuple[str, type, str, Any]] = [
     ("max_ingress", str, "cap on incoming chunk bytes per second, e.g. 500M (default: none)", None),
     ("max_egress", str, "cap on outgoing chunk bytes per second, e.g. 500M (default: none)", None),
     ("chunk_stall", float, "seconds before a chunk request that made no progress moves to another peer", 10.0),
+    ("job_node_wait", float, "seconds a pipeline step waits for its unreachable node before it fails "
+     "NODE_UNAVAILABLE (default 60)", 60.0),
+    ("job_keep", float, "seconds finished jobs are kept (default 86400)", 86_400.0),
     ("source_wait", float, "seconds a transfer waits, its chunks kept, for holders that became unreachable "
      "(a partition, a restart) before it fails with NO_SOURCE", 60.0),
     ("cluster", str, "cluster label; nodes of other clusters are refused", "meshnode"),
@@ -296,7 +301,7 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
         raise ConfigError("gossip and probe intervals must be positive")
     if o["fanout"] < 1:
         raise ConfigError("fanout must be at least 1")
-    for flag in ("chunk_stall", "source_wait"):
+    for flag in ("chunk_stall", "source_wait", "job_node_wait", "job_keep"):
         if not 0 < o[flag] <= 86_400:  # also refuses nan
             raise ConfigError(f"--{flag.replace('_', '-')} must be between 0 and 86400 seconds")
     if o["max_connections"] is not None and o["max_connections"] < 16:
@@ -340,6 +345,8 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
         max_egress_bps=parse_rate(o["max_egress"], "--max-egress"),
         chunk_stall_s=o["chunk_stall"],
         source_wait_s=o["source_wait"],
+        job_node_wait_s=o["job_node_wait"],
+        job_keep_s=o["job_keep"],
     )
 
 

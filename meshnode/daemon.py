@@ -14,6 +14,7 @@ given only what it uses:
 ``puller``     builds copies from the holders, serves what it has (``Puller``)
 ``transfers``  runs transfers of every kind (``Transfers``)
 ``router``     runs an action here (``Executors``) or on the node it names
+``jobs``       takes pipelines, runs this node's steps, answers for any job (``Jobs``)
 =============  ====================================================================
 
 and runs their loops.  ``stop()`` (SIGTERM/SIGINT) tells the mesh we are
@@ -51,6 +52,7 @@ from .copies.store import Store
 from .copies.transfers import Transfers, TransferSettings
 from .errors import first_of
 from .httpserver import ConnectionLimits, HttpServer, raise_fd_limit
+from .jobs import Jobs, JobSettings
 from .mesh import Mesh, wall_ms
 from .metrics import render_metrics
 from .peers import PeerClient, PeerSender, make_peer_client
@@ -100,6 +102,7 @@ class MeshNode:
         self.puller: Puller | None = None
         self.transfers: Transfers | None = None
         self.router: Router | None = None
+        self.jobs: Jobs | None = None
         self.http: HttpServer | None = None
         self.data_server: DataServer | None = None
         self.data_port = 0
@@ -181,9 +184,10 @@ class MeshNode:
             self.address = cfg.advertise or f"{host}:{port}"
             self.url = f"{cfg.scheme}://{host}:{port}"
             await self._start(self.address, sender, data_client, PeerClient(client, cfg.scheme))
-            assert self.mesh and self.saver and self.transfers and self.copies
+            assert self.mesh and self.saver and self.transfers and self.copies and self.jobs
             await nursery.start(sender.run)
             await nursery.start(self.transfers.run)
+            await nursery.start(self.jobs.run)
             await nursery.start(self.mesh.run)
             await nursery.start(self.saver.run, cfg.persist_interval_s)
             await nursery.start(self.copies.run, cfg.storage_refresh_s)
@@ -236,7 +240,10 @@ class MeshNode:
         )
         executors = Executors(cfg.node_id, transfers, copies, cfg.ingest_roots, cfg.allow_private_sources)
         router = self.router = Router(mesh, registry, executors, peers)
-        self.api.running = Running(mesh, registry, Views(mesh, index), router, transfers, copies)
+        jobs = self.jobs = Jobs(mesh, registry, router, transfers, saver,
+                                JobSettings(node_wait_s=cfg.job_node_wait_s, keep_s=cfg.job_keep_s))
+        catalog.subscribe(jobs)  # a job record changing anywhere wakes the job loop
+        self.api.running = Running(mesh, registry, Views(mesh, index), router, transfers, copies, jobs)
         copies.sample_storage()
         await copies.load()
         await saver.save_snapshot()  # the new generation is on disk before anyone hears of it

@@ -37,6 +37,12 @@ STATUS: dict[str, int] = {
     "NODE_UNAVAILABLE": 409,
     "CONTENT_CONFLICT": 409,
     "TOO_LARGE": 413,
+    "INVALID_PIPELINE": 422,
+    "JOB_NOT_FOUND": 404,
+    "MODEL_NOT_AVAILABLE": 404,
+    "NO_CAPACITY": 409,
+    "TOO_MANY_JOBS": 429,
+    "NOT_SUPPORTED": 501,
     # the mesh cannot do it now
     "PEER_UNREACHABLE": 502,
     "BAD_PEER_ANSWER": 502,
@@ -58,11 +64,13 @@ class MeshError(Exception):
     peer answered with that we pass on as it was.
     """
 
-    def __init__(self, code: str, message: str, *, status: int | None = None) -> None:
+    def __init__(self, code: str, message: str, *, status: int | None = None,
+                 details: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self._status = status
+        self.details = details or {}  # more fields of the error object (a pipeline's problems)
 
     @property
     def status(self) -> int:

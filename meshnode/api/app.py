@@ -31,7 +31,9 @@ from ..copies.catalog import CopyCatalog
 from ..copies.store import Store
 from ..copies.transfers import Transfers
 from ..errors import MeshError
+from ..jobs import Jobs
 from ..mesh import Mesh
+from ..pipelines import DOC_BYTES_MAX, load_document
 from ..registry import Registry
 from ..views import Views
 from .auth import PeerAuthError, PeerGate, Refusals, check_bearer, request_target
@@ -66,8 +68,8 @@ def _json(data: Any, status: int = 200) -> Response:
     return Response(json.dumps(data, separators=(",", ":")), status=status, mimetype="application/json")
 
 
-def _error(status: int, code: str, message: str) -> Response:
-    return _json({"error": {"code": code, "message": message}}, status)
+def _error(status: int, code: str, message: str, details: dict[str, Any] | None = None) -> Response:
+    return _json({"error": {"code": code, "message": message, **(details or {})}}, status)
 
 
 def _remote() -> str:
@@ -103,6 +105,7 @@ class Running:
     router: Router
     transfers: Transfers
     copies: CopyCatalog
+    jobs: Jobs
 
 
 @dataclass
@@ -210,7 +213,7 @@ def _public_app(parts: ApiParts) -> QuartTrio:
 
     @app.errorhandler(MeshError)
     async def _mesh_error(e: MeshError) -> Response:
-        return _error(e.status, e.code, e.message)
+        return _error(e.status, e.code, e.message, e.details)
 
     @app.errorhandler(LocalProtocolError)
     async def _local_error(e: LocalProtocolError) -> Response:
@@ -251,7 +254,13 @@ def _public_app(parts: ApiParts) -> QuartTrio:
 
     @app.get("/status")
     async def status() -> Response:
-        return _json(running().views.status_json())
+        r = running()
+        out = r.views.status_json()
+        counts: dict[str, int] = {}
+        for v in r.jobs.views():
+            counts[v.status.value] = counts.get(v.status.value, 0) + 1
+        out["jobs"] = {"total": sum(counts.values()), **counts}
+        return _json(out)
 
     @app.get("/nodes")
     async def nodes() -> Response:
@@ -293,6 +302,79 @@ def _public_app(parts: ApiParts) -> QuartTrio:
         if t is not None:
             return _json(t)
         raise MeshError("TRANSFER_NOT_FOUND", f"no transfer {tid[:40]!r} is known")
+
+    # -- pipelines -------------------------------------------------------------------
+
+    def _job_created(out: dict[str, Any]) -> Response:
+        r = _json(out, 202)
+        r.headers["Location"] = f"/jobs/{out['job_id']}"
+        return r
+
+    @app.post("/jobs")
+    async def submit_job() -> Response:
+        data = await request.get_data(cache=True)
+        if len(data) > DOC_BYTES_MAX:
+            raise MeshError("TOO_LARGE", f"a pipeline is at most {DOC_BYTES_MAX} bytes; this one is {len(data)}")
+        doc = await body_json()
+        if doc is None:
+            raise MeshError("INVALID_PIPELINE", "the request has no pipeline: POST it as JSON (or YAML to /jobs/from-yaml)")
+        r = running()
+        return _job_created(r.jobs.job_json(await r.jobs.submit(doc)))
+
+    @app.post("/jobs/from-yaml")
+    async def submit_job_yaml() -> Response:
+        if (request.mimetype or "").startswith("multipart/"):
+            files = await request.files
+            if not files:
+                raise MeshError("INVALID_PIPELINE", "the form holds no file: send the YAML as a file field")
+            data = next(iter(files.values())).read(DOC_BYTES_MAX + 1)
+        else:
+            data = await request.get_data(cache=True)
+        assert isinstance(data, bytes)
+        r = running()
+        return _job_created(r.jobs.job_json(await r.jobs.submit(load_document(data))))
+
+    def _page() -> tuple[int, int]:
+        try:
+            limit = int(request.args.get("limit", "100"))
+            offset = int(request.args.get("offset", "0"))
+        except ValueError:
+            raise MeshError("INVALID_REQUEST", "limit and offset are integers") from None
+        if not 1 <= limit <= 1000 or offset < 0:
+            raise MeshError("INVALID_REQUEST", "limit is 1 to 1000, offset 0 or more")
+        return limit, offset
+
+    @app.get("/jobs")
+    async def jobs() -> Response:
+        limit, offset = _page()
+        items = running().jobs.jobs_json()
+        return _json({"jobs": items[offset:offset + limit], "total_count": len(items), "limit": limit,
+                      "offset": offset})
+
+    @app.get("/jobs/<jid>")
+    async def job(jid: str) -> Response:
+        j = running().jobs
+        return _json(j.job_json(j.view(jid)))
+
+    @app.get("/jobs/<jid>/status")
+    async def job_status(jid: str) -> Response:
+        j = running().jobs
+        full = j.job_json(j.view(jid))
+        return _json({k: full[k] for k in ("job_id", "name", "status", "progress", "error", "coordinator")}
+                     | {"actions": [{k: a[k] for k in ("action_id", "status", "attempts", "error")}
+                                    for a in full["actions"]]})
+
+    @app.post("/jobs/<jid>/cancel")
+    async def cancel_job(jid: str) -> Response:
+        j = running().jobs
+        return _json(j.job_json(await j.cancel(jid)))
+
+    @app.get("/placement")
+    async def placement() -> Response:
+        model = request.args.get("model")
+        if not model:
+            raise MeshError("INVALID_REQUEST", "give ?model=NAME (and &device=disk, dram or gpu)")
+        return _json(running().jobs.placement(model, request.args.get("device", "disk")))
 
     # -- peer routes (the credential was checked above) ------------------------------
 

@@ -23,6 +23,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import shutil
 import stat
 from collections.abc import Callable, Container, Iterator, Mapping
@@ -283,6 +284,12 @@ class Store:
         """A scratch directory on ``kind``'s filesystem, beside the partials
         (never taken for a copy by ``scan``), so its files can be renamed in."""
         return self.tier_root(kind) / _PARTIAL / name
+
+    def discard_partial(self, kind: str, manifest_hash: str) -> None:
+        """Remove the partial copy of ``manifest_hash`` on ``kind`` (a cancelled transfer's)."""
+        if not re.fullmatch(r"[0-9a-f]{16,64}", manifest_hash):
+            return
+        shutil.rmtree(self.tier_root(kind) / _PARTIAL / manifest_hash, ignore_errors=True)
 
     def partial(self, kind: str, model: str, manifest: Manifest) -> Partial:
         free = self.usage(kind)["free"]

@@ -46,6 +46,7 @@ class Transfer:
     fetched: dict[str, Any] | None = None  # what a web fetch learned: revision, model type
     files_done: int = 0
     files_total: int = 0
+    cancelled: str = ""  # why it was cancelled, once it is
 
     def move(self, to: TransferStatus) -> None:
         self.status = advance(self.status, to)

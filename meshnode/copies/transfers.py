@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import shutil
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,7 @@ class Transfers:
         self.by_id: dict[str, Transfer] = {}
         self._limiter = trio.CapacityLimiter(ACTIVE_MAX)
         self._nursery: trio.Nursery | None = None
+        self._scopes: dict[str, trio.CancelScope] = {}  # transfer id -> its task's scope, while it runs
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -148,8 +150,46 @@ class Transfers:
                 del self.by_id[old.id]
         self._nursery.start_soon(self._run_one, t)
 
+    def cancel(self, tid: str, why: str) -> bool:
+        """Stop a transfer of this node: it fails with ``CANCELLED`` and its
+        partial copy is removed.  False when there is no such active transfer."""
+        t = self.by_id.get(tid)
+        if t is None or not t.status.active:
+            return False
+        t.cancelled = why
+        scope = self._scopes.get(tid)
+        if scope is not None:
+            scope.cancel()
+        elif t.status is TransferStatus.QUEUED:  # waiting for a slot: it never starts
+            t.fail("CANCELLED", why)
+            t.finished_ms = wall_ms()
+            self.intents.drop(t)
+            self.publish(t)
+        return True
+
     async def _run_one(self, t: Transfer) -> None:
+        scope = trio.CancelScope()
+        self._scopes[t.id] = scope
+        try:
+            with scope:
+                await self._run_one_in(t)
+        finally:
+            self._scopes.pop(t.id, None)
+        if t.cancelled and not t.status.finished:
+            t.fail("CANCELLED", t.cancelled)
+            log.info("transfer %s of %s cancelled: %s", t.id, t.model, t.cancelled)
+            if t.manifest_hash is not None:
+                await trio.to_thread.run_sync(self.store.discard_partial, t.kind, t.manifest_hash)
+            # A web fetch's staging directory too (kept on a stop, for the resume).
+            await trio.to_thread.run_sync(shutil.rmtree, self.store.staging_dir(t.kind, f"ingest-{t.id}"), True)
+            t.finished_ms = wall_ms()
+            self.intents.drop(t)
+            self.publish(t)
+
+    async def _run_one_in(self, t: Transfer) -> None:
         async with self._limiter:
+            if t.cancelled:
+                return
             t.move(TransferStatus.RUNNING)
             self.publish(t)
             try:
@@ -171,9 +211,10 @@ class Transfers:
             except BaseException as exc:
                 if not only(exc, trio.Cancelled):
                     raise
-                # The node is stopping: the intent stays, so the restart resumes it.
-                t.move(TransferStatus.QUEUED)
-                self.publish(t)
+                if not t.cancelled:
+                    # The node is stopping: the intent stays, so the restart resumes it.
+                    t.move(TransferStatus.QUEUED)
+                    self.publish(t)
                 raise
             t.finished_ms = wall_ms()
             self.intents.drop(t)

@@ -1,0 +1,249 @@
+"""Pipelines on real daemons: any node takes one, every node shows it, steps
+run in parallel where their devices say, failures end their dependents,
+cancel stops what runs, and a coordinator's death loses nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import trio
+import yaml
+
+from .conftest import Handle, Mesh, wait_for
+from .test_transfer import make_model, tree_digest
+
+ROOT = Path(__file__).resolve().parents[2]
+MiB = 1024 * 1024
+
+
+async def submit(mesh: Mesh, h: Handle, doc: dict[str, Any]) -> dict[str, Any]:
+    r = await mesh.client.post(h.url + "/jobs", json=doc)
+    assert r.status_code == 202, r.text
+    assert r.headers["location"] == f"/jobs/{r.json()['job_id']}"
+    return dict(r.json())
+
+
+async def job_of(mesh: Mesh, h: Handle, j: dict[str, Any]) -> dict[str, Any]:
+    """The job as ``h`` shows it, once ``h`` has seen the write that made it (read your writes)."""
+    r = await mesh.client.get(h.url + f"/jobs/{j['job_id']}", headers={"X-Mesh-After": j["mesh_token"]})
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+async def until_ended(mesh: Mesh, h: Handle, j: dict[str, Any], timeout_s: float = 40) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+
+    async def ended() -> bool:
+        nonlocal out
+        out = await job_of(mesh, h, j)
+        return out["status"] in ("completed", "failed", "cancelled")
+
+    await wait_for(ended, timeout_s, what=f"job {j['job_id']} to end")
+    return out
+
+
+def actions(job: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {a["action_id"]: a for a in job["actions"]}
+
+
+async def three(mesh: Mesh) -> tuple[Handle, Handle, Handle]:
+    a = await mesh.start("node1")
+    b = await mesh.start("node2", join=[a])
+    c = await mesh.start("node3", join=[a])
+
+    async def all_alive() -> bool:
+        for h in (a, b, c):
+            nodes = (await mesh.client.get(h.url + "/nodes")).json()["nodes"]
+            if [n["state"] for n in nodes] != ["alive"] * 3:
+                return False
+        return True
+
+    await wait_for(all_alive, what="three nodes alive")
+    return a, b, c
+
+
+async def test_a_pipeline_runs_its_steps_where_they_say_and_every_node_shows_it(mesh: Mesh, tmp_path: Path) -> None:
+    src = make_model(tmp_path, 3 * MiB + 5)
+    a, b, c = await three(mesh)
+    doc = {
+        "name": "stage", "description": "download once, spread, move, clean up",
+        "actions": [
+            {"action_id": "dl", "action_type": "download", "model_name": "org/m", "source_url": src.as_uri(),
+             "devices": ["node1:disk"], "dependencies": []},
+            {"action_id": "spread", "action_type": "copy", "model_name": "org/m",
+             "devices": ["node1:disk", "node2:disk", "node3:disk"], "dependencies": ["dl"]},
+            {"action_id": "to_ram", "action_type": "move", "model_name": "org/m",
+             "devices": ["node2:disk", "node2:dram"], "dependencies": ["spread"]},
+            {"action_id": "free", "action_type": "delete", "model_name": "org/m",
+             "devices": ["node3:disk"], "dependencies": ["spread"]},
+            {"action_id": "check", "action_type": "health_check", "target_url": c.url + "/health",
+             "devices": [], "dependencies": ["to_ram", "free"]},
+        ],
+    }
+    j = await submit(mesh, b, doc)  # taken by node2
+    assert j["status"] == "pending" and j["submitted_by"] == "node2"
+    done = await until_ended(mesh, a, j)
+    assert done["status"] == "completed", json.dumps(done, indent=1)[:3000]
+    acts = actions(done)
+    assert [p["node"] for p in acts["spread"]["parts"]] == ["node2", "node3"]  # each target ran its own part
+    assert all(a_["status"] == "completed" for a_ in acts.values())
+    # The work was done, not pretended.
+    assert b.node.store.get("org/m", "disk") is None  # moved away
+    dram = b.node.store.get("org/m", "dram")
+    assert dram is not None and tree_digest(dram.path) == tree_digest(src)
+    assert c.node.store.get("org/m", "disk") is None  # deleted
+    # Every node answers the same; gswarm's status route too.
+    for h in (a, b, c):
+        other = await until_ended(mesh, h, j)
+        assert [x["status"] for x in other["actions"]] == [x["status"] for x in done["actions"]]
+        st = (await mesh.client.get(h.url + f"/jobs/{j['job_id']}/status")).json()
+        assert st["status"] == "completed" and st["progress"] == {"completed": 5, "total": 5}
+    listed = (await mesh.client.get(c.url + "/jobs")).json()
+    assert [x["job_id"] for x in listed["jobs"]] == [j["job_id"]] and listed["total_count"] == 1
+    assert (await mesh.client.get(a.url + "/status")).json()["jobs"] == {"total": 1, "completed": 1}
+
+
+async def test_a_failed_step_ends_its_dependents_and_the_job_names_it(mesh: Mesh, tmp_path: Path) -> None:
+    a, _b, c = await three(mesh)
+    doc = {"name": "bad", "actions": [
+        {"action_id": "dl", "action_type": "download", "model_name": "ghost",
+         "source_url": (tmp_path / "nothing-here").as_uri(), "devices": ["node2:disk"]},
+        {"action_id": "after", "action_type": "copy", "model_name": "ghost", "devices": ["node2:disk", "node3:disk"],
+         "dependencies": ["dl"]},
+        {"action_id": "beside", "action_type": "health_check", "target_url": a.url + "/health"},
+    ]}
+    j = await submit(mesh, a, doc)
+    done = await until_ended(mesh, c, j)
+    acts = actions(done)
+    assert done["status"] == "failed" and done["error"]["action_id"] == "dl", done
+    assert acts["dl"]["status"] == "failed" and acts["dl"]["error"]["code"] == "SOURCE_NOT_FOUND"
+    assert acts["after"]["status"] == "upstream_failed"
+    assert acts["beside"]["status"] in ("completed", "cancelled")  # started with dl, or stopped by fail_fast
+
+
+async def test_validation_lists_every_problem_and_runs_nothing(mesh: Mesh) -> None:
+    a = await mesh.start("node1")
+    doc = {"name": "x", "actions": [
+        {"action_id": "a", "action_type": "copy", "model_name": "m", "devices": ["node1:disk", "node9:disk"],
+         "dependencies": ["b"]},
+        {"action_id": "b", "action_type": "serve", "model_name": "m", "devices": ["node1:gpu0"], "dependencies": ["a"]},
+        {"action_id": "c", "action_type": "fly", "model_name": "m"},
+    ]}
+    r = await mesh.client.post(a.url + "/jobs", json=doc)
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["code"] == "INVALID_PIPELINE"
+    got = {(p["action_id"], p["field"]) for p in err["problems"]}
+    assert {("b", "port"), ("c", "action_type"), ("a", "dependencies")} <= got, got
+    # Then what needs the mesh: an unknown node, an unregistered model.
+    doc2 = {"name": "y", "actions": [doc["actions"][0] | {"dependencies": []}]}
+    r = await mesh.client.post(a.url + "/jobs", json=doc2)
+    got = {(p["action_id"], p["field"]) for p in r.json()["error"]["problems"]}
+    assert r.status_code == 422 and got == {("a", "devices[1]"), ("a", "model_name")}, r.text
+    assert (await mesh.client.get(a.url + "/jobs")).json()["total_count"] == 0
+
+
+async def test_hostile_documents_get_a_4xx_and_the_node_goes_on(mesh: Mesh) -> None:
+    a = await mesh.start("node1")
+    url = a.url + "/jobs/from-yaml"
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\nc: [*b, *b, *b, *b, *b]\n"
+    cases = {
+        "bomb": (bomb.encode(), 422),
+        "not utf-8": (b"name: \xff\xfe\n", 422),
+        "10 MB": (b"#" * (10 * MiB), 413),
+        "many actions": (yaml.safe_dump({"name": "n", "actions": [
+            {"action_id": f"a{i}", "action_type": "health_check", "target_url": "http://x/"} for i in range(10_000)]}
+        ).encode(), 413),
+        "deep chain": (json.dumps({"name": "n", "actions": [
+            {"action_id": f"a{i}", "action_type": "health_check", "target_url": "http://x/",
+             "dependencies": [f"a{i - 1}"] if i else []} for i in range(2000)]}).encode(), 422),
+        "not yaml": (b"name: [unclosed\n", 422),
+        "a list": (b"- 1\n- 2\n", 422),
+    }
+    for what, (body, status) in cases.items():
+        with trio.fail_after(5):
+            r = await mesh.client.post(url, content=body, headers={"content-type": "application/yaml"})
+        assert r.status_code == status, (what, r.status_code, r.text[:300])
+        assert r.json()["error"]["code"], what
+    assert (await mesh.client.get(a.url + "/health")).status_code == 200
+    assert (await mesh.client.get(a.url + "/jobs")).json()["total_count"] == 0
+
+
+async def test_the_seed_yaml_is_taken_raw_or_as_a_file(mesh: Mesh) -> None:
+    """gswarm's migration pipeline, unchanged: it validates, and its serve steps
+    fail NOT_SUPPORTED (serving comes with its own issue) rather than pretend."""
+    a = await mesh.start("node1")
+    b = await mesh.start("node2", join=[a])
+    text = (ROOT / "examples" / "migration.yaml").read_bytes()
+    r = await mesh.client.post(a.url + "/jobs/from-yaml", content=text)
+    assert r.status_code == 422 and {p["field"] for p in r.json()["error"]["problems"]} == {"model_name"}, r.text
+    src = make_model(a.node.cfg.data_dir.parent, 1 * MiB)
+    r = await mesh.client.post(a.url + "/models/llama-7b/download",
+                               json={"source_url": src.as_uri(), "target_device": "node1:disk"})
+    assert r.status_code == 202
+    await wait_for(lambda: b.node.registry is not None and b.node.registry.find("llama-7b") is not None
+                   and a.node.store.get("llama-7b", "disk") is not None, what="llama-7b on node1")
+    r = await mesh.client.post(b.url + "/jobs/from-yaml", files={"file": ("migration.yaml", text)})
+    assert r.status_code == 202, r.text
+    done = await until_ended(mesh, a, r.json())
+    acts = actions(done)
+    assert acts["transfer_model"]["status"] == "completed"
+    assert acts["stop_old_service"]["status"] == "failed"
+    assert acts["stop_old_service"]["error"]["code"] == "NOT_SUPPORTED"
+    assert acts["cleanup_old"]["status"] == "upstream_failed"
+    assert b.node.store.get("llama-7b", "disk") is not None
+
+
+async def test_cancel_stops_a_running_transfer_and_the_rest(mesh: Mesh, tmp_path: Path) -> None:
+    src = make_model(tmp_path, 24 * MiB)
+    a = await mesh.start("node1", "--max-egress", "2M")
+    b = await mesh.start("node2", join=[a])
+    r = await mesh.client.post(a.url + "/models/org/big/download",
+                               json={"source_url": src.as_uri(), "target_device": "node1:disk"})
+    assert r.status_code == 202
+    await wait_for(lambda: b.node.registry is not None and b.node.registry.find("org/big") is not None
+                   and a.node.store.get("org/big", "disk") is not None, what="org/big on node1")
+    j = await submit(mesh, a, {"name": "slow", "actions": [
+        {"action_id": "cp", "action_type": "copy", "model_name": "org/big", "devices": ["node1:disk", "node2:disk"]},
+        {"action_id": "then", "action_type": "delete", "model_name": "org/big", "devices": ["node1:disk"],
+         "dependencies": ["cp"]}]})
+
+    async def copying() -> bool:
+        p = actions(await job_of(mesh, a, j))["cp"]["parts"][0]
+        return bool(p["status"] == "running" and p["bytes_done"])
+
+    await wait_for(copying, what="the copy under way")
+    r = await mesh.client.post(b.url + f"/jobs/{j['job_id']}/cancel")
+    assert r.status_code == 200 and r.json()["cancelled"], r.text
+    done = await until_ended(mesh, a, j)
+    assert done["status"] == "cancelled", done
+    acts = actions(done)
+    assert acts["cp"]["status"] == "cancelled" and acts["then"]["status"] == "cancelled"
+    assert b.node.store.get("org/big", "disk") is None
+    partial = b.node.store.tier_root("disk") / ".partial"
+    assert not partial.exists() or not any(partial.iterdir())  # the partial copy removed
+    assert a.node.store.get("org/big", "disk") is not None  # the delete never ran
+
+
+async def test_placement_ranks_nodes_with_reasons(mesh: Mesh, tmp_path: Path) -> None:
+    a, _b, c = await three(mesh)
+    src = make_model(tmp_path, 2 * MiB)
+    r = await mesh.client.post(a.url + "/models/org/p/download",
+                               json={"source_url": src.as_uri(), "target_device": "node2:disk"})
+    assert r.status_code == 202
+    await wait_for(lambda: a.node.registry is not None and bool(
+        (m := a.node.registry.find("org/p")) and m.locations), what="org/p on node2")
+    r = await mesh.client.get(c.url + "/placement", params={"model": "org/p", "device": "disk"})
+    body = r.json()
+    assert r.status_code == 200 and body["chosen"] == "node2:disk", body  # it holds the model
+    gpu = (await mesh.client.get(c.url + "/placement", params={"model": "org/p", "device": "gpu"})).json()
+    assert gpu["chosen"] is None and all("no GPU" in n["reasons"] for n in gpu["ranking"])
+    # A step with no node is placed: a copy to "any:dram" lands on the best node for it.
+    j = await submit(mesh, a, {"name": "placed", "actions": [
+        {"action_id": "cp", "action_type": "copy", "model_name": "org/p", "devices": ["node2:disk", "any:dram"]}]})
+    done = await until_ended(mesh, a, j)
+    assert done["status"] == "completed", done
+    (dev,) = actions(done)["cp"]["devices"][1:]
+    assert dev.endswith(":dram") and dev != "any:dram"
