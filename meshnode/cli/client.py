@@ -132,6 +132,13 @@ def model_path(name: str) -> str:
     return "/models/" + "/".join(quote(part, safe="") for part in parts)
 
 
+def job_path(job_id: str) -> str:
+    text = job_id.strip()
+    if not text or len(text) > 64 or not all(ch.isalnum() or ch in "-_" for ch in text):
+        raise ValueError(f"bad job id {job_id[:40]!r}: letters, digits, '-' and '_'")
+    return f"/jobs/{text}"
+
+
 def transfer_path(transfer_id: str) -> str:
     """``/transfers/{id}`` with the id quoted as one segment; ``ValueError`` when empty."""
     text = transfer_id.strip()
@@ -202,11 +209,16 @@ class ApiClient:
         *,
         json: Any = None,
         params: dict[str, str] | None = None,
+        content: bytes | None = None,
+        content_type: str | None = None,
     ) -> Any:
         """Send one request; return the decoded JSON body (``{}`` when empty)."""
-        headers = {"X-Mesh-After": self.last_write} if self.last_write else None
+        headers = {"X-Mesh-After": self.last_write} if self.last_write else {}
+        if content_type:
+            headers["content-type"] = content_type
         try:
-            response = self._http.request(method, path, json=json, params=params, headers=headers)
+            response = self._http.request(method, path, json=json, params=params, headers=headers or None,
+                                          content=content)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             raise PeerUnreachableError(self.base_url, _reason(exc, self.timeout_s)) from None
         except httpx.TimeoutException as exc:
@@ -250,6 +262,11 @@ class ApiClient:
                 code = err["code"]
             if isinstance(err.get("message"), str) and err["message"]:
                 message = err["message"]
+            problems = err.get("problems")
+            if isinstance(problems, list) and problems:  # a pipeline's: every one, each with its step
+                said = [f"[{p.get('action_id') or 'pipeline'}] {p.get('field')}: {p.get('message')}"
+                        for p in problems[:50] if isinstance(p, dict)]
+                message = f"{len(problems)} problems: " + "; ".join(said)
         elif isinstance(err, str) and err:
             message = err
         message = _one_line(self._redact(message))
@@ -354,6 +371,24 @@ class ApiClient:
 
     def get_transfer(self, transfer_id: str) -> Any:
         return self.request("GET", transfer_path(transfer_id))
+
+    # -- pipelines -------------------------------------------------------------
+
+    def submit_pipeline(self, document: bytes) -> Any:
+        """A YAML (or JSON) pipeline, sent as it is: 202 with the job."""
+        return self.request("POST", "/jobs/from-yaml", content=document, content_type="application/yaml")
+
+    def jobs(self) -> Any:
+        return self.request("GET", "/jobs", params={"limit": "1000"})
+
+    def job(self, job_id: str) -> Any:
+        return self.request("GET", job_path(job_id))
+
+    def cancel_job(self, job_id: str) -> Any:
+        return self.request("POST", job_path(job_id) + "/cancel")
+
+    def placement(self, model: str, device: str) -> Any:
+        return self.request("GET", "/placement", params={"model": model, "device": device})
 
 
 def _reason(exc: httpx.TransportError, timeout_s: float) -> str:

@@ -27,6 +27,15 @@ from .client import (
     model_path,
     normalize_peer_url,
 )
+from .jobs import (
+    UsageProblem,
+    call_job,
+    example_text,
+    follow_job,
+    render_job,
+    render_jobs,
+    render_placement,
+)
 from .render import (
     EXIT_ERROR,
     EXIT_OK,
@@ -126,6 +135,8 @@ def _prepare(args: argparse.Namespace) -> None:
         args.source_url = file_url(args.from_path) if args.from_path is not None else args.url
     if args.command == "transfer" and not args.transfer_id.strip():
         raise UsageError("transfer id is empty")
+    if args.command == "job" and args.wait and args.target[0] in ("cancel", "example"):
+        raise UsageError(f"--wait follows a job you run: not with job {args.target[0]}")
 
 
 COMMANDS: dict[str, tuple[str, Call, Render]] = {
@@ -178,6 +189,14 @@ COMMANDS: dict[str, tuple[str, Call, Render]] = {
         lambda api, a: api.get_transfer(a.transfer_id),
         render_transfer,
     ),
+    "job": ("run a pipeline (YAML or JSON), show or cancel a job, or print an example", call_job, render_job),
+    "jobs": ("every job the mesh knows of", lambda api, a: api.jobs(), render_jobs),
+    "job-status": ("one job: its steps, their status and errors", lambda api, a: api.job(a.job_id), render_job),
+    "placement": (
+        "where a step that names no node would run, and why not elsewhere",
+        lambda api, a: api.placement(a.name, a.device),
+        render_placement,
+    ),
 }
 
 
@@ -218,6 +237,14 @@ def _resolve_timeout(args: argparse.Namespace, environ: dict[str, str] | os._Env
 
 def run_client_command(args: argparse.Namespace) -> int:
     """Run one HTTP command against ``--peer``; return the exit code."""
+    if args.command == "job" and args.target[0] == "example":  # needs no peer
+        if len(args.target) > 2:
+            return fail("usage: meshnode job example [NAME]", EXIT_USAGE)
+        try:
+            print(example_text(args.target[1] if len(args.target) == 2 else "deployment"), end="")
+        except UsageProblem as exc:
+            return fail(str(exc), EXIT_USAGE)
+        return EXIT_OK
     environ = os.environ
     token: str | None = None
     try:
@@ -242,11 +269,15 @@ def run_client_command(args: argparse.Namespace) -> int:
                 if api.last_write != before:
                     last_write.save(api.last_write)
             if getattr(args, "wait", False):
+                if args.command == "job":
+                    return follow_job(api, data, args)
                 return wait_for_transfer(api, data, args)
     except PeerUnreachableError as exc:
         return fail(str(exc), EXIT_UNREACHABLE)
     except (AnswerError, ClientError) as exc:
         return fail(str(exc), EXIT_ERROR)
+    except UsageProblem as exc:
+        return fail(str(exc), EXIT_USAGE)
 
     if args.json:
         print(json.dumps(data, indent=2, ensure_ascii=False))

@@ -202,4 +202,17 @@ def build_parser() -> argparse.ArgumentParser:
     client("transfer").add_argument(
         "transfer_id", metavar="ID", help="transfer id, as download/copy/move print it"
     )
+
+    job = client("job")
+    job.add_argument("target", nargs="+", metavar="FILE | ID | cancel ID | example [NAME]",
+                     help="a YAML or JSON pipeline to run, a job id to show, cancel ID, or example [NAME] "
+                     "(deployment, multi-model, distributed-70b, migration) to print one")
+    job.add_argument("--wait", action="store_true",
+                     help="follow the job: a line per step as it changes, the table at the end; "
+                     "exit 0 when it completed, 1 when it failed or was cancelled")
+    client("jobs")
+    client("job-status").add_argument("job_id", metavar="ID", help="job id, as `meshnode job FILE` prints it")
+    place = client("placement")
+    place.add_argument("name", metavar="MODEL", help="model name")
+    place.add_argument("--device", default="disk", choices=("disk", "dram", "gpu"), help="the tier (default disk)")
     return parser

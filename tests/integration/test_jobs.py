@@ -247,3 +247,138 @@ async def test_placement_ranks_nodes_with_reasons(mesh: Mesh, tmp_path: Path) ->
     assert done["status"] == "completed", done
     (dev,) = actions(done)["cp"]["devices"][1:]
     assert dev.endswith(":dram") and dev != "any:dram"
+
+
+async def _model_on_node1(mesh: Mesh, a: Handle, others: list[Handle], root: Path, mib: int) -> None:
+    src = make_model(root, mib * MiB)
+    r = await mesh.client.post(a.url + "/models/org/m/download",
+                               json={"source_url": src.as_uri(), "target_device": "node1:disk"})
+    assert r.status_code == 202
+
+    async def everywhere() -> bool:
+        for h in others:
+            m = await mesh.client.get(h.url + "/models/org/m")
+            if m.status_code != 200 or m.json()["locations"] != ["node1:disk"]:
+                return False
+        return True
+
+    await wait_for(everywhere, what="org/m on node1, seen by all")
+
+
+async def test_the_coordinator_killed_mid_job_loses_nothing_and_nothing_runs_twice(mesh: Mesh, tmp_path: Path) -> None:
+    """node3 takes the job and dies (no goodbye) while node2 copies: node2
+    finishes its part, node1 (the smallest live id) takes the job over, runs
+    the health check the coordinator owes, re-publishes the job record, and
+    every step ran once."""
+    a = await mesh.start("node1", "--max-egress", "4M", "--job-node-wait", "60")
+    b = await mesh.start("node2", join=[a])
+    c = await mesh.start("node3", join=[a])
+    await _model_on_node1(mesh, a, [b, c], tmp_path, 12)
+    j = await submit(mesh, c, {"name": "survive", "actions": [
+        {"action_id": "cp", "action_type": "copy", "model_name": "org/m", "devices": ["node1:disk", "node2:disk"]},
+        {"action_id": "check", "action_type": "health_check", "target_url": b.url + "/health", "dependencies": ["cp"]},
+        {"action_id": "ram", "action_type": "copy", "model_name": "org/m", "devices": ["node2:disk", "node1:dram"],
+         "dependencies": ["check"]},
+    ]})
+
+    async def copying() -> bool:
+        p = actions(await job_of(mesh, a, j))["cp"]["parts"][0]
+        return bool(p["status"] == "running" and p["bytes_done"])
+
+    await wait_for(copying, what="the copy under way")
+    c.kill()
+    done = await until_ended(mesh, a, j, timeout_s=60)
+    assert done["status"] == "completed", json.dumps(done, indent=1)[:3000]
+    assert done["coordinator"] == "node1"
+    acts = actions(done)
+    assert acts["check"]["parts"][0]["node"] == "node1"  # the new coordinator ran it
+    assert all(x["attempts"] == 1 for x in acts.values())
+    assert (b.node.jobs and b.node.jobs.started_parts, a.node.jobs and a.node.jobs.started_parts) == (1, 2)
+    assert a.node.mesh is not None and a.node.mesh.entry("node1", f"job/{j['job_id']}") is not None  # adopted
+    assert a.node.store.get("org/m", "dram") is not None
+
+
+async def test_an_executor_killed_mid_step_resumes_its_part_on_restart(mesh: Mesh, tmp_path: Path) -> None:
+    a = await mesh.start("node1", "--max-egress", "4M")
+    b = await mesh.start("node2", join=[a])
+    await _model_on_node1(mesh, a, [b], tmp_path, 12)
+    j = await submit(mesh, a, {"name": "resume", "actions": [
+        {"action_id": "cp", "action_type": "copy", "model_name": "org/m", "devices": ["node1:disk", "node2:disk"]}]})
+
+    async def copying() -> bool:
+        p = actions(await job_of(mesh, a, j))["cp"]["parts"][0]
+        return bool(p["status"] == "running" and p["bytes_done"])
+
+    await wait_for(copying, what="the copy under way")
+    b.kill()
+    await b.done.wait()
+    mid = actions(await job_of(mesh, a, j))["cp"]
+    assert mid["status"] in ("running", "waiting_node"), mid
+    b2 = await mesh.start("node2", join=[a], data_dir=tmp_path / "node2")
+    done = await until_ended(mesh, a, j, timeout_s=60)
+    assert done["status"] == "completed", done
+    part = actions(done)["cp"]["parts"][0]
+    assert part["node"] == "node2" and part["attempt"] == 1
+    c = b2.node.store.get("org/m", "disk")
+    assert c is not None and tree_digest(c.path) == tree_digest(tmp_path / "src-model")
+
+
+async def test_a_step_whose_node_stays_away_fails_node_unavailable(mesh: Mesh, tmp_path: Path) -> None:
+    a = await mesh.start("node1", "--job-node-wait", "2")
+    b = await mesh.start("node2", join=[a])
+    await _model_on_node1(mesh, a, [b], tmp_path, 1)
+    b.kill()
+
+    async def b_dead() -> bool:
+        nodes = (await mesh.client.get(a.url + "/nodes")).json()["nodes"]
+        return {n["node_id"]: n["state"] for n in nodes}.get("node2") == "dead"
+
+    await wait_for(b_dead, what="node2 dead")
+    j = await submit(mesh, a, {"name": "away", "actions": [
+        {"action_id": "cp", "action_type": "copy", "model_name": "org/m", "devices": ["node1:disk", "node2:disk"]}]})
+    first = actions(await job_of(mesh, a, j))["cp"]
+    assert first["status"] == "waiting_node", first
+    done = await until_ended(mesh, a, j)
+    assert done["status"] == "failed" and done["error"]["code"] == "NODE_UNAVAILABLE", done
+
+
+async def _cli(*argv: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    import os
+    import sys
+    exe = str(Path(sys.executable).parent / "meshnode")
+    r = await trio.run_process([exe, *argv], capture_stdout=True, capture_stderr=True, check=False,
+                               env={**os.environ, "COLUMNS": "200", **(env or {})})
+    return r.returncode, r.stdout.decode(), r.stderr.decode()
+
+
+async def test_the_cli_runs_a_pipeline_and_shows_jobs(mesh: Mesh, tmp_path: Path) -> None:
+    a = await mesh.start("node1")
+    b = await mesh.start("node2", join=[a])
+    await _model_on_node1(mesh, a, [b], tmp_path, 2)
+    env = {"XDG_STATE_HOME": str(tmp_path / "state")}
+    doc = tmp_path / "p.yaml"
+    doc.write_text(yaml.safe_dump({"name": "cli", "actions": [
+        {"action_id": "cp", "action_type": "copy", "model_name": "org/m", "devices": ["node1:disk", "node2:dram"]},
+        {"action_id": "ok", "action_type": "health_check", "target_url": b.url + "/health", "dependencies": ["cp"]},
+    ]}))
+    code, out, err = await _cli("--peer", b.url, "job", str(doc), "--wait", env=env)
+    assert code == 0, (out, err)
+    assert "cp completed" in err and "ok completed" in err and "completed: cli (2 of 2 steps" in out, (out, err)
+    jid = out.split()[1]
+    code, out, _ = await _cli("jobs", "--peer", a.url, env=env)
+    assert code == 0 and jid in out and "2/2" in out, out
+    for verb in (["job", jid], ["job-status", jid]):
+        code, out, _ = await _cli("--peer", a.url, *verb, env=env)
+        assert code == 0 and "cp" in out and "completed" in out, out
+    code, out, _ = await _cli("--peer", a.url, "placement", "org/m", "--device", "disk", env=env)
+    assert code == 0 and "org/m on disk: node1:disk" in out, out
+    # A bad pipeline: exit 1, every problem on the line, nothing run.
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nactions:\n  - action_id: a\n    action_type: fly\n  - action_id: a\n    action_type: copy\n")
+    code, out, err = await _cli("--peer", a.url, "job", str(bad), env=env)
+    assert code == 1 and "INVALID_PIPELINE" in err and "[a] action_type" in err, err
+    # A failing pipeline with --wait exits 1.
+    bad.write_text(yaml.safe_dump({"name": "f", "actions": [
+        {"action_id": "no", "action_type": "health_check", "target_url": "http://127.0.0.1:9/", "timeout_s": 1}]}))
+    code, out, err = await _cli("--peer", a.url, "job", str(bad), "--wait", env=env)
+    assert code == 1 and "UNHEALTHY" in err, (out, err)
