@@ -243,6 +243,7 @@ class MeshNode:
         jobs = self.jobs = Jobs(mesh, registry, router, transfers, saver,
                                 JobSettings(node_wait_s=cfg.job_node_wait_s, keep_s=cfg.job_keep_s))
         catalog.subscribe(jobs)  # a job record changing anywhere wakes the job loop
+        jobs.load()
         self.api.running = Running(mesh, registry, Views(mesh, index), router, transfers, copies, jobs)
         copies.sample_storage()
         await copies.load()

@@ -30,7 +30,6 @@ import dataclasses
 import logging
 import math
 import secrets
-from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +43,7 @@ from protocol.jobs import (
     STEP_PREFIX,
     ActionStatus,
     CancelRecord,
+    JobBook,
     JobRecord,
     JobStatus,
     JobView,
@@ -55,7 +55,6 @@ from protocol.jobs import (
     job_key,
     job_view,
     overdue_parts,
-    parse_step_key,
     parts,
     runnable,
     step_key,
@@ -112,6 +111,7 @@ class Jobs:
         self.transfers = transfers
         self.saver = saver
         self.settings = settings
+        self.book = JobBook()
         self._wake = trio.Event()
         self._running: dict[tuple[str, str, int], trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
@@ -119,61 +119,36 @@ class Jobs:
         self._transfer_of: dict[str, str] = {}  # step key -> the transfer it follows
         self.started_parts = 0
 
-    # -- catalog listener ---------------------------------------------------------------
+    # -- catalog listener: the job book follows every job record --------------------------
 
     def key_changed(self, node_id: str, key: str, value: Any | None) -> None:
         if key.startswith((JOB_PREFIX, STEP_PREFIX, CANCEL_PREFIX)):
+            bad = self.book.bad_records
+            self.book.put(node_id, key, value)
+            if self.book.bad_records != bad:
+                log.debug("skipping a bad job record %s from %s", key[:80], node_id)
             self._wake.set()
 
     def node_cleared(self, node_id: str) -> None:
+        self.book.clear_writer(node_id)
         self._wake.set()
 
-    # -- reading the records --------------------------------------------------------------
+    def load(self) -> None:
+        """What the catalog already holds (restored from disk before we subscribed)."""
+        for prefix in (JOB_PREFIX, STEP_PREFIX, CANCEL_PREFIX):
+            for nid, key, value in self.mesh.items(prefix):
+                self.book.put(nid, key, value)
 
-    def _records(self) -> tuple[dict[str, JobRecord], dict[str, dict[tuple[str, int], list[StepRecord]]],
-                                dict[str, CancelRecord]]:
-        jobs: dict[str, JobRecord] = {}
-        for _nid, key, value in self.mesh.items(JOB_PREFIX):
-            jid = key[len(JOB_PREFIX):]
-            if jid in jobs:
-                continue
-            try:
-                rec = JobRecord.from_value(value)
-            except RecordError as e:
-                log.debug("skipping a bad job record %s: %s", key[:80], e)
-                continue
-            if rec.job_id == jid:
-                jobs[jid] = rec
-        steps: dict[str, dict[tuple[str, int], list[StepRecord]]] = defaultdict(lambda: defaultdict(list))
-        for _nid, key, value in self.mesh.items(STEP_PREFIX):
-            parsed = parse_step_key(key)
-            if parsed is None or parsed[0] not in jobs:
-                continue
-            try:
-                steps[parsed[0]][(parsed[1], parsed[2])].append(StepRecord.from_value(value))
-            except RecordError:
-                continue
-        cancels: dict[str, CancelRecord] = {}
-        for _nid, key, value in self.mesh.items(CANCEL_PREFIX):
-            jid = key[len(CANCEL_PREFIX):]
-            try:
-                c = CancelRecord.from_value(value)
-            except RecordError:
-                continue
-            if jid not in cancels or c.at_ms < cancels[jid].at_ms:
-                cancels[jid] = c
-        return jobs, steps, cancels
+    # -- reading -------------------------------------------------------------------------
 
     def views(self) -> list[JobView]:
-        jobs, steps, cancels = self._records()
-        return [job_view(j, steps.get(jid, {}), cancels.get(jid), self._reachable)
-                for jid, j in jobs.items()]
+        return self.book.views(self._reachable)
 
     def view(self, job_id: str) -> JobView:
-        for v in self.views():
-            if v.job.job_id == job_id:
-                return v
-        raise MeshError("JOB_NOT_FOUND", f"no job {job_id[:40]!r} is known")
+        v = self.book.view(job_id, self._reachable) if len(job_id) <= 64 else None
+        if v is None:
+            raise MeshError("JOB_NOT_FOUND", f"no job {job_id[:40]!r} is known")
+        return v
 
     def _reachable(self, node_id: str) -> bool:
         return node_id == self.mesh.id or self.mesh.reachable(node_id)

@@ -1,4 +1,4 @@
-"""``python -m sim [run|bench|sweep|swarm]``: the simulator's command line."""
+"""``python -m sim [run|bench|sweep|swarm|jobs]``: the simulator's command line."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from .bench import BenchPlan, run_bench
+from .jobs import draw_jobs, sweep_jobs
 from .report import fmt, table
 from .scenarios import ChaosSpec, chaos
 from .swarm import swarm_table
@@ -54,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--processes", type=int, default=0)
     b.add_argument("--spread-seeds", type=int, default=None)
     b.add_argument("--fd-duration", type=float, default=None, help="simulated s for the N=1000 false-death run")
+    jb = sub.add_parser("jobs", help="pipelines with no head under crashes and partitions; invariants per seed")
+    jb.add_argument("--seeds", type=int, default=200)
+    jb.add_argument("--start", type=int, default=1)
+    jb.add_argument("--processes", type=int, default=0, help="0: one per CPU")
     sw = sub.add_parser("sweep", help="many seeded chaos runs over random parameters; violations by kind")
     sw.add_argument("--seeds", type=int, default=1000, help="how many seeds (10000 for the long run)")
     sw.add_argument("--start", type=int, default=1, help="the first seed")
@@ -77,7 +82,7 @@ def _sizes(s: str) -> list[int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("run", "bench", "sweep", "swarm", "-h", "--help"):
+    if not argv or argv[0] not in ("run", "bench", "sweep", "swarm", "jobs", "-h", "--help"):
         argv = ["run", *argv]  # `python -m sim [options]` is `python -m sim run [options]`
     parser = _parser()
     args = parser.parse_args(argv)
@@ -105,6 +110,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             for v in res.failed[seed][:3]:
                 print(f"    ! {v}")
         return 1 if res.failed else 0
+    if args.cmd == "jobs":
+        if not 1 <= args.seeds <= 1_000_000:
+            parser.error("--seeds must be in [1, 1000000]")
+        t = time.perf_counter()
+        ran = sweep_jobs(range(args.start, args.start + args.seeds), processes=args.processes)
+        outs = list(ran.values())
+        bad = {s: o.violations for s, o in ran.items() if o.violations}
+        print(f"sim jobs: {args.seeds} seeds from {args.start} (3-12 nodes, 1-8 random pipelines, up to 3 crashes, "
+              f"a partition in 6 of 10), {time.perf_counter() - t:.0f} s")
+        rows = [
+            ["jobs that ended, all live nodes agreeing", str(sum(o.ended for o in outs))],
+            ["  of which completed", str(sum(o.completed for o in outs))],
+            ["  of which failed (a step failed, or its node stayed away)", str(sum(o.failed for o in outs))],
+            ["  failed first with NODE_UNAVAILABLE", str(sum(o.node_unavailable for o in outs))],
+            ["parts run", str(sum(o.parts_run for o in outs))],
+            ["health checks run on both sides of a partition", str(sum(o.health_checks_twice for o in outs))],
+            ["runs with violations", str(len(bad))],
+        ]
+        print(table(["measure", "count"], rows))
+        for seed in sorted(bad)[:20]:
+            print(f"  seed {seed}: {draw_jobs(seed)}")
+            for v in bad[seed][:3]:
+                print(f"    ! {v}")
+        return 1 if bad else 0
     if args.cmd == "swarm":
         if not 1 <= args.chunks <= 4096:
             parser.error("--chunks must be in [1, 4096]")
