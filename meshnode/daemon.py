@@ -240,8 +240,8 @@ class MeshNode:
         )
         executors = Executors(cfg.node_id, transfers, copies, cfg.ingest_roots, cfg.allow_private_sources)
         router = self.router = Router(mesh, registry, executors, peers)
-        jobs = self.jobs = Jobs(mesh, registry, router, transfers, saver,
-                                JobSettings(node_wait_s=cfg.job_node_wait_s, keep_s=cfg.job_keep_s))
+        jobs = self.jobs = Jobs(mesh, registry, router, transfers, saver, peers,
+                                JobSettings(node_wait_s=cfg.job_node_wait_s, keep_s=cfg.job_keep_s), self.rng)
         catalog.subscribe(jobs)  # a job record changing anywhere wakes the job loop
         jobs.load()
         self.api.running = Running(mesh, registry, Views(mesh, index), router, transfers, copies, jobs)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import random
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -74,6 +75,7 @@ from .actions import Router
 from .copies.transfers import Transfers
 from .errors import MeshError, first_mesh_error
 from .mesh import Mesh, wall_ms
+from .peers import PeerClient
 from .registry import Registry, model_name
 from .saver import Saver
 
@@ -89,6 +91,8 @@ RETRYABLE = frozenset({"NODE_UNAVAILABLE", "PEER_UNREACHABLE", "PEER_ERROR", "NO
                        "TIMEOUT", "INTERRUPTED", "UNHEALTHY", "IO_ERROR"})
 HEALTH_TIMEOUT_S = 60.0  # a health check with no timeout_s
 PROGRESS_S = 1.0
+REPLICAS = 2  # peers asked to hold a new job before the 202
+REPLICATE_WAIT_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -104,8 +108,10 @@ def _problems_json(e: InvalidPipeline) -> MeshError:
 
 class Jobs:
     def __init__(self, mesh: Mesh, registry: Registry, router: Router, transfers: Transfers, saver: Saver,
-                 settings: JobSettings) -> None:
+                 peers: PeerClient, settings: JobSettings, rng: random.Random) -> None:
         self.mesh = mesh
+        self.peers = peers
+        self.rng = rng
         self.registry = registry
         self.router = router
         self.transfers = transfers
@@ -155,7 +161,8 @@ class Jobs:
 
     # -- taking a pipeline -----------------------------------------------------------------
 
-    async def submit(self, doc: Any) -> JobView:
+    async def submit(self, doc: Any) -> tuple[JobView, list[str]]:
+        """Take a pipeline: its job, and the peers that held it too at the answer."""
         try:
             pipe = parse_pipeline(doc)
             known = {m.record.node_id for m in self.mesh.members()}
@@ -171,9 +178,36 @@ class Jobs:
         rec = JobRecord(secrets.token_hex(8), pipe, self.mesh.id, wall_ms())
         self.mesh.set(job_key(rec.job_id), rec.to_value())
         await self.saver.persist_now()
-        log.info("job %s (%s): %d actions, taken", rec.job_id, pipe.name, len(pipe.actions))
+        held_by = await self._replicate()
+        log.info("job %s (%s): %d actions, taken; also held by %s", rec.job_id, pipe.name, len(pipe.actions),
+                 ", ".join(held_by) or "no other node yet")
         self._wake.set()
-        return job_view(rec, {}, None, self._reachable)
+        return job_view(rec, {}, None, self._reachable), held_by
+
+    async def _replicate(self) -> list[str]:
+        """Before the 202: the job is on another node too (so no single death loses
+        it), when any is reachable.  Asks up to ``REPLICAS`` live peers whether
+        they have our write; those that said yes within a few seconds."""
+        token = self.mesh.token()
+        peers = [m.record for m in self.mesh.members()
+                 if m.record.node_id != self.mesh.id and self._reachable(m.record.node_id)]
+        self.rng.shuffle(peers)
+        held: list[str] = []
+        done = trio.Event()
+
+        async def ask(node_id: str, address: str) -> None:
+            if await self.peers.seen(address, token):
+                held.append(node_id)
+                done.set()
+
+        with trio.move_on_after(REPLICATE_WAIT_S):
+            async with trio.open_nursery() as n:
+                for r in peers[:REPLICAS]:
+                    n.start_soon(ask, r.node_id, r.address)
+                if peers:
+                    await done.wait()
+                n.cancel_scope.cancel()
+        return held
 
     def facts(self, model: str | None) -> list[NodeFacts]:
         mv = self.registry.find(model) if model else None

@@ -183,6 +183,16 @@ class PeerClient:
                             status=r.status_code)
         return body if isinstance(body, dict) else {}
 
+    async def seen(self, address: str, token: str, timeout_s: float = 3.0) -> bool:
+        """Whether the node at ``address`` has seen the write ``token`` names
+        (``GET /mesh/v1/seen``: it pulls from the writer, waiting a little)."""
+        try:
+            r = await self.client.get(f"{self.scheme}://{address}/mesh/v1/seen", headers={"X-Mesh-After": token},
+                                      timeout=timeout_s)
+            return r.status_code == 200 and r.json().get("seen") is True
+        except (httpx.HTTPError, httpx.InvalidURL, OSError, ValueError, AttributeError):
+            return False
+
     async def get_manifest(self, address: str, manifest_hash: str) -> bytes:
         """The manifest's bytes (the caller checks them against the hash), or a ``MeshError``."""
         try:

@@ -305,7 +305,9 @@ def _public_app(parts: ApiParts) -> QuartTrio:
 
     # -- pipelines -------------------------------------------------------------------
 
-    def _job_created(out: dict[str, Any]) -> Response:
+    def _job_created(jobs: Jobs, taken: tuple[Any, list[str]]) -> Response:
+        out = jobs.job_json(taken[0])
+        out["held_by"] = [parts.node_id, *taken[1]]  # on disk here, and seen by these peers
         r = _json(out, 202)
         r.headers["Location"] = f"/jobs/{out['job_id']}"
         return r
@@ -319,7 +321,7 @@ def _public_app(parts: ApiParts) -> QuartTrio:
         if doc is None:
             raise MeshError("INVALID_PIPELINE", "the request has no pipeline: POST it as JSON (or YAML to /jobs/from-yaml)")
         r = running()
-        return _job_created(r.jobs.job_json(await r.jobs.submit(doc)))
+        return _job_created(r.jobs, await r.jobs.submit(doc))
 
     @app.post("/jobs/from-yaml")
     async def submit_job_yaml() -> Response:
@@ -332,7 +334,7 @@ def _public_app(parts: ApiParts) -> QuartTrio:
             data = await request.get_data(cache=True)
         assert isinstance(data, bytes)
         r = running()
-        return _job_created(r.jobs.job_json(await r.jobs.submit(load_document(data))))
+        return _job_created(r.jobs, await r.jobs.submit(load_document(data)))
 
     def _page() -> tuple[int, int]:
         try:
@@ -384,6 +386,16 @@ def _public_app(parts: ApiParts) -> QuartTrio:
         if c is None:
             raise MeshError("COPY_NOT_FOUND", "no such manifest here")
         return Response(c.manifest.encode(), status=200, content_type="application/msgpack")
+
+    @app.get("/mesh/v1/seen")
+    async def peer_seen() -> Response:
+        """A peer asks whether we have its write (``X-Mesh-After``), to know
+        that a job it took outlives it: we pull it now, waiting a little."""
+        try:
+            after = After.parse(request.headers.get(AFTER_HEADER, ""))
+        except LocalProtocolError as e:
+            raise MeshError("INVALID_REQUEST", f"{AFTER_HEADER}: {e}") from None
+        return _json({"seen": await running().mesh.wait_seen(after, READ_AFTER_WAIT_S)})
 
     @app.post("/mesh/v1/actions")
     async def peer_action() -> Response:

@@ -22,6 +22,7 @@ async def submit(mesh: Mesh, h: Handle, doc: dict[str, Any]) -> dict[str, Any]:
     r = await mesh.client.post(h.url + "/jobs", json=doc)
     assert r.status_code == 202, r.text
     assert r.headers["location"] == f"/jobs/{r.json()['job_id']}"
+    assert r.json()["held_by"][0] == h.node.cfg.node_id
     return dict(r.json())
 
 
@@ -280,6 +281,7 @@ async def test_the_coordinator_killed_mid_job_loses_nothing_and_nothing_runs_twi
         {"action_id": "ram", "action_type": "copy", "model_name": "org/m", "devices": ["node2:disk", "node1:dram"],
          "dependencies": ["check"]},
     ]})
+    assert len(j["held_by"]) >= 2, j["held_by"]  # another node holds the job before the 202
 
     async def copying() -> bool:
         p = actions(await job_of(mesh, a, j))["cp"]["parts"][0]

@@ -33,6 +33,7 @@ EXPECT: dict[str, tuple[str, tuple[int, ...]]] = {
     ".venv/bin/python bench/p2p_vs_nginx.py": (r"ours over TLS / nginx \+ curl over TLS: [\d.]+x", (0,)),
     ".venv/bin/python bench/registry.py": (r"\n +1000 +[\d.]+ +\d+", (0,)),
     ".venv/bin/python bench/swarm_netns.py": (r"all copies identical +yes", (0,)),
+    ".venv/bin/python bench/jobs.py": (r"job status +completed[\s\S]*parts run twice +0 ", (0,)),
 }
 
 
