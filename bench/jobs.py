@@ -58,7 +58,7 @@ class Node:
                "--allow-private-sources", "--ingest-roots", str(root.parent), "--log-level", "WARNING", *extra]
         if join:
             cmd += ["--join", join]
-        self.log = open(root / f"{name}.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.log = open(root / f"{name}.log", "wb")
         self.p = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     def wait_up(self, c: httpx.Client) -> None:
@@ -143,7 +143,7 @@ def overhead(c: httpx.Client, nodes: list[Node], steps: int) -> None:
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
 
@@ -168,11 +168,11 @@ def parallel(c: httpx.Client, nodes: list[Node], root: Path, size_mib: int) -> N
 
         alone = []
         for aid, node in (("a", "node1"), ("b", "node2")):
-            job, t0 = run_job(c, nodes[0], {"name": f"alone-{aid}", "actions": [dl(aid, node, "alone")]})
+            job, _t0 = run_job(c, nodes[0], {"name": f"alone-{aid}", "actions": [dl(aid, node, "alone")]})
             assert job["status"] == "completed", job["error"]
             (s, f), = step_times(job)
             alone.append((f - s) / 1000)
-        job, t0 = run_job(c, nodes[0], {"name": "both", "actions": [dl("a", "node1", "both"), dl("b", "node2", "both")]})
+        job, _t0 = run_job(c, nodes[0], {"name": "both", "actions": [dl("a", "node1", "both"), dl("b", "node2", "both")]})
         assert job["status"] == "completed", job["error"]
         times = step_times(job)
         both = (max(f for _, f in times) - min(s for s, _ in times)) / 1000
