@@ -192,6 +192,8 @@ COMMANDS: dict[str, tuple[str, Call, Render]] = {
     "job": ("run a pipeline (YAML or JSON), show or cancel a job, or print an example", call_job, render_job),
     "jobs": ("every job the mesh knows of", lambda api, a: api.jobs(), render_jobs),
     "job-status": ("one job: its steps, their status and errors", lambda api, a: api.job(a.job_id), render_job),
+    "job-cancel": ("cancel a job: running steps stop, pending ones are cancelled",
+                   lambda api, a: api.cancel_job(a.job_id), render_job),
     "placement": (
         "where a step that names no node would run, and why not elsewhere",
         lambda api, a: api.placement(a.name, a.device),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from importlib import resources
@@ -24,7 +25,7 @@ from rich.text import Text
 from .client import ApiClient
 from .render import EXIT_ERROR, EXIT_OK, as_dict, stderr_console, stdout_console
 
-__all__ = ["EXAMPLES", "call_job", "example_text", "follow_job", "render_job", "render_jobs", "render_placement"]
+__all__ = ["EXAMPLES", "call_job", "example_text", "follow_job", "render_job", "render_jobs", "render_placement", "run_example"]
 
 EXAMPLES = ("deployment", "multi-model", "distributed-70b", "migration")
 DOC_BYTES_MAX = 256 * 1024
@@ -41,6 +42,25 @@ def example_text(name: str) -> str:
     if name not in EXAMPLES:
         raise UsageProblem(f"no example {name!r}: {', '.join(EXAMPLES)}")
     return (resources.files("meshnode") / "examples" / f"{name}.yaml").read_text()
+
+
+def run_example(args: argparse.Namespace) -> int:
+    """``meshnode example --output DIR``: gswarm's four pipelines, written as files."""
+    out = args.output
+    try:
+        os.makedirs(out, exist_ok=True)
+        for name in EXAMPLES:
+            path = os.path.join(out, f"{name}.yaml")
+            if os.path.exists(path) and not args.force:
+                print(f"meshnode: error: {path} exists (--force replaces it)", file=sys.stderr)
+                return 2
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(example_text(name))
+            print(path)
+    except OSError as e:
+        print(f"meshnode: error: cannot write to {out}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    return EXIT_OK
 
 
 def call_job(api: ApiClient, args: argparse.Namespace) -> Any:

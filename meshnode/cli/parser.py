@@ -8,6 +8,7 @@ from .. import __version__
 from ..config import add_start_arguments
 from .client import DEFAULT_PEER, DEFAULT_TIMEOUT_S
 from .commands import COMMANDS, run_client_command, run_start
+from .jobs import run_example
 from .render import PROG
 from .values import LOG_LEVELS, log_level, parse_bytes, positive_float
 
@@ -212,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
                      "exit 0 when it completed, 1 when it failed or was cancelled")
     client("jobs")
     client("job-status").add_argument("job_id", metavar="ID", help="job id, as `meshnode job FILE` prints it")
+    ex = sub.add_parser("example", help="write gswarm's four example pipelines as YAML files",
+                        parents=[logging_parent])
+    ex.add_argument("--output", required=True, metavar="DIR", help="the directory to write them to")
+    ex.add_argument("--force", action="store_true", help="replace files that exist")
+    ex.set_defaults(handler=run_example)
+    client("job-cancel").add_argument("job_id", metavar="ID", help="job id, as `meshnode job FILE` prints it")
     place = client("placement")
     place.add_argument("name", metavar="MODEL", help="model name")
     place.add_argument("--device", default="disk", choices=("disk", "dram", "gpu"), help="the tier (default disk)")

@@ -272,5 +272,8 @@ def test_the_usage_examples_run_as_written(world: World) -> None:
     again = [t for t in transfers if t["model"] == "gpt2" and t["target_device"] == "gpu2:disk"]
     assert len(again) == 2 and {t["status"] for t in again} == {"done"}, again
     assert [t["note"] for t in again if t["note"]] == ["already present: the files hold the same bytes"], again
+    (job,) = world.api("gpu3", "jobs")["jobs"]
+    assert job["name"] == "stage-gpt2" and job["status"] == "completed", job
+    assert [a["status"] for a in job["actions"]] == ["completed", "completed"]
     moved = [t for t in transfers if t["model"] == "gpt2" and t["target_device"] == "gpu3:dram"]
     assert moved and moved[0].get("sources") == ["gpu2"], moved

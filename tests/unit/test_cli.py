@@ -1474,3 +1474,25 @@ def test_the_next_command_carries_the_last_writes_token(fake: Any, capsys: pytes
     assert "x-mesh-after" not in wire.requests[0].headers
     assert run(capsys, "copy", "m", "--to", "node-b:disk", "--peer", "node-b")[0] == 0
     assert wire.requests[1].headers["x-mesh-after"] == token
+
+
+def test_job_example_and_example_output_need_no_peer(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """gswarm's pipelines ship with the package: printed, or written as files."""
+    import yaml
+
+    from protocol.pipeline import parse_pipeline
+
+    code, out, err = run(capsys, "job", "example")
+    assert code == 0 and parse_pipeline(yaml.safe_load(out)).name == "llama-deployment-pipeline", err
+    for name in ("multi-model", "distributed-70b", "migration"):
+        code, out, _ = run(capsys, "job", "example", name)
+        assert code == 0 and parse_pipeline(yaml.safe_load(out)).actions
+    code, _, err = run(capsys, "job", "example", "nope")
+    assert code == 2 and "no example 'nope'" in err
+    code, out, _ = run(capsys, "example", "--output", str(tmp_path / "ex"))
+    assert code == 0 and len(out.split()) == 4 and (tmp_path / "ex" / "migration.yaml").is_file()
+    code, _, err = run(capsys, "example", "--output", str(tmp_path / "ex"))
+    assert code == 2 and "--force" in err
+    assert run(capsys, "example", "--output", str(tmp_path / "ex"), "--force")[0] == 0
+    code, _, err = run(capsys, "job", "cancel", "x", "--wait")
+    assert code == 2 and "--wait follows a job you run" in err
