@@ -157,9 +157,12 @@ async def test_hostile_documents_get_a_4xx_and_the_node_goes_on(mesh: Mesh) -> N
         "many actions": (yaml.safe_dump({"name": "n", "actions": [
             {"action_id": f"a{i}", "action_type": "health_check", "target_url": "http://x/"} for i in range(10_000)]}
         ).encode(), 413),
-        "deep chain": (json.dumps({"name": "n", "actions": [
+        "chain 10,000 deep": (json.dumps({"name": "n", "actions": [
             {"action_id": f"a{i}", "action_type": "health_check", "target_url": "http://x/",
-             "dependencies": [f"a{i - 1}"] if i else []} for i in range(2000)]}).encode(), 422),
+             "dependencies": [f"a{i - 1}"] if i else []} for i in range(10_000)]}).encode(), 413),
+        "chain 1,000 deep, under the size bound": (json.dumps({"name": "n", "actions": [
+            {"action_id": f"a{i}", "action_type": "health_check", "target_url": "http://x/",
+             "dependencies": [f"a{i - 1}"] if i else []} for i in range(1000)]}).encode(), 422),
         "not yaml": (b"name: [unclosed\n", 422),
         "a list": (b"- 1\n- 2\n", 422),
     }
@@ -384,3 +387,39 @@ async def test_the_cli_runs_a_pipeline_and_shows_jobs(mesh: Mesh, tmp_path: Path
         {"action_id": "no", "action_type": "health_check", "target_url": "http://127.0.0.1:9/", "timeout_s": 1}]}))
     code, out, err = await _cli("--peer", a.url, "job", str(bad), "--wait", env=env)
     assert code == 1 and "UNHEALTHY" in err, (out, err)
+
+
+async def test_a_retryable_failure_is_tried_again_and_old_jobs_are_forgotten(mesh: Mesh) -> None:
+    """A health check whose endpoint comes up late fails UNHEALTHY, is retried
+    after its backoff and completes on the second attempt; with --job-keep 1
+    the finished job is gone a moment later, on every node."""
+    import socket
+
+    a = await mesh.start("node1", "--job-keep", "1")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    j = await submit(mesh, a, {"name": "late", "actions": [
+        {"action_id": "h", "action_type": "health_check", "target_url": f"http://127.0.0.1:{port}/health",
+         "timeout_s": 1.5, "retries": 3, "backoff_s": 0.5}]})
+
+    async def answer(stream: trio.SocketStream) -> None:
+        await stream.receive_some(4096)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        await stream.aclose()
+
+    async with trio.open_nursery() as n:
+        async def up_later() -> None:
+            await trio.sleep(2.5)  # after the first attempt's 1.5 s
+            await trio.serve_tcp(answer, port, host="127.0.0.1")
+
+        n.start_soon(up_later)
+        done = await until_ended(mesh, a, j)
+        n.cancel_scope.cancel()
+    h = actions(done)["h"]
+    assert done["status"] == "completed" and h["attempts"] >= 2, done
+
+    async def forgotten() -> bool:
+        return (await mesh.client.get(a.url + "/jobs")).json()["total_count"] == 0
+
+    await wait_for(forgotten, what="the finished job forgotten after --job-keep")
