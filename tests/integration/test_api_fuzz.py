@@ -62,6 +62,14 @@ ROUTES = [
     ("DELETE", "/models/{name}"),
     ("GET", "/v2/catalog/availability"),
     ("GET", "/metrics"),
+    ("POST", "/jobs"),
+    ("POST", "/jobs/from-yaml"),
+    ("GET", "/jobs"),
+    ("GET", "/jobs/{jid}"),
+    ("GET", "/jobs/{jid}/status"),
+    ("POST", "/jobs/{jid}/cancel"),
+    ("GET", "/placement"),
+    ("GET", "/mesh/v1/seen"),
 ]
 
 
@@ -77,7 +85,7 @@ def test_the_route_list_is_complete(tmp_path: Path) -> None:
         if rule.endpoint == "static":
             continue
         path = rule.rule.replace("<model:name>", "{name}").replace("<device:device>", "{device}")
-        for arg in ("tid", "mhash", "device"):
+        for arg in ("tid", "mhash", "device", "jid"):
             path = path.replace(f"<{arg}>", "{" + arg + "}")
         for method in rule.methods or ():
             if method not in ("HEAD", "OPTIONS"):
@@ -158,8 +166,21 @@ plausible = st.one_of(
                                     "keep_source": json_values, "options": json_values}),
 )
 
+# Pipelines with hostile values; health checks only against a dead local port (hermetic).
+steps = st.fixed_dictionaries(
+    {"action_id": st.one_of(st.sampled_from(["a", "b", "c"]), st.text(max_size=10)),
+     "action_type": st.sampled_from(["download", "move", "copy", "serve", "stop_serve", "delete", "health_check", "x"])},
+    optional={"model_name": names, "devices": st.lists(devices, max_size=3), "dependencies": st.lists(
+        st.sampled_from(["a", "b", "c", "zz"]), max_size=3), "source_url": urls, "port": ints,
+        "target_url": st.just("http://127.0.0.1:9/health"), "keep_source": json_values, "config": json_values,
+        "retries": ints, "backoff_s": json_values, "timeout_s": json_values},
+)
+pipelines = st.fixed_dictionaries({"name": st.one_of(st.text(max_size=20), ints), "actions": st.lists(steps, max_size=4)},
+                                  optional={"fail_fast": json_values, "priority": ints, "description": json_values})
+
 bodies = st.one_of(
     plausible.map(lambda o: json.dumps(o).encode()),
+    pipelines.map(lambda o: json.dumps(o).encode()),
     objects.map(lambda o: json.dumps(o).encode()),
     st.fixed_dictionaries({"metadata": metadata}).map(lambda o: json.dumps(o).encode()),
     json_values.map(lambda v: json.dumps(v).encode()),
@@ -172,12 +193,15 @@ bodies = st.one_of(
 def requests(draw: st.DrawFn) -> tuple[str, str, bytes]:
     method, template = draw(st.sampled_from(ROUTES))
     path = template
-    for field, strategy in (("{name}", names), ("{device}", devices), ("{tid}", hexes), ("{mhash}", hexes)):
+    for field, strategy in (("{name}", names), ("{device}", devices), ("{tid}", hexes), ("{mhash}", hexes),
+                            ("{jid}", hexes)):
         if field in path:
             value = draw(strategy)
             # Names keep their one '/' (as clients send them); everything else is encoded.
             path = path.replace(field, quote(value, safe="/" if field == "{name}" else ""))
-    query = draw(st.one_of(st.just(""), st.sampled_from(["?purge=true", "?purge=1", "?purge=%00", "?x=" + "y" * 300])))
+    query = draw(st.one_of(st.just(""), st.sampled_from(["?purge=true", "?purge=1", "?purge=%00", "?x=" + "y" * 300,
+                                                         "?model=acme/m&device=gpu", "?model=acme/m&device=tape",
+                                                         "?model=..", "?limit=0", "?limit=x&offset=-1"])))
     body = draw(bodies) if method != "GET" or draw(st.integers(0, 9)) == 0 else b""
     return method, path + query, body
 
