@@ -40,7 +40,7 @@ def _check_events(text: str) -> None:
                     raise MeshError("INVALID_PIPELINE", f"the document nests deeper than {DEPTH_MAX} levels")
             elif isinstance(ev, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
                 depth -= 1
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: an integer of 5,000 digits
         raise MeshError("INVALID_PIPELINE", f"not valid YAML: {str(e)[:300]}") from None
 
 
@@ -62,5 +62,5 @@ def load_document(data: bytes, *, yaml_ok: bool = True) -> Any:
     _check_events(text)
     try:
         return yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: an integer of 5,000 digits
         raise MeshError("INVALID_PIPELINE", f"not valid YAML: {str(e)[:300]}") from None

@@ -164,6 +164,7 @@ async def test_hostile_documents_get_a_4xx_and_the_node_goes_on(mesh: Mesh) -> N
             {"action_id": f"a{i}", "action_type": "health_check", "target_url": "http://x/",
              "dependencies": [f"a{i - 1}"] if i else []} for i in range(1000)]}).encode(), 422),
         "not yaml": (b"name: [unclosed\n", 422),
+        "an integer of 5,000 digits": (b'{"a": ' + b"9" * 5000 + b"}", 422),
         "a list": (b"- 1\n- 2\n", 422),
     }
     for what, (body, status) in cases.items():

@@ -215,6 +215,8 @@ def world() -> Iterator[World]:
             except ProcessLookupError:
                 pass
             p.wait(timeout=10)
+            if p.stdout is not None:
+                p.stdout.close()
         _remove(prefix)
         for d in made:
             os.rmdir(d)
