@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"runs with violations: {len(res.failed)}; leaves no peer could hear (cut off, so seen dead): "
               f"{res.leaves_unheard}")
         kinds = ["left seen as not left", "lost registration", "catalogs differ", "model views differ",
-                 "live node unknown or dead", "stale digest", "crash not detected", "other"]
+                 "live node unknown or dead", "stale digest", "false death", "crash not detected", "other"]
         print(table(["violation", "runs"], [[k, str(res.by_kind.get(k, 0))] for k in kinds]))
         for seed in sorted(res.failed)[:20]:
             print(f"  seed {seed}: {draw(seed)}")

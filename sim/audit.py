@@ -242,7 +242,7 @@ class Audit:
 
     def left_seen_as_left(self) -> list[str]:
         """A clean leave (one a peer acknowledged) ends as ``left`` on every live
-        node that remembers it.  A leave nobody heard (the node was cut off from
+        node that remembers it, while any live node still knows of it.  A leave nobody heard (the node was cut off from
         every peer; the daemon logs that it was not acknowledged) is a crash to
         the rest: ``dead`` or ``left``, never alive."""
         sim = self.sim
@@ -250,11 +250,16 @@ class Audit:
         for j in range(sim.n):
             if not sim.left[j]:
                 continue
+            witnessed = any(
+                (m := sim.node(i).members.get(sim.ids[j])) is not None and m.state is MemberState.LEFT
+                and m.record.generation == sim.gens[j] for i in sim.live())
             for i in sim.live():
                 m = sim.node(i).members.get(sim.ids[j])
                 if m is None or m.record.generation != sim.gens[j] or m.state is MemberState.LEFT:
                     continue
-                if sim.left_acked[j] or m.state is not MemberState.DEAD:
+                # Acknowledged, but every node that knew has since crashed and restarted
+                # knowing nothing of it (member tables are not kept on disk): lost news, a crash to the rest.
+                if (sim.left_acked[j] and witnessed) or m.state is not MemberState.DEAD:
                     out.append(f"node {i} sees left node {j} as {m.state.label}")
         return out
 

@@ -27,6 +27,7 @@ _KINDS = [
     ("model views differ", re.compile(r"distinct resolved model views")),
     ("live node unknown or dead", re.compile(r"pairs: the live node is unknown")),
     ("stale digest", re.compile(r"stale")),
+    ("false death", re.compile(r"^false death")),
     ("crash not detected", re.compile(r"crash|dead", re.I)),
 ]
 
