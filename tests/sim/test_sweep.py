@@ -5,6 +5,9 @@ these are the seeds that once failed."""
 
 from __future__ import annotations
 
+import dataclasses
+
+from protocol.wire import MemberState, MemberUpdate
 from sim.engine import SimConfig, Simulation
 from sim.scenarios import chaos
 from sim.sweep import draw, kind_of
@@ -39,8 +42,13 @@ def test_the_audit_holds_a_clean_leave_to_left() -> None:
     sim.run_until(70.0)
     assert sim.left[3] and not sim.left_acked[3]
     assert sim.audit.left_seen_as_left() == []
-    sim.left_acked[3] = True
-    assert len(sim.audit.left_seen_as_left()) == 3
+    sim.left_acked[3] = True  # acknowledged, yet no live node knows: lost news, still exempt
+    assert sim.audit.left_seen_as_left() == []
+    n0 = sim.node(0).members
+    rec = n0.get(sim.ids[3])
+    assert rec is not None
+    n0.merge(MemberUpdate(dataclasses.replace(rec.record, state=MemberState.LEFT)), sim.now)
+    assert len(sim.audit.left_seen_as_left()) == 2  # node 0 knows it left: 1 and 2 must too
 
 
 def test_a_leave_step_a_rounding_error_from_its_deadline_ends() -> None:
