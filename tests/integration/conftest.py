@@ -151,3 +151,15 @@ async def wait_transfer(mesh: Mesh, url: str, tid: str, timeout_s: float = 30) -
 
     await wait_for(finished, timeout_s, what=f"transfer {tid}")
     return out
+
+
+async def all_alive(mesh: Mesh, handles: list[Handle]) -> None:
+    """Wait until every one of ``handles`` sees all of them alive."""
+    async def check() -> bool:
+        for h in handles:
+            nodes = (await mesh.client.get(h.url + "/nodes")).json()["nodes"]
+            if [n["state"] for n in nodes] != ["alive"] * len(handles):
+                return False
+        return True
+
+    await wait_for(check, what=f"{len(handles)} nodes alive")

@@ -12,7 +12,7 @@ import trio
 from tests.integration.fakehub import FakeHub, FakeRepo, model_files, run_fakehub
 from tests.integration.test_sources import hf_env as hf_env  # autouse: a clean HF environment
 
-from .conftest import Handle, Mesh, wait_for, wait_transfer
+from .conftest import Handle, Mesh, all_alive, wait_transfer
 
 REPO = "acme/tiny"
 MARGIN = 256 * 1024
@@ -98,15 +98,7 @@ async def test_three_nodes_asked_at_once_fetch_from_the_hub_once(mesh: Mesh, hub
     a = await mesh.start("a")
     b = await mesh.start("b", join=[a])
     c = await mesh.start("c", join=[a])
-
-    async def all_alive() -> bool:
-        for h in (a, b, c):
-            nodes = (await mesh.client.get(h.url + "/nodes")).json()["nodes"]
-            if [n["state"] for n in nodes] != ["alive"] * 3:
-                return False
-        return True
-
-    await wait_for(all_alive, what="3 alive")
+    await all_alive(mesh, [a, b, c])
     url = f"{hub.endpoint}/{REPO}"
     tids: dict[str, str] = {}
 

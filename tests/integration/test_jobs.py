@@ -11,7 +11,7 @@ from typing import Any
 import trio
 import yaml
 
-from .conftest import Handle, Mesh, wait_for
+from .conftest import Handle, Mesh, all_alive, wait_for
 from .test_transfer import make_model, tree_digest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,15 +53,7 @@ async def three(mesh: Mesh) -> tuple[Handle, Handle, Handle]:
     a = await mesh.start("node1")
     b = await mesh.start("node2", join=[a])
     c = await mesh.start("node3", join=[a])
-
-    async def all_alive() -> bool:
-        for h in (a, b, c):
-            nodes = (await mesh.client.get(h.url + "/nodes")).json()["nodes"]
-            if [n["state"] for n in nodes] != ["alive"] * 3:
-                return False
-        return True
-
-    await wait_for(all_alive, what="three nodes alive")
+    await all_alive(mesh, [a, b, c])
     return a, b, c
 
 
