@@ -230,8 +230,9 @@ async def test_placement_ranks_nodes_with_reasons(mesh: Mesh, tmp_path: Path) ->
     r = await mesh.client.post(a.url + "/models/org/p/download",
                                json={"source_url": src.as_uri(), "target_device": "node2:disk"})
     assert r.status_code == 202
-    await wait_for(lambda: a.node.registry is not None and bool(
-        (m := a.node.registry.find("org/p")) and m.locations), what="org/p on node2")
+    for h in (a, c):  # node3 answers below, node1 places the step: both must have heard
+        await wait_for(lambda h=h: h.node.registry is not None and bool(
+            (m := h.node.registry.find("org/p")) and m.locations), what=f"org/p on node2, seen by {h.node.cfg.node_id}")
     r = await mesh.client.get(c.url + "/placement", params={"model": "org/p", "device": "disk"})
     body = r.json()
     assert r.status_code == 200 and body["chosen"] == "node2:disk", body  # it holds the model
