@@ -12,7 +12,7 @@ import trio
 from tests.integration.fakehub import FakeHub, FakeRepo, model_files, run_fakehub
 from tests.integration.test_sources import hf_env as hf_env  # autouse: a clean HF environment
 
-from .conftest import Handle, Mesh, all_alive, wait_transfer
+from .conftest import Handle, Mesh, all_alive, wait_for, wait_transfer
 
 REPO = "acme/tiny"
 MARGIN = 256 * 1024
@@ -81,7 +81,11 @@ async def test_download_from_the_hub_registers_and_publishes(mesh: Mesh, hub: Fa
     assert t["status"] == "failed" and t["error"]["code"] == "CONTENT_CONFLICT", t
     assert copy_files(b, REPO) == older  # nothing replaced
     assert sum(hub.served.values()) == served  # refused before a byte was fetched
-    # ... and fetched, not taken from the mesh, once they are purged.
+    # ... and fetched, not taken from the mesh, once they are purged (by a, once it knows of b's copy).
+    async def a_knows_both() -> bool:
+        return len((await mesh.client.get(a.url + f"/models/{REPO}")).json()["copies"]) == 2
+
+    await wait_for(a_knows_both, what="a sees both copies")
     r = await mesh.client.delete(a.url + f"/models/{REPO}", params={"purge": "true"})
     assert r.json()["deleted_copies"] == ["a:disk", "b:disk"], r.text
     # Through b at once, after the purge (read your writes): the purged copies
