@@ -384,6 +384,12 @@ class Jobs:
         self._nursery.start_soon(self._run_part, v.job, a, p, scope)
 
     async def _run_part(self, job: JobRecord, a: Action, p: Part, scope: trio.CancelScope) -> None:
+        try:
+            await self._run_part_in(job, a, p, scope)
+        except Exception:  # a bug, or a disk that will not take the record: a log line, never the node's end
+            log.exception("job %s: %s part %d crashed", job.job_id, a.action_id, p.index)
+
+    async def _run_part_in(self, job: JobRecord, a: Action, p: Part, scope: trio.CancelScope) -> None:
         jid = job.job_id
         key = step_key(jid, a.action_id, p.index)
         state = StepRecord(PartStatus.RUNNING, self.mesh.id, 1, wall_ms())

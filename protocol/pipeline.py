@@ -221,6 +221,17 @@ def _url(p: _Problems, aid: str, fld: str, v: Any, schemes: tuple[str, ...]) -> 
     return s
 
 
+def _bounded_list(p: _Problems, aid: str, fld: str, v: Any, limit: int, of: str) -> list[Any]:
+    """``v`` when it is a list of at most ``limit`` items, else a problem and ``[]``."""
+    if not isinstance(v, list):
+        p.add(aid, fld, f"must be a list of {of}")
+        return []
+    if len(v) > limit:
+        p.add(aid, fld, f"more than {limit}")
+        return []
+    return v
+
+
 def _action(p: _Problems, raw: Any, index: int) -> Action | None:
     if not isinstance(raw, Mapping):
         p.add(None, f"actions[{index}]", "must be a mapping")
@@ -249,31 +260,20 @@ def _action(p: _Problems, raw: Any, index: int) -> Action | None:
             except InvalidName as e:
                 p.add(who, "model_name", str(e))
     devices: list[StepDevice] = []
-    raw_devs = raw.get("devices", [])
-    if not isinstance(raw_devs, list):
-        p.add(who, "devices", "must be a list")
-    elif len(raw_devs) > LIMITS.devices:
-        p.add(who, "devices", f"more than {LIMITS.devices}")
-    else:
-        for i, d in enumerate(raw_devs):
-            try:
-                devices.append(parse_step_device(d))
-            except InvalidName as e:
-                p.add(who, f"devices[{i}]", str(e))
+    for i, d in enumerate(_bounded_list(p, who, "devices", raw.get("devices", []), LIMITS.devices, "devices")):
+        try:
+            devices.append(parse_step_device(d))
+        except InvalidName as e:
+            p.add(who, f"devices[{i}]", str(e))
     deps: list[str] = []
-    raw_deps = raw.get("dependencies", [])
-    if not isinstance(raw_deps, list):
-        p.add(who, "dependencies", "must be a list of action ids")
-    elif len(raw_deps) > LIMITS.dependencies:
-        p.add(who, "dependencies", f"more than {LIMITS.dependencies}")
-    else:
-        for i, d in enumerate(raw_deps):
-            if not isinstance(d, str) or not _ID.match(d):
-                p.add(who, f"dependencies[{i}]", "must be an action id")
-            elif d in deps:
-                p.add(who, f"dependencies[{i}]", f"{d!r} is listed twice")
-            else:
-                deps.append(d)
+    raw_deps = _bounded_list(p, who, "dependencies", raw.get("dependencies", []), LIMITS.dependencies, "action ids")
+    for i, d in enumerate(raw_deps):
+        if not isinstance(d, str) or not _ID.match(d):
+            p.add(who, f"dependencies[{i}]", "must be an action id")
+        elif d in deps:
+            p.add(who, f"dependencies[{i}]", f"{d!r} is listed twice")
+        else:
+            deps.append(d)
     source_url = _url(p, who, "source_url", raw.get("source_url"), ("https", "http", "hf", "file"))
     target_url = _url(p, who, "target_url", raw.get("target_url"), ("http", "https"))
     port = None if raw.get("port") is None else _number(p, who, "port", raw.get("port"), 1, 65535, integer=True)

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 import yaml
 
@@ -157,6 +158,7 @@ async def test_hostile_documents_get_a_4xx_and_the_node_goes_on(mesh: Mesh) -> N
              "dependencies": [f"a{i - 1}"] if i else []} for i in range(1000)]}).encode(), 422),
         "not yaml": (b"name: [unclosed\n", 422),
         "an integer of 5,000 digits": (b'{"a": ' + b"9" * 5000 + b"}", 422),
+        "nested 40 deep": (b"a: " + b"[" * 40 + b"]" * 40 + b"\n", 422),
         "a list": (b"- 1\n- 2\n", 422),
     }
     for what, (body, status) in cases.items():
@@ -417,3 +419,30 @@ async def test_a_retryable_failure_is_tried_again_and_old_jobs_are_forgotten(mes
         return (await mesh.client.get(a.url + "/jobs")).json()["total_count"] == 0
 
     await wait_for(forgotten, what="the finished job forgotten after --job-keep")
+
+
+async def test_bounds_on_running_and_kept_jobs(mesh: Mesh, monkeypatch: pytest.MonkeyPatch) -> None:
+    """README: at most 256 jobs run at once (429 beyond), and finished ones past
+    1,024 are forgotten, oldest first (the bounds made small here)."""
+    import meshnode.jobs as jobs_mod
+
+    monkeypatch.setattr(jobs_mod, "ACTIVE_JOBS_MAX", 1)
+    monkeypatch.setattr(jobs_mod, "KEPT_JOBS_MAX", 1)
+    a = await mesh.start("node1")
+    slow = {"name": "slow", "actions": [{"action_id": "h", "action_type": "health_check",
+                                         "target_url": "http://127.0.0.1:9/health", "timeout_s": 30}]}
+    j = await submit(mesh, a, slow)
+    r = await mesh.client.post(a.url + "/jobs", json=slow)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "TOO_MANY_JOBS", r.text
+    await mesh.client.post(a.url + f"/jobs/{j['job_id']}/cancel")
+    await until_ended(mesh, a, j)
+    quick = {"name": "quick", "actions": [{"action_id": "h", "action_type": "health_check",
+                                           "target_url": a.url + "/health"}]}
+    j2 = await submit(mesh, a, quick)
+    await until_ended(mesh, a, j2)
+
+    async def one_kept() -> bool:
+        listed = (await mesh.client.get(a.url + "/jobs")).json()
+        return [x["job_id"] for x in listed["jobs"]] == [j2["job_id"]]
+
+    await wait_for(one_kept, what="the older finished job forgotten")
