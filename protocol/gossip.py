@@ -177,6 +177,7 @@ class Stats:
     messages_in: int = 0
     messages_out: int = 0
     suspicions_raised: int = 0
+    stale_accusations: int = 0
     deaths_declared: int = 0
     refutations: int = 0
     identity_conflicts: int = 0
@@ -226,6 +227,7 @@ class GossipNode:
         self.version = 0  # bumped on every change of what we know (persist when it moves)
         self.notices: deque[Notice] = deque(maxlen=64)  # drained by the caller
         self._generation_limit: int | None = None  # set per received message from wall_ms
+        self._stale_heard = False  # this message accused us at an incarnation we refuted
         self._next_identity_move = now
 
     # -- helpers -------------------------------------------------------------
@@ -243,6 +245,19 @@ class GossipNode:
 
     def _piggyback(self) -> tuple[MemberUpdate, ...]:
         return self.broadcasts.take(self.members.count_live(), self.config.piggyback_max)
+
+    def _ping_updates(self, target: str) -> tuple[MemberUpdate, ...]:
+        """What a ping to ``target`` carries: Lifeguard's buddy system puts our
+        suspicion of the target first, so that it learns of it from the one
+        message sure to be addressed to it and refutes in its ack, rather than
+        waiting for a rumour whose few retransmissions went elsewhere (a small
+        side of a partition under heavy loss)."""
+        ups = self._piggyback()
+        m = self.members.get(target)
+        if m is None or m.state is not MemberState.SUSPECT:
+            return ups
+        rest = tuple(u for u in ups if u.record.node_id != target)
+        return (MemberUpdate(m.record),) + rest[: max(self.config.piggyback_max - 1, 0)]
 
     def _addr(self, node_id: str) -> str:
         m = self.members.get(node_id)
@@ -316,6 +331,14 @@ class GossipNode:
             )
             return
         wrong = rec.state is not MemberState.ALIVE or rec.address != me.address
+        if wrong and rec.incarnation < me.incarnation:
+            # A stale accusation: its sender missed our refutation, whose few
+            # retransmissions went elsewhere.  Send the refutation again, and
+            # straight back to the sender (``receive``), or it declares us dead.
+            self.stats.stale_accusations += 1
+            self.broadcasts.push(MemberUpdate(me))
+            self._stale_heard = True
+            return
         if wrong and rec.incarnation >= me.incarnation:
             if rec.incarnation >= INT_MAX:  # no incarnation above it: leave the generation instead
                 self._identity_conflict(me.generation, f"a record of us at the last incarnation ({rec.state.label})", now)
@@ -462,8 +485,8 @@ class GossipNode:
                 p.indirect_sent = True
                 helpers = self.members.live.sample(rng, cfg.indirect_checks, exclude=p.target)
                 for h in helpers:
-                    self._send(out, self._addr(h), PingReq(p.seq, p.target, p.address, self._piggyback()))
-                self._send(out, p.address, Ping(p.seq, p.target, self._piggyback()))
+                    self._send(out, self._addr(h), PingReq(p.seq, p.target, p.address, self._ping_updates(p.target)))
+                self._send(out, p.address, Ping(p.seq, p.target, self._ping_updates(p.target)))
             if now >= p.start + self._probe_interval():
                 if p.acked:
                     self._health_delta(-1)
@@ -478,7 +501,7 @@ class GossipNode:
                 addr = self._addr(target)
                 p = _Probe(target, addr, self._next_seq(), now)
                 self._probe = p
-                self._send(out, addr, Ping(p.seq, target, self._piggyback()))
+                self._send(out, addr, Ping(p.seq, target, self._ping_updates(target)))
 
     def _next_probe_target(self, rng: random.Random) -> str | None:
         for _ in range(2):
@@ -547,6 +570,7 @@ class GossipNode:
         self._learn_sender(env, now)
         b = env.body
         to = env.sender_addr
+        self._stale_heard = False
         if isinstance(b, Ping):
             self._merge_updates(b.updates, now)
             if b.target == self.id:
@@ -565,7 +589,7 @@ class GossipNode:
             if len(self._relays) < self.config.relays_max:
                 seq = self._next_seq()
                 self._relays[seq] = _Relay(to, b.seq, b.target, now + self.config.probe_interval_s)
-                self._send(out, b.target_addr, Ping(seq, b.target, self._piggyback()))
+                self._send(out, b.target_addr, Ping(seq, b.target, self._ping_updates(b.target)))
         elif isinstance(b, Gossip):
             self._merge_updates(b.updates, now)
         elif isinstance(b, Sync):
@@ -609,6 +633,8 @@ class GossipNode:
                 deltas = self.catalog.delta_for(b.digest, self.config.delta_budget_bytes, rng)
                 if deltas:
                     self._send(out, to, SyncDelta(deltas))
+        if self._stale_heard and not isinstance(b, Ping):  # an ack carries it already
+            self._send(out, to, Gossip((MemberUpdate(self.members.self_record),)))
         return out
 
     def _member_list(self, now: float, rng: random.Random) -> tuple[MemberRecord, ...]:

@@ -4,10 +4,12 @@ cancel stops what runs, and a coordinator's death loses nothing."""
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
 
+import h11
 import pytest
 import trio
 import yaml
@@ -115,6 +117,58 @@ async def test_a_failed_step_ends_its_dependents_and_the_job_names_it(mesh: Mesh
     assert acts["dl"]["status"] == "failed" and acts["dl"]["error"]["code"] == "SOURCE_NOT_FOUND"
     assert acts["after"]["status"] == "upstream_failed"
     assert acts["beside"]["status"] in ("completed", "cancelled")  # started with dl, or stopped by fail_fast
+
+
+async def test_independent_steps_on_three_nodes_start_together(mesh: Mesh) -> None:
+    """Three downloads on three nodes, none depending on another.  The source
+    holds every answer until all three requests are in, so steps run one after
+    another would never end (the source then answers 503 and the job fails);
+    and the requests arrive within a second of each other."""
+    a, b, c = await three(mesh)
+    body = bytes(range(256)) * 256
+    arrivals: dict[str, float] = {}
+    all_in = trio.Event()
+
+    async def handle(stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        with trio.move_on_after(30):
+            while True:
+                ev = conn.next_event()
+                if ev is h11.NEED_DATA:
+                    conn.receive_data(await stream.receive_some(65536))
+                    continue
+                assert isinstance(ev, h11.Request)
+                break
+            path = ev.target.decode()
+            arrivals.setdefault(path, trio.current_time())
+            if len(arrivals) == 3:
+                all_in.set()
+            with trio.move_on_after(20):
+                await all_in.wait()
+            status, data = (200, body) if all_in.is_set() else (503, b"")
+            headers = [("content-length", str(len(data))), ("connection", "close")]
+            for out in (h11.Response(status_code=status, headers=headers), h11.Data(data=data), h11.EndOfMessage()):
+                await stream.send_all(conn.send(out) or b"")
+        await stream.aclose()
+
+    async with trio.open_nursery() as n:
+        (listener,) = await n.start(functools.partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+        base = f"http://127.0.0.1:{listener.socket.getsockname()[1]}"
+        doc = {"name": "side-by-side", "actions": [
+            {"action_id": f"dl{i}", "action_type": "download", "model_name": f"org/side-{i}",
+             "source_url": f"{base}/w{i}.bin", "devices": [f"node{i}:disk"]}
+            for i in (1, 2, 3)
+        ]}
+        done = await until_ended(mesh, b, await submit(mesh, a, doc))
+        n.cancel_scope.cancel()
+    assert done["status"] == "completed", json.dumps(done, indent=1)[:3000]
+    assert sorted(arrivals) == ["/w1.bin", "/w2.bin", "/w3.bin"]
+    assert max(arrivals.values()) - min(arrivals.values()) < 1.0, arrivals
+    starts = [x["started_ms"] for x in done["actions"]]
+    assert max(starts) - min(starts) < 1000, starts
+    for i, h in enumerate((a, b, c), 1):
+        got = h.node.store.get(f"org/side-{i}", "disk")
+        assert got is not None and (got.path / f"w{i}.bin").read_bytes() == body
 
 
 async def test_validation_lists_every_problem_and_runs_nothing(mesh: Mesh) -> None:

@@ -387,6 +387,61 @@ def test_injected_suspicion_is_refuted() -> None:
     assert b.stats.refutations == 2
 
 
+def test_a_stale_accusation_is_answered_with_the_refutation() -> None:
+    """Sweep seed 4461: b had refuted a suspicion, but the few retransmissions of
+    its refutation all went across a partition; a, on b's side, still held b
+    suspect at the old incarnation and declared it dead.  b now answers a stale
+    accusation straight to its sender, and gossips its record again."""
+    mesh = mesh_of(("a", "b"), seed=8)
+    mesh.run_for(10.0)
+    a, b = mesh.node("a"), mesh.node("b")
+    inc = b.incarnation
+    stale = MemberRecord("b", addr_of("b"), 1, inc, SUSPECT)
+    b.receive(Envelope("test", "a", 1, addr_of("a"), Gossip((MemberUpdate(stale, "a"),))), mesh.now, random.Random(0))
+    assert b.incarnation == inc + 1 and b.stats.refutations == 1
+    assert b.stats.stale_accusations == 0
+    # a never hears that refutation; it still holds b suspect at ``inc``.
+    a.receive(Envelope("test", "c", 1, addr_of("c"), Gossip((MemberUpdate(stale, "c"),))), mesh.now, random.Random(0))
+    assert state_of(a, "b") is SUSPECT
+    while len(b.broadcasts):  # and b's rumour of it has gone elsewhere
+        b.broadcasts.take(3, 16)
+    out = b.receive(
+        Envelope("test", "a", 1, addr_of("a"), Gossip((MemberUpdate(stale, "a"),))), mesh.now, random.Random(0)
+    )
+    assert b.stats.stale_accusations == 1 and b.stats.refutations == 1 and b.incarnation == inc + 1
+    (reply,) = out
+    assert reply.to == addr_of("a") and isinstance(reply.envelope.body, Gossip)
+    assert len(b.broadcasts) == 1  # told again to whoever it gossips with
+    _deliver(a, reply, mesh.now)
+    assert state_of(a, "b") is ALIVE and record_of(a, "b").incarnation == inc + 1
+
+
+def test_a_ping_to_a_suspect_carries_the_suspicion() -> None:
+    """Lifeguard's buddy system: the prober tells the suspect it is suspected, in
+    the ping, so it refutes in its ack even when no rumour of the suspicion
+    reaches it (here every message but pings and acks is lost between them)."""
+    mesh = mesh_of(("a", "b"), seed=9)
+    mesh.run_for(10.0)
+    a, b = mesh.node("a"), mesh.node("b")
+    inc = b.incarnation
+    rumour = MemberRecord("b", addr_of("b"), 1, inc, SUSPECT)
+    a.receive(Envelope("test", "c", 1, addr_of("c"), Gossip((MemberUpdate(rumour, "c"),))), mesh.now, random.Random(0))
+    assert state_of(a, "b") is SUSPECT
+    while len(a.broadcasts):  # the rumour's retransmissions went elsewhere
+        a.broadcasts.take(3, 16)
+    mesh.drop_rules.append(lambda frm, to, env: not isinstance(env.body, Ping | Ack))
+    pings: list[Ping] = []
+    mesh.drop_rules.append(
+        lambda frm, to, env: bool(
+            frm == addr_of("a") and isinstance(env.body, Ping) and pings.append(env.body)
+        )
+    )
+    mesh.run_for(20.0)
+    assert pings and pings[0].updates[0].record == rumour
+    assert state_of(a, "b") is ALIVE and record_of(a, "b").incarnation == inc + 1
+    assert b.stats.refutations == 1
+
+
 def _forge(mesh: Mesh, to: str, *records: MemberRecord, via: str = "c", wall_ms: int | None = None) -> None:
     """Deliver forged member records to ``to`` as if ``via`` (an insider) gossiped them."""
     node = mesh.node(to)
