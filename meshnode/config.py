@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from protocol import GossipConfig, InvalidName, validate_node_id
+from protocol.gpus import parse_fake_gpus
 from protocol.names import validate_address
 
 __all__ = ["Config", "ConfigError", "Secrets", "add_start_arguments", "config_from_args"]
@@ -71,6 +72,8 @@ class Config:
     source_wait_s: float = 60.0
     job_node_wait_s: float = 60.0
     job_keep_s: float = 86_400.0
+    fake_gpus: tuple[int, ...] = ()  # total bytes of each pretend GPU (--fake-gpus)
+    gpu_interval_s: float = 5.0
     peer_timeout_s: float = 2.0
     persist_interval_s: float = 1.0
     storage_refresh_s: float = 10.0
@@ -104,6 +107,9 @@ _OPTIONS: list[tuple[str, type, str, Any]] = [
     ("job_keep", float, "seconds finished jobs are kept (default 86400)", 86_400.0),
     ("source_wait", float, "seconds a transfer waits, its chunks kept, for holders that became unreachable "
      "(a partition, a restart) before it fails with NO_SOURCE", 60.0),
+    ("fake_gpus", str, "pretend GPUs of these sizes instead of reading NVML, e.g. 2x24GiB or 24GiB,80GiB "
+     "(tests, demos, machines without one)", None),
+    ("gpu_interval", float, "seconds between GPU reads (default 5)", 5.0),
     ("cluster", str, "cluster label; nodes of other clusters are refused", "meshnode"),
     ("api_tokens", str, "comma-separated API bearer tokens", None),
     ("api_tokens_file", str, "file holding comma- or newline-separated API tokens", None),
@@ -304,6 +310,12 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
     for flag in ("chunk_stall", "source_wait", "job_node_wait", "job_keep"):
         if not 0 < o[flag] <= 86_400:  # also refuses nan
             raise ConfigError(f"--{flag.replace('_', '-')} must be between 0 and 86400 seconds")
+    if not 0.1 <= o["gpu_interval"] <= 3600:  # also refuses nan
+        raise ConfigError("--gpu-interval must be between 0.1 and 3600 seconds")
+    try:
+        fake_gpus = parse_fake_gpus(o["fake_gpus"]) if o["fake_gpus"] is not None else ()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if o["max_connections"] is not None and o["max_connections"] < 16:
         raise ConfigError("--max-connections must be at least 16")
     if o["max_client_connections"] < 1:
@@ -347,6 +359,8 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
         source_wait_s=o["source_wait"],
         job_node_wait_s=o["job_node_wait"],
         job_keep_s=o["job_keep"],
+        fake_gpus=fake_gpus,
+        gpu_interval_s=o["gpu_interval"],
     )
 
 

@@ -51,6 +51,7 @@ from .copies.puller import LocalChunks, Puller
 from .copies.store import Store
 from .copies.transfers import Transfers, TransferSettings
 from .errors import first_of
+from .gpus import GpuMonitor, open_reader
 from .httpserver import ConnectionLimits, HttpServer, raise_fd_limit
 from .jobs import Jobs, JobSettings
 from .mesh import Mesh, wall_ms
@@ -103,6 +104,7 @@ class MeshNode:
         self.transfers: Transfers | None = None
         self.router: Router | None = None
         self.jobs: Jobs | None = None
+        self.gpus: GpuMonitor | None = None
         self.http: HttpServer | None = None
         self.data_server: DataServer | None = None
         self.data_port = 0
@@ -184,8 +186,9 @@ class MeshNode:
             self.address = cfg.advertise or f"{host}:{port}"
             self.url = f"{cfg.scheme}://{host}:{port}"
             await self._start(self.address, sender, data_client, PeerClient(client, cfg.scheme))
-            assert self.mesh and self.saver and self.transfers and self.copies and self.jobs
+            assert self.mesh and self.saver and self.transfers and self.copies and self.jobs and self.gpus
             await nursery.start(sender.run)
+            await nursery.start(self.gpus.run)
             await nursery.start(self.transfers.run)
             await nursery.start(self.jobs.run)
             await nursery.start(self.mesh.run)
@@ -224,6 +227,7 @@ class MeshNode:
         saver = self.saver = Saver(mesh, self.hlc, self.state_file, journal)
         registry = self.registry = Registry(mesh, self.hlc, index, saver)
         copies = self.copies = CopyCatalog(mesh, self.store, saver)
+        gpus = self.gpus = GpuMonitor(mesh, open_reader(cfg.fake_gpus, cfg.node_id), cfg.gpu_interval_s)
         catalog.subscribe(copies)  # a purge reaching this node deletes its copies
         puller = self.puller = Puller(mesh, self.store, data_client, peers, cfg.chunk_stall_s, self.rng,
                                      source_wait_s=cfg.source_wait_s)
@@ -244,7 +248,7 @@ class MeshNode:
                                 JobSettings(node_wait_s=cfg.job_node_wait_s, keep_s=cfg.job_keep_s), self.rng)
         catalog.subscribe(jobs)  # a job record changing anywhere wakes the job loop
         jobs.load()
-        self.api.running = Running(mesh, registry, Views(mesh, index), router, transfers, copies, jobs)
+        self.api.running = Running(mesh, registry, Views(mesh, index), router, transfers, copies, jobs, gpus)
         copies.sample_storage()
         await copies.load()
         await saver.save_snapshot()  # the new generation is on disk before anyone hears of it
@@ -336,7 +340,8 @@ class MeshNode:
         members: Counter[str] = Counter()
         if self.mesh is not None:
             members.update(m.state.label for m in self.mesh.members())
-        return render_metrics(self.statistics(), members)
+        gpus = self.gpus.current if self.gpus is not None else None
+        return render_metrics(self.statistics(), members, gpus)
 
 
 async def _run_until_signal(node: MeshNode) -> None:

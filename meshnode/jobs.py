@@ -38,6 +38,7 @@ from typing import Any
 import httpx
 import trio
 
+from protocol.gpus import GpusRecord
 from protocol.jobs import (
     CANCEL_PREFIX,
     JOB_PREFIX,
@@ -60,7 +61,7 @@ from protocol.jobs import (
     runnable,
     step_key,
 )
-from protocol.keys import STORAGE_KEY, RecordError, Storage
+from protocol.keys import GPUS_KEY, STORAGE_KEY, RecordError, Storage
 from protocol.pipeline import (
     Action,
     InvalidPipeline,
@@ -69,7 +70,7 @@ from protocol.pipeline import (
     check_against,
     parse_pipeline,
 )
-from protocol.placement import NodeFacts, NoPlacement, place, rank, vram_needed
+from protocol.placement import GpuFacts, NodeFacts, NoPlacement, place, rank, vram_needed
 
 from .actions import Router
 from .copies.transfers import Transfers
@@ -221,7 +222,14 @@ class Jobs:
                 free = {k: u.free for k, u in st.tiers.items()}
             except RecordError:
                 pass
-            out.append(NodeFacts(nid, self._reachable(nid), free, (), nid in holders))
+            gpus: tuple[GpuFacts, ...] = ()
+            try:
+                raw = self.mesh.get(nid, GPUS_KEY)
+                if raw is not None:
+                    gpus = tuple(GpuFacts(g.index, g.free_bytes) for g in GpusRecord.from_value(raw).gpus)
+            except RecordError:
+                pass
+            out.append(NodeFacts(nid, self._reachable(nid), free, gpus, nid in holders))
         return out
 
     def placement(self, model: str, tier: str) -> dict[str, Any]:

@@ -13,6 +13,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from protocol.gpus import GpusRecord
+
 __all__ = ["render_metrics"]
 
 _COUNTERS = {
@@ -33,10 +35,23 @@ _COUNTERS = {
 }
 
 
+_GPU_GAUGES = (
+    # name, help, the reading's field, scale
+    ("gpu_memory_total_bytes", "GPU memory in all", "total_bytes", 1.0),
+    ("gpu_memory_used_bytes", "GPU memory in use", "used_bytes", 1.0),
+    ("gpu_memory_free_bytes", "GPU memory free", "free_bytes", 1.0),
+    ("gpu_utilization_ratio", "share of time a kernel ran, over NVML's last sample period", "util_pct", 0.01),
+    ("gpu_temperature_celsius", "GPU core temperature", "temperature_c", 1.0),
+    ("gpu_power_watts", "GPU power draw", "power_mw", 0.001),
+    ("gpu_processes", "processes using the GPU", "processes_total", 1.0),
+)
+
+
 class _Collector:
-    def __init__(self, stats: Mapping[str, Any], members: Mapping[str, int]) -> None:
+    def __init__(self, stats: Mapping[str, Any], members: Mapping[str, int], gpus: GpusRecord | None) -> None:
         self.stats = stats
         self.members = members
+        self.gpus = gpus
 
     def collect(self) -> Iterator[Metric]:
         stats = self.stats
@@ -54,10 +69,28 @@ class _Collector:
         keys = GaugeMetricFamily("meshnode_catalog_keys", "catalog keys held, all origins")
         keys.add_metric([], float(stats.get("catalog_keys", 0)))
         yield keys
+        yield from self._gpus()
+
+    def _gpus(self) -> Iterator[Metric]:
+        rec = self.gpus
+        if rec is None or rec.source == "none":
+            return
+        stale = GaugeMetricFamily("meshnode_gpu_stale", "1 while GPU reads fail (the figures are the last good ones)")
+        stale.add_metric([], 1.0 if rec.stale else 0.0)
+        yield stale
+        for name, help_text, attr, scale in _GPU_GAUGES:
+            g = GaugeMetricFamily(f"meshnode_{name}", help_text, labels=["gpu", "uuid"])
+            for r in rec.gpus:
+                v = getattr(r, attr)
+                if v is not None:
+                    g.add_metric([str(r.index), r.uuid], float(v) * scale)
+            yield g
 
 
-def render_metrics(stats: Mapping[str, Any], members: Mapping[str, int]) -> tuple[bytes, str]:
-    """The Prometheus text of a node's counters (``stats``) and its members by state."""
+def render_metrics(stats: Mapping[str, Any], members: Mapping[str, int],
+                   gpus: GpusRecord | None = None) -> tuple[bytes, str]:
+    """The Prometheus text of a node's counters (``stats``), its members by
+    state, and its GPUs as last read."""
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(_Collector(stats, members))
+    reg.register(_Collector(stats, members, gpus))
     return generate_latest(reg), CONTENT_TYPE_LATEST

@@ -7,6 +7,7 @@ from typing import Any
 import trio
 
 from protocol import MemberState
+from protocol.gpus import GpusRecord
 from protocol.keys import GPUS_KEY, STORAGE_KEY, RecordError, Storage
 from protocol.registry import availability, storage_totals
 from protocol.view import ModelIndex, ModelView
@@ -76,12 +77,25 @@ class Views:
                     "incarnation": r.incarnation,
                     "last_change_s": round(max(now - m.since, 0.0), 3),
                     "storage": self.mesh.get(r.node_id, STORAGE_KEY) or {},
-                    "gpus": self.mesh.get(r.node_id, GPUS_KEY) or [],
+                    **self._gpus_of(r.node_id),
                     "models": sorted(held.get(r.node_id, ())),
                     "self": r.node_id == self.mesh.id,
                 }
             )
         return out
+
+    def _gpus_of(self, node_id: str) -> dict[str, Any]:
+        """``gpus`` (a list, empty without any) and ``gpu_status`` (where the
+        figures come from, when they were read, whether reads fail)."""
+        raw = self.mesh.get(node_id, GPUS_KEY)
+        if raw is None:
+            return {"gpus": [], "gpu_status": None}
+        try:
+            rec = GpusRecord.from_value(raw)
+        except RecordError as e:
+            return {"gpus": [], "gpu_status": {"error": f"unreadable record: {e}"}}
+        return {"gpus": [g.to_value() for g in rec.gpus],
+                "gpu_status": {"source": rec.source, "read_ms": rec.read_ms, "stale": rec.stale, "error": rec.error}}
 
     def availability_json(self, scheme: str = "http") -> dict[str, Any]:
         models = self.index.all()

@@ -257,7 +257,7 @@ class GossipNode:
         if m is None or m.state is not MemberState.SUSPECT:
             return ups
         rest = tuple(u for u in ups if u.record.node_id != target)
-        return (MemberUpdate(m.record),) + rest[: max(self.config.piggyback_max - 1, 0)]
+        return (MemberUpdate(m.record), *rest[: max(self.config.piggyback_max - 1, 0)])
 
     def _addr(self, node_id: str) -> str:
         m = self.members.get(node_id)

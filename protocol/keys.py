@@ -20,7 +20,8 @@ key                                record            written by
 ``node``                           ``NodeInfo``      each node, about itself
 ``storage``                        ``Storage``       each node, about itself
 ``job/``, ``step/``, ``jobcancel/``  see ``jobs.py``    pipelines: the job, its parts, a cancel
-``gpus``, ``svc/``                 (to come)         GPUs, services
+``gpus``                           see ``gpus.py``    each node, its GPUs (``GpusRecord``)
+``svc/``                           (to come)         services
 =================================  ================  =====================================
 """
 
@@ -81,7 +82,7 @@ SVC_PREFIX = "svc/"  # serving engines (to come)
 JOB_PREFIX = "job/"  # pipelines: protocol/jobs.py
 NODE_KEY = "node"
 STORAGE_KEY = "storage"
-GPUS_KEY = "gpus"  # NVML readings (to come)
+GPUS_KEY = "gpus"  # NVML readings: protocol.gpus.GpusRecord
 
 _STR_MAX = 4096
 _INT_MAX = 2**63 - 1

@@ -1,4 +1,4 @@
-"""``python -m sim [run|bench|sweep|swarm|jobs]``: the simulator's command line."""
+"""``python -m sim [run|bench|sweep|swarm|jobs|gpus]``: the simulator's command line."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from .bench import BenchPlan, run_bench
+from .gpus import READ_S, simulate_gpus
 from .jobs import draw_jobs, sweep_jobs
 from .report import fmt, table
 from .scenarios import ChaosSpec, chaos
@@ -63,6 +64,11 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--seeds", type=int, default=1000, help="how many seeds (10000 for the long run)")
     sw.add_argument("--start", type=int, default=1, help="the first seed")
     sw.add_argument("--processes", type=int, default=0, help="0: one per CPU")
+    g = sub.add_parser("gpus", help="GPU load in the catalog: writes and bytes under the publish rule vs every read")
+    g.add_argument("--nodes", type=int, default=50)
+    g.add_argument("--gpus", type=int, default=8, help="GPUs per node")
+    g.add_argument("--hours", type=float, default=1.0, help="simulated hours")
+    g.add_argument("--seed", type=int, default=1)
     w = sub.add_parser("swarm", help="one seed, N receivers: the daemon's pull policy against the star")
     w.add_argument("--receivers", type=_sizes, default=[2, 6, 24, 100], help="comma-separated swarm sizes")
     w.add_argument("--chunks", type=int, default=64)
@@ -82,7 +88,7 @@ def _sizes(s: str) -> list[int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("run", "bench", "sweep", "swarm", "jobs", "-h", "--help"):
+    if not argv or argv[0] not in ("run", "bench", "sweep", "swarm", "jobs", "gpus", "-h", "--help"):
         argv = ["run", *argv]  # `python -m sim [options]` is `python -m sim run [options]`
     parser = _parser()
     args = parser.parse_args(argv)
@@ -134,6 +140,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             for v in bad[seed][:3]:
                 print(f"    ! {v}")
         return 1 if bad else 0
+    if args.cmd == "gpus":
+        if not (1 <= args.nodes <= 10_000 and 1 <= args.gpus <= 64 and 0 < args.hours <= 24):
+            parser.error("--nodes 1 to 10000, --gpus 1 to 64, --hours up to 24")
+        res = simulate_gpus(args.nodes, args.gpus, args.seed, args.hours)
+        per_min = res.nodes * res.minutes
+        print(f"sim gpus: {res.nodes} nodes x {res.gpus_per_node} GPUs, read every {READ_S:g} s for "
+              f"{args.hours:g} h; {res.engine_changes} engine starts and stops")
+        print(table(["policy", "writes / node / min", "bytes / node / min", "vs every read"], [
+            ["write every read", f"{res.reads / per_min:.1f}", f"{res.bytes_every_read / per_min:.0f}", "1.00x"],
+            ["publish_reason (the daemon's rule)", f"{res.writes / per_min:.2f}", f"{res.bytes_written / per_min:.0f}",
+             f"{res.bytes_written / res.bytes_every_read:.2f}x"],
+        ]))
+        print(f"published figures beyond a threshold of the truth, or an engine change late: {len(res.violations)}")
+        for v in res.violations[:10]:
+            print(f"  ! {v}")
+        return 1 if res.violations else 0
     if args.cmd == "swarm":
         if not 1 <= args.chunks <= 4096:
             parser.error("--chunks must be in [1, 4096]")

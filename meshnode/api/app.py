@@ -31,6 +31,7 @@ from ..copies.catalog import CopyCatalog
 from ..copies.store import Store
 from ..copies.transfers import Transfers
 from ..errors import MeshError
+from ..gpus import GpuMonitor
 from ..jobs import Jobs
 from ..mesh import Mesh
 from ..pipelines import DOC_BYTES_MAX, load_document
@@ -106,6 +107,7 @@ class Running:
     transfers: Transfers
     copies: CopyCatalog
     jobs: Jobs
+    gpus: GpuMonitor
 
 
 @dataclass
@@ -269,7 +271,10 @@ def _public_app(parts: ApiParts) -> QuartTrio:
 
     @app.get("/storage")
     async def storage() -> Response:
-        devices = running().copies.storage()
+        run = running()
+        devices: dict[str, Any] = run.copies.storage()
+        if run.gpus.current is not None:
+            devices.update(run.gpus.current.storage_view())
         copies = [
             {"model_name": c.model, "device": f"{parts.node_id}:{c.kind}", "manifest_hash": c.manifest_hash,
              "size": c.manifest.total_bytes}

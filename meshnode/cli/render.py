@@ -161,18 +161,28 @@ def render_nodes(console: Console, data: Any, args: argparse.Namespace) -> None:
     table.add_column("state")
     table.add_column("models", justify="right")
     table.add_column("gpus", justify="right")
+    table.add_column("VRAM free", justify="right")
     table.add_column("disk free", justify="right")
     for node in nodes:
         node = as_dict(node)
         disk = as_dict(as_dict(node.get("storage")).get("disk"))
         models = node.get("models")
         gpus = node.get("gpus")
+        vram = "-"
+        if isinstance(gpus, list) and gpus:
+            cards = [as_dict(g) for g in gpus]
+            free = sum(g.get("free_bytes") or 0 for g in cards if isinstance(g.get("free_bytes"), int))
+            total = sum(g.get("total_bytes") or 0 for g in cards if isinstance(g.get("total_bytes"), int))
+            vram = f"{human_bytes(free)} of {human_bytes(total)}"
+            if as_dict(node.get("gpu_status")).get("stale"):
+                vram += " (stale)"
         table.add_row(
             str(node.get("node_id", "-")),
             str(node.get("address", "-")),
             _styled(node.get("state")),
             str(len(models)) if isinstance(models, list) else "-",
             str(len(gpus)) if isinstance(gpus, list) else "-",
+            vram,
             human_bytes(disk.get("free")),
         )
     console.print(table)

@@ -46,7 +46,9 @@ NODES = {
             "incarnation": 0,
             "last_change_s": 12.5,
             "storage": {"disk": {"total": 2 * 1024**4, "used": 0, "free": 1536 * 1024**3}},
-            "gpus": [{"index": 0, "name": "H100"}],
+            "gpus": [{"index": 0, "name": "H100", "total_bytes": 80 * 1024**3, "free_bytes": 60 * 1024**3},
+                     {"index": 1, "name": "H100", "total_bytes": 80 * 1024**3, "free_bytes": 20 * 1024**3}],
+            "gpu_status": {"source": "nvml", "read_ms": 1, "stale": True, "error": "NVML: GPU is lost"},
             "models": ["meta-llama/Llama-3.1-8B-Instruct", "gpt2"],
         },
         {
@@ -235,7 +237,8 @@ def test_nodes_table(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0
     assert (wire.last.method, wire.last.url.path) == ("GET", "/nodes")
     assert wire.last.headers["authorization"] == f"Bearer {TOKEN}"
-    for text in ("node-a", "node-b", "10.0.0.1:7420", "alive", "suspect", "1.5 TiB", "50 B"):
+    for text in ("node-a", "node-b", "10.0.0.1:7420", "alive", "suspect", "1.5 TiB", "50 B",
+                 "80.0 GiB of 160.0 GiB (stale)"):
         assert text in out, text
     assert "\x1b[" not in out  # no colour codes when stdout is not a terminal
 
