@@ -21,6 +21,7 @@ from typing import Any
 from protocol import GossipConfig, InvalidName, validate_node_id
 from protocol.gpus import parse_fake_gpus
 from protocol.names import validate_address
+from protocol.serving import ENGINES, parse_port_range
 
 __all__ = ["Config", "ConfigError", "Secrets", "add_start_arguments", "config_from_args"]
 
@@ -74,6 +75,11 @@ class Config:
     job_keep_s: float = 86_400.0
     fake_gpus: tuple[int, ...] = ()  # total bytes of each pretend GPU (--fake-gpus)
     gpu_interval_s: float = 5.0
+    service_ports: tuple[int, int] = (8000, 8999)
+    engines: frozenset[str] = frozenset({"vllm", "llama.cpp", "sglang", "tgi"})
+    engine_binaries: dict[str, str] = field(default_factory=dict)
+    engine_drain_s: float = 30.0
+    engine_startup_s: float = 600.0
     peer_timeout_s: float = 2.0
     persist_interval_s: float = 1.0
     storage_refresh_s: float = 10.0
@@ -110,6 +116,13 @@ _OPTIONS: list[tuple[str, type, str, Any]] = [
     ("fake_gpus", str, "pretend GPUs of these sizes instead of reading NVML, e.g. 2x24GiB or 24GiB,80GiB "
      "(tests, demos, machines without one)", None),
     ("gpu_interval", float, "seconds between GPU reads (default 5)", 5.0),
+    ("service_ports", str, "ports engines may listen on, LOW-HIGH (default 8000-8999)", "8000-8999"),
+    ("engines", str, "engines this node may start, comma-separated; 'command' (any program) only when listed "
+     "(default vllm,llama.cpp,sglang,tgi)", "vllm,llama.cpp,sglang,tgi"),
+    ("engine_binaries", str, "where the engines are, e.g. vllm=/opt/vllm/bin/vllm,llama.cpp=/usr/local/bin/llama-server "
+     "(default: vllm, llama-server, python3, text-generation-launcher on PATH)", None),
+    ("engine_drain", float, "seconds an engine has to exit after SIGTERM before SIGKILL (default 30)", 30.0),
+    ("engine_startup", float, "seconds an engine has to become healthy (default 600)", 600.0),
     ("cluster", str, "cluster label; nodes of other clusters are refused", "meshnode"),
     ("api_tokens", str, "comma-separated API bearer tokens", None),
     ("api_tokens_file", str, "file holding comma- or newline-separated API tokens", None),
@@ -314,8 +327,22 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
         raise ConfigError("--gpu-interval must be between 0.1 and 3600 seconds")
     try:
         fake_gpus = parse_fake_gpus(o["fake_gpus"]) if o["fake_gpus"] is not None else ()
+        service_ports = parse_port_range(o["service_ports"])
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    engines = frozenset(_split(o["engines"]))
+    if not engines or not engines <= set(ENGINES):
+        raise ConfigError(f"--engines: a comma-separated list of {', '.join(ENGINES)}")
+    binaries: dict[str, str] = {}
+    for item in _split(o["engine_binaries"]):
+        name, sep, path = item.partition("=")
+        if not sep or name not in ENGINES or name == "command" or not path.startswith("/"):
+            raise ConfigError(f"--engine-binaries: {item!r} is not ENGINE=/absolute/path "
+                              f"(engines: {', '.join(e for e in ENGINES if e != 'command')})")
+        binaries[name] = path
+    for flag in ("engine_drain", "engine_startup"):
+        if not 0 < o[flag] <= 86_400:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be between 0 and 86400 seconds")
     if o["max_connections"] is not None and o["max_connections"] < 16:
         raise ConfigError("--max-connections must be at least 16")
     if o["max_client_connections"] < 1:
@@ -361,6 +388,11 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
         job_keep_s=o["job_keep"],
         fake_gpus=fake_gpus,
         gpu_interval_s=o["gpu_interval"],
+        service_ports=service_ports,
+        engines=engines,
+        engine_binaries=binaries,
+        engine_drain_s=o["engine_drain"],
+        engine_startup_s=o["engine_startup"],
     )
 
 

@@ -38,6 +38,7 @@ from hypercorn.config import Config as HyperConfig
 
 from protocol import HLC, Catalog, GossipNode
 from protocol.keys import NODE_KEY, NodeInfo
+from protocol.serving import LifePolicy
 from protocol.view import ModelIndex
 
 from . import __version__
@@ -50,7 +51,7 @@ from .copies.dataplane import DataClient, DataServer
 from .copies.puller import LocalChunks, Puller
 from .copies.store import Store
 from .copies.transfers import Transfers, TransferSettings
-from .errors import first_of
+from .errors import MeshError, first_of
 from .gpus import GpuMonitor, open_reader
 from .httpserver import ConnectionLimits, HttpServer, raise_fd_limit
 from .jobs import Jobs, JobSettings
@@ -70,6 +71,7 @@ from .persist import (
 from .ratelimit import TokenBucket
 from .registry import Registry
 from .saver import Saver
+from .serving import Services, ServingSettings
 from .views import Views
 
 __all__ = ["MeshNode", "main_start"]
@@ -105,6 +107,7 @@ class MeshNode:
         self.router: Router | None = None
         self.jobs: Jobs | None = None
         self.gpus: GpuMonitor | None = None
+        self.services: Services | None = None
         self.http: HttpServer | None = None
         self.data_server: DataServer | None = None
         self.data_port = 0
@@ -187,8 +190,10 @@ class MeshNode:
             self.url = f"{cfg.scheme}://{host}:{port}"
             await self._start(self.address, sender, data_client, PeerClient(client, cfg.scheme))
             assert self.mesh and self.saver and self.transfers and self.copies and self.jobs and self.gpus
+            assert self.services
             await nursery.start(sender.run)
             await nursery.start(self.gpus.run)
+            await nursery.start(self.services.run)
             await nursery.start(self.transfers.run)
             await nursery.start(self.jobs.run)
             await nursery.start(self.mesh.run)
@@ -242,16 +247,36 @@ class MeshNode:
         transfers = self.transfers = Transfers(
             mesh, self.store, puller, copies, saver, registry, self.hlc, settings, self._delete_source
         )
-        executors = Executors(cfg.node_id, transfers, copies, cfg.ingest_roots, cfg.allow_private_sources)
+        services = self.services = Services(mesh, self.store, gpus, ServingSettings(
+            run_dir=cfg.data_dir / "services", host=cfg.host, port_range=cfg.service_ports, engines=cfg.engines,
+            binaries=cfg.engine_binaries, drain_s=cfg.engine_drain_s,
+            policy=LifePolicy(startup_timeout_s=cfg.engine_startup_s)), self._pull_for_serving)
+        executors = Executors(cfg.node_id, transfers, copies, cfg.ingest_roots, cfg.allow_private_sources,
+                              services, registry)
         router = self.router = Router(mesh, registry, executors, peers)
         jobs = self.jobs = Jobs(mesh, registry, router, transfers, saver, peers,
-                                JobSettings(node_wait_s=cfg.job_node_wait_s, keep_s=cfg.job_keep_s), self.rng)
+                                JobSettings(node_wait_s=cfg.job_node_wait_s, keep_s=cfg.job_keep_s), self.rng,
+                                services)
         catalog.subscribe(jobs)  # a job record changing anywhere wakes the job loop
         jobs.load()
-        self.api.running = Running(mesh, registry, Views(mesh, index), router, transfers, copies, jobs, gpus)
+        self.api.running = Running(mesh, registry, Views(mesh, index), router, transfers, copies, jobs, gpus,
+                                   services)
         copies.sample_storage()
         await copies.load()
         await saver.save_snapshot()  # the new generation is on disk before anyone hears of it
+
+    async def _pull_for_serving(self, model: str) -> None:
+        """Lazy pull: a copy of ``model`` on this node's disk, from the mesh, before an engine serves it."""
+        assert self.router is not None and self.transfers is not None and self.mesh is not None
+        answer = await self.router.copy(model, {"to_device": f"{self.mesh.id}:disk"}, move=False)
+        tr = self.transfers.by_id.get(str(answer.get("transfer_id", "")))
+        if tr is None:
+            raise MeshError("INTERNAL", "the pull of the model's copy did not start here")
+        log.info("serving %s: pulling its copy from the mesh first (transfer %s)", model, tr.id)
+        while tr.status.active:  # noqa: ASYNC110 (a transfer has no event to wait on)
+            await trio.sleep(0.1)
+        if tr.error is not None:
+            raise MeshError(tr.error.code, f"pulling the model for serving: {tr.error.message}")
 
     def _restore(self, catalog: Catalog, saved: SavedState, generation: int, now: float) -> None:
         own = saved.catalog.get(self.cfg.node_id)

@@ -79,6 +79,7 @@ from .mesh import Mesh, wall_ms
 from .peers import PeerClient
 from .registry import Registry, model_name
 from .saver import Saver
+from .serving import Services
 
 __all__ = ["JobSettings", "Jobs"]
 
@@ -109,8 +110,10 @@ def _problems_json(e: InvalidPipeline) -> MeshError:
 
 class Jobs:
     def __init__(self, mesh: Mesh, registry: Registry, router: Router, transfers: Transfers, saver: Saver,
-                 peers: PeerClient, settings: JobSettings, rng: random.Random) -> None:
+                 peers: PeerClient, settings: JobSettings, rng: random.Random,
+                 services: Services | None = None) -> None:
         self.mesh = mesh
+        self.services = services
         self.peers = peers
         self.rng = rng
         self.registry = registry
@@ -453,9 +456,10 @@ class Jobs:
     async def _work(self, job: JobRecord, a: Action, p: Part, key: str, state: StepRecord) -> str:
         """Do one part's work here; its note.  Raises ``MeshError`` on failure."""
         t = a.action_type
-        if t in ("serve", "stop_serve") or (p.device is not None and p.device.tier == "gpu"):
-            raise MeshError("NOT_SUPPORTED", f"{t} to a GPU needs the serving executor, which this version "
-                            "does not have yet")
+        if t in ("serve", "stop_serve"):
+            return await self._serving(job, a, t)
+        if p.device is not None and p.device.tier == "gpu":
+            return await self._gpu_target(job, a, p, key, state)
         if t == "health_check":
             return await self._health(a)
         assert a.model_name is not None and p.device is not None
@@ -486,6 +490,71 @@ class Jobs:
                 return f"{note}; the source {src} deleted"
             return note
         return await self._follow(answer, key, state)
+
+    async def _gpu_target(self, job: JobRecord, a: Action, p: Part, key: str, state: StepRecord) -> str:
+        """A copy or move to ``node:gpuN`` loads the model for that GPU: the weights
+        staged on this node's fastest tier, the VRAM it needs reserved on gpuN
+        until a serve there takes it.  A delete of ``node:gpuN`` stops what serves
+        the model there."""
+        if self.services is None:
+            raise MeshError("NOT_SUPPORTED", "this node has no serving executor")
+        assert a.model_name is not None and p.device is not None
+        gpu = int(p.device.kind[3:]) if p.device.kind[3:].isdigit() else 0
+        if a.action_type == "delete":
+            try:
+                stopped = await self.services.stop(a.model_name, gpus=(gpu,))
+            except MeshError as e:
+                if e.code != "SERVICE_NOT_FOUND":
+                    raise
+                self.services.unstage(a.model_name, gpu)
+                return f"gpu{gpu} held nothing of it"
+            return "freed: stopped " + ", ".join(f"port {s.port}" for s in stopped)
+        mv = self.registry.find(a.model_name)
+        if mv is None:
+            raise MeshError("MODEL_NOT_AVAILABLE", f"model {a.model_name!r} is not registered")
+        me = self.mesh.id
+        share_of = sum(1 for d in a.devices[1:] if d.node == me and d.tier == "gpu")
+        need = vram_needed(mv.size or 0, (mv.metadata or {}).get("requirements"))
+        self.services.stage(mv.name, gpu, -(-need // max(share_of, 1)))  # NO_CAPACITY when it does not fit
+        tier = "dram" if "dram" in (self.mesh.get(me, STORAGE_KEY) or {}) else "disk"  # the fastest tier here
+        src = str(a.devices[0])
+        staged = f"{me}:{tier}"
+        notes = []
+        if not any(c.device == staged for c in mv.copies):
+            answer = await self.router.copy(mv.name, {"from_device": src, "to_device": staged}, move=False)
+            notes.append(await self._follow(answer, key, state))
+        else:
+            notes.append(f"already staged on {staged}")
+        gpus_here = [d for d in a.devices[1:] if d.tier == "gpu"]
+        last = p.index == len(a.devices) - 2
+        if a.action_type == "move" and not a.keep_source and src != staged and last:
+            if len(gpus_here) > 1:
+                await self._after_others(job, a, p)
+            await self.router.delete_source(mv.name, src)
+            notes.append(f"the source {src} deleted")
+        return f"loaded for gpu{gpu}: {need // max(share_of, 1) / 2**30:.1f} GiB reserved; " + "; ".join(notes)
+
+    async def _serving(self, job: JobRecord, a: Action, t: str) -> str:
+        """A serve (healthy, or failed with the engine's log tail) or a stop_serve, on this node's GPUs."""
+        if self.services is None:
+            raise MeshError("NOT_SUPPORTED", "this node has no serving executor")
+        assert a.model_name is not None
+        me = self.mesh.id
+        gpus = tuple(sorted(int(d.kind[3:]) for d in a.devices if d.node == me and d.kind[3:].isdigit()))
+        if t == "stop_serve":
+            try:
+                stopped = await self.services.stop(a.model_name, gpus=gpus or None)
+            except MeshError as e:
+                if e.code != "SERVICE_NOT_FOUND":
+                    raise
+                return "nothing to stop: not served here"
+            return "stopped " + ", ".join(f"port {s.port}" for s in stopped)
+        mv = self.registry.find(a.model_name)
+        if mv is None:
+            raise MeshError("MODEL_NOT_AVAILABLE", f"model {a.model_name!r} is not registered")
+        rec = await self.services.serve(mv.name, gpus, a.port, dict(a.config), size=mv.size or 0,
+                                        requirements=(mv.metadata or {}).get("requirements"), job_id=job.job_id)
+        return f"{rec.engine} healthy on port {rec.port} (pid {rec.pid})"
 
     def _cancel_transfer(self, key: str) -> None:
         tid = self._transfer_of.get(key)

@@ -8,8 +8,9 @@ import trio
 
 from protocol import MemberState
 from protocol.gpus import GpusRecord
-from protocol.keys import GPUS_KEY, STORAGE_KEY, RecordError, Storage
+from protocol.keys import GPUS_KEY, STORAGE_KEY, SVC_PREFIX, RecordError, Storage
 from protocol.registry import availability, storage_totals
+from protocol.serving import ServiceRecord
 from protocol.view import ModelIndex, ModelView
 
 from .mesh import Mesh
@@ -33,13 +34,29 @@ class Views:
             return "available"
         return "unavailable"
 
-    def model_json(self, mv: ModelView, *, full: bool = False) -> dict[str, Any]:
+    def services_by_model(self) -> dict[str, list[ServiceRecord]]:
+        out: dict[str, list[ServiceRecord]] = {}
+        for _nid, _key, value in self.mesh.items(SVC_PREFIX):
+            try:
+                r = ServiceRecord.from_value(value)
+            except RecordError:
+                continue
+            out.setdefault(r.model, []).append(r)
+        return out
+
+    def model_json(self, mv: ModelView, *, full: bool = False,
+                   services: dict[str, list[ServiceRecord]] | None = None) -> dict[str, Any]:
+        svcs = sorted((services if services is not None else self.services_by_model()).get(mv.name, []),
+                      key=lambda r: (r.node, r.port))
+        # A GPU holds the model while an engine on it runs: a location too.
+        held = [f"{s.node}:gpu{g}" for s in svcs if s.state.up for g in s.gpus]
         out: dict[str, Any] = {
             "model_name": mv.name,
             "model_type": mv.model_type,
             "size": mv.size,
-            "locations": mv.locations,
-            "services": [],
+            "locations": mv.locations + [d for d in held if d not in mv.locations],
+            "services": [{"node": s.node, "port": s.port, "device": s.device, "engine": s.engine,
+                          "state": s.state.value} for s in svcs],
             "status": self.model_status(mv),
         }
         if full:
@@ -57,7 +74,8 @@ class Views:
         return out
 
     def models_json(self) -> list[dict[str, Any]]:
-        return [self.model_json(mv) for _, mv in sorted(self.index.all().items())]
+        services = self.services_by_model()
+        return [self.model_json(mv, services=services) for _, mv in sorted(self.index.all().items())]
 
     def nodes_json(self) -> list[dict[str, Any]]:
         now = trio.current_time()
@@ -144,6 +162,5 @@ class Views:
                 "single_node": len(av["single_node_models"]),
             },
             "storage": storage_totals(storages),
-            "services": 0,
             "jobs": {},
         }

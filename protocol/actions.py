@@ -13,6 +13,8 @@ is its inverse, so the sender builds the same JSON older nodes expect::
     {"op": "ingest",   "model", "kind", "path": "/abs/path", "source_url"}
     {"op": "fetch",    "model", "kind", "source_url": "hf://..." | "https://...", "options": {...}}
     {"op": "delete_copy", "model", "kind"}
+    {"op": "serve",    "model", "gpus": [0, 1], "port": 8101 | null, "config": {...}}
+    {"op": "stop_serve", "model", "port": 8101 | null}
 
 A transfer's source is typed too: ``CopyOf`` (another node's copy, or any
 holder's), ``LocalPath`` (a path on the target node), ``Web`` (the Hugging
@@ -35,7 +37,9 @@ __all__ = [
     "DeleteCopy",
     "LocalPath",
     "Source",
+    "StartService",
     "StartTransfer",
+    "StopService",
     "Web",
     "decode_action",
     "encode_action",
@@ -124,7 +128,25 @@ class DeleteCopy:
     kind: str
 
 
-Action = StartTransfer | DeleteCopy
+@dataclass(frozen=True, slots=True)
+class StartService:
+    """Serve ``model`` on this node's ``gpus`` (``config`` is checked there, by ``protocol.serving``)."""
+
+    model: str
+    gpus: tuple[int, ...]
+    port: int | None
+    config: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class StopService:
+    """Stop this node's services of ``model`` (the one on ``port``, or all)."""
+
+    model: str
+    port: int | None = None
+
+
+Action = StartTransfer | DeleteCopy | StartService | StopService
 
 
 # -- checks ---------------------------------------------------------------------------------
@@ -200,12 +222,16 @@ def decode_action(raw: Any) -> Action:
         "ingest": {"op", "model", "kind", "path", "source_url"},
         "fetch": {"op", "model", "kind", "source_url", "options"},
         "delete_copy": {"op", "model", "kind"},
+        "serve": {"op", "model", "gpus", "port", "config"},
+        "stop_serve": {"op", "model", "port"},
     }.get(op if isinstance(op, str) else "")
     if fields is None:
         raise InvalidInput(f"unknown action {str(op)[:40]!r}")
     unknown = set(raw) - fields
     if unknown:
         raise InvalidInput(f"unknown fields in a {op} action: {', '.join(sorted(unknown))[:200]}")
+    if op in ("serve", "stop_serve"):
+        return _service_action(op, raw)
     model, kind = _model(raw.get("model")), _kind(raw.get("kind"))
     if op == "delete_copy":
         return DeleteCopy(model, kind)
@@ -221,8 +247,35 @@ def decode_action(raw: Any) -> Action:
     return StartTransfer(model, kind, _web(raw.get("source_url"), raw.get("options") or {}))
 
 
+def _port(v: Any) -> int | None:
+    if v is None:
+        return None
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 < v < 65536:
+        raise InvalidInput("port: 1 to 65535, or null")
+    return v
+
+
+def _service_action(op: str, raw: dict[str, Any]) -> StartService | StopService:
+    model = _model(raw.get("model"))
+    port = _port(raw.get("port"))
+    if op == "stop_serve":
+        return StopService(model, port)
+    gpus = raw.get("gpus")
+    if not isinstance(gpus, list) or len(gpus) > 64 or len(set(map(str, gpus))) != len(gpus) or not all(
+            isinstance(g, int) and not isinstance(g, bool) and 0 <= g < 64 for g in gpus):
+        raise InvalidInput("gpus: a list of distinct GPU indexes")
+    config = raw.get("config") or {}
+    if not isinstance(config, dict):
+        raise InvalidInput("config: an object")
+    return StartService(model, tuple(sorted(gpus)), port, config)
+
+
 def encode_action(a: Action) -> dict[str, Any]:
     """The JSON of ``a`` on the peer route."""
+    if isinstance(a, StartService):
+        return {"op": "serve", "model": a.model, "gpus": list(a.gpus), "port": a.port, "config": a.config}
+    if isinstance(a, StopService):
+        return {"op": "stop_serve", "model": a.model, "port": a.port}
     if isinstance(a, DeleteCopy):
         return {"op": "delete_copy", "model": a.model, "kind": a.kind}
     src = a.source

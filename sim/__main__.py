@@ -143,19 +143,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "gpus":
         if not (1 <= args.nodes <= 10_000 and 1 <= args.gpus <= 64 and 0 < args.hours <= 24):
             parser.error("--nodes 1 to 10000, --gpus 1 to 64, --hours up to 24")
-        res = simulate_gpus(args.nodes, args.gpus, args.seed, args.hours)
-        per_min = res.nodes * res.minutes
-        print(f"sim gpus: {res.nodes} nodes x {res.gpus_per_node} GPUs, read every {READ_S:g} s for "
-              f"{args.hours:g} h; {res.engine_changes} engine starts and stops")
+        g = simulate_gpus(args.nodes, args.gpus, args.seed, args.hours)
+        per_min = g.nodes * g.minutes
+        print(f"sim gpus: {g.nodes} nodes x {g.gpus_per_node} GPUs, read every {READ_S:g} s for "
+              f"{args.hours:g} h; {g.engine_changes} engine starts and stops")
         print(table(["policy", "writes / node / min", "bytes / node / min", "vs every read"], [
-            ["write every read", f"{res.reads / per_min:.1f}", f"{res.bytes_every_read / per_min:.0f}", "1.00x"],
-            ["publish_reason (the daemon's rule)", f"{res.writes / per_min:.2f}", f"{res.bytes_written / per_min:.0f}",
-             f"{res.bytes_written / res.bytes_every_read:.2f}x"],
+            ["write every read", f"{g.reads / per_min:.1f}", f"{g.bytes_every_read / per_min:.0f}", "1.00x"],
+            ["publish_reason (the daemon's rule)", f"{g.writes / per_min:.2f}", f"{g.bytes_written / per_min:.0f}",
+             f"{g.bytes_written / g.bytes_every_read:.2f}x"],
         ]))
-        print(f"published figures beyond a threshold of the truth, or an engine change late: {len(res.violations)}")
-        for v in res.violations[:10]:
+        print(f"published figures beyond a threshold of the truth, or an engine change late: {len(g.violations)}")
+        for v in g.violations[:10]:
             print(f"  ! {v}")
-        return 1 if res.violations else 0
+        return 1 if g.violations else 0
     if args.cmd == "swarm":
         if not 1 <= args.chunks <= 4096:
             parser.error("--chunks must be in [1, 4096]")

@@ -21,7 +21,14 @@ from dataclasses import dataclass
 
 import msgpack
 
-from protocol.gpus import GpuProcess, GpuReading, GpusRecord, Thresholds, publish_reason, readings_within
+from protocol.gpus import (
+    GpuProcess,
+    GpuReading,
+    GpusRecord,
+    Thresholds,
+    publish_reason,
+    readings_within,
+)
 
 __all__ = ["GpuSimResult", "simulate_gpus"]
 

@@ -13,13 +13,23 @@ from typing import Any
 import httpx
 import trio
 
-from protocol.actions import Action, DeleteCopy, LocalPath, StartTransfer, Web
+from protocol.actions import (
+    Action,
+    DeleteCopy,
+    LocalPath,
+    StartService,
+    StartTransfer,
+    StopService,
+    Web,
+)
 
 from ..copies.catalog import CopyCatalog
 from ..copies.ingest import hf_repo
 from ..copies.sources.guard import confine_path, resolve_public
 from ..copies.transfers import Transfers
 from ..errors import MeshError
+from ..registry import Registry
+from ..serving import Services
 
 __all__ = ["Executors"]
 
@@ -27,8 +37,10 @@ __all__ = ["Executors"]
 class Executors:
     def __init__(
         self, node_id: str, transfers: Transfers, copies: CopyCatalog, ingest_roots: tuple[Path, ...],
-        allow_private_sources: bool,
+        allow_private_sources: bool, services: Services | None = None, registry: Registry | None = None,
     ) -> None:
+        self.services = services
+        self.registry = registry
         self.node_id = node_id
         self.transfers = transfers
         self.copies = copies
@@ -37,6 +49,8 @@ class Executors:
         self._table: dict[type, Callable[[Any], Awaitable[dict[str, Any]]]] = {
             StartTransfer: self._start_transfer,
             DeleteCopy: self._delete_copy,
+            StartService: self._start_service,
+            StopService: self._stop_service,
         }
 
     async def run(self, action: Action) -> dict[str, Any]:
@@ -57,6 +71,24 @@ class Executors:
             # A clear refusal now; the download checks every hop again.
             await resolve_public(u.host, u.port or (443 if u.scheme == "https" else 80))
         return self.transfers.start(a).public(self.node_id)
+
+    def _serving(self) -> Services:
+        if self.services is None:
+            raise MeshError("NOT_SUPPORTED", f"{self.node_id} has no serving executor")
+        return self.services
+
+    async def _start_service(self, a: StartService) -> dict[str, Any]:
+        services = self._serving()
+        mv = self.registry.find(a.model) if self.registry is not None else None
+        if mv is None:
+            raise MeshError("MODEL_NOT_FOUND", f"model {a.model!r} is not registered")
+        rec = await services.serve(mv.name, a.gpus, a.port, a.config, size=mv.size or 0,
+                                   requirements=(mv.metadata or {}).get("requirements"), wait=False)
+        return services.record_json(rec)
+
+    async def _stop_service(self, a: StopService) -> dict[str, Any]:
+        stopped = await self._serving().stop(a.model, a.port)
+        return {"stopped": [self._serving().record_json(r) for r in stopped]}
 
     async def _delete_copy(self, a: DeleteCopy) -> dict[str, Any]:
         if not await self.copies.delete_local(a.model, a.kind):

@@ -23,8 +23,11 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.routing import BaseConverter, PathConverter
 
 from protocol import LocalProtocolError, RemoteProtocolError
+from protocol.actions import StartService, StopService
 from protocol.causal import After
+from protocol.errors import InvalidName
 from protocol.names import RESERVED_SEGMENTS
+from protocol.pipeline import parse_step_device
 
 from ..actions import Router
 from ..copies.catalog import CopyCatalog
@@ -36,6 +39,7 @@ from ..jobs import Jobs
 from ..mesh import Mesh
 from ..pipelines import DOC_BYTES_MAX, load_document
 from ..registry import Registry
+from ..serving import Services
 from ..views import Views
 from .auth import PeerAuthError, PeerGate, Refusals, check_bearer, request_target
 from .peer import DrainOrClose, PeerFastPath
@@ -63,6 +67,25 @@ def _depth_over(value: Any, limit: int) -> bool:
                 return True
             stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
     return False
+
+
+def _gpu_devices(raw: Any) -> tuple[str, tuple[int, ...]]:
+    """A serve's devices: GPUs of one named node (``node:gpu`` is ``node:gpu0``)."""
+    if not isinstance(raw, list) or not 0 < len(raw) <= 64:
+        raise MeshError("INVALID_DEVICE", "device (or devices): node:gpuN, the GPUs of one node")
+    nodes, gpus = set(), set()
+    for text in raw:
+        try:
+            d = parse_step_device(text)
+        except InvalidName as e:
+            raise MeshError("INVALID_DEVICE", str(e)) from None
+        if d.node is None or d.tier != "gpu" or not d.kind[3:].isdigit():
+            raise MeshError("INVALID_DEVICE", f"{str(text)[:80]!r}: a serve runs on node:gpuN")
+        nodes.add(d.node)
+        gpus.add(int(d.kind[3:]))
+    if len(nodes) != 1:
+        raise MeshError("INVALID_DEVICE", "one service runs on one node: its GPUs share a node")
+    return nodes.pop(), tuple(sorted(gpus))
 
 
 def _json(data: Any, status: int = 200) -> Response:
@@ -108,6 +131,7 @@ class Running:
     copies: CopyCatalog
     jobs: Jobs
     gpus: GpuMonitor
+    services: Services
 
 
 @dataclass
@@ -262,6 +286,10 @@ def _public_app(parts: ApiParts) -> QuartTrio:
         for v in r.jobs.views():
             counts[v.status.value] = counts.get(v.status.value, 0) + 1
         out["jobs"] = {"total": sum(counts.values()), **counts}
+        svc: dict[str, int] = {}
+        for s in r.services.records():
+            svc[s.state.value] = svc.get(s.state.value, 0) + 1
+        out["services"] = {"total": sum(svc.values()), **svc}
         return _json(out)
 
     @app.get("/nodes")
@@ -435,6 +463,51 @@ def _public_app(parts: ApiParts) -> QuartTrio:
             return _json({"model_name": name, "device": deleted["device"], "dropped": True, "deleted_copy": True})
         dev = await r.registry.set_location(name, device, False)
         return _json({"model_name": name, "device": dev, "dropped": True})
+
+    # -- services ----------------------------------------------------------------------
+
+    @app.get("/services")
+    async def services_all() -> Response:
+        r = running()
+        items = [r.services.record_json(x) for x in r.services.records()]
+        return _json({"services": items, "total_count": len(items)})
+
+    @app.get("/models/<model:name>/services")
+    async def model_services(name: str) -> Response:
+        r = running()
+        mv = r.registry.model(name)
+        items = [r.services.record_json(x) for x in r.services.records() if x.model == mv.name]
+        return _json({"model_name": mv.name, "services": items, "total_count": len(items)})
+
+    @app.post("/models/<model:name>/services")
+    async def serve_model(name: str) -> Response:
+        r = running()
+        mv = r.registry.model(name)
+        body = await body_json()
+        if not isinstance(body, dict):
+            raise MeshError("INVALID_REQUEST", "the body is a JSON object")
+        unknown = set(body) - {"device", "devices", "port", "config", "engine"}
+        if unknown:
+            raise MeshError("INVALID_REQUEST", f"unknown fields: {', '.join(sorted(unknown))[:200]}")
+        node, gpus = _gpu_devices(body.get("devices") if "devices" in body else [body.get("device")])
+        config = body.get("config") or {}
+        if not isinstance(config, dict):
+            raise MeshError("INVALID_REQUEST", "config is an object")
+        if "engine" in body:
+            config = {**config, "engine": body["engine"]}
+        port = body.get("port")
+        if port is not None and (not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536):
+            raise MeshError("INVALID_REQUEST", "port: 1 to 65535")
+        return _json(await r.router.run_on(node, StartService(mv.name, gpus, port, config)), 202)
+
+    @app.delete("/models/<model:name>/services/<node>")
+    async def stop_serving(name: str, node: str) -> Response:
+        r = running()
+        mv = r.registry.model(name)
+        port_text = request.args.get("port")
+        if port_text is not None and not (port_text.isdigit() and 0 < int(port_text) < 65536):
+            raise MeshError("INVALID_REQUEST", "port: 1 to 65535")
+        return _json(await r.router.run_on(node, StopService(mv.name, int(port_text) if port_text else None)))
 
     @app.post("/models/<model:name>/register")
     async def register(name: str) -> Response:

@@ -56,6 +56,14 @@ from .render import (
     render_unregister,
     stdout_console,
 )
+from .services import (
+    call_serve,
+    call_stop_serve,
+    follow_service,
+    render_service,
+    render_services,
+    render_stopped,
+)
 from .values import positive_float
 from .waiting import wait_for_transfer
 
@@ -199,6 +207,11 @@ COMMANDS: dict[str, tuple[str, Call, Render]] = {
         lambda api, a: api.placement(a.name, a.device),
         render_placement,
     ),
+    "serve": ("start an engine serving a model on a node's GPUs", call_serve, render_service),
+    "services": ("every engine the mesh runs", lambda api, a: api.request("GET", "/services"), render_services),
+    "ps": ("every engine the mesh runs (as services)", lambda api, a: api.request("GET", "/services"),
+           render_services),
+    "stop-serve": ("stop a node's engines of a model", call_stop_serve, render_stopped),
 }
 
 
@@ -273,6 +286,8 @@ def run_client_command(args: argparse.Namespace) -> int:
             if getattr(args, "wait", False):
                 if args.command == "job":
                     return follow_job(api, data, args)
+                if args.command == "serve":
+                    return follow_service(api, data, args)
                 return wait_for_transfer(api, data, args)
     except PeerUnreachableError as exc:
         return fail(str(exc), EXIT_UNREACHABLE)

@@ -219,6 +219,23 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--force", action="store_true", help="replace files that exist")
     ex.set_defaults(handler=run_example)
     client("job-cancel").add_argument("job_id", metavar="ID", help="job id, as `meshnode job FILE` prints it")
+    sv = client("serve")
+    sv.add_argument("name", metavar="MODEL", help=name_help)
+    sv.add_argument("--on", required=True, metavar="NODE:GPU[,NODE:GPU]", help="the GPUs, e.g. gpu1:gpu0 (one node)")
+    sv.add_argument("--port", type=int, metavar="PORT", help="the engine's port (default: one of the node's range)")
+    sv.add_argument("--engine", choices=("vllm", "llama.cpp", "sglang", "tgi", "command"),
+                    help="default: llama.cpp for a .gguf model, else vllm")
+    sv.add_argument("--command", dest="command_line", metavar="'PROG ARGS'", help="with --engine command: the program and its arguments "
+                    "({model_dir}, {port}, {host}, {model_name}, {gpus} are filled in)")
+    sv.add_argument("--arg", action="append", metavar="ARG", help="an argument passed to the engine (repeatable)")
+    sv.add_argument("--wait", action="store_true", help="wait until it is healthy (exit 0) or has failed (exit 1, "
+                    "with its log's end)")
+    client("services")
+    client("ps")
+    ss = client("stop-serve")
+    ss.add_argument("name", metavar="MODEL", help=name_help)
+    ss.add_argument("--on", required=True, metavar="NODE", help="the node whose engines of MODEL stop")
+    ss.add_argument("--port", type=int, metavar="PORT", help="only the one on this port")
     place = client("placement")
     place.add_argument("name", metavar="MODEL", help="model name")
     place.add_argument("--device", default="disk", choices=("disk", "dram", "gpu"), help="the tier (default disk)")

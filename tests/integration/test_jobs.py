@@ -225,8 +225,9 @@ async def test_hostile_documents_get_a_4xx_and_the_node_goes_on(mesh: Mesh) -> N
 
 
 async def test_the_seed_yaml_is_taken_raw_or_as_a_file(mesh: Mesh) -> None:
-    """gswarm's migration pipeline, unchanged: it validates, and its serve steps
-    fail NOT_SUPPORTED (serving comes with its own issue) rather than pretend."""
+    """gswarm's migration pipeline, unchanged: it validates, runs its copy, and
+    its serve on a node without a GPU fails NO_CAPACITY rather than pretend
+    (tests/integration/test_seed_pipelines.py runs all four with fake GPUs)."""
     a = await mesh.start("node1")
     b = await mesh.start("node2", join=[a])
     text = (ROOT / "examples" / "migration.yaml").read_bytes()
@@ -243,9 +244,10 @@ async def test_the_seed_yaml_is_taken_raw_or_as_a_file(mesh: Mesh) -> None:
     done = await until_ended(mesh, a, r.json())
     acts = actions(done)
     assert acts["transfer_model"]["status"] == "completed"
-    assert acts["stop_old_service"]["status"] == "failed"
-    assert acts["stop_old_service"]["error"]["code"] == "NOT_SUPPORTED"
-    assert acts["cleanup_old"]["status"] == "upstream_failed"
+    assert acts["stop_old_service"]["status"] == "completed"  # nothing served: nothing to stop
+    assert acts["start_new_service"]["status"] == "failed"
+    err = acts["start_new_service"]["error"]
+    assert err["code"] == "NO_CAPACITY" and "node2 has no GPU" in err["message"], err
     assert b.node.store.get("llama-7b", "disk") is not None
 
 

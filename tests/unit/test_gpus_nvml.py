@@ -27,7 +27,7 @@ def _err(name: str) -> type[NVMLError]:
 @dataclass
 class Proc:
     pid: int
-    usedGpuMemory: int | None  # noqa: N815 (NVML's field name)
+    usedGpuMemory: int | None
 
 
 @dataclass

@@ -1,0 +1,313 @@
+"""Serving on real daemons with fake GPUs and the test engine
+(``tests/engine/fake_engine.py`` through the ``command`` template): started on
+the GPU asked for and probed until healthy, shown on every node, restarted
+after a crash or a hang, given up after repeated crashes, stopped with
+nothing left; bad requests refused before anything starts; a pipeline's
+serve and stop_serve; orphans of a killed earlier run stopped."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+import meshnode.daemon
+from protocol.serving import LifePolicy
+from tests.engine.fake_engine import write_model
+
+from .conftest import Handle, Mesh, all_alive, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+ENGINE = str(ROOT / "tests" / "engine" / "fake_engine.py")
+GiB = 2**30
+COMMAND = [sys.executable, ENGINE, "--model-dir", "{model_dir}", "--port", "{port}", "--host", "{host}",
+           "--served-model-name", "{model_name}"]
+
+
+def engine_config(*extra: str) -> dict[str, Any]:
+    return {"engine": "command", "command": COMMAND + list(extra)}
+
+
+def free_port_range(n: int = 8) -> str:
+    """A run of ports free now (tests on one machine must not collide)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        base = s.getsockname()[1]
+    base = min(base, 65535 - n)
+    return f"{base}-{base + n - 1}"
+
+
+@pytest.fixture(autouse=True)
+def quick_life(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Probe, back off and give up on a test's time scale (the defaults are 3 s, 10 s, 5 in 600 s)."""
+    monkeypatch.setattr(meshnode.daemon, "LifePolicy", functools.partial(
+        LifePolicy, probe_interval_s=0.3, probe_timeout_s=0.5, failure_threshold=3, backoff_initial_s=0.5,
+        backoff_max_s=2.0, crash_limit=3, crash_window_s=60.0))
+
+
+async def start(mesh: Mesh, name: str, *extra: str, join: list[Handle] | None = None) -> Handle:
+    return await mesh.start(name, "--fake-gpus", "2x24GiB", "--gpu-interval", "0.2", "--engines", "command",
+                            "--service-ports", free_port_range(), "--engine-drain", "2", *extra, join=join)
+
+
+async def put_model(mesh: Mesh, h: Handle, tmp_path: Path, name: str = "org/e", **reg: Any) -> str:
+    src = tmp_path / f"src-{name.replace('/', '-')}"
+    src.mkdir()
+    digest = write_model(src, size=64 * 1024)
+    if reg:
+        r = await mesh.client.post(h.url + f"/models/{name}/register", json=reg)
+        assert r.status_code in (200, 201), r.text
+    r = await mesh.client.post(h.url + f"/models/{name}/download",
+                               json={"source_url": src.as_uri(), "target_device": f"{h.node.cfg.node_id}:disk"})
+    assert r.status_code == 202, r.text
+    await wait_for(lambda: h.node.store.get(name, "disk") is not None, what=f"{name} on {h.node.cfg.node_id}")
+    return digest
+
+
+async def known(*hs: Handle, model: str = "org/e") -> None:
+    for h in hs:
+        await wait_for(lambda h=h: h.node.registry is not None and bool(
+            (m := h.node.registry.find(model)) and m.locations), what=f"{model} known to {h.node.cfg.node_id}")
+
+
+async def services(mesh: Mesh, h: Handle) -> list[dict[str, Any]]:
+    return list((await mesh.client.get(h.url + "/services")).json()["services"])
+
+
+async def state_on(mesh: Mesh, h: Handle, model: str = "org/e") -> str | None:
+    s = [x for x in await services(mesh, h) if x["model_name"] == model]
+    return s[0]["state"] if s else None
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_serve_shows_everywhere_and_stop_leaves_nothing(mesh: Mesh, tmp_path: Path) -> None:
+    a = await start(mesh, "node1")
+    b = await start(mesh, "node2", join=[a])
+    await all_alive(mesh, [a, b])
+    digest = await put_model(mesh, a, tmp_path)
+    await known(b)
+    r = await mesh.client.post(b.url + "/models/org/e/services",  # asked through node2, runs on node1
+                               json={"device": "node1:gpu1", "config": engine_config()})
+    assert r.status_code == 202, r.text
+    assert r.json()["state"] == "starting" and r.json()["gpus"] == [1]
+
+    async def healthy() -> bool:
+        return await state_on(mesh, b) == "healthy"
+
+    await wait_for(healthy, what="the service healthy, seen from node2")
+    (svc,) = await services(mesh, b)
+    assert svc["node"] == "node1" and svc["device"] == "node1:gpu1" and svc["engine"] == "command"
+    env = (await mesh.client.get(svc["url"] + "/debug/env")).json()
+    assert env["cuda_visible_devices"] == "1" and env["digest"] == digest  # its weights: node1's own copy
+    assert env["pgid"] == env["pid"]  # its own process group
+    info = (await mesh.client.get(b.url + "/models/org/e")).json()
+    assert "node1:gpu1" in info["locations"] and info["services"][0]["state"] == "healthy"
+    assert (await mesh.client.get(b.url + "/status")).json()["services"] == {"total": 1, "healthy": 1}
+
+    async def vram_shown() -> bool:
+        g1 = (await mesh.client.get(b.url + "/nodes")).json()["nodes"][0]["gpus"][1]
+        return bool(g1["processes"] and g1["processes"][0][0] == svc["pid"])
+
+    await wait_for(vram_shown, what="the engine's process on node1's gpu1, seen from node2")
+
+    r = await mesh.client.delete(b.url + "/models/org/e/services/node1")
+    assert r.status_code == 200, r.text
+    assert [s["port"] for s in r.json()["stopped"]] == [svc["port"]]
+    assert not alive(svc["pid"])
+    assert await services(mesh, a) == []
+    with socket.socket() as s:  # its port is free again (for a server: closed connections may linger)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", svc["port"]))
+        s.listen()
+    r = await mesh.client.delete(b.url + "/models/org/e/services/node1")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "SERVICE_NOT_FOUND"
+
+
+async def test_lazy_pull_then_crash_hang_restart_and_give_up(mesh: Mesh, tmp_path: Path) -> None:
+    a = await start(mesh, "node1")
+    b = await start(mesh, "node2", join=[a])
+    await all_alive(mesh, [a, b])
+    digest = await put_model(mesh, a, tmp_path)
+    await known(b)
+    assert b.node.store.get("org/e", "disk") is None
+    r = await mesh.client.post(a.url + "/models/org/e/services", json={"device": "node2:gpu0", "config": engine_config()})
+    assert r.status_code == 202, r.text
+    assert b.node.store.get("org/e", "disk") is not None  # pulled from node1 first
+
+    async def healthy() -> bool:
+        return await state_on(mesh, a) == "healthy"
+
+    await wait_for(healthy, what="healthy on node2")
+    (svc,) = await services(mesh, a)
+    assert (await mesh.client.get(svc["url"] + "/debug/env")).json()["digest"] == digest
+
+    # Killed: restarted after its backoff, healthy again with a new pid.
+    os.kill(svc["pid"], signal.SIGKILL)
+
+    async def restarted() -> bool:
+        s = (await services(mesh, a))[0]
+        return bool(s["state"] == "healthy" and s["pid"] != svc["pid"] and s["restarts"] == 1)
+
+    await wait_for(restarted, what="restarted after a kill")
+    # Hung (SIGSTOP): its probes time out, it is killed and restarted.
+    pid2 = (await services(mesh, a))[0]["pid"]
+    os.kill(pid2, signal.SIGSTOP)
+
+    async def unstuck() -> bool:
+        s = (await services(mesh, a))[0]
+        return bool(s["state"] == "healthy" and s["pid"] not in (svc["pid"], pid2))
+
+    await wait_for(unstuck, timeout_s=30, what="a hung engine replaced")
+    assert not alive(pid2)
+    # A third crash within the window: error, and it stays down, its log tail kept.
+    os.kill((await services(mesh, a))[0]["pid"], signal.SIGKILL)
+
+    async def given_up() -> bool:
+        return await state_on(mesh, a) == "error"
+
+    await wait_for(given_up, what="given up after 3 crashes")
+    s = (await services(mesh, a))[0]
+    assert "exited" in s["error"] and "fake-engine: ready" in s["log_tail"]
+    await trio.sleep(1.0)
+    assert (await services(mesh, a))[0]["state"] == "error"  # no restart
+    r = await mesh.client.delete(a.url + "/models/org/e/services/node2")
+    assert r.status_code == 200 and await services(mesh, b) == []
+
+    async def gone() -> bool:
+        return await services(mesh, a) == []
+
+    await wait_for(gone, what="the stopped service gone from node1's view")
+
+
+async def test_bad_requests_start_nothing(mesh: Mesh, tmp_path: Path) -> None:
+    a = await start(mesh, "node1")
+    await put_model(mesh, a, tmp_path, model_type="llm", metadata={"requirements": {"min_vram": 30 * GiB}})
+    lo, hi = a.node.cfg.service_ports
+
+    async def serve(body: dict[str, Any], model: str = "org/e") -> tuple[int, str]:
+        r = await mesh.client.post(a.url + f"/models/{model}/services", json=body)
+        return r.status_code, r.json()["error"]["code"] if r.status_code >= 400 else ""
+
+    assert await serve({"device": "node1:gpu0", "config": engine_config()}) == (409, "NO_CAPACITY")  # 30 > 24 GiB
+    assert await serve({"devices": ["node1:gpu0", "node1:gpu1"], "config": engine_config()}) == (202, "")  # 15 + 15
+    # The same again: the service it is already (idempotent), no second engine.
+    assert await serve({"devices": ["node1:gpu1", "node1:gpu0"], "config": engine_config()}) == (202, "")
+    await put_model(mesh, a, tmp_path, "org/f")
+    assert await serve({"device": "node1:gpu0", "engine": "tensorrt"}, "org/f") == (400, "UNKNOWN_ENGINE")
+    assert await serve({"device": "node1:gpu0", "engine": "vllm"}, "org/f") == (403, "ENGINE_NOT_ALLOWED")
+    assert await serve({"device": "node1:gpu0", "port": 80, "config": engine_config()}, "org/f") == \
+        (400, "PORT_OUT_OF_RANGE")
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", hi))
+        held.listen()
+        assert await serve({"device": "node1:gpu0", "port": hi, "config": engine_config()}, "org/f") == \
+            (409, "PORT_IN_USE")
+    assert await serve({"device": "node1:gpu0", "config": {"engine": "command", "command": ["no-such-engine"]}},
+                       "org/f") == (424, "ENGINE_NOT_FOUND")
+    assert await serve({"device": "node1:disk", "config": engine_config()}, "org/f") == (400, "INVALID_DEVICE")
+    assert await serve({"device": "node1:gpu0", "config": {"shell": "x"}}, "org/f") == (400, "INVALID_CONFIG")
+    assert lo <= hi
+    # Only org/e runs (one service on two GPUs); the refused ones left nothing.
+    (only,) = await services(mesh, a)
+    assert only["model_name"] == "org/e" and only["gpus"] == [0, 1]
+    # An engine that fails at start: the error and its log, nothing left running.
+    assert await serve({"device": "node1:gpu0", "config": engine_config("--fail-start")}, "org/f") == (202, "")
+
+    async def failed() -> bool:
+        return await state_on(mesh, a, "org/f") == "error"
+
+    await wait_for(failed, what="org/f's engine given up")
+    f = next(s for s in await services(mesh, a) if s["model_name"] == "org/f")
+    assert "told to fail" in f["log_tail"] and not alive(f["pid"])
+
+
+async def test_a_pipeline_serves_checks_and_stops(mesh: Mesh, tmp_path: Path) -> None:
+    a = await start(mesh, "node1")
+    await put_model(mesh, a, tmp_path)
+    port = a.node.cfg.service_ports[0]
+    doc = {"name": "serve-it", "actions": [
+        {"action_id": "serve", "action_type": "serve", "model_name": "org/e", "port": port,
+         "devices": ["node1:gpu0"], "config": engine_config()},
+        {"action_id": "check", "action_type": "health_check", "target_url": f"http://127.0.0.1:{port}/health",
+         "dependencies": ["serve"]},
+        {"action_id": "stop", "action_type": "stop_serve", "model_name": "org/e", "devices": ["node1:gpu0"],
+         "dependencies": ["check"]},
+    ]}
+    r = await mesh.client.post(a.url + "/jobs", json=doc)
+    assert r.status_code == 202, r.text
+    jid = r.json()["job_id"]
+
+    async def ended() -> bool:
+        return (await mesh.client.get(a.url + f"/jobs/{jid}")).json()["status"] in ("completed", "failed")
+
+    await wait_for(ended, timeout_s=40, what="the serve pipeline")
+    job = (await mesh.client.get(a.url + f"/jobs/{jid}")).json()
+    assert job["status"] == "completed", json.dumps(job, indent=1)[:2000]
+    notes = {x["action_id"]: x["parts"][0]["note"] for x in job["actions"]}
+    assert f"healthy on port {port}" in notes["serve"] and notes["stop"] == f"stopped port {port}"
+    assert await services(mesh, a) == []
+
+
+async def test_a_restarted_node_stops_the_engines_its_earlier_run_left(mesh: Mesh, tmp_path: Path) -> None:
+    """kill -9 of a node leaves its engines running; the next start finds them by their pid files."""
+    model = tmp_path / "orphan-model"
+    model.mkdir()
+    write_model(model)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, ENGINE, "--model-dir", str(model), "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        run_dir = tmp_path / "node1" / "services"
+        run_dir.mkdir(parents=True)
+        (run_dir / "org--e_node1_8100.json").write_text(json.dumps(
+            {"pid": proc.pid, "pgid": proc.pid, "port": port, "model": "org/e", "argv0": sys.executable}))
+        a = await start(mesh, "node1")
+        assert proc.wait(timeout=15) is not None  # stopped by the node at start
+        assert not list(run_dir.glob("*.json"))
+        assert a.node.services is not None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+async def test_the_cli_serves_lists_and_stops(mesh: Mesh, tmp_path: Path) -> None:
+    a = await start(mesh, "node1")
+    await put_model(mesh, a, tmp_path)
+    exe = str(Path(sys.executable).parent / "meshnode")
+    command = " ".join(COMMAND)
+
+    async def cli(*argv: str) -> subprocess.CompletedProcess[bytes]:
+        return await trio.run_process([exe, "--peer", a.url, *argv], capture_stdout=True, capture_stderr=True,
+                                      check=False, env={**os.environ, "COLUMNS": "200"})
+
+    r = await cli("serve", "org/e", "--on", "node1:gpu1", "--engine", "command", "--command", command, "--wait")
+    assert r.returncode == 0, r.stderr.decode()
+    assert "org/e on node1:gpu1" in r.stdout.decode() and "healthy" in r.stdout.decode()
+    r = await cli("ps")
+    assert r.returncode == 0 and "healthy" in r.stdout.decode() and "node1:gpu1" in r.stdout.decode()
+    r = await cli("stop-serve", "org/e", "--on", "node1")
+    assert r.returncode == 0 and "stopped org/e on node1:gpu1" in r.stdout.decode(), r.stderr.decode()
+    r = await cli("stop-serve", "org/e", "--on", "node1")
+    assert r.returncode == 1 and "serves no 'org/e'" in r.stderr.decode(), r.stderr.decode()
+    r = await cli("serve", "org/e", "--on", "node1:gpu0", "--engine", "command", "--command",
+                  command + " --fail-start", "--wait")
+    assert r.returncode == 1 and "told to fail" in r.stderr.decode(), r.stderr.decode()
