@@ -143,6 +143,8 @@ async def test_the_four_seed_pipelines_run_end_to_end(mesh: Mesh, hub: FakeHub) 
                                                                            "to_device": "node1:disk"})
         assert r.status_code == 202
         await wait_for(lambda: a.node.store.get("llama-7b", "disk") is not None, what="llama-7b on node1:disk")
+    await wait_for(lambda: b.node.registry is not None and any(
+        c.device == "node1:disk" for c in b.node.registry.model("llama-7b").copies), what="node1:disk known to node2")
     job = await run(mesh, b, document("migration"))
     svcs = await services(mesh, a)
     assert [(s["node"], s["port"]) for s in svcs] == [("node2", 8080)]
