@@ -68,6 +68,7 @@ from .persist import (
     make_dirs,
     remove_leftovers,
 )
+from .proxy import InferenceProxy
 from .ratelimit import TokenBucket
 from .registry import Registry
 from .saver import Saver
@@ -108,6 +109,7 @@ class MeshNode:
         self.jobs: Jobs | None = None
         self.gpus: GpuMonitor | None = None
         self.services: Services | None = None
+        self.proxy: InferenceProxy | None = None
         self.http: HttpServer | None = None
         self.data_server: DataServer | None = None
         self.data_port = 0
@@ -170,6 +172,8 @@ class MeshNode:
         finally:
             with trio.CancelScope(shield=True):
                 await data_client.aclose()
+                if self.proxy is not None:
+                    await self.proxy.aclose()
         log.info("node %s stopped", cfg.node_id)
 
     async def _serve(self, data_client: DataClient, task_status: trio.TaskStatus[MeshNode]) -> None:
@@ -259,8 +263,9 @@ class MeshNode:
                                 services)
         catalog.subscribe(jobs)  # a job record changing anywhere wakes the job loop
         jobs.load()
+        self.proxy = InferenceProxy(mesh, services, registry)
         self.api.running = Running(mesh, registry, Views(mesh, index), router, transfers, copies, jobs, gpus,
-                                   services)
+                                   services, self.proxy)
         copies.sample_storage()
         await copies.load()
         await saver.save_snapshot()  # the new generation is on disk before anyone hears of it

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
@@ -46,6 +46,7 @@ __all__ = [
     "ServiceRecord",
     "ServiceState",
     "choose_port",
+    "choose_services",
     "engine_spec",
     "parse_port_range",
     "parse_svc_key",
@@ -249,6 +250,16 @@ def vram_fits(need: int, gpus: Sequence[int], free: Mapping[int, int], reserved:
             out.append(f"gpu{g}: needs {share / 2**30:.1f} GiB, has {max(room, 0) / 2**30:.1f} GiB free "
                        f"({reserved.get(g, 0) / 2**30:.1f} GiB held by services starting)")
     return out
+
+
+def choose_services(services: Iterable[ServiceRecord], model: str, me: str, reachable: Container[str],
+                    inflight: Mapping[tuple[str, int], int]) -> list[ServiceRecord]:
+    """Where a request for ``model`` goes, best first: healthy services on
+    reachable nodes; this node's own first (no hop), then the fewest requests
+    in flight from here, then node id and port (deterministic)."""
+    ok = [s for s in services if s.model == model and s.state is ServiceState.HEALTHY
+          and (s.node == me or s.node in reachable)]
+    return sorted(ok, key=lambda s: (s.node != me, inflight.get((s.node, s.port), 0), s.node, s.port))
 
 
 # -- a service's life -------------------------------------------------------------------------

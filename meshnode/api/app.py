@@ -38,6 +38,7 @@ from ..gpus import GpuMonitor
 from ..jobs import Jobs
 from ..mesh import Mesh
 from ..pipelines import DOC_BYTES_MAX, load_document
+from ..proxy import InferenceProxy
 from ..registry import Registry
 from ..serving import Services
 from ..views import Views
@@ -132,6 +133,7 @@ class Running:
     jobs: Jobs
     gpus: GpuMonitor
     services: Services
+    proxy: InferenceProxy
 
 
 @dataclass
@@ -463,6 +465,42 @@ def _public_app(parts: ApiParts) -> QuartTrio:
             return _json({"model_name": name, "device": deleted["device"], "dropped": True, "deleted_copy": True})
         dev = await r.registry.set_location(name, device, False)
         return _json({"model_name": name, "device": dev, "dropped": True})
+
+    # -- inference through any node (OpenAI-style) --------------------------------------
+
+    @app.get("/v1/models")
+    async def v1_models() -> Response:
+        return _json(running().proxy.models_json())
+
+    async def _infer(path: str) -> Response:
+        r = running()
+        data = await request.get_data(cache=False, as_text=False)
+        assert isinstance(data, bytes)
+        if len(data) > PUBLIC_BODY_MAX:
+            raise MeshError("TOO_LARGE", f"request body over {PUBLIC_BODY_MAX} bytes")
+        try:
+            body = json.loads(data)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise MeshError("INVALID_JSON", "the request body is not JSON") from None
+        model = body.get("model") if isinstance(body, dict) else None
+        if not isinstance(model, str) or not 0 < len(model) <= 200:
+            raise MeshError("INVALID_REQUEST", "the request names its model: {\"model\": \"...\", ...}")
+        status, headers, stream = await r.proxy.forward(path, data, model, request.headers.get("accept"))
+        resp = Response(stream, status=status, headers=headers)
+        resp.timeout = None  # a long generation streams for as long as it takes; the proxy bounds each read
+        return resp
+
+    @app.post("/v1/chat/completions")
+    async def v1_chat() -> Response:
+        return await _infer("/v1/chat/completions")
+
+    @app.post("/v1/completions")
+    async def v1_completions() -> Response:
+        return await _infer("/v1/completions")
+
+    @app.post("/v1/embeddings")
+    async def v1_embeddings() -> Response:
+        return await _infer("/v1/embeddings")
 
     # -- services ----------------------------------------------------------------------
 

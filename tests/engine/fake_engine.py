@@ -229,6 +229,7 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out in separate writes: no 40 ms delayed-ACK stalls
     server_version = "fake-engine/1"
     server: Server
 

@@ -311,3 +311,51 @@ async def test_the_cli_serves_lists_and_stops(mesh: Mesh, tmp_path: Path) -> Non
     r = await cli("serve", "org/e", "--on", "node1:gpu0", "--engine", "command", "--command",
                   command + " --fail-start", "--wait")
     assert r.returncode == 1 and "told to fail" in r.stderr.decode(), r.stderr.decode()
+
+
+async def test_any_node_answers_inference_for_the_mesh(mesh: Mesh, tmp_path: Path) -> None:
+    a = await start(mesh, "node1")
+    b = await start(mesh, "node2", join=[a])
+    await all_alive(mesh, [a, b])
+    digest = await put_model(mesh, a, tmp_path)
+    await known(b)
+    r = await mesh.client.post(b.url + "/v1/chat/completions", json={"model": "org/e", "messages": []})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "NO_HEALTHY_SERVICE"  # registered, not served
+    r = await mesh.client.post(b.url + "/v1/completions", json={"model": "org/nope", "prompt": "x"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "MODEL_NOT_FOUND"
+    r = await mesh.client.post(b.url + "/v1/completions", content=b"{not json")
+    assert r.status_code == 400
+    r = await mesh.client.post(a.url + "/models/org/e/services", json={"device": "node1:gpu0", "config": engine_config()})
+    assert r.status_code == 202, r.text
+
+    async def listed() -> bool:
+        return (await mesh.client.get(b.url + "/v1/models")).json()["data"] == [
+            {"id": "org/e", "object": "model", "owned_by": "meshnode"}]
+
+    await wait_for(listed, what="org/e in node2's /v1/models")
+    tok = f"-{digest[:4]}"
+    r = await mesh.client.post(b.url + "/v1/chat/completions",
+                               json={"model": "org/e", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == f"t0{tok} t1{tok} t2{tok}"
+    assert r.headers["x-mesh-service"].startswith("node1:")
+    chunks = []
+    async with mesh.client.stream("POST", b.url + "/v1/completions",
+                                  json={"model": "org/e", "prompt": "hi", "max_tokens": 4, "stream": True}) as s:
+        assert s.status_code == 200 and s.headers["content-type"].startswith("text/event-stream")
+        async for line in s.aiter_lines():
+            if line.startswith("data: "):
+                chunks.append(line[6:])
+    assert chunks[-1] == "[DONE]" and [json.loads(c)["choices"][0]["text"] for c in chunks[:-1]] == [
+        f"t{i}{tok} " for i in range(4)]
+    r = await mesh.client.post(b.url + "/v1/embeddings", json={"model": "org/e", "input": ["a", "b"]})
+    assert r.status_code == 200 and len(r.json()["data"]) == 2
+    assert b.node.proxy is not None and b.node.proxy.inflight == {}  # every forwarded request accounted for
+    r = await mesh.client.delete(a.url + "/models/org/e/services/node1")
+    assert r.status_code == 200
+
+    async def unserved() -> bool:
+        r = await mesh.client.post(b.url + "/v1/completions", json={"model": "org/e", "prompt": "x"})
+        return r.status_code == 503
+
+    await wait_for(unserved, what="503 once the only service stopped")
