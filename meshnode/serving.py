@@ -481,11 +481,17 @@ class Services:
             r = await self._http.get(base + svc.spec.health_path)
             if r.status_code != 200:
                 return False, f"{svc.spec.health_path} answered {r.status_code}"
-            if svc.spec.models_path is not None:
+            starting = svc.life.state is ServiceState.STARTING
+            if svc.spec.models_path is not None and starting:  # readiness; liveness is /health
                 r = await self._http.get(base + svc.spec.models_path)
                 ids = [m.get("id") for m in r.json().get("data", []) if isinstance(m, dict)] if r.status_code == 200 else []
                 if svc.model not in ids:
                     return False, f"{svc.spec.models_path} does not list {svc.model!r} yet"
+            if svc.spec.completion_probe and not starting:
+                r = await self._http.post(base + "/v1/completions",
+                                          json={"model": svc.model, "prompt": "ping", "max_tokens": 1})
+                if r.status_code != 200:
+                    return False, f"a one-token completion answered {r.status_code}"
             return True, ""
         except (httpx.HTTPError, ValueError, AttributeError) as e:
             return False, f"{svc.spec.health_path}: {type(e).__name__}"

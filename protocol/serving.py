@@ -60,7 +60,8 @@ ENGINES = ("vllm", "llama.cpp", "sglang", "tgi", "command")
 DEFAULT_BINARIES = {"vllm": "vllm", "llama.cpp": "llama-server", "sglang": "python3", "tgi": "text-generation-launcher"}
 ARGS_MAX = 64
 ARG_CHARS_MAX = 1000
-CONFIG_KEYS = {"engine", "args", "flags", "command", "health_path", "models_path", "startup_timeout_s", "env"}
+CONFIG_KEYS = {"engine", "args", "flags", "command", "health_path", "models_path", "startup_timeout_s", "env",
+               "completion_probe"}
 ENV_MAX = 32
 LOG_TAIL_CHARS = 4000
 
@@ -127,6 +128,10 @@ def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
             if v is not None and (not isinstance(v, str) or not v.startswith("/") or len(v) > 200):
                 raise ServeError("INVALID_CONFIG", f"config.{k}: a path starting with /")
             out[k] = v
+    if "completion_probe" in config:
+        if not isinstance(config["completion_probe"], bool):
+            raise ServeError("INVALID_CONFIG", "config.completion_probe: true or false")
+        out["completion_probe"] = config["completion_probe"]
     if "startup_timeout_s" in config:
         v = config["startup_timeout_s"]
         if isinstance(v, bool) or not isinstance(v, int | float) or not 1 <= v <= 86_400:
@@ -159,6 +164,7 @@ class EngineSpec:
     env: Mapping[str, str]
     health_path: str
     models_path: str | None  # OpenAI-style engines list the model here when ready
+    completion_probe: bool = False  # liveness also asks for one token (an engine alive but unable to generate)
 
 
 def engine_spec(engine: str, model: str, model_dir: str, files: Sequence[str], host: str, port: int,
@@ -180,7 +186,8 @@ def engine_spec(engine: str, model: str, model_dir: str, files: Sequence[str], h
         except (KeyError, IndexError, ValueError) as e:
             raise ServeError("INVALID_CONFIG", f"config.command: unknown placeholder {e} (known: "
                              f"{', '.join('{' + k + '}' for k in subs)})") from None
-        return EngineSpec(engine, tuple(argv), config.get("env", {}), health, models)
+        return EngineSpec(engine, tuple(argv), config.get("env", {}), health, models,
+                          bool(config.get("completion_probe", False)))
     binary = binaries.get(engine, DEFAULT_BINARIES[engine])
     if engine == "vllm":
         argv = [binary, "serve", model_dir, "--host", host, "--port", str(port), "--served-model-name", model,
@@ -201,7 +208,8 @@ def engine_spec(engine: str, model: str, model_dir: str, files: Sequence[str], h
     else:  # tgi: its OpenAI route serves the model as "tgi"; readiness is its /health
         argv = [binary, "--model-id", model_dir, "--hostname", host, "--port", str(port), "--num-shard", tp]
         models = config.get("models_path")
-    return EngineSpec(engine, tuple(argv + args), config.get("env", {}), health, models)
+    return EngineSpec(engine, tuple(argv + args), config.get("env", {}), health, models,
+                      bool(config.get("completion_probe", False)))
 
 
 # -- ports and VRAM -------------------------------------------------------------------------

@@ -359,3 +359,48 @@ async def test_any_node_answers_inference_for_the_mesh(mesh: Mesh, tmp_path: Pat
         return r.status_code == 503
 
     await wait_for(unserved, what="503 once the only service stopped")
+
+
+async def test_a_completion_probe_catches_an_engine_that_cannot_generate(mesh: Mesh, tmp_path: Path) -> None:
+    """/health answers but completions hang: only the optional one-token probe sees it."""
+    a = await start(mesh, "node1")
+    await put_model(mesh, a, tmp_path)
+    for gpu, probe in ((0, False), (1, True)):
+        r = await mesh.client.post(a.url + "/models/org/e/services", json={
+            "device": f"node1:gpu{gpu}", "config": {**engine_config(), "completion_probe": probe}})
+        assert r.status_code == 202, r.text
+
+    async def both_healthy() -> bool:
+        s = await services(mesh, a)
+        return len(s) == 2 and all(x["state"] == "healthy" for x in s)
+
+    await wait_for(both_healthy, what="both services healthy")
+    first = {x["gpus"][0]: x for x in await services(mesh, a)}
+    for x in first.values():
+        r = await mesh.client.post(x["url"] + "/control/slow", json={"seconds": 30})
+        assert r.status_code == 200
+
+    async def probed_one_replaced() -> bool:
+        now = {x["gpus"][0]: x for x in await services(mesh, a)}
+        return now[1]["pid"] != first[1]["pid"] and now[1]["state"] == "healthy"
+
+    await wait_for(probed_one_replaced, what="the engine with a completion probe replaced")
+    now = {x["gpus"][0]: x for x in await services(mesh, a)}
+    assert now[0]["pid"] == first[0]["pid"] and now[0]["state"] == "healthy"  # /health alone cannot tell
+    assert "completion" in (now[1]["error"] or "") or now[1]["restarts"] == 1
+
+
+async def test_a_node_that_stops_stops_its_engines(mesh: Mesh, tmp_path: Path) -> None:
+    a = await start(mesh, "node1")
+    await put_model(mesh, a, tmp_path)
+    r = await mesh.client.post(a.url + "/models/org/e/services", json={"device": "node1:gpu0", "config": engine_config()})
+    assert r.status_code == 202
+
+    async def healthy() -> bool:
+        return await state_on(mesh, a) == "healthy"
+
+    await wait_for(healthy, what="healthy")
+    (svc,) = await services(mesh, a)
+    await a.stop()
+    assert not alive(svc["pid"])
+    assert not list((a.node.cfg.data_dir / "services").glob("*.json"))  # nothing for a restart to find
