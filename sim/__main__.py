@@ -1,4 +1,4 @@
-"""``python -m sim [run|bench|sweep|swarm|jobs|gpus]``: the simulator's command line."""
+"""``python -m sim [run|bench|sweep|swarm|jobs|gpus|serving]``: the simulator's command line."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from .gpus import READ_S, simulate_gpus
 from .jobs import draw_jobs, sweep_jobs
 from .report import fmt, table
 from .scenarios import ChaosSpec, chaos
+from .serving import HANG_TARGET_S, simulate_serving
 from .swarm import swarm_table
 from .sweep import draw, sweep
 
@@ -69,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--gpus", type=int, default=8, help="GPUs per node")
     g.add_argument("--hours", type=float, default=1.0, help="simulated hours")
     g.add_argument("--seed", type=int, default=1)
+    sv = sub.add_parser("serving", help="engines that crash and hang, under the daemon's service state machine")
+    sv.add_argument("--services", type=int, default=200)
+    sv.add_argument("--hours", type=float, default=6.0, help="simulated hours")
+    sv.add_argument("--seed", type=int, default=1)
     w = sub.add_parser("swarm", help="one seed, N receivers: the daemon's pull policy against the star")
     w.add_argument("--receivers", type=_sizes, default=[2, 6, 24, 100], help="comma-separated swarm sizes")
     w.add_argument("--chunks", type=int, default=64)
@@ -88,7 +93,7 @@ def _sizes(s: str) -> list[int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("run", "bench", "sweep", "swarm", "jobs", "gpus", "-h", "--help"):
+    if not argv or argv[0] not in ("run", "bench", "sweep", "swarm", "jobs", "gpus", "serving", "-h", "--help"):
         argv = ["run", *argv]  # `python -m sim [options]` is `python -m sim run [options]`
     parser = _parser()
     args = parser.parse_args(argv)
@@ -156,6 +161,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         for v in g.violations[:10]:
             print(f"  ! {v}")
         return 1 if g.violations else 0
+    if args.cmd == "serving":
+        if not (1 <= args.services <= 100_000 and 0 < args.hours <= 240):
+            parser.error("--services 1 to 100000, --hours up to 240")
+        sr = simulate_serving(args.services, args.hours, args.seed)
+        hs, cs = sorted(sr.hangs_caught_s), sr.crashes_caught_s
+
+        def p(xs: list[float], q: float) -> str:
+            return f"{xs[min(int(q * len(xs)), len(xs) - 1)]:.1f}" if xs else "-"
+
+        print(f"sim serving: {sr.services} services for {args.hours:g} h, a crash every 3 h and a hang every 6 h "
+              "on average each; probes every 3 s, 3 failures kill, backoff 10 s doubling to 300 s")
+        print(table(["measure", "value", "target"], [
+            ["hangs caught, p50 / max s", f"{p(hs, 0.5)} / {p(hs, 1.0)} ({len(hs)} hangs)", f"<= {HANG_TARGET_S:g} s"],
+            ["crashes caught, max s", f"{max(cs, default=0):.1f} ({len(cs)} crashes)", "at once (the process exits)"],
+            ["restarts", str(sr.restarts), ""],
+            ["services given up (5 crashes in 10 min)", str(sr.given_up), ""],
+            ["availability (time healthy)", f"{sr.availability * 100:.2f}%", ""],
+        ]))
+        print(f"violations: {len(sr.violations)}")
+        for v in sr.violations[:10]:
+            print(f"  ! {v}")
+        return 1 if sr.violations else 0
     if args.cmd == "swarm":
         if not 1 <= args.chunks <= 4096:
             parser.error("--chunks must be in [1, 4096]")
