@@ -31,7 +31,7 @@ import logging
 import math
 import random
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +71,7 @@ from protocol.pipeline import (
     parse_pipeline,
 )
 from protocol.placement import GpuFacts, NodeFacts, NoPlacement, place, rank, vram_needed
+from protocol.serving import ServiceState
 
 from .actions import Router
 from .copies.transfers import Transfers
@@ -552,8 +553,10 @@ class Jobs:
         mv = self.registry.find(a.model_name)
         if mv is None:
             raise MeshError("MODEL_NOT_AVAILABLE", f"model {a.model_name!r} is not registered")
+        md = mv.metadata or {}
         rec = await self.services.serve(mv.name, gpus, a.port, dict(a.config), size=mv.size or 0,
-                                        requirements=(mv.metadata or {}).get("requirements"), job_id=job.job_id)
+                                        requirements=md.get("requirements"), job_id=job.job_id,
+                                        default_engine=md.get("engine"))
         return f"{rec.engine} healthy on port {rec.port} (pid {rec.pid})"
 
     def _cancel_transfer(self, key: str) -> None:
@@ -591,22 +594,43 @@ class Jobs:
             raise MeshError(tr.error.code, tr.error.message)
         return f"transfer {tid}: {tr.note or 'done'}"
 
+    def _service_health_url(self, model: str) -> str | None:
+        """The health URL of a healthy service of ``model`` (any, when none is healthy yet)."""
+        if self.services is None:
+            return None
+        recs = [r for r in self.services.records() if r.model == model]
+        recs.sort(key=lambda r: (r.state is not ServiceState.HEALTHY, r.node != self.mesh.id, r.node, r.port))
+        base = self.services.url_of(recs[0]) if recs else None
+        return None if base is None else base + "/health"
+
     async def _health(self, a: Action) -> str:
-        assert a.target_url is not None
+        if a.target_url is None:  # the model's service
+            assert a.model_name is not None
+            return await self._health_of(a, lambda: self._service_health_url(str(a.model_name)))
+        url = a.target_url
+        return await self._health_of(a, lambda: url)
+
+    async def _health_of(self, a: Action, target: Callable[[], str | None]) -> str:
         deadline = trio.current_time() + (a.timeout_s if a.timeout_s is not None else HEALTH_TIMEOUT_S)
         tries = 0
         last = ""
+        url: str | None = None
         while True:
             tries += 1
-            try:
-                r = await self._http.get(a.target_url)
-                if 200 <= r.status_code < 300:
-                    return f"healthy (HTTP {r.status_code}) after {tries} tries"
-                last = f"HTTP {r.status_code}"
-            except httpx.HTTPError as e:
-                last = type(e).__name__
+            url = target()
+            if url is None:
+                last = f"no service of {a.model_name!r} in the mesh"
+            else:
+                try:
+                    r = await self._http.get(url)
+                    if 200 <= r.status_code < 300:
+                        return f"healthy (HTTP {r.status_code}) after {tries} tries"
+                    last = f"HTTP {r.status_code}"
+                except httpx.HTTPError as e:
+                    last = type(e).__name__
             if trio.current_time() + 1.0 > deadline:
-                raise MeshError("UNHEALTHY", f"{a.target_url[:200]} not healthy after {tries} tries (last: {last})")
+                raise MeshError("UNHEALTHY", f"{(url or a.model_name or '')[:200]} not healthy after {tries} tries "
+                                f"(last: {last})")
             await trio.sleep(1.0)
 
     # -- what the API shows --------------------------------------------------------------------

@@ -262,10 +262,12 @@ class Services:
 
     async def serve(self, model: str, gpus: tuple[int, ...], port: int | None, config: dict[str, Any],
                     *, size: int, requirements: dict[str, Any] | None, job_id: str | None = None,
-                    wait: bool = True) -> ServiceRecord:
+                    wait: bool = True, default_engine: str | None = None) -> ServiceRecord:
         """Start ``model`` on ``gpus``; with ``wait``, return once it is healthy
         (raise when it gave up).  ``MeshError`` for anything refused."""
         try:
+            if default_engine is not None and "engine" not in config:  # the registration's choice
+                config = {**config, "engine": default_engine}
             return await self._serve(model, gpus, port, config, size, requirements, job_id, wait)
         except ServeError as e:
             raise MeshError(e.code, e.message) from None

@@ -250,7 +250,7 @@ def _action(p: _Problems, raw: Any, index: int) -> Action | None:
         p.add(who, "action_type", f"must be one of {', '.join(ACTION_TYPES)}")
         atype = None
     model = None
-    if atype != "health_check":
+    if atype != "health_check" or raw.get("model_name") is not None:  # a health_check may name its model
         m = raw.get("model_name")
         if m is None:
             p.add(who, "model_name", "is required")
@@ -293,7 +293,7 @@ def _action(p: _Problems, raw: Any, index: int) -> Action | None:
     timeout = None if raw.get("timeout_s") is None else _number(
         p, who, "timeout_s", raw.get("timeout_s"), 0.001, LIMITS.timeout_s, integer=False)
     if atype is not None:
-        _check_type(p, who, atype, devices, source_url, target_url, port, keep)
+        _check_type(p, who, atype, devices, source_url, target_url, port, keep, model)
     if aid is None or atype is None:
         return None
     return Action(aid, atype, model, tuple(devices), tuple(deps), source_url, port, target_url, keep,
@@ -302,7 +302,7 @@ def _action(p: _Problems, raw: Any, index: int) -> Action | None:
 
 
 def _check_type(p: _Problems, who: str, atype: str, devices: list[StepDevice], source_url: str | None,
-                target_url: str | None, port: int | None, keep_source: bool) -> None:
+                target_url: str | None, port: int | None, keep_source: bool, model: str | None = None) -> None:
     n = len(devices)
     if atype == "download":
         if n != 1:
@@ -332,8 +332,8 @@ def _check_type(p: _Problems, who: str, atype: str, devices: list[StepDevice], s
     elif atype == "health_check":
         if n:
             p.add(who, "devices", "a health_check names no devices")
-        if target_url is None:
-            p.add(who, "target_url", "a health_check needs the URL it checks")
+        if target_url is None and model is None:
+            p.add(who, "target_url", "a health_check needs the URL it checks, or the model whose service it checks")
     if keep_source and atype != "move":
         p.add(who, "keep_source", "only a move keeps or drops its source")
     if source_url is not None and atype != "download":

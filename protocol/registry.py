@@ -45,6 +45,7 @@ from .keys import (
     loc_key,
     reg_key,
 )
+from .serving import ENGINES
 from .view import ModelView
 
 __all__ = [
@@ -146,7 +147,12 @@ def _clean_metadata(raw: Any) -> dict[str, Any]:
         out["files"] = files
     if raw.get("file_count") is not None:
         out["file_count"] = _count(raw["file_count"], "metadata.file_count")
-    unknown = set(raw) - {"description", "tags", "requirements", "revision", "files", "file_count"}
+    engine = raw.get("engine")
+    if engine is not None:
+        if engine not in ENGINES:
+            raise InvalidInput(f"metadata.engine must be one of {', '.join(ENGINES)}")
+        out["engine"] = engine
+    unknown = set(raw) - {"description", "tags", "requirements", "revision", "files", "file_count", "engine"}
     if unknown:
         raise InvalidInput(f"unknown metadata fields: {', '.join(sorted(unknown))[:200]}")
     return out

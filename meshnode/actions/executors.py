@@ -82,8 +82,9 @@ class Executors:
         mv = self.registry.find(a.model) if self.registry is not None else None
         if mv is None:
             raise MeshError("MODEL_NOT_FOUND", f"model {a.model!r} is not registered")
+        md = mv.metadata or {}
         rec = await services.serve(mv.name, a.gpus, a.port, a.config, size=mv.size or 0,
-                                   requirements=(mv.metadata or {}).get("requirements"), wait=False)
+                                   requirements=md.get("requirements"), wait=False, default_engine=md.get("engine"))
         return services.record_json(rec)
 
     async def _stop_service(self, a: StopService) -> dict[str, Any]:

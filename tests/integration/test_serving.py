@@ -238,16 +238,19 @@ async def test_bad_requests_start_nothing(mesh: Mesh, tmp_path: Path) -> None:
 
 
 async def test_a_pipeline_serves_checks_and_stops(mesh: Mesh, tmp_path: Path) -> None:
+    """The engine comes from the registration's metadata; the step passes its command only.
+    One health check names the URL, the other the model (its service's health)."""
     a = await start(mesh, "node1")
-    await put_model(mesh, a, tmp_path)
+    await put_model(mesh, a, tmp_path, model_type="llm", metadata={"engine": "command"})
     port = a.node.cfg.service_ports[0]
     doc = {"name": "serve-it", "actions": [
         {"action_id": "serve", "action_type": "serve", "model_name": "org/e", "port": port,
-         "devices": ["node1:gpu0"], "config": engine_config()},
+         "devices": ["node1:gpu0"], "config": {"command": COMMAND}},
         {"action_id": "check", "action_type": "health_check", "target_url": f"http://127.0.0.1:{port}/health",
          "dependencies": ["serve"]},
+        {"action_id": "check_model", "action_type": "health_check", "model_name": "org/e", "dependencies": ["serve"]},
         {"action_id": "stop", "action_type": "stop_serve", "model_name": "org/e", "devices": ["node1:gpu0"],
-         "dependencies": ["check"]},
+         "dependencies": ["check", "check_model"]},
     ]}
     r = await mesh.client.post(a.url + "/jobs", json=doc)
     assert r.status_code == 202, r.text

@@ -165,3 +165,21 @@ def test_any_document_is_a_pipeline_or_a_list_of_problems(raw: Any) -> None:
             parse_pipeline(d)
         except InvalidPipeline as e:
             assert e.problems and all(p.message for p in e.problems)
+
+
+def test_a_health_check_names_its_url_or_its_model() -> None:
+    from protocol.pipeline import InvalidPipeline, parse_pipeline
+
+    ok = parse_pipeline({"name": "x", "actions": [{"action_id": "h", "action_type": "health_check", "model_name": "org/m"}]})
+    assert ok.actions[0].model_name == "org/m" and ok.actions[0].target_url is None
+    with pytest.raises(InvalidPipeline) as e:
+        parse_pipeline({"name": "x", "actions": [{"action_id": "h", "action_type": "health_check"}]})
+    assert [p.field for p in e.value.problems] == ["target_url"]
+
+
+def test_a_registration_may_name_its_engine() -> None:
+    from protocol.registry import InvalidInput, parse_registration
+
+    assert parse_registration({"metadata": {"engine": "llama.cpp"}}).metadata["engine"] == "llama.cpp"
+    with pytest.raises(InvalidInput, match=r"metadata\.engine"):
+        parse_registration({"metadata": {"engine": "tensorrt"}})
