@@ -601,7 +601,7 @@ class Jobs:
         recs = [r for r in self.services.records() if r.model == model]
         recs.sort(key=lambda r: (r.state is not ServiceState.HEALTHY, r.node != self.mesh.id, r.node, r.port))
         base = self.services.url_of(recs[0]) if recs else None
-        return None if base is None else base + "/health"
+        return None if base is None else base + recs[0].health_path
 
     async def _health(self, a: Action) -> str:
         if a.target_url is None:  # the model's service

@@ -518,7 +518,7 @@ class Services:
     def _record(self, svc: _Service) -> ServiceRecord:
         return ServiceRecord(svc.model, self.mesh.id, svc.port, svc.spec.engine, svc.gpus, svc.life.state,
                              svc.proc.pid if svc.proc is not None else None, svc.started_ms, svc.life.restarts,
-                             svc.vram_bytes, svc.job_id, svc.life.error, svc.log_tail)
+                             svc.vram_bytes, svc.job_id, svc.life.error, svc.log_tail, svc.spec.health_path)
 
     def _publish(self, svc: _Service) -> None:
         self.mesh.set(svc_key(svc.model, self.mesh.id, svc.port), self._record(svc).to_value())

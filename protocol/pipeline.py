@@ -293,7 +293,7 @@ def _action(p: _Problems, raw: Any, index: int) -> Action | None:
     timeout = None if raw.get("timeout_s") is None else _number(
         p, who, "timeout_s", raw.get("timeout_s"), 0.001, LIMITS.timeout_s, integer=False)
     if atype is not None:
-        _check_type(p, who, atype, devices, source_url, target_url, port, keep, model)
+        _check_type(p, who, atype, devices, source_url, target_url, port, keep, model, config)
     if aid is None or atype is None:
         return None
     return Action(aid, atype, model, tuple(devices), tuple(deps), source_url, port, target_url, keep,
@@ -302,7 +302,7 @@ def _action(p: _Problems, raw: Any, index: int) -> Action | None:
 
 
 def _check_type(p: _Problems, who: str, atype: str, devices: list[StepDevice], source_url: str | None,
-                target_url: str | None, port: int | None, keep_source: bool, model: str | None = None) -> None:
+                target_url: str | None, port: int | None, keep_source: bool, model: str | None = None, config: Mapping[str, Any] | None = None) -> None:
     n = len(devices)
     if atype == "download":
         if n != 1:
@@ -315,12 +315,15 @@ def _check_type(p: _Problems, who: str, atype: str, devices: list[StepDevice], s
         elif len({str(d) for d in devices[1:]}) != n - 1 or str(devices[0]) in {str(d) for d in devices[1:]}:
             p.add(who, "devices", "a device is named twice")
     elif atype == "serve":
+        config = config or {}
         if any(d.tier != "gpu" for d in devices):
             p.add(who, "devices", "a serve names GPUs (node:gpuN), or none for placement to pick")
         if len({d.node for d in devices}) > 1:
             p.add(who, "devices", "one serve runs on one node: its GPUs share a node")
-        if port is None:
-            p.add(who, "port", "a serve needs the port its engine listens on")
+        cmd = config.get("command") if config.get("engine") == "command" else None
+        if port is None and isinstance(cmd, list) and not any("{port}" in str(c) for c in cmd):
+            # Every template is told its port (the node's range gives one); a command that takes none needs it named.
+            p.add(who, "port", "a command engine that takes no {port} needs the port it listens on")
     elif atype == "delete":
         if n < 1:
             p.add(who, "devices", "a delete names the devices to free")

@@ -412,6 +412,12 @@ def _field(v: Mapping[str, Any], k: str, typ: type | tuple[type, ...], what: str
     return x
 
 
+def _health_path(v: Any) -> str:
+    if not isinstance(v, str) or not v.startswith("/") or len(v) > 200:
+        raise RecordError("service health_path: a path starting with /")
+    return v
+
+
 @dataclass(frozen=True, slots=True)
 class ServiceRecord:
     """``svc/<model>@<node>:<port>``: one engine, as its node reports it."""
@@ -429,6 +435,7 @@ class ServiceRecord:
     job_id: str | None = None
     error: str | None = None
     log_tail: str | None = None
+    health_path: str = "/health"
 
     @property
     def device(self) -> str:
@@ -438,7 +445,7 @@ class ServiceRecord:
         return {"model": self.model, "node": self.node, "port": self.port, "engine": self.engine,
                 "gpus": list(self.gpus), "state": self.state.value, "pid": self.pid, "started_ms": self.started_ms,
                 "restarts": self.restarts, "vram_bytes": self.vram_bytes, "job_id": self.job_id,
-                "error": self.error, "log_tail": self.log_tail}
+                "error": self.error, "log_tail": self.log_tail, "health_path": self.health_path}
 
     @classmethod
     def from_value(cls, raw: Any) -> ServiceRecord:
@@ -466,4 +473,5 @@ class ServiceRecord:
             job_id=_field(raw, "job_id", str, "job_id", optional=True),
             error=_field(raw, "error", str, "error", optional=True),
             log_tail=_field(raw, "log_tail", str, "log_tail", optional=True),
+            health_path=_health_path(raw.get("health_path", "/health")),
         )

@@ -70,7 +70,8 @@ def test_every_problem_is_listed_at_once_with_its_action() -> None:
         dl("a", ["b"]),
         dl("a"),
         {"action_id": "c", "action_type": "teleport", "model_name": "m", "devices": []},
-        {"action_id": "d", "action_type": "serve", "model_name": "m", "devices": ["node1:disk"], "colour": 1},
+        {"action_id": "d", "action_type": "serve", "model_name": "m", "devices": ["node1:disk"], "colour": 1,
+         "config": {"engine": "command", "command": ["my-engine", "--weights", "{model_dir}"]}},
         {"action_id": "e", "action_type": "health_check", "devices": []},
         dl("f", ["nowhere"]),
     ))
