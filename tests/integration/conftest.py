@@ -163,3 +163,19 @@ async def all_alive(mesh: Mesh, handles: list[Handle]) -> None:
         return True
 
     await wait_for(check, what=f"{len(handles)} nodes alive")
+
+
+async def run_pipeline(mesh: Mesh, h: Handle, doc: dict[str, Any], timeout_s: float = 60) -> dict[str, Any]:
+    """Submit ``doc`` to ``h`` and wait until the job ends; the job as ``h`` shows it then."""
+    r = await mesh.client.post(h.url + "/jobs", json=doc)
+    assert r.status_code == 202, r.text
+    jid = r.json()["job_id"]
+    out: dict[str, Any] = {}
+
+    async def ended() -> bool:
+        nonlocal out
+        out = (await mesh.client.get(h.url + f"/jobs/{jid}")).json()
+        return out["status"] in ("completed", "failed", "cancelled")
+
+    await wait_for(ended, timeout_s, what=f"pipeline {doc.get('name')}")
+    return out

@@ -9,34 +9,18 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.engine.tiny_gguf import write_tiny_gguf
 from tests.needs import unavailable
 
-from .conftest import Handle, Mesh, all_alive, wait_for
+from .conftest import Mesh, all_alive, run_pipeline, wait_for
 
 pytestmark = pytest.mark.slow
 
 LLAMA_SERVER = [sys.executable, "-m", "llama_cpp.server", "--model", "{model_dir}/tiny.gguf", "--host", "{host}",
                 "--port", "{port}", "--model_alias", "{model_name}", "--n_ctx", "128"]
-
-
-async def run_job(mesh: Mesh, h: Handle, doc: dict[str, Any]) -> dict[str, Any]:
-    r = await mesh.client.post(h.url + "/jobs", json=doc)
-    assert r.status_code == 202, r.text
-    jid = r.json()["job_id"]
-    out: dict[str, Any] = {}
-
-    async def ended() -> bool:
-        nonlocal out
-        out = (await mesh.client.get(h.url + f"/jobs/{jid}")).json()
-        return out["status"] in ("completed", "failed", "cancelled")
-
-    await wait_for(ended, timeout_s=150, what=f"pipeline {doc['name']}")
-    return out
 
 
 async def test_llama_cpp_serves_a_tiny_gguf_through_a_pipeline_and_any_node(mesh: Mesh, tmp_path: Path) -> None:
@@ -52,11 +36,11 @@ async def test_llama_cpp_serves_a_tiny_gguf_through_a_pipeline_and_any_node(mesh
                                json={"source_url": src.as_uri(), "target_device": "node1:disk"})
     assert r.status_code == 202, r.text
     await wait_for(lambda: a.node.store.get("org/tiny", "disk") is not None, what="the GGUF on node1")
-    job = await run_job(mesh, a, {"name": "serve-tiny", "actions": [
+    job = await run_pipeline(mesh, a, {"name": "serve-tiny", "actions": [
         {"action_id": "serve", "action_type": "serve", "model_name": "org/tiny", "devices": ["node1:gpu0"],
          "config": {"engine": "command", "command": LLAMA_SERVER, "health_path": "/v1/models"}},
         {"action_id": "check", "action_type": "health_check", "model_name": "org/tiny", "dependencies": ["serve"]},
-    ]})
+    ]}, timeout_s=150)
     assert job["status"] == "completed", json.dumps(job, indent=1)[:3000]
 
     async def served_seen() -> bool:
@@ -70,7 +54,7 @@ async def test_llama_cpp_serves_a_tiny_gguf_through_a_pipeline_and_any_node(mesh
     assert body["model"] == "org/tiny" and body["usage"]["completion_tokens"] == 4
     assert r.headers["x-mesh-service"].startswith("node1:")
     (svc,) = (await mesh.client.get(b.url + "/services")).json()["services"]
-    job = await run_job(mesh, b, {"name": "stop-tiny", "actions": [
+    job = await run_pipeline(mesh, b, {"name": "stop-tiny", "actions": [
         {"action_id": "stop", "action_type": "stop_serve", "model_name": "org/tiny", "devices": ["node1:gpu0"]}]})
     assert job["status"] == "completed", job
     with pytest.raises(ProcessLookupError):

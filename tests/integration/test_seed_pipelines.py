@@ -22,7 +22,7 @@ import yaml
 import meshnode.daemon
 from protocol.serving import LifePolicy
 
-from .conftest import Handle, Mesh, all_alive, wait_for
+from .conftest import Handle, Mesh, all_alive, run_pipeline, wait_for
 from .fakehub import FakeFile, FakeHub, FakeRepo, run_fakehub
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,17 +67,7 @@ def document(name: str) -> dict[str, Any]:
 
 
 async def run(mesh: Mesh, h: Handle, doc: dict[str, Any]) -> dict[str, Any]:
-    r = await mesh.client.post(h.url + "/jobs", json=doc)
-    assert r.status_code == 202, r.text
-    jid = r.json()["job_id"]
-    out: dict[str, Any] = {}
-
-    async def ended() -> bool:
-        nonlocal out
-        out = (await mesh.client.get(h.url + f"/jobs/{jid}")).json()
-        return out["status"] in ("completed", "failed", "cancelled")
-
-    await wait_for(ended, timeout_s=60, what=f"pipeline {doc['name']}")
+    out = await run_pipeline(mesh, h, doc)
     assert out["status"] == "completed", json.dumps(out, indent=1)[:4000]
     return out
 

@@ -24,7 +24,7 @@ import meshnode.daemon
 from protocol.serving import LifePolicy
 from tests.engine.fake_engine import write_model
 
-from .conftest import Handle, Mesh, all_alive, wait_for
+from .conftest import Handle, Mesh, all_alive, run_pipeline, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 ENGINE = str(ROOT / "tests" / "engine" / "fake_engine.py")
@@ -252,15 +252,7 @@ async def test_a_pipeline_serves_checks_and_stops(mesh: Mesh, tmp_path: Path) ->
         {"action_id": "stop", "action_type": "stop_serve", "model_name": "org/e", "devices": ["node1:gpu0"],
          "dependencies": ["check", "check_model"]},
     ]}
-    r = await mesh.client.post(a.url + "/jobs", json=doc)
-    assert r.status_code == 202, r.text
-    jid = r.json()["job_id"]
-
-    async def ended() -> bool:
-        return (await mesh.client.get(a.url + f"/jobs/{jid}")).json()["status"] in ("completed", "failed")
-
-    await wait_for(ended, timeout_s=40, what="the serve pipeline")
-    job = (await mesh.client.get(a.url + f"/jobs/{jid}")).json()
+    job = await run_pipeline(mesh, a, doc, timeout_s=40)
     assert job["status"] == "completed", json.dumps(job, indent=1)[:2000]
     notes = {x["action_id"]: x["parts"][0]["note"] for x in job["actions"]}
     assert f"healthy on port {port}" in notes["serve"] and notes["stop"] == f"stopped port {port}"
