@@ -536,6 +536,9 @@ class Services:
         out["model_name"] = out.pop("model")
         out["device"] = rec.device
         out["url"] = self.url_of(rec)
+        m = self.mesh.member(rec.node)
+        # A service's record outlives its node's death until the node is reaped: say so.
+        out["node_state"] = m.state.label if m is not None else "unknown"
         return out
 
     def records(self) -> list[ServiceRecord]:

@@ -113,6 +113,7 @@ async def test_serve_shows_everywhere_and_stop_leaves_nothing(mesh: Mesh, tmp_pa
     await wait_for(healthy, what="the service healthy, seen from node2")
     (svc,) = await services(mesh, b)
     assert svc["node"] == "node1" and svc["device"] == "node1:gpu1" and svc["engine"] == "command"
+    assert svc["node_state"] == "alive"
     env = (await mesh.client.get(svc["url"] + "/debug/env")).json()
     assert env["cuda_visible_devices"] == "1" and env["digest"] == digest  # its weights: node1's own copy
     assert env["pgid"] == env["pid"]  # its own process group
