@@ -69,6 +69,8 @@ __all__ = ["Services", "ServingSettings"]
 log = logging.getLogger("meshnode.serving")
 
 SERVICES_MAX = 64
+LOG_MAX = 16 * 1024 * 1024  # an engine's log on disk, at most (about)
+LOG_KEEP = 256 * 1024  # what stays when it is trimmed
 STAGED_HOLD_S = 3600.0  # a model loaded for a GPU holds its VRAM this long, waiting for its serve
 STARTING_PROBE_S = 0.5  # how often a starting engine is asked whether it is ready
 
@@ -112,6 +114,22 @@ def _bind_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def _bound_log(path: Path) -> None:
+    """An engine's log is kept under ``LOG_MAX`` bytes: past it, only its tail
+    stays (the engine appends with O_APPEND, so its next line lands after it)."""
+    try:
+        if path.stat().st_size <= LOG_MAX:
+            return
+        with open(path, "r+b") as f:
+            f.seek(-LOG_KEEP, os.SEEK_END)
+            tail = f.read()
+            f.seek(0)
+            f.write(b"[earlier lines dropped: the log is kept under %d bytes]\n" % LOG_MAX + tail)
+            f.truncate()
+    except OSError as e:
+        log.warning("cannot trim the engine log %s: %s", path, e)
 
 
 def _tail(path: Path) -> str:
@@ -335,7 +353,15 @@ class Services:
         self._publish(svc)
         self._nursery.start_soon(self._supervise, key, svc)
         if wait:
-            await self._wait_ready(svc)
+            try:
+                await self._wait_ready(svc)
+            except trio.Cancelled:  # the step gave up (its timeout, a cancel): nothing is left running
+                with trio.CancelScope(shield=True):
+                    svc.life.stop()
+                    svc.stop_asked.set()
+                    with trio.move_on_after(self.settings.drain_s + 5):
+                        await svc.done.wait()
+                raise
         return self._record(svc)
 
     def _check_allowed(self, engine: str) -> None:
@@ -452,7 +478,11 @@ class Services:
 
     async def _probe_loop(self, svc: _Service, pgid: int, scope: trio.CancelScope) -> None:
         p = svc.life.policy
+        n = 0
         while True:
+            n += 1
+            if n % 20 == 0:
+                await trio.to_thread.run_sync(_bound_log, svc.log_path)
             starting = svc.life.state is ServiceState.STARTING
             await trio.sleep(STARTING_PROBE_S if starting else p.probe_interval_s)
             ok, why = await self._probe(svc)

@@ -400,3 +400,26 @@ async def test_a_node_that_stops_stops_its_engines(mesh: Mesh, tmp_path: Path) -
     await a.stop()
     assert not alive(svc["pid"])
     assert not list((a.node.cfg.data_dir / "services").glob("*.json"))  # nothing for a restart to find
+
+
+async def test_a_serve_step_that_times_out_leaves_nothing_running(mesh: Mesh, tmp_path: Path) -> None:
+    a = await start(mesh, "node1")
+    await put_model(mesh, a, tmp_path)
+    job = await run_pipeline(mesh, a, {"name": "too-slow", "actions": [
+        {"action_id": "serve", "action_type": "serve", "model_name": "org/e", "devices": ["node1:gpu0"],
+         "timeout_s": 1.5, "config": engine_config("--startup-delay", "60")}]})
+    step = job["actions"][0]
+    assert job["status"] == "failed" and step["error"]["code"] == "TIMEOUT", job
+    assert await services(mesh, a) == []
+    assert not list((a.node.cfg.data_dir / "services").glob("*.json"))
+
+
+def test_an_engine_log_is_kept_under_its_bound(tmp_path: Path) -> None:
+    from meshnode import serving
+
+    log = tmp_path / "engine.log"
+    log.write_bytes(b"x" * (serving.LOG_MAX + 10) + b"the last line\n")
+    serving._bound_log(log)
+    data = log.read_bytes()
+    assert len(data) < serving.LOG_KEEP + 200 and data.endswith(b"the last line\n")
+    assert data.startswith(b"[earlier lines dropped")
