@@ -132,6 +132,12 @@ async def test_serve_shows_everywhere_and_stop_leaves_nothing(mesh: Mesh, tmp_pa
     assert [s["port"] for s in r.json()["stopped"]] == [svc["port"]]
     assert not alive(svc["pid"])
     assert await services(mesh, a) == []
+
+    async def vram_freed() -> bool:
+        g1 = (await mesh.client.get(b.url + "/nodes")).json()["nodes"][0]["gpus"][1]
+        return bool(g1["processes"] == [] and g1["free_bytes"] == g1["total_bytes"])
+
+    await wait_for(vram_freed, what="gpu1's memory free again, seen from node2")
     with socket.socket() as s:  # its port is free again (for a server: closed connections may linger)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", svc["port"]))
