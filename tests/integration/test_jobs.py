@@ -176,7 +176,8 @@ async def test_validation_lists_every_problem_and_runs_nothing(mesh: Mesh) -> No
     doc = {"name": "x", "actions": [
         {"action_id": "a", "action_type": "copy", "model_name": "m", "devices": ["node1:disk", "node9:disk"],
          "dependencies": ["b"]},
-        {"action_id": "b", "action_type": "serve", "model_name": "m", "devices": ["node1:gpu0"], "dependencies": ["a"]},
+        {"action_id": "b", "action_type": "serve", "model_name": "m", "devices": ["node1:gpu0"], "dependencies": ["a"],
+         "config": {"engine": "command", "command": ["my-engine"]}},  # takes no {port}: it needs one
         {"action_id": "c", "action_type": "fly", "model_name": "m"},
     ]}
     r = await mesh.client.post(a.url + "/jobs", json=doc)
