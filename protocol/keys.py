@@ -21,7 +21,7 @@ key                                record            written by
 ``storage``                        ``Storage``       each node, about itself
 ``job/``, ``step/``, ``jobcancel/``  see ``jobs.py``    pipelines: the job, its parts, a cancel
 ``gpus``                           see ``gpus.py``    each node, its GPUs (``GpusRecord``)
-``svc/``                           (to come)         services
+``svc/<model>@<node>:<port>``      see ``serving.py``  the node that runs the engine (``ServiceRecord``)
 =================================  ================  =====================================
 """
 
@@ -78,7 +78,7 @@ LOC_PREFIX = "loc/"
 COPY_PREFIX = "copy/"
 XFER_PREFIX = "xfer/"
 SRC_PREFIX = "src/"
-SVC_PREFIX = "svc/"  # serving engines (to come)
+SVC_PREFIX = "svc/"  # serving engines: protocol.serving.ServiceRecord
 JOB_PREFIX = "job/"  # pipelines: protocol/jobs.py
 NODE_KEY = "node"
 STORAGE_KEY = "storage"
