@@ -56,7 +56,7 @@ from .gpus import GpuMonitor, open_reader
 from .httpserver import ConnectionLimits, HttpServer, raise_fd_limit
 from .jobs import Jobs, JobSettings
 from .mesh import Mesh, wall_ms
-from .metrics import render_metrics
+from .metrics import Gauges, render_metrics
 from .peers import PeerClient, PeerSender, make_peer_client
 from .persist import (
     DataDirError,
@@ -367,11 +367,21 @@ class MeshNode:
         return asdict(self.data_server.statistics()) if self.data_server is not None else {}
 
     def _metrics(self) -> tuple[bytes, str]:
+        g = Gauges(version=__version__)
         members: Counter[str] = Counter()
         if self.mesh is not None:
             members.update(m.state.label for m in self.mesh.members())
-        gpus = self.gpus.current if self.gpus is not None else None
-        return render_metrics(self.statistics(), members, gpus)
+        g.members = members
+        g.gpus = self.gpus.current if self.gpus is not None else None
+        if self.copies is not None:
+            g.tiers = self.copies.storage()
+        if self.transfers is not None:
+            g.transfers = Counter(t.status.value for t in self.transfers.by_id.values())
+        if self.jobs is not None:
+            g.jobs = Counter(v.status.value for v in self.jobs.views())
+        if self.services is not None:
+            g.services = Counter(r.state.value for r in self.services.records() if r.node == self.cfg.node_id)
+        return render_metrics(self.statistics(), g)
 
 
 async def _run_until_signal(node: MeshNode) -> None:

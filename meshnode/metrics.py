@@ -7,15 +7,40 @@ a collector, so nothing on the hot path touches prometheus_client.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from protocol.gpus import GpusRecord
 
-__all__ = ["render_metrics"]
+__all__ = ["Gauges", "render_metrics"]
+
+MEMBER_STATES = ("alive", "suspect", "dead", "left")
+TRANSFER_STATES = ("queued", "running", "done", "failed")
+JOB_STATES = ("pending", "running", "completed", "failed", "cancelled")
+SERVICE_STATES = ("starting", "healthy", "unhealthy", "restarting", "stopping", "error", "stopped")
+
+
+@dataclass
+class Gauges:
+    """What the node holds now, read at scrape time: every label of each family
+    is listed, zeros included, so that a dashboard sees a state empty, not gone."""
+
+    members: Mapping[str, int] = field(default_factory=dict)
+    gpus: GpusRecord | None = None
+    tiers: Mapping[str, Mapping[str, int]] = field(default_factory=dict)  # disk, dram: total / used / free
+    transfers: Mapping[str, int] = field(default_factory=dict)  # this node's, by status
+    jobs: Mapping[str, int] = field(default_factory=dict)  # the mesh's, by status
+    services: Mapping[str, int] = field(default_factory=dict)  # this node's, by state
+    version: str = ""
 
 _COUNTERS = {
     "messages_in": "peer messages received",
@@ -48,10 +73,11 @@ _GPU_GAUGES = (
 
 
 class _Collector:
-    def __init__(self, stats: Mapping[str, Any], members: Mapping[str, int], gpus: GpusRecord | None) -> None:
+    def __init__(self, stats: Mapping[str, Any], g: Gauges) -> None:
         self.stats = stats
-        self.members = members
-        self.gpus = gpus
+        self.members = g.members
+        self.gpus = g.gpus
+        self.g = g
 
     def collect(self) -> Iterator[Metric]:
         stats = self.stats
@@ -59,10 +85,19 @@ class _Collector:
             c = CounterMetricFamily(f"meshnode_{name}", help_text)
             c.add_metric([], float(stats.get(name, 0)))
             yield c
-        members = GaugeMetricFamily("meshnode_members", "members by state", labels=["state"])
-        for state, n in sorted(self.members.items()):
-            members.add_metric([state], n)
-        yield members
+        yield self._by("meshnode_members", "members by state", MEMBER_STATES, self.members)
+        yield self._by("meshnode_transfers", "this node's transfers by status (finished ones as kept in its history)",
+                       TRANSFER_STATES, self.g.transfers)
+        yield self._by("meshnode_jobs", "the mesh's jobs by status", JOB_STATES, self.g.jobs)
+        yield self._by("meshnode_services", "this node's engines by state", SERVICE_STATES, self.g.services)
+        for name, what in (("total", "in all"), ("used", "in use"), ("free", "free")):
+            t = GaugeMetricFamily(f"meshnode_storage_{name}_bytes", f"storage tier bytes {what}", labels=["tier"])
+            for tier, usage in sorted(self.g.tiers.items()):
+                t.add_metric([tier], float(usage.get(name, 0)))
+            yield t
+        info = GaugeMetricFamily("meshnode_build_info", "the running version", labels=["version"])
+        info.add_metric([self.g.version], 1.0)
+        yield info
         conns = GaugeMetricFamily("meshnode_http_connections", "HTTP connections open now")
         conns.add_metric([], float(stats.get("http_connections", 0)))
         yield conns
@@ -70,6 +105,13 @@ class _Collector:
         keys.add_metric([], float(stats.get("catalog_keys", 0)))
         yield keys
         yield from self._gpus()
+
+    @staticmethod
+    def _by(name: str, help_text: str, states: tuple[str, ...], counts: Mapping[str, int]) -> GaugeMetricFamily:
+        g = GaugeMetricFamily(name, help_text, labels=["state"])
+        for state in dict.fromkeys((*states, *sorted(counts))):
+            g.add_metric([state], float(counts.get(state, 0)))
+        return g
 
     def _gpus(self) -> Iterator[Metric]:
         rec = self.gpus
@@ -87,10 +129,11 @@ class _Collector:
             yield g
 
 
-def render_metrics(stats: Mapping[str, Any], members: Mapping[str, int],
-                   gpus: GpusRecord | None = None) -> tuple[bytes, str]:
-    """The Prometheus text of a node's counters (``stats``), its members by
-    state, and its GPUs as last read."""
+def render_metrics(stats: Mapping[str, Any], gauges: Gauges) -> tuple[bytes, str]:
+    """The Prometheus text of a node's counters (``stats``), what it holds now
+    (``gauges``), and the process (CPU, memory, open files) and platform."""
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(_Collector(stats, members, gpus))
+    reg.register(_Collector(stats, gauges))
+    ProcessCollector(registry=reg)
+    PlatformCollector(registry=reg)
     return generate_latest(reg), CONTENT_TYPE_LATEST

@@ -19,7 +19,9 @@ from typing import Any
 
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
+import meshnode
 import meshnode.daemon
 from protocol.serving import LifePolicy
 from tests.engine.fake_engine import write_model
@@ -120,6 +122,19 @@ async def test_serve_shows_everywhere_and_stop_leaves_nothing(mesh: Mesh, tmp_pa
     info = (await mesh.client.get(b.url + "/models/org/e")).json()
     assert "node1:gpu1" in info["locations"] and info["services"][0]["state"] == "healthy"
     assert (await mesh.client.get(b.url + "/status")).json()["services"] == {"total": 1, "healthy": 1}
+    # /metrics, read with Prometheus's own parser: every state listed, zeros included.
+    text = (await mesh.client.get(a.url + "/metrics")).text
+    samples = {(x.name, tuple(sorted(x.labels.items()))): x.value
+               for fam in text_string_to_metric_families(text) for x in fam.samples}
+    assert samples[("meshnode_services", (("state", "healthy"),))] == 1
+    assert samples[("meshnode_services", (("state", "error"),))] == 0
+    assert samples[("meshnode_members", (("state", "alive"),))] == 2
+    assert samples[("meshnode_members", (("state", "dead"),))] == 0
+    assert samples[("meshnode_transfers", (("state", "done"),))] >= 1  # the download that put the model here
+    assert samples[("meshnode_jobs", (("state", "failed"),))] == 0
+    assert samples[("meshnode_storage_free_bytes", (("tier", "disk"),))] > 0
+    assert ("meshnode_build_info", (("version", meshnode.__version__),)) in samples
+    assert samples[("process_open_fds", ())] > 0
 
     async def vram_shown() -> bool:
         g1 = (await mesh.client.get(b.url + "/nodes")).json()["nodes"][0]["gpus"][1]
