@@ -34,6 +34,7 @@ __all__ = ["Mesh", "wall_ms"]
 log = logging.getLogger("meshnode.mesh")
 
 WAIT_PULL_EVERY_S = 0.5  # a reader waiting for a write asks its writer again this often
+MEMBER_LINES_MAX = 20  # member changes logged at once; the rest as a count
 
 
 def wall_ms() -> int:
@@ -49,6 +50,8 @@ class Mesh:
         self._log_once = LogOnce()
         self._leave_acked = trio.Event()
         self._catalog_changed = trio.Event()
+        self._members_logged_hash: int | None = None
+        self._member_states: dict[str, tuple[str, int]] = {}  # as last logged: state, generation
         gossip.catalog.subscribe(self)  # wakes readers waiting for a write (wait_seen)
 
     # -- who we are ---------------------------------------------------------------------
@@ -233,6 +236,38 @@ class Mesh:
     def _log_notices(self) -> None:
         while self.gossip.notices:
             log.warning("%s", self.gossip.notices.popleft().text)
+        self._log_member_changes()
+
+    def _log_member_changes(self) -> None:
+        """INFO lines for what an operator wants to know of the membership: a
+        member joined, became suspect, dead or left, came back, restarted.
+        Checked only when the member table's hash moved; bounded per call."""
+        members = self.gossip.members
+        h = members.members_hash()
+        if h == self._members_logged_hash:
+            return
+        self._members_logged_hash = h
+        now: dict[str, tuple[str, int]] = {}
+        lines: list[str] = []
+        for m in members:
+            r = m.record
+            if r.node_id == self.id:
+                continue
+            now[r.node_id] = (m.state.label, r.generation)
+            before = self._member_states.get(r.node_id)
+            if before is None:
+                lines.append(f"member {r.node_id} joined ({r.address}, {m.state.label})")
+            elif before[1] != r.generation:
+                lines.append(f"member {r.node_id} restarted (generation {r.generation}, {m.state.label})")
+            elif before[0] != m.state.label:
+                what = {"alive": "is alive again", "left": "left the mesh"}.get(m.state.label, f"is {m.state.label}")
+                lines.append(f"member {r.node_id} {what}")
+        lines += [f"member {nid} forgotten" for nid in self._member_states.keys() - now.keys()]
+        self._member_states = now
+        for line in lines[:MEMBER_LINES_MAX]:
+            log.info("%s", line)
+        if len(lines) > MEMBER_LINES_MAX:
+            log.info("... and %d more member changes", len(lines) - MEMBER_LINES_MAX)
 
     def _note_bad_peer(self, remote: str, e: Exception) -> None:
         self.bad_messages += 1

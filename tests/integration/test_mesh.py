@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+import pytest
 
 from meshnode.mesh import wall_ms
 
@@ -81,7 +84,9 @@ async def _locations(mesh: Mesh, url: str, name: str, want: list[str]) -> bool:
     return bool(r.status_code == 200 and r.json()["locations"] == want)
 
 
-async def test_crashed_node_is_suspected_then_dead_and_a_restart_comes_back(mesh: Mesh) -> None:
+async def test_crashed_node_is_suspected_then_dead_and_a_restart_comes_back(
+        mesh: Mesh, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="meshnode.mesh")
     a = await mesh.start("a")
     b = await mesh.start("b", join=[a])
     c = await mesh.start("c", join=[a])
@@ -110,15 +115,21 @@ async def test_crashed_node_is_suspected_then_dead_and_a_restart_comes_back(mesh
     assert "m1" in await model_names(mesh, c2.url)
     nodes = (await mesh.client.get(b.url + "/nodes")).json()["nodes"]
     assert [n["generation"] for n in nodes if n["node_id"] == "c"] == [c2.node.generation]
+    # What an operator reads in the log, at INFO.
+    said = [r.getMessage() for r in caplog.records if r.name == "meshnode.mesh"]
+    for line in ("member c joined", "member c is dead", "member c restarted"):
+        assert any(s.startswith(line) for s in said), (line, said)
 
 
-async def test_clean_stop_is_seen_as_left_not_dead(mesh: Mesh) -> None:
+async def test_clean_stop_is_seen_as_left_not_dead(mesh: Mesh, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="meshnode.mesh")
     a = await mesh.start("a")
     b = await mesh.start("b", join=[a])
     for h in (a, b):  # b can only tell a it leaves once it has heard of a
         await wait_for(lambda h=h: _all_alive(mesh, h.url, 2), what="2 alive")
     await b.stop()
     await wait_for(lambda: _state_is(mesh, a.url, "b", "left"), what="b left")
+    assert "member b left the mesh" in [r.getMessage() for r in caplog.records]
     # And it stays "left": nobody declares it dead later.
     for _ in range(10):
         assert (await states(mesh, a.url))["b"] == "left"
