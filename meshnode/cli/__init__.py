@@ -17,6 +17,8 @@ went wrong (one line on stderr); 2 bad usage or the peer could not be reached;
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import logging
 import os
 import sys
@@ -35,9 +37,29 @@ _LOG_DATEFMT = "%Y-%m-%dT%H:%M:%S"
 # -- entry point ---------------------------------------------------------------
 
 
-def configure_logging(level_name: str) -> None:
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time (UTC, ISO 8601), level, logger, message,
+    and the traceback when there is one.  Messages are the same text the
+    plain format shows, so what is kept out of one (tokens, secrets) is kept
+    out of the other."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def configure_logging(level_name: str, fmt: str = "text") -> None:
     level = getattr(logging, level_name)
-    logging.basicConfig(level=level, format=_LOG_FORMAT, datefmt=_LOG_DATEFMT)
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(_LOG_FORMAT, _LOG_DATEFMT))
+    logging.basicConfig(level=level, handlers=[handler])
     # httpx logs every request at INFO; a CLI's stderr is for one-line errors.
     if level > logging.DEBUG:
         for name in ("httpx", "httpcore"):
@@ -69,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         level = log_level(level)
     except argparse.ArgumentTypeError as exc:
         return fail(f"MESHNODE_LOG_LEVEL: {exc}", EXIT_USAGE)
-    configure_logging(level)
+    fmt = getattr(args, "log_format", None) or os.environ.get("MESHNODE_LOG_FORMAT") or "text"
+    if fmt not in ("text", "json"):
+        return fail(f"MESHNODE_LOG_FORMAT: {fmt!r} is not text or json", EXIT_USAGE)
+    configure_logging(level, fmt)
 
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:

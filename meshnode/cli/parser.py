@@ -24,6 +24,12 @@ def _logging_parent() -> argparse.ArgumentParser:
         metavar="LEVEL",
         help=f"one of {', '.join(LOG_LEVELS)} (env MESHNODE_LOG_LEVEL, default INFO)",
     )
+    p.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=argparse.SUPPRESS,
+        help="text lines, or one JSON object a line for log pipelines (env MESHNODE_LOG_FORMAT, default text)",
+    )
     return p
 
 
