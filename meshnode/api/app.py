@@ -251,7 +251,11 @@ def _public_app(parts: ApiParts) -> QuartTrio:
     @app.errorhandler(HTTPException)
     async def _http_error(e: HTTPException) -> Response:
         code = (e.name or "error").upper().replace(" ", "_")
-        return _error(e.code or 500, code, e.description or e.name or "error")
+        resp = _error(e.code or 500, code, e.description or e.name or "error")
+        allowed = getattr(e, "valid_methods", None)
+        if e.code == 405 and allowed:  # what the route does take (RFC 9110)
+            resp.headers["Allow"] = ", ".join(sorted(allowed))
+        return resp
 
     @app.errorhandler(Exception)
     async def _internal(e: Exception) -> Response:
@@ -314,17 +318,25 @@ def _public_app(parts: ApiParts) -> QuartTrio:
 
     # -- copies and transfers ------------------------------------------------------
 
+    def _started(out: dict[str, Any]) -> Response:
+        """202 for a transfer under way, with where to follow it."""
+        r = _json(out, 202)
+        tid = out.get("transfer_id")
+        if isinstance(tid, str) and tid:
+            r.headers["Location"] = f"/transfers/{tid}"
+        return r
+
     @app.post("/models/<model:name>/copy")
     async def copy_model(name: str) -> Response:
-        return _json(await running().router.copy(name, await body_json(), move=False), 202)
+        return _started(await running().router.copy(name, await body_json(), move=False))
 
     @app.post("/models/<model:name>/move")
     async def move_model(name: str) -> Response:
-        return _json(await running().router.copy(name, await body_json(), move=True), 202)
+        return _started(await running().router.copy(name, await body_json(), move=True))
 
     @app.post("/models/<model:name>/download")
     async def download_model(name: str) -> Response:
-        return _json(await running().router.download(name, await body_json()), 202)
+        return _started(await running().router.download(name, await body_json()))
 
     @app.get("/transfers")
     async def transfers() -> Response:
@@ -536,7 +548,9 @@ def _public_app(parts: ApiParts) -> QuartTrio:
         port = body.get("port")
         if port is not None and (not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536):
             raise MeshError("INVALID_REQUEST", "port: 1 to 65535")
-        return _json(await r.router.run_on(node, StartService(mv.name, gpus, port, config)), 202)
+        resp = _json(await r.router.run_on(node, StartService(mv.name, gpus, port, config)), 202)
+        resp.headers["Location"] = f"/models/{mv.name}/services"
+        return resp
 
     @app.delete("/models/<model:name>/services/<node>")
     async def stop_serving(name: str, node: str) -> Response:

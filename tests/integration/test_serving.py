@@ -71,6 +71,7 @@ async def put_model(mesh: Mesh, h: Handle, tmp_path: Path, name: str = "org/e", 
     r = await mesh.client.post(h.url + f"/models/{name}/download",
                                json={"source_url": src.as_uri(), "target_device": f"{h.node.cfg.node_id}:disk"})
     assert r.status_code == 202, r.text
+    assert r.headers["location"] == f"/transfers/{r.json()['transfer_id']}"
     await wait_for(lambda: h.node.store.get(name, "disk") is not None, what=f"{name} on {h.node.cfg.node_id}")
     return digest
 
@@ -108,6 +109,7 @@ async def test_serve_shows_everywhere_and_stop_leaves_nothing(mesh: Mesh, tmp_pa
                                json={"device": "node1:gpu1", "config": engine_config()})
     assert r.status_code == 202, r.text
     assert r.json()["state"] == "starting" and r.json()["gpus"] == [1]
+    assert r.headers["location"] == "/models/org/e/services"
 
     async def healthy() -> bool:
         return await state_on(mesh, b) == "healthy"
