@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -33,7 +32,7 @@ from protocol.gpus import (
 )
 from protocol.keys import GPUS_KEY
 
-from .mesh import Mesh
+from .mesh import Mesh, wall_ms
 
 __all__ = ["FakeGpus", "GpuMonitor", "GpuReadError", "GpuReader", "NvmlReader", "open_reader"]
 
@@ -240,10 +239,6 @@ def open_reader(fake_totals: tuple[int, ...], node_id: str) -> GpuReader | None:
 
 
 # -- the monitor ------------------------------------------------------------------------------
-
-
-def wall_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class GpuMonitor:

@@ -75,8 +75,6 @@ _GPU_GAUGES = (
 class _Collector:
     def __init__(self, stats: Mapping[str, Any], g: Gauges) -> None:
         self.stats = stats
-        self.members = g.members
-        self.gpus = g.gpus
         self.g = g
 
     def collect(self) -> Iterator[Metric]:
@@ -85,7 +83,7 @@ class _Collector:
             c = CounterMetricFamily(f"meshnode_{name}", help_text)
             c.add_metric([], float(stats.get(name, 0)))
             yield c
-        yield self._by("meshnode_members", "members by state", MEMBER_STATES, self.members)
+        yield self._by("meshnode_members", "members by state", MEMBER_STATES, self.g.members)
         yield self._by("meshnode_transfers", "this node's transfers by status (finished ones as kept in its history)",
                        TRANSFER_STATES, self.g.transfers)
         yield self._by("meshnode_jobs", "the mesh's jobs by status", JOB_STATES, self.g.jobs)
@@ -114,7 +112,7 @@ class _Collector:
         return g
 
     def _gpus(self) -> Iterator[Metric]:
-        rec = self.gpus
+        rec = self.g.gpus
         if rec is None or rec.source == "none":
             return
         stale = GaugeMetricFamily("meshnode_gpu_stale", "1 while GPU reads fail (the figures are the last good ones)")

@@ -62,7 +62,7 @@ from protocol.serving import (
 from .copies.store import Store
 from .errors import MeshError
 from .gpus import FakeGpus, GpuMonitor
-from .mesh import Mesh
+from .mesh import Mesh, wall_ms
 
 __all__ = ["Services", "ServingSettings"]
 
@@ -84,10 +84,6 @@ class ServingSettings:
     binaries: dict[str, str] = field(default_factory=dict)
     drain_s: float = 30.0
     policy: LifePolicy = field(default_factory=LifePolicy)
-
-
-def wall_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def _kill_group(pgid: int, sig: int) -> None:

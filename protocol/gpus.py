@@ -23,11 +23,12 @@ anything out of shape or beyond the bounds (``MAX_GPUS``, ``MAX_PROCESSES``).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .keys import RecordError
+from .keys import RecordError, _dict, _int
+from .keys import _str as _keys_str
 
 __all__ = [
     "MAX_GPUS",
@@ -44,31 +45,12 @@ __all__ = [
 MAX_GPUS = 64
 MAX_PROCESSES = 64  # per GPU; more are counted, not listed
 _TEXT_MAX = 200
-_INT_MAX = 2**63 - 1
 MiB = 2**20
 GiB = 2**30
 
 
-def _dict(raw: Any, what: str) -> Mapping[str, Any]:
-    if not isinstance(raw, dict):
-        raise RecordError(f"{what}: expected a map")
-    return raw
-
-
-def _int(raw: Any, what: str, *, optional: bool = False, hi: int = _INT_MAX) -> Any:
-    if raw is None and optional:
-        return None
-    if not isinstance(raw, int) or isinstance(raw, bool) or not 0 <= raw <= hi:
-        raise RecordError(f"{what}: expected an integer from 0 to {hi}")
-    return raw
-
-
 def _str(raw: Any, what: str, *, optional: bool = False) -> Any:
-    if raw is None and optional:
-        return None
-    if not isinstance(raw, str) or len(raw) > _TEXT_MAX:
-        raise RecordError(f"{what}: expected a string of at most {_TEXT_MAX} characters")
-    return raw
+    return _keys_str(raw, what, optional=optional, max_chars=_TEXT_MAX)
 
 
 def _list(raw: Any, what: str, limit: int) -> list[Any]:

@@ -157,11 +157,12 @@ def _str(raw: Any, what: str, *, optional: bool = False, max_chars: int = _STR_M
     return raw
 
 
-def _int(raw: Any, what: str, *, optional: bool = False, lo: int = 0) -> Any:
+def _int(raw: Any, what: str, *, optional: bool = False, lo: int = 0, hi: int = _INT_MAX) -> Any:
     if raw is None and optional:
         return None
-    if not isinstance(raw, int) or isinstance(raw, bool) or not lo <= raw <= _INT_MAX:
-        raise RecordError(f"{what}: expected an integer of at least {lo}")
+    if not isinstance(raw, int) or isinstance(raw, bool) or not lo <= raw <= hi:
+        raise RecordError(f"{what}: expected an integer from {lo} to {hi}" if hi < _INT_MAX
+                          else f"{what}: expected an integer of at least {lo}")
     return raw
 
 
