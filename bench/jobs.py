@@ -51,31 +51,55 @@ def free_port() -> int:
 
 
 class Node:
+    """One ``meshnode start`` process on loopback.  Its two ports are picked
+    free just before the start; another process can take one in between, so
+    a start refused for an address in use is retried on fresh ports (at
+    most ``ATTEMPTS`` times)."""
+
+    ATTEMPTS = 5
+
     def __init__(self, root: Path, name: str, join: str | None, *extra: str) -> None:
         self.name = name
         self.root = root
+        self.join = join
+        self.extra = extra
+        self.attempt = 0
+        self.launch()
+
+    def launch(self) -> None:
+        self.attempt += 1
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [EXE, "start", "--node-id", name, "--port", str(self.port), "--data-dir", str(root / name),
-               "--dram-dir", str(root / f"{name}-shm"), "--gossip-interval", "0.2", "--probe-interval", "0.5",
-               "--allow-private-sources", "--ingest-roots", str(root.parent), "--log-level", "WARNING", *extra]
-        if join:
-            cmd += ["--join", join]
-        self.log = open(root / f"{name}.log", "wb")
+        cmd = [EXE, "start", "--node-id", self.name, "--port", str(self.port), "--data-port", str(free_port()),
+               "--data-dir", str(self.root / self.name), "--dram-dir", str(self.root / f"{self.name}-shm"),
+               "--gossip-interval", "0.2", "--probe-interval", "0.5", "--allow-private-sources",
+               "--ingest-roots", str(self.root.parent), "--log-level", "WARNING", *self.extra]
+        if self.join:
+            cmd += ["--join", self.join]
+        self.log = open(self.root / f"{self.name}.log", "wb")
         self.p = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def tail(self) -> str:
+        self.log.flush()
+        return (self.root / f"{self.name}.log").read_text(errors="replace")[-2000:]
 
     def wait_up(self, c: httpx.Client) -> None:
         t0 = time.monotonic()
         while time.monotonic() - t0 < 30:
+            if self.p.poll() is not None:
+                tail = self.tail()
+                if "Address already in use" not in tail or self.attempt >= self.ATTEMPTS:
+                    raise SystemExit(f"{self.name} did not start:\n{tail}")
+                self.log.close()
+                self.launch()
+                continue
             try:
                 if c.get(self.url + "/health").status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
-        self.log.flush()
-        tail = (self.root / f"{self.name}.log").read_text(errors="replace")[-2000:]
-        raise SystemExit(f"{self.name} did not start:\n{tail}")
+        raise SystemExit(f"{self.name} did not start:\n{self.tail()}")
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.p.poll() is None:
