@@ -176,7 +176,7 @@ def curl_to_disk(urls_outs: list[tuple[str, Path]]) -> float:
     procs = [subprocess.Popen(["curl", "-s", "-f", "-o", str(out), url]) for url, out in urls_outs]
     for p in procs:
         if p.wait() != 0:
-            raise SystemExit(f"curl failed: {p.args}")
+            raise SystemExit(f"curl failed: {p.args!r}")
     for _url, out in urls_outs:
         fd = os.open(out, os.O_RDONLY)
         try:
@@ -210,8 +210,8 @@ def parallel(c: httpx.Client, nodes: list[Node], root: Path, size_mib: int) -> N
         for aid, node in (("a", "node1"), ("b", "node2")):
             job, _t0 = run_job(c, nodes[0], {"name": f"alone-{aid}", "actions": [dl(aid, node, "alone")]})
             assert job["status"] == "completed", job["error"]
-            (s, f), = step_times(job)
-            alone.append((f - s) / 1000)
+            (s, e), = step_times(job)
+            alone.append((e - s) / 1000)
         job, _t0 = run_job(c, nodes[0], {"name": "both", "actions": [dl("a", "node1", "both"), dl("b", "node2", "both")]})
         assert job["status"] == "completed", job["error"]
         times = step_times(job)
