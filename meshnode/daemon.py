@@ -72,6 +72,7 @@ from .proxy import InferenceProxy
 from .ratelimit import TokenBucket
 from .registry import Registry
 from .saver import Saver
+from .sdnotify import Notifier
 from .serving import Services, ServingSettings
 from .views import Views
 
@@ -120,6 +121,8 @@ class MeshNode:
         self._member_hosts: set[str] = set()
         self._member_hosts_version = -1
         self.started = trio.Event()
+        self.ready = trio.Event()  # listening, and every join seed tried (systemd's READY=1)
+        self.ready_status = ""
         self._stop = trio.Event()
 
     @property
@@ -200,6 +203,7 @@ class MeshNode:
             await nursery.start(self.services.run)
             await nursery.start(self.transfers.run)
             await nursery.start(self.jobs.run)
+            sender.watch_seeds([j for j in cfg.join if j != self.address])
             await nursery.start(self.mesh.run)
             await nursery.start(self.saver.run, cfg.persist_interval_s)
             await nursery.start(self.copies.run, cfg.storage_refresh_s)
@@ -209,10 +213,28 @@ class MeshNode:
             )
             self.started.set()
             task_status.started(self)
+            nursery.start_soon(self._announce_ready, sender)
             await self._stop.wait()
             await self.mesh.leave(cfg.peer_timeout_s)
             await self.saver.save_snapshot()
             nursery.cancel_scope.cancel()
+
+    async def _announce_ready(self, sender: PeerSender) -> None:
+        """Ready once every join seed has had its first try (bounded by the
+        peer timeout): a node that cannot reach its seeds is up all the same,
+        alone, and keeps dialling them; its status says so."""
+        with trio.move_on_after(self.cfg.peer_timeout_s + 1.0):
+            await sender.seeds_tried.wait()
+        seeds = [j for j in self.cfg.join if j != self.address]
+        if not seeds:
+            self.ready_status = f"{self.cfg.node_id}: serving on {self.url}; no join seeds (a mesh of its own)"
+        elif sender.seeds_answered:
+            self.ready_status = (f"{self.cfg.node_id}: serving on {self.url}; joined through "
+                                 f"{', '.join(sender.seeds_answered)}")
+        else:
+            self.ready_status = (f"{self.cfg.node_id}: serving on {self.url}; no join seed answered yet "
+                                 f"({', '.join(seeds)}), retrying")
+        self.ready.set()
 
     async def _start(self, address: str, sender: PeerSender, data_client: DataClient, peers: PeerClient) -> None:
         """Load the saved state, join at a new generation, make the parts."""
@@ -384,19 +406,48 @@ class MeshNode:
         return render_metrics(self.statistics(), g)
 
 
-async def _run_until_signal(node: MeshNode) -> None:
+async def _run_until_signal(node: MeshNode, notifier: Notifier | None = None) -> None:
     async with trio.open_nursery() as nursery:
 
         async def watch_signals() -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
                 async for sig in sigs:
                     log.info("received %s: leaving the mesh", signal.Signals(sig).name)
+                    if notifier is not None:
+                        notifier.notify(stopping="1", status="leaving the mesh")
                     node.stop()
                     return
 
         nursery.start_soon(watch_signals)
+        if notifier is not None and notifier.enabled:
+            nursery.start_soon(_tell_systemd, node, notifier)
         await node.run()
         nursery.cancel_scope.cancel()
+
+
+async def _tell_systemd(node: MeshNode, notifier: Notifier) -> None:
+    """READY=1 once the node is ready; then, with a watchdog, WATCHDOG=1 at
+    a third of its period, but only while the gossip loop keeps ticking: a
+    node whose event loop is stuck stops petting, and systemd restarts it."""
+    await node.ready.wait()
+    notifier.notify(ready="1", status=node.ready_status)
+    log.info("told systemd the node is ready%s",
+             f" (watchdog every {notifier.watchdog_s:g} s)" if notifier.watchdog_s else "")
+    period = notifier.watchdog_s
+    if period is None:
+        return
+    stalled = False
+    while True:
+        await trio.sleep(period / 3)
+        mesh = node.mesh
+        last = mesh.last_tick if mesh is not None else None
+        if last is not None and trio.current_time() - last < period / 2:
+            notifier.notify(watchdog="1")
+            stalled = False
+        elif not stalled:  # one line a stall
+            log.warning("the gossip loop has not run for %.1f s: not petting systemd's watchdog",
+                        trio.current_time() - last if last is not None else -1.0)
+            stalled = True
 
 
 def _tune_gc() -> None:
@@ -419,9 +470,10 @@ def main_start(args: Any) -> int:
         print(f"meshnode: error: {e}", file=sys.stderr)
         return 2
     node = MeshNode(cfg)
+    notifier = Notifier.from_environ()  # before any engine inherits the environment
     _tune_gc()
     try:
-        trio.run(_run_until_signal, node)
+        trio.run(_run_until_signal, node, notifier)
     except BaseException as e:  # trio's exception groups, as one clear line
         leaf = first_of(e, DataDirError)
         if leaf is not None:

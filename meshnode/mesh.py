@@ -52,6 +52,7 @@ class Mesh:
         self._catalog_changed = trio.Event()
         self._members_logged_hash: int | None = None
         self._member_states: dict[str, tuple[str, int]] = {}  # as last logged: state, generation
+        self.last_tick: float | None = None  # trio time the gossip loop last ran (the watchdog's pulse)
         gossip.catalog.subscribe(self)  # wakes readers waiting for a write (wait_seen)
 
     # -- who we are ---------------------------------------------------------------------
@@ -156,6 +157,7 @@ class Mesh:
         g = self.gossip
         task_status.started()
         while True:
+            self.last_tick = trio.current_time()
             try:
                 self.sender.enqueue(g.tick(trio.current_time(), self.rng))
                 self._log_notices()

@@ -94,6 +94,29 @@ class PeerSender:
         self._send, self._recv = trio.open_memory_channel[Send](cfg.send_queue_max)
         self.stats: Counter[str] = Counter()
         self._warned: set[tuple[str, str]] = set()
+        self._seeds_pending: set[str] = set()
+        self.seeds_tried = trio.Event()
+        self.seeds_answered: list[str] = []
+
+    def watch_seeds(self, seeds: list[str]) -> None:
+        """Log how the first message to each join seed fares (answered, or
+        why not), and set ``seeds_tried`` once every one has had its try."""
+        self._seeds_pending = set(seeds)
+        if not seeds:
+            self.seeds_tried.set()
+
+    def _seed_outcome(self, to: str, problem: str | None) -> None:
+        if to not in self._seeds_pending:
+            return
+        self._seeds_pending.discard(to)
+        if problem is None:
+            self.seeds_answered.append(to)
+            log.info("join seed %s answered", to)
+        else:
+            log.warning("join seed %s unreachable (%s); the node keeps dialling its seeds in the background",
+                        to, problem)
+        if not self._seeds_pending:
+            self.seeds_tried.set()
 
     def enqueue(self, sends: list[Send]) -> None:
         for s in sends:
@@ -120,10 +143,12 @@ class PeerSender:
             # must still never end the node, so it is caught here too.
             self.stats["failed"] += 1
             log.debug("message to %s failed: %s", s.to[:80], type(e).__name__)
+            self._seed_outcome(s.to, f"{type(e).__name__}: {str(e)[:120]}" if str(e) else type(e).__name__)
             return False
         if r.status_code == 204 or r.status_code == 200:
             self.stats["sent"] += 1
             self._warned.discard((s.to, "refused"))
+            self._seed_outcome(s.to, None)
             return True
         self.stats["refused"] += 1
         reason = ""
@@ -131,6 +156,7 @@ class PeerSender:
             reason = str(r.json()["error"]["message"])[:200]
         except (ValueError, KeyError, TypeError):  # not our error shape: show the text
             reason = r.text[:200]
+        self._seed_outcome(s.to, f"HTTP {r.status_code}: {reason}")
         if self._first(s.to, "refused"):
             log.warning("peer %s refused our message (HTTP %d): %s", s.to, r.status_code, reason)
         return False
