@@ -98,6 +98,7 @@ class MeshNode:
             refusals=self.refusals,
             generation=lambda: self.generation,
             metrics=self._metrics,
+            not_ready=self._not_ready,
         )
         # Made once the node has joined (``_start``).
         self.mesh: Mesh | None = None
@@ -218,6 +219,13 @@ class MeshNode:
             await self.mesh.leave(cfg.peer_timeout_s)
             await self.saver.save_snapshot()
             nursery.cancel_scope.cancel()
+
+    def _not_ready(self) -> str | None:
+        if self._stop.is_set():
+            return "the node is leaving the mesh"
+        if not self.ready.is_set():
+            return "the node is starting: trying its join seeds"
+        return None
 
     async def _announce_ready(self, sender: PeerSender) -> None:
         """Ready once every join seed has had its first try (bounded by the

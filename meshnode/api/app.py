@@ -53,6 +53,7 @@ PUBLIC_BODY_MAX = 1024 * 1024
 AFTER_HEADER = "X-Mesh-After"  # a request: answer once this write is seen here
 TOKEN_HEADER = "X-Mesh-Token"  # a write's answer: its causality token
 READ_AFTER_WAIT_S = 2.0
+OPEN_PATHS = frozenset({"/health", "/ready"})  # answered without a token: probes carry none
 
 
 JSON_DEPTH_MAX = 32
@@ -149,6 +150,7 @@ class ApiParts:
     refusals: Refusals
     generation: Callable[[], int]
     metrics: Callable[[], tuple[bytes, str]]
+    not_ready: Callable[[], str | None] = lambda: None  # why the node is not ready; None when it is
     running: Running | None = None
 
 
@@ -202,7 +204,7 @@ def _public_app(parts: ApiParts) -> QuartTrio:
                 r.headers["connection"] = "close"
                 return r
             return None
-        if path == "/health":
+        if path in OPEN_PATHS:
             return None
         if not check_bearer(request.headers.get("authorization"), parts.api_tokens):
             parts.refusals.note(_remote(), "an API request")
@@ -214,7 +216,7 @@ def _public_app(parts: ApiParts) -> QuartTrio:
         """``X-Mesh-After: <token>``: answer only once this node has seen that
         write (``protocol.causal``), waiting at most READ_AFTER_WAIT_S."""
         text = request.headers.get(AFTER_HEADER)
-        if text is None or request.path.startswith("/mesh/") or request.path == "/health":
+        if text is None or request.path.startswith("/mesh/") or request.path in OPEN_PATHS:
             return
         try:
             after = After.parse(text)
@@ -283,6 +285,15 @@ def _public_app(parts: ApiParts) -> QuartTrio:
     @app.get("/health")
     async def health() -> Response:
         return _json({"status": "ok", "node_id": parts.node_id, "generation": parts.generation()})
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        """200 once the node listens and has tried every join seed; 503
+        ``NOT_READY`` while it starts or leaves (a readiness probe)."""
+        why = parts.not_ready()
+        if why is not None:
+            return _error(503, "NOT_READY", why)
+        return _json({"status": "ready", "node_id": parts.node_id, "generation": parts.generation()})
 
     @app.get("/status")
     async def status() -> Response:

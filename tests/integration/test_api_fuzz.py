@@ -26,7 +26,7 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from meshnode.api.app import _public_app
@@ -43,6 +43,7 @@ pytestmark = pytest.mark.slow
 # method, path template: every route of the app (test_the_route_list_is_complete checks it)
 ROUTES = [
     ("GET", "/health"),
+    ("GET", "/ready"),
     ("GET", "/status"),
     ("GET", "/nodes"),
     ("GET", "/storage"),
@@ -239,6 +240,10 @@ def test_fuzzed_requests_on_every_route_get_no_5xx(nodes: list[Proc]) -> None:
 
         @FUZZ
         @given(requests())
+        # Requests the node accepts (202), whatever the draws: the fuzzing also runs past the checks.
+        @example(("POST", "/models/acme/m/download",
+                  json.dumps({"source_url": "file:///FUZZROOT/w.bin", "target_device": "fa:disk"}).encode()))
+        @example(("POST", "/models/acme/m/copy", json.dumps({"to_device": "fb:dram"}).encode()))
         def one(req: tuple[str, str, bytes]) -> None:
             method, target, body = req
             body = body.replace(b"/FUZZROOT", str(a.root / "models").encode())  # a file it may ingest

@@ -14,9 +14,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
+import kubernetes_validate
 import pytest
+import yaml
 
 from meshnode.config import ConfigError, add_start_arguments, config_from_args
 from tests.integration.test_process import FAST, Proc, free_port
@@ -253,3 +256,139 @@ env -u PYTHONPATH {sys.executable} {check} {site}
     assert len(one["secrets"][1].strip()) >= 43 and one["secrets"] == two["secrets"]  # 32 random bytes, shared
     assert again["env"] == two["env"] + "# an operator edit\n" and again["secrets"] == two["secrets"]
     assert "systemd is not running on this host" in r.stdout
+
+
+# -- Kubernetes -------------------------------------------------------------------------
+
+K8S = ROOT / "deploy" / "kubernetes"
+K8S_VERSION = "1.30"
+
+
+def k8s_docs() -> list[dict[str, Any]]:
+    return [d for f in ("namespace", "service", "daemonset") for d in yaml.safe_load_all((K8S / f"{f}.yaml").read_text())]
+
+
+def daemonset() -> dict[str, Any]:
+    (ds,) = [d for d in k8s_docs() if d["kind"] == "DaemonSet"]
+    return ds
+
+
+def test_the_manifests_validate_against_kubernetes_schema() -> None:
+    for d in k8s_docs():
+        kubernetes_validate.validate(d, K8S_VERSION, strict=True)
+    bad = daemonset()
+    bad["spec"]["template"]["spec"]["containers"][0]["livenesProbe"] = {}  # a typo the schema must catch
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, K8S_VERSION, strict=True)
+
+
+def test_the_daemonset_says_what_the_node_takes() -> None:
+    """Its variables are the node's own, its probes name real routes on the
+    port the node listens on, its id is the Kubernetes node's name, and its
+    data directories are the host paths mounted there."""
+    spec = daemonset()["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
+    env = {e["name"]: e for e in c["env"]}
+    known = {a.dest.upper() for a in _start_parser()._actions} | {"LOG_FORMAT"}
+    assert {k.removeprefix("MESHNODE_") for k in env if k.startswith("MESHNODE_")} <= known
+    assert env["MESHNODE_NODE_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    assert spec["hostNetwork"] is True and env["MESHNODE_ADVERTISE"]["value"] == "$(HOST_IP):7420"
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"api": int(env["MESHNODE_PORT"]["value"]), "data": int(env["MESHNODE_DATA_PORT"]["value"])}
+    probes = {k: c[k]["httpGet"] for k in ("startupProbe", "livenessProbe", "readinessProbe")}
+    assert {p["path"] for p in probes.values()} == {"/health", "/ready"} and {p["port"] for p in probes.values()} == {"api"}
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    for var in ("MESHNODE_DATA_DIR", "MESHNODE_DRAM_DIR"):
+        path = env[var]["value"]
+        assert volumes[mounts[path]]["hostPath"]["path"] == path
+    sc = c["securityContext"]
+    assert sc["runAsNonRoot"] and sc["readOnlyRootFilesystem"] and sc["capabilities"]["drop"] == ["ALL"]
+
+
+def test_a_node_with_the_daemonsets_environment_answers_its_probes(tmp_path: Path) -> None:
+    """The container's environment, as the kubelet would expand it (the
+    node's name, the host's address), on loopback: the node starts, reads its
+    secrets from the mounted files, logs JSON, and its probes answer 200."""
+    (c,) = daemonset()["spec"]["template"]["spec"]["containers"]
+    fields = {"spec.nodeName": "k8s-node-1", "status.hostIP": "127.0.0.1"}
+    env: dict[str, str] = {}
+    for e in c["env"]:
+        value = fields[e["valueFrom"]["fieldRef"]["fieldPath"]] if "valueFrom" in e else e["value"]
+        env[e["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], value)
+    secrets_dir = tmp_path / "etc-meshnode"
+    secrets_dir.mkdir()
+    for var in ("MESHNODE_API_TOKENS_FILE", "MESHNODE_CLUSTER_SECRET_FILE"):
+        f = secrets_dir / Path(env[var]).name
+        f.write_text(os.urandom(32).hex())
+        env[var] = str(f)
+    port, data_port = free_port(), free_port()
+    env.update(MESHNODE_HOST="127.0.0.1", MESHNODE_PORT=str(port), MESHNODE_DATA_PORT=str(data_port),
+               MESHNODE_ADVERTISE=f"127.0.0.1:{port}", MESHNODE_JOIN="",  # the first node: no cluster DNS here
+               MESHNODE_DATA_DIR=str(tmp_path / "data"), MESHNODE_DRAM_DIR=str(tmp_path / "shm"), HOME=str(tmp_path))
+    log = tmp_path / "node.log"
+    with open(log, "wb") as out:
+        p = subprocess.Popen([str(MESHNODE), *c["args"]], stdout=out, stderr=subprocess.STDOUT,
+                             env={**os.environ, **env})
+    try:
+        deadline = time.monotonic() + 20
+        for path in ("/health", "/ready"):
+            while True:
+                try:
+                    r = httpx.get(f"http://127.0.0.1:{port}{path}", timeout=2)
+                    if r.status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert p.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.1)
+            assert r.json()["node_id"] == "k8s-node-1"
+        r = httpx.get(f"http://127.0.0.1:{port}/nodes", timeout=2)
+        assert r.status_code == 401  # the token from the Secret's file is required
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=30) == 0
+        lines = [json.loads(ln) for ln in log.read_text().splitlines() if ln.strip()]
+        assert any("listening on" in ln["message"] for ln in lines)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def k8s_block() -> str:
+    block = re.search(r"```sh\n(docker build -f deploy/kubernetes.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert block is not None, "README's Kubernetes block"
+    return block.group(1)
+
+
+def test_the_kubernetes_lines_run_as_written_against_stand_ins(tmp_path: Path) -> None:
+    """README's Kubernetes lines, run as written in a copy of the checkout's
+    layout, with ``docker`` and ``kubectl`` the checking stand-ins of
+    k8s_shims.py (no cluster in CI).  One mistake each, to show they catch it."""
+    work = tmp_path / "checkout"
+    work.mkdir()
+    for name in ("deploy", "protocol", "meshnode", "sim", "pyproject.toml", "README.md"):
+        (work / name).symlink_to(ROOT / name)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for prog in ("docker", "kubectl"):
+        shim = bin_dir / prog
+        shim.write_text(f"#!/bin/sh\nexec {sys.executable} {ROOT / 'tests/integration/k8s_shims.py'} {prog} \"$@\"\n")
+        shim.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SHIM_K8S_VERSION": K8S_VERSION,
+           "SHIM_STATE": str(tmp_path / "state.json")}
+    script = k8s_block()
+    r = subprocess.run(["bash", "-e", "-c", script], cwd=work, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert 'daemon set "meshnode" validated' in r.stdout
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["secrets"] == {"meshnode/meshnode": ["api-tokens", "cluster-secret"]}
+    assert len((work / "cluster-secret").read_text().strip()) == 43
+
+    # The stand-ins fail where the real commands would.
+    for wrong, says in ((script.replace("--from-file=cluster-secret", "--from-file=api-tokens"), "has no key"),
+                        (script.replace("docker push", "true"), "was never pushed"),
+                        (script.replace("kubectl apply -f deploy/kubernetes/namespace.yaml", "true"), "not found")):
+        (tmp_path / "state.json").unlink()
+        r = subprocess.run(["bash", "-e", "-c", wrong], cwd=work, env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0 and says in r.stderr, r.stderr

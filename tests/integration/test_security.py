@@ -248,3 +248,26 @@ async def _alive_everywhere(mesh: Mesh, handles: list[Handle], node: str) -> boo
 
 async def _listed(mesh: Mesh, url: str, model: str) -> bool:
     return (await mesh.client.get(url + f"/models/{model}")).status_code == 200
+
+
+async def test_ready_waits_for_the_seeds_and_needs_no_token(mesh: Mesh) -> None:
+    """/ready is a readiness probe: 503 NOT_READY while a join seed has not
+    answered nor failed (here one that accepts and never answers, until the
+    peer timeout), then 200; no token, as /health."""
+    held: list[trio.SocketStream] = []
+
+    async def hold(stream: trio.SocketStream) -> None:
+        held.append(stream)
+        await trio.sleep_forever()
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    mesh.nursery.start_soon(trio.serve_listeners, hold, listeners)
+    port = listeners[0].socket.getsockname()[1]
+    a = await mesh.start("a", "--api-tokens", "t" * 40, "--join", f"127.0.0.1:{port}")
+    r = await mesh.client.get(a.url + "/ready")
+    assert r.status_code == 503 and r.json()["error"]["code"] == "NOT_READY", r.text
+    with trio.fail_after(10):
+        await a.node.ready.wait()
+    r = await mesh.client.get(a.url + "/ready")
+    assert r.status_code == 200 and r.json()["node_id"] == "a" and held
+    assert a.node.ready_status.endswith(f"no join seed answered yet (127.0.0.1:{port}), retrying")

@@ -225,7 +225,7 @@ def world() -> Iterator[World]:
 
 def test_the_usage_examples_run_as_written(world: World) -> None:
     found = blocks()
-    assert len(found) == 5, "README's sh blocks: the demo, running a mesh, the command line, install, benchmarks"
+    assert len(found) == 6, "README's sh blocks: the demo, running a mesh, the command line, install (systemd, Kubernetes), benchmarks"
     mesh_lines, cli = commands(found[1]), found[2]
     starts = [c for c in mesh_lines if c.startswith("meshnode start")]
     assert [re.search(r"--node-id (\S+)", c).group(1) for c in starts] == ["gpu1", "gpu2"]  # type: ignore[union-attr]
