@@ -114,6 +114,7 @@ class MeshNode:
         self.proxy: InferenceProxy | None = None
         self.http: HttpServer | None = None
         self.data_server: DataServer | None = None
+        self.data_client: DataClient | None = None
         self.data_port = 0
         self.address: str | None = None
         self.url: str | None = None
@@ -160,7 +161,7 @@ class MeshNode:
             elif not root.is_dir():
                 log.warning("ingest root %s is not a directory: nothing can be ingested from it", root)
         server_ssl, client_ssl = self._ssl_contexts()
-        data_client = DataClient(
+        data_client = self.data_client = DataClient(
             cfg.secrets.cluster_secrets,
             ssl_context=client_ssl,
             ingress=TokenBucket(cfg.max_ingress_bps, 1024 * 1024) if cfg.max_ingress_bps else None,
@@ -391,6 +392,12 @@ class MeshNode:
             out.update(self.mesh.statistics())
         if self.http is not None:
             out.update(self.http.statistics())
+        if self.data_client is not None:
+            out["data_received_bytes"] = self.data_client.statistics().bytes_received
+        if self.data_server is not None:
+            out["data_sent_bytes"] = self.data_server.statistics().bytes_sent
+        if self.puller is not None:
+            out.update(self.puller.totals)
         return out
 
     def data_server_stats(self) -> dict[str, Any]:
@@ -402,11 +409,13 @@ class MeshNode:
         if self.mesh is not None:
             members.update(m.state.label for m in self.mesh.members())
         g.members = members
+        g.latency = self.api.latency
         g.gpus = self.gpus.current if self.gpus is not None else None
         if self.copies is not None:
             g.tiers = self.copies.storage()
         if self.transfers is not None:
             g.transfers = Counter(t.status.value for t in self.transfers.by_id.values())
+            g.fetched_bytes = self.transfers.web.fetched_bytes
         if self.jobs is not None:
             g.jobs = Counter(v.status.value for v in self.jobs.views())
         if self.services is not None:

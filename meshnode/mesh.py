@@ -47,6 +47,7 @@ class Mesh:
         self.sender = sender
         self.rng = rng
         self.bad_messages = 0
+        self.received_bytes = 0
         self._log_once = LogOnce()
         self._leave_acked = trio.Event()
         self._catalog_changed = trio.Event()
@@ -170,6 +171,7 @@ class Mesh:
         """Decode, check and apply one peer message; ``signer`` is the node id
         its credential proved (None when the node needs none).  Raises
         RemoteProtocolError (and logs it)."""
+        self.received_bytes += len(data)
         try:
             env = decode(data, self.cluster)
             if signer is not None and env.sender != signer:
@@ -295,6 +297,9 @@ class Mesh:
             "identity_conflicts": s.identity_conflicts,
             "generation_moves": s.generation_moves,
             "future_generations_dropped": s.future_generations_dropped,
+            "gossip_rounds": s.gossip_rounds,
+            "gossip_received_bytes": self.received_bytes,
+            "gossip_sent_bytes": self.sender.stats["bytes"],
             "catalog_nodes": len(g.catalog.nodes),
             "catalog_keys": sum(len(st.keys) for st in g.catalog.nodes.values()),
             **{f"send_{k}": v for k, v in self.sender.stats.items()},

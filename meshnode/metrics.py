@@ -16,17 +16,59 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from protocol.gpus import GpusRecord
 
-__all__ = ["Gauges", "render_metrics"]
+__all__ = ["Gauges", "RouteLatency", "render_metrics"]
 
 MEMBER_STATES = ("alive", "suspect", "dead", "left")
 TRANSFER_STATES = ("queued", "running", "done", "failed")
 JOB_STATES = ("pending", "running", "completed", "failed", "cancelled")
 SERVICE_STATES = ("starting", "healthy", "unhealthy", "restarting", "stopping", "error", "stopped")
+
+
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+class RouteLatency:
+    """Request durations by method and route (the route's rule, so the
+    series are bounded by the app's routes, not by what clients send)."""
+
+    def __init__(self) -> None:
+        self.series: dict[tuple[str, str], list[float]] = {}  # bucket counts, then the sum
+
+    def observe(self, method: str, route: str, seconds: float) -> None:
+        key = (method if method in METHODS else "other", route)
+        row = self.series.get(key)
+        if row is None:
+            row = self.series[key] = [0.0] * (len(LATENCY_BUCKETS_S) + 2)
+        for i, le in enumerate(LATENCY_BUCKETS_S):
+            if seconds <= le:
+                row[i] += 1
+                break
+        else:
+            row[len(LATENCY_BUCKETS_S)] += 1  # above the last bound: +Inf only
+        row[-1] += seconds
+
+    def family(self) -> HistogramMetricFamily:
+        h = HistogramMetricFamily("meshnode_http_request_duration_seconds",
+                                  "time from a request's head to its response's head, by method and route",
+                                  labels=["method", "route"])
+        for (method, route), row in sorted(self.series.items()):
+            cumulative, buckets = 0.0, []
+            for le, n in zip((*map(str, LATENCY_BUCKETS_S), "+Inf"), row[:-1], strict=True):
+                cumulative += n
+                buckets.append((le, cumulative))
+            h.add_metric([method, route], buckets, sum_value=row[-1])
+        return h
 
 
 @dataclass
@@ -40,6 +82,8 @@ class Gauges:
     transfers: Mapping[str, int] = field(default_factory=dict)  # this node's, by status
     jobs: Mapping[str, int] = field(default_factory=dict)  # the mesh's, by status
     services: Mapping[str, int] = field(default_factory=dict)  # this node's, by state
+    fetched_bytes: Mapping[str, int] = field(default_factory=dict)  # from outside the mesh, by source kind
+    latency: RouteLatency | None = None
     version: str = ""
 
 _COUNTERS = {
@@ -57,6 +101,15 @@ _COUNTERS = {
     "send_failed": "peer messages that failed to send",
     "send_dropped_queue_full": "peer messages dropped because the send queue was full",
     "http_connections_refused": "HTTP connections turned away at a connection bound",
+    "gossip_rounds": "gossip rounds (anti-entropy with random members) this node started",
+    "gossip_received_bytes": "bytes of peer messages received",
+    "gossip_sent_bytes": "bytes of peer messages delivered",
+    "data_received_bytes": "chunk bytes received over the data plane (verified or not)",
+    "data_sent_bytes": "chunk bytes sent over the data plane",
+    "chunks_verified": "chunks pulled from peers whose xxhash matched",
+    "bad_chunks": "chunks from peers whose xxhash did not match (fetched again elsewhere)",
+    "peer_bans": "peers banned from a transfer for serving bad chunks",
+    "chunk_stalls": "chunk requests that made no progress in time and moved to another peer",
 }
 
 
@@ -102,6 +155,13 @@ class _Collector:
         keys = GaugeMetricFamily("meshnode_catalog_keys", "catalog keys held, all origins")
         keys.add_metric([], float(stats.get("catalog_keys", 0)))
         yield keys
+        fetched = CounterMetricFamily("meshnode_source_fetched_bytes", "bytes fetched from outside the mesh "
+                                      "(hf: a Hugging Face hub, http: an http(s) URL)", labels=["source"])
+        for kind in dict.fromkeys(("hf", "http", *sorted(self.g.fetched_bytes))):
+            fetched.add_metric([kind], float(self.g.fetched_bytes.get(kind, 0)))
+        yield fetched
+        if self.g.latency is not None:
+            yield self.g.latency.family()
         yield from self._gpus()
 
     @staticmethod

@@ -136,8 +136,9 @@ class PeerSender:
     async def send_now(self, s: Send) -> bool:
         """Deliver one message; False (a log line, a count) on any failure of
         that one peer: a bad address, a refused connection, a timeout."""
+        body = encode(s.envelope)
         try:
-            r = await self.client.post(f"{self.cfg.scheme}://{s.to}{PEER_PATH}", content=encode(s.envelope))
+            r = await self.client.post(f"{self.cfg.scheme}://{s.to}{PEER_PATH}", content=body)
         except (httpx.HTTPError, httpx.InvalidURL, OSError, ValueError) as e:
             # InvalidURL is not an HTTPError: an address the decoder let through
             # must still never end the node, so it is caught here too.
@@ -147,6 +148,7 @@ class PeerSender:
             return False
         if r.status_code == 204 or r.status_code == 200:
             self.stats["sent"] += 1
+            self.stats["bytes"] += len(body)
             self._warned.discard((s.to, "refused"))
             self._seed_outcome(s.to, None)
             return True

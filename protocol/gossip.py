@@ -184,6 +184,7 @@ class Stats:
     generation_moves: int = 0
     future_generations_dropped: int = 0
     syncs_in_agreement: int = 0
+    gossip_rounds: int = 0
     counters: dict[str, int] = field(default_factory=dict)
 
 
@@ -469,6 +470,7 @@ class GossipNode:
         self._tick_probe(now, rng, out)
         if now >= self._next_gossip:
             self._next_gossip = max(self._next_gossip + cfg.gossip_interval_s, now)
+            self.stats.gossip_rounds += 1
             self._tick_gossip(now, rng, out)
             for m in self.members.expired_suspicions(now):
                 self._declare_dead(m.record.node_id, now)

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from quart import Response, g, request
@@ -37,6 +38,7 @@ from ..errors import MeshError
 from ..gpus import GpuMonitor
 from ..jobs import Jobs
 from ..mesh import Mesh
+from ..metrics import RouteLatency
 from ..pipelines import DOC_BYTES_MAX, load_document
 from ..proxy import InferenceProxy
 from ..registry import Registry
@@ -151,6 +153,7 @@ class ApiParts:
     generation: Callable[[], int]
     metrics: Callable[[], tuple[bytes, str]]
     not_ready: Callable[[], str | None] = lambda: None  # why the node is not ready; None when it is
+    latency: RouteLatency = field(default_factory=RouteLatency)
     running: Running | None = None
 
 
@@ -179,6 +182,18 @@ def _public_app(parts: ApiParts) -> QuartTrio:
         if parts.running is None:
             raise MeshError("STARTING", "the node is still starting")
         return parts.running
+
+    @app.before_request
+    async def _start_clock() -> None:  # first, so that a refused request is timed too
+        g.started = time.perf_counter()
+
+    @app.after_request
+    async def _observe(response: Response) -> Response:
+        started = getattr(g, "started", None)
+        if started is not None:
+            rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
+            parts.latency.observe(request.method, rule, time.perf_counter() - started)
+        return response
 
     @app.before_request
     async def _auth() -> Response | None:

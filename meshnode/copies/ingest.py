@@ -18,6 +18,7 @@ import functools
 import logging
 import os
 import shutil
+from collections import Counter
 from collections.abc import Callable
 from urllib.parse import urlparse
 
@@ -81,6 +82,7 @@ class WebIngest:
         self.publish = publish  # a transfer's progress into the catalog
         self.settle_s = settle_s
         self.allow_private = allow_private
+        self.fetched_bytes: Counter[str] = Counter()  # from outside the mesh since start: hf, http
 
     def _mesh_copy(self, sid: str) -> str | None:
         """The manifest hash of a copy made from ``sid`` that we can have."""
@@ -136,8 +138,11 @@ class WebIngest:
         staging = self.store.staging_dir(t.kind, f"ingest-{t.id}")
         make_dirs(staging)
         t.note = "fetching from the source"
+        kind = "hf" if hf is not None else "http"
 
         def progress(done: int, total: int | None, files_done: int, files_total: int | None) -> None:
+            if done > t.bytes_done:
+                self.fetched_bytes[kind] += done - t.bytes_done
             t.bytes_done, t.bytes_total = done, total or t.bytes_total
             t.files_done, t.files_total = files_done, files_total or t.files_total
 

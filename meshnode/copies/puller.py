@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections import Counter
 
 import trio
 
@@ -69,6 +70,8 @@ class Puller:
         self.source_wait_s = source_wait_s  # a running transfer waits this long for holders to come back
         self.rng = rng
         self._partials: dict[str, tuple[Partial, ChunkPlan]] = {}  # manifest hash -> what we are building
+        # Over every transfer since start (the metrics): chunks_verified, bad_chunks, peer_bans, chunk_stalls.
+        self.totals: Counter[str] = Counter()
 
     # -- serving what we are building -------------------------------------------------
 
@@ -197,11 +200,13 @@ class Puller:
                         data = await client.fetch_chunk(addrs[peer], mhash, index, ref.length, ref.digest, buf)
                     except ChunkMismatch:
                         t.bad_chunks += 1
+                        self.totals["bad_chunks"] += 1
                         banned = plan.on_bad(peer, index, trio.current_time())
                         log.warning("peer %s served a bad chunk %d of %s%s", peer, index, t.model,
                                     "; banned for this transfer" if banned else "")
                         if banned:
                             t.banned.append(peer)
+                            self.totals["peer_bans"] += 1
                         return
                     except (NotFound, PeerBusy, DataPlaneError, KeyError) as e:
                         log.debug("chunk %d from %s failed: %s", index, peer, e)
@@ -220,6 +225,7 @@ class Puller:
                     redundant = plan.on_verified(peer, index, trio.current_time())
                     by_source[peer] = by_source.get(peer, 0) + 1
                     t.chunks_fetched += 1
+                    self.totals["chunks_verified"] += 1
                     t.bytes_done += ref.length
                     for key in redundant:
                         s = scopes.get(key)
@@ -278,6 +284,7 @@ class Puller:
                     s = scopes.get((peer, index))
                     if s is not None:
                         s.cancel()
+                    self.totals["chunk_stalls"] += 1
                     log.info("chunk %d from %s stalled; asking another peer", index, peer)
                 for peer, index in plan.next_requests(now, rng):
                     if peer not in addrs:

@@ -13,6 +13,7 @@ from tests.integration.fakehub import FakeHub, FakeRepo, model_files, run_fakehu
 from tests.integration.test_sources import hf_env as hf_env  # autouse: a clean HF environment
 
 from .conftest import Handle, Mesh, all_alive, wait_for, wait_transfer
+from .test_metrics import scrape
 
 REPO = "acme/tiny"
 MARGIN = 256 * 1024
@@ -60,6 +61,9 @@ async def test_download_from_the_hub_registers_and_publishes(mesh: Mesh, hub: Fa
     assert info["metadata"]["revision"] == hub.repos[REPO].refs["main"]  # the resolved commit
     assert sorted(info["metadata"]["files"]) == sorted(hub_files(hub)) and info["metadata"]["file_count"] == 6
     assert t["files_total"] == t["files_done"] == 6 and t["bytes_done"] == t["bytes_total"] == info["size"]
+    samples, _ = await scrape(mesh, a.url)  # the hub's bytes, in the metrics
+    assert samples[("meshnode_source_fetched_bytes_total", (("source", "hf"),))] == info["size"]
+    assert samples[("meshnode_source_fetched_bytes_total", (("source", "http"),))] == 0
     # Asking again is a no-op that says so: nothing more from the hub.
     served = sum(hub.served.values())
     t = await finished(mesh, a, await download(mesh, a, REPO, {}))
