@@ -129,6 +129,7 @@ class Jobs:
         self._http = httpx.AsyncClient(trust_env=False, timeout=5.0, follow_redirects=False)
         self._transfer_of: dict[str, str] = {}  # step key -> the transfer it follows
         self.started_parts = 0
+        self._ends_logged: set[str] = set()  # jobs whose end this node (their coordinator) logged
 
     # -- catalog listener: the job book follows every job record --------------------------
 
@@ -334,6 +335,8 @@ class Jobs:
     def _coordinate(self, v: JobView) -> None:
         jid = v.job.job_id
         me = self.mesh.id
+        if v.status not in (JobStatus.PENDING, JobStatus.RUNNING) and jid not in self._ends_logged:
+            self._log_end(v)
         if self.mesh.entry(me, job_key(jid)) is None and not self._reachable(v.job.submitted_by):
             self.mesh.set(job_key(jid), v.job.to_value())  # outlives the reap of its dead writer's keys
             log.info("job %s: coordinating it, its writer %s being gone", jid, v.job.submitted_by)
@@ -351,6 +354,19 @@ class Jobs:
             node = p.node or "?"
             self._verdict(jid, a, p, PartStatus.FAILED, "NODE_UNAVAILABLE",
                           f"node {node} was unreachable for over {self.settings.node_wait_s:g} s")
+
+    def _log_end(self, v: JobView) -> None:
+        """One INFO line when a job ends, from its coordinator, and only for
+        a recent end (a restart does not log the ends it reads back)."""
+        if len(self._ends_logged) >= 2 * KEPT_JOBS_MAX:
+            self._ends_logged.clear()
+        self._ends_logged.add(v.job.job_id)
+        if wall_ms() - v.finished_ms > 60_000:
+            return
+        took = max(v.finished_ms - v.job.submitted_ms, 0) / 1000
+        steps = ", ".join(f"{aid} {av.status.value}" for aid, av in v.actions.items())
+        why = f"; first error: {v.first_error[0]} {v.first_error[1]}" if v.first_error else ""
+        log.info("job %s (%r) %s in %.1f s: %s%s", v.job.job_id, v.job.pipeline.name, v.status.value, took, steps, why)
 
     def _verdict(self, jid: str, a: Action, p: Part, status: PartStatus, code: str, message: str) -> None:
         now = wall_ms()
@@ -377,6 +393,7 @@ class Jobs:
                 self._forget(jid)
 
     def _forget(self, jid: str) -> None:
+        self._ends_logged.discard(jid)
         for key, _e in list(self.mesh.own_keys(JOB_PREFIX + jid)):
             if key == job_key(jid):
                 self.mesh.delete(key)

@@ -79,7 +79,9 @@ class Registry:
         write, warning = register_write(name, reg, existing, self.hlc, self.clock_ms())
         await self._commit([write], warning)
         changed = changed_fields(existing, reg)
-        if changed:
+        if existing is None:
+            log.info("model %s registered (type %r)", name, reg.model_type)
+        elif changed:
             log.info("model %s registered again; changed: %s", name, ", ".join(changed))
         return self.model(name), changed
 
@@ -87,6 +89,8 @@ class Registry:
         """Unregister; with ``purge`` also drop every recorded location.  The dropped devices."""
         dropped, writes, warning = unregister_writes(self.model(name), self.hlc, wall_ms(), purge=purge)
         await self._commit(writes, warning)
+        log.info("model %s unregistered%s", name,
+                 f" and purged (copies to delete: {', '.join(dropped) or 'none'})" if purge else "")
         return dropped
 
     async def set_location(self, name: str, device: str, present: bool) -> str:

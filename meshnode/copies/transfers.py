@@ -45,6 +45,7 @@ from .catalog import CopyCatalog, one_content
 from .ingest import WebIngest
 from .intents import Intents
 from .puller import Puller, TransferError, named_source, resumed_chunks
+from .sources.common import safe_url
 from .sources.guard import confine_path
 from .store import Copy, Store, StoreError
 from .transfer import Transfer
@@ -192,14 +193,20 @@ class Transfers:
                 return
             t.move(TransferStatus.RUNNING)
             self.publish(t)
+            src = source_text(t.source)
+            log.info("transfer %s started: %s to %s:%s from %s", t.id, t.model, self.mesh.id, t.kind,
+                     "any holder in the mesh" if src is None else safe_url(src) if "://" in src else src)
+            begun = trio.current_time()
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._progress, t)
                     await self._transfer(t)
                     nursery.cancel_scope.cancel()
                 t.move(TransferStatus.DONE)
-                log.info("transfer %s done: %s on %s:%s (%d chunks fetched, %d resumed)",
-                         t.id, t.model, self.mesh.id, t.kind, t.chunks_fetched, t.chunks_resumed)
+                took = max(trio.current_time() - begun, 1e-3)
+                log.info("transfer %s done: %s on %s:%s, %.1f MB in %.1f s (%.1f MB/s; %d chunks fetched, %d resumed%s)",
+                         t.id, t.model, self.mesh.id, t.kind, t.bytes_total / 1e6, took, t.bytes_total / 1e6 / took,
+                         t.chunks_fetched, t.chunks_resumed, f"; from {', '.join(t.sources)}" if t.sources else "")
             except Exception as exc:
                 e = first_mesh_error(exc)
                 if e is not None:
