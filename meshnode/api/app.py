@@ -55,6 +55,9 @@ PUBLIC_BODY_MAX = 1024 * 1024
 AFTER_HEADER = "X-Mesh-After"  # a request: answer once this write is seen here
 TOKEN_HEADER = "X-Mesh-Token"  # a write's answer: its causality token
 READ_AFTER_WAIT_S = 2.0
+PAGE_DEFAULT = 1000  # items of a list a page holds unless ?limit= says fewer
+PAGE_MAX = 1000
+JOBS_PAGE_DEFAULT = 100
 OPEN_PATHS = frozenset({"/health", "/ready"})  # answered without a token: probes carry none
 
 
@@ -326,8 +329,7 @@ def _public_app(parts: ApiParts) -> QuartTrio:
 
     @app.get("/nodes")
     async def nodes() -> Response:
-        items = running().views.nodes_json()
-        return _json({"nodes": items, "total_count": len(items)})
+        return _paged("nodes", running().views.nodes_json())
 
     @app.get("/storage")
     async def storage() -> Response:
@@ -366,8 +368,7 @@ def _public_app(parts: ApiParts) -> QuartTrio:
 
     @app.get("/transfers")
     async def transfers() -> Response:
-        items = running().transfers.transfers_json()
-        return _json({"transfers": items, "total_count": len(items)})
+        return _paged("transfers", running().transfers.transfers_json())
 
     @app.get("/transfers/<tid>")
     async def transfer(tid: str) -> Response:
@@ -409,22 +410,25 @@ def _public_app(parts: ApiParts) -> QuartTrio:
         r = running()
         return _job_created(r.jobs, await r.jobs.submit(load_document(data)))
 
-    def _page() -> tuple[int, int]:
+    def _page(default: int = PAGE_DEFAULT) -> tuple[int, int]:
         try:
-            limit = int(request.args.get("limit", "100"))
+            limit = int(request.args.get("limit", str(default)))
             offset = int(request.args.get("offset", "0"))
         except ValueError:
             raise MeshError("INVALID_REQUEST", "limit and offset are integers") from None
-        if not 1 <= limit <= 1000 or offset < 0:
-            raise MeshError("INVALID_REQUEST", "limit is 1 to 1000, offset 0 or more")
+        if not 1 <= limit <= PAGE_MAX or offset < 0:
+            raise MeshError("INVALID_REQUEST", f"limit is 1 to {PAGE_MAX}, offset 0 or more")
         return limit, offset
+
+    def _paged(key: str, items: list[Any], default: int = PAGE_DEFAULT, **extra: Any) -> Response:
+        """One page of a list, in the list's own stable order, with where it is."""
+        limit, offset = _page(default)
+        return _json({**extra, key: items[offset:offset + limit], "total_count": len(items), "limit": limit,
+                      "offset": offset})
 
     @app.get("/jobs")
     async def jobs() -> Response:
-        limit, offset = _page()
-        items = running().jobs.jobs_json()
-        return _json({"jobs": items[offset:offset + limit], "total_count": len(items), "limit": limit,
-                      "offset": offset})
+        return _paged("jobs", running().jobs.jobs_json(), default=JOBS_PAGE_DEFAULT)
 
     @app.get("/jobs/<jid>")
     async def job(jid: str) -> Response:
@@ -478,8 +482,7 @@ def _public_app(parts: ApiParts) -> QuartTrio:
 
     @app.get("/models")
     async def models() -> Response:
-        ms = running().views.models_json()
-        return _json({"models": ms, "total_count": len(ms)})
+        return _paged("models", running().views.models_json())
 
     @app.get("/models/<model:name>/locations")
     async def locations(name: str) -> Response:
@@ -545,15 +548,14 @@ def _public_app(parts: ApiParts) -> QuartTrio:
     @app.get("/services")
     async def services_all() -> Response:
         r = running()
-        items = [r.services.record_json(x) for x in r.services.records()]
-        return _json({"services": items, "total_count": len(items)})
+        return _paged("services", [r.services.record_json(x) for x in r.services.records()])
 
     @app.get("/models/<model:name>/services")
     async def model_services(name: str) -> Response:
         r = running()
         mv = r.registry.model(name)
         items = [r.services.record_json(x) for x in r.services.records() if x.model == mv.name]
-        return _json({"model_name": mv.name, "services": items, "total_count": len(items)})
+        return _paged("services", items, model_name=mv.name)
 
     @app.post("/models/<model:name>/services")
     async def serve_model(name: str) -> Response:

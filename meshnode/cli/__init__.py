@@ -25,7 +25,7 @@ import sys
 from collections.abc import Callable
 
 from .parser import build_parser, client_defaults
-from .render import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, fail
+from .render import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, errors_as_json, fail
 from .values import log_level
 
 __all__ = ["build_parser", "configure_logging", "main"]
@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version and usage errors
         return _exit_code(exc.code)
     problem = client_defaults(args)
+    errors_as_json(bool(getattr(args, "json", False)))
     if problem is not None:
         return fail(problem, EXIT_USAGE)
 

@@ -19,6 +19,7 @@ message that is safe to show (it never contains the token):
 from __future__ import annotations
 
 import re
+import ssl
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote
@@ -41,6 +42,8 @@ __all__ = [
 DEFAULT_PORT = 7420
 DEFAULT_PEER = f"http://127.0.0.1:{DEFAULT_PORT}"
 DEFAULT_TIMEOUT_S = 10.0
+PAGE = 1000  # items asked for at once from a paged list
+PAGES_MAX = 1000  # pages read for one command: a million items
 
 # Bounds on what we echo back from a peer: one line, not a novel.
 _MESSAGE_CHARS_MAX = 300
@@ -161,6 +164,8 @@ class ApiClient:
         token: str | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         transport: httpx.BaseTransport | None = None,
+        verify: ssl.SSLContext | bool = True,
+        client_cert: bool = False,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError("timeout must be positive")
@@ -173,6 +178,7 @@ class ApiClient:
         self.last_write: str | None = None
         self._token = token or None
         self._has_token = bool(token)
+        self._client_cert = client_cert  # loaded into ``verify``; known here for an error's hint
         headers = {"Accept": "application/json", "User-Agent": _USER_AGENT}
         if token:
             headers["Authorization"] = f"Bearer {token}"
@@ -182,6 +188,7 @@ class ApiClient:
             timeout=httpx.Timeout(timeout_s),
             transport=transport,
             follow_redirects=False,
+            verify=verify,
         )
 
     # -- lifecycle ---------------------------------------------------------
@@ -227,8 +234,12 @@ class ApiClient:
                 f"{self.timeout_s:g}s ({type(exc).__name__})"
             ) from None
         except httpx.TransportError as exc:
+            hint = ""
+            if self.base_url.startswith("https://") and not self._client_cert and isinstance(
+                    exc, httpx.RemoteProtocolError | httpx.ReadError):
+                hint = " (a node started with --tls-ca closes connections without a client certificate: --cert, --key)"
             raise ClientError(
-                f"request {method} {path} to peer {self.base_url} failed: {_reason(exc, self.timeout_s)}"
+                f"request {method} {path} to peer {self.base_url} failed: {_reason(exc, self.timeout_s)}{hint}"
             ) from None
         written = response.headers.get("x-mesh-token")
         if written and len(written) <= 200:
@@ -290,11 +301,30 @@ class ApiClient:
     def status(self) -> Any:
         return self.request("GET", "/status")
 
+    def all_pages(self, path: str, key: str) -> Any:
+        """Every item of a paged list (``limit``/``offset``), at most
+        ``PAGES_MAX`` pages: the answer as one page holding them all."""
+        items: list[Any] = []
+        answer: Any = {}
+        for _ in range(PAGES_MAX):
+            answer = self.request("GET", path, params={"limit": str(PAGE), "offset": str(len(items))})
+            page = answer.get(key) if isinstance(answer, dict) else None
+            if not isinstance(page, list):
+                return answer  # not a paged answer (an older node): as it is
+            items += page
+            total = answer.get("total_count")
+            if not page or not isinstance(total, int) or len(items) >= total:
+                break
+        if isinstance(answer, dict):
+            answer = {k: v for k, v in answer.items() if k not in ("limit", "offset")}
+            answer[key] = items
+        return answer
+
     def nodes(self) -> Any:
-        return self.request("GET", "/nodes")
+        return self.all_pages("/nodes", "nodes")
 
     def list_models(self) -> Any:
-        return self.request("GET", "/models")
+        return self.all_pages("/models", "models")
 
     def get_model(self, name: str) -> Any:
         return self.request("GET", model_path(name))
@@ -367,7 +397,7 @@ class ApiClient:
         return self.request("POST", model_path(name) + "/move", json=body)
 
     def transfers(self) -> Any:
-        return self.request("GET", "/transfers")
+        return self.all_pages("/transfers", "transfers")
 
     def get_transfer(self, transfer_id: str) -> Any:
         return self.request("GET", transfer_path(transfer_id))
@@ -379,7 +409,7 @@ class ApiClient:
         return self.request("POST", "/jobs/from-yaml", content=document, content_type="application/yaml")
 
     def jobs(self) -> Any:
-        return self.request("GET", "/jobs", params={"limit": "1000"})
+        return self.all_pages("/jobs", "jobs")
 
     def job(self, job_id: str) -> Any:
         return self.request("GET", job_path(job_id))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -70,12 +71,13 @@ from .waiting import wait_for_transfer
 __all__ = ["COMMANDS", "file_url", "make_client", "run_client_command", "run_start"]
 
 
-def make_client(base_url: str, token: str | None, timeout_s: float) -> ApiClient:
+def make_client(base_url: str, token: str | None, timeout_s: float,
+                verify: ssl.SSLContext | bool = True, client_cert: bool = False) -> ApiClient:
     """Build the ``ApiClient`` every client command uses.
 
     Module-level on purpose: tests swap it for one with an ``httpx.MockTransport``.
     """
-    return ApiClient(base_url, token=token, timeout_s=timeout_s)
+    return ApiClient(base_url, token=token, timeout_s=timeout_s, verify=verify, client_cert=client_cert)
 
 
 Call = Callable[[ApiClient, argparse.Namespace], Any]
@@ -208,8 +210,8 @@ COMMANDS: dict[str, tuple[str, Call, Render]] = {
         render_placement,
     ),
     "serve": ("start an engine serving a model on a node's GPUs", call_serve, render_service),
-    "services": ("every engine the mesh runs", lambda api, a: api.request("GET", "/services"), render_services),
-    "ps": ("every engine the mesh runs (as services)", lambda api, a: api.request("GET", "/services"),
+    "services": ("every engine the mesh runs", lambda api, a: api.all_pages("/services", "services"), render_services),
+    "ps": ("every engine the mesh runs (as services)", lambda api, a: api.all_pages("/services", "services"),
            render_services),
     "stop-serve": ("stop a node's engines of a model", call_stop_serve, render_stopped),
 }
@@ -250,6 +252,29 @@ def _resolve_timeout(args: argparse.Namespace, environ: dict[str, str] | os._Env
         raise UsageError(f"MESHNODE_TIMEOUT: {exc}") from None
 
 
+def _tls_context(args: argparse.Namespace, environ: dict[str, str] | os._Environ[str]) -> ssl.SSLContext | bool:
+    """``--cacert``, ``--cert``, ``--key`` (or their variables) as one TLS
+    context; True (the system's CAs, no client certificate) without them."""
+    cacert = args.cacert or environ.get("MESHNODE_CACERT") or None
+    cert = args.cert or environ.get("MESHNODE_CERT") or None
+    key = args.key or environ.get("MESHNODE_KEY") or None
+    if key and not cert:
+        raise UsageError("--key needs --cert (the certificate it belongs to)")
+    if not (cacert or cert):
+        return True
+    try:
+        ctx = ssl.create_default_context(cafile=cacert)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"--cacert {cacert}: {getattr(exc, 'strerror', None) or exc}") from None
+    if cert:
+        try:
+            ctx.load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as exc:
+            raise UsageError(f"--cert {cert}{f' --key {key}' if key else ''}: "
+                             f"{getattr(exc, 'strerror', None) or exc}") from None
+    return ctx
+
+
 def run_client_command(args: argparse.Namespace) -> int:
     """Run one HTTP command against ``--peer``; return the exit code."""
     if args.command == "job" and args.target[0] == "example":  # needs no peer
@@ -267,6 +292,7 @@ def run_client_command(args: argparse.Namespace) -> int:
         check_token(token)
         peer = normalize_peer_url(args.peer or environ.get("MESHNODE_PEER") or DEFAULT_PEER)
         timeout_s = _resolve_timeout(args, environ)
+        verify = _tls_context(args, environ)
         if getattr(args, "name", None) is not None:
             model_path(args.name)  # reject impossible names before any I/O
         _prepare(args)
@@ -275,7 +301,7 @@ def run_client_command(args: argparse.Namespace) -> int:
 
     _help, call, render = COMMANDS[args.command]
     try:
-        with make_client(peer, token, timeout_s) as api:
+        with make_client(peer, token, timeout_s, verify, bool(args.cert or environ.get("MESHNODE_CERT"))) as api:
             api.last_write = last_write.load()
             before = api.last_write
             try:
@@ -290,8 +316,10 @@ def run_client_command(args: argparse.Namespace) -> int:
                     return follow_service(api, data, args)
                 return wait_for_transfer(api, data, args)
     except PeerUnreachableError as exc:
-        return fail(str(exc), EXIT_UNREACHABLE)
-    except (AnswerError, ClientError) as exc:
+        return fail(str(exc), EXIT_UNREACHABLE, "PEER_UNREACHABLE")
+    except AnswerError as exc:
+        return fail(str(exc), EXIT_ERROR, exc.code, status=exc.status)
+    except ClientError as exc:
         return fail(str(exc), EXIT_ERROR)
     except UsageProblem as exc:
         return fail(str(exc), EXIT_USAGE)

@@ -60,11 +60,18 @@ def _client_parent() -> argparse.ArgumentParser:
         help=f"HTTP timeout (env MESHNODE_TIMEOUT, default {DEFAULT_TIMEOUT_S:g})",
     )
     g.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                   help="print the raw JSON response (for scripts)")
+                   help="print the raw JSON response, and errors as {\"error\": {\"code\", \"message\"}} on stderr (for scripts)")
+    g.add_argument("--cacert", default=argparse.SUPPRESS, metavar="PEM",
+                   help="CA bundle to verify an https peer with (env MESHNODE_CACERT; default: the system's)")
+    g.add_argument("--cert", default=argparse.SUPPRESS, metavar="PEM",
+                   help="client certificate, for a node started with --tls-ca (env MESHNODE_CERT)")
+    g.add_argument("--key", default=argparse.SUPPRESS, metavar="PEM",
+                   help="the client certificate's private key (env MESHNODE_KEY; default: in --cert)")
     return p
 
 
-_CLIENT_DEFAULTS = {"peer": None, "token": None, "token_file": None, "timeout": None, "json": False}
+_CLIENT_DEFAULTS = {"peer": None, "token": None, "token_file": None, "timeout": None, "json": False,
+                    "cacert": None, "cert": None, "key": None}
 
 
 def client_defaults(args: argparse.Namespace) -> str | None:

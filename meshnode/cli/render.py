@@ -33,11 +33,26 @@ class UsageError(Exception):
     """A problem with what the user typed that argparse could not see."""
 
 
-def fail(message: str, code: int) -> int:
+_errors_as_json = False
+
+
+def errors_as_json(on: bool) -> None:
+    """``--json``: errors too are JSON, ``{"error": {"code", "message"}}`` (one line on stderr)."""
+    global _errors_as_json
+    _errors_as_json = on
+
+
+def fail(message: str, code: int, error_code: str | None = None, **details: Any) -> int:
     """Print one error line on stderr; return ``code``.  No message holds the
     token: ``ApiClient`` refuses a token it could not send and redacts one a
-    peer echoes."""
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+    peer echoes.  ``error_code`` names the error for ``--json`` (the peer's
+    code for an answer, else from the exit code)."""
+    if _errors_as_json:
+        name = error_code or ("USAGE" if code == EXIT_USAGE else "ERROR")
+        print(json.dumps({"error": {"code": name, "message": message, "exit_code": code, **details}},
+                         ensure_ascii=False), file=sys.stderr)
+    else:
+        print(f"{PROG}: error: {message}", file=sys.stderr)
     return code
 TRANSFER_FINAL = ("done", "failed")
 

@@ -84,7 +84,7 @@ def wait_for_transfer(
                 return fail(
                     f"transfer {tid} still {state.get('status')} after --wait-timeout "
                     f"{args.wait_timeout:g}s; it continues {where}: follow it with `{hint}`",
-                    EXIT_ERROR
+                    EXIT_ERROR, "WAIT_TIMEOUT", transfer_id=tid
                 )
             pause = POLL_INTERVAL_S if deadline is None else min(POLL_INTERVAL_S, deadline - now)
             _sleep(max(0.0, pause))
@@ -114,7 +114,8 @@ def wait_for_transfer(
         return EXIT_INTERRUPTED
     except PeerUnreachableError as exc:
         return fail(
-            f"{exc}; transfer {tid} may continue {where}: `{hint}`", EXIT_UNREACHABLE
+            f"{exc}; transfer {tid} may continue {where}: `{hint}`", EXIT_UNREACHABLE, "PEER_UNREACHABLE",
+            transfer_id=tid
         )
     except ClientError as exc:
         return fail(f"{exc} (while following transfer {tid}: `{hint}`)", EXIT_ERROR)
@@ -123,8 +124,10 @@ def wait_for_transfer(
             bar.stop()
 
     if state.get("status") == "failed":
+        error = state.get("error")
+        code = error.get("code") if isinstance(error, dict) and isinstance(error.get("code"), str) else None
         return fail(
-            f"{transfer_error(state)} (transfer {tid}: {transfer_target(state)})", EXIT_ERROR
+            f"{transfer_error(state)} (transfer {tid}: {transfer_target(state)})", EXIT_ERROR, code, transfer_id=tid
         )
     if not args.json:
         elapsed: Any = None

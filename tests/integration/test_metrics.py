@@ -74,3 +74,23 @@ async def test_a_50_mb_copy_shows_in_the_metrics_of_both_nodes(mesh: Mesh, tmp_p
     assert types["meshnode_data_received_bytes"] == "counter"
     assert types["meshnode_http_request_duration_seconds"] == "histogram"
     assert ("process_resident_memory_bytes", ()) in sa and ("meshnode_build_info", (("version", "0.1.0"),)) in sa
+
+
+async def test_lists_page_with_a_bound(mesh: Mesh) -> None:
+    """Every list pages (``limit`` 1 to 1000, ``offset``) in a stable order,
+    and says where the page is; a bad page is a 400 in the error shape."""
+    a = await mesh.start("a")
+    names = [f"org/m{i}" for i in range(5)]
+    for n in names:
+        r = await mesh.client.post(a.url + f"/models/{n}/register", json={"model_type": "llm"})
+        assert r.status_code == 201, r.text
+    r = await mesh.client.get(a.url + "/models", params={"limit": 2, "offset": 1})
+    body = r.json()
+    assert [m["model_name"] for m in body["models"]] == names[1:3]
+    assert (body["total_count"], body["limit"], body["offset"]) == (5, 2, 1)
+    assert len((await mesh.client.get(a.url + "/models")).json()["models"]) == 5  # default: up to 1000
+    for path in ("/models", "/nodes", "/transfers", "/services", "/jobs", "/models/org/m0/services"):
+        for bad in ({"limit": 0}, {"limit": 1001}, {"offset": -1}, {"limit": "x"}):
+            r = await mesh.client.get(a.url + path, params=bad)
+            assert r.status_code == 400 and r.json()["error"]["code"] == "INVALID_REQUEST", (path, bad, r.text)
+        assert (await mesh.client.get(a.url + path, params={"limit": 1})).json()["limit"] == 1

@@ -109,3 +109,34 @@ async def test_tls_mesh_copies_over_the_tls_data_plane(mesh: Mesh, tmp_path: Pat
 
 async def _is(value: Any, want: str) -> bool:
     return bool(await value == want)
+
+
+async def test_the_cli_speaks_tls_with_cacert_cert_and_key(mesh: Mesh, tmp_path: Path) -> None:
+    """``--cacert`` to trust the node, ``--cert``/``--key`` when it wants a
+    client certificate; without them, one clear line and exit 2."""
+    import os
+    import sys
+
+    import trio
+
+    flags, _ca, cert, key = _certs(tmp_path)
+    a = await mesh.start("a", *flags)
+    exe = str(Path(sys.executable).parent / "meshnode")
+    ca_pem = flags[flags.index("--tls-ca") + 1]
+
+    async def cli(*argv: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+        r = await trio.run_process([exe, "--peer", a.url, "--timeout", "5", *argv], capture_stdout=True,
+                                   capture_stderr=True, check=False, env={**os.environ, **(env or {})})
+        return r.returncode, r.stdout.decode(), r.stderr.decode()
+
+    code, out, err = await cli("--cacert", ca_pem, "--cert", str(cert), "--key", str(key), "nodes")
+    assert code == 0 and "a" in out, err
+    code, out, err = await cli("nodes", env={"MESHNODE_CACERT": ca_pem, "MESHNODE_CERT": str(cert),
+                                             "MESHNODE_KEY": str(key)})
+    assert code == 0, err
+    code, _out, err = await cli("nodes")  # the test CA is not the system's
+    assert code == 2 and "CERTIFICATE_VERIFY_FAILED" in err and err.count("\n") == 1, err
+    code, _out, err = await cli("--cacert", ca_pem, "nodes")  # no client certificate
+    assert code == 1 and "without a client certificate: --cert, --key" in err and err.count("\n") == 1, err
+    code, _out, err = await cli("--cacert", str(tmp_path / "missing.pem"), "nodes")
+    assert code == 2 and "missing.pem" in err, err

@@ -168,7 +168,7 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> Callable[[Handler], Wire]:
             wire.requests.append(request)
             return handler(request)
 
-        def make_client(base_url: str, token: str | None, timeout_s: float) -> ApiClient:
+        def make_client(base_url: str, token: str | None, timeout_s: float, *_tls: object) -> ApiClient:
             wire.base_url, wire.token, wire.timeout_s = base_url, token, timeout_s
             return ApiClient(
                 base_url,
@@ -539,7 +539,7 @@ def test_api_error_is_one_line_and_exit_1(fake: Any, capsys: pytest.CaptureFixtu
     assert TOKEN not in out + err
 
 
-def test_api_error_with_json_flag_is_still_one_line(
+def test_api_error_with_json_flag_is_one_json_line(
     fake: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     fake(lambda request: error_response(409, "CONFLICT", "already\nregistered"))
@@ -547,8 +547,20 @@ def test_api_error_with_json_flag_is_still_one_line(
         capsys, "register", "m", "--type", "t", "--url", "u", "--desc", "d", "--json"
     )
     assert code == 1
-    assert out == ""
-    assert err == "meshnode: error: CONFLICT: already registered (HTTP 409)\n"
+    assert out == "" and err.count("\n") == 1
+    assert json.loads(err) == {"error": {"code": "CONFLICT", "message": "CONFLICT: already registered (HTTP 409)",
+                                         "exit_code": 1, "status": 409}}
+    # Without --json, the same error is one line for people.
+    code, out, err = run(capsys, "register", "m", "--type", "t", "--url", "u", "--desc", "d")
+    assert (code, err) == (1, "meshnode: error: CONFLICT: already registered (HTTP 409)\n")
+
+
+def test_json_errors_for_usage_and_an_unreachable_peer(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _out, err = run(capsys, "--json", "--peer", "http://127.0.0.1:9", "--timeout", "2", "nodes")
+    e = json.loads(err)["error"]
+    assert (code, e["code"], e["exit_code"]) == (2, "PEER_UNREACHABLE", 2) and "127.0.0.1:9" in e["message"]
+    code, _out, err = run(capsys, "--json", "--key", "k.pem", "nodes")
+    assert (code, json.loads(err)["error"]["code"]) == (2, "USAGE")
 
 
 def test_error_message_never_echoes_the_token(
@@ -1193,7 +1205,8 @@ def test_json_wait_failed(fake: Any, capsys: pytest.CaptureFixture[str], clock: 
     code, out, err = run(capsys, "copy", "gpt2", "--to", "node-b:disk", "--json", "--wait")
     assert code == 1
     assert json.loads(out.splitlines()[-1])["status"] == "failed"
-    assert_one_error_line(err, "meshnode: error: NO_SOURCE:")
+    e = json.loads(err)["error"]
+    assert e["code"] == "NO_SOURCE" and e["message"].startswith("NO_SOURCE:") and e["transfer_id"]
 
 
 def test_wait_tolerates_404_right_after_the_post(
@@ -1422,7 +1435,7 @@ def test_download_passes_revision_and_patterns(capsys: pytest.CaptureFixture[str
         seen.append(json.loads(request.content))
         return httpx.Response(202, json={"transfer_id": "t1", "status": "queued", "model": "o/m", "target_device": "n1:disk"})
 
-    monkeypatch.setattr(commands, "make_client", lambda base, token, timeout: ApiClient(base, token=token, timeout_s=timeout, transport=httpx.MockTransport(handler)))
+    monkeypatch.setattr(commands, "make_client", lambda base, token, timeout, *_tls: ApiClient(base, token=token, timeout_s=timeout, transport=httpx.MockTransport(handler)))
     rc = cli.main(["download", "o/m", "--to", "n1:disk", "--revision", "v2", "--include", "*.json", "--include", "*.safetensors", "--exclude", "*.bin"])
     assert rc == 0
     assert seen == [{"source": "web", "target_device": "n1:disk", "revision": "v2",
@@ -1437,7 +1450,7 @@ def test_transfer_shows_files_and_note(capsys: pytest.CaptureFixture[str], monke
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, json=state)
 
-    monkeypatch.setattr(commands, "make_client", lambda base, token, timeout: ApiClient(base, token=token, timeout_s=timeout, transport=httpx.MockTransport(handler)))
+    monkeypatch.setattr(commands, "make_client", lambda base, token, timeout, *_tls: ApiClient(base, token=token, timeout_s=timeout, transport=httpx.MockTransport(handler)))
     assert cli.main(["transfer", "t9"]) == 0
     out = capsys.readouterr().out
     assert "2 of 6" in out and "fetching from the source" in out
@@ -1499,3 +1512,21 @@ def test_job_example_and_example_output_need_no_peer(capsys: pytest.CaptureFixtu
     assert run(capsys, "example", "--output", str(tmp_path / "ex"), "--force")[0] == 0
     code, _, err = run(capsys, "job", "cancel", "x", "--wait")
     assert code == 2 and "--wait follows a job you run" in err
+
+
+def test_lists_are_read_page_by_page() -> None:
+    """A node pages its lists (limit, offset); the client reads every page."""
+    names = [f"m{i:03d}" for i in range(7)]
+    asked: list[tuple[str, str]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        limit = min(int(request.url.params["limit"]), 3)  # a node whose pages hold 3
+        offset = int(request.url.params["offset"])
+        asked.append((request.url.params["limit"], request.url.params["offset"]))
+        page = [{"model_name": n} for n in names[offset:offset + limit]]
+        return httpx.Response(200, json={"models": page, "total_count": len(names), "limit": limit, "offset": offset})
+
+    api = ApiClient("http://node", transport=httpx.MockTransport(handler))
+    got = api.list_models()
+    assert [m["model_name"] for m in got["models"]] == names and got["total_count"] == 7
+    assert "limit" not in got and asked == [("1000", "0"), ("1000", "3"), ("1000", "6")]
