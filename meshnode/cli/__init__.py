@@ -24,6 +24,8 @@ import os
 import sys
 from collections.abc import Callable
 
+import argcomplete
+
 from .parser import build_parser, client_defaults
 from .render import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, errors_as_json, fail
 from .values import log_level
@@ -78,6 +80,10 @@ def _exit_code(code: object) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the ``meshnode`` command line; return the process exit code."""
     parser = build_parser()
+    if argv is None:
+        # Shell completion (README: `register-python-argcomplete meshnode`): when the shell
+        # asks, this prints the candidates and exits; otherwise it returns at once.
+        argcomplete.autocomplete(parser)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version and usage errors

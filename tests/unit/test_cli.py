@@ -1530,3 +1530,23 @@ def test_lists_are_read_page_by_page() -> None:
     got = api.list_models()
     assert [m["model_name"] for m in got["models"]] == names and got["total_count"] == 7
     assert "limit" not in got and asked == [("1000", "0"), ("1000", "3"), ("1000", "6")]
+
+
+def test_the_readme_completion_line_completes_commands_and_flags() -> None:
+    """README's ``eval "$(register-python-argcomplete meshnode)"``, run as
+    written in bash, then bash asking for completions as at a TAB."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    (line,) = re.findall(r"^eval \"\$\(register-python-argcomplete meshnode\)\"$", readme, re.M)
+    script = line + "\n" + "\n".join(
+        f'COMP_LINE="{cmd}"; COMP_POINT=${{#COMP_LINE}}; COMP_WORDS=({cmd}); COMP_CWORD={cmd.count(" ")}; '
+        f'_python_argcomplete meshnode; echo "${{COMPREPLY[*]}}"'
+        for cmd in ("meshnode sta", "meshnode copy gpt2 --t", "meshnode job"))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    first, second, third = r.stdout.splitlines()
+    assert first.split() == ["start", "status"]
+    assert "--to" in second.split() and "--token" in second.split()
+    assert {"job", "jobs"} <= set(third.split()) and all(w.startswith("job") for w in third.split())
