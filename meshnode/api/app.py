@@ -11,6 +11,8 @@ constant time and never echoed or logged.  The app is given its parts
 
 from __future__ import annotations
 
+import functools
+import importlib.resources
 import json
 import logging
 import time
@@ -30,6 +32,7 @@ from protocol.errors import InvalidName
 from protocol.names import RESERVED_SEGMENTS
 from protocol.pipeline import parse_step_device
 
+from .. import __version__
 from ..actions import Router
 from ..copies.catalog import CopyCatalog
 from ..copies.store import Store
@@ -46,6 +49,8 @@ from ..serving import Services
 from ..views import Views
 from .auth import PeerAuthError, PeerGate, Refusals, check_bearer, request_target
 from .peer import DrainOrClose, PeerFastPath
+from .schemas import ROUTE_DOCS, openapi_document
+from .validate import body_problem
 
 __all__ = ["ApiParts", "Running", "create_app"]
 
@@ -58,7 +63,9 @@ READ_AFTER_WAIT_S = 2.0
 PAGE_DEFAULT = 1000  # items of a list a page holds unless ?limit= says fewer
 PAGE_MAX = 1000
 JOBS_PAGE_DEFAULT = 100
-OPEN_PATHS = frozenset({"/health", "/ready"})  # answered without a token: probes carry none
+# Answered without a token: probes carry none, and the dashboard's page asks for one itself.
+OPEN_PATHS = frozenset({"/health", "/ready", "/", "/docs", "/openapi.json"})
+OPEN_PREFIX = "/ui/"
 
 
 JSON_DEPTH_MAX = 32
@@ -222,7 +229,7 @@ def _public_app(parts: ApiParts) -> QuartTrio:
                 r.headers["connection"] = "close"
                 return r
             return None
-        if path in OPEN_PATHS:
+        if path in OPEN_PATHS or path.startswith(OPEN_PREFIX):
             return None
         if not check_bearer(request.headers.get("authorization"), parts.api_tokens):
             parts.refusals.note(_remote(), "an API request")
@@ -631,4 +638,58 @@ def _public_app(parts: ApiParts) -> QuartTrio:
         body, ctype = parts.metrics()
         return Response(body, status=200, content_type=ctype)
 
+    # -- the API's description, and the dashboard (files shipped in the package) ------
+
+    @app.get("/openapi.json")
+    async def openapi() -> Response:
+        return _json(openapi_document(__version__))
+
+    @app.get("/")
+    async def dashboard() -> Response:
+        return _page_file("index.html")
+
+    @app.get("/docs")
+    async def docs() -> Response:
+        return _page_file("docs.html")
+
+    @app.get("/ui/<file>")
+    async def ui_file(file: str) -> Response:
+        if file not in UI_FILES:
+            raise MeshError("NOT_FOUND", f"no file {file[:40]!r} in the dashboard")
+        return _page_file(file)
+
+    @app.before_request
+    async def _check_body() -> None:
+        """A JSON body is checked against its route's schema (the one
+        /openapi.json shows) before the handler sees it."""
+        rule = request.url_rule
+        doc = ROUTE_DOCS.get((request.method, rule.rule)) if rule is not None else None
+        if doc is None or doc.request is None or not doc.checked or doc.content_type != "application/json":
+            return
+        value = await body_json()
+        if value is None:
+            return
+        problem = body_problem(request.method, rule.rule, value)  # type: ignore[union-attr]
+        if problem is not None:
+            raise MeshError("INVALID_REQUEST", problem)
+
     return app
+
+
+UI_FILES = {"index.html": "text/html", "docs.html": "text/html", "app.js": "text/javascript",
+            "docs.js": "text/javascript", "style.css": "text/css"}
+# The dashboard's pages load only their own files and talk only to this node.
+_CSP = "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; frame-ancestors 'none'"
+
+
+@functools.lru_cache(maxsize=len(UI_FILES))
+def _ui_bytes(file: str) -> bytes:
+    return (importlib.resources.files("meshnode") / "dashboard" / file).read_bytes()
+
+
+def _page_file(file: str) -> Response:
+    r = Response(_ui_bytes(file), status=200, content_type=f"{UI_FILES[file]}; charset=utf-8")
+    r.headers["content-security-policy"] = _CSP
+    r.headers["x-content-type-options"] = "nosniff"
+    r.headers["cache-control"] = "no-cache"
+    return r

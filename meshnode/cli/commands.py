@@ -65,6 +65,7 @@ from .services import (
     render_services,
     render_stopped,
 )
+from .top import run_top
 from .values import positive_float
 from .waiting import wait_for_transfer
 
@@ -214,6 +215,8 @@ COMMANDS: dict[str, tuple[str, Call, Render]] = {
     "ps": ("every engine the mesh runs (as services)", lambda api, a: api.all_pages("/services", "services"),
            render_services),
     "stop-serve": ("stop a node's engines of a model", call_stop_serve, render_stopped),
+    "top": ("the mesh live: nodes, GPUs, transfers, jobs, services, redrawn until Ctrl-C", run_top,
+            lambda console, data, args: None),
 }
 
 
@@ -309,6 +312,8 @@ def run_client_command(args: argparse.Namespace) -> int:
             finally:
                 if api.last_write != before:
                     last_write.save(api.last_write)
+            if args.command == "top":  # it drew its own frames
+                return EXIT_OK
             if getattr(args, "wait", False):
                 if args.command == "job":
                     return follow_job(api, data, args)

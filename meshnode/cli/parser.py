@@ -10,7 +10,7 @@ from .client import DEFAULT_PEER, DEFAULT_TIMEOUT_S
 from .commands import COMMANDS, run_client_command, run_start
 from .jobs import run_example
 from .render import PROG
-from .values import LOG_LEVELS, log_level, parse_bytes, positive_float
+from .values import LOG_LEVELS, log_level, parse_bytes, positive_float, positive_int
 
 __all__ = ["build_parser", "client_defaults"]
 
@@ -245,6 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "with its log's end)")
     client("services")
     client("ps")
+    top = client("top")
+    top.add_argument("--interval", type=positive_float, default=2.0, metavar="SECONDS",
+                     help="seconds between frames (default 2)")
+    top.add_argument("--count", type=positive_int, default=None, metavar="N",
+                     help="stop after N frames (default: until Ctrl-C)")
     ss = client("stop-serve")
     ss.add_argument("name", metavar="MODEL", help=name_help)
     ss.add_argument("--on", required=True, metavar="NODE", help="the node whose engines of MODEL stop")

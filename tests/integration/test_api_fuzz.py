@@ -79,6 +79,10 @@ ROUTES = [
     ("POST", "/v1/chat/completions"),
     ("POST", "/v1/completions"),
     ("POST", "/v1/embeddings"),
+    ("GET", "/openapi.json"),
+    ("GET", "/docs"),
+    ("GET", "/"),
+    ("GET", "/ui/{file}"),
 ]
 
 
@@ -94,7 +98,7 @@ def test_the_route_list_is_complete(tmp_path: Path) -> None:
         if rule.endpoint == "static":
             continue
         path = rule.rule.replace("<model:name>", "{name}").replace("<device:device>", "{device}")
-        for arg in ("tid", "mhash", "device", "jid", "node"):
+        for arg in ("tid", "mhash", "device", "jid", "node", "file"):
             path = path.replace(f"<{arg}>", "{" + arg + "}")
         for method in rule.methods or ():
             if method not in ("HEAD", "OPTIONS"):
@@ -211,7 +215,8 @@ def requests(draw: st.DrawFn) -> tuple[str, str, bytes]:
     path = template
     nodes = st.one_of(st.sampled_from(["fa", "fb", "ghost"]), st.text(min_size=1, max_size=20))
     for field, strategy in (("{name}", names), ("{device}", devices), ("{tid}", hexes), ("{mhash}", hexes),
-                            ("{jid}", hexes), ("{node}", nodes)):
+                            ("{jid}", hexes), ("{node}", nodes),
+                            ("{file}", st.sampled_from(["app.js", "style.css", "../x", "index.html", "none"]))):
         if field in path:
             value = draw(strategy)
             # Names keep their one '/' (as clients send them); everything else is encoded.

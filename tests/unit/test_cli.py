@@ -1550,3 +1550,58 @@ def test_the_readme_completion_line_completes_commands_and_flags() -> None:
     assert first.split() == ["start", "status"]
     assert "--to" in second.split() and "--token" in second.split()
     assert {"job", "jobs"} <= set(third.split()) and all(w.startswith("job") for w in third.split())
+
+
+def _top_peer(fail_after: int | None = None) -> Handler:
+    """A peer for ``top``: a node, a running and a done transfer, a job; the
+    status route fails from its ``fail_after``-th call on."""
+    calls = {"status": 0}
+    table = {
+        ("GET", "/nodes"): {"nodes": [{"node_id": "gpu1", "address": "gpu1:7420", "state": "alive", "gpus": [],
+                                       "storage": {}, "models": []}], "total_count": 1},
+        ("GET", "/transfers"): {"transfers": [
+            {"transfer_id": "t-done", "model": "gpt2", "target_device": "gpu1:disk", "status": "done",
+             "bytes_done": 10, "bytes_total": 10},
+            {"transfer_id": "t-run", "model": "gpt2", "target_device": "gpu2:dram", "status": "running",
+             "bytes_done": 5, "bytes_total": 10}], "total_count": 2},
+        ("GET", "/jobs"): {"jobs": [{"job_id": "j1", "name": "stage", "status": "running", "actions": []}],
+                           "total_count": 1},
+        ("GET", "/services"): {"services": [], "total_count": 0},
+    }
+    inner = routes(table)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/status":
+            calls["status"] += 1
+            if fail_after is not None and calls["status"] > fail_after:
+                return error_response(503, "STARTING", "the node is still starting")
+            return httpx.Response(200, json={"node_id": "gpu1", "cluster": "prod", "nodes": {"alive": 1, "total": 1}})
+        return inner(request)
+
+    return handler
+
+
+def test_top_draws_frames_until_its_count(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    wire = fake(_top_peer())
+    code, out, err = run(capsys, "top", "--count", "2", "--interval", "0.01")
+    assert code == 0, err
+    assert out.count("nodes (1)") == 2 and out.count("jobs (1)") == 2
+    assert out.index("t-run") < out.index("t-done")  # the active transfer first
+    assert sum(r.url.path == "/status" for r in wire.requests) == 2
+    code, out, err = run(capsys, "top", "--count", "1", "--json")
+    frame = json.loads(out)
+    assert set(frame) == {"status", "nodes", "transfers", "jobs", "services"} and code == 0
+
+
+def test_top_shows_a_failure_and_goes_on_but_fails_at_once_on_the_first(fake: Any,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    fake(_top_peer(fail_after=1))
+    code, out, err = run(capsys, "top", "--count", "3", "--interval", "0.01")
+    assert code == 0, err
+    assert out.count("nodes (1)") == 1 and out.count("STARTING: the node is still starting") == 2
+    fake(_top_peer(fail_after=0))
+    code, out, err = run(capsys, "top", "--count", "3")
+    assert code == 1 and out == ""
+    assert_one_error_line(err, "meshnode: error: STARTING")
+    code, out, err = run(capsys, "top", "--count", "0")
+    assert code == 2 and "must be 1 or more" in err
