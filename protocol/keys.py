@@ -331,6 +331,13 @@ class XferRecord:
     chunks_total: int = 0
     chunks_fetched: int = 0
     chunks_resumed: int = 0
+    # Also gossiped so that every node shows a transfer in one shape (absent from older peers' records).
+    source: str | None = None  # as the API shows it; a URL without user info or query
+    keep_source: bool = True
+    bad_chunks: int = 0
+    banned: tuple[str, ...] = ()
+    options: Mapping[str, Any] = field(default_factory=dict)  # a web source's revision and patterns
+    fetched: Mapping[str, Any] | None = None  # what a web fetch learned: revision, model type
 
     def to_value(self) -> dict[str, Any]:
         return {
@@ -353,6 +360,12 @@ class XferRecord:
             "chunks_total": self.chunks_total,
             "chunks_fetched": self.chunks_fetched,
             "chunks_resumed": self.chunks_resumed,
+            "source": self.source,
+            "keep_source": self.keep_source,
+            "bad_chunks": self.bad_chunks,
+            "banned": list(self.banned),
+            "options": dict(self.options),
+            "fetched": None if self.fetched is None else dict(self.fetched),
         }
 
     @classmethod
@@ -361,6 +374,12 @@ class XferRecord:
         sources = v.get("sources") or []
         if not isinstance(sources, list) or len(sources) > 64 or not all(isinstance(s, str) for s in sources):
             raise RecordError("transfer sources: expected a list of node ids")
+        banned = v.get("banned") or []
+        if not isinstance(banned, list) or len(banned) > 64 or not all(isinstance(s, str) for s in banned):
+            raise RecordError("transfer banned: expected a list of node ids")
+        keep = v.get("keep_source", True)
+        if not isinstance(keep, bool):
+            raise RecordError("transfer keep_source: expected a boolean")
         return cls(
             model=_str(v.get("model"), "transfer model", max_chars=512),
             kind=_str(v.get("kind"), "transfer kind", max_chars=16),
@@ -381,7 +400,33 @@ class XferRecord:
             chunks_total=_int(v.get("chunks_total", 0) or 0, "transfer chunks_total"),
             chunks_fetched=_int(v.get("chunks_fetched", 0) or 0, "transfer chunks_fetched"),
             chunks_resumed=_int(v.get("chunks_resumed", 0) or 0, "transfer chunks_resumed"),
+            source=_str(v.get("source"), "transfer source", optional=True, max_chars=4096),
+            keep_source=keep,
+            bad_chunks=_int(v.get("bad_chunks", 0) or 0, "transfer bad_chunks"),
+            banned=tuple(banned),
+            options=_small_map(v.get("options") or {}, "transfer options"),
+            fetched=None if v.get("fetched") is None else _small_map(v.get("fetched"), "transfer fetched"),
         )
+
+
+SMALL_MAP_KEYS_MAX = 8
+
+
+def _small_map(raw: Any, what: str) -> dict[str, Any]:
+    """A few string keys, each a string, a number, null or a short list of strings."""
+    v = _dict(raw, what)
+    if len(v) > SMALL_MAP_KEYS_MAX:
+        raise RecordError(f"{what}: at most {SMALL_MAP_KEYS_MAX} keys")
+    out: dict[str, Any] = {}
+    for k, x in v.items():
+        _str(k, f"{what} key", max_chars=64)
+        if isinstance(x, list):
+            if len(x) > 64 or not all(isinstance(i, str) and len(i) <= 1024 for i in x):
+                raise RecordError(f"{what} {k}: a list of at most 64 short strings")
+        elif not (x is None or isinstance(x, bool | int | float) or (isinstance(x, str) and len(x) <= 1024)):
+            raise RecordError(f"{what} {k}: a string, a number, null or a list of strings")
+        out[k] = x
+    return out
 
 
 @dataclass(frozen=True, slots=True)

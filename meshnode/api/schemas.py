@@ -167,17 +167,19 @@ STORAGE = _obj({
     "copies": _arr(_obj({"model_name": STR, "device": STR, "manifest_hash": STR, "size": INT})),
 })
 
-# What every transfer shows; the node that runs one shows more (``Transfer.public``) than the
-# others read from its catalog record (``XferRecord``).
+# A transfer, the same shape from whichever node answers: the node that runs it reads its
+# live state (``Transfer.public``), the others its catalog record (``XferRecord``).
 TRANSFER = _obj(
-    {"transfer_id": STR, "node_id": STR, "target_device": STR, "model": STR, "kind": STR,
+    {"transfer_id": STR, "node_id": STR, "target_device": STR, "model_name": STR,
+     "model": _desc("the same as model_name (kept for older clients)", STR), "kind": STR,
      "manifest_hash": _null(STR), "status": _state(TransferStatus), "bytes_done": INT, "bytes_total": INT, "rate_bps": NUM,
      "sources": NAMES, "error": ERROR_VALUE, "started_ms": INT, "finished_ms": INT, "note": STR,
      "files_done": INT, "files_total": INT, "source_id": _null(STR),
      "claim": _null(_desc("[wall_ms, logical, node_id]", {"type": "array"})),
-     "chunks_total": INT, "chunks_fetched": INT, "chunks_resumed": INT},
-    {"source": _null(STR), "options": {"type": "object"}, "keep_source": BOOL, "bad_chunks": INT,
-     "banned": NAMES, "fetched": _null({"type": "object"})},
+     "chunks_total": INT, "chunks_fetched": INT, "chunks_resumed": INT,
+     "source": _desc("node:device, file:///path, or a URL without user info or query; null: any holder", _null(STR)),
+     "options": {"type": "object"}, "keep_source": BOOL, "bad_chunks": INT, "banned": NAMES,
+     "fetched": _null({"type": "object"})},
 )
 
 _MODEL_SERVICE = _obj({"node": STR, "port": INT, "device": STR, "engine": STR, "state": _state(ServiceState)})

@@ -14,6 +14,8 @@ from protocol.keys import ErrorRecord, XferRecord
 from protocol.transfer import TransferStatus
 from protocol.transfer.states import advance
 
+from .sources.common import safe_url
+
 __all__ = ["SOURCES_SHOWN", "Transfer"]
 
 SOURCES_SHOWN = 16  # node ids a transfer's catalog record lists
@@ -79,6 +81,12 @@ class Transfer:
             chunks_total=self.chunks_total,
             chunks_fetched=self.chunks_fetched,
             chunks_resumed=self.chunks_resumed,
+            source=_shown_source(self.source),
+            keep_source=self.keep_source,
+            bad_chunks=self.bad_chunks,
+            banned=tuple(self.banned[:SOURCES_SHOWN]),
+            options=self.source.options() if isinstance(self.source, Web) else {},
+            fetched=self.fetched,
         )
 
     def public(self, node_id: str) -> dict[str, Any]:
@@ -87,9 +95,10 @@ class Transfer:
             "transfer_id": self.id,
             "node_id": node_id,
             "target_device": f"{node_id}:{self.kind}",
+            "model_name": self.model,
             "model": self.model,
             "kind": self.kind,
-            "source": source_text(self.source),
+            "source": _shown_source(self.source),
             "options": self.source.options() if isinstance(self.source, Web) else {},
             "manifest_hash": self.manifest_hash,
             "keep_source": self.keep_source,
@@ -122,7 +131,7 @@ class Transfer:
             "id": self.id,
             "model": self.model,
             "kind": self.kind,
-            "source": source_text(self.source),
+            "source": _shown_source(self.source),
             "options": self.source.options() if isinstance(self.source, Web) else {},
             "manifest_hash": self.manifest_hash,
             "keep_source": self.keep_source,
@@ -152,3 +161,10 @@ class Transfer:
         except (KeyError, TypeError, ValueError, ProtocolError) as e:
             raise ValueError(f"not a transfer intent: {e}") from None
         return t
+
+
+def _shown_source(src: Source) -> str | None:
+    """The source as the catalog carries it: a URL without user info or query
+    (a signed URL's token stays on the node that was given it)."""
+    text = source_text(src)
+    return safe_url(text) if isinstance(src, Web) and text is not None else text

@@ -393,4 +393,4 @@ def _from_catalog(nid: str, key: str, value: Any) -> dict[str, Any] | None:
     except RecordError:
         return None
     return {"transfer_id": key[len(XFER_PREFIX):], "node_id": nid, "target_device": f"{nid}:{rec.kind}",
-            **rec.to_value()}
+            "model_name": rec.model, **rec.to_value()}

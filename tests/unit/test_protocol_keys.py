@@ -115,3 +115,32 @@ def test_transfer_transitions() -> None:
     assert not d.can_become(r) and not f.can_become(q) and not q.can_become(d)
     assert set(TRANSITIONS) == set(TransferStatus)
     assert [s for s in TransferStatus if s.active] == [q, r] and [s for s in TransferStatus if s.finished] == [d, f]
+
+
+def test_a_transfer_has_one_shape_whichever_node_shows_it() -> None:
+    """The node running a transfer shows its live state; the others read its
+    catalog record: the same keys, and no URL secret in either."""
+    from meshnode.copies.transfer import Transfer
+    from meshnode.copies.transfers import _from_catalog
+    from protocol.actions import CopyOf, LocalPath, Web
+    from protocol.keys import XFER_PREFIX, RecordError, XferRecord
+
+    for src in (Web("https://user:pw@example.org/x.bin?sig=s3cret", revision="main"), CopyOf(), CopyOf("n2:disk"),
+                LocalPath("/srv/models/m")):
+        t = Transfer(model="org/m", kind="disk", source=src)
+        t.banned.append("n9")
+        t.fetched = {"revision": "abc", "model_type": "llama"}
+        mine = t.public("n1")
+        theirs = _from_catalog("n1", XFER_PREFIX + t.id, t.record().to_value())
+        assert theirs is not None and sorted(mine) == sorted(theirs)
+        for k in ("source", "options", "keep_source", "banned", "fetched", "model_name"):
+            assert mine[k] == theirs[k], k
+        assert "s3cret" not in str(mine) + str(theirs) and "pw@" not in str(mine) + str(theirs)
+    # A record from an older peer (without the new fields) still reads.
+    old = {"model": "m", "kind": "disk", "status": "running"}
+    rec = XferRecord.from_value(old)
+    assert rec.source is None and rec.keep_source is True and rec.banned == () and rec.options == {}
+    for bad in ({"banned": "n1"}, {"keep_source": "yes"}, {"options": {"k": {"deep": 1}}},
+                {"options": {f"k{i}": 1 for i in range(9)}}, {"fetched": [1]}):
+        with pytest.raises(RecordError):
+            XferRecord.from_value({**old, **bad})
