@@ -12,6 +12,7 @@ from dataclasses import replace
 from .bench import BenchPlan, run_bench
 from .gpus import READ_S, simulate_gpus
 from .jobs import draw_jobs, sweep_jobs
+from .replicas import simulate_replicas
 from .report import fmt, table
 from .scenarios import ChaosSpec, chaos
 from .serving import HANG_TARGET_S, simulate_serving
@@ -74,6 +75,10 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--services", type=int, default=200)
     sv.add_argument("--hours", type=float, default=6.0, help="simulated hours")
     sv.add_argument("--seed", type=int, default=1)
+    rp = sub.add_parser("replicas", help="the replica rule on every node alone: crashes, a partition, nodes joining")
+    rp.add_argument("--seeds", type=int, default=5)
+    rp.add_argument("--nodes", type=int, default=20)
+    rp.add_argument("--models", type=int, default=30)
     w = sub.add_parser("swarm", help="one seed, N receivers: the daemon's pull policy against the star")
     w.add_argument("--receivers", type=_sizes, default=[2, 6, 24, 100], help="comma-separated swarm sizes")
     w.add_argument("--chunks", type=int, default=64)
@@ -93,7 +98,8 @@ def _sizes(s: str) -> list[int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("run", "bench", "sweep", "swarm", "jobs", "gpus", "serving", "-h", "--help"):
+    if not argv or argv[0] not in ("run", "bench", "sweep", "swarm", "jobs", "gpus", "serving", "replicas", "-h",
+                                "--help"):
         argv = ["run", *argv]  # `python -m sim [options]` is `python -m sim run [options]`
     parser = _parser()
     args = parser.parse_args(argv)
@@ -183,6 +189,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         for v in sr.violations[:10]:
             print(f"  ! {v}")
         return 1 if sr.violations else 0
+    if args.cmd == "replicas":
+        if not (1 <= args.seeds <= 10_000 and 3 <= args.nodes <= 500 and 1 <= args.models <= 1000):
+            parser.error("--seeds 1 to 10000, --nodes 3 to 500, --models 1 to 1000")
+        t = time.perf_counter()
+        runs = [simulate_replicas(args.nodes, args.models, seed) for seed in range(1, args.seeds + 1)]
+        print(f"sim replicas: {args.seeds} seeds, {args.nodes} nodes (+4 joining at 250 s), {args.models} models "
+              f"with random policies, 600 s each: a third of the holders crash at 60 s (half back in 10 s), "
+              f"a partition from 120 s to 200 s; {time.perf_counter() - t:.0f} s")
+        print(table(["measure", "value", "target"], [
+            ["copies started / dropped", f"{sum(r.copies_started for r in runs)} / "
+                                         f"{sum(r.copies_dropped for r in runs)}", ""],
+            ["copies that found no source", str(sum(r.copies_failed for r in runs)), ""],
+            ["models lost with every holder (nothing to copy from)", str(sum(r.lost_models for r in runs)), ""],
+            ["starts beyond the rule's gap (one view)", str(sum(r.over_started for r in runs)), "0"],
+            ["flaps (add, drop, add)", str(sum(r.flaps for r in runs)), "0"],
+            ["models outside [min, max] at the end", str(sum(len(r.violations) for r in runs)
+                                                      - sum(r.flaps + r.over_started for r in runs)), "0"],
+        ]))
+        bad = [v for r in runs for v in r.violations]
+        print(f"violations: {len(bad)}")
+        for v in bad[:10]:
+            print(f"  ! {v}")
+        return 1 if bad else 0
     if args.cmd == "swarm":
         if not 1 <= args.chunks <= 4096:
             parser.error("--chunks must be in [1, 4096]")

@@ -27,7 +27,7 @@ def test_top_redraws_in_place_on_a_terminal(tmp_path: Path) -> None:
         out = b""
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            ready, _, _ = select.select([main], [], [], 0.5)
+            ready, _, _ = select.select([main], [], [], 0.2)
             if ready:
                 try:
                     chunk = os.read(main, 65536)
@@ -36,7 +36,7 @@ def test_top_redraws_in_place_on_a_terminal(tmp_path: Path) -> None:
                 if not chunk:
                     break
                 out += chunk
-            elif p.poll() is not None:
+            elif p.poll() is not None:  # ended, and nothing more to read
                 break
         assert p.wait(timeout=10) == 0, out[-2000:]
         os.close(main)
