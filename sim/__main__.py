@@ -207,11 +207,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             ["models outside [min, max] at the end", str(sum(len(r.violations) for r in runs)
                                                       - sum(r.flaps + r.over_started for r in runs)), "0"],
         ]))
-        bad = [v for r in runs for v in r.violations]
-        print(f"violations: {len(bad)}")
-        for v in bad[:10]:
+        found = [v for r in runs for v in r.violations]
+        print(f"violations: {len(found)}")
+        for v in found[:10]:
             print(f"  ! {v}")
-        return 1 if bad else 0
+        return 1 if found else 0
     if args.cmd == "swarm":
         if not 1 <= args.chunks <= 4096:
             parser.error("--chunks must be in [1, 4096]")

@@ -104,8 +104,8 @@ def simulate_replicas(nodes: int = 20, models: int = 30, seed: int = 1, seconds:
     for t in range(seconds):
         # -- faults
         if t == 60:
-            holders = sorted({n for m in copies for n in copies[m]})
-            for n in rng.sample(holders, max(1, len(holders) // 3)):
+            holding = sorted({n for m in copies for n in copies[m]})
+            for n in rng.sample(holding, max(1, len(holding) // 3)):
                 crashed[n] = t
                 if rng.random() < 0.5:
                     back_at[n] = t + 10
@@ -165,10 +165,10 @@ def simulate_replicas(nodes: int = 20, models: int = 30, seed: int = 1, seconds:
                     res.copies_dropped += 1
                     events.setdefault((me, m), []).append("drop")
         if cut_at > t:
-            for key, n in started.items():
-                if n > gaps.get(key, 0):
-                    res.over_started += n - gaps[key]
-                    res.violations.append(f"{t} s: {key[0]}: {n} copies started, the rule's gap was {gaps[key]}")
+            for key, count in started.items():
+                if count > gaps.get(key, 0):
+                    res.over_started += count - gaps[key]
+                    res.violations.append(f"{t} s: {key[0]}: {count} copies started, the rule's gap was {gaps[key]}")
 
     for (n, m), steps in events.items():
         text = ",".join(steps)
