@@ -14,6 +14,7 @@ import math
 import os
 import socket
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 from protocol import GossipConfig, InvalidName, validate_node_id
 from protocol.gpus import parse_fake_gpus
 from protocol.names import validate_address
+from protocol.replicas import InvalidPolicy, parse_labels
 from protocol.serving import ENGINES, parse_port_range
 
 __all__ = ["Config", "ConfigError", "Secrets", "add_start_arguments", "config_from_args"]
@@ -74,6 +76,7 @@ class Config:
     job_node_wait_s: float = 60.0
     job_keep_s: float = 86_400.0
     fake_gpus: tuple[int, ...] = ()  # total bytes of each pretend GPU (--fake-gpus)
+    labels: Mapping[str, str] = field(default_factory=dict)  # --labels
     gpu_interval_s: float = 5.0
     service_ports: tuple[int, int] = (8000, 8999)
     engines: frozenset[str] = frozenset({"vllm", "llama.cpp", "sglang", "tgi"})
@@ -124,6 +127,8 @@ _OPTIONS: list[tuple[str, type, str, Any]] = [
     ("engine_drain", float, "seconds an engine has to exit after SIGTERM before SIGKILL (default 30)", 30.0),
     ("engine_startup", float, "seconds an engine has to become healthy (default 600)", 600.0),
     ("cluster", str, "cluster label; nodes of other clusters are refused", "meshnode"),
+    ("labels", str, "this node's labels, KEY=VALUE[,KEY=VALUE], e.g. zone=a,gpu=h100 (shown in /nodes; "
+     "replica policies place copies by them)", None),
     ("api_tokens", str, "comma-separated API bearer tokens", None),
     ("api_tokens_file", str, "file holding comma- or newline-separated API tokens", None),
     ("cluster_secret", str, "comma-separated cluster secrets for peer routes", None),
@@ -330,6 +335,10 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
         service_ports = parse_port_range(o["service_ports"])
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    try:
+        labels = parse_labels(o["labels"])
+    except InvalidPolicy as e:
+        raise ConfigError(f"--labels: {e}") from None
     engines = frozenset(_split(o["engines"]))
     if not engines or not engines <= set(ENGINES):
         raise ConfigError(f"--engines: a comma-separated list of {', '.join(ENGINES)}")
@@ -387,6 +396,7 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
         job_node_wait_s=o["job_node_wait"],
         job_keep_s=o["job_keep"],
         fake_gpus=fake_gpus,
+        labels=labels,
         gpu_interval_s=o["gpu_interval"],
         service_ports=service_ports,
         engines=engines,

@@ -263,7 +263,7 @@ class MeshNode:
         journal = OwnKeysJournal(cfg.node_id)
         catalog.subscribe(journal)  # after the restore: what was restored is on disk
         mesh = self.mesh = Mesh(GossipNode(cfg.node_id, address, generation, cfg.gossip, now, seeds, catalog), sender, self.rng)
-        mesh.set(NODE_KEY, NodeInfo(address, __version__, wall_ms(), self.data_port).to_value())
+        mesh.set(NODE_KEY, NodeInfo(address, __version__, wall_ms(), self.data_port, cfg.labels).to_value())
         saver = self.saver = Saver(mesh, self.hlc, self.state_file, journal)
         registry = self.registry = Registry(mesh, self.hlc, index, saver)
         copies = self.copies = CopyCatalog(mesh, self.store, saver)

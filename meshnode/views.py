@@ -8,7 +8,15 @@ import trio
 
 from protocol import MemberState
 from protocol.gpus import GpusRecord
-from protocol.keys import GPUS_KEY, STORAGE_KEY, SVC_PREFIX, RecordError, Storage
+from protocol.keys import (
+    GPUS_KEY,
+    NODE_KEY,
+    STORAGE_KEY,
+    SVC_PREFIX,
+    NodeInfo,
+    RecordError,
+    Storage,
+)
 from protocol.registry import availability, storage_totals
 from protocol.serving import ServiceRecord
 from protocol.view import ModelIndex, ModelView
@@ -97,10 +105,17 @@ class Views:
                     "storage": self.mesh.get(r.node_id, STORAGE_KEY) or {},
                     **self._gpus_of(r.node_id),
                     "models": sorted(held.get(r.node_id, ())),
+                    "labels": self._labels_of(r.node_id),
                     "self": r.node_id == self.mesh.id,
                 }
             )
         return out
+
+    def _labels_of(self, node_id: str) -> dict[str, str]:
+        try:
+            return dict(NodeInfo.from_value(self.mesh.get(node_id, NODE_KEY)).labels)
+        except RecordError:  # not heard of yet, or a bad record: no labels
+            return {}
 
     def _gpus_of(self, node_id: str) -> dict[str, Any]:
         """``gpus`` (a list, empty without any) and ``gpu_status`` (where the

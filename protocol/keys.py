@@ -36,6 +36,7 @@ import xxhash
 
 from .errors import RemoteProtocolError
 from .hlc import Stamp
+from .replicas import InvalidPolicy, parse_labels
 from .transfer.states import TRANSITIONS, TransferStatus
 
 __all__ = [
@@ -461,10 +462,11 @@ class NodeInfo:
     version: str
     started_ms: int
     data_port: int
+    labels: Mapping[str, str] = field(default_factory=dict)  # ``--labels``: where replica policies may place copies
 
     def to_value(self) -> dict[str, Any]:
         return {"address": self.address, "version": self.version, "started_ms": self.started_ms,
-                "data_port": self.data_port}
+                "data_port": self.data_port, "labels": dict(self.labels)}
 
     @classmethod
     def from_value(cls, raw: Any) -> NodeInfo:
@@ -477,7 +479,17 @@ class NodeInfo:
             version=_str(v.get("version"), "node version", max_chars=64),
             started_ms=_int(v.get("started_ms", 0), "node started_ms"),
             data_port=port,
+            labels=_labels(v.get("labels")),
         )
+
+
+def _labels(raw: Any) -> dict[str, str]:
+    if raw is not None and not isinstance(raw, dict):
+        raise RecordError("node labels: expected a map of strings")
+    try:
+        return parse_labels(raw)
+    except InvalidPolicy as e:
+        raise RecordError(f"node labels: {e}") from None
 
 
 @dataclass(frozen=True, slots=True)

@@ -149,7 +149,7 @@ NODE = _obj({
     "incarnation": INT, "last_change_s": NUM, "storage": _desc("its storage record, as it gossips it", {"type": "object"}),
     "gpus": _arr(GPU),
     "gpu_status": _null(_obj({}, {"source": STR, "read_ms": INT, "stale": BOOL, "error": _null(STR)})),
-    "models": NAMES, "self": BOOL,
+    "models": NAMES, "labels": _desc("its --labels", {"type": "object", "additionalProperties": STR}), "self": BOOL,
 })
 
 STATUS = _obj({

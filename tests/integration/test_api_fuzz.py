@@ -33,7 +33,7 @@ from meshnode.api.app import _public_app
 from meshnode.config import add_start_arguments, config_from_args
 from meshnode.peers import sign_headers
 
-from .test_process import Proc, wait
+from .test_process import NO_HUB, Proc, wait
 
 TOKEN = "fuzz-token-" + "x" * 32
 SECRET = "fuzz-secret-" + "y" * 32
@@ -112,16 +112,8 @@ def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Proc]]:
     (root / "models").mkdir()
     (root / "models" / "w.bin").write_bytes(os.urandom(20_000))
     extra = ("--api-tokens", TOKEN, "--cluster-secret", SECRET, "--ingest-roots", str(root / "models"))
-    old = os.environ.get("HF_ENDPOINT")
-    os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"  # a dead local port: nothing reaches the hub
-    try:
-        a = Proc("fa", root, None, extra).start()
-        b = Proc("fb", root, a.address, extra).start()
-    finally:
-        if old is None:
-            os.environ.pop("HF_ENDPOINT", None)
-        else:
-            os.environ["HF_ENDPOINT"] = old
+    a = Proc("fa", root, None, extra, env=NO_HUB).start()
+    b = Proc("fb", root, a.address, extra, env=NO_HUB).start()
     auth = {"authorization": f"Bearer {TOKEN}"}
     wait(lambda: len(httpx.get(a.url + "/nodes", headers=auth, timeout=2).json()["nodes"]) == 2, what="2 nodes")
     httpx.post(a.url + "/models/acme/m/register", json={"model_type": "llm"}, headers=auth, timeout=5)

@@ -225,3 +225,23 @@ async def test_read_your_writes_through_any_node(mesh: Mesh) -> None:
     # A token from a node that is gone: the wait is bounded, and the answer says it did not catch up.
     far = await mesh.client.get(b.url + "/models", headers={"X-Mesh-After": "ghost:1:5"})
     assert far.status_code == 200 and far.headers["X-Mesh-Caught-Up"] == "false"
+
+
+async def test_node_labels_are_gossiped_and_shown(mesh: Mesh) -> None:
+    """``--labels zone=a,gpu=h100``: in the node's record, so every node's
+    /nodes shows every node's labels (replica policies place copies by them)."""
+    import pytest as _pytest
+
+    from meshnode.config import ConfigError
+
+    a = await mesh.start("a", "--labels", "zone=a,gpu=h100")
+    b = await mesh.start("b", "--labels", "zone=b", join=[a])
+
+    async def labels_on_b() -> bool:
+        nodes = {n["node_id"]: n for n in (await mesh.client.get(b.url + "/nodes")).json()["nodes"]}
+        return nodes.get("a", {}).get("labels") == {"zone": "a", "gpu": "h100"} and nodes["b"]["labels"] == {"zone": "b"}
+
+    await wait_for(labels_on_b, what="a's labels on b")
+    for bad in ("zone", "zone=a b", ",".join(f"k{i}=v" for i in range(17))):
+        with _pytest.raises(ConfigError, match="--labels"):
+            await mesh.start("c", "--labels", bad)

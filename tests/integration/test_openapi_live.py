@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .test_process import Proc, wait
+from .test_process import NO_HUB, Proc, wait
 
 TOKEN = "oa-" + "Zx4" * 12
 SECRET = "oa-" + "Yw2" * 12
@@ -30,15 +30,7 @@ def test_schemathesis_finds_no_5xx_and_no_answer_outside_the_document(tmp_path: 
              "--ingest-roots", str(tmp_path / "models"))
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "w.bin").write_bytes(os.urandom(100_000))
-    old = os.environ.get("HF_ENDPOINT")
-    os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"  # nothing reaches a hub
-    try:
-        a = Proc("oa", tmp_path, None, extra).start()
-    finally:
-        if old is None:
-            os.environ.pop("HF_ENDPOINT", None)
-        else:
-            os.environ["HF_ENDPOINT"] = old
+    a = Proc("oa", tmp_path, None, extra, env=NO_HUB).start()
     auth = {"authorization": f"Bearer {TOKEN}"}
     try:
         r = httpx.post(a.url + "/models/org/m/download", headers=auth, timeout=10,

@@ -17,6 +17,9 @@ import pytest
 FAST = ["--gossip-interval", "0.1", "--probe-interval", "0.4"]
 
 
+NO_HUB = {"HF_ENDPOINT": "http://127.0.0.1:9"}  # a dead local port: nothing reaches a hub
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -24,8 +27,10 @@ def free_port() -> int:
 
 
 class Proc:
-    def __init__(self, node_id: str, root: Path, join: str | None = None, extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, node_id: str, root: Path, join: str | None = None, extra: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None) -> None:
         self.node_id, self.root, self.join, self.extra = node_id, root, join, extra
+        self.env = {**os.environ, **env} if env else None
         self.port = free_port()
         self.data_port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -41,7 +46,7 @@ class Proc:
         if self.join:
             cmd += ["--join", self.join]
         with open(self.log, "ab") as log:
-            self.p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            self.p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             try:

@@ -144,3 +144,15 @@ def test_a_transfer_has_one_shape_whichever_node_shows_it() -> None:
                 {"options": {f"k{i}": 1 for i in range(9)}}, {"fetched": [1]}):
         with pytest.raises(RecordError):
             XferRecord.from_value({**old, **bad})
+
+
+def test_node_labels_round_trip_and_bad_ones_are_refused() -> None:
+    from protocol.keys import NodeInfo, RecordError
+
+    info = NodeInfo("a:7420", "0.1.0", 1, 7421, {"zone": "a"})
+    assert NodeInfo.from_value(info.to_value()) == info
+    old = {"address": "a:7420", "version": "0.1.0", "started_ms": 1, "data_port": 7421}  # an older peer's
+    assert NodeInfo.from_value(old).labels == {}
+    for bad in ("zone=a", {"zone": 1}, {"z one": "a"}, {f"k{i}": "v" for i in range(17)}):
+        with pytest.raises(RecordError):
+            NodeInfo.from_value({**old, "labels": bad})
