@@ -1,5 +1,5 @@
 """The jobs model: pipelines with no head under crashes and partitions.
-CI runs README's `python -m sim jobs --seeds 100` (tests/integration/test_readme_bench.py);
+CI runs README's `python -m sim jobs --seeds 50` (tests/integration/test_readme_bench.py);
 these check the model itself and that its invariants have teeth."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The randomized sweep keeps the simulator honest: seeded chaos runs over
 random sizes, loss, skew, crashes, restarts, a leave and partitions.  CI runs
-README's `python -m sim sweep --seeds 100` (tests/integration/test_readme_bench.py);
+README's `python -m sim sweep --seeds 60` (tests/integration/test_readme_bench.py);
 these are the seeds that once failed."""
 
 from __future__ import annotations
