@@ -202,6 +202,10 @@ class Mesh:
         meanwhile), at most ``timeout_s``; whether it has."""
         if seen(self.gossip.catalog, after):
             return True
+        if after.node_id != self.id and self.gossip.members.get(after.node_id) is None:
+            # A writer this node has never heard of (another mesh's, say): nothing to pull
+            # from and nothing the gossip will bring, so no wait; the answer says it is not caught up.
+            return False
         deadline = trio.current_time() + timeout_s
         next_pull = trio.current_time()
         while not seen(self.gossip.catalog, after):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from .conftest import Mesh, all_alive, run_pipeline
+from .conftest import Mesh, all_alive, run_pipeline, wait_for
 from .fakehub import FakeHub
 from .test_ingest import REPO, download, finished
 from .test_ingest import hub as hub  # the fake hub fixture
@@ -81,6 +81,11 @@ async def test_info_lines_tell_an_operator_what_happened(mesh: Mesh, hub: FakeHu
     await all_alive(mesh, [a, b])
     t = await finished(mesh, a, await download(mesh, a, REPO, {}))
     assert t["status"] == "done", t
+
+    async def b_knows_it() -> bool:
+        return (await mesh.client.get(b.url + f"/models/{REPO}")).status_code == 200
+
+    await wait_for(b_knows_it, what="the registration on b")
     job = await run_pipeline(mesh, b, {"name": "stage", "actions": [
         {"action_id": "to_b", "action_type": "copy", "model_name": REPO, "devices": ["a:disk", "b:disk"]},
         {"action_id": "check", "action_type": "health_check", "target_url": f"{a.url}/health",

@@ -20,7 +20,8 @@ def test_top_redraws_in_place_on_a_terminal(tmp_path: Path) -> None:
     node = Proc("top-a", tmp_path).start()
     try:
         main, sub = pty.openpty()
-        env = {**os.environ, "COLUMNS": "140", "LINES": "60", "TERM": "xterm-256color"}
+        env = {**os.environ, "COLUMNS": "140", "LINES": "60", "TERM": "xterm-256color",
+               "XDG_STATE_HOME": str(tmp_path / "state")}  # no last write of another test's mesh
         p = subprocess.Popen([EXE, "--peer", node.url, "top", "--count", "3", "--interval", "0.2"],
                              stdin=sub, stdout=sub, stderr=sub, env=env, close_fds=True)
         os.close(sub)
