@@ -18,7 +18,7 @@ from protocol.keys import (
     Storage,
 )
 from protocol.registry import availability, storage_totals
-from protocol.serving import ServiceRecord
+from protocol.serving import Pool, ServiceRecord, pools
 from protocol.view import ModelIndex, ModelView
 
 from .mesh import Mesh
@@ -111,6 +111,36 @@ class Views:
             )
         return out
 
+    def _gpu_record(self, node_id: str) -> GpusRecord | None:
+        try:
+            raw = self.mesh.get(node_id, GPUS_KEY)
+            return None if raw is None else GpusRecord.from_value(raw)
+        except RecordError:
+            return None
+
+    def _pools_of(self, node_id: str, services: list[ServiceRecord]) -> list[Pool]:
+        rec = self._gpu_record(node_id)
+        return pools(node_id, [g.index for g in rec.gpus] if rec is not None else [], services)
+
+    def nodes_v2_json(self, scheme: str = "http") -> list[dict[str, Any]]:
+        """``/v2/nodes`` in llama-orch's shape: each node, whether it is
+        online, its pools (one per GPU) and its GPUs as capabilities."""
+        services = [x for xs in self.services_by_model().values() for x in xs]
+        out = []
+        for m in sorted(self.mesh.members(), key=lambda m: m.record.node_id):
+            r = m.record
+            rec = self._gpu_record(r.node_id)
+            gpus = [{"index": g.index, "uuid": g.uuid, "name": g.name, "vram_total_bytes": g.total_bytes,
+                     "vram_free_bytes": g.free_bytes} for g in (rec.gpus if rec is not None else ())]
+            out.append({
+                "node_id": r.node_id,
+                "address": f"{scheme}://{r.address}",
+                "online": self.mesh.online(r.node_id),
+                "pools": [p.to_value() for p in self._pools_of(r.node_id, services)],
+                "capabilities": {"gpus": gpus, "labels": self._labels_of(r.node_id)},
+            })
+        return out
+
     def _labels_of(self, node_id: str) -> dict[str, str]:
         try:
             return dict(NodeInfo.from_value(self.mesh.get(node_id, NODE_KEY)).labels)
@@ -135,13 +165,14 @@ class Views:
         members = [m.record for m in self.mesh.members()]
         online = {r.node_id for r in members if self.mesh.online(r.node_id)}
         av = availability(models, [r.node_id for r in members], online)
+        services = [x for xs in self.services_by_model().values() for x in xs]
         nodes = {
             r.node_id: {
                 "node_id": r.node_id,
                 "address": f"{scheme}://{r.address}",
                 "online": r.node_id in online,
                 "models": av.models_by_node[r.node_id],
-                "pools": [],
+                "pools": [p.to_value() for p in self._pools_of(r.node_id, services)],
             }
             for r in members
         }

@@ -41,6 +41,7 @@ __all__ = [
     "Action",
     "EngineSpec",
     "LifePolicy",
+    "Pool",
     "ServeError",
     "ServiceLife",
     "ServiceRecord",
@@ -51,6 +52,7 @@ __all__ = [
     "parse_port_range",
     "parse_svc_key",
     "pick_engine",
+    "pools",
     "svc_key",
     "validate_config",
     "vram_fits",
@@ -475,3 +477,36 @@ class ServiceRecord:
             log_tail=_field(raw, "log_tail", str, "log_tail", optional=True),
             health_path=_health_path(raw.get("health_path", "/health")),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Pool:
+    """llama-orch's pool, one per GPU of a node: ready while a healthy engine
+    serves from it, with the models its engines serve."""
+
+    pool_id: str
+    gpu: int
+    ready: bool
+    models: tuple[str, ...]
+    engines: tuple[str, ...]
+
+    def to_value(self) -> dict[str, Any]:
+        return {"pool_id": self.pool_id, "gpu": self.gpu, "ready": self.ready, "models": list(self.models),
+                "engines": list(self.engines)}
+
+
+def pools(node: str, gpu_indexes: Iterable[int], services: Iterable[ServiceRecord]) -> list[Pool]:
+    """A node's pools: one per GPU it reports, and one for any GPU an engine
+    of the node names that the node's GPU record lacks (stale figures)."""
+    by_gpu: dict[int, list[ServiceRecord]] = {g: [] for g in gpu_indexes}
+    for s in services:
+        if s.node != node or not s.state.up:
+            continue
+        for g in s.gpus:
+            by_gpu.setdefault(g, []).append(s)
+    out = []
+    for g in sorted(by_gpu):
+        healthy = [s for s in by_gpu[g] if s.state is ServiceState.HEALTHY]
+        out.append(Pool(f"pool-gpu{g}", g, bool(healthy), tuple(sorted({s.model for s in healthy})),
+                        tuple(sorted({s.engine for s in healthy}))))
+    return out

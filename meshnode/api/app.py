@@ -633,6 +633,10 @@ def _public_app(parts: ApiParts) -> QuartTrio:
     async def availability() -> Response:
         return _json(running().views.availability_json(parts.scheme))
 
+    @app.get("/v2/nodes")
+    async def nodes_v2() -> Response:
+        return _paged("nodes", running().views.nodes_v2_json(parts.scheme))
+
     @app.get("/metrics")
     async def metrics() -> Response:
         body, ctype = parts.metrics()

@@ -229,9 +229,17 @@ PLACEMENT = _obj({
                           "room_bytes": INT, "reasons": NAMES})),
 })
 
+POOL = _obj({"pool_id": _desc("pool-gpuN: one per GPU", STR), "gpu": INT,
+             "ready": _desc("a healthy engine serves from this GPU", BOOL), "models": NAMES, "engines": NAMES})
 AVAILABILITY = _obj({
-    "nodes": _map(_obj({"node_id": STR, "address": STR, "online": BOOL, "models": NAMES, "pools": {"type": "array"}})),
+    "nodes": _map(_obj({"node_id": STR, "address": STR, "online": BOOL, "models": NAMES, "pools": _arr(POOL)})),
     "total_models": INT, "replicated_models": NAMES, "single_node_models": NAMES,
+})
+NODE_V2 = _obj({
+    "node_id": STR, "address": STR, "online": BOOL, "pools": _arr(POOL),
+    "capabilities": _obj({"gpus": _arr(_obj({"index": INT, "uuid": STR, "name": STR, "vram_total_bytes": INT,
+                                              "vram_free_bytes": INT})),
+                          "labels": {"type": "object", "additionalProperties": STR}}),
 })
 
 V1_MODELS = _obj({"object": STR, "data": _arr(_obj({"id": STR, "object": STR, "owned_by": STR}))})
@@ -379,8 +387,11 @@ ROUTE_DOCS: dict[tuple[str, str], RouteDoc] = {
     ("GET", "/storage"): RouteDoc("This node's devices (total, used, free) and the copies it holds.", "nodes",
                                   responses={200: STORAGE}),
     ("GET", "/v2/catalog/availability"): RouteDoc(
-        "llama-orch's view: per node online and models; replicated and single-node models.", "nodes",
+        "llama-orch's view: per node online, models and pools; replicated and single-node models.", "nodes",
         responses={200: AVAILABILITY}),
+    ("GET", "/v2/nodes"): RouteDoc(
+        "llama-orch's nodes: each node online or not, its pools (one per GPU) and its GPUs.", "nodes",
+        responses={200: _paged("nodes", NODE_V2)}, query=PAGE_QUERY),
     # -- models
     ("GET", "/models"): RouteDoc("Registered models with their locations and status.", "models",
                                  responses={200: _paged("models", _model())}, query=PAGE_QUERY),

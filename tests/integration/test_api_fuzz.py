@@ -62,6 +62,7 @@ ROUTES = [
     ("GET", "/models/{name}"),
     ("DELETE", "/models/{name}"),
     ("GET", "/v2/catalog/availability"),
+    ("GET", "/v2/nodes"),
     ("GET", "/metrics"),
     ("POST", "/jobs"),
     ("POST", "/jobs/from-yaml"),

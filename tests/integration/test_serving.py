@@ -133,6 +133,15 @@ async def test_serve_shows_everywhere_and_stop_leaves_nothing(mesh: Mesh, tmp_pa
     assert samples[("meshnode_members", (("state", "alive"),))] == 2
     assert samples[("meshnode_members", (("state", "dead"),))] == 0
     assert samples[("meshnode_transfers", (("state", "done"),))] >= 1  # the download that put the model here
+    # llama-orch's view: a pool per GPU, ready where a healthy engine serves, from any node.
+    av = (await mesh.client.get(b.url + "/v2/catalog/availability")).json()
+    assert av["nodes"]["node1"]["pools"] == [
+        {"pool_id": "pool-gpu0", "gpu": 0, "ready": False, "models": [], "engines": []},
+        {"pool_id": "pool-gpu1", "gpu": 1, "ready": True, "models": ["org/e"], "engines": ["command"]}]
+    v2 = {n["node_id"]: n for n in (await mesh.client.get(b.url + "/v2/nodes")).json()["nodes"]}
+    assert v2["node1"]["pools"] == av["nodes"]["node1"]["pools"] and v2["node1"]["online"] is True
+    assert [g["index"] for g in v2["node1"]["capabilities"]["gpus"]] == [0, 1]
+    assert not any(p["ready"] for p in v2["node2"]["pools"])
     assert samples[("meshnode_jobs", (("state", "failed"),))] == 0
     assert samples[("meshnode_storage_free_bytes", (("tier", "disk"),))] > 0
     assert ("meshnode_build_info", (("version", meshnode.__version__),)) in samples

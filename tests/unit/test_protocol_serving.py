@@ -231,3 +231,16 @@ def test_requests_go_to_a_healthy_service_local_first_then_least_loaded() -> Non
     local = choose_services([*svcs, _svc("a", 9)], "m", "a", {"b", "c"}, {("a", 9): 50})
     assert local[0].node == "a"  # no hop beats a busy local engine
     assert choose_services(svcs, "nope", "a", {"b"}, {}) == []
+
+
+def test_pools_one_per_gpu_ready_where_a_healthy_engine_serves() -> None:
+    from protocol.serving import ServiceRecord, ServiceState, pools
+
+    def svc(model: str, gpus: tuple[int, ...], state: ServiceState, node: str = "n1") -> ServiceRecord:
+        return ServiceRecord(model, node, 8000 + len(model), "vllm", gpus, state, 1, 0)
+
+    got = pools("n1", [0, 1], [svc("a", (0,), ServiceState.HEALTHY), svc("bb", (0, 3), ServiceState.STARTING),
+                               svc("ccc", (1,), ServiceState.STOPPED), svc("dddd", (1,), ServiceState.HEALTHY, "n2")])
+    assert [(p.pool_id, p.ready, p.models) for p in got] == [
+        ("pool-gpu0", True, ("a",)), ("pool-gpu1", False, ()), ("pool-gpu3", False, ())]
+    assert pools("n1", [], []) == []
