@@ -258,16 +258,21 @@ async def test_ready_waits_for_the_seeds_and_needs_no_token(mesh: Mesh) -> None:
 
     async def hold(stream: trio.SocketStream) -> None:
         held.append(stream)
-        await trio.sleep_forever()
+        async with stream:  # closed when the test's scope ends
+            await trio.sleep_forever()
 
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    mesh.nursery.start_soon(trio.serve_listeners, hold, listeners)
     port = listeners[0].socket.getsockname()[1]
-    a = await mesh.start("a", "--api-tokens", "t" * 40, "--join", f"127.0.0.1:{port}")
-    r = await mesh.client.get(a.url + "/ready")
-    assert r.status_code == 503 and r.json()["error"]["code"] == "NOT_READY", r.text
-    with trio.fail_after(10):
-        await a.node.ready.wait()
-    r = await mesh.client.get(a.url + "/ready")
-    assert r.status_code == 200 and r.json()["node_id"] == "a" and held
-    assert a.node.ready_status.endswith(f"no join seed answered yet (127.0.0.1:{port}), retrying")
+    async with trio.open_nursery() as seed:
+        seed.start_soon(trio.serve_listeners, hold, listeners)
+        a = await mesh.start("a", "--api-tokens", "t" * 40, "--join", f"127.0.0.1:{port}")
+        r = await mesh.client.get(a.url + "/ready")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "NOT_READY", r.text
+        with trio.fail_after(10):
+            await a.node.ready.wait()
+        r = await mesh.client.get(a.url + "/ready")
+        assert r.status_code == 200 and r.json()["node_id"] == "a" and held
+        assert a.node.ready_status.endswith(f"no join seed answered yet (127.0.0.1:{port}), retrying")
+        seed.cancel_scope.cancel()  # the held connections close with their tasks
+    for listener in listeners:
+        await listener.aclose()
