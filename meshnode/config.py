@@ -127,8 +127,8 @@ _OPTIONS: list[tuple[str, type, str, Any]] = [
     ("engine_drain", float, "seconds an engine has to exit after SIGTERM before SIGKILL (default 30)", 30.0),
     ("engine_startup", float, "seconds an engine has to become healthy (default 600)", 600.0),
     ("cluster", str, "cluster label; nodes of other clusters are refused", "meshnode"),
-    ("labels", str, "this node's labels, KEY=VALUE[,KEY=VALUE], e.g. zone=a,gpu=h100 (shown in /nodes; "
-     "replica policies place copies by them)", None),
+    ("labels", str, "this node's labels, KEY=VALUE[,KEY=VALUE], e.g. zone=a,gpu=h100 (gossiped; shown in /nodes "
+     "and /v2/nodes)", None),
     ("api_tokens", str, "comma-separated API bearer tokens", None),
     ("api_tokens_file", str, "file holding comma- or newline-separated API tokens", None),
     ("cluster_secret", str, "comma-separated cluster secrets for peer routes", None),

@@ -462,7 +462,7 @@ class NodeInfo:
     version: str
     started_ms: int
     data_port: int
-    labels: Mapping[str, str] = field(default_factory=dict)  # ``--labels``: where replica policies may place copies
+    labels: Mapping[str, str] = field(default_factory=dict)  # ``--labels``, shown in /nodes and /v2/nodes
 
     def to_value(self) -> dict[str, Any]:
         return {"address": self.address, "version": self.version, "started_ms": self.started_ms,

@@ -290,6 +290,13 @@ def _public_app(parts: ApiParts) -> QuartTrio:
         return _error(500, "INTERNAL", "internal error; see the node's log")
 
     async def body_json() -> Any:
+        """The request's JSON body, parsed and checked once (the schema check, then the handler)."""
+        if "body_json" in g:
+            return g.body_json
+        g.body_json = value = await _parse_body()
+        return value
+
+    async def _parse_body() -> Any:
         data = await request.get_data(cache=True)  # a peer route's was read to check its MAC
         if len(data) > PUBLIC_BODY_MAX:
             raise MeshError("TOO_LARGE", f"request body over {PUBLIC_BODY_MAX} bytes")

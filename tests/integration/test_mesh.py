@@ -233,7 +233,7 @@ async def test_read_your_writes_through_any_node(mesh: Mesh) -> None:
 
 async def test_node_labels_are_gossiped_and_shown(mesh: Mesh) -> None:
     """``--labels zone=a,gpu=h100``: in the node's record, so every node's
-    /nodes shows every node's labels (replica policies place copies by them)."""
+    /nodes shows every node's labels (for the replica policies to come)."""
     from meshnode.config import ConfigError
 
     a = await mesh.start("a", "--labels", "zone=a,gpu=h100")
