@@ -75,6 +75,8 @@ class Config:
     source_wait_s: float = 60.0
     job_node_wait_s: float = 60.0
     job_keep_s: float = 86_400.0
+    replica_grace_s: float = 300.0
+    replica_interval_s: float = 5.0
     fake_gpus: tuple[int, ...] = ()  # total bytes of each pretend GPU (--fake-gpus)
     labels: Mapping[str, str] = field(default_factory=dict)  # --labels
     gpu_interval_s: float = 5.0
@@ -114,6 +116,9 @@ _OPTIONS: list[tuple[str, type, str, Any]] = [
     ("job_node_wait", float, "seconds a pipeline step waits for its unreachable node before it fails "
      "NODE_UNAVAILABLE (default 60)", 60.0),
     ("job_keep", float, "seconds finished jobs are kept (default 86400)", 86_400.0),
+    ("replica_grace", float, "seconds a down node's copies still count toward a pinned model's replicas "
+     "before they are replaced elsewhere (default 300: a restarting node is not a lost one)", 300.0),
+    ("replica_interval", float, "seconds between two runs of the replica rule on this node (default 5)", 5.0),
     ("source_wait", float, "seconds a transfer waits, its chunks kept, for holders that became unreachable "
      "(a partition, a restart) before it fails with NO_SOURCE", 60.0),
     ("fake_gpus", str, "pretend GPUs of these sizes instead of reading NVML, e.g. 2x24GiB or 24GiB,80GiB "
@@ -325,7 +330,7 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
         raise ConfigError("gossip and probe intervals must be positive")
     if o["fanout"] < 1:
         raise ConfigError("fanout must be at least 1")
-    for flag in ("chunk_stall", "source_wait", "job_node_wait", "job_keep"):
+    for flag in ("chunk_stall", "source_wait", "job_node_wait", "job_keep", "replica_grace", "replica_interval"):
         if not 0 < o[flag] <= 86_400:  # also refuses nan
             raise ConfigError(f"--{flag.replace('_', '-')} must be between 0 and 86400 seconds")
     if not 0.1 <= o["gpu_interval"] <= 3600:  # also refuses nan
@@ -395,6 +400,8 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
         source_wait_s=o["source_wait"],
         job_node_wait_s=o["job_node_wait"],
         job_keep_s=o["job_keep"],
+        replica_grace_s=o["replica_grace"],
+        replica_interval_s=o["replica_interval"],
         fake_gpus=fake_gpus,
         labels=labels,
         gpu_interval_s=o["gpu_interval"],

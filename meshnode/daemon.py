@@ -55,6 +55,7 @@ from .errors import MeshError, first_of
 from .gpus import GpuMonitor, open_reader
 from .httpserver import ConnectionLimits, HttpServer, raise_fd_limit
 from .jobs import Jobs, JobSettings
+from .keeper import Keeper
 from .mesh import Mesh, wall_ms
 from .metrics import Gauges, render_metrics
 from .peers import PeerClient, PeerSender, make_peer_client
@@ -112,6 +113,7 @@ class MeshNode:
         self.gpus: GpuMonitor | None = None
         self.services: Services | None = None
         self.proxy: InferenceProxy | None = None
+        self.keeper: Keeper | None = None
         self.http: HttpServer | None = None
         self.data_server: DataServer | None = None
         self.data_client: DataClient | None = None
@@ -199,7 +201,7 @@ class MeshNode:
             self.url = f"{cfg.scheme}://{host}:{port}"
             await self._start(self.address, sender, data_client, PeerClient(client, cfg.scheme))
             assert self.mesh and self.saver and self.transfers and self.copies and self.jobs and self.gpus
-            assert self.services
+            assert self.services and self.keeper
             await nursery.start(sender.run)
             await nursery.start(self.gpus.run)
             await nursery.start(self.services.run)
@@ -209,6 +211,7 @@ class MeshNode:
             await nursery.start(self.mesh.run)
             await nursery.start(self.saver.run, cfg.persist_interval_s)
             await nursery.start(self.copies.run, cfg.storage_refresh_s)
+            await nursery.start(self.keeper.run)
             log.info(
                 "node %s generation %d listening on %s (cluster %r, joining %s)",
                 cfg.node_id, self.generation, self.url, cfg.cluster, ",".join(cfg.join) or "nobody",
@@ -295,8 +298,10 @@ class MeshNode:
         catalog.subscribe(jobs)  # a job record changing anywhere wakes the job loop
         jobs.load()
         self.proxy = InferenceProxy(mesh, services, registry)
+        self.keeper = Keeper(mesh, registry, transfers, copies, grace_s=cfg.replica_grace_s,
+                             interval_s=cfg.replica_interval_s)
         self.api.running = Running(mesh, registry, Views(mesh, index), router, transfers, copies, jobs, gpus,
-                                   services, self.proxy)
+                                   services, self.proxy, self.keeper)
         copies.sample_storage()
         await copies.load()
         await saver.save_snapshot()  # the new generation is on disk before anyone hears of it

@@ -18,6 +18,7 @@ __all__ = ["STATUS", "MeshError", "first_mesh_error"]
 STATUS: dict[str, int] = {
     # the request is wrong
     "INVALID_REQUEST": 400,
+    "INVALID_POLICY": 400,
     "INVALID_JSON": 400,
     "INVALID_MODEL_NAME": 400,
     "INVALID_DEVICE": 400,

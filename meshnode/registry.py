@@ -13,7 +13,9 @@ from protocol.registry import (
     Write,
     changed_fields,
     location_write,
+    parse_policy,
     parse_registration,
+    pin_write,
     register_write,
     unregister_writes,
 )
@@ -76,14 +78,27 @@ class Registry:
         except InvalidInput as e:
             raise MeshError(e.code, e.message) from None
         existing = self.index.get(name)
-        write, warning = register_write(name, reg, existing, self.hlc, self.clock_ms())
-        await self._commit([write], warning)
+        writes, warning = register_write(name, reg, existing, self.hlc, self.clock_ms())
+        await self._commit(writes, warning)
         changed = changed_fields(existing, reg)
         if existing is None:
             log.info("model %s registered (type %r)", name, reg.model_type)
         elif changed:
             log.info("model %s registered again; changed: %s", name, ", ".join(changed))
         return self.model(name), changed
+
+    async def pin(self, name: str, raw: Any | None) -> ModelView:
+        """Keep ``raw``'s replica policy for ``name`` (None: unpin it); its view."""
+        mv = self.model(name)
+        try:
+            policy = None if raw is None else parse_policy(raw)
+        except InvalidInput as e:
+            raise MeshError(e.code, e.message) from None
+        write, warning = pin_write(mv, policy, self.hlc, self.clock_ms())
+        await self._commit([write], warning)
+        log.info("model %s %s", mv.name, "unpinned" if policy is None else
+                 f"pinned: {policy.min} to {policy.max} copies on {policy.tier}")
+        return self.model(name)
 
     async def unregister(self, name: str, *, purge: bool = False) -> list[str]:
         """Unregister; with ``purge`` also drop every recorded location.  The dropped devices."""

@@ -14,6 +14,7 @@ key                                record            written by
 =================================  ================  =====================================
 ``reg/<model>``                    ``RegRecord``     any node (last writer wins on ``stamp``)
 ``loc/<model>@<node:device>``      ``LocRecord``     any node (last writer wins on ``stamp``)
+``pin/<model>``                    ``PinRecord``     any node (last writer wins on ``stamp``)
 ``copy/<model>@<kind>``            ``CopyRecord``    the node that holds the copy
 ``xfer/<transfer id>``             ``XferRecord``    the node the transfer runs on
 ``src/<source id digest>``         ``SrcRecord``     a node that fetched a source
@@ -36,7 +37,7 @@ import xxhash
 
 from .errors import RemoteProtocolError
 from .hlc import Stamp
-from .replicas import InvalidPolicy, parse_labels
+from .replicas import InvalidPolicy, ReplicaPolicy, parse_labels
 from .transfer.states import TRANSITIONS, TransferStatus
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "JOB_PREFIX",
     "LOC_PREFIX",
     "NODE_KEY",
+    "PIN_PREFIX",
     "REG_PREFIX",
     "SRC_PREFIX",
     "STORAGE_KEY",
@@ -56,6 +58,7 @@ __all__ = [
     "LocOp",
     "LocRecord",
     "NodeInfo",
+    "PinRecord",
     "RecordError",
     "RegOp",
     "RegRecord",
@@ -69,6 +72,7 @@ __all__ = [
     "model_of_key",
     "parse_copy_key",
     "parse_loc_key",
+    "pin_key",
     "reg_key",
     "src_key",
     "xfer_key",
@@ -76,6 +80,7 @@ __all__ = [
 
 REG_PREFIX = "reg/"
 LOC_PREFIX = "loc/"
+PIN_PREFIX = "pin/"  # a model's replica policy (protocol/replicas.py)
 COPY_PREFIX = "copy/"
 XFER_PREFIX = "xfer/"
 SRC_PREFIX = "src/"
@@ -98,6 +103,10 @@ class RecordError(RemoteProtocolError):
 
 def reg_key(model: str) -> str:
     return REG_PREFIX + model
+
+
+def pin_key(model: str) -> str:
+    return PIN_PREFIX + model
 
 
 def loc_key(model: str, device: str) -> str:
@@ -134,9 +143,10 @@ def parse_copy_key(key: str) -> tuple[str, str] | None:
 
 
 def model_of_key(key: str) -> str | None:
-    """The model a ``reg/``, ``loc/`` or ``copy/`` key is about; None for other keys."""
-    if key.startswith(REG_PREFIX):
-        return key[len(REG_PREFIX) :] or None
+    """The model a ``reg/``, ``pin/``, ``loc/`` or ``copy/`` key is about; None for other keys."""
+    for prefix in (REG_PREFIX, PIN_PREFIX):
+        if key.startswith(prefix):
+            return key[len(prefix) :] or None
     parsed = parse_loc_key(key) or parse_copy_key(key)
     return parsed[0] if parsed else None
 
@@ -258,6 +268,28 @@ class LocRecord:
     def from_value(cls, raw: Any) -> LocRecord:
         v = _dict(raw, "location")
         return cls(_stamp(v.get("stamp"), "location stamp"), _enum(LocOp, v.get("op"), "location op"))
+
+
+@dataclass(frozen=True, slots=True)
+class PinRecord:
+    """``pin/<model>``: the model's replica policy (None: unpinned), set by
+    ``meshnode pin`` or a registration's ``replicas``; it counts only if
+    written at or after the registration's ``since``."""
+
+    stamp: Stamp
+    policy: ReplicaPolicy | None
+
+    def to_value(self) -> dict[str, Any]:
+        return {"stamp": self.stamp.to_wire(), "policy": None if self.policy is None else self.policy.to_value()}
+
+    @classmethod
+    def from_value(cls, raw: Any) -> PinRecord:
+        v = _dict(raw, "pin")
+        policy = v.get("policy")
+        try:
+            return cls(_stamp(v.get("stamp"), "pin stamp"), None if policy is None else ReplicaPolicy.from_value(policy))
+        except InvalidPolicy as e:
+            raise RecordError(f"pin policy: {e}") from None
 
 
 # -- a node's own facts --------------------------------------------------------------------------

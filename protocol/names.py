@@ -43,7 +43,7 @@ _IPV4ISH = re.compile(r"[0-9.]+\Z")
 # The API's sub-resources of a model (``/models/<name>/<sub>``): the second
 # segment of an owner/name model may not be one, or ``/models/acme/copy``
 # would mean both the model ``acme/copy`` and copying ``acme``.
-RESERVED_SEGMENTS = frozenset({"copy", "download", "locations", "move", "register", "services"})
+RESERVED_SEGMENTS = frozenset({"copy", "download", "locations", "move", "pin", "register", "services"})
 
 
 def validate_model_name(name: object) -> str:

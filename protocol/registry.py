@@ -14,6 +14,9 @@ stamped by the writer's HLC and resolved last-writer-wins by the read view
 * re-registering keeps ``since``, the stamp at which the registration began,
   so the locations recorded under it stay; a first registration and an
   unregistration begin a new one;
+* a replica policy (``pin/<model>``, ``pin_write``) is a key of its own, so
+  that pinning does not rewrite the registration; a registration that
+  carries ``replicas`` writes both, the pin stamped after the registration;
 * unregistering with ``purge`` also drops every location the model had,
   and marks the unregistration ``purged``: while it is the model's newest
   record, every node deletes its copies of the model (``purged_models``).
@@ -38,13 +41,16 @@ from .keys import (
     REG_PREFIX,
     LocOp,
     LocRecord,
+    PinRecord,
     RecordError,
     RegOp,
     RegRecord,
     Storage,
     loc_key,
+    pin_key,
     reg_key,
 )
+from .replicas import InvalidPolicy, ReplicaPolicy
 from .serving import ENGINES
 from .view import ModelView
 
@@ -57,7 +63,9 @@ __all__ = [
     "availability",
     "changed_fields",
     "location_write",
+    "parse_policy",
     "parse_registration",
+    "pin_write",
     "purged_models",
     "register_write",
     "storage_totals",
@@ -88,6 +96,15 @@ class Registration:
     model_type: str | None = None
     source_url: str | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    replicas: ReplicaPolicy | None = None  # None: the model's pin, if any, stays as it is
+
+
+def parse_policy(raw: Any) -> ReplicaPolicy:
+    """A replica policy a client sends (``{min, max, tier, labels, spread}``), or ``InvalidInput``."""
+    try:
+        return ReplicaPolicy.from_value(raw)
+    except InvalidPolicy as e:
+        raise InvalidInput(str(e), "INVALID_POLICY") from None
 
 
 def _count(v: Any, what: str) -> int:
@@ -164,7 +181,7 @@ def parse_registration(body: Any) -> Registration:
         body = {}
     if not isinstance(body, dict):
         raise InvalidInput("request body must be a JSON object")
-    unknown = set(body) - {"model_type", "source_url", "metadata"}
+    unknown = set(body) - {"model_type", "source_url", "metadata", "replicas"}
     if unknown:
         raise InvalidInput(f"unknown fields: {', '.join(sorted(unknown))[:200]}")
     model_type = body.get("model_type")
@@ -173,7 +190,9 @@ def parse_registration(body: Any) -> Registration:
     source_url = body.get("source_url")
     if source_url is not None and (not isinstance(source_url, str) or len(source_url) > 2048):
         raise InvalidInput("source_url must be a string of at most 2048 characters")
-    return Registration(model_type, source_url, _clean_metadata(body.get("metadata")))
+    replicas = body.get("replicas")
+    return Registration(model_type, source_url, _clean_metadata(body.get("metadata")),
+                        None if replicas is None else parse_policy(replicas))
 
 
 def changed_fields(existing: ModelView | None, reg: Registration) -> list[str] | None:
@@ -184,6 +203,8 @@ def changed_fields(existing: ModelView | None, reg: Registration) -> list[str] |
     out = [f for f in ("model_type", "source_url") if getattr(existing, f) != getattr(reg, f)]
     old, new = dict(existing.metadata), dict(reg.metadata)
     out += [f"metadata.{k}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if reg.replicas is not None and reg.replicas != existing.policy:
+        out.append("replicas")
     return out
 
 
@@ -201,14 +222,24 @@ def _observe(hlc: HLC, seen: Stamp | None, now_ms: int) -> str | None:
 
 def register_write(
     name: str, reg: Registration, existing: ModelView | None, hlc: HLC, now_ms: int
-) -> tuple[Write, str | None]:
-    """The write that registers ``name`` (whose current view is ``existing``),
-    and a warning for the log, if any."""
+) -> tuple[list[Write], str | None]:
+    """The writes that register ``name`` (whose current view is ``existing``):
+    the registration, and its pin when it carries ``replicas``; a warning
+    for the log, if any."""
     warning = _observe(hlc, existing.seen if existing is not None else None, now_ms)
     stamp = hlc.now(now_ms)
     since = existing.since if existing is not None else stamp
     rec = RegRecord(stamp, since, RegOp.REGISTER, reg.model_type, reg.source_url, dict(reg.metadata))
-    return (reg_key(name), rec.to_value()), warning
+    writes: list[Write] = [(reg_key(name), rec.to_value())]
+    if reg.replicas is not None:
+        writes.append((pin_key(name), PinRecord(hlc.now(now_ms), reg.replicas).to_value()))
+    return writes, warning
+
+
+def pin_write(view: ModelView, policy: ReplicaPolicy | None, hlc: HLC, now_ms: int) -> tuple[Write, str | None]:
+    """Pin ``view``'s model to ``policy`` (None: unpin it)."""
+    warning = _observe(hlc, view.seen, now_ms)
+    return (pin_key(view.name), PinRecord(hlc.now(now_ms), policy).to_value()), warning
 
 
 def unregister_writes(

@@ -124,6 +124,10 @@ class ReplicaPolicy:
         if self.spread is not None:
             _label_part(self.spread, "spread label")
 
+    def to_value(self) -> dict[str, Any]:
+        return {"min": self.min, "max": self.max, "tier": self.tier, "labels": dict(self.labels),
+                "spread": self.spread}
+
     @classmethod
     def from_value(cls, raw: Any) -> ReplicaPolicy:
         """From a client's JSON or a catalog record; ``InvalidPolicy`` when it cannot be."""

@@ -5,7 +5,9 @@ Keys that several nodes may write for one model live in each writer's own
 keyspace, stamped with the writer's HLC (their records are in ``keys``):
 ``reg/<model>`` (``RegRecord``: a registration or an unregistration, and
 ``since``, the stamp at which the current registration began) and
-``loc/<model>@<device>`` (``LocRecord``: a location added or dropped by hand).
+``loc/<model>@<device>`` (``LocRecord``: a location added or dropped by hand)
+and ``pin/<model>`` (``PinRecord``: its replica policy, which counts, like a
+location, only if written at or after ``since``).
 
 For each model the record with the highest stamp wins (last writer wins), so
 concurrent writes on both sides of a partition converge to one answer with no
@@ -30,10 +32,12 @@ from typing import Any
 
 from .hlc import Stamp
 from .keys import (
+    PIN_PREFIX,
     REG_PREFIX,
     CopyRecord,
     LocOp,
     LocRecord,
+    PinRecord,
     RecordError,
     RegOp,
     RegRecord,
@@ -41,6 +45,7 @@ from .keys import (
     parse_copy_key,
     parse_loc_key,
 )
+from .replicas import ReplicaPolicy
 
 __all__ = ["CopyView", "ModelIndex", "ModelView", "resolve_models"]
 
@@ -63,7 +68,8 @@ class ModelView:
     since: Stamp
     locations: list[str] = field(default_factory=list)
     copies: list[CopyView] = field(default_factory=list)
-    newest: Stamp | None = None  # the newest stamp of its registration and its location records
+    newest: Stamp | None = None  # the newest stamp of its registration, its location and pin records
+    policy: ReplicaPolicy | None = None  # how many copies the mesh keeps (``meshnode pin``)
 
     @property
     def seen(self) -> Stamp:
@@ -81,6 +87,7 @@ def resolve_models(items: Iterable[tuple[str, str, Any]]) -> dict[str, ModelView
     Values that are not their key's record are skipped."""
     regs: dict[str, tuple[RegRecord, str]] = {}
     locs: dict[tuple[str, str], LocRecord] = {}
+    pins: dict[str, PinRecord] = {}
     copies: list[tuple[str, CopyView]] = []
     for node_id, key, value in items:
         try:
@@ -90,6 +97,12 @@ def resolve_models(items: Iterable[tuple[str, str, Any]]) -> dict[str, ModelView
                 cur = regs.get(name)
                 if cur is None or reg.stamp > cur[0].stamp:
                     regs[name] = (reg, node_id)
+            elif key.startswith(PIN_PREFIX):
+                pin = PinRecord.from_value(value)
+                name = key[len(PIN_PREFIX) :]
+                cur_pin = pins.get(name)
+                if cur_pin is None or pin.stamp > cur_pin.stamp:
+                    pins[name] = pin
             elif (at := parse_loc_key(key)) is not None:
                 loc = LocRecord.from_value(value)
                 cur_loc = locs.get(at)
@@ -113,6 +126,14 @@ def resolve_models(items: Iterable[tuple[str, str, Any]]) -> dict[str, ModelView
             stamp=reg.stamp,
             since=reg.since,
         )
+    for name, pin in pins.items():
+        mv = out.get(name)
+        if mv is None:
+            continue
+        if mv.newest is None or pin.stamp > mv.newest:
+            mv.newest = pin.stamp
+        if pin.stamp >= mv.since:
+            mv.policy = pin.policy
     for (name, device), loc in sorted(locs.items()):
         mv = out.get(name)
         if mv is None:

@@ -391,7 +391,7 @@ class Simulation:
         node = self.node(i)
         existing = resolve_models(node.catalog.items(reg_key(model))).get(model)
         reg = Registration("llm", None, metadata or {})
-        (key, value), _warning = register_write(model, reg, existing, self.hlcs[i], self.clock.local_ms(i))
+        [(key, value)], _warning = register_write(model, reg, existing, self.hlcs[i], self.clock.local_ms(i))
         stamp = RegRecord.from_value(value).stamp
         node.set(key, value, self.local(i))
         self.writes.append(Write(model, i, self.gens[i], stamp, self.clock.now))

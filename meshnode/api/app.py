@@ -31,6 +31,7 @@ from protocol.causal import After
 from protocol.errors import InvalidName
 from protocol.names import RESERVED_SEGMENTS
 from protocol.pipeline import parse_step_device
+from protocol.view import ModelView
 
 from .. import __version__
 from ..actions import Router
@@ -40,6 +41,7 @@ from ..copies.transfers import Transfers
 from ..errors import MeshError
 from ..gpus import GpuMonitor
 from ..jobs import Jobs
+from ..keeper import Keeper
 from ..mesh import Mesh
 from ..metrics import RouteLatency
 from ..pipelines import DOC_BYTES_MAX, load_document
@@ -147,6 +149,7 @@ class Running:
     gpus: GpuMonitor
     services: Services
     proxy: InferenceProxy
+    keeper: Keeper
 
 
 @dataclass
@@ -603,11 +606,17 @@ def _public_app(parts: ApiParts) -> QuartTrio:
             raise MeshError("INVALID_REQUEST", "port: 1 to 65535")
         return _json(await r.router.run_on(node, StopService(mv.name, int(port_text) if port_text else None)))
 
+    def _model_full(mv: ModelView) -> dict[str, Any]:
+        r = running()
+        out = r.views.model_json(mv, full=True)
+        out["replicas"] = r.keeper.status_json(mv)  # wanted and actual, when pinned
+        return out
+
     @app.post("/models/<model:name>/register")
     async def register(name: str) -> Response:
         r = running()
         mv, changed = await r.registry.register(name, await body_json())  # acknowledged means durable
-        out = r.views.model_json(mv, full=True)
+        out = _model_full(mv)
         out["registered"] = True
         # Registering again replaces the registration: say so, and what changed.
         out["replaced"] = changed is not None
@@ -616,8 +625,15 @@ def _public_app(parts: ApiParts) -> QuartTrio:
 
     @app.get("/models/<model:name>")
     async def model_info(name: str) -> Response:
-        r = running()
-        return _json(r.views.model_json(r.registry.model(name), full=True))
+        return _json(_model_full(running().registry.model(name)))
+
+    @app.post("/models/<model:name>/pin")
+    async def pin(name: str) -> Response:
+        return _json(_model_full(await running().registry.pin(name, await body_json())))
+
+    @app.delete("/models/<model:name>/pin")
+    async def unpin(name: str) -> Response:
+        return _json(_model_full(await running().registry.pin(name, None)))
 
     @app.delete("/models/<model:name>")
     async def unregister(name: str) -> Response:

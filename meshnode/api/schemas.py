@@ -182,10 +182,28 @@ TRANSFER = _obj(
      "fetched": _null({"type": "object"})},
 )
 
+_REPLICA_COUNT = {"type": "integer", "minimum": -1, "maximum": 1024}
+POLICY_BODY = _obj({}, {
+    "min": _desc("at least this many copies; -1: on every eligible node (default 1)", _REPLICA_COUNT),
+    "max": _desc("at most this many; -1: every eligible node (default: min)", _REPLICA_COUNT),
+    "tier": _desc("where the copies live (default disk)", {"enum": ["disk", "dram"]}),
+    "labels": _null(_desc("only on nodes with every one of these --labels", {"type": "object", "additionalProperties": STR})),
+    "spread": _null(_desc("a label whose values the copies are spread over, e.g. zone", STR)),
+}, closed=True)
+REPLICAS = _null(_obj({
+    "policy": POLICY_BODY, "wanted": _obj({"min": INT, "max": INT}),
+    "actual": _desc("complete copies on the policy's tier on nodes that are up", INT),
+    "counted": _desc("copies the rule counts: up, being made, or down for less than the grace", INT),
+    "lost": _desc("copies on nodes down for longer than the grace", INT),
+    "copying_to": NAMES, "next": _obj({"add": NAMES, "drop": NAMES}),
+    "short": _null(_desc("why the mesh cannot hold min copies, when it cannot", STR)),
+}))
+
 _MODEL_SERVICE = _obj({"node": STR, "port": INT, "device": STR, "engine": STR, "state": _state(ServiceState)})
 _MODEL_SHORT = {"model_name": STR, "model_type": _null(STR), "size": _null(INT), "locations": NAMES,
                 "services": _arr(_MODEL_SERVICE), "status": _desc("registered, available or unavailable", STR)}
 _MODEL_FULL = {
+    "replicas": _desc("its replica policy, wanted and actual copies; null: not pinned", REPLICAS),
     "source_url": _null(STR), "metadata": {"type": "object"}, "registered_by": STR, "registered_at_ms": INT,
     "copies": _arr(_obj({"device": STR, "manifest_hash": STR, "size": INT, "status": STR, "online": BOOL})),
 }
@@ -286,6 +304,7 @@ DOWNLOAD_BODY = _obj(
 _SHORT = {"type": "string", "minLength": 1, "maxLength": 64}
 _COUNT = {"type": "integer", "minimum": 0, "maximum": INT63}
 REGISTER_BODY = _null(_obj({}, {
+    "replicas": _null(_desc("keep this many copies (as POST /models/{name}/pin)", POLICY_BODY)),
     "model_type": _null(_SHORT),
     "source_url": _null({"type": "string", "maxLength": 2048}),
     "metadata": _null(_obj({}, {
@@ -408,6 +427,13 @@ ROUTE_DOCS: dict[tuple[str, str], RouteDoc] = {
         responses={200: _written({"anyOf": [UNREGISTERED, LOCATION_DROPPED]}), **_COPY_ERRORS},
         query={"purge": _desc("1, true or yes: delete every copy too", STR),
                "device": _desc("free this device only (node:device); the model stays registered", STR)}),
+    ("POST", "/models/<model:name>/pin"): RouteDoc(
+        "Pin a model: the mesh keeps between min and max copies of it, on the tier and nodes the policy names, "
+        "and heals itself when a holder is lost.", "models",
+        request=POLICY_BODY, responses={200: _written(_model(full=True)), **_errors(404)}),
+    ("DELETE", "/models/<model:name>/pin"): RouteDoc(
+        "Unpin a model: its copies stay where they are; the mesh no longer adds or drops any.", "models",
+        responses={200: _written(_model(full=True)), **_errors(404)}),
     # -- copies and where they live
     ("POST", "/models/<model:name>/copy"): RouteDoc(
         "Copy a model to a device, across nodes or between one node's tiers: a transfer.", "copies",

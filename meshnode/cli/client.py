@@ -350,6 +350,12 @@ class ApiClient:
         }
         return self.request("POST", model_path(name) + "/register", json=body)
 
+    def pin_model(self, name: str, policy: dict[str, Any] | None) -> Any:
+        """Keep ``policy``'s replicas of ``name`` (None: unpin it)."""
+        if policy is None:
+            return self.request("DELETE", model_path(name) + "/pin")
+        return self.request("POST", model_path(name) + "/pin", json=policy)
+
     def unregister_model(self, name: str, *, purge: bool = False) -> Any:
         params = {"purge": "true"} if purge else None
         return self.request("DELETE", model_path(name), params=params)

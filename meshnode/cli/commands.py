@@ -16,6 +16,8 @@ from typing import Any
 
 from rich.console import Console
 
+from protocol.replicas import InvalidPolicy, parse_labels
+
 from . import last_write
 from .client import (
     DEFAULT_PEER,
@@ -49,6 +51,7 @@ from .render import (
     render_info,
     render_list,
     render_nodes,
+    render_pin,
     render_register,
     render_status,
     render_transfer,
@@ -114,6 +117,16 @@ def _call_register(api: ApiClient, args: argparse.Namespace) -> Any:
     )
 
 
+def _call_pin(api: ApiClient, args: argparse.Namespace) -> Any:
+    policy: dict[str, Any] = {"min": args.replicas, "max": args.replicas if args.max is None else args.max,
+                              "tier": args.tier}
+    if args.labels:
+        policy["labels"] = args.labels
+    if args.spread:
+        policy["spread"] = args.spread
+    return api.pin_model(args.name, policy)
+
+
 def file_url(path: str) -> str:
     """``--from PATH`` -> ``file:///abs/path``: the path is on the target node, but a
     relative one (or ``~``) is made absolute here, against this shell's directory."""
@@ -144,6 +157,11 @@ def _prepare(args: argparse.Namespace) -> None:
         raise UsageError("--quiet prints the transfer id alone: it goes with neither --wait nor --json")
     if args.command == "download":
         args.source_url = file_url(args.from_path) if args.from_path is not None else args.url
+    if args.command == "pin" and args.labels is not None:
+        try:
+            args.labels = parse_labels(args.labels)
+        except InvalidPolicy as e:
+            raise UsageError(f"--labels: {e}") from None
     if args.command == "transfer" and not args.transfer_id.strip():
         raise UsageError("transfer id is empty")
     if args.command == "job" and args.wait and args.target[0] in ("cancel", "example"):
@@ -170,6 +188,9 @@ COMMANDS: dict[str, tuple[str, Call, Render]] = {
         lambda api, a: api.delete_from(a.name, a.on),
         render_delete,
     ),
+    "pin": ("keep N copies of a model: the mesh adds and drops them, and heals itself", _call_pin, render_pin),
+    "unpin": ("stop keeping copies of a model (they stay where they are)", lambda api, a: api.pin_model(a.name, None),
+              render_pin),
     "availability": (
         "which node holds which model (llama-orch's view)",
         lambda api, a: api.availability(),

@@ -10,7 +10,7 @@ from .client import DEFAULT_PEER, DEFAULT_TIMEOUT_S
 from .commands import COMMANDS, run_client_command, run_start
 from .jobs import run_example
 from .render import PROG
-from .values import LOG_LEVELS, log_level, parse_bytes, positive_float, positive_int
+from .values import LOG_LEVELS, log_level, parse_bytes, positive_float, positive_int, replica_count
 
 __all__ = ["build_parser", "client_defaults"]
 
@@ -142,6 +142,18 @@ def build_parser() -> argparse.ArgumentParser:
     dele = client("delete")
     dele.add_argument("name", metavar="NAME", help="model name, e.g. owner/model")
     dele.add_argument("--on", required=True, metavar="NODE:DEVICE", help="the device to free, e.g. gpu2:disk")
+
+    pin = client("pin")
+    pin.add_argument("name", metavar="NAME", help="model name, e.g. owner/model")
+    pin.add_argument("--replicas", required=True, type=replica_count, metavar="N",
+                     help="keep at least N copies (-1: one on every eligible node)")
+    pin.add_argument("--max", type=replica_count, metavar="M",
+                     help="and at most M (-1: every eligible node; default: N); nodes that join fill up to M")
+    pin.add_argument("--tier", choices=("disk", "dram"), default="disk", help="where the copies live (default disk)")
+    pin.add_argument("--labels", metavar="KEY=VALUE,...", help="only on nodes started with all these --labels")
+    pin.add_argument("--spread", metavar="LABEL", help="spread the copies over this label's values, e.g. zone")
+    unpin = client("unpin")
+    unpin.add_argument("name", metavar="NAME", help="model name, e.g. owner/model")
 
     client("availability")
 

@@ -239,6 +239,7 @@ def render_info(console: Console, data: Any, args: argparse.Namespace) -> None:
     grid.add_row("size", human_bytes(data.get("size")))
     grid.add_row("source", str(data.get("source_url") or "-"))
     grid.add_row("registered by", str(data.get("registered_by") or "-"))
+    grid.add_row("replicas", replicas_line(data.get("replicas")))
     grid.add_row("description", str(metadata.get("description") or "-"))
     tags = metadata.get("tags")
     grid.add_row(
@@ -347,6 +348,33 @@ def render_register(console: Console, data: Any, args: argparse.Namespace) -> No
     changed = name_list(d.get("changed"))
     what = f"changed: {', '.join(changed)}" if changed else "nothing changed"
     console.print(f"registered model {args.name!r} again, replacing its registration ({what})", soft_wrap=True)
+
+
+def replicas_line(rep: Any) -> str:
+    """``2 of 2..3 on disk (1 being copied; next: add n3)``, or ``not pinned``."""
+    r = as_dict(rep)
+    if not r:
+        return "not pinned"
+    pol, wanted = as_dict(r.get("policy")), as_dict(r.get("wanted"))
+    text = f"{r.get('actual', 0)} of {wanted.get('min', '?')}..{wanted.get('max', '?')} on {pol.get('tier', 'disk')}"
+    notes = []
+    copying = name_list(r.get("copying_to"))
+    if copying:
+        notes.append(f"being copied to {', '.join(copying)}")
+    if r.get("lost"):
+        notes.append(f"{r.get('lost')} lost")
+    if r.get("short"):
+        notes.append(str(r.get("short")))
+    return text + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def render_pin(console: Console, data: Any, args: argparse.Namespace) -> None:
+    d = as_dict(data)
+    rep = d.get("replicas")
+    if rep is None:
+        console.print(f"unpinned {args.name!r}: its copies stay where they are", soft_wrap=True)
+    else:
+        console.print(f"pinned {args.name!r}: {replicas_line(rep)}", soft_wrap=True)
 
 
 def render_unregister(console: Console, data: Any, args: argparse.Namespace) -> None:

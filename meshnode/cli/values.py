@@ -39,6 +39,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def replica_count(text: str) -> int:
+    """A number of copies: 0 or more, or -1 for every eligible node."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < -1:
+        raise argparse.ArgumentTypeError(f"a number of copies, or -1 for every node: {text!r}")
+    return value
+
+
 def log_level(text: str) -> str:
     level = text.strip().upper()
     if level not in LOG_LEVELS:

@@ -61,6 +61,8 @@ ROUTES = [
     ("POST", "/models/{name}/register"),
     ("GET", "/models/{name}"),
     ("DELETE", "/models/{name}"),
+    ("POST", "/models/{name}/pin"),
+    ("DELETE", "/models/{name}/pin"),
     ("GET", "/v2/catalog/availability"),
     ("GET", "/v2/nodes"),
     ("GET", "/metrics"),

@@ -143,4 +143,8 @@ async def test_names_and_routes_are_never_ambiguous(mesh: Mesh) -> None:
         "COPY_NOT_FOUND", "NO_SOURCE")
     assert err(await mesh.client.post(m + "/download", json={"source_url": "gopher://x", "target_device": "a:disk"})) == (
         400, "INVALID_REQUEST")
+    r = await mesh.client.post(m + "/pin", json={"min": 1})
+    assert r.status_code == 200 and r.json()["model_name"] == "acme/m", r.text
+    r = await mesh.client.delete(m + "/pin")
+    assert r.status_code == 200 and r.json()["replicas"] is None, r.text
     assert (await mesh.client.get(a.url + "/models/locations")).json()["model_name"] == "locations"

@@ -25,7 +25,7 @@ from jsonschema import Draft202012Validator
 from meshnode.api.app import _public_app
 from meshnode.api.schemas import ERROR, ROUTE_DOCS, TAGS, openapi_document
 from protocol.pipeline import InvalidPipeline, parse_pipeline
-from protocol.registry import InvalidInput, parse_registration
+from protocol.registry import InvalidInput, parse_policy, parse_registration
 from protocol.serving import ENGINES, ServeError, validate_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -217,6 +217,10 @@ TAKEN: dict[tuple[str, str], list[Any]] = {
         {"device": "node1:gpu0", "engine": "tensorrt"}, {"device": "node1:gpu0", "port": 80},
         {"device": "node1:gpu0", "config": {"shell": "x"}},
     ],
+    ("POST", "/models/<model:name>/pin"): [
+        {"min": 2}, {"min": 1, "max": 3, "tier": "dram", "labels": {"zone": "a"}, "spread": "zone"},
+        {"min": -1, "max": -1}, {"min": 0, "max": 1, "spread": None}, {},
+    ],
     ("POST", "/jobs"): [PIPELINE_DOC] + [
         yaml.safe_load(p.read_text()) for p in sorted((ROOT / "meshnode" / "examples").glob("*.yaml"))],
     ("POST", "/jobs/from-yaml"): [(ROOT / "meshnode" / "examples" / "deployment.yaml").read_text()],
@@ -235,6 +239,10 @@ REFUSED: dict[tuple[str, str], list[Any]] = {
         {"model_type": ""}, {"metadata": {"file_count": 2**64}}, {"metadata": {"x": 1}},
         {"metadata": {"engine": "tensorrt"}}, {"metadata": {"requirements": {"gpu_arch": []}}},
         {"metadata": {"requirements": {"min_vram": -1}}}, {"metadata": {"tags": [""]}},
+    ],
+    ("POST", "/models/<model:name>/pin"): [
+        [], 3, {"min": "2"}, {"min": 1, "tier": "gpu0"}, {"min": 1, "colour": "red"}, {"min": 2000},
+        {"labels": {"zone": 5}}, {"min": -2},
     ],
     ("POST", "/models/<model:name>/services"): [
         [], {"port": 8000}, {"device": "n:gpu0", "port": 0}, {"device": "n:gpu0", "port": True},
@@ -277,6 +285,11 @@ def test_the_hand_written_bodies_are_what_the_parsers_say() -> None:
     for body in REFUSED[reg]:
         with pytest.raises(InvalidInput):
             parse_registration(body)
+    for body in TAKEN[("POST", "/models/<model:name>/pin")]:
+        parse_policy(body)
+    for body in REFUSED[("POST", "/models/<model:name>/pin")]:
+        with pytest.raises(InvalidInput):
+            parse_policy(body)
     for doc in TAKEN[("POST", "/jobs")]:
         parse_pipeline(doc)
     for doc in REFUSED[("POST", "/jobs")]:
@@ -334,6 +347,22 @@ def test_the_registration_schema_is_parse_registration(body: Any) -> None:
     except InvalidInput:
         taken = False
     assert body_schema("POST", "/models/<model:name>/register").is_valid(body) == taken, body
+
+
+policies = sometimes(fields({
+    "min": ints, "max": ints, "tier": st.sampled_from(["disk", "dram", "gpu0"]), "spread": texts,
+    "labels": st.dictionaries(texts, texts, max_size=2)}), values, 10)
+
+
+@SETTINGS
+@given(policies)
+def test_the_pin_schema_takes_every_policy_parse_policy_takes(body: Any) -> None:
+    """One way: the schema cannot say that min is at most max, or which characters a label takes."""
+    try:
+        parse_policy(body)
+    except InvalidInput:
+        return
+    assert body_schema("POST", "/models/<model:name>/pin").is_valid(body), body
 
 
 flag_names = st.sampled_from(["x", "max-model-len", "a_b", "", "-", "a b"])

@@ -43,11 +43,13 @@ from protocol.registry import (
     availability,
     location_write,
     parse_registration,
+    pin_write,
     purged_models,
     register_write,
     storage_totals,
     unregister_writes,
 )
+from protocol.replicas import ReplicaPolicy
 from protocol.transfer.claims import live_claims, mesh_copy
 from protocol.transfer.sources import (
     content_conflict,
@@ -79,7 +81,7 @@ def _models(items: dict[tuple[str, str], Any]) -> dict[str, Any]:
 
 
 ops = st.lists(
-    st.tuples(nodes, st.sampled_from(["register", "unregister", "purge", "locate"]), st.integers(0, 50)),
+    st.tuples(nodes, st.sampled_from(["register", "unregister", "purge", "locate", "pin", "unpin"]), st.integers(0, 50)),
     min_size=1,
     max_size=25,
 )
@@ -99,14 +101,20 @@ def test_registry_writes_follow_what_they_read(steps: list[tuple[str, str, int]]
         wall = now + skew  # every node's wall clock is off by its own amount
         before = _models(items).get("m")
         if op == "register":
-            (w, warning) = register_write("m", Registration("llm"), before, clocks[node], wall)
-            _apply(items, node, [w])
+            ws, warning = register_write("m", Registration("llm"), before, clocks[node], wall)
+            _apply(items, node, ws)
             after = _models(items)["m"]
             assert after.registered_by == node and warning is None
-            if before is not None:
+            if before is not None:  # the locations and the pin made under it stay
                 assert after.since == before.since and after.locations == before.locations
+                assert after.policy == before.policy
         elif before is None:
             continue
+        elif op in ("pin", "unpin"):
+            policy = ReplicaPolicy(1, len(node) + 1) if op == "pin" else None
+            w, _ = pin_write(before, policy, clocks[node], wall)
+            _apply(items, node, [w])
+            assert _models(items)["m"].policy == policy
         elif op == "locate":
             w, _ = location_write(before, f"{node}:disk", True, clocks[node], wall)
             _apply(items, node, [w])
@@ -118,10 +126,11 @@ def test_registry_writes_follow_what_they_read(steps: list[tuple[str, str, int]]
             # While the purge is the newest record, every node deletes its copies.
             assert purged_models((n, k, v) for (n, k), v in items.items()) == ({"m"} if op == "purge" else set())
             assert dropped == (list(before.locations) if op == "purge" else [])
-            w, _ = register_write("m", Registration(), None, clocks[node], wall)
-            _apply(items, node, [w])
+            ws, _ = register_write("m", Registration(), None, clocks[node], wall)
+            _apply(items, node, ws)
             again = _models(items)["m"]
             assert again.since > before.since  # a new registration, not the old one revived
+            assert again.policy is None  # and no pin of the old one
             if op == "purge":
                 assert again.locations == []
             assert purged_models((n, k, v) for (n, k), v in items.items()) == set()  # a registration ends it
@@ -133,7 +142,7 @@ def test_a_stamp_from_far_in_the_future_is_reported_not_followed() -> None:
     future = Stamp(10_000_000, 0, "z")
     items[("z", reg_key("m"))] = RegRecord(future, future, RegOp.REGISTER).to_value()
     before = _models(items)["m"]
-    (_key, value), warning = register_write("m", Registration(), before, clock, 1_000)
+    [(_key, value)], warning = register_write("m", Registration(), before, clock, 1_000)
     assert warning is not None and "future" in warning
     assert RegRecord.from_value(value).stamp < future  # it cannot win, and says so
 

@@ -190,3 +190,19 @@ def test_policies_and_labels_are_checked() -> None:
     for bad_labels in ("zone", "=a", "zone=", "k=" + "v" * 64, ",".join(f"k{i}=v" for i in range(17))):
         with pytest.raises(InvalidPolicy):
             parse_labels(bad_labels)
+
+
+def test_a_pin_record_from_a_peer_is_checked() -> None:
+    from protocol.hlc import Stamp
+    from protocol.keys import PinRecord, RecordError
+
+    stamp = Stamp(1_000, 0, "a")
+    rec = PinRecord(stamp, ReplicaPolicy(1, 3, "dram", {"zone": "a"}, "zone"))
+    assert PinRecord.from_value(rec.to_value()) == rec
+    assert PinRecord.from_value(PinRecord(stamp, None).to_value()).policy is None
+    for bad in ({"stamp": stamp.to_wire(), "policy": {"min": 5, "max": 2}},
+                {"stamp": stamp.to_wire(), "policy": {"min": 1, "labels": {"k": "x" * 99}}},
+                {"stamp": stamp.to_wire(), "policy": "three"},
+                {"policy": None}, "pin"):
+        with pytest.raises(RecordError):
+            PinRecord.from_value(bad)

@@ -1,0 +1,213 @@
+"""The replica keeper: this node's part of keeping every pinned model
+between its ``min`` and ``max`` copies.
+
+Every ``interval_s`` it reads the catalog into the pure rule's inputs
+(``protocol.replicas``: ``NodeFacts`` from the members, their ``node`` and
+``storage`` records; ``Holder`` from the ``copy/`` records and the
+transfers under way) and runs ``plan`` for each pinned model.  It takes only
+the steps that name this node: it starts a copy here (from the mesh, or
+from the model's ``source_url`` when no copy is left), or deletes its own.
+Every other node does the same with the same inputs, so no node asks
+another and no two take one step.
+
+Bounds: one round looks at every pinned model once; a copy that failed
+here is not tried again for ``backoff`` (doubling from the interval to
+``BACKOFF_MAX_S``); a drop waits until no engine here serves the model and
+no transfer here reads it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import trio
+
+from protocol import MemberState
+from protocol.actions import CopyOf, StartTransfer, Web
+from protocol.keys import (
+    NODE_KEY,
+    STORAGE_KEY,
+    SVC_PREFIX,
+    XFER_PREFIX,
+    NodeInfo,
+    RecordError,
+    Storage,
+    XferRecord,
+)
+from protocol.replicas import Holder, NodeFacts, Plan, plan
+from protocol.serving import ServiceRecord
+from protocol.view import ModelView
+
+from .copies.catalog import CopyCatalog
+from .copies.transfer import Transfer
+from .copies.transfers import Transfers
+from .errors import MeshError
+from .mesh import Mesh
+from .registry import Registry
+
+__all__ = ["Keeper"]
+
+log = logging.getLogger("meshnode.replicas")
+
+BACKOFF_MAX_S = 300.0
+WEB_SCHEMES = ("hf://", "http://", "https://")
+
+
+class Keeper:
+    def __init__(self, mesh: Mesh, registry: Registry, transfers: Transfers, copies: CopyCatalog,
+                 *, grace_s: float, interval_s: float) -> None:
+        self.mesh = mesh
+        self.registry = registry
+        self.transfers = transfers
+        self.copies = copies
+        self.grace_s = grace_s
+        self.interval_s = interval_s
+        self._backoff: dict[str, tuple[float, float]] = {}  # model -> (retry at, last wait)
+        self._started: dict[str, Transfer] = {}  # model -> the copy this keeper started here last
+        self.rounds = 0
+
+    # -- the rule's inputs, from the catalog ----------------------------------------------
+
+    def _nodes(self, tier: str, size: int) -> list[NodeFacts]:
+        now = trio.current_time()
+        out = []
+        for m in self.mesh.members():
+            nid = m.record.node_id
+            up = self.mesh.reachable(nid)
+            # A node that left said so: its copies are gone at once, no grace.
+            down_since = None if up else (-math.inf if m.state is MemberState.LEFT else m.since)
+            try:
+                labels = NodeInfo.from_value(self.mesh.get(nid, NODE_KEY)).labels
+            except RecordError:
+                labels = {}
+            try:
+                usage = Storage.from_value(self.mesh.get(nid, STORAGE_KEY)).tiers.get(tier)
+            except RecordError:
+                usage = None
+            room = usage is not None and usage.free >= size
+            out.append(NodeFacts(nid, up, down_since if down_since is None else min(down_since, now), labels, room))
+        return out
+
+    def _holders(self, mv: ModelView, tier: str) -> list[Holder]:
+        complete = {c.device.split(":", 1)[0] for c in mv.copies if c.device.endswith(f":{tier}")}
+        making: set[str] = set()
+        reading: set[str] = set()
+        for nid, _key, value in self.mesh.items(XFER_PREFIX):
+            try:
+                x = XferRecord.from_value(value)
+            except RecordError:
+                continue
+            if x.model != mv.name or not x.status.active:
+                continue
+            reading.update(x.sources)
+            if x.kind == tier:
+                making.add(nid)
+        for nid, _key, value in self.mesh.items(SVC_PREFIX):
+            try:
+                s = ServiceRecord.from_value(value)
+            except RecordError:
+                continue
+            if s.model == mv.name and s.state.up:
+                reading.add(nid)
+        return [Holder(nid, nid in complete, nid in reading) for nid in sorted(complete | making)]
+
+    def plan_for(self, mv: ModelView) -> Plan | None:
+        """The rule's steps for ``mv`` as this node sees the mesh now; None if it is not pinned."""
+        policy = mv.policy
+        if policy is None:
+            return None
+        fetchable = (mv.source_url or "").startswith(WEB_SCHEMES)
+        return plan(mv.name, policy, self._nodes(policy.tier, mv.size or 0), self._holders(mv, policy.tier),
+                    trio.current_time(), self.grace_s, fetchable=fetchable)
+
+    # -- acting on the steps that name this node ------------------------------------------
+
+    async def step(self) -> None:
+        """One round: every pinned model once."""
+        me = self.mesh.id
+        models = self.registry.models()
+        for gone in (self._backoff.keys() | self._started.keys()) - models.keys():
+            self._backoff.pop(gone, None)
+            self._started.pop(gone, None)
+        for mv in list(models.values()):
+            p = self.plan_for(mv)
+            if p is None or mv.policy is None:
+                continue
+            if me in p.add:
+                self._add(mv, mv.policy.tier)
+            elif me in p.drop:
+                await self._drop(mv.name, mv.policy.tier)
+        self.rounds += 1
+
+    def _add(self, mv: ModelView, tier: str) -> None:
+        prev = self._started.pop(mv.name, None)
+        if prev is not None:
+            if prev.status.active:
+                self._started[mv.name] = prev
+                return  # under way
+            if prev.error is not None:
+                self._failed(mv.name, f"{prev.error.code}: {prev.error.message}")
+            else:
+                self._backoff.pop(mv.name, None)
+        if trio.current_time() < self._backoff.get(mv.name, (0.0, 0.0))[0]:
+            return
+        has_copy = any(c.device.endswith(f":{tier}") and self.mesh.online(c.device.split(":", 1)[0])
+                       for c in mv.copies)
+        source = CopyOf() if has_copy or not mv.source_url else Web(mv.source_url)
+        try:
+            t = self.transfers.start(StartTransfer(mv.name, tier, source))
+        except (MeshError, OSError) as e:
+            self._failed(mv.name, f"{type(e).__name__}: {e}")
+            return
+        self._started[mv.name] = t
+        log.info("replicas: adding a copy of %s on %s:%s (transfer %s, from %s)", mv.name, self.mesh.id, tier,
+                 t.id, "the mesh" if isinstance(source, CopyOf) else "its source")
+
+    def _failed(self, model: str, why: str) -> None:
+        _, wait = self._backoff.get(model, (0.0, 0.0))
+        wait = min(max(wait * 2, self.interval_s), BACKOFF_MAX_S)
+        self._backoff[model] = (trio.current_time() + wait, wait)
+        log.warning("replicas: a copy of %s here failed (%s); trying again in %.0f s", model, why, wait)
+
+    async def _drop(self, model: str, tier: str) -> None:
+        for t in self.transfers.by_id.values():
+            if t.model == model and t.status.active:
+                return  # a copy being written or read here is never dropped
+        try:
+            deleted = await self.copies.delete_local(model, tier)
+        except (MeshError, OSError) as e:
+            log.warning("replicas: could not drop the copy of %s on %s: %s", model, tier, e)
+            return
+        if deleted:
+            log.info("replicas: dropped the copy of %s on %s:%s (more than the policy's max)", model,
+                     self.mesh.id, tier)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await trio.sleep(self.interval_s)
+            try:
+                await self.step()
+            except Exception:  # one bad round is a log line; the next one reads the catalog afresh
+                log.exception("replicas: a round of the replica rule failed")
+
+    # -- what the API shows ----------------------------------------------------------------
+
+    def status_json(self, mv: ModelView) -> dict[str, Any] | None:
+        p = self.plan_for(mv)
+        if p is None or mv.policy is None:
+            return None
+        tier = mv.policy.tier
+        holders = self._holders(mv, tier)
+        return {
+            "policy": mv.policy.to_value(),
+            "wanted": {"min": p.wanted_min, "max": p.wanted_max},
+            "actual": sum(1 for h in holders if h.complete and self.mesh.online(h.node_id)),
+            "counted": p.counted,
+            "lost": p.lost,
+            "copying_to": [h.node_id for h in holders if not h.complete],
+            "next": {"add": list(p.add), "drop": list(p.drop)},
+            "short": p.short,
+        }
