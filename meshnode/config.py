@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from protocol import GossipConfig, InvalidName, validate_node_id
+from protocol.eviction import InvalidWatermarks, Watermarks
 from protocol.gpus import parse_fake_gpus
 from protocol.names import validate_address
 from protocol.replicas import InvalidPolicy, parse_labels
@@ -76,6 +77,10 @@ class Config:
     job_node_wait_s: float = 60.0
     job_keep_s: float = 86_400.0
     replica_grace_s: float = 300.0
+    watermarks: Mapping[str, Watermarks] = field(
+        default_factory=lambda: {"disk": Watermarks(), "dram": Watermarks()})  # --disk/--dram-watermarks
+    scrub_interval_s: float = 5.0
+    partial_keep_s: float = 3600.0
     replica_interval_s: float = 5.0
     fake_gpus: tuple[int, ...] = ()  # total bytes of each pretend GPU (--fake-gpus)
     labels: Mapping[str, str] = field(default_factory=dict)  # --labels
@@ -118,6 +123,13 @@ _OPTIONS: list[tuple[str, type, str, Any]] = [
     ("job_keep", float, "seconds finished jobs are kept (default 86400)", 86_400.0),
     ("replica_grace", float, "seconds a down node's copies still count toward a pinned model's replicas "
      "before they are replaced elsewhere (default 300: a restarting node is not a lost one)", 300.0),
+    ("disk_watermarks", str, "high and low watermarks of the disk tier, percent: above high, the least recently "
+     "used copies are evicted down to low; a copy that would pass high evicts first or fails NO_SPACE", "85,70"),
+    ("dram_watermarks", str, "the same for the dram tier", "85,70"),
+    ("scrub_interval", float, "seconds between two checks of the store: copies removed by hand withdrawn, "
+     "the tiers evicted down to their low watermark (default 5)", 5.0),
+    ("partial_keep", float, "seconds the files of a transfer that no longer exists are kept before they are "
+     "removed (default 3600)", 3600.0),
     ("replica_interval", float, "seconds between two runs of the replica rule on this node (default 5)", 5.0),
     ("source_wait", float, "seconds a transfer waits, its chunks kept, for holders that became unreachable "
      "(a partition, a restart) before it fails with NO_SOURCE", 60.0),
@@ -330,7 +342,8 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
         raise ConfigError("gossip and probe intervals must be positive")
     if o["fanout"] < 1:
         raise ConfigError("fanout must be at least 1")
-    for flag in ("chunk_stall", "source_wait", "job_node_wait", "job_keep", "replica_grace", "replica_interval"):
+    for flag in ("chunk_stall", "source_wait", "job_node_wait", "job_keep", "replica_grace", "replica_interval",
+                 "scrub_interval", "partial_keep"):
         if not 0 < o[flag] <= 86_400:  # also refuses nan
             raise ConfigError(f"--{flag.replace('_', '-')} must be between 0 and 86400 seconds")
     if not 0.1 <= o["gpu_interval"] <= 3600:  # also refuses nan
@@ -344,6 +357,12 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
         labels = parse_labels(o["labels"])
     except InvalidPolicy as e:
         raise ConfigError(f"--labels: {e}") from None
+    watermarks = {}
+    for tier in ("disk", "dram"):
+        try:
+            watermarks[tier] = Watermarks.parse(o[f"{tier}_watermarks"])
+        except InvalidWatermarks as e:
+            raise ConfigError(f"--{tier}-watermarks: {e}") from None
     engines = frozenset(_split(o["engines"]))
     if not engines or not engines <= set(ENGINES):
         raise ConfigError(f"--engines: a comma-separated list of {', '.join(ENGINES)}")
@@ -401,6 +420,9 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
         job_node_wait_s=o["job_node_wait"],
         job_keep_s=o["job_keep"],
         replica_grace_s=o["replica_grace"],
+        watermarks=watermarks,
+        scrub_interval_s=o["scrub_interval"],
+        partial_keep_s=o["partial_keep"],
         replica_interval_s=o["replica_interval"],
         fake_gpus=fake_gpus,
         labels=labels,

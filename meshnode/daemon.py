@@ -37,7 +37,7 @@ import trio
 from hypercorn.config import Config as HyperConfig
 
 from protocol import HLC, Catalog, GossipNode
-from protocol.keys import NODE_KEY, NodeInfo
+from protocol.keys import NODE_KEY, XFER_PREFIX, NodeInfo, RecordError, XferRecord
 from protocol.serving import LifePolicy
 from protocol.view import ModelIndex
 
@@ -48,6 +48,7 @@ from .api.auth import PeerGate, Refusals
 from .config import Config, ConfigError, config_from_args
 from .copies.catalog import CopyCatalog
 from .copies.dataplane import DataClient, DataServer
+from .copies.evictor import Evictor
 from .copies.puller import LocalChunks, Puller
 from .copies.store import Store
 from .copies.transfers import Transfers, TransferSettings
@@ -114,6 +115,7 @@ class MeshNode:
         self.services: Services | None = None
         self.proxy: InferenceProxy | None = None
         self.keeper: Keeper | None = None
+        self.evictor: Evictor | None = None
         self.http: HttpServer | None = None
         self.data_server: DataServer | None = None
         self.data_client: DataClient | None = None
@@ -201,7 +203,7 @@ class MeshNode:
             self.url = f"{cfg.scheme}://{host}:{port}"
             await self._start(self.address, sender, data_client, PeerClient(client, cfg.scheme))
             assert self.mesh and self.saver and self.transfers and self.copies and self.jobs and self.gpus
-            assert self.services and self.keeper
+            assert self.services and self.keeper and self.evictor
             await nursery.start(sender.run)
             await nursery.start(self.gpus.run)
             await nursery.start(self.services.run)
@@ -212,6 +214,7 @@ class MeshNode:
             await nursery.start(self.saver.run, cfg.persist_interval_s)
             await nursery.start(self.copies.run, cfg.storage_refresh_s)
             await nursery.start(self.keeper.run)
+            await nursery.start(self.evictor.run)
             log.info(
                 "node %s generation %d listening on %s (cluster %r, joining %s)",
                 cfg.node_id, self.generation, self.url, cfg.cluster, ",".join(cfg.join) or "nobody",
@@ -300,11 +303,51 @@ class MeshNode:
         self.proxy = InferenceProxy(mesh, services, registry)
         self.keeper = Keeper(mesh, registry, transfers, copies, grace_s=cfg.replica_grace_s,
                              interval_s=cfg.replica_interval_s)
+        copies.watermarks = dict(cfg.watermarks)
+        self.evictor = Evictor(self.store, copies, dict(cfg.watermarks), keep_reason=self._keep_reason,
+                               active_partials=self._active_partials, interval_s=cfg.scrub_interval_s,
+                               partial_keep_s=cfg.partial_keep_s)
+        transfers.make_room = puller.make_room = self.evictor.make_room
         self.api.running = Running(mesh, registry, Views(mesh, index), router, transfers, copies, jobs, gpus,
                                    services, self.proxy, self.keeper)
         copies.sample_storage()
         await copies.load()
         await saver.save_snapshot()  # the new generation is on disk before anyone hears of it
+
+    def _keep_reason(self, model: str, kind: str) -> str | None:
+        """Why this node's copy of ``model`` on ``kind`` may not be evicted, or None."""
+        assert self.transfers and self.services and self.registry and self.keeper and self.mesh
+        for t in self.transfers.by_id.values():
+            if t.model == model and t.status.active:
+                return f"transfer {t.id} here reads or writes it"
+        me = self.mesh.id
+        for _nid, _key, value in self.mesh.items(XFER_PREFIX):
+            try:
+                x = XferRecord.from_value(value)
+            except RecordError:
+                continue
+            if x.model == model and x.status.active and me in x.sources:
+                return f"a transfer to {_nid} reads it"
+        for rec in self.services.records():
+            if rec.model == model and rec.state.up:
+                return f"an engine serves from it (port {rec.port})"
+        mv = self.registry.find(model)
+        if mv is not None and mv.policy is not None and mv.policy.tier == kind:
+            p = self.keeper.plan_for(mv)
+            if p is not None and p.counted <= p.wanted_min:
+                return f"pinned: the replica policy keeps at least {p.wanted_min} copies ({p.counted} now)"
+        return None
+
+    def _active_partials(self) -> set[str]:
+        """The ``.partial`` entries of transfers that are queued or running here."""
+        assert self.transfers is not None
+        out = set()
+        for t in self.transfers.by_id.values():
+            if t.status.active:
+                out.add(f"ingest-{t.id}")
+                if t.manifest_hash:
+                    out.add(t.manifest_hash)
+        return out
 
     async def _pull_for_serving(self, model: str) -> None:
         """Lazy pull: a copy of ``model`` on this node's disk, from the mesh, before an engine serves it."""

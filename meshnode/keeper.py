@@ -86,7 +86,7 @@ class Keeper:
                 usage = Storage.from_value(self.mesh.get(nid, STORAGE_KEY)).tiers.get(tier)
             except RecordError:
                 usage = None
-            room = usage is not None and usage.free >= size
+            room = usage is not None and usage.room_for(size)
             out.append(NodeFacts(nid, up, down_since if down_since is None else min(down_since, now), labels, room))
         return out
 

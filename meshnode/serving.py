@@ -332,6 +332,7 @@ class Services:
             files = [f.path for f in copy.manifest.files]
             engine = pick_engine(cfg.get("engine"), files)  # the files tell now (a .gguf: llama.cpp)
             self._check_allowed(engine)
+        self.store.touch(copy.model, copy.kind)  # an engine reads it: used
         spec = engine_spec(engine, model, str(copy.path), files, self.settings.host, chosen, gpus, cfg,
                            self.settings.binaries)
         if shutil.which(spec.argv[0]) is None:

@@ -529,9 +529,14 @@ class TierUsage:
     total: int
     used: int
     free: int
+    high: int = 100  # its high watermark, percent of used + free (``protocol.eviction``)
 
     def to_value(self) -> dict[str, int]:
-        return {"total": self.total, "used": self.used, "free": self.free}
+        return {"total": self.total, "used": self.used, "free": self.free, "high": self.high}
+
+    def room_for(self, size: int) -> bool:
+        """``size`` more bytes stay under the high watermark."""
+        return size <= self.free and (self.used + size) * 100 <= self.high * (self.used + self.free)
 
 
 @dataclass(frozen=True, slots=True)
@@ -550,6 +555,7 @@ class Storage:
         for name, usage in list(v.items())[:16]:
             u = _dict(usage, "storage tier")
             tiers[_str(name, "storage tier name", max_chars=16)] = TierUsage(
-                _int(u.get("total"), "tier total"), _int(u.get("used"), "tier used"), _int(u.get("free"), "tier free")
+                _int(u.get("total"), "tier total"), _int(u.get("used"), "tier used"), _int(u.get("free"), "tier free"),
+                _int(u.get("high", 100), "tier high watermark", lo=1, hi=100),
             )
         return cls(tiers)

@@ -352,11 +352,14 @@ def _public_app(parts: ApiParts) -> QuartTrio:
     async def storage() -> Response:
         run = running()
         devices: dict[str, Any] = run.copies.storage()
+        for kind, marks in run.copies.watermarks.items():
+            if kind in devices:
+                devices[kind] = {**devices[kind], "high": round(100 * marks.high), "low": round(100 * marks.low)}
         if run.gpus.current is not None:
             devices.update(run.gpus.current.storage_view())
         copies = [
             {"model_name": c.model, "device": f"{parts.node_id}:{c.kind}", "manifest_hash": c.manifest_hash,
-             "size": c.manifest.total_bytes}
+             "size": c.manifest.total_bytes, "last_used_ms": int(1000 * parts.store.last_used(c.model, c.kind))}
             for c in parts.store.copies()
         ]
         return _json({"node_id": parts.node_id, "devices": devices, "copies": copies})

@@ -164,7 +164,8 @@ STATUS = _obj({
 STORAGE = _obj({
     "node_id": STR,
     "devices": _desc("disk, dram, gpu0..gpuN", _map(USAGE)),
-    "copies": _arr(_obj({"model_name": STR, "device": STR, "manifest_hash": STR, "size": INT})),
+    "copies": _arr(_obj({"model_name": STR, "device": STR, "manifest_hash": STR, "size": INT,
+                         "last_used_ms": _desc("its last read (a peer, a serve, a local copy): eviction's order", INT)})),
 })
 
 # A transfer, the same shape from whichever node answers: the node that runs it reads its

@@ -9,6 +9,7 @@ from typing import Any
 
 import trio
 
+from protocol.eviction import Watermarks
 from protocol.keys import (
     COPY_PREFIX,
     REG_PREFIX,
@@ -63,6 +64,7 @@ class CopyCatalog:
         self.store = store
         self.saver = saver
         self._purge_asked = trio.Event()
+        self.watermarks: dict[str, Watermarks] = {}  # per tier (``--disk-watermarks``); none: 100%
 
     # -- catalog listener: a purge anywhere wakes the sweep at once ------------------------
 
@@ -116,7 +118,8 @@ class CopyCatalog:
 
     def sample_storage(self) -> None:
         # Rounded to MiB, so that a few bytes written do not cause gossip.
-        tiers = {k: TierUsage(u["total"] // MIB * MIB, u["used"] // MIB * MIB, u["free"] // MIB * MIB)
+        tiers = {k: TierUsage(u["total"] // MIB * MIB, u["used"] // MIB * MIB, u["free"] // MIB * MIB,
+                              round(100 * self.watermarks[k].high) if k in self.watermarks else 100)
                  for k, u in self.storage().items()}
         self.mesh.set(STORAGE_KEY, Storage(tiers).to_value())
 

@@ -27,6 +27,7 @@ import logging
 import math
 import random
 from collections import Counter
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -53,6 +54,13 @@ SOURCE_REFRESH_S = 0.5
 NO_SOURCE_GRACE_S = 3.0
 
 
+MakeRoom = Callable[[str, str, int], Awaitable[None]]  # (tier, model, bytes): evict first, or NO_SPACE
+
+
+async def no_eviction(kind: str, model: str, incoming: int) -> None:
+    """Without an evictor: the store's own free-space check is all there is."""
+
+
 class TransferError(MeshError):
     """A transfer could not be done (``NO_SOURCE``, ``SOURCE_CORRUPT``, ...)."""
 
@@ -70,6 +78,7 @@ class Puller:
         self.source_wait_s = source_wait_s  # a running transfer waits this long for holders to come back
         self.rng = rng
         self._partials: dict[str, tuple[Partial, ChunkPlan]] = {}  # manifest hash -> what we are building
+        self.make_room: MakeRoom = no_eviction  # the evictor's, once the node has one
         # Over every transfer since start (the metrics): chunks_verified, bad_chunks, peer_bans, chunk_stalls.
         self.totals: Counter[str] = Counter()
 
@@ -153,6 +162,7 @@ class Puller:
             raise TransferError("NO_SOURCE", self._no_source_message(t))
         manifest = await self._fetch_manifest(t.manifest_hash, found)
         t.bytes_total, t.chunks_total = manifest.total_bytes, manifest.n_chunks
+        await self.make_room(t.kind, t.model, manifest.total_bytes)
         partial = await trio.to_thread.run_sync(self.store.partial, t.kind, t.model, manifest)
         try:
             have = await trio.to_thread.run_sync(resumed_chunks, partial)

@@ -12,7 +12,15 @@ Model names hold at most one ``/`` and no ``..`` (``protocol.names``), and
 A copy becomes visible only when complete: every chunk is verified, every
 file fsynced, the manifest written, then one ``rename`` of the partial
 directory (same filesystem) to its final name.  A reader never sees a partial
-copy.  Deleting a copy renames it aside first, then removes it.
+copy.  Deleting a copy renames it aside first, then removes it, never
+following a symlink out of the store.
+
+Each copy's last use (a chunk served, a local copy made from it, an engine
+started on it) is kept in memory and, at most once a minute, as its
+manifest's modification time, so that the least recently used copy is known
+after a restart too (``touch``, ``last_used``).  ``scrub`` notices a copy
+removed or changed by hand; ``sweep_partials`` removes what transfers that
+no longer exist left in ``.partial``.
 
 Everything here blocks (file I/O): call it through ``trio.to_thread``.
 """
@@ -26,6 +34,7 @@ import os
 import re
 import shutil
 import stat
+import time
 from collections.abc import Callable, Container, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +52,7 @@ from protocol.manifest import (
 from ..errors import MeshError
 from ..persist import DIR_MODE, FILE_MODE, atomic_write, fsync_dir, make_dirs
 
-__all__ = ["TIERS", "Copy", "Partial", "Store", "StoreError"]
+__all__ = ["TIERS", "Copy", "Partial", "Store", "StoreError", "tree_bytes"]
 
 log = logging.getLogger("meshnode.copies.store")
 
@@ -51,6 +60,8 @@ TIERS = ("disk", "dram")
 _PARTIAL = ".partial"
 _MANIFEST_SUFFIX = ".manifest"
 _FILES_MAX = 100_000
+TOUCH_EVERY_S = 60.0  # a copy's last use reaches its manifest's mtime at most this often
+SCRUB_FILES_MAX = 10_000  # files one scrub looks at (the next ones at the next scrub)
 
 
 class StoreError(MeshError):
@@ -214,6 +225,9 @@ class Store:
             "dram": dram_dir if dram_dir is not None else Path("/dev/shm") / f"meshnode-{node_id}",
         }
         self._copies: dict[tuple[str, str], Copy] = {}  # (model, kind) -> copy
+        self._used: dict[tuple[str, str], float] = {}  # (model, kind) -> wall time of its last use
+        self._used_saved: dict[tuple[str, str], float] = {}  # ... as its manifest's mtime says
+        self._scrub_from = 0  # where the next scrub starts, over every copy's files
 
     def tier_root(self, kind: str) -> Path:
         try:
@@ -249,6 +263,9 @@ class Store:
                 except (OSError, RemoteProtocolError) as e:
                     log.error("ignoring copy %s: unreadable manifest (%s)", copy_dir, e)
                     continue
+                if copy_dir.is_symlink():
+                    log.error("ignoring copy %s: it is a symlink (a copy lives inside the store)", copy_dir)
+                    continue
                 if not copy_dir.is_dir():
                     mfile.unlink(missing_ok=True)
                     continue
@@ -258,7 +275,98 @@ class Store:
                     continue
                 _tighten_tree(copy_dir, manifest)
                 self._copies[(model, kind)] = Copy(model, kind, manifest, copy_dir)
+                with contextlib.suppress(OSError):
+                    self._used[(model, kind)] = self._used_saved[(model, kind)] = mfile.stat().st_mtime
         return list(self._copies.values())
+
+    # -- use, and what went missing -------------------------------------------------------
+
+    def touch(self, model: str, kind: str) -> None:
+        """``model``'s copy on ``kind`` was just read (cheap: a dict write; the
+        manifest's mtime follows at most once a minute)."""
+        key = (model, kind)
+        c = self._copies.get(key)
+        if c is None:
+            return
+        now = time.time()
+        self._used[key] = now
+        if now - self._used_saved.get(key, 0.0) >= TOUCH_EVERY_S:
+            self._used_saved[key] = now
+            with contextlib.suppress(OSError):
+                os.utime(c.path.with_name(c.path.name + _MANIFEST_SUFFIX), (now, now), follow_symlinks=False)
+
+    def last_used(self, model: str, kind: str) -> float:
+        return self._used.get((model, kind), 0.0)
+
+    def scrub(self) -> list[Copy]:
+        """The copies that are no longer whole on disk (removed or changed by
+        hand): forgotten, and what is left of them removed.  Looks at every
+        copy's directory and manifest, and at up to ``SCRUB_FILES_MAX`` of
+        their files (the next ones at the next scrub)."""
+        broken: list[Copy] = []
+        checks: list[tuple[Copy, Path, int]] = []
+        for c in list(self._copies.values()):
+            mfile = c.path.with_name(c.path.name + _MANIFEST_SUFFIX)
+            try:
+                whole = stat.S_ISDIR(os.lstat(c.path).st_mode) and stat.S_ISREG(os.lstat(mfile).st_mode)
+            except OSError:
+                whole = False
+            if not whole:
+                broken.append(c)
+                continue
+            checks += [(c, c.path / f.path, f.size) for f in c.manifest.files]
+        if checks:
+            start = self._scrub_from % len(checks)
+            window = (checks[start:] + checks[:start])[:SCRUB_FILES_MAX]
+            self._scrub_from = start + len(window)
+            gone = {id(c) for c in broken}
+            for c, path, size in window:
+                if id(c) in gone:
+                    continue
+                try:
+                    st = os.lstat(path)
+                    ok = stat.S_ISREG(st.st_mode) and st.st_size == size
+                except OSError:
+                    ok = False
+                if not ok:
+                    broken.append(c)
+                    gone.add(id(c))
+        for c in broken:
+            if self._copies.get((c.model, c.kind)) is c:
+                self.delete(c.model, c.kind)
+        return broken
+
+    def sweep_partials(self, active: Container[str], older_than_s: float) -> list[Path]:
+        """Remove ``.partial`` entries (a copy being built, a fetch's staging
+        directory) that no active transfer names and that nothing wrote for
+        ``older_than_s``; and what an interrupted delete left beside a copy."""
+        removed: list[Path] = []
+        cutoff = time.time() - older_than_s
+        for kind in TIERS:
+            root = self.tier_root(kind)
+            try:
+                entries = list((root / _PARTIAL).iterdir())
+            except OSError:
+                entries = []
+            for p in entries:
+                if p.name in active:
+                    continue
+                try:
+                    if _newest_mtime(p) > cutoff:
+                        continue
+                except OSError:
+                    continue
+                _remove_tree(p, root)
+                removed.append(p)
+            try:  # beside a copy: <root>/name/ or <root>/owner/name/ (no walk into the copies)
+                leftovers = [d for pattern in ("*/.deleting-@*", "*/*/.deleting-@*") for d in root.glob(pattern)
+                             if d.relative_to(root).parts[0] != _PARTIAL]
+            except OSError:
+                leftovers = []
+            for d in leftovers[:1000]:
+                _remove_tree(d, root)
+                removed.append(d)
+        return removed
 
     def copies(self) -> list[Copy]:
         return list(self._copies.values())
@@ -420,19 +528,55 @@ class Store:
     def _remove_dir(self, c: Copy) -> None:
         mfile = c.path.with_name(c.path.name + _MANIFEST_SUFFIX)
         mfile.unlink(missing_ok=True)  # first: without a manifest, it is no copy
+        self._used.pop((c.model, c.kind), None)
+        self._used_saved.pop((c.model, c.kind), None)
         aside = c.path.with_name(f".deleting-{c.path.name}")
         try:
             os.rename(c.path, aside)
         except OSError:
             aside = c.path
-        shutil.rmtree(aside, ignore_errors=True)
+        _remove_tree(aside, self.tier_root(c.kind))
 
     def locate(self, manifest_hash: str, index: int) -> tuple[str, int, int] | None:
         c = self.find(manifest_hash)
         if c is None or not 0 <= index < c.manifest.n_chunks:
             return None
+        self.touch(c.model, c.kind)  # a peer reads it: used
         ref = c.manifest.chunk(index)
         return str(c.path / ref.path), ref.offset, ref.length
+
+
+def _remove_tree(path: Path, root: Path) -> None:
+    """Remove ``path``, inside ``root``: a symlink is unlinked, never followed
+    (``rmtree`` unlinks the links inside without following them)."""
+    if not path.is_relative_to(root):
+        log.error("not removing %s: it is outside the store's %s", path, root)
+        return
+    try:
+        if path.is_symlink() or not path.is_dir():
+            path.unlink(missing_ok=True)
+            return
+    except OSError:
+        return
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _newest_mtime(path: Path) -> float:
+    """The newest mtime of ``path`` and what it holds (a bounded walk: a
+    partial holds at most ``_FILES_MAX`` files)."""
+    newest = os.lstat(path).st_mtime
+    if path.is_dir() and not path.is_symlink():
+        for n, p in enumerate(path.rglob("*")):
+            if n > _FILES_MAX:
+                break
+            with contextlib.suppress(OSError):
+                newest = max(newest, os.lstat(p).st_mtime)
+    return newest
+
+
+def tree_bytes(src: Path) -> int:
+    """The bytes of the regular files under ``src`` (or of ``src``), as an ingest would count them."""
+    return sum(size for _, _, size in _walk(src))
 
 
 def _walk(src: Path) -> Iterator[tuple[str, Path, int]]:

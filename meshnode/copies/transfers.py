@@ -44,10 +44,10 @@ from ..saver import Saver
 from .catalog import CopyCatalog, one_content
 from .ingest import WebIngest
 from .intents import Intents
-from .puller import Puller, TransferError, named_source, resumed_chunks
+from .puller import MakeRoom, Puller, TransferError, named_source, no_eviction, resumed_chunks
 from .sources.common import safe_url
 from .sources.guard import confine_path
-from .store import Copy, Store, StoreError
+from .store import Copy, Store, StoreError, tree_bytes
 from .transfer import Transfer
 
 __all__ = ["ACTIVE_MAX", "TransferSettings", "Transfers"]
@@ -102,6 +102,7 @@ class Transfers:
         self._limiter = trio.CapacityLimiter(ACTIVE_MAX)
         self._nursery: trio.Nursery | None = None
         self._scopes: dict[str, trio.CancelScope] = {}  # transfer id -> its task's scope, while it runs
+        self.make_room: MakeRoom = no_eviction  # the evictor's, once the node has one
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -295,6 +296,8 @@ class Transfers:
         # Checked again here: a resumed ingest runs under today's roots.
         real = await trio.to_thread.run_sync(confine_path, path, self.settings.ingest_roots)
         before = self.store.get(t.model, t.kind)
+        if before is None:  # room under the tier's high watermark first (the same files again need none)
+            await self.make_room(t.kind, t.model, await trio.to_thread.run_sync(tree_bytes, real))
         copy = await trio.to_thread.run_sync(functools.partial(
             self.store.ingest_path, t.kind, t.model, real, accept=one_content(self.mesh, t.model)))
         t.manifest_hash = copy.manifest_hash
@@ -338,6 +341,8 @@ class Transfers:
         m = src.manifest
         t.bytes_total, t.chunks_total = m.total_bytes, m.n_chunks
         t.sources = [f"{self.mesh.id}:{src.kind}"]
+        await self.make_room(t.kind, t.model, m.total_bytes)
+        self.store.touch(src.model, src.kind)  # read: used
 
         def work() -> Copy:
             p = self.store.partial(t.kind, t.model, m)

@@ -32,6 +32,7 @@ EXPECT: dict[str, tuple[str, tuple[int, ...]]] = {
     ".venv/bin/python -m sim gpus": (r"engine change late: 0\n", (0,)),
     ".venv/bin/python -m sim serving": (r"violations: 0\n", (0,)),
     ".venv/bin/python -m sim replicas": (r"flaps \(add, drop, add\) +\| 0 [\s\S]*violations: 0\n", (0,)),
+    ".venv/bin/python -m sim eviction": (r"fetched, LRU / random +\| [\d.]+x[\s\S]*violations: 0\n", (0,)),
     ".venv/bin/python bench/converge.py": (r"intervals to converge, median +[\d.]+", (0, 1)),
     ".venv/bin/python bench/p2p_vs_nginx.py": (r"ours over TLS / nginx \+ curl over TLS: [\d.]+x", (0,)),
     ".venv/bin/python bench/registry.py": (r"\n +1000 +[\d.]+ +\d+", (0,)),

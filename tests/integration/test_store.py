@@ -62,3 +62,60 @@ def test_deleting_a_copy_leaves_no_empty_model_directories(tmp_path: Path) -> No
     assert not (root / "org" / "model").exists() and (root / "org" / "other").is_dir()  # the owner still has one
     s.delete("org/other", "disk")
     assert not (root / "org").exists() and root.is_dir()
+
+
+def test_deletes_never_follow_a_symlink_out_of_the_store(tmp_path: Path) -> None:
+    """A copy whose files (or whose directory) were swapped for symlinks out
+    of the store: deleting it, scrubbing it and sweeping partials remove the
+    links, never what they point to."""
+    outside = tmp_path / "precious"
+    outside.mkdir()
+    (outside / "weights.bin").write_bytes(b"keep me")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "weights.bin").write_bytes(os.urandom(3000))
+    s = Store("n", tmp_path / "data", tmp_path / "shm")
+    s.scan()
+
+    c = s.ingest_path("disk", "m", src)
+    (c.path / "weights.bin").unlink()
+    (c.path / "weights.bin").symlink_to(outside / "weights.bin")
+    assert s.scrub() == [c]  # not a regular file of the right size: no longer whole
+    assert s.get("m", "disk") is None and not c.path.exists()
+    assert (outside / "weights.bin").read_bytes() == b"keep me"
+
+    c = s.ingest_path("disk", "m2", src)
+    target = c.path.with_name("moved-away")
+    c.path.rename(target)
+    c.path.symlink_to(outside, target_is_directory=True)  # the copy's directory itself
+    assert s.delete("m2", "disk") is c
+    assert not c.path.exists() and not c.path.is_symlink()
+    assert (outside / "weights.bin").read_bytes() == b"keep me"
+    assert s.scan() == []  # and a symlinked copy directory is never taken for a copy
+
+    stale = s.staging_dir("disk", "0" * 32)
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.symlink_to(outside, target_is_directory=True)
+    kept = s.staging_dir("disk", "1" * 32)
+    kept.mkdir()
+    old = 1_000_000.0
+    os.utime(stale, (old, old), follow_symlinks=False)
+    assert s.sweep_partials(active={kept.name}, older_than_s=60) == [stale]
+    assert not stale.is_symlink() and kept.is_dir()
+    assert (outside / "weights.bin").read_bytes() == b"keep me"
+
+
+def test_last_use_survives_a_restart(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "w.bin").write_bytes(os.urandom(100))
+    s = Store("n", tmp_path / "data", tmp_path / "shm")
+    s.scan()
+    c = s.ingest_path("disk", "m", src)
+    s.touch("m", "disk")
+    used = s.last_used("m", "disk")
+    assert used > 0
+    assert s.locate(c.manifest_hash, 0) is not None  # a peer reading a chunk is a use too
+    again = Store("n", tmp_path / "data", tmp_path / "shm")
+    again.scan()
+    assert abs(again.last_used("m", "disk") - used) < 2  # from the manifest's mtime

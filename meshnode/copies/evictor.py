@@ -1,0 +1,133 @@
+"""The evictor: this node's tiers kept under their high watermark, and its
+store kept clean.
+
+Every ``interval_s`` it
+
+1. scrubs the store (``Store.scrub``): a copy removed or changed by hand is
+   forgotten and its ``copy/`` record withdrawn, within one interval;
+2. removes what transfers that no longer exist left in ``.partial`` after
+   ``partial_keep_s`` (``Store.sweep_partials``);
+3. runs the eviction rule (``protocol.eviction``) on each tier and deletes
+   the least recently used copies it names.
+
+Before a transfer writes into a tier, ``make_room`` runs the same rule with
+the incoming bytes counted: it evicts first, or raises ``NO_SPACE`` saying
+which copies it could not evict and why.  Why a copy must stay is asked of
+``keep_reason`` (the replica policy's ``min``, an engine serving from it, a
+transfer reading or writing it), which the daemon wires to the parts that
+know.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Container
+
+import trio
+
+from protocol.eviction import Resident, Watermarks, plan_eviction
+
+from ..errors import MeshError
+from .catalog import CopyCatalog
+from .store import TIERS, Store, StoreError
+
+__all__ = ["Evictor"]
+
+log = logging.getLogger("meshnode.evictor")
+
+KeepReason = Callable[[str, str], "str | None"]  # (model, tier) -> why it must stay, or None
+
+
+class Evictor:
+    def __init__(self, store: Store, copies: CopyCatalog, watermarks: dict[str, Watermarks], *,
+                 keep_reason: KeepReason, active_partials: Callable[[], Container[str]],
+                 interval_s: float, partial_keep_s: float) -> None:
+        self.store = store
+        self.copies = copies
+        self.watermarks = watermarks
+        self.keep_reason = keep_reason
+        self.active_partials = active_partials
+        self.interval_s = interval_s
+        self.partial_keep_s = partial_keep_s
+        self._lock = trio.Lock()  # one eviction at a time: a sweep and a transfer's make_room
+        self.evicted = 0
+        self._warned: dict[str, float] = {}  # tier -> when "over, nothing to evict" was last logged
+
+    def residents(self, kind: str, writing: str | None = None) -> list[Resident]:
+        out = []
+        for c in self.store.copies():
+            if c.kind != kind:
+                continue
+            keep = "the model being written" if c.model == writing else self.keep_reason(c.model, kind)
+            out.append(Resident(c.model, c.manifest.total_bytes, self.store.last_used(c.model, kind), keep))
+        return out
+
+    async def _evict(self, kind: str, models: tuple[str, ...], why: str) -> None:
+        for model in models:
+            c = self.store.get(model, kind)
+            if c is None:
+                continue
+            try:
+                await self.copies.delete_local(model, kind)
+            except (MeshError, OSError) as e:
+                log.warning("could not evict %s from %s: %s", model, kind, e)
+                continue
+            self.evicted += 1
+            log.info("evicted %s from %s (%d bytes, least recently used): %s", model, kind,
+                     c.manifest.total_bytes, why)
+
+    async def make_room(self, kind: str, model: str, incoming: int) -> None:
+        """Room for ``incoming`` bytes of ``model`` on ``kind`` under its high
+        watermark: evicted first, or ``StoreError("NO_SPACE")``."""
+        marks = self.watermarks.get(kind)
+        if marks is None or incoming <= 0:
+            return
+        async with self._lock:
+            u = await trio.to_thread.run_sync(self.store.usage, kind)
+            e = plan_eviction(u["used"], u["free"], self.residents(kind, writing=model), marks, incoming)
+            if not e.fits:
+                raise StoreError("NO_SPACE", f"{self.store.node_id}:" + e.message(
+                    kind, incoming, u["used"], u["used"] + u["free"], marks))
+            if e.evict:
+                await self._evict(kind, e.evict, f"making room for {model} ({incoming} bytes)")
+
+    async def sweep(self) -> None:
+        broken = await trio.to_thread.run_sync(self.store.scrub)
+        for c in broken:
+            log.warning("the copy of %s on %s is no longer whole on disk (removed or changed by hand): "
+                        "withdrawn from the catalog", c.model, c.kind)
+            await self.copies.delete_local(c.model, c.kind)  # its record; the store forgot it already
+        active = self.active_partials()
+        removed = await trio.to_thread.run_sync(self.store.sweep_partials, active, self.partial_keep_s)
+        for p in removed:
+            log.info("removed %s: left by a transfer that no longer exists", p.name)
+        for kind in TIERS:
+            marks = self.watermarks.get(kind)
+            if marks is None:
+                continue
+            async with self._lock:
+                try:
+                    u = await trio.to_thread.run_sync(self.store.usage, kind)
+                except (OSError, StoreError):
+                    continue
+                e = plan_eviction(u["used"], u["free"], self.residents(kind), marks)
+                if e.evict:
+                    pct = 100 * u["used"] / max(u["used"] + u["free"], 1)
+                    await self._evict(kind, e.evict, f"{kind} was {pct:.0f}% full, above its high watermark "
+                                                     f"of {marks.high:.0%}; down to {marks.low:.0%}")
+                elif e.over and trio.current_time() - self._warned.get(kind, -1e9) > 300:
+                    self._warned[kind] = trio.current_time()
+                    log.warning("%s is above its high watermark of %.0f%% and no copy here may be evicted%s",
+                                kind, 100 * marks.high,
+                                ": " + "; ".join(f"{m}: {why}" for m, why in e.kept[:8]) if e.kept else "")
+        if broken or removed:
+            self.copies.sample_storage()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            try:
+                await self.sweep()
+            except Exception:  # one bad sweep is a log line; the next reads the disk afresh
+                log.exception("a sweep of the store failed")
+            await trio.sleep(self.interval_s)

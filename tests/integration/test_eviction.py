@@ -1,0 +1,95 @@
+"""Eviction and hygiene on a real node: a RAM tier of 20 MiB (a tmpfs) with
+watermarks of 60% and 55% fills up, evicts its least recently used copy,
+never a pinned one, fails NO_SPACE saying why, evicts in the background when
+something else fills the tier; a copy removed by hand leaves the catalog;
+files of transfers that no longer exist go."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .conftest import Handle, Mesh, wait_for, wait_transfer
+
+MiB = 1024 * 1024
+
+
+def _model(root: Path, name: str, size: int) -> Path:
+    d = root / f"src-{name}"
+    d.mkdir()
+    (d / "w.bin").write_bytes(os.urandom(size))
+    return d
+
+
+async def _ingest(mesh: Mesh, h: Handle, name: str, src: Path, kind: str = "dram") -> dict[str, Any]:
+    r = await mesh.client.post(h.url + f"/models/{name}/download",
+                               json={"source_url": src.as_uri(), "target_device": f"a:{kind}"})
+    assert r.status_code == 202, r.text
+    return await wait_transfer(mesh, h.url, r.json()["transfer_id"])
+
+
+def _held(h: Handle, kind: str = "dram") -> set[str]:
+    return {c.model for c in h.node.store.copies() if c.kind == kind}
+
+
+async def test_a_full_tier_evicts_least_recently_used_never_pinned_and_says_why(
+        mesh: Mesh, tmp_path: Path, tmpfs: Callable[[int], Path]) -> None:
+    shm = tmpfs(20)
+    a = await mesh.start("a", "--dram-dir", str(shm), "--dram-watermarks", "60,55", "--scrub-interval", "0.2")
+    for name in ("m1", "m2"):
+        assert (await _ingest(mesh, a, name, _model(tmp_path, name, 5 * MiB)))["status"] == "done"
+    # m1 is read (copied to disk): m2 is now the least recently used.
+    r = await mesh.client.post(a.url + "/models/m1/copy", json={"from_device": "a:dram", "to_device": "a:disk"})
+    assert (await wait_transfer(mesh, a.url, r.json()["transfer_id"]))["status"] == "done"
+
+    # 10 MiB held, 5 more would be 75% > 60%: m2 goes (down to 55%), m3 comes in.
+    assert (await _ingest(mesh, a, "m3", _model(tmp_path, "m3", 5 * MiB)))["status"] == "done"
+    assert _held(a) == {"m1", "m3"}
+    info = (await mesh.client.get(a.url + "/models/m2")).json()
+    assert "a:dram" not in info["locations"], info
+
+    # Pinned copies stay: the next one cannot fit, and the error says which and why.
+    for name in ("m1", "m3"):
+        r = await mesh.client.post(a.url + f"/models/{name}/pin", json={"min": 1, "tier": "dram"})
+        assert r.status_code == 200, r.text
+    t = await _ingest(mesh, a, "m4", _model(tmp_path, "m4", 5 * MiB))
+    assert t["status"] == "failed" and t["error"]["code"] == "NO_SPACE", t
+    msg = t["error"]["message"]
+    assert "high watermark of 60%" in msg and "m1: pinned" in msg and "m3: pinned" in msg, msg
+    assert _held(a) == {"m1", "m3"} and not any((shm / ".partial").iterdir())
+
+    # Something else fills the tier: while every copy is pinned nothing goes; unpinned, the
+    # least recently used goes in the background, down to the low watermark.
+    (shm / "not-a-copy.bin").write_bytes(os.urandom(3 * MiB))
+    await trio.sleep(1.0)  # five sweeps
+    assert _held(a) == {"m1", "m3"}
+    r = await mesh.client.delete(a.url + "/models/m3/pin")
+    assert r.status_code == 200
+    await wait_for(lambda: _held(a) == {"m1"}, what="m3 evicted by the sweep")
+
+
+async def test_a_copy_removed_by_hand_leaves_the_catalog_and_stale_partials_go(
+        mesh: Mesh, tmp_path: Path) -> None:
+    a = await mesh.start("a", "--scrub-interval", "0.2", "--partial-keep", "1")
+    assert (await _ingest(mesh, a, "m", _model(tmp_path, "m", MiB), kind="disk"))["status"] == "done"
+    c = a.node.store.get("m", "disk")
+    assert c is not None
+    (c.path / "w.bin").unlink()  # an operator's rm
+
+    async def withdrawn() -> bool:
+        info = (await mesh.client.get(a.url + "/models/m")).json()
+        return "a:disk" not in info["locations"] and info["copies"] == []
+
+    await wait_for(withdrawn, timeout_s=5, what="the broken copy withdrawn")
+    assert not c.path.exists()
+
+    stale = a.node.store.staging_dir("disk", "ab" * 16)
+    stale.mkdir(parents=True)
+    (stale / "half.bin").write_bytes(b"x" * 100)
+    os.utime(stale / "half.bin", (1e9, 1e9))
+    os.utime(stale, (1e9, 1e9))
+    await wait_for(lambda: not stale.exists(), timeout_s=5, what="a stale partial removed")
