@@ -80,6 +80,7 @@ class Config:
     watermarks: Mapping[str, Watermarks] = field(
         default_factory=lambda: {"disk": Watermarks(), "dram": Watermarks()})  # --disk/--dram-watermarks
     scrub_interval_s: float = 5.0
+    s3_endpoint_url: str | None = None
     partial_keep_s: float = 3600.0
     replica_interval_s: float = 5.0
     fake_gpus: tuple[int, ...] = ()  # total bytes of each pretend GPU (--fake-gpus)
@@ -126,6 +127,9 @@ _OPTIONS: list[tuple[str, type, str, Any]] = [
     ("disk_watermarks", str, "high and low watermarks of the disk tier, percent: above high, the least recently "
      "used copies are evicted down to low; a copy that would pass high evicts first or fails NO_SPACE", "85,70"),
     ("dram_watermarks", str, "the same for the dram tier", "85,70"),
+    ("s3_endpoint_url", str, "the S3 endpoint for s3:// sources whose URL names none, e.g. "
+     "https://nyc3.digitaloceanspaces.com or http://minio:9000 (default: boto3's, i.e. AWS_ENDPOINT_URL or AWS); "
+     "credentials come from the AWS environment and files", None),
     ("scrub_interval", float, "seconds between two checks of the store: copies removed by hand withdrawn, "
      "the tiers evicted down to their low watermark (default 5)", 5.0),
     ("partial_keep", float, "seconds the files of a transfer that no longer exists are kept before they are "
@@ -422,6 +426,7 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
         replica_grace_s=o["replica_grace"],
         watermarks=watermarks,
         scrub_interval_s=o["scrub_interval"],
+        s3_endpoint_url=o["s3_endpoint_url"],
         partial_keep_s=o["partial_keep"],
         replica_interval_s=o["replica_interval"],
         fake_gpus=fake_gpus,

@@ -284,6 +284,7 @@ class MeshNode:
             ingest_roots=cfg.ingest_roots,
             allow_private_sources=cfg.allow_private_sources,
             settle_s=4 * cfg.gossip.gossip_interval_s,
+            s3_endpoint=cfg.s3_endpoint_url,
         )
         transfers = self.transfers = Transfers(
             mesh, self.store, puller, copies, saver, registry, self.hlc, settings, self._delete_source

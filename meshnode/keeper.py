@@ -25,7 +25,7 @@ from typing import Any
 import trio
 
 from protocol import MemberState
-from protocol.actions import CopyOf, StartTransfer, Web
+from protocol.actions import WEB_SCHEMES, CopyOf, StartTransfer, Web
 from protocol.keys import (
     NODE_KEY,
     STORAGE_KEY,
@@ -52,7 +52,6 @@ __all__ = ["Keeper"]
 log = logging.getLogger("meshnode.replicas")
 
 BACKOFF_MAX_S = 300.0
-WEB_SCHEMES = ("hf://", "http://", "https://")
 
 
 class Keeper:

@@ -156,8 +156,8 @@ class _Collector:
         keys.add_metric([], float(stats.get("catalog_keys", 0)))
         yield keys
         fetched = CounterMetricFamily("meshnode_source_fetched_bytes", "bytes fetched from outside the mesh "
-                                      "(hf: a Hugging Face hub, http: an http(s) URL)", labels=["source"])
-        for kind in dict.fromkeys(("hf", "http", *sorted(self.g.fetched_bytes))):
+                                      "(hf: a Hugging Face hub, http: an http(s) URL, s3: an S3 store)", labels=["source"])
+        for kind in dict.fromkeys(("hf", "http", "s3", *sorted(self.g.fetched_bytes))):
             fetched.add_metric([kind], float(self.g.fetched_bytes.get(kind, 0)))
         yield fetched
         if self.g.latency is not None:

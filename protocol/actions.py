@@ -32,6 +32,7 @@ from .registry import InvalidInput
 
 __all__ = [
     "TIERS",
+    "WEB_SCHEMES",
     "Action",
     "CopyOf",
     "DeleteCopy",
@@ -48,6 +49,7 @@ __all__ = [
 ]
 
 TIERS = ("disk", "dram")  # where a copy can be stored (a GPU holds a model through an engine)
+WEB_SCHEMES = ("http://", "https://", "hf://", "s3://")  # sources outside the mesh
 _URL_MAX = 2048
 _PATTERNS_MAX = 64
 
@@ -68,7 +70,7 @@ class LocalPath:
 
 @dataclass(frozen=True, slots=True)
 class Web:
-    """The Hugging Face hub (``hf://owner/name``, a hub URL) or an http(s) URL."""
+    """The Hugging Face hub (``hf://owner/name``, a hub URL), an http(s) URL, or an S3 store (``s3://bucket/prefix``)."""
 
     url: str
     revision: str | None = None
@@ -104,7 +106,7 @@ def source_from_text(text: str | None, options: dict[str, Any] | None = None) ->
         return CopyOf()
     if text.startswith("file://"):
         return LocalPath(text[len("file://") :])
-    if text.startswith(("http://", "https://", "hf://")):
+    if text.startswith(WEB_SCHEMES):
         return _web(text, options or {})
     return CopyOf(_device(text, "source"))
 
@@ -193,8 +195,8 @@ def _patterns(v: Any, field: str) -> tuple[str, ...] | None:
 
 
 def _web(url: Any, options: Any) -> Web:
-    if not isinstance(url, str) or not url.startswith(("http://", "https://", "hf://")) or len(url) > _URL_MAX:
-        raise InvalidInput("a web source is an http(s):// or hf:// URL of at most 2048 characters")
+    if not isinstance(url, str) or not url.startswith(WEB_SCHEMES) or len(url) > _URL_MAX:
+        raise InvalidInput("a web source is an http(s)://, hf:// or s3:// URL of at most 2048 characters")
     if not isinstance(options, dict) or set(options) - {"revision", "allow_patterns", "ignore_patterns"}:
         raise InvalidInput("options may hold revision, allow_patterns and ignore_patterns")
     rev = options.get("revision")

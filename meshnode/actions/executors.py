@@ -26,6 +26,7 @@ from protocol.actions import (
 from ..copies.catalog import CopyCatalog
 from ..copies.ingest import hf_repo
 from ..copies.sources.guard import confine_path, resolve_public
+from ..copies.sources.s3 import is_s3_source, parse_s3_url
 from ..copies.transfers import Transfers
 from ..errors import MeshError
 from ..registry import Registry
@@ -63,6 +64,11 @@ class Executors:
             real = await trio.to_thread.run_sync(confine_path, src.path, self.ingest_roots)
             if not await trio.to_thread.run_sync(real.exists):
                 raise MeshError("SOURCE_NOT_FOUND", f"{src.path} does not exist on {self.node_id}")
+        elif isinstance(src, Web) and is_s3_source(src.url):
+            loc = parse_s3_url(src.url)  # a bad one is refused now, not after the claim
+            if loc.endpoint_url is not None and not self.allow_private_sources:
+                e = httpx.URL(loc.endpoint_url)
+                await resolve_public(e.host, e.port or (443 if e.scheme == "https" else 80))
         elif isinstance(src, Web) and not self.allow_private_sources and hf_repo(src.url) is None:
             try:
                 u = httpx.URL(src.url)

@@ -168,7 +168,7 @@ class Router:
             if not path.startswith("/") or len(path) > 4096 or "\x00" in path:
                 raise MeshError("INVALID_REQUEST", "ingest needs an absolute path")
             return await self.run_on(to.node_id, StartTransfer(name, to.kind, LocalPath(path)))
-        if parsed.scheme in ("http", "https", "hf"):
+        if parsed.scheme in ("http", "https", "hf", "s3"):
             options = {k: body[k] for k in ("revision", "allow_patterns", "ignore_patterns") if body.get(k) is not None}
             try:
                 web = decode_action({"op": "fetch", "model": name, "kind": to.kind, "source_url": url,
@@ -178,7 +178,7 @@ class Router:
             assert isinstance(web, StartTransfer) and isinstance(web.source, Web)
             return await self.run_on(to.node_id, web)
         raise MeshError("INVALID_REQUEST",
-                        f"cannot download from {parsed.scheme or 'this'} URLs: use hf://, https://, file:// or a node:device source")
+                        f"cannot download from {parsed.scheme or 'this'} URLs: use hf://, https://, s3://, file:// or a node:device source")
 
     async def delete_copy(self, name: str, device: str) -> dict[str, Any] | None:
         """Delete a real copy on ``device`` (wherever it is); None when there is none."""

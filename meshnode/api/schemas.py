@@ -293,7 +293,7 @@ MOVE_BODY = _obj(
 DOWNLOAD_BODY = _obj(
     {"target_device": _DEVICE},
     {"source": _desc("\"web\" (the default: source_url) or another node's copy, node:device", _null(STR)),
-     "source_url": _desc("hf://owner/name, https://..., file:///path on the target node (a string; any other "
+     "source_url": _desc("hf://owner/name, https://..., s3://bucket/prefix, file:///path on the target node (a string; any other "
                          "value is ignored: the registration's URL serves)", ANY),
      "revision": _desc("a branch, tag or commit of a hub repository (a string)", ANY),
      "allow_patterns": _desc("glob patterns of the files to fetch (a string or a list of strings)", ANY),

@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument(
         "--url",
         metavar="URL",
-        help="source URL, sent as is: https://..., hf://owner/name (default: the URL the "
+        help="source URL, sent as is: https://..., hf://owner/name, s3://bucket/prefix (default: the URL the "
         "model was registered with; an owner/name model with none is a Hugging Face repo)",
     )
     dl.add_argument("--revision", metavar="REV", help="Hugging Face branch, tag or commit (default main)")

@@ -36,7 +36,7 @@ from ..mesh import Mesh, wall_ms
 from ..persist import make_dirs
 from .catalog import conflict_error, one_content
 from .puller import Puller
-from .sources import SourceError, SourceResult, fetch_source, is_hf_source
+from .sources import SourceError, SourceResult, fetch_source, is_hf_source, is_s3_source
 from .sources.hf import parse_hf_ref, resolve_hf_commit
 from .store import Copy, Store
 from .transfer import Transfer
@@ -74,7 +74,9 @@ class WebIngest:
         *,
         settle_s: float,
         allow_private: bool,
+        s3_endpoint: str | None = None,
     ) -> None:
+        self.s3_endpoint = s3_endpoint
         self.mesh = mesh
         self.hlc = hlc
         self.store = store
@@ -82,7 +84,7 @@ class WebIngest:
         self.publish = publish  # a transfer's progress into the catalog
         self.settle_s = settle_s
         self.allow_private = allow_private
-        self.fetched_bytes: Counter[str] = Counter()  # from outside the mesh since start: hf, http
+        self.fetched_bytes: Counter[str] = Counter()  # from outside the mesh since start: hf, http, s3
 
     def _mesh_copy(self, sid: str) -> str | None:
         """The manifest hash of a copy made from ``sid`` that we can have."""
@@ -138,7 +140,7 @@ class WebIngest:
         staging = self.store.staging_dir(t.kind, f"ingest-{t.id}")
         make_dirs(staging)
         t.note = "fetching from the source"
-        kind = "hf" if hf is not None else "http"
+        kind = "hf" if hf is not None else "s3" if is_s3_source(web.url) else "http"
 
         def progress(done: int, total: int | None, files_done: int, files_total: int | None) -> None:
             if done > t.bytes_done:
@@ -150,7 +152,7 @@ class WebIngest:
             result: SourceResult = await fetch_source(
                 f"hf://{hf[0]}" if hf is not None else web.url, staging, progress=progress, revision=revision,
                 allow_patterns=web.allow_patterns, ignore_patterns=web.ignore_patterns,
-                allow_private=self.allow_private,
+                allow_private=self.allow_private, s3_endpoint=self.s3_endpoint,
             )
             copy = await trio.to_thread.run_sync(functools.partial(
                 self.store.ingest_path, t.kind, t.model, staging, adopt=True, accept=one_content(self.mesh, t.model)))

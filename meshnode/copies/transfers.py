@@ -67,6 +67,7 @@ class TransferSettings:
     ingest_roots: tuple[Path, ...]
     allow_private_sources: bool
     settle_s: float  # how long a claim waits for concurrent claims (a few gossip rounds)
+    s3_endpoint: str | None = None  # --s3-endpoint-url: an s3:// source's endpoint unless its URL names one
 
 
 DeleteSource = Callable[[str, str], Awaitable[object]]  # (model, "node:kind"): a move's last step
@@ -97,7 +98,7 @@ class Transfers:
         self.delete_source = delete_source
         self.intents = Intents(settings.intents_dir)
         self.web = WebIngest(mesh, hlc, store, puller, self.publish, settle_s=settings.settle_s,
-                             allow_private=settings.allow_private_sources)
+                             allow_private=settings.allow_private_sources, s3_endpoint=settings.s3_endpoint)
         self.by_id: dict[str, Transfer] = {}
         self._limiter = trio.CapacityLimiter(ACTIVE_MAX)
         self._nursery: trio.Nursery | None = None

@@ -38,6 +38,7 @@ EXPECT: dict[str, tuple[str, tuple[int, ...]]] = {
     ".venv/bin/python bench/registry.py": (r"\n +1000 +[\d.]+ +\d+", (0,)),
     ".venv/bin/python bench/swarm_netns.py": (r"all copies identical +yes", (0,)),
     ".venv/bin/python bench/jobs.py": (r"job status +completed[\s\S]*parts run twice +0 ", (0,)),
+    ".venv/bin/python bench/s3.py": (r"three nodes: bytes served by S3 = 1\.00x the object", (0,)),
     ".venv/bin/python bench/proxy.py": (r"through node2 \(one more hop\) +p50 [\d.]+ ms", (0,)),
 }
 

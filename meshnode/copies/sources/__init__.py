@@ -10,6 +10,9 @@ then turns the directory into a copy with ``Store.ingest_path``.
 - :func:`meshnode.copies.sources.hf.fetch_hf`: a Hugging Face repository at one
   resolved commit, every LFS file checked against its sha256 and every other
   file against its git blob id.
+- :func:`meshnode.copies.sources.s3.fetch_s3`: objects of an S3 or S3-compatible
+  store (``s3://bucket/prefix``), fetched in parallel ranges, every file
+  checked against its size and ETag.
 - :func:`fetch_source` picks one of them from a URL.
 
 While a file downloads it lives as ``<name>.part`` with a ``<name>.part.json``
@@ -44,6 +47,7 @@ from .common import (
 from .guard import PublicOnlyTransport
 from .hf import fetch_hf
 from .http import fetch_url
+from .s3 import fetch_s3, is_s3_source
 
 __all__ = [
     "DEFAULT_RETRY",
@@ -55,6 +59,7 @@ __all__ = [
     "SourceResult",
     "fetch_source",
     "is_hf_source",
+    "is_s3_source",
 ]
 
 
@@ -70,11 +75,16 @@ async def fetch_source(
     endpoint: str | None = None,
     retries: RetryPolicy | None = None,
     allow_private: bool = False,
+    s3_endpoint: str | None = None,
 ) -> SourceResult:
     """Download ``url`` into ``dest_dir``: a Hugging Face repository (``hf://``
     or a hub URL) with :func:`~meshnode.copies.sources.hf.fetch_hf`, any other
     ``http(s)://`` URL as one file with :func:`~meshnode.copies.sources.http.fetch_url`,
-    from public addresses only unless ``allow_private`` (see ``guard``)."""
+    from public addresses only unless ``allow_private`` (see ``guard``); an
+    ``s3://`` URL with :func:`~meshnode.copies.sources.s3.fetch_s3`."""
+    if is_s3_source(url):
+        return await fetch_s3(url, dest_dir, progress=progress, retries=retries, allow_private=allow_private,
+                              endpoint_url=s3_endpoint)
     if is_hf_source(url):
         return await fetch_hf(
             url,
@@ -89,7 +99,7 @@ async def fetch_source(
         )
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme not in ("http", "https"):
-        raise SourceError("INVALID_REQUEST", f"unsupported source URL {safe_url(url)!r}: use http(s)://, hf:// or a hub URL")
+        raise SourceError("INVALID_REQUEST", f"unsupported source URL {safe_url(url)!r}: use http(s)://, hf://, s3:// or a hub URL")
     if allow_private:
         return await fetch_url(url, dest_dir, progress=progress, retries=retries)
     policy = retries or DEFAULT_RETRY

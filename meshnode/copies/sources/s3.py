@@ -1,0 +1,390 @@
+"""S3 and S3-compatible object stores (AWS, DigitalOcean Spaces, MinIO) as a source.
+
+``s3://bucket/prefix`` is every object under ``prefix/`` (or the one object
+``prefix``), each file named by its key below the prefix.  The endpoint and
+region come from the URL (``?endpoint_url=https://nyc3.digitaloceanspaces.com&region=nyc3``,
+so a registration carries its own), else from the node (``--s3-endpoint-url``),
+else from boto3's own configuration (``AWS_ENDPOINT_URL``, ``AWS_REGION``,
+``~/.aws/config``).  Credentials come only from boto3's chain (the
+``AWS_*`` environment, ``~/.aws/credentials``, a profile, an instance role):
+never from the URL, never logged, never in a message.
+
+Theory of operation
+-------------------
+1. List (``ListObjectsV2``, paged, at most ``OBJECTS_MAX`` objects): keys,
+   sizes, ETags.  A key that is no safe relative path is refused.
+2. For an object uploaded in parts (an ETag ``<md5>-<n>``), one ``HEAD`` with
+   ``PartNumber=1`` gives the part size; its ranges follow the parts, so that
+   each range's MD5 is a part's and the ETag can be checked without reading
+   the file again.  Other objects are cut in ``RANGE_BYTES`` ranges.
+3. Up to ``concurrency`` ranges at once, over every object, each a
+   ``GetObject`` with ``Range`` and ``IfMatch`` (the object may not change
+   under us) streamed in ``PIECE_BYTES`` pieces into its place in a
+   preallocated ``<file>.part``.  A connection dropped mid-range resumes from
+   the byte it reached (the MD5 so far is kept), with backoff, at most
+   ``RetryPolicy.attempts`` tries in a row without progress.
+4. Every file is checked: its size always; its ETag when it is an MD5 (single
+   part: the whole file's; multipart: the MD5 of the parts' MD5s), unless
+   the object is encrypted with KMS or a customer key (its ETag is no MD5).
+   Then it takes its final name.
+
+The fetch runs once per mesh like any web source (``WebIngest``): the other
+nodes pull the copy peer to peer.  boto3 blocks, so every call runs in a
+worker thread; progress and retries run in trio.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import trio
+
+from protocol.errors import InvalidName
+from protocol.manifest import validate_rel_path
+
+from ...persist import FILE_MODE, make_dirs
+from .common import DEFAULT_RETRY, Progress, RetryPolicy, SourceError, SourceResult, redact
+from .guard import resolve_public
+from .http import ProgressTracker, os_error
+
+__all__ = ["S3Location", "fetch_s3", "is_s3_source", "parse_s3_url"]
+
+log = logging.getLogger("meshnode.copies.sources")
+# botocore's debug log carries request headers (the access key id, the signature): never ours.
+for _name in ("botocore", "boto3", "s3transfer", "urllib3"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
+OBJECTS_MAX = 100_000
+RANGE_BYTES = 8 << 20  # a range of an object not uploaded in parts
+RANGE_MAX = 64 << 20  # a part bigger than this is fetched in several ranges (its MD5 read again)
+PIECE_BYTES = 1 << 20  # read, written and hashed at once, in a worker thread
+CONCURRENCY = 8
+PART_SUFFIX = ".part"
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]\Z")
+_REGION = re.compile(r"[a-z0-9\-]{1,32}\Z")
+_MD5 = re.compile(r"[0-9a-f]{32}\Z")
+_MULTIPART = re.compile(r"([0-9a-f]{32})-(\d{1,5})\Z")
+_AUTH_CODES = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken",
+                         "InvalidToken", "TokenRefreshRequired", "AllAccessDisabled", "InvalidSecurity"})
+_MISSING_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "NotFound", "404"})
+_TRANSIENT_CODES = frozenset({"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "Throttling",
+                              "ThrottlingException", "RequestTimeTooSkewed"})
+
+
+@dataclass(frozen=True)
+class S3Location:
+    bucket: str
+    prefix: str
+    endpoint_url: str | None = None
+    region: str | None = None
+
+    def show(self, key: str | None = None) -> str:
+        return f"s3://{self.bucket}/{self.prefix if key is None else key}"
+
+
+def is_s3_source(url: str) -> bool:
+    return url[:5].lower() == "s3://"
+
+
+def parse_s3_url(url: str) -> S3Location:
+    """``s3://bucket/prefix[?endpoint_url=...&region=...]``, checked, or ``SourceError(INVALID_REQUEST)``."""
+    def bad(why: str) -> SourceError:
+        return SourceError("INVALID_REQUEST", f"bad S3 URL: {why}")
+
+    try:
+        p = urlsplit(url)
+    except ValueError:
+        raise bad("not a URL") from None
+    if p.scheme.lower() != "s3":
+        raise bad("it must start with s3://")
+    if "@" in p.netloc:
+        raise bad("credentials do not go in the URL: the node takes them from its AWS environment or files")
+    bucket = p.netloc
+    if not _BUCKET.match(bucket):
+        raise bad(f"{bucket[:70]!r} is no bucket name (3 to 63 lowercase letters, digits, '.', '-')")
+    prefix = unquote(p.path).lstrip("/")
+    if len(prefix) > 1024:
+        raise bad("the key prefix is longer than 1024 characters")
+    q = parse_qs(p.query, keep_blank_values=True)
+    unknown = set(q) - {"endpoint_url", "region"}
+    if unknown:
+        raise bad(f"unknown parameters {', '.join(sorted(unknown))[:100]} (only endpoint_url and region; "
+                  "credentials come from the node's AWS environment or files)")
+    endpoint = q.get("endpoint_url", [None])[-1]
+    if endpoint is not None:
+        e = urlsplit(endpoint)
+        if e.scheme not in ("http", "https") or not e.hostname or e.username or e.password or e.query:
+            raise bad("endpoint_url must be http(s)://host[:port] with no user info or query")
+    region = q.get("region", [None])[-1]
+    if region is not None and not _REGION.match(region):
+        raise bad("region: lowercase letters, digits and '-'")
+    return S3Location(bucket, prefix, endpoint, region)
+
+
+@dataclass
+class _Object:
+    key: str
+    rel: str
+    size: int
+    etag: str
+    part_size: int | None = None  # multipart: the size of its parts (all but the last)
+    parts: dict[int, bytes] = field(default_factory=dict)  # range index -> its MD5 (a part's, when aligned)
+    ranges: list[tuple[int, int]] = field(default_factory=list)  # (offset, length)
+
+
+def _secrets() -> list[str]:
+    return [os.environ.get(k, "") for k in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")]
+
+
+class _Transient(Exception):
+    pass
+
+
+def _classify(e: BaseException, what: str) -> SourceError | _Transient:
+    """A boto3 failure as a ``SourceError`` (final) or ``_Transient`` (worth a retry)."""
+    import botocore.exceptions as bx
+
+    if isinstance(e, (bx.NoCredentialsError, bx.PartialCredentialsError)):
+        return SourceError("UNAUTHORIZED", f"{what}: no AWS credentials on this node (set AWS_ACCESS_KEY_ID and "
+                                           "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or ~/.aws/credentials)")
+    if isinstance(e, bx.ClientError):
+        err = e.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        msg = redact(str(err.get("Message", ""))[:200], *_secrets())
+        if code in _AUTH_CODES or status in (401, 403):
+            return SourceError("UNAUTHORIZED", f"{what}: the store refused the node's credentials "
+                                               f"({code or status}{': ' + msg if msg else ''})")
+        if code in _MISSING_CODES or status == 404:
+            return SourceError("NOT_FOUND", f"{what}: no such {'bucket' if code == 'NoSuchBucket' else 'key'} ({code or status})")
+        if code == "PreconditionFailed" or status == 412:
+            return SourceError("BAD_CONTENT", f"{what} changed while it was fetched; fetch it again")
+        if code in _TRANSIENT_CODES or status >= 500 or status == 429:
+            return _Transient(f"{what}: {code or status}")
+        return SourceError("INVALID_REQUEST", f"{what}: {code or status}{': ' + msg if msg else ''}")
+    if isinstance(e, (bx.BotoCoreError, ConnectionError, TimeoutError)):
+        return _Transient(f"{what}: {type(e).__name__}: {redact(str(e)[:200], *_secrets())}")
+    if isinstance(e, OSError):
+        return os_error(e, what)
+    raise e
+
+
+async def _call(fn: Callable[[], Any], what: str, retries: RetryPolicy) -> Any:
+    """``fn()`` in a worker thread, retried with backoff while it fails transiently."""
+    failures = 0
+    while True:
+        try:
+            return await trio.to_thread.run_sync(fn)
+        except Exception as e:  # classified below: final errors raise, transient ones retry
+            err = _classify(e, what)
+            if isinstance(err, SourceError):
+                raise err from None
+            failures += 1
+            if failures >= retries.attempts:
+                raise SourceError("UNAVAILABLE", f"{err} (after {failures} tries)") from None
+            await trio.sleep(retries.delay(failures))
+
+
+def _client(loc: S3Location, endpoint_url: str | None, retries: RetryPolicy, concurrency: int) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    cfg = Config(connect_timeout=retries.connect_timeout_s, read_timeout=retries.read_timeout_s,
+                 retries={"mode": "standard", "max_attempts": 2}, max_pool_connections=concurrency + 4,
+                 s3={"addressing_style": "path"} if (loc.endpoint_url or endpoint_url) else None)
+    return boto3.session.Session().client("s3", endpoint_url=loc.endpoint_url or endpoint_url,
+                                          region_name=loc.region, config=cfg)
+
+
+def _safe_rel(key: str, prefix: str) -> str:
+    """The file a key becomes: the one object's own name, or its key below the "directory" ``prefix``."""
+    rel = key.rsplit("/", 1)[-1] if key == prefix else key[len(prefix):]
+    try:
+        return validate_rel_path(rel)
+    except InvalidName as e:
+        raise SourceError("INVALID_REQUEST", f"the object key {key[:200]!r} is no safe file name: {e}") from None
+
+
+def _list(client: Any, loc: S3Location) -> list[_Object]:
+    """Every object the URL names: the one object ``prefix``, or every one under ``prefix/``."""
+    import botocore.exceptions as bx
+
+    out: list[_Object] = []
+    prefix = loc.prefix
+    if prefix and not prefix.endswith("/"):
+        try:
+            h = client.head_object(Bucket=loc.bucket, Key=prefix)
+            return [_Object(prefix, _safe_rel(prefix, prefix), int(h["ContentLength"]), str(h.get("ETag", "")).strip('"'))]
+        except bx.ClientError as e:
+            status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+            if status != 404 and str(e.response.get("Error", {}).get("Code")) not in _MISSING_CODES:
+                raise
+        prefix += "/"  # not an object: a "directory"
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix)
+    for page in pages:
+        for o in page.get("Contents", []):
+            key = o["Key"]
+            if key.endswith("/"):
+                continue  # a folder marker
+            out.append(_Object(key, _safe_rel(key, prefix), int(o["Size"]), str(o.get("ETag", "")).strip('"')))
+            if len(out) > OBJECTS_MAX:
+                raise SourceError("INVALID_REQUEST", f"{loc.show()} holds more than {OBJECTS_MAX} objects")
+    return out
+
+
+def _plan_ranges(obj: _Object, range_bytes: int) -> None:
+    step = obj.part_size if obj.part_size and obj.part_size <= RANGE_MAX else range_bytes
+    obj.ranges = [(off, min(step, obj.size - off)) for off in range(0, obj.size, step)] or [(0, 0)]
+
+
+def _etag_ok(obj: _Object, path: Path) -> bool | None:
+    """True: the file's MD5 is the ETag's; False: it is not; None: the ETag is no MD5 we can check."""
+    m = _MULTIPART.match(obj.etag)
+    if m is not None:
+        if obj.part_size is None or obj.part_size > RANGE_MAX or len(obj.ranges) != int(m.group(2)):
+            return None
+        joined = b"".join(obj.parts[i] for i in range(len(obj.ranges)))
+        return hashlib.md5(joined, usedforsecurity=False).hexdigest() == m.group(1)
+    if not _MD5.match(obj.etag):
+        return None
+    if len(obj.ranges) == 1:
+        return obj.parts[0].hex() == obj.etag
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while data := f.read(8 << 20):
+            h.update(data)
+    return h.hexdigest() == obj.etag
+
+
+async def fetch_s3(url: str, dest_dir: Path, *, progress: Progress | None = None,
+                   retries: RetryPolicy | None = None, allow_private: bool = False,
+                   endpoint_url: str | None = None, concurrency: int = CONCURRENCY,
+                   range_bytes: int = RANGE_BYTES) -> SourceResult:
+    """Every object ``url`` names, into ``dest_dir``, checked (see the module's doc)."""
+    policy = retries or DEFAULT_RETRY
+    loc = parse_s3_url(url)
+    if loc.endpoint_url is not None and not allow_private:  # a client's choice; the node's own is the operator's
+        e = urlsplit(loc.endpoint_url)
+        await resolve_public(e.hostname or "", e.port or (443 if e.scheme == "https" else 80))
+    client = await _call(lambda: _client(loc, endpoint_url, policy, concurrency), "S3 client", policy)
+    objects: list[_Object] = await _call(lambda: _list(client, loc), f"listing {loc.show()}", policy)
+    if not objects:
+        raise SourceError("NOT_FOUND", f"no object under {loc.show()}")
+    rels = [o.rel for o in objects]
+    if len(set(rels)) != len(rels):
+        raise SourceError("INVALID_REQUEST", f"two objects under {loc.show()} map to one file name")
+    total = sum(o.size for o in objects)
+    tracker = ProgressTracker(progress, total, len(objects))
+    tracker.start()
+    make_dirs(dest_dir)
+    limiter = trio.CapacityLimiter(concurrency)
+
+    async def part_size(o: _Object) -> None:
+        async with limiter:
+            h = await _call(functools.partial(client.head_object, Bucket=loc.bucket, Key=o.key, PartNumber=1),
+                            f"{loc.show(o.key)} (part 1)", policy)
+        o.part_size = int(h["ContentLength"])
+
+    async with trio.open_nursery() as n:
+        for o in objects:
+            if _MULTIPART.match(o.etag):
+                n.start_soon(part_size, o)
+    fds: dict[str, int] = {}
+    try:
+        for o in objects:
+            _plan_ranges(o, range_bytes)
+            p = dest_dir / (o.rel + PART_SUFFIX)
+            make_dirs(p.parent)
+            fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+            fds[o.rel] = fd
+            os.ftruncate(fd, o.size)
+
+        async def fetch_range(o: _Object, index: int) -> None:
+            off, length = o.ranges[index]
+            h = hashlib.md5(usedforsecurity=False)
+            done = failures = 0
+            what = f"{loc.show(o.key)} bytes {off}-{off + length - 1}"
+            async with limiter:
+                while done < length:
+                    start = off + done
+                    try:
+                        resp = await trio.to_thread.run_sync(functools.partial(
+                            client.get_object, Bucket=loc.bucket, Key=o.key,
+                            Range=f"bytes={start}-{off + length - 1}", IfMatch=f'"{o.etag}"'))
+                        body = resp["Body"]
+                        try:
+                            while done < length:
+                                n_read = await trio.to_thread.run_sync(
+                                    _read_into, body, fds[o.rel], off + done, min(PIECE_BYTES, length - done), h)
+                                done += n_read
+                                tracker.add_bytes(n_read)
+                                failures = 0
+                        finally:
+                            body.close()
+                    except Exception as e:  # classified: final errors raise, drops resume from `done`
+                        err = _classify(e, what)
+                        if isinstance(err, SourceError):
+                            raise err from None
+                        failures += 1
+                        if failures >= policy.attempts:
+                            raise SourceError("UNAVAILABLE", f"{err} (after {failures} tries in a row)") from None
+                        log.info("S3: %s; resuming at byte %d", err, off + done)
+                        await trio.sleep(policy.delay(failures))
+            o.parts[index] = h.digest()
+
+        async with trio.open_nursery() as n:
+            for o in objects:
+                for i in range(len(o.ranges)):
+                    n.start_soon(fetch_range, o, i)
+        verified: dict[str, bool] = {}
+        for o in objects:
+            fd = fds.pop(o.rel)
+            os.close(fd)
+            part = dest_dir / (o.rel + PART_SUFFIX)
+            if part.stat().st_size != o.size:
+                raise SourceError("BAD_CONTENT", f"{loc.show(o.key)}: {part.stat().st_size} bytes, expected {o.size}")
+            ok = await trio.to_thread.run_sync(_etag_ok, o, part)
+            if ok is False:
+                encrypted = await _call(functools.partial(client.head_object, Bucket=loc.bucket, Key=o.key),
+                                        loc.show(o.key), policy)
+                if not (encrypted.get("ServerSideEncryption") == "aws:kms" or encrypted.get("SSECustomerAlgorithm")):
+                    part.unlink(missing_ok=True)
+                    raise SourceError("BAD_CONTENT", f"{loc.show(o.key)}: its bytes do not match its ETag")
+                ok = None  # KMS or customer-key encryption: the ETag is no MD5
+            verified[o.rel] = bool(ok)
+            os.replace(part, dest_dir / o.rel)
+            tracker.file_done()
+    except OSError as e:
+        raise os_error(e, f"{loc.show()} into {dest_dir}") from None
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    model_type = None
+    cfg = dest_dir / "config.json"
+    if "config.json" in rels:
+        from .hf import _read_model_type
+
+        model_type = await trio.to_thread.run_sync(_read_model_type, cfg)
+    return SourceResult(sorted(rels), total, None, model_type, verified=verified)
+
+
+def _read_into(body: Any, fd: int, offset: int, n: int, h: Any) -> int:
+    """One piece of a range: read, write at its place, hash; the bytes it took (a drop raises)."""
+    data = body.read(n)
+    if not data:
+        raise ConnectionError("the connection ended before the range did")
+    view = memoryview(data)
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+    h.update(data)
+    return len(data)
