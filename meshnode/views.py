@@ -17,6 +17,7 @@ from protocol.keys import (
     RecordError,
     Storage,
 )
+from protocol.digest import model_digest
 from protocol.registry import availability, storage_totals
 from protocol.serving import Pool, ServiceRecord, pools
 from protocol.view import ModelIndex, ModelView
@@ -80,6 +81,23 @@ class Views:
                 ],
             )
         return out
+
+    def catalog_model_json(self, mv: ModelView) -> dict[str, Any]:
+        """llama-orch's catalog entry: ``{id, digest}``, and what it rests on."""
+        expected = mv.metadata.get("digest") if isinstance(mv.metadata.get("digest"), str) else None
+        d = model_digest((c.sha256 for c in mv.copies), expected)
+        return {
+            "id": mv.name,
+            "digest": d.digest,
+            "expected_digest": d.expected,
+            "verified": d.verified,
+            "conflict": d.conflict,
+            "copies": [{"device": c.device, "digest": c.sha256, "online": self.mesh.online(_node_of(c.device))}
+                       for c in mv.copies],
+            "size": mv.size,
+            "source_url": mv.source_url,
+            "state": self.model_status(mv),
+        }
 
     def models_json(self) -> list[dict[str, Any]]:
         services = self.services_by_model()

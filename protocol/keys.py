@@ -35,6 +35,7 @@ from typing import Any
 
 import xxhash
 
+from .digest import is_digest
 from .errors import RemoteProtocolError
 from .hlc import Stamp
 from .replicas import InvalidPolicy, ReplicaPolicy, parse_labels
@@ -304,6 +305,7 @@ class CopyRecord:
     files: int = 0
     chunk_bytes: int = 0
     published_ms: int = 0
+    sha256: str | None = None  # the copy's own digest (``protocol.digest``), once its node computed it
 
     def to_value(self) -> dict[str, Any]:
         return {
@@ -312,6 +314,7 @@ class CopyRecord:
             "files": self.files,
             "chunk_bytes": self.chunk_bytes,
             "published_ms": self.published_ms,
+            "sha256": self.sha256,
         }
 
     @classmethod
@@ -323,7 +326,16 @@ class CopyRecord:
             files=_int(v.get("files", 0), "copy files"),
             chunk_bytes=_int(v.get("chunk_bytes", 0), "copy chunk_bytes"),
             published_ms=_int(v.get("published_ms", 0) or 0, "copy published_ms"),
+            sha256=_digest(v.get("sha256")),
         )
+
+
+def _digest(raw: Any) -> str | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, str) or not is_digest(raw):
+        raise RecordError("copy sha256: expected sha256:<64 hex digits>")
+    return raw
 
 
 @dataclass(frozen=True, slots=True)

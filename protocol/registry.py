@@ -35,6 +35,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .digest import is_digest
 from .errors import LocalProtocolError
 from .hlc import HLC, ClockSkewError, Stamp
 from .keys import (
@@ -164,12 +165,17 @@ def _clean_metadata(raw: Any) -> dict[str, Any]:
         out["files"] = files
     if raw.get("file_count") is not None:
         out["file_count"] = _count(raw["file_count"], "metadata.file_count")
+    digest = raw.get("digest")
+    if digest is not None:
+        if not isinstance(digest, str) or not is_digest(digest):
+            raise InvalidInput("metadata.digest must be sha256:<64 lowercase hex digits>")
+        out["digest"] = digest
     engine = raw.get("engine")
     if engine is not None:
         if engine not in ENGINES:
             raise InvalidInput(f"metadata.engine must be one of {', '.join(ENGINES)}")
         out["engine"] = engine
-    unknown = set(raw) - {"description", "tags", "requirements", "revision", "files", "file_count", "engine"}
+    unknown = set(raw) - {"description", "tags", "requirements", "revision", "files", "file_count", "engine", "digest"}
     if unknown:
         raise InvalidInput(f"unknown metadata fields: {', '.join(sorted(unknown))[:200]}")
     return out

@@ -55,6 +55,7 @@ class CopyView:
     device: str
     manifest_hash: str
     size: int
+    sha256: str | None = None
 
 
 @dataclass(slots=True)
@@ -110,7 +111,7 @@ def resolve_models(items: Iterable[tuple[str, str, Any]]) -> dict[str, ModelView
                     locs[at] = loc
             elif (held := parse_copy_key(key)) is not None:
                 c = CopyRecord.from_value(value)
-                copies.append((held[0], CopyView(f"{node_id}:{held[1]}", c.manifest_hash, c.size)))
+                copies.append((held[0], CopyView(f"{node_id}:{held[1]}", c.manifest_hash, c.size, c.sha256)))
         except RecordError:
             continue
     out: dict[str, ModelView] = {}

@@ -659,6 +659,34 @@ def _public_app(parts: ApiParts) -> QuartTrio:
     async def availability() -> Response:
         return _json(running().views.availability_json(parts.scheme))
 
+    @app.get("/v2/catalog/models")
+    async def catalog_models() -> Response:
+        r = running()
+        return _paged("models", [r.views.catalog_model_json(mv) for _, mv in sorted(r.registry.models().items())])
+
+    @app.get("/v2/catalog/models/<model:name>")
+    async def catalog_model(name: str) -> Response:
+        r = running()
+        return _json(r.views.catalog_model_json(r.registry.model(name)))
+
+    @app.post("/v2/catalog/models")
+    async def catalog_add() -> Response:
+        """llama-orch's "add to the catalog": a registration with the digest its copies must have."""
+        r = running()
+        body = await body_json()
+        if not isinstance(body, dict) or not isinstance(body.get("id"), str):
+            raise MeshError("INVALID_REQUEST", "body: {\"id\": model name, \"digest\": \"sha256:<hex>\", "
+                                               "\"source_url\"}")
+        existing = r.registry.find(body["id"])
+        reg: dict[str, Any] = {} if existing is None else {
+            "model_type": existing.model_type, "source_url": existing.source_url, "metadata": dict(existing.metadata)}
+        if body.get("source_url") is not None:
+            reg["source_url"] = body["source_url"]
+        if body.get("digest") is not None:
+            reg.setdefault("metadata", {})["digest"] = body["digest"]
+        mv, changed = await r.registry.register(body["id"], reg)
+        return _json(r.views.catalog_model_json(mv), 201 if changed is None else 200)
+
     @app.get("/v2/nodes")
     async def nodes_v2() -> Response:
         return _paged("nodes", running().views.nodes_v2_json(parts.scheme))

@@ -261,6 +261,22 @@ NODE_V2 = _obj({
                           "labels": {"type": "object", "additionalProperties": STR}}),
 })
 
+_DIGEST = {"type": "string", "pattern": "^sha256:[0-9a-f]{64}$"}
+CATALOG_MODEL = _obj({
+    "id": STR,
+    "digest": _desc("the sha256 digest every copy that computed one agrees on; null: none yet, or they differ",
+                    _null(STR)),
+    "expected_digest": _desc("the digest the registration asks for", _null(STR)),
+    "verified": _desc("every computed digest is the expected one; null: nothing to compare", _null(BOOL)),
+    "conflict": _desc("two copies have different digests", BOOL),
+    "copies": _arr(_obj({"device": STR, "digest": _null(STR), "online": BOOL})),
+    "size": _null(INT), "source_url": _null(STR), "state": STR,
+})
+CATALOG_BODY = _obj({"id": _desc("the model's name", {"type": "string", "minLength": 1, "maxLength": 200})}, {
+    "digest": _null(_desc("sha256:<hex>: the digest its copies must have", _DIGEST)),
+    "source_url": _null({"type": "string", "maxLength": 2048}),
+}, closed=True)
+
 V1_MODELS = _obj({"object": STR, "data": _arr(_obj({"id": STR, "object": STR, "owned_by": STR}))})
 
 LOCATION_DROPPED = _obj({"model_name": STR, "device": STR, "dropped": {"const": True}},
@@ -320,6 +336,8 @@ REGISTER_BODY = _null(_obj({}, {
         "files": _null(_arr({"type": "string", "minLength": 1, "maxLength": 1024}, maxItems=METADATA_FILES_MAX)),
         "file_count": _null(_COUNT),
         "engine": _desc("the engine its serves use unless a step names another", _null({"enum": list(ENGINES)})),
+        "digest": _desc("the sha256 digest its copies must have (llama-orch's); sha256:<hex>",
+                        _null({"type": "string", "pattern": "^sha256:[0-9a-f]{64}$"})),
     }, closed=True)),
 }, closed=True))
 
@@ -409,6 +427,14 @@ ROUTE_DOCS: dict[tuple[str, str], RouteDoc] = {
     ("GET", "/v2/catalog/availability"): RouteDoc(
         "llama-orch's view: per node online, models and pools; replicated and single-node models.", "nodes",
         responses={200: AVAILABILITY}),
+    ("GET", "/v2/catalog/models"): RouteDoc(
+        "llama-orch's catalog: each model's id and sha256 digest, per copy, and whether they agree with the "
+        "registration's.", "models", responses={200: _paged("models", CATALOG_MODEL)}, query=PAGE_QUERY),
+    ("GET", "/v2/catalog/models/<model:name>"): RouteDoc(
+        "One model in llama-orch's catalog shape.", "models", responses={200: CATALOG_MODEL, **_errors(404)}),
+    ("POST", "/v2/catalog/models"): RouteDoc(
+        "Add a model to the catalog (llama-orch's): a registration, with the digest its copies must have.",
+        "models", request=CATALOG_BODY, responses={code: _written(CATALOG_MODEL) for code in (200, 201)}),
     ("GET", "/v2/nodes"): RouteDoc(
         "llama-orch's nodes: each node online or not, its pools (one per GPU) and its GPUs.", "nodes",
         responses={200: _paged("nodes", NODE_V2)}, query=PAGE_QUERY),

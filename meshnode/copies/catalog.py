@@ -95,7 +95,7 @@ class CopyCatalog:
             prev = None
         published = prev.published_ms if prev is not None and prev.manifest_hash == c.manifest_hash else 0
         rec = CopyRecord(c.manifest_hash, c.manifest.total_bytes, len(c.manifest.files), c.manifest.chunk_bytes,
-                         published or wall_ms())
+                         published or wall_ms(), self.store.digest(c.model, c.kind))
         self.mesh.set(key, rec.to_value())
         self.sample_storage()
 

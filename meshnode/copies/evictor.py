@@ -10,6 +10,10 @@ Every ``interval_s`` it
 3. runs the eviction rule (``protocol.eviction``) on each tier and deletes
    the least recently used copies it names.
 
+Beside it, one copy at a time, it computes the sha256 digest of every copy
+that has none yet (``Store.compute_digest``: the copy read once) and
+publishes it in the copy's record (llama-orch's catalog shows it).
+
 Before a transfer writes into a tier, ``make_room`` runs the same rule with
 the incoming bytes counted: it evicts first, or raises ``NO_SPACE`` saying
 which copies it could not evict and why.  Why a copy must stay is asked of
@@ -123,11 +127,39 @@ class Evictor:
         if broken or removed:
             self.copies.sample_storage()
 
+    async def digest_one(self) -> bool:
+        """Compute the digest of one copy that has none; False when every copy has one."""
+        for c in self.store.copies():
+            if self.store.digest(c.model, c.kind) is not None:
+                continue
+            try:
+                digest = await trio.to_thread.run_sync(self.store.compute_digest, c)
+            except OSError as e:  # a copy going away under us: the scrub deals with it
+                log.warning("could not digest the copy of %s on %s: %s", c.model, c.kind, e)
+                return False
+            if self.store.get(c.model, c.kind) is c:
+                self.copies.publish(c)
+                log.info("the copy of %s on %s has digest %s", c.model, c.kind, digest)
+            return True
+        return False
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._digests)
+            task_status.started()
+            while True:
+                try:
+                    await self.sweep()
+                except Exception:  # one bad sweep is a log line; the next reads the disk afresh
+                    log.exception("a sweep of the store failed")
+                await trio.sleep(self.interval_s)
+
+    async def _digests(self) -> None:
         while True:
             try:
-                await self.sweep()
-            except Exception:  # one bad sweep is a log line; the next reads the disk afresh
-                log.exception("a sweep of the store failed")
-            await trio.sleep(self.interval_s)
+                more = await self.digest_one()
+            except Exception:
+                log.exception("computing a copy's digest failed")
+                more = False
+            if not more:
+                await trio.sleep(self.interval_s)

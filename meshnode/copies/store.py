@@ -5,6 +5,7 @@ on a RAM-backed filesystem, ``/dev/shm/meshnode-<node>`` by default)::
 
     <tier>/<model name>/@<manifest hash>/...files...   a published copy
     <tier>/<model name>/@<manifest hash>.manifest      its manifest
+    <tier>/<model name>/@<manifest hash>.sha256        its digest, once computed (``compute_digest``)
     <tier>/.partial/<manifest hash>/...files...        a copy being built
 
 Model names hold at most one ``/`` and no ``..`` (``protocol.names``), and
@@ -29,6 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
+import json
 import logging
 import os
 import re
@@ -40,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from protocol.digest import is_digest, tree_digest
 from protocol.errors import RemoteProtocolError
 from protocol.manifest import (
     Manifest,
@@ -59,6 +63,8 @@ log = logging.getLogger("meshnode.copies.store")
 TIERS = ("disk", "dram")
 _PARTIAL = ".partial"
 _MANIFEST_SUFFIX = ".manifest"
+_DIGEST_SUFFIX = ".sha256"
+_HASH_READ = 8 << 20
 _FILES_MAX = 100_000
 TOUCH_EVERY_S = 60.0  # a copy's last use reaches its manifest's mtime at most this often
 SCRUB_FILES_MAX = 10_000  # files one scrub looks at (the next ones at the next scrub)
@@ -228,6 +234,7 @@ class Store:
         self._used: dict[tuple[str, str], float] = {}  # (model, kind) -> wall time of its last use
         self._used_saved: dict[tuple[str, str], float] = {}  # ... as its manifest's mtime says
         self._scrub_from = 0  # where the next scrub starts, over every copy's files
+        self._digests: dict[tuple[str, str], str] = {}  # (model, kind) -> its sha256 digest, once computed
 
     def tier_root(self, kind: str) -> Path:
         try:
@@ -248,10 +255,11 @@ class Store:
             except OSError as e:
                 log.warning("cannot use %s at %s: %s", kind, root, e.strerror)
                 continue
-            for tmp in root.rglob(".@*" + _MANIFEST_SUFFIX + ".tmp-*"):
-                rel = tmp.relative_to(root)
-                if rel.parts[0] != _PARTIAL and len(rel.parts) <= 3:  # beside a manifest, not in a copy
-                    tmp.unlink(missing_ok=True)  # a manifest write cut short (kill -9)
+            for suffix in (_MANIFEST_SUFFIX, _DIGEST_SUFFIX):
+                for tmp in root.rglob(".@*" + suffix + ".tmp-*"):
+                    rel = tmp.relative_to(root)
+                    if rel.parts[0] != _PARTIAL and len(rel.parts) <= 3:  # beside a manifest, not in a copy
+                        tmp.unlink(missing_ok=True)  # a write cut short (kill -9)
             for mfile in root.rglob("@*" + _MANIFEST_SUFFIX):
                 rel = mfile.relative_to(root)
                 if rel.parts[0] == _PARTIAL:
@@ -277,7 +285,32 @@ class Store:
                 self._copies[(model, kind)] = Copy(model, kind, manifest, copy_dir)
                 with contextlib.suppress(OSError):
                     self._used[(model, kind)] = self._used_saved[(model, kind)] = mfile.stat().st_mtime
+                digest = _read_digest(copy_dir.with_name(copy_dir.name + _DIGEST_SUFFIX))
+                if digest is not None:
+                    self._digests[(model, kind)] = digest
         return list(self._copies.values())
+
+    # -- digests -----------------------------------------------------------------------------
+
+    def digest(self, model: str, kind: str) -> str | None:
+        """The copy's sha256 digest (``protocol.digest``), or None until it is computed."""
+        return self._digests.get((model, kind))
+
+    def compute_digest(self, c: Copy) -> str:
+        """Read ``c`` once, keep its digest beside its manifest, and return it."""
+        files: dict[str, str] = {}
+        for f in c.manifest.files:
+            h = hashlib.sha256()
+            with _open_source(c.path / f.path) as fin:
+                while data := fin.read(_HASH_READ):
+                    h.update(data)
+            files[f.path] = h.hexdigest()
+        digest = tree_digest(files)
+        if self._copies.get((c.model, c.kind)) is c:  # still the copy (not deleted or replaced meanwhile)
+            atomic_write(c.path.with_name(c.path.name + _DIGEST_SUFFIX),
+                         json.dumps({"digest": digest, "files": files}).encode())
+            self._digests[(c.model, c.kind)] = digest
+        return digest
 
     # -- use, and what went missing -------------------------------------------------------
 
@@ -426,6 +459,8 @@ class Store:
             os.rename(built, final)
             fsync_dir(parent)
         copy = Copy(model, kind, manifest, final)
+        if old is None or old.manifest_hash != manifest.hash:
+            self._digests.pop((model, kind), None)  # another copy: its digest is computed again
         self._copies[(model, kind)] = copy
         if old is not None and old.manifest_hash != manifest.hash:
             self._remove_dir(old)
@@ -509,6 +544,7 @@ class Store:
 
     def delete(self, model: str, kind: str) -> Copy | None:
         c = self._copies.pop((model, kind), None)
+        self._digests.pop((model, kind), None)
         if c is not None:
             self._remove_dir(c)
             self._prune(kind, model)
@@ -530,6 +566,7 @@ class Store:
         mfile.unlink(missing_ok=True)  # first: without a manifest, it is no copy
         self._used.pop((c.model, c.kind), None)
         self._used_saved.pop((c.model, c.kind), None)
+        c.path.with_name(c.path.name + _DIGEST_SUFFIX).unlink(missing_ok=True)
         aside = c.path.with_name(f".deleting-{c.path.name}")
         try:
             os.rename(c.path, aside)
@@ -544,6 +581,15 @@ class Store:
         self.touch(c.model, c.kind)  # a peer reads it: used
         ref = c.manifest.chunk(index)
         return str(c.path / ref.path), ref.offset, ref.length
+
+
+def _read_digest(path: Path) -> str | None:
+    try:
+        raw = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    d = raw.get("digest") if isinstance(raw, dict) else None
+    return d if isinstance(d, str) and is_digest(d) else None
 
 
 def _remove_tree(path: Path, root: Path) -> None:

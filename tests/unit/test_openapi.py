@@ -221,6 +221,10 @@ TAKEN: dict[tuple[str, str], list[Any]] = {
         {"min": 2}, {"min": 1, "max": 3, "tier": "dram", "labels": {"zone": "a"}, "spread": "zone"},
         {"min": -1, "max": -1}, {"min": 0, "max": 1, "spread": None}, {},
     ],
+    ("POST", "/v2/catalog/models"): [
+        {"id": "acme/m"}, {"id": "m", "digest": "sha256:" + "0" * 64, "source_url": "hf://acme/m"},
+        {"id": "m", "digest": None, "source_url": None},
+    ],
     ("POST", "/jobs"): [PIPELINE_DOC] + [
         yaml.safe_load(p.read_text()) for p in sorted((ROOT / "meshnode" / "examples").glob("*.yaml"))],
     ("POST", "/jobs/from-yaml"): [(ROOT / "meshnode" / "examples" / "deployment.yaml").read_text()],
@@ -243,6 +247,9 @@ REFUSED: dict[tuple[str, str], list[Any]] = {
     ("POST", "/models/<model:name>/pin"): [
         [], 3, {"min": "2"}, {"min": 1, "tier": "gpu0"}, {"min": 1, "colour": "red"}, {"min": 2000},
         {"labels": {"zone": 5}}, {"min": -2},
+    ],
+    ("POST", "/v2/catalog/models"): [
+        [], {}, {"id": 5}, {"id": "m", "digest": "md5:x"}, {"id": "m", "x": 1}, {"id": ""},
     ],
     ("POST", "/models/<model:name>/services"): [
         [], {"port": 8000}, {"device": "n:gpu0", "port": 0}, {"device": "n:gpu0", "port": True},
@@ -332,6 +339,7 @@ def fields(known: dict[str, st.SearchStrategy[Any]]) -> st.SearchStrategy[dict[s
 metadata = fields({
     "description": st.text(max_size=5), "tags": st.one_of(words, strings), "revision": texts,
     "files": st.one_of(words, strings), "file_count": ints, "engine": st.sampled_from(ENGINES),
+    "digest": st.sampled_from(["sha256:" + "a" * 64, "sha256:" + "A" * 64, "sha256:abc", "md5:" + "a" * 32]),
     "requirements": fields({"min_memory": ints, "min_vram": ints, "gpu_arch": st.one_of(texts, words, strings)}),
 })
 registrations = sometimes(fields({"model_type": texts, "source_url": texts, "metadata": metadata}), values, 10)
