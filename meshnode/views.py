@@ -7,6 +7,7 @@ from typing import Any
 import trio
 
 from protocol import MemberState
+from protocol.digest import model_digest
 from protocol.gpus import GpusRecord
 from protocol.keys import (
     GPUS_KEY,
@@ -17,7 +18,6 @@ from protocol.keys import (
     RecordError,
     Storage,
 )
-from protocol.digest import model_digest
 from protocol.registry import availability, storage_totals
 from protocol.serving import Pool, ServiceRecord, pools
 from protocol.view import ModelIndex, ModelView

@@ -178,20 +178,27 @@ def _classify(e: BaseException, what: str) -> SourceError | _Transient:
     raise e
 
 
+async def _after_failure(e: Exception, what: str, failures: int, retries: RetryPolicy) -> int:
+    """A final error raises; a transient one waits its backoff.  The failures in a row, now."""
+    err = _classify(e, what)
+    if isinstance(err, SourceError):
+        raise err from None
+    failures += 1
+    if failures >= retries.attempts:
+        raise SourceError("UNAVAILABLE", f"{err} (after {failures} tries in a row)") from None
+    log.info("S3: %s; trying again", err)
+    await trio.sleep(retries.delay(failures))
+    return failures
+
+
 async def _call(fn: Callable[[], Any], what: str, retries: RetryPolicy) -> Any:
     """``fn()`` in a worker thread, retried with backoff while it fails transiently."""
     failures = 0
     while True:
         try:
             return await trio.to_thread.run_sync(fn)
-        except Exception as e:  # classified below: final errors raise, transient ones retry
-            err = _classify(e, what)
-            if isinstance(err, SourceError):
-                raise err from None
-            failures += 1
-            if failures >= retries.attempts:
-                raise SourceError("UNAVAILABLE", f"{err} (after {failures} tries)") from None
-            await trio.sleep(retries.delay(failures))
+        except Exception as e:  # classified: final errors raise, transient ones retry
+            failures = await _after_failure(e, what, failures, retries)
 
 
 def _client(loc: S3Location, endpoint_url: str | None, retries: RetryPolicy, concurrency: int) -> Any:
@@ -330,15 +337,9 @@ async def fetch_s3(url: str, dest_dir: Path, *, progress: Progress | None = None
                                 failures = 0
                         finally:
                             body.close()
-                    except Exception as e:  # classified: final errors raise, drops resume from `done`
-                        err = _classify(e, what)
-                        if isinstance(err, SourceError):
-                            raise err from None
-                        failures += 1
-                        if failures >= policy.attempts:
-                            raise SourceError("UNAVAILABLE", f"{err} (after {failures} tries in a row)") from None
-                        log.info("S3: %s; resuming at byte %d", err, off + done)
-                        await trio.sleep(policy.delay(failures))
+                    except Exception as e:  # classified: final errors raise, a drop resumes from `done`
+                        failures = await _after_failure(e, f"{what} (resuming at byte {off + done})", failures,
+                                                        policy)
             o.parts[index] = h.digest()
 
         async with trio.open_nursery() as n:
