@@ -308,7 +308,7 @@ class MeshNode:
         self.evictor = Evictor(self.store, copies, dict(cfg.watermarks), keep_reason=self._keep_reason,
                                active_partials=self._active_partials, interval_s=cfg.scrub_interval_s,
                                partial_keep_s=cfg.partial_keep_s)
-        transfers.make_room = puller.make_room = self.evictor.make_room
+        transfers.make_room = transfers.web.make_room = puller.make_room = self.evictor.make_room
         self.api.running = Running(mesh, registry, Views(mesh, index), router, transfers, copies, jobs, gpus,
                                    services, self.proxy, self.keeper)
         copies.sample_storage()

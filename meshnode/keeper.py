@@ -18,8 +18,11 @@ no transfer here reads it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -34,6 +37,7 @@ from protocol.keys import (
     NodeInfo,
     RecordError,
     Storage,
+    TierUsage,
     XferRecord,
 )
 from protocol.replicas import Holder, NodeFacts, Plan, plan
@@ -54,6 +58,14 @@ log = logging.getLogger("meshnode.replicas")
 BACKOFF_MAX_S = 300.0
 
 
+@dataclass
+class _Snapshot:
+    now: float
+    nodes: list[tuple[NodeFacts, Mapping[str, TierUsage]]] = field(default_factory=list)
+    making: dict[tuple[str, str], set[str]] = field(default_factory=dict)  # (model, tier) -> nodes making it
+    reading: dict[str, set[str]] = field(default_factory=dict)  # model -> nodes a transfer or an engine reads
+
+
 class Keeper:
     def __init__(self, mesh: Mesh, registry: Registry, transfers: Transfers, copies: CopyCatalog,
                  *, grace_s: float, interval_s: float) -> None:
@@ -69,57 +81,60 @@ class Keeper:
 
     # -- the rule's inputs, from the catalog ----------------------------------------------
 
-    def _nodes(self, tier: str, size: int) -> list[NodeFacts]:
+    def snapshot(self) -> _Snapshot:
+        """What one round reads of the catalog, once for every model: the members, their
+        labels and storage, and which models are being made or read where."""
         now = trio.current_time()
-        out = []
+        snap = _Snapshot(now)
         for m in self.mesh.members():
             nid = m.record.node_id
             up = self.mesh.reachable(nid)
             # A node that left said so: its copies are gone at once, no grace.
-            down_since = None if up else (-math.inf if m.state is MemberState.LEFT else m.since)
+            down_since = None if up else (-math.inf if m.state is MemberState.LEFT else min(m.since, now))
             try:
                 labels = NodeInfo.from_value(self.mesh.get(nid, NODE_KEY)).labels
             except RecordError:
                 labels = {}
             try:
-                usage = Storage.from_value(self.mesh.get(nid, STORAGE_KEY)).tiers.get(tier)
+                tiers = Storage.from_value(self.mesh.get(nid, STORAGE_KEY)).tiers
             except RecordError:
-                usage = None
-            room = usage is not None and usage.room_for(size)
-            out.append(NodeFacts(nid, up, down_since if down_since is None else min(down_since, now), labels, room))
-        return out
-
-    def _holders(self, mv: ModelView, tier: str) -> list[Holder]:
-        complete = {c.device.split(":", 1)[0] for c in mv.copies if c.device.endswith(f":{tier}")}
-        making: set[str] = set()
-        reading: set[str] = set()
+                tiers = {}
+            snap.nodes.append((NodeFacts(nid, up, down_since, labels), tiers))
         for nid, _key, value in self.mesh.items(XFER_PREFIX):
             try:
                 x = XferRecord.from_value(value)
             except RecordError:
                 continue
-            if x.model != mv.name or not x.status.active:
-                continue
-            reading.update(x.sources)
-            if x.kind == tier:
-                making.add(nid)
+            if x.status.active:
+                snap.reading.setdefault(x.model, set()).update(x.sources)
+                snap.making.setdefault((x.model, x.kind), set()).add(nid)
         for nid, _key, value in self.mesh.items(SVC_PREFIX):
             try:
                 s = ServiceRecord.from_value(value)
             except RecordError:
                 continue
-            if s.model == mv.name and s.state.up:
-                reading.add(nid)
+            if s.state.up:
+                snap.reading.setdefault(s.model, set()).add(nid)
+        return snap
+
+    def _holders(self, mv: ModelView, tier: str, snap: _Snapshot) -> list[Holder]:
+        complete = {c.device.split(":", 1)[0] for c in mv.copies if c.device.endswith(f":{tier}")}
+        making = snap.making.get((mv.name, tier), set())
+        reading = snap.reading.get(mv.name, set())
         return [Holder(nid, nid in complete, nid in reading) for nid in sorted(complete | making)]
 
-    def plan_for(self, mv: ModelView) -> Plan | None:
+    def plan_for(self, mv: ModelView, snap: _Snapshot | None = None) -> Plan | None:
         """The rule's steps for ``mv`` as this node sees the mesh now; None if it is not pinned."""
         policy = mv.policy
         if policy is None:
             return None
+        snap = snap or self.snapshot()
+        size = mv.size or 0
+        nodes = [dataclasses.replace(n, room=policy.tier in tiers and tiers[policy.tier].room_for(size))
+                 for n, tiers in snap.nodes]
         fetchable = (mv.source_url or "").startswith(WEB_SCHEMES)
-        return plan(mv.name, policy, self._nodes(policy.tier, mv.size or 0), self._holders(mv, policy.tier),
-                    trio.current_time(), self.grace_s, fetchable=fetchable)
+        return plan(mv.name, policy, nodes, self._holders(mv, policy.tier, snap), snap.now, self.grace_s,
+                    fetchable=fetchable)
 
     # -- acting on the steps that name this node ------------------------------------------
 
@@ -130,8 +145,9 @@ class Keeper:
         for gone in (self._backoff.keys() | self._started.keys()) - models.keys():
             self._backoff.pop(gone, None)
             self._started.pop(gone, None)
-        for mv in list(models.values()):
-            p = self.plan_for(mv)
+        snap = self.snapshot()
+        for mv in [mv for mv in models.values() if mv.policy is not None]:
+            p = self.plan_for(mv, snap)
             if p is None or mv.policy is None:
                 continue
             if me in p.add:
@@ -195,11 +211,12 @@ class Keeper:
     # -- what the API shows ----------------------------------------------------------------
 
     def status_json(self, mv: ModelView) -> dict[str, Any] | None:
-        p = self.plan_for(mv)
-        if p is None or mv.policy is None:
+        if mv.policy is None:
             return None
-        tier = mv.policy.tier
-        holders = self._holders(mv, tier)
+        snap = self.snapshot()
+        p = self.plan_for(mv, snap)
+        assert p is not None
+        holders = self._holders(mv, mv.policy.tier, snap)
         return {
             "policy": mv.policy.to_value(),
             "wanted": {"min": p.wanted_min, "max": p.wanted_max},

@@ -35,7 +35,7 @@ from ..errors import only
 from ..mesh import Mesh, wall_ms
 from ..persist import make_dirs
 from .catalog import conflict_error, one_content
-from .puller import Puller
+from .puller import MakeRoom, Puller, no_eviction
 from .sources import SourceError, SourceResult, fetch_source, is_hf_source, is_s3_source
 from .sources.hf import parse_hf_ref, resolve_hf_commit
 from .store import Copy, Store
@@ -77,6 +77,7 @@ class WebIngest:
         s3_endpoint: str | None = None,
     ) -> None:
         self.s3_endpoint = s3_endpoint
+        self.make_room: MakeRoom = no_eviction  # the evictor's, once the node has one
         self.mesh = mesh
         self.hlc = hlc
         self.store = store
@@ -153,6 +154,7 @@ class WebIngest:
                 f"hf://{hf[0]}" if hf is not None else web.url, staging, progress=progress, revision=revision,
                 allow_patterns=web.allow_patterns, ignore_patterns=web.ignore_patterns,
                 allow_private=self.allow_private, s3_endpoint=self.s3_endpoint,
+                reserve=functools.partial(self.make_room, t.kind, t.model),
             )
             copy = await trio.to_thread.run_sync(functools.partial(
                 self.store.ingest_path, t.kind, t.model, staging, adopt=True, accept=one_content(self.mesh, t.model)))

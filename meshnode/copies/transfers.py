@@ -44,7 +44,15 @@ from ..saver import Saver
 from .catalog import CopyCatalog, one_content
 from .ingest import WebIngest
 from .intents import Intents
-from .puller import MakeRoom, Puller, TransferError, named_source, no_eviction, resumed_chunks
+from .puller import (
+    NO_SOURCE_GRACE_S,
+    MakeRoom,
+    Puller,
+    TransferError,
+    named_source,
+    no_eviction,
+    resumed_chunks,
+)
 from .sources.common import safe_url
 from .sources.guard import confine_path
 from .store import Copy, Store, StoreError, tree_bytes
@@ -274,8 +282,17 @@ class Transfers:
             self.intents.save(t)  # another node fetched it: pull its copy from the mesh
         if t.manifest_hash is None:
             device = src.device if isinstance(src, CopyOf) else None
-            t.manifest_hash = source_manifest_hash(self.mesh.items(COPY_PREFIX), t.model, device, self.mesh.id,
-                                                   self.mesh.reachable)
+
+            def lookup() -> str | None:
+                return source_manifest_hash(self.mesh.items(COPY_PREFIX), t.model, device, self.mesh.id,
+                                            self.mesh.reachable)
+
+            t.manifest_hash = lookup()
+            # The node that took the request may know of the copy before gossip told us.
+            with trio.move_on_after(NO_SOURCE_GRACE_S):
+                while t.manifest_hash is None:
+                    await trio.sleep(0.1)
+                    t.manifest_hash = lookup()
             if t.manifest_hash is None:
                 raise TransferError("NO_SOURCE", f"{device or 'any live node'} holds no copy of {t.model!r}")
             self.intents.save(t)

@@ -29,7 +29,8 @@ async def test_digests_per_copy_and_the_catalog_shape(mesh: Mesh, tmp_path: Path
     b = await mesh.start("b", *FAST, join=[a])
     await ingest(mesh, a, "m", src)
     r = await mesh.client.post(a.url + "/models/m/copy", json={"to_device": "b:disk"})
-    assert (await wait_transfer(mesh, b.url, r.json()["transfer_id"]))["status"] == "done"
+    t = await wait_transfer(mesh, b.url, r.json()["transfer_id"])
+    assert t["status"] == "done", t
 
     async def both_digested() -> dict[str, Any] | None:
         r = await mesh.client.get(b.url + "/v2/catalog/models")

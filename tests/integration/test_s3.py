@@ -11,7 +11,7 @@ import io
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -180,3 +180,15 @@ async def test_a_registration_carries_its_endpoint(mesh: Mesh, s3: S3, aws_env: 
     t = await wait_transfer(mesh, a.url, r.json()["transfer_id"])
     assert t["status"] == "done", t
     assert t["source"] == "s3://models/llama/config.json", t  # shown without its query
+
+
+async def test_an_object_too_big_for_the_tier_is_refused_before_a_byte_is_fetched(
+        mesh: Mesh, s3: S3, aws_env: None, tmpfs: Callable[[int], Path]) -> None:
+    shm = tmpfs(20)
+    a = await mesh.start("a", "--s3-endpoint-url", s3.endpoint, "--dram-dir", str(shm),
+                         "--dram-watermarks", "60,55")
+    httpx.post(s3.endpoint + "/__meshnode/reset")
+    t = await _download(mesh, a.url, a.url, "a:dram", "s3://models/llama")  # 20 MiB: past 60% of 20 MiB
+    assert t["status"] == "failed" and t["error"]["code"] == "NO_SPACE", t
+    assert "high watermark of 60%" in t["error"]["message"], t
+    assert s3.stats()["object_bytes"] == 0

@@ -28,7 +28,7 @@ appear in logs or in error messages.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import httpx
@@ -76,15 +76,18 @@ async def fetch_source(
     retries: RetryPolicy | None = None,
     allow_private: bool = False,
     s3_endpoint: str | None = None,
+    reserve: Callable[[int], Awaitable[None]] | None = None,
 ) -> SourceResult:
     """Download ``url`` into ``dest_dir``: a Hugging Face repository (``hf://``
     or a hub URL) with :func:`~meshnode.copies.sources.hf.fetch_hf`, any other
     ``http(s)://`` URL as one file with :func:`~meshnode.copies.sources.http.fetch_url`,
     from public addresses only unless ``allow_private`` (see ``guard``); an
-    ``s3://`` URL with :func:`~meshnode.copies.sources.s3.fetch_s3`."""
+    ``s3://`` URL with :func:`~meshnode.copies.sources.s3.fetch_s3`, which
+    calls ``reserve(total bytes)`` once it listed them (the others do not
+    know the size before they fetch)."""
     if is_s3_source(url):
         return await fetch_s3(url, dest_dir, progress=progress, retries=retries, allow_private=allow_private,
-                              endpoint_url=s3_endpoint)
+                              endpoint_url=s3_endpoint, reserve=reserve)
     if is_hf_source(url):
         return await fetch_hf(
             url,

@@ -40,7 +40,7 @@ import hashlib
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -275,8 +275,11 @@ def _etag_ok(obj: _Object, path: Path) -> bool | None:
 async def fetch_s3(url: str, dest_dir: Path, *, progress: Progress | None = None,
                    retries: RetryPolicy | None = None, allow_private: bool = False,
                    endpoint_url: str | None = None, concurrency: int = CONCURRENCY,
-                   range_bytes: int = RANGE_BYTES) -> SourceResult:
-    """Every object ``url`` names, into ``dest_dir``, checked (see the module's doc)."""
+                   range_bytes: int = RANGE_BYTES,
+                   reserve: Callable[[int], Awaitable[None]] | None = None) -> SourceResult:
+    """Every object ``url`` names, into ``dest_dir``, checked (see the module's doc).
+    ``reserve(total bytes)``, once they are listed and before a byte is
+    fetched, may make room for them or refuse (the evictor's ``make_room``)."""
     policy = retries or DEFAULT_RETRY
     loc = parse_s3_url(url)
     if loc.endpoint_url is not None and not allow_private:  # a client's choice; the node's own is the operator's
@@ -290,6 +293,8 @@ async def fetch_s3(url: str, dest_dir: Path, *, progress: Progress | None = None
     if len(set(rels)) != len(rels):
         raise SourceError("INVALID_REQUEST", f"two objects under {loc.show()} map to one file name")
     total = sum(o.size for o in objects)
+    if reserve is not None:
+        await reserve(total)
     tracker = ProgressTracker(progress, total, len(objects))
     tracker.start()
     make_dirs(dest_dir)
