@@ -217,7 +217,7 @@ async def _progress(mesh: Mesh, url: str, tid: str) -> bool:
 async def test_full_disk_fails_clearly_and_publishes_nothing(mesh: Mesh, tmp_path: Path, tmpfs: Callable[[int], Path]) -> None:
     small_tmpfs = tmpfs(4)
     src = make_model(tmp_path, 3 * MiB)  # fits the 4 MiB free check...
-    a = await mesh.start("a", "--max-egress", "512K")  # slow enough to fill the disk mid-way
+    a = await mesh.start("a", "--max-egress", "1M")  # slow enough to fill the disk mid-way
     b = await mesh.start("b", "--dram-dir", str(small_tmpfs), join=[a])
     await ingest(mesh, a, "m", src)
     await until_copies(mesh, b.url, "m", 1)
