@@ -465,6 +465,8 @@ class MeshNode:
         if self.transfers is not None:
             g.transfers = Counter(t.status.value for t in self.transfers.by_id.values())
             g.fetched_bytes = self.transfers.web.fetched_bytes
+        if self.keeper is not None and self.evictor is not None:
+            g.upkeep = {**self.keeper.counts, **self.evictor.counts}
         if self.jobs is not None:
             g.jobs = Counter(v.status.value for v in self.jobs.views())
         if self.services is not None:

@@ -77,7 +77,7 @@ class Keeper:
         self.interval_s = interval_s
         self._backoff: dict[str, tuple[float, float]] = {}  # model -> (retry at, last wait)
         self._started: dict[str, Transfer] = {}  # model -> the copy this keeper started here last
-        self.rounds = 0
+        self.counts = {"replica_rounds": 0, "replica_copies_added": 0, "replica_copies_dropped": 0}
 
     # -- the rule's inputs, from the catalog ----------------------------------------------
 
@@ -154,7 +154,7 @@ class Keeper:
                 self._add(mv, mv.policy.tier)
             elif me in p.drop:
                 await self._drop(mv.name, mv.policy.tier)
-        self.rounds += 1
+        self.counts["replica_rounds"] += 1
 
     def _add(self, mv: ModelView, tier: str) -> None:
         prev = self._started.pop(mv.name, None)
@@ -177,6 +177,7 @@ class Keeper:
             self._failed(mv.name, f"{type(e).__name__}: {e}")
             return
         self._started[mv.name] = t
+        self.counts["replica_copies_added"] += 1
         log.info("replicas: adding a copy of %s on %s:%s (transfer %s, from %s)", mv.name, self.mesh.id, tier,
                  t.id, "the mesh" if isinstance(source, CopyOf) else "its source")
 
@@ -196,6 +197,7 @@ class Keeper:
             log.warning("replicas: could not drop the copy of %s on %s: %s", model, tier, e)
             return
         if deleted:
+            self.counts["replica_copies_dropped"] += 1
             log.info("replicas: dropped the copy of %s on %s:%s (more than the policy's max)", model,
                      self.mesh.id, tier)
 

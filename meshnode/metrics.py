@@ -83,8 +83,17 @@ class Gauges:
     jobs: Mapping[str, int] = field(default_factory=dict)  # the mesh's, by status
     services: Mapping[str, int] = field(default_factory=dict)  # this node's, by state
     fetched_bytes: Mapping[str, int] = field(default_factory=dict)  # from outside the mesh, by source kind
+    upkeep: Mapping[str, int] = field(default_factory=dict)  # the keeper's and the evictor's counts since start
     latency: RouteLatency | None = None
     version: str = ""
+
+UPKEEP = {
+    "replica_rounds": "rounds of the replica rule this node ran",
+    "replica_copies_added": "copies this node started because the replica rule named it",
+    "replica_copies_dropped": "copies this node dropped because the replica rule named it",
+    "evicted_copies": "copies evicted from this node's tiers (least recently used, above the high watermark)",
+    "scrubbed_copies": "copies found removed or changed by hand and withdrawn",
+}
 
 _COUNTERS = {
     "messages_in": "peer messages received",
@@ -160,6 +169,10 @@ class _Collector:
         for kind in dict.fromkeys(("hf", "http", "s3", *sorted(self.g.fetched_bytes))):
             fetched.add_metric([kind], float(self.g.fetched_bytes.get(kind, 0)))
         yield fetched
+        for name, text in UPKEEP.items():
+            c = CounterMetricFamily(f"meshnode_{name}", text)
+            c.add_metric([], float(self.g.upkeep.get(name, 0)))
+            yield c
         if self.g.latency is not None:
             yield self.g.latency.family()
         yield from self._gpus()

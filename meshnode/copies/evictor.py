@@ -54,7 +54,7 @@ class Evictor:
         self.interval_s = interval_s
         self.partial_keep_s = partial_keep_s
         self._lock = trio.Lock()  # one eviction at a time: a sweep and a transfer's make_room
-        self.evicted = 0
+        self.counts = {"evicted_copies": 0, "scrubbed_copies": 0}
         self._warned: dict[str, float] = {}  # tier -> when "over, nothing to evict" was last logged
 
     def residents(self, kind: str, writing: str | None = None) -> list[Resident]:
@@ -76,7 +76,7 @@ class Evictor:
             except (MeshError, OSError) as e:
                 log.warning("could not evict %s from %s: %s", model, kind, e)
                 continue
-            self.evicted += 1
+            self.counts["evicted_copies"] += 1
             log.info("evicted %s from %s (%d bytes, least recently used): %s", model, kind,
                      c.manifest.total_bytes, why)
 
@@ -101,6 +101,7 @@ class Evictor:
             log.warning("the copy of %s on %s is no longer whole on disk (removed or changed by hand): "
                         "withdrawn from the catalog", c.model, c.kind)
             await self.copies.delete_local(c.model, c.kind)  # its record; the store forgot it already
+            self.counts["scrubbed_copies"] += 1
         active = self.active_partials()
         removed = await trio.to_thread.run_sync(self.store.sweep_partials, active, self.partial_keep_s)
         for p in removed:

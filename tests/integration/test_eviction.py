@@ -70,6 +70,8 @@ async def test_a_full_tier_evicts_least_recently_used_never_pinned_and_says_why(
     r = await mesh.client.delete(a.url + "/models/m3/pin")
     assert r.status_code == 200
     await wait_for(lambda: _held(a) == {"m1"}, what="m3 evicted by the sweep")
+    metrics = (await mesh.client.get(a.url + "/metrics")).text
+    assert "meshnode_evicted_copies_total 2.0" in metrics, metrics  # m2, then m3
 
 
 async def test_a_copy_removed_by_hand_leaves_the_catalog_and_stale_partials_go(
@@ -86,6 +88,7 @@ async def test_a_copy_removed_by_hand_leaves_the_catalog_and_stale_partials_go(
 
     await wait_for(withdrawn, timeout_s=5, what="the broken copy withdrawn")
     assert not c.path.exists()
+    assert "meshnode_scrubbed_copies_total 1.0" in (await mesh.client.get(a.url + "/metrics")).text
 
     stale = a.node.store.staging_dir("disk", "ab" * 16)
     stale.mkdir(parents=True)
