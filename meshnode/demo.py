@@ -145,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         transfer(a.url, "/models/demo/tiny-llm/download", {"source_url": model.as_uri(), "target_device": "node1:disk"})
 
         say("copying it to node3's RAM tier, asked on node2: chunks pulled and verified peer to peer")
-        wait_until("node2 to see node1's copy", lambda: len(httpx.get(b.url + "/models/demo/tiny-llm", timeout=2).json()["copies"]) == 1)
+        # node2 may not know the model yet (404 until gossip brings the registration): not yet, then.
+        wait_until("node2 to see node1's copy",
+                   lambda: len(httpx.get(b.url + "/models/demo/tiny-llm", timeout=2).json().get("copies", [])) == 1)
         t = transfer(b.url, "/models/demo/tiny-llm/copy", {"from_device": "node1:disk", "to_device": "node3:dram"}, on=c.url)
         print(f"{t['chunks_fetched']} chunks of {t['chunks_total']} fetched from {', '.join(t['sources'])}, every one verified")
         copy = next((root / "node3-shm").rglob("model-00001-of-00002.safetensors"))
@@ -157,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("demo: the copy differs from its source")
 
         say("node3 answers for the whole mesh")
-        wait_until("node3 to see both copies", lambda: len(httpx.get(c.url + "/models/demo/tiny-llm", timeout=2).json()["copies"]) == 2)
+        wait_until("node3 to see both copies",
+                   lambda: len(httpx.get(c.url + "/models/demo/tiny-llm", timeout=2).json().get("copies", [])) == 2)
         cli("list", "--peer", c.url)
         cli("info", "demo/tiny-llm", "--peer", c.url)
 
