@@ -132,7 +132,9 @@ class Keeper:
         size = mv.size or 0
         nodes = [dataclasses.replace(n, room=policy.tier in tiers and tiers[policy.tier].room_for(size))
                  for n, tiers in snap.nodes]
-        fetchable = (mv.source_url or "").startswith(WEB_SCHEMES)
+        # Something to copy from besides the tier's own holders: a copy on another tier (a pin to
+        # dram of a model on disk), or the model's source outside the mesh.
+        fetchable = self._mesh_copy(mv) or (mv.source_url or "").startswith(WEB_SCHEMES)
         return plan(mv.name, policy, nodes, self._holders(mv, policy.tier, snap), snap.now, self.grace_s,
                     fetchable=fetchable)
 
@@ -156,6 +158,10 @@ class Keeper:
                 await self._drop(mv.name, mv.policy.tier)
         self.counts["replica_rounds"] += 1
 
+    def _mesh_copy(self, mv: ModelView) -> bool:
+        """A complete copy of ``mv`` on a node that is up, on any tier."""
+        return any(self.mesh.online(c.device.split(":", 1)[0]) for c in mv.copies)
+
     def _add(self, mv: ModelView, tier: str) -> None:
         prev = self._started.pop(mv.name, None)
         if prev is not None:
@@ -168,9 +174,7 @@ class Keeper:
                 self._backoff.pop(mv.name, None)
         if trio.current_time() < self._backoff.get(mv.name, (0.0, 0.0))[0]:
             return
-        has_copy = any(c.device.endswith(f":{tier}") and self.mesh.online(c.device.split(":", 1)[0])
-                       for c in mv.copies)
-        source = CopyOf() if has_copy or not mv.source_url else Web(mv.source_url)
+        source = CopyOf() if self._mesh_copy(mv) or not mv.source_url else Web(mv.source_url)
         try:
             t = self.transfers.start(StartTransfer(mv.name, tier, source))
         except (MeshError, OSError) as e:

@@ -127,3 +127,9 @@ async def test_pin_refuses_a_bad_policy_and_the_cli_pins_and_shows_it(mesh: Mesh
     assert r.returncode == 0 and "unpinned 'm'" in r.stdout.decode(), r.stderr.decode()
     r = await cli("info", "m")
     assert "not pinned" in r.stdout.decode()
+
+    # Pinned to RAM while its copy is on disk: the tier's copy is made from the disk's.
+    r = await cli("pin", "m", "--replicas", "1", "--tier", "dram")
+    assert r.returncode == 0, r.stderr.decode()
+    await wait_for(lambda: a.node.store.get("m", "dram") is not None, what="a copy in RAM")
+    assert a.node.store.get("m", "disk") is not None  # the disk's stays: another tier's copy is no stray
