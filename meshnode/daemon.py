@@ -37,7 +37,7 @@ import trio
 from hypercorn.config import Config as HyperConfig
 
 from protocol import HLC, Catalog, GossipNode
-from protocol.keys import NODE_KEY, XFER_PREFIX, NodeInfo, RecordError, XferRecord
+from protocol.keys import NODE_KEY, NodeInfo
 from protocol.serving import LifePolicy
 from protocol.view import ModelIndex
 
@@ -305,7 +305,7 @@ class MeshNode:
         self.keeper = Keeper(mesh, registry, transfers, copies, grace_s=cfg.replica_grace_s,
                              interval_s=cfg.replica_interval_s)
         copies.watermarks = dict(cfg.watermarks)
-        self.evictor = Evictor(self.store, copies, dict(cfg.watermarks), keep_reason=self._keep_reason,
+        self.evictor = Evictor(self.store, copies, dict(cfg.watermarks), keep_reason=self.keeper.keep_reason,
                                active_partials=self._active_partials, interval_s=cfg.scrub_interval_s,
                                partial_keep_s=cfg.partial_keep_s)
         transfers.make_room = transfers.web.make_room = puller.make_room = self.evictor.make_room
@@ -314,30 +314,6 @@ class MeshNode:
         copies.sample_storage()
         await copies.load()
         await saver.save_snapshot()  # the new generation is on disk before anyone hears of it
-
-    def _keep_reason(self, model: str, kind: str) -> str | None:
-        """Why this node's copy of ``model`` on ``kind`` may not be evicted, or None."""
-        assert self.transfers and self.services and self.registry and self.keeper and self.mesh
-        for t in self.transfers.by_id.values():
-            if t.model == model and t.status.active:
-                return f"transfer {t.id} here reads or writes it"
-        me = self.mesh.id
-        for _nid, _key, value in self.mesh.items(XFER_PREFIX):
-            try:
-                x = XferRecord.from_value(value)
-            except RecordError:
-                continue
-            if x.model == model and x.status.active and me in x.sources:
-                return f"a transfer to {_nid} reads it"
-        for rec in self.services.records():
-            if rec.model == model and rec.state.up:
-                return f"an engine serves from it (port {rec.port})"
-        mv = self.registry.find(model)
-        if mv is not None and mv.policy is not None and mv.policy.tier == kind:
-            p = self.keeper.plan_for(mv)
-            if p is not None and p.counted <= p.wanted_min:
-                return f"pinned: the replica policy keeps at least {p.wanted_min} copies ({p.counted} now)"
-        return None
 
     def _active_partials(self) -> set[str]:
         """The ``.partial`` entries of transfers that are queued or running here."""

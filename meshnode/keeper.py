@@ -41,7 +41,7 @@ from protocol.keys import (
     XferRecord,
 )
 from protocol.replicas import Holder, NodeFacts, Plan, plan
-from protocol.serving import ServiceRecord
+from protocol.serving import ServiceRecord, ServiceState
 from protocol.view import ModelView
 
 from .copies.catalog import CopyCatalog
@@ -63,7 +63,11 @@ class _Snapshot:
     now: float
     nodes: list[tuple[NodeFacts, Mapping[str, TierUsage]]] = field(default_factory=list)
     making: dict[tuple[str, str], set[str]] = field(default_factory=dict)  # (model, tier) -> nodes making it
-    reading: dict[str, set[str]] = field(default_factory=dict)  # model -> nodes a transfer or an engine reads
+    reading: dict[str, set[str]] = field(default_factory=dict)  # model -> nodes a transfer reads it from
+    serving: dict[str, set[str]] = field(default_factory=dict)  # model -> nodes an engine (not ended) serves it on
+
+    def in_use(self, model: str) -> set[str]:
+        return self.reading.get(model, set()) | self.serving.get(model, set())
 
 
 class Keeper:
@@ -77,6 +81,7 @@ class Keeper:
         self.interval_s = interval_s
         self._backoff: dict[str, tuple[float, float]] = {}  # model -> (retry at, last wait)
         self._started: dict[str, Transfer] = {}  # model -> the copy this keeper started here last
+        self._snap: tuple[tuple[int, int], _Snapshot] | None = None  # keep_reason's, see _recent_snapshot
         self.counts = {"replica_rounds": 0, "replica_copies_added": 0, "replica_copies_dropped": 0}
 
     # -- the rule's inputs, from the catalog ----------------------------------------------
@@ -113,15 +118,15 @@ class Keeper:
                 s = ServiceRecord.from_value(value)
             except RecordError:
                 continue
-            if s.state.up:
-                snap.reading.setdefault(s.model, set()).add(nid)
+            if s.state not in (ServiceState.ERROR, ServiceState.STOPPED):  # restarting counts: it reads again
+                snap.serving.setdefault(s.model, set()).add(nid)
         return snap
 
     def _holders(self, mv: ModelView, tier: str, snap: _Snapshot) -> list[Holder]:
         complete = {c.device.split(":", 1)[0] for c in mv.copies if c.device.endswith(f":{tier}")}
         making = snap.making.get((mv.name, tier), set())
-        reading = snap.reading.get(mv.name, set())
-        return [Holder(nid, nid in complete, nid in reading) for nid in sorted(complete | making)]
+        in_use = snap.in_use(mv.name)
+        return [Holder(nid, nid in complete, nid in in_use) for nid in sorted(complete | making)]
 
     def plan_for(self, mv: ModelView, snap: _Snapshot | None = None) -> Plan | None:
         """The rule's steps for ``mv`` as this node sees the mesh now; None if it is not pinned."""
@@ -137,6 +142,38 @@ class Keeper:
         fetchable = self._mesh_copy(mv) or (mv.source_url or "").startswith(WEB_SCHEMES)
         return plan(mv.name, policy, nodes, self._holders(mv, policy.tier, snap), snap.now, self.grace_s,
                     fetchable=fetchable)
+
+    def keep_reason(self, model: str, kind: str) -> str | None:
+        """Why this node's copy of ``model`` on ``kind`` may not be evicted, or None
+        (the evictor asks, copy by copy)."""
+        for t in self.transfers.by_id.values():
+            if t.model == model and t.status.active:
+                return f"transfer {t.id} here reads or writes it"
+        snap = self._recent_snapshot()
+        me = self.mesh.id
+        if me in snap.serving.get(model, set()):
+            return "an engine serves from it"
+        if me in snap.reading.get(model, set()):
+            return "a peer's transfer reads it"
+        mv = self.registry.find(model)
+        if mv is None or mv.policy is None or mv.policy.tier != kind:
+            return None
+        p = self.plan_for(mv, snap)
+        assert p is not None
+        # Only complete copies on nodes that are up: a copy being made, or one on a node
+        # within its grace, may never come; evicting this one could leave none.
+        live = sum(1 for h in self._holders(mv, kind, snap) if h.complete and self.mesh.online(h.node_id))
+        if live <= p.wanted_min:
+            return f"pinned: the replica policy keeps at least {p.wanted_min} copies ({live} complete and up now)"
+        return None
+
+    def _recent_snapshot(self) -> _Snapshot:
+        """The snapshot of this moment, shared by the questions asked in one sweep
+        (taken again once the catalog moved or a second passed)."""
+        key = (self.mesh.version, int(trio.current_time()))
+        if self._snap is None or self._snap[0] != key:
+            self._snap = (key, self.snapshot())
+        return self._snap[1]
 
     # -- acting on the steps that name this node ------------------------------------------
 

@@ -16,13 +16,13 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-__all__ = ["DIGEST_RE", "DigestView", "is_digest", "model_digest", "tree_digest"]
+__all__ = ["DigestView", "is_digest", "model_digest", "tree_digest"]
 
-DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}\Z")
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}\Z")
 
 
 def is_digest(text: str) -> bool:
-    return bool(DIGEST_RE.match(text))
+    return bool(_DIGEST.match(text))
 
 
 def tree_digest(files: Mapping[str, str]) -> str:

@@ -38,10 +38,6 @@ class EvictionSimResult:
     no_space: int = 0
     violations: list[str] = field(default_factory=list)
 
-    @property
-    def hit_ratio(self) -> float:
-        return self.hits / max(self.reads, 1)
-
 
 def _lru(res: list[Resident], rng: random.Random) -> list[Resident]:
     return res  # plan_eviction orders by last use itself

@@ -107,6 +107,11 @@ class CopyCatalog:
         await self.saver.persist_now()
         return c is not None
 
+    def withdraw(self, model: str, kind: str) -> None:
+        """Drop the record of a copy the store no longer holds (a newer copy there keeps its record)."""
+        if self.store.get(model, kind) is None:
+            self.mesh.delete(copy_key(model, kind))
+
     def storage(self) -> dict[str, dict[str, int]]:
         out = {}
         for kind in TIERS:

@@ -39,6 +39,9 @@ __all__ = ["Evictor"]
 
 log = logging.getLogger("meshnode.evictor")
 
+DIGEST_RETRY_S = 600.0
+DIGEST_RETRIES_KEPT = 1000
+
 KeepReason = Callable[[str, str], "str | None"]  # (model, tier) -> why it must stay, or None
 
 
@@ -55,6 +58,7 @@ class Evictor:
         self.partial_keep_s = partial_keep_s
         self._lock = trio.Lock()  # one eviction at a time: a sweep and a transfer's make_room
         self.counts = {"evicted_copies": 0, "scrubbed_copies": 0}
+        self._digest_after: dict[str, float] = {}  # manifest hash -> when its failed digest is tried again
         self._warned: dict[str, float] = {}  # tier -> when "over, nothing to evict" was last logged
 
     def residents(self, kind: str, writing: str | None = None) -> list[Resident]:
@@ -69,7 +73,8 @@ class Evictor:
     async def _evict(self, kind: str, models: tuple[str, ...], why: str) -> None:
         for model in models:
             c = self.store.get(model, kind)
-            if c is None:
+            # Asked again: while the earlier deletes ran, an engine may have started on it.
+            if c is None or self.keep_reason(model, kind) is not None:
                 continue
             try:
                 await self.copies.delete_local(model, kind)
@@ -100,7 +105,7 @@ class Evictor:
         for c in broken:
             log.warning("the copy of %s on %s is no longer whole on disk (removed or changed by hand): "
                         "withdrawn from the catalog", c.model, c.kind)
-            await self.copies.delete_local(c.model, c.kind)  # its record; the store forgot it already
+            self.copies.withdraw(c.model, c.kind)  # the store deleted it already
             self.counts["scrubbed_copies"] += 1
         active = self.active_partials()
         removed = await trio.to_thread.run_sync(self.store.sweep_partials, active, self.partial_keep_s)
@@ -130,14 +135,18 @@ class Evictor:
 
     async def digest_one(self) -> bool:
         """Compute the digest of one copy that has none; False when every copy has one."""
+        now = trio.current_time()
         for c in self.store.copies():
-            if self.store.digest(c.model, c.kind) is not None:
+            if self.store.digest(c.model, c.kind) is not None or self._digest_after.get(c.manifest_hash, 0) > now:
                 continue
             try:
                 digest = await trio.to_thread.run_sync(self.store.compute_digest, c)
-            except OSError as e:  # a copy going away under us: the scrub deals with it
+            except OSError as e:  # unreadable now: the others go first, this one again later
                 log.warning("could not digest the copy of %s on %s: %s", c.model, c.kind, e)
-                return False
+                if len(self._digest_after) >= DIGEST_RETRIES_KEPT:
+                    self._digest_after.clear()
+                self._digest_after[c.manifest_hash] = now + DIGEST_RETRY_S
+                return True
             if self.store.get(c.model, c.kind) is c:
                 self.copies.publish(c)
                 log.info("the copy of %s on %s has digest %s", c.model, c.kind, digest)

@@ -234,7 +234,9 @@ class Store:
         self._used: dict[tuple[str, str], float] = {}  # (model, kind) -> wall time of its last use
         self._used_saved: dict[tuple[str, str], float] = {}  # ... as its manifest's mtime says
         self._scrub_from = 0  # where the next scrub starts, over every copy's files
-        self._digests: dict[tuple[str, str], str] = {}  # (model, kind) -> its sha256 digest, once computed
+        # (model, kind) -> (manifest hash, its sha256 digest): a digest counts only for the copy it was
+        # computed from, so that a copy replaced while it was read never shows the old one's
+        self._digests: dict[tuple[str, str], tuple[str, str]] = {}
 
     def tier_root(self, kind: str) -> Path:
         try:
@@ -287,14 +289,16 @@ class Store:
                     self._used[(model, kind)] = self._used_saved[(model, kind)] = mfile.stat().st_mtime
                 digest = _read_digest(copy_dir.with_name(copy_dir.name + _DIGEST_SUFFIX))
                 if digest is not None:
-                    self._digests[(model, kind)] = digest
+                    self._digests[(model, kind)] = (manifest.hash, digest)
         return list(self._copies.values())
 
     # -- digests -----------------------------------------------------------------------------
 
     def digest(self, model: str, kind: str) -> str | None:
         """The copy's sha256 digest (``protocol.digest``), or None until it is computed."""
-        return self._digests.get((model, kind))
+        c = self._copies.get((model, kind))
+        got = self._digests.get((model, kind))
+        return got[1] if c is not None and got is not None and got[0] == c.manifest_hash else None
 
     def compute_digest(self, c: Copy) -> str:
         """Read ``c`` once, keep its digest beside its manifest, and return it."""
@@ -309,7 +313,7 @@ class Store:
         if self._copies.get((c.model, c.kind)) is c:  # still the copy (not deleted or replaced meanwhile)
             atomic_write(c.path.with_name(c.path.name + _DIGEST_SUFFIX),
                          json.dumps({"digest": digest, "files": files}).encode())
-            self._digests[(c.model, c.kind)] = digest
+            self._digests[(c.model, c.kind)] = (c.manifest_hash, digest)
         return digest
 
     # -- use, and what went missing -------------------------------------------------------
@@ -335,39 +339,28 @@ class Store:
         """The copies that are no longer whole on disk (removed or changed by
         hand): forgotten, and what is left of them removed.  Looks at every
         copy's directory and manifest, and at up to ``SCRUB_FILES_MAX`` of
-        their files (the next ones at the next scrub)."""
-        broken: list[Copy] = []
-        checks: list[tuple[Copy, Path, int]] = []
+        their files (the next ones at the next scrub).  Only a missing path
+        or a wrong type or size breaks a copy: another I/O error (EIO, a
+        stale NFS handle) skips it until the next scrub."""
+        broken: dict[int, Copy] = {}
+        checks: list[tuple[Copy, Path, int | None]] = []
         for c in list(self._copies.values()):
-            mfile = c.path.with_name(c.path.name + _MANIFEST_SUFFIX)
-            try:
-                whole = stat.S_ISDIR(os.lstat(c.path).st_mode) and stat.S_ISREG(os.lstat(mfile).st_mode)
-            except OSError:
-                whole = False
-            if not whole:
-                broken.append(c)
-                continue
-            checks += [(c, c.path / f.path, f.size) for f in c.manifest.files]
-        if checks:
-            start = self._scrub_from % len(checks)
-            window = (checks[start:] + checks[:start])[:SCRUB_FILES_MAX]
+            checks += [(c, c.path, None), (c, c.path.with_name(c.path.name + _MANIFEST_SUFFIX), -1)]
+        files = [(c, c.path / f.path, f.size) for c in list(self._copies.values()) for f in c.manifest.files]
+        if files:
+            start = self._scrub_from % len(files)
+            window = (files[start:] + files[:start])[:SCRUB_FILES_MAX]
             self._scrub_from = start + len(window)
-            gone = {id(c) for c in broken}
-            for c, path, size in window:
-                if id(c) in gone:
-                    continue
-                try:
-                    st = os.lstat(path)
-                    ok = stat.S_ISREG(st.st_mode) and st.st_size == size
-                except OSError:
-                    ok = False
-                if not ok:
-                    broken.append(c)
-                    gone.add(id(c))
-        for c in broken:
-            if self._copies.get((c.model, c.kind)) is c:
+            checks += window
+        for c, path, size in checks:
+            if id(c) not in broken and _whole(path, size) is False:
+                broken[id(c)] = c
+        deleted = []
+        for c in broken.values():
+            if self._copies.get((c.model, c.kind)) is c:  # not replaced meanwhile
                 self.delete(c.model, c.kind)
-        return broken
+                deleted.append(c)
+        return deleted
 
     def sweep_partials(self, active: Container[str], older_than_s: float) -> list[Path]:
         """Remove ``.partial`` entries (a copy being built, a fetch's staging
@@ -391,12 +384,7 @@ class Store:
                     continue
                 _remove_tree(p, root)
                 removed.append(p)
-            try:  # beside a copy: <root>/name/ or <root>/owner/name/ (no walk into the copies)
-                leftovers = [d for pattern in ("*/.deleting-@*", "*/*/.deleting-@*") for d in root.glob(pattern)
-                             if d.relative_to(root).parts[0] != _PARTIAL]
-            except OSError:
-                leftovers = []
-            for d in leftovers[:1000]:
+            for d in _deleting_leftovers(root):
                 _remove_tree(d, root)
                 removed.append(d)
         return removed
@@ -459,9 +447,8 @@ class Store:
             os.rename(built, final)
             fsync_dir(parent)
         copy = Copy(model, kind, manifest, final)
-        if old is None or old.manifest_hash != manifest.hash:
-            self._digests.pop((model, kind), None)  # another copy: its digest is computed again
         self._copies[(model, kind)] = copy
+        self._used[(model, kind)] = time.time()  # written now: not the least recently used copy
         if old is not None and old.manifest_hash != manifest.hash:
             self._remove_dir(old)
         return copy
@@ -564,8 +551,9 @@ class Store:
     def _remove_dir(self, c: Copy) -> None:
         mfile = c.path.with_name(c.path.name + _MANIFEST_SUFFIX)
         mfile.unlink(missing_ok=True)  # first: without a manifest, it is no copy
-        self._used.pop((c.model, c.kind), None)
-        self._used_saved.pop((c.model, c.kind), None)
+        if (c.model, c.kind) not in self._copies:  # gone, not replaced by a newer copy
+            self._used.pop((c.model, c.kind), None)
+            self._used_saved.pop((c.model, c.kind), None)
         c.path.with_name(c.path.name + _DIGEST_SUFFIX).unlink(missing_ok=True)
         aside = c.path.with_name(f".deleting-{c.path.name}")
         try:
@@ -581,6 +569,44 @@ class Store:
         self.touch(c.model, c.kind)  # a peer reads it: used
         ref = c.manifest.chunk(index)
         return str(c.path / ref.path), ref.offset, ref.length
+
+
+def _deleting_leftovers(root: Path) -> list[Path]:
+    """What interrupted deletes left beside copies (``<root>/name/.deleting-@*``,
+    ``<root>/owner/name/.deleting-@*``), never looking through a symlink."""
+    out: list[Path] = []
+
+    def dirs(d: Path) -> list[os.DirEntry[str]]:
+        try:
+            with os.scandir(d) as it:
+                return [e for e in it if e.is_dir(follow_symlinks=False)]
+        except OSError:
+            return []
+
+    for first in dirs(root):
+        if first.name == _PARTIAL:
+            continue
+        for second in dirs(Path(first.path)):
+            if second.name.startswith(".deleting-@"):
+                out.append(Path(second.path))
+                continue
+            out += [Path(e.path) for e in dirs(Path(second.path)) if e.name.startswith(".deleting-@")]
+    return out[:1000]
+
+
+def _whole(path: Path, size: int | None) -> bool | None:
+    """``path`` is a directory (``size`` None), a regular file (``size`` -1) or
+    a regular file of ``size`` bytes: True; it is not: False; unknown (an I/O
+    error other than a missing path): None."""
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        return None
+    if size is None:
+        return stat.S_ISDIR(st.st_mode)
+    return stat.S_ISREG(st.st_mode) and (size < 0 or st.st_size == size)
 
 
 def _read_digest(path: Path) -> str | None:

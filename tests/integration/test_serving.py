@@ -332,7 +332,8 @@ async def test_the_cli_serves_lists_and_stops(mesh: Mesh, tmp_path: Path) -> Non
     assert "org/e on node1:gpu1" in r.stdout.decode() and "healthy" in r.stdout.decode()
     r = await cli("ps")
     assert r.returncode == 0 and "healthy" in r.stdout.decode() and "node1:gpu1" in r.stdout.decode()
-    why = a.node._keep_reason("org/e", "disk")  # what the evictor asks before it takes a copy
+    assert a.node.keeper is not None
+    why = a.node.keeper.keep_reason("org/e", "disk")  # what the evictor asks before it takes a copy
     assert why is not None and "an engine serves from it" in why, why
     r = await cli("stop-serve", "org/e", "--on", "node1")
     assert r.returncode == 0 and "stopped org/e on node1:gpu1" in r.stdout.decode(), r.stderr.decode()

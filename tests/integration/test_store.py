@@ -64,6 +64,16 @@ def test_deleting_a_copy_leaves_no_empty_model_directories(tmp_path: Path) -> No
     assert not (root / "org").exists() and root.is_dir()
 
 
+def _source_and_store(tmp_path: Path, name: str, size: int) -> tuple[Path, Store]:
+    """A source directory of one random file, and a scanned store."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / name).write_bytes(os.urandom(size))
+    s = Store("n", tmp_path / "data", tmp_path / "shm")
+    s.scan()
+    return src, s
+
+
 def test_deletes_never_follow_a_symlink_out_of_the_store(tmp_path: Path) -> None:
     """A copy whose files (or whose directory) were swapped for symlinks out
     of the store: deleting it, scrubbing it and sweeping partials remove the
@@ -71,11 +81,7 @@ def test_deletes_never_follow_a_symlink_out_of_the_store(tmp_path: Path) -> None
     outside = tmp_path / "precious"
     outside.mkdir()
     (outside / "weights.bin").write_bytes(b"keep me")
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "weights.bin").write_bytes(os.urandom(3000))
-    s = Store("n", tmp_path / "data", tmp_path / "shm")
-    s.scan()
+    src, s = _source_and_store(tmp_path, "weights.bin", 3000)
 
     c = s.ingest_path("disk", "m", src)
     (c.path / "weights.bin").unlink()
@@ -106,11 +112,7 @@ def test_deletes_never_follow_a_symlink_out_of_the_store(tmp_path: Path) -> None
 
 
 def test_last_use_survives_a_restart(tmp_path: Path) -> None:
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "w.bin").write_bytes(os.urandom(100))
-    s = Store("n", tmp_path / "data", tmp_path / "shm")
-    s.scan()
+    src, s = _source_and_store(tmp_path, "w.bin", 100)
     c = s.ingest_path("disk", "m", src)
     s.touch("m", "disk")
     used = s.last_used("m", "disk")
@@ -119,3 +121,24 @@ def test_last_use_survives_a_restart(tmp_path: Path) -> None:
     again = Store("n", tmp_path / "data", tmp_path / "shm")
     again.scan()
     assert abs(again.last_used("m", "disk") - used) < 2  # from the manifest's mtime
+
+
+def test_a_new_copy_is_not_the_least_recently_used_and_leftovers_never_lead_out(tmp_path: Path) -> None:
+    """A copy just written (or just replaced) once had no last use at all, so it
+    was the first to be evicted; the sweep of interrupted deletes looked
+    through a symlinked model directory."""
+    src, s = _source_and_store(tmp_path, "w.bin", 100)
+    s.ingest_path("disk", "m", src)
+    assert s.last_used("m", "disk") > 0
+    (src / "w.bin").write_bytes(os.urandom(100))
+    s.ingest_path("disk", "m", src)  # another content replaces it
+    assert s.last_used("m", "disk") > 0
+
+    outside = tmp_path / "elsewhere"
+    (outside / ".deleting-@abc").mkdir(parents=True)
+    (outside / ".deleting-@abc" / "keep.bin").write_bytes(b"keep me")
+    (s.tier_root("disk") / "org").symlink_to(outside, target_is_directory=True)
+    (s.tier_root("disk") / "m" / ".deleting-@def").mkdir()  # a real leftover, inside the store
+    removed = s.sweep_partials(active=(), older_than_s=60)
+    assert [p.name for p in removed] == [".deleting-@def"]
+    assert (outside / ".deleting-@abc" / "keep.bin").read_bytes() == b"keep me"

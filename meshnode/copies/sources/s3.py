@@ -292,73 +292,78 @@ async def fetch_s3(url: str, dest_dir: Path, *, progress: Progress | None = None
     rels = [o.rel for o in objects]
     if len(set(rels)) != len(rels):
         raise SourceError("INVALID_REQUEST", f"two objects under {loc.show()} map to one file name")
+    dirs = {rel.rsplit("/", i)[0] for rel in rels for i in range(1, rel.count("/") + 1)}
+    both = sorted(dirs & set(rels))
+    if both:
+        raise SourceError("INVALID_REQUEST", f"{loc.show()}: {both[0][:200]!r} is both an object and a "
+                                             "directory of others: it cannot be a file too")
     total = sum(o.size for o in objects)
     if reserve is not None:
         await reserve(total)
     tracker = ProgressTracker(progress, total, len(objects))
     tracker.start()
     make_dirs(dest_dir)
-    limiter = trio.CapacityLimiter(concurrency)
 
-    async def part_size(o: _Object) -> None:
-        async with limiter:
-            h = await _call(functools.partial(client.head_object, Bucket=loc.bucket, Key=o.key, PartNumber=1),
-                            f"{loc.show(o.key)} (part 1)", policy)
-        o.part_size = int(h["ContentLength"])
+    async def part_size(o: _Object, number: int = 1) -> int | None:
+        """The size of part ``number`` of a multipart object; None where the store does not say."""
+        try:
+            h = await _call(functools.partial(client.head_object, Bucket=loc.bucket, Key=o.key, PartNumber=number),
+                            f"{loc.show(o.key)} (part {number})", policy)
+        except SourceError as e:
+            if e.code not in ("INVALID_REQUEST", "UNAVAILABLE"):
+                raise
+            log.info("S3: %s: no part sizes (%s); its ETag is not checked", loc.show(o.key), e.message)
+            return None
+        return int(h["ContentLength"])
 
-    async with trio.open_nursery() as n:
-        for o in objects:
-            if _MULTIPART.match(o.etag):
-                n.start_soon(part_size, o)
-    fds: dict[str, int] = {}
+    async def learn_part_size(o: _Object) -> None:
+        o.part_size = await part_size(o)
+
+    await _in_pool([o for o in objects if _MULTIPART.match(o.etag)], learn_part_size, concurrency)
+    for o in objects:
+        _plan_ranges(o, range_bytes)
+    files = {o.rel: _PartFile(dest_dir / (o.rel + PART_SUFFIX), o.size, len(o.ranges)) for o in objects}
     try:
-        for o in objects:
-            _plan_ranges(o, range_bytes)
-            p = dest_dir / (o.rel + PART_SUFFIX)
-            make_dirs(p.parent)
-            fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
-            fds[o.rel] = fd
-            os.ftruncate(fd, o.size)
-
-        async def fetch_range(o: _Object, index: int) -> None:
+        async def fetch_range(job: tuple[_Object, int]) -> None:
+            o, index = job
             off, length = o.ranges[index]
             h = hashlib.md5(usedforsecurity=False)
             done = failures = 0
             what = f"{loc.show(o.key)} bytes {off}-{off + length - 1}"
-            async with limiter:
-                while done < length:
-                    start = off + done
+            fd = files[o.rel].open()  # here, not in a thread: two ranges of one file must not both open it
+            while done < length:
+                start = off + done
+                try:
+                    resp = await trio.to_thread.run_sync(functools.partial(
+                        client.get_object, Bucket=loc.bucket, Key=o.key,
+                        Range=f"bytes={start}-{off + length - 1}", IfMatch=f'"{o.etag}"'))
+                    body = resp["Body"]
                     try:
-                        resp = await trio.to_thread.run_sync(functools.partial(
-                            client.get_object, Bucket=loc.bucket, Key=o.key,
-                            Range=f"bytes={start}-{off + length - 1}", IfMatch=f'"{o.etag}"'))
-                        body = resp["Body"]
-                        try:
-                            while done < length:
-                                n_read = await trio.to_thread.run_sync(
-                                    _read_into, body, fds[o.rel], off + done, min(PIECE_BYTES, length - done), h)
-                                done += n_read
-                                tracker.add_bytes(n_read)
-                                failures = 0
-                        finally:
-                            body.close()
-                    except Exception as e:  # classified: final errors raise, a drop resumes from `done`
-                        failures = await _after_failure(e, f"{what} (resuming at byte {off + done})", failures,
-                                                        policy)
+                        while done < length:
+                            n_read = await trio.to_thread.run_sync(
+                                _read_into, body, fd, off + done, min(PIECE_BYTES, length - done), h)
+                            done += n_read
+                            tracker.add_bytes(n_read)
+                            failures = 0
+                    finally:
+                        body.close()
+                except Exception as e:  # classified: final errors raise, a drop resumes from `done`
+                    failures = await _after_failure(e, f"{what} (resuming at byte {off + done})", failures, policy)
             o.parts[index] = h.digest()
+            files[o.rel].range_done()
 
-        async with trio.open_nursery() as n:
-            for o in objects:
-                for i in range(len(o.ranges)):
-                    n.start_soon(fetch_range, o, i)
+        await _in_pool([(o, i) for o in objects for i in range(len(o.ranges))], fetch_range, concurrency)
         verified: dict[str, bool] = {}
         for o in objects:
-            fd = fds.pop(o.rel)
-            os.close(fd)
-            part = dest_dir / (o.rel + PART_SUFFIX)
+            part = files[o.rel].path
             if part.stat().st_size != o.size:
                 raise SourceError("BAD_CONTENT", f"{loc.show(o.key)}: {part.stat().st_size} bytes, expected {o.size}")
             ok = await trio.to_thread.run_sync(_etag_ok, o, part)
+            if ok is False and _MULTIPART.match(o.etag) and o.part_size is not None:
+                # Ranges follow parts of part 1's size; parts of other sizes make another MD5.
+                last = await part_size(o, len(o.ranges))
+                if last != o.size - (len(o.ranges) - 1) * o.part_size:
+                    ok = None  # uneven parts: the ETag cannot be checked from these ranges
             if ok is False:
                 encrypted = await _call(functools.partial(client.head_object, Bucket=loc.bucket, Key=o.key),
                                         loc.show(o.key), policy)
@@ -372,8 +377,8 @@ async def fetch_s3(url: str, dest_dir: Path, *, progress: Progress | None = None
     except OSError as e:
         raise os_error(e, f"{loc.show()} into {dest_dir}") from None
     finally:
-        for fd in fds.values():
-            os.close(fd)
+        for f in files.values():
+            f.close()
     model_type = None
     cfg = dest_dir / "config.json"
     if "config.json" in rels:
@@ -381,6 +386,45 @@ async def fetch_s3(url: str, dest_dir: Path, *, progress: Progress | None = None
 
         model_type = await trio.to_thread.run_sync(_read_model_type, cfg)
     return SourceResult(sorted(rels), total, None, model_type, verified=verified)
+
+
+class _PartFile:
+    """An object's ``.part`` file: opened by its first range, closed after its last,
+    so that open files follow the ranges in flight, not the objects listed."""
+
+    def __init__(self, path: Path, size: int, ranges: int) -> None:
+        self.path, self.size, self.left = path, size, ranges
+        self.fd: int | None = None
+
+    def open(self) -> int:
+        if self.fd is None:
+            make_dirs(self.path.parent)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+            os.ftruncate(self.fd, self.size)
+        return self.fd
+
+    def range_done(self) -> None:
+        self.left -= 1
+        if self.left == 0:
+            self.close()
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+async def _in_pool(jobs: list[Any], work: Callable[[Any], Awaitable[None]], workers: int) -> None:
+    """``work(job)`` for every job, ``workers`` at a time (tasks that pull from one list)."""
+    it = iter(jobs)
+
+    async def worker() -> None:
+        for job in it:
+            await work(job)
+
+    async with trio.open_nursery() as n:
+        for _ in range(min(workers, len(jobs))):
+            n.start_soon(worker)
 
 
 def _read_into(body: Any, fd: int, offset: int, n: int, h: Any) -> int:
