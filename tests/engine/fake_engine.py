@@ -14,8 +14,12 @@ Run it as a subprocess::
 DIR must hold ``engine.json`` = ``{"weights": {"<relative file>": "<sha256 hex>", ...}}``;
 :func:`write_model` writes such a directory and returns the digest the engine will report.
 
+``--cuda-mib N`` holds N MiB of real GPU memory (the CUDA driver API through ctypes, on
+the first GPU ``CUDA_VISIBLE_DEVICES`` leaves it) from before it listens until it exits, as
+an engine's weights would: it proves VRAM accounting on a machine with an NVIDIA GPU.
+
 Exit codes: 0 after SIGTERM, 1 when told to crash, 2 bad arguments (argparse), 3 weights
-check failed, 4 ``--fail-start``, 5 cannot listen on the address.
+check failed, 4 ``--fail-start``, 5 cannot listen on the address, 6 no GPU memory to hold.
 
 Only the standard library, so it starts in well under 0.3 s.
 """
@@ -45,6 +49,9 @@ EXIT_CRASH = 1
 EXIT_WEIGHTS = 3
 EXIT_FAIL_START = 4
 EXIT_LISTEN = 5
+EXIT_CUDA = 6
+
+_HELD: list[object] = []  # GPU memory held for the process's life (--cuda-mib); the driver frees it at exit
 
 
 # ---------------------------------------------------------------------------- weights
@@ -517,6 +524,41 @@ class Server(ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
 
+# ---------------------------------------------------------------------------- GPU memory
+
+
+class CudaError(Exception):
+    """The driver refused: no libcuda, no device, or not that much free memory."""
+
+
+def hold_vram(nbytes: int) -> object:
+    """``nbytes`` of device memory on the first visible GPU, through the CUDA
+    driver API (libcuda, as every engine's framework does: a plain cuMemAlloc,
+    not managed memory).  Held until the process exits; returns the context."""
+    import ctypes
+
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError as e:
+        raise CudaError(f"no CUDA driver: {e}") from None
+
+    def check(rc: int, what: str) -> None:
+        if rc != 0:
+            name = ctypes.c_char_p()
+            cuda.cuGetErrorName(rc, ctypes.byref(name))
+            raise CudaError(f"{what}: {(name.value or b'error').decode()} ({rc})")
+
+    check(cuda.cuInit(0), "cuInit")
+    dev, ctx, ptr = ctypes.c_int(), ctypes.c_void_p(), ctypes.c_uint64()
+    check(cuda.cuDeviceGet(ctypes.byref(dev), 0), "cuDeviceGet")
+    check(cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
+    check(cuda.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+    check(cuda.cuMemAlloc_v2(ctypes.byref(ptr), ctypes.c_size_t(nbytes)), f"cuMemAlloc of {nbytes} bytes")
+    check(cuda.cuMemsetD8_v2(ptr, 0, ctypes.c_size_t(nbytes)), "cuMemsetD8")  # touched, as weights are
+    check(cuda.cuCtxSynchronize(), "cuCtxSynchronize")
+    return (cuda, ctx, ptr)
+
+
 # ---------------------------------------------------------------------------- main
 
 
@@ -550,6 +592,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--ignore-sigterm", action="store_true")
     p.add_argument("--max-tokens-default", type=int, default=8)
     p.add_argument("--stream-delay", type=float, default=0.01, help="seconds between streamed tokens")
+    p.add_argument("--cuda-mib", type=int, default=0, help="hold this much real GPU memory (CUDA driver API)")
     args, extra = p.parse_known_args(argv)
     if args.served_model_name is None:
         args.served_model_name = args.model_dir.name or args.model_dir.resolve().name
@@ -591,6 +634,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.fail_start:
         _say(f"{PREFIX} cannot start: told to fail", err=True)
         return EXIT_FAIL_START
+
+    if args.cuda_mib > 0:
+        try:
+            _HELD.append(hold_vram(args.cuda_mib << 20))
+        except CudaError as e:
+            _say(f"{PREFIX} cannot hold {args.cuda_mib} MiB of GPU memory: {e}", err=True)
+            return EXIT_CUDA
+        _say(f"{PREFIX} holding {args.cuda_mib} MiB of GPU memory "
+             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')})")
 
     try:
         server = Server((args.host, args.port), Handler)

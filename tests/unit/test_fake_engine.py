@@ -194,6 +194,21 @@ def test_fail_start_exit_4(tmp_path: pathlib.Path) -> None:
     assert "cannot start: told to fail" in e.stderr
 
 
+def test_cuda_mib_without_a_driver_exit_6(tmp_path: pathlib.Path) -> None:
+    """Where no CUDA driver is (CI), --cuda-mib is a clear refusal before listening, not a
+    pretend hold; where one is, bench/gpu_proof.py shows the memory in NVML."""
+    import ctypes.util
+
+    if ctypes.util.find_library("cuda"):
+        import pytest
+
+        pytest.skip("a CUDA driver is here: bench/gpu_proof.py covers the hold")
+    write_model(tmp_path / "m")
+    with engine(tmp_path / "m", "--cuda-mib", "64") as e:
+        assert e.finish() == 6
+    assert "cannot hold 64 MiB of GPU memory: no CUDA driver" in e.stderr
+
+
 def test_startup_delay(tmp_path: pathlib.Path) -> None:
     write_model(tmp_path / "m")
     with engine(tmp_path / "m", "--startup-delay", "1") as e, httpx.Client(timeout=5) as c:
