@@ -306,7 +306,8 @@ class MeshNode:
                              interval_s=cfg.replica_interval_s)
         copies.watermarks = dict(cfg.watermarks)
         self.evictor = Evictor(self.store, copies, dict(cfg.watermarks), keep_reason=self.keeper.keep_reason,
-                               active_partials=self._active_partials, interval_s=cfg.scrub_interval_s,
+                               active_partials=self._active_partials, written=self._written,
+                               interval_s=cfg.scrub_interval_s,
                                partial_keep_s=cfg.partial_keep_s)
         transfers.make_room = transfers.web.make_room = puller.make_room = self.evictor.make_room
         self.api.running = Running(mesh, registry, Views(mesh, index), router, transfers, copies, jobs, gpus,
@@ -314,6 +315,14 @@ class MeshNode:
         copies.sample_storage()
         await copies.load()
         await saver.save_snapshot()  # the new generation is on disk before anyone hears of it
+
+    def _written(self, model: str, kind: str) -> int | None:
+        """Bytes the transfer of ``model`` to ``kind`` on this node wrote so far; None when none runs."""
+        assert self.transfers is not None
+        for t in self.transfers.by_id.values():
+            if t.model == model and t.kind == kind and t.status.active:
+                return t.bytes_done
+        return None
 
     def _active_partials(self) -> set[str]:
         """The ``.partial`` entries of transfers that are queued or running here."""

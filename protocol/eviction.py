@@ -18,18 +18,26 @@ fits under the high one); when even every copy it may evict is not enough,
 nothing is evicted and the transfer fails ``NO_SPACE``, naming the copies it
 could not evict and why (``Eviction.message``).
 
+Transfers write side by side, so each one's ``incoming`` is a reservation
+until it ends: the bytes it was promised and has not yet written
+(``in_flight``) count as ``reserved`` for every later decision on the tier.
+Two transfers that each fit alone therefore cannot together pass the high
+watermark: the second one evicts for both, or fails ``NO_SPACE``.  A
+transfer's written bytes are already in ``used``, so only what is left of
+its reservation counts, never a byte twice.
+
 Everything here is pure: the node (``meshnode/copies/evictor.py``) and the
 simulator give it what they read and act on what it returns.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from .errors import LocalProtocolError
 
-__all__ = ["Eviction", "InvalidWatermarks", "Resident", "Watermarks", "plan_eviction"]
+__all__ = ["Eviction", "InvalidWatermarks", "Resident", "Watermarks", "in_flight", "plan_eviction"]
 
 SHOWN_KEPT_MAX = 8  # copies a NO_SPACE message names (the biggest first)
 
@@ -76,11 +84,13 @@ class Eviction:
     over: bool = False  # the tier is (or would be) above its high watermark
     kept: tuple[tuple[str, str], ...] = ()  # (model, why) of the copies it could not evict
 
-    def message(self, tier: str, incoming: int, used: int, capacity: int, marks: Watermarks) -> str:
+    def message(self, tier: str, incoming: int, used: int, capacity: int, marks: Watermarks,
+                reserved: int = 0) -> str:
         """Why ``incoming`` bytes do not fit: for a ``NO_SPACE`` error."""
-        room = max(int(marks.high * capacity) - used, 0)
-        text = (f"{tier} is {100 * used / max(capacity, 1):.0f}% full; {incoming} bytes more would pass its high "
-                f"watermark of {marks.high:.0%} ({room} bytes left under it)")
+        room = max(int(marks.high * capacity) - used - reserved, 0)
+        promised = f", {reserved} more promised to transfers in flight" if reserved else ""
+        text = (f"{tier} is {100 * used / max(capacity, 1):.0f}% full{promised}; {incoming} bytes more would pass "
+                f"its high watermark of {marks.high:.0%} ({room} bytes left under it)")
         if self.kept:
             why = "; ".join(f"{m}: {reason}" for m, reason in self.kept[:SHOWN_KEPT_MAX])
             more = f" (and {len(self.kept) - SHOWN_KEPT_MAX} more)" if len(self.kept) > SHOWN_KEPT_MAX else ""
@@ -90,12 +100,29 @@ class Eviction:
         return text
 
 
+def in_flight(reserved: Mapping[str, int], written: Mapping[str, int | None]) -> tuple[int, tuple[str, ...]]:
+    """The bytes still promised to transfers in flight, and the reservations
+    that ended.  ``reserved``: what each transfer was promised (by any key);
+    ``written``: what it has written so far, or None once it ended (or a key
+    missing from it: a transfer nobody knows of holds nothing)."""
+    left, ended = 0, []
+    for key, size in reserved.items():
+        done = written.get(key)
+        if done is None:
+            ended.append(key)
+        else:
+            left += max(size - max(done, 0), 0)
+    return left, tuple(sorted(ended))
+
+
 def plan_eviction(used: int, free: int, residents: Iterable[Resident], marks: Watermarks,
-                  incoming: int = 0) -> Eviction:
+                  incoming: int = 0, reserved: int = 0) -> Eviction:
     """What to evict from a tier with ``used`` and ``free`` bytes holding
-    ``residents``, before writing ``incoming`` bytes into it (0: a sweep)."""
+    ``residents``, before writing ``incoming`` bytes into it (0: a sweep),
+    with ``reserved`` bytes still to come from transfers in flight."""
     capacity = used + free
     high, low = marks.high * capacity, marks.low * capacity
+    incoming += max(reserved, 0)  # the transfers in flight write theirs too
     after = used + incoming
     if after <= high and incoming <= free:
         return Eviction()

@@ -16,7 +16,9 @@ publishes it in the copy's record (llama-orch's catalog shows it).
 
 Before a transfer writes into a tier, ``make_room`` runs the same rule with
 the incoming bytes counted: it evicts first, or raises ``NO_SPACE`` saying
-which copies it could not evict and why.  Why a copy must stay is asked of
+which copies it could not evict and why.  The bytes it let in stay reserved
+while their transfer runs (``written`` says how far each has got, None once
+it ended), so transfers side by side cannot together pass the watermark.  Why a copy must stay is asked of
 ``keep_reason`` (the replica policy's ``min``, an engine serving from it, a
 transfer reading or writing it), which the daemon wires to the parts that
 know.
@@ -29,7 +31,7 @@ from collections.abc import Callable, Container
 
 import trio
 
-from protocol.eviction import Resident, Watermarks, plan_eviction
+from protocol.eviction import Resident, Watermarks, in_flight, plan_eviction
 
 from ..errors import MeshError
 from .catalog import CopyCatalog
@@ -43,17 +45,22 @@ DIGEST_RETRY_S = 600.0
 DIGEST_RETRIES_KEPT = 1000
 
 KeepReason = Callable[[str, str], "str | None"]  # (model, tier) -> why it must stay, or None
+Written = Callable[[str, str], "int | None"]  # (model, tier) -> bytes its transfer wrote so far; None: none runs
 
 
 class Evictor:
     def __init__(self, store: Store, copies: CopyCatalog, watermarks: dict[str, Watermarks], *,
                  keep_reason: KeepReason, active_partials: Callable[[], Container[str]],
-                 interval_s: float, partial_keep_s: float) -> None:
+                 written: Written, interval_s: float, partial_keep_s: float) -> None:
         self.store = store
         self.copies = copies
         self.watermarks = watermarks
         self.keep_reason = keep_reason
         self.active_partials = active_partials
+        self.written = written
+        # tier -> model -> bytes make_room let in for its transfer; at most one entry per
+        # transfer in flight (the ended ones go at the next look).
+        self._reserved: dict[str, dict[str, int]] = {}
         self.interval_s = interval_s
         self.partial_keep_s = partial_keep_s
         self._lock = trio.Lock()  # one eviction at a time: a sweep and a transfer's make_room
@@ -85,20 +92,35 @@ class Evictor:
             log.info("evicted %s from %s (%d bytes, least recently used): %s", model, kind,
                      c.manifest.total_bytes, why)
 
+    def reserved(self, kind: str, but: str | None = None) -> int:
+        """Bytes still to come on ``kind`` from the transfers in flight (but
+        ``but``'s); the reservations of transfers that ended are dropped."""
+        mine = self._reserved.get(kind, {})
+        left, ended = in_flight({m: b for m, b in mine.items() if m != but},
+                                {m: self.written(m, kind) for m in mine if m != but})
+        for m in ended:
+            del mine[m]
+        return left
+
     async def make_room(self, kind: str, model: str, incoming: int) -> None:
         """Room for ``incoming`` bytes of ``model`` on ``kind`` under its high
-        watermark: evicted first, or ``StoreError("NO_SPACE")``."""
+        watermark, beside what transfers in flight still write there: evicted
+        first, or ``StoreError("NO_SPACE")``.  The bytes stay reserved until
+        the transfer of ``model`` to ``kind`` ends."""
         marks = self.watermarks.get(kind)
         if marks is None or incoming <= 0:
             return
         async with self._lock:
             u = await trio.to_thread.run_sync(self.store.usage, kind)
-            e = plan_eviction(u["used"], u["free"], self.residents(kind, writing=model), marks, incoming)
+            others = self.reserved(kind, but=model)
+            e = plan_eviction(u["used"], u["free"], self.residents(kind, writing=model), marks, incoming, others)
             if not e.fits:
                 raise StoreError("NO_SPACE", f"{self.store.node_id}:" + e.message(
-                    kind, incoming, u["used"], u["used"] + u["free"], marks))
+                    kind, incoming, u["used"], u["used"] + u["free"], marks, others))
             if e.evict:
                 await self._evict(kind, e.evict, f"making room for {model} ({incoming} bytes)")
+            if self.written(model, kind) is not None:  # a transfer runs: its bytes are promised until it ends
+                self._reserved.setdefault(kind, {})[model] = incoming
 
     async def sweep(self) -> None:
         broken = await trio.to_thread.run_sync(self.store.scrub)
@@ -120,7 +142,7 @@ class Evictor:
                     u = await trio.to_thread.run_sync(self.store.usage, kind)
                 except (OSError, StoreError):
                     continue
-                e = plan_eviction(u["used"], u["free"], self.residents(kind), marks)
+                e = plan_eviction(u["used"], u["free"], self.residents(kind), marks, reserved=self.reserved(kind))
                 if e.evict:
                     pct = 100 * u["used"] / max(u["used"] + u["free"], 1)
                     await self._evict(kind, e.evict, f"{kind} was {pct:.0f}% full, above its high watermark "

@@ -454,11 +454,12 @@ class Store:
         return copy
 
     def ingest_path(self, kind: str, model: str, src: Path, chunk_bytes: int | None = None, *, adopt: bool = False,
-                    accept: Callable[[str], None] | None = None) -> Copy:
+                    accept: Callable[[str], None] | None = None, on_chunk: Callable[[int], None] | None = None) -> Copy:
         """Add a local file or directory as a copy: hash it once, copy it in, publish.
 
         ``accept(manifest_hash)``, once the content is hashed and before
         anything is copied or replaced, may refuse it (raise ``StoreError``).
+        ``on_chunk(length)`` after each chunk written into the tier.
 
         ``adopt``: ``src`` is a staging directory this node filled on the tier's
         own filesystem (a web ingest): its files are renamed into the copy
@@ -494,7 +495,7 @@ class Store:
         p = self.partial(kind, model, manifest)
         with p.discarded_on_error():
             try:  # each chunk checked as it is copied: a file that changed since it was hashed is caught
-                p.fill_from({rel: path for rel, path, _ in files})
+                p.fill_from({rel: path for rel, path, _ in files}, on_chunk=on_chunk)
             except StoreError as e:
                 if e.code != "SOURCE_CHANGED":
                     raise

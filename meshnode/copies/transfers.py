@@ -316,8 +316,12 @@ class Transfers:
         before = self.store.get(t.model, t.kind)
         if before is None:  # room under the tier's high watermark first (the same files again need none)
             await self.make_room(t.kind, t.model, await trio.to_thread.run_sync(tree_bytes, real))
+
+        def written(length: int) -> None:  # what is in the tier so far: the evictor's reservation shrinks by it
+            t.bytes_done += length
+
         copy = await trio.to_thread.run_sync(functools.partial(
-            self.store.ingest_path, t.kind, t.model, real, accept=one_content(self.mesh, t.model)))
+            self.store.ingest_path, t.kind, t.model, real, accept=one_content(self.mesh, t.model), on_chunk=written))
         t.manifest_hash = copy.manifest_hash
         t.bytes_total = t.bytes_done = copy.manifest.total_bytes
         t.chunks_total = t.chunks_fetched = copy.manifest.n_chunks

@@ -9,9 +9,15 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import pytest
 import trio
+
+from meshnode.copies.catalog import CopyCatalog
+from meshnode.copies.evictor import Evictor
+from meshnode.copies.store import Store, StoreError
+from protocol.eviction import Watermarks
 
 from .conftest import Handle, Mesh, wait_for, wait_transfer
 
@@ -96,3 +102,41 @@ async def test_a_copy_removed_by_hand_leaves_the_catalog_and_stale_partials_go(
     os.utime(stale / "half.bin", (1e9, 1e9))
     os.utime(stale, (1e9, 1e9))
     await wait_for(lambda: not stale.exists(), timeout_s=5, what="a stale partial removed")
+
+
+async def test_transfers_side_by_side_reserve_their_bytes_until_they_end(
+        tmp_path: Path, tmpfs: Callable[[int], Path]) -> None:
+    """Two transfers that each fit alone cannot together pass the high
+    watermark: what make_room let in stays promised while its transfer runs,
+    only the part not yet written counts (never a byte twice), and the
+    promise ends with the transfer."""
+    shm = tmpfs(20)
+    store = Store("a", tmp_path / "data", shm)
+    written: dict[str, int] = {}  # model -> bytes its transfer wrote; missing: no transfer runs
+    ev = Evictor(store, cast(CopyCatalog, None), {"dram": Watermarks(0.60, 0.55)},
+                 keep_reason=lambda m, k: None, active_partials=set, written=lambda m, k: written.get(m),
+                 interval_s=1.0, partial_keep_s=60.0)
+    written["x"] = 0
+    await ev.make_room("dram", "x", 8 * MiB)  # 8 of the 12 MiB under 60%
+    written["y"] = 0
+    with pytest.raises(StoreError) as err:
+        await ev.make_room("dram", "y", 8 * MiB)  # alone it fits; beside x it would not
+    assert err.value.code == "NO_SPACE"
+    assert f"{8 * MiB} more promised to transfers in flight" in err.value.message, err.value.message
+
+    # x has written 5 MiB: they are in the tier's used bytes, and only its 3 left are promised.
+    (shm / "x-part.bin").write_bytes(os.urandom(5 * MiB))
+    written["x"] = 5 * MiB
+    written["z"] = 0
+    await ev.make_room("dram", "z", 3 * MiB)  # 5 + 3 + 3 fit under 12 (counted twice: 5 + 8 + 3 would not)
+    assert ev.reserved("dram") == 3 * MiB + 3 * MiB
+    with pytest.raises(StoreError):
+        await ev.make_room("dram", "y", 8 * MiB)
+
+    # x ends (its bytes gone with a cancel) and z ends: their promises go with them.
+    del written["x"], written["z"]
+    (shm / "x-part.bin").unlink()
+    await ev.make_room("dram", "y", 8 * MiB)
+    assert ev.reserved("dram") == 8 * MiB and ev.reserved("dram", but="y") == 0  # y's own, while it runs
+    del written["y"]
+    assert ev.reserved("dram") == 0

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.eviction import InvalidWatermarks, Resident, Watermarks, plan_eviction
+from protocol.eviction import InvalidWatermarks, Resident, Watermarks, in_flight, plan_eviction
 
 SETTINGS = settings(max_examples=300, deadline=None, derandomize=True, database=None)
 
@@ -60,3 +60,44 @@ def test_watermarks_parse_and_refuse() -> None:
     for bad in ("60,90", "85", "x,y", "120,50", "50,0"):
         with pytest.raises(InvalidWatermarks):
             Watermarks.parse(bad)
+
+
+@SETTINGS
+@given(st.dictionaries(st.sampled_from([f"t{i}" for i in range(8)]), st.integers(0, 500), max_size=8),
+       st.dictionaries(st.sampled_from([f"t{i}" for i in range(10)]), st.none() | st.integers(-5, 600), max_size=10))
+def test_in_flight_counts_what_each_transfer_has_left_and_drops_the_ended(
+        reserved: dict[str, int], written: dict[str, int | None]) -> None:
+    left, ended = in_flight(reserved, written)
+    assert set(ended) == {k for k in reserved if written.get(k) is None}
+    assert left == sum(max(b - max(written[k] or 0, 0), 0) for k, b in reserved.items() if k not in ended)
+    assert 0 <= left <= sum(reserved.values())
+
+
+@SETTINGS
+@given(residents, st.integers(0, 3000), marks, st.lists(st.integers(1, 800), min_size=2, max_size=5))
+def test_transfers_side_by_side_never_pass_high_together(
+        res: list[Resident], spare: int, m: Watermarks, sizes: list[int]) -> None:
+    """Transfers let in one after another, each counting what the earlier ones
+    still have to write, end together at or under the high watermark: every
+    one that was let in fits beside all the others (the bug: each alone fit)."""
+    used, free = sum(r.size for r in res) + 50, spare
+    cap = used + free
+    left = {r.model: r for r in res}
+    reserved = 0
+    for size in sizes:
+        e = plan_eviction(used, free, list(left.values()), m, size, reserved)
+        if not e.fits:
+            continue  # NO_SPACE for this one; the others go on
+        for x in e.evict:
+            used -= left.pop(x).size  # what is deleted moves from used to free
+        free = cap - used
+        reserved += size
+    assert used + reserved <= m.high * cap or reserved == 0
+
+
+def test_a_no_space_message_counts_what_is_promised_to_transfers_in_flight() -> None:
+    m = Watermarks(0.85, 0.70)
+    e = plan_eviction(40, 60, [], m, 30, reserved=30)  # 40 + 30 + 30 > 85
+    assert not e.fits and plan_eviction(40, 60, [], m, 30).fits  # alone it would fit
+    text = e.message("dram", 30, 40, 100, m, 30)
+    assert "30 more promised to transfers in flight" in text and "15 bytes left under it" in text, text
