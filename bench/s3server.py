@@ -38,6 +38,7 @@ class Counting:
         self.lock = threading.Lock()
         self.object_bytes = 0
         self.object_gets = 0
+        self.requests = 0  # every S3 request (control ones aside)
         self.drop_after: int | None = None
         self.drops_left = 0
 
@@ -45,6 +46,8 @@ class Counting:
         path = environ.get("PATH_INFO", "")
         if path.startswith("/__meshnode/"):
             return self._control(environ, start_response, path)
+        with self.lock:
+            self.requests += 1
         body: Iterable[bytes] = self.app(environ, start_response)
         is_object_get = environ.get("REQUEST_METHOD") == "GET" and path.strip("/").count("/") >= 1 and \
             "list-type" not in environ.get("QUERY_STRING", "")
@@ -86,10 +89,10 @@ class Counting:
                 self.drops_left = int(q.get("times", "1"))
         elif path == "/__meshnode/reset":
             with self.lock:
-                self.object_bytes = self.object_gets = 0
+                self.object_bytes = self.object_gets = self.requests = 0
         with self.lock:
             out = json.dumps({"object_bytes": self.object_bytes, "object_gets": self.object_gets,
-                              "drops_left": self.drops_left}).encode()
+                              "requests": self.requests, "drops_left": self.drops_left}).encode()
         start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(out)))])
         return [out]
 

@@ -192,3 +192,35 @@ async def test_an_object_too_big_for_the_tier_is_refused_before_a_byte_is_fetche
     assert t["status"] == "failed" and t["error"]["code"] == "NO_SPACE", t
     assert "high watermark of 60%" in t["error"]["message"], t
     assert s3.stats()["object_bytes"] == 0
+
+
+async def test_a_client_endpoint_rebinding_to_a_private_address_is_refused_at_connect(
+        mesh: Mesh, s3: S3, aws_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DNS rebinding: the client's endpoint name answers a public address to the
+    node's early checks and loopback (where an S3 API listens) when boto3
+    connects.  The connection is checked itself: PRIVATE_SOURCE, not a byte
+    fetched, and no retry loop."""
+    import socket
+
+    port = int(s3.endpoint.rsplit(":", 1)[1])
+    real, real_trio = socket.getaddrinfo, trio.socket.getaddrinfo
+
+    async def checked(host: Any, p: Any, *args: Any, **kw: Any) -> Any:
+        if host == "rebind.example":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", p))]  # public to the checks
+        return await real_trio(host, p, *args, **kw)
+
+    def connected(host: Any, p: Any, *args: Any, **kw: Any) -> Any:
+        if host == "rebind.example":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", p))]  # loopback to the connect
+        return real(host, p, *args, **kw)
+
+    monkeypatch.setattr(trio.socket, "getaddrinfo", checked)
+    monkeypatch.setattr(socket, "getaddrinfo", connected)
+    a = await mesh.start("a", confined=True)  # public sources only, as by default
+    httpx.post(s3.endpoint + "/__meshnode/reset")
+    url = f"s3://models/llama/config.json?endpoint_url=http://rebind.example:{port}&region=us-east-1"
+    t = await _download(mesh, a.url, a.url, "a:disk", url)
+    assert t["status"] == "failed" and t["error"]["code"] == "PRIVATE_SOURCE", t
+    assert "rebind.example is 127.0.0.1" in t["error"]["message"], t
+    assert s3.stats()["requests"] == 0, s3.stats()  # not one request reached the store

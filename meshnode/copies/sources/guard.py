@@ -18,22 +18,33 @@ an admin port on loopback).  So:
   connection goes to the very address that was checked, so neither a
   redirect nor a DNS answer that changes in between gets around it.  The
   Hugging Face endpoint is the operator's (``HF_ENDPOINT``) and not checked.
+* an S3 endpoint a client names (``s3://...?endpoint_url=``) is checked the
+  same way at every connection boto3 opens to it, not once up front: inside
+  ``public_only_connections()`` (the worker threads of such a fetch) urllib3
+  resolves, checks and connects to the checked address in one step, so a
+  name that answers public to the check and private to the connect (DNS
+  rebinding) gets ``PRIVATE_SOURCE``.  The operator's ``--s3-endpoint-url``
+  is not checked.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import socket
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 import trio
 
 from .common import SourceError, safe_url
 
-__all__ = ["PublicOnlyTransport", "confine_path", "is_public_address", "resolve_public"]
+__all__ = ["PrivateAddress", "PublicOnlyTransport", "confine_path", "guard_error", "is_public_address",
+           "public_only_connections", "resolve_public"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -64,23 +75,10 @@ def is_public_address(ip: IPAddress) -> bool:
     return ip.is_global and not ip.is_multicast
 
 
-async def resolve_public(host: str, port: int) -> list[str]:
-    """Every address ``host`` resolves to, or ``SourceError`` when one of
-    them is not public (all must be: a name that also points inside is refused)."""
-    try:
-        literal: IPAddress | None = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        literal = None
-    if literal is not None:
-        addrs = [str(literal)]
-    else:
-        try:
-            infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except (OSError, UnicodeError) as e:
-            raise SourceError("NOT_FOUND", f"cannot resolve {host[:100]}: {e}") from None
-        addrs = list(dict.fromkeys(str(info[4][0]) for info in infos))
-        if not addrs:
-            raise SourceError("NOT_FOUND", f"{host[:100]} resolves to no address")
+def _check_public(host: str, addrs: Sequence[str]) -> list[str]:
+    """``addrs`` (what ``host`` resolved to) when every one is public; else ``SourceError``."""
+    if not addrs:
+        raise SourceError("NOT_FOUND", f"{host[:100]} resolves to no address")
     for a in addrs:
         if not is_public_address(ipaddress.ip_address(a.split("%", 1)[0])):
             what = host[:100] if a == host.strip("[]") else f"{host[:100]} is {a}, which"
@@ -89,7 +87,105 @@ async def resolve_public(host: str, port: int) -> list[str]:
                 f"{what} is a loopback, private or link-local address: this node fetches from such "
                 "addresses only when its operator allows it (--allow-private-sources)",
             )
-    return addrs
+    return list(addrs)
+
+
+def _literal(host: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+
+
+async def resolve_public(host: str, port: int) -> list[str]:
+    """Every address ``host`` resolves to, or ``SourceError`` when one of
+    them is not public (all must be: a name that also points inside is refused)."""
+    literal = _literal(host)
+    if literal is not None:
+        return _check_public(host, [str(literal)])
+    try:
+        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        raise SourceError("NOT_FOUND", f"cannot resolve {host[:100]}: {e}") from None
+    return _check_public(host, list(dict.fromkeys(str(info[4][0]) for info in infos)))
+
+
+# -- every connection of a thread checked (boto3 through urllib3) -----------------------------
+
+
+class PrivateAddress(OSError):
+    """A connection refused by ``public_only_connections``: ``error`` says why."""
+
+    def __init__(self, error: SourceError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+_public_only = threading.local()
+
+
+@contextlib.contextmanager
+def public_only_connections() -> Iterator[None]:
+    """Every connection urllib3 opens in this thread meanwhile goes only to a
+    public address, the very one checked (``PrivateAddress`` otherwise)."""
+    _install_urllib3_guard()
+    before = getattr(_public_only, "on", False)
+    _public_only.on = True
+    try:
+        yield
+    finally:
+        _public_only.on = before
+
+
+def _install_urllib3_guard() -> None:
+    """Wrap urllib3's ``create_connection`` (which its connections call by
+    module attribute) once; the wrapper does nothing outside the guard."""
+    import urllib3.util.connection as uc
+
+    real = uc.create_connection
+    if getattr(real, "meshnode_guard", False):
+        return
+
+    def create_connection(address: tuple[str, int], *args: Any, **kw: Any) -> socket.socket:
+        if not getattr(_public_only, "on", False):
+            return real(address, *args, **kw)
+        host, port = address
+        literal = _literal(host)
+        try:
+            if literal is not None:
+                addrs = _check_public(host, [str(literal)])
+            else:
+                try:
+                    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                except (OSError, UnicodeError) as e:
+                    raise SourceError("NOT_FOUND", f"cannot resolve {host[:100]}: {e}") from None
+                addrs = _check_public(host, list(dict.fromkeys(str(i[4][0]) for i in infos)))
+        except SourceError as e:
+            raise PrivateAddress(e) from None
+        last: OSError | None = None
+        for a in addrs:  # the checked addresses, not a second lookup
+            try:
+                return real((a, port), *args, **kw)
+            except OSError as e:
+                last = e
+        assert last is not None
+        raise last
+
+    create_connection.meshnode_guard = True  # type: ignore[attr-defined]
+    uc.create_connection = create_connection
+
+
+def guard_error(e: BaseException) -> SourceError | None:
+    """The refusal behind ``e`` (a library's wrapping of ``PrivateAddress``:
+    urllib3 raises from it, botocore within it), if any."""
+    x: BaseException | None = e
+    for _ in range(16):  # a bounded walk down the chain
+        if x is None:
+            return None
+        if isinstance(x, PrivateAddress):
+            return x.error
+        x = x.__cause__ or x.__context__
+    return None
 
 
 class PublicOnlyTransport(httpx.AsyncBaseTransport):

@@ -53,7 +53,7 @@ from protocol.manifest import validate_rel_path
 
 from ...persist import FILE_MODE, make_dirs
 from .common import DEFAULT_RETRY, Progress, RetryPolicy, SourceError, SourceResult, redact
-from .guard import resolve_public
+from .guard import guard_error, public_only_connections, resolve_public
 from .http import ProgressTracker, os_error
 
 __all__ = ["S3Location", "fetch_s3", "is_s3_source", "parse_s3_url"]
@@ -153,6 +153,9 @@ def _classify(e: BaseException, what: str) -> SourceError | _Transient:
     """A boto3 failure as a ``SourceError`` (final) or ``_Transient`` (worth a retry)."""
     import botocore.exceptions as bx
 
+    refused = guard_error(e)
+    if refused is not None:  # a client's endpoint that resolved to a private address at connect
+        return SourceError(refused.code, f"{what}: {refused.message}")
     if isinstance(e, (bx.NoCredentialsError, bx.PartialCredentialsError)):
         return SourceError("UNAUTHORIZED", f"{what}: no AWS credentials on this node (set AWS_ACCESS_KEY_ID and "
                                            "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or ~/.aws/credentials)")
@@ -191,12 +194,25 @@ async def _after_failure(e: Exception, what: str, failures: int, retries: RetryP
     return failures
 
 
-async def _call(fn: Callable[[], Any], what: str, retries: RetryPolicy) -> Any:
-    """``fn()`` in a worker thread, retried with backoff while it fails transiently."""
+def _guarded(fn: Callable[..., Any], guard: bool) -> Callable[..., Any]:
+    """``fn``, with every connection it opens checked (``public_only_connections``) when ``guard``."""
+    if not guard:
+        return fn
+
+    def run(*args: Any) -> Any:
+        with public_only_connections():
+            return fn(*args)
+
+    return run
+
+
+async def _call(fn: Callable[[], Any], what: str, retries: RetryPolicy, guard: bool = False) -> Any:
+    """``fn()`` in a worker thread, retried with backoff while it fails transiently;
+    ``guard``: its connections go only to public addresses."""
     failures = 0
     while True:
         try:
-            return await trio.to_thread.run_sync(fn)
+            return await trio.to_thread.run_sync(_guarded(fn, guard))
         except Exception as e:  # classified: final errors raise, transient ones retry
             failures = await _after_failure(e, what, failures, retries)
 
@@ -282,11 +298,14 @@ async def fetch_s3(url: str, dest_dir: Path, *, progress: Progress | None = None
     fetched, may make room for them or refuse (the evictor's ``make_room``)."""
     policy = retries or DEFAULT_RETRY
     loc = parse_s3_url(url)
-    if loc.endpoint_url is not None and not allow_private:  # a client's choice; the node's own is the operator's
-        e = urlsplit(loc.endpoint_url)
+    # A client's endpoint (the node's own is the operator's): checked now for a clear early
+    # answer, and at every connection, where it counts (a DNS answer may change in between).
+    guard = loc.endpoint_url is not None and not allow_private
+    if guard:
+        e = urlsplit(loc.endpoint_url or "")
         await resolve_public(e.hostname or "", e.port or (443 if e.scheme == "https" else 80))
     client = await _call(lambda: _client(loc, endpoint_url, policy, concurrency), "S3 client", policy)
-    objects: list[_Object] = await _call(lambda: _list(client, loc), f"listing {loc.show()}", policy)
+    objects: list[_Object] = await _call(lambda: _list(client, loc), f"listing {loc.show()}", policy, guard)
     if not objects:
         raise SourceError("NOT_FOUND", f"no object under {loc.show()}")
     rels = [o.rel for o in objects]
@@ -308,7 +327,7 @@ async def fetch_s3(url: str, dest_dir: Path, *, progress: Progress | None = None
         """The size of part ``number`` of a multipart object; None where the store does not say."""
         try:
             h = await _call(functools.partial(client.head_object, Bucket=loc.bucket, Key=o.key, PartNumber=number),
-                            f"{loc.show(o.key)} (part {number})", policy)
+                            f"{loc.show(o.key)} (part {number})", policy, guard)
         except SourceError as e:
             if e.code not in ("INVALID_REQUEST", "UNAVAILABLE"):
                 raise
@@ -334,14 +353,14 @@ async def fetch_s3(url: str, dest_dir: Path, *, progress: Progress | None = None
             while done < length:
                 start = off + done
                 try:
-                    resp = await trio.to_thread.run_sync(functools.partial(
+                    resp = await trio.to_thread.run_sync(_guarded(functools.partial(
                         client.get_object, Bucket=loc.bucket, Key=o.key,
-                        Range=f"bytes={start}-{off + length - 1}", IfMatch=f'"{o.etag}"'))
+                        Range=f"bytes={start}-{off + length - 1}", IfMatch=f'"{o.etag}"'), guard))
                     body = resp["Body"]
                     try:
                         while done < length:
                             n_read = await trio.to_thread.run_sync(
-                                _read_into, body, fd, off + done, min(PIECE_BYTES, length - done), h)
+                                _guarded(_read_into, guard), body, fd, off + done, min(PIECE_BYTES, length - done), h)
                             done += n_read
                             tracker.add_bytes(n_read)
                             failures = 0
@@ -366,7 +385,7 @@ async def fetch_s3(url: str, dest_dir: Path, *, progress: Progress | None = None
                     ok = None  # uneven parts: the ETag cannot be checked from these ranges
             if ok is False:
                 encrypted = await _call(functools.partial(client.head_object, Bucket=loc.bucket, Key=o.key),
-                                        loc.show(o.key), policy)
+                                        loc.show(o.key), policy, guard)
                 if not (encrypted.get("ServerSideEncryption") == "aws:kms" or encrypted.get("SSECustomerAlgorithm")):
                     part.unlink(missing_ok=True)
                     raise SourceError("BAD_CONTENT", f"{loc.show(o.key)}: its bytes do not match its ETag")
