@@ -140,3 +140,33 @@ async def test_transfers_side_by_side_reserve_their_bytes_until_they_end(
     assert ev.reserved("dram") == 8 * MiB and ev.reserved("dram", but="y") == 0  # y's own, while it runs
     del written["y"]
     assert ev.reserved("dram") == 0
+
+
+async def test_a_url_fetch_makes_room_before_it_writes(
+        mesh: Mesh, tmp_path: Path, tmpfs: Callable[[int], Path]) -> None:
+    """A download from a URL learns its length from the response and makes room
+    then, as a mesh copy does: the least recently used copy goes first (no
+    sweep runs here to tidy up after), and a file that cannot fit beside the
+    pinned copies fails NO_SPACE with nothing kept."""
+    from tests.integration.fakehub import run_fakehub
+
+    shm = tmpfs(20)
+    a = await mesh.start("a", "--dram-dir", str(shm), "--dram-watermarks", "60,55", "--scrub-interval", "3600")
+    for name in ("m1", "m2"):
+        assert (await _ingest(mesh, a, name, _model(tmp_path, name, 5 * MiB)))["status"] == "done"
+    async with run_fakehub() as hub:
+        hub.plain["w3.bin"] = os.urandom(5 * MiB)
+        hub.plain["w4.bin"] = os.urandom(8 * MiB)
+        r = await mesh.client.post(a.url + "/models/m3/download",
+                                   json={"source_url": hub.url("files/w3.bin"), "target_device": "a:dram"})
+        assert (await wait_transfer(mesh, a.url, r.json()["transfer_id"]))["status"] == "done"
+        assert _held(a) == {"m2", "m3"}  # 15 MiB would pass 60%: m1, the least recently used, went first
+        for name in ("m2", "m3"):
+            r = await mesh.client.post(a.url + f"/models/{name}/pin", json={"min": 1, "tier": "dram"})
+            assert r.status_code == 200, r.text
+        r = await mesh.client.post(a.url + "/models/m4/download",
+                                   json={"source_url": hub.url("files/w4.bin"), "target_device": "a:dram"})
+        t = await wait_transfer(mesh, a.url, r.json()["transfer_id"])
+        assert t["status"] == "failed" and t["error"]["code"] == "NO_SPACE", t
+        assert "m2: pinned" in t["error"]["message"], t
+    assert _held(a) == {"m2", "m3"} and not any(p.is_file() for p in (shm / ".partial").rglob("*"))

@@ -368,3 +368,38 @@ async def test_no_space(hub: FakeHub, tmpfs: Callable[[int], Path]) -> None:
     # Unknown length: the write itself fails with ENOSPC.
     e = await expect_error("NO_SPACE", fetch_url(hub.url("chunked/big.bin"), small_fs / "c", retries=FAST))
     assert "big.bin" in str(e)
+
+
+async def test_reserve_is_asked_once_with_the_length_before_a_byte_is_kept(hub: FakeHub, tmp_path: Path) -> None:
+    """The evictor's make_room is asked for the bytes as soon as a source knows
+    them: a URL from its response's length (once, resumes and all), the hub
+    from its listing before any file is asked for; a refusal ends the fetch
+    with nothing kept; a length the server does not say reserves nothing."""
+    data = blob(700_000)
+    hub.plain["w.bin"] = data
+    asked: list[tuple[int, int]] = []
+
+    async def reserve(n: int) -> None:
+        asked.append((n, sum(hub.served.values())))
+
+    hub.drop_after["w.bin"] = [300_000]  # one drop: the resume must not ask again
+    res = await fetch_url(hub.url("files/w.bin"), tmp_path / "a", retries=FAST, reserve=reserve)
+    assert res.total_bytes == len(data) and [n for n, _ in asked] == [len(data)]
+    assert res.metadata is not None and res.metadata["resumed_bytes"] >= 300_000  # it did resume
+
+    asked.clear()
+    hub.served.clear()
+    res = await fetch_hf(REPO, tmp_path / "b", endpoint=hub.endpoint, retries=FAST, reserve=reserve)
+    assert asked == [(res.total_bytes, 0)]  # every file's size, before any file was asked for
+
+    async def refuse(n: int) -> None:
+        raise SourceError("NO_SPACE", f"no room for {n} bytes")
+
+    await expect_error("NO_SPACE", fetch_url(hub.url("files/w.bin"), tmp_path / "c", retries=FAST, reserve=refuse))
+    assert not any(f.stat().st_size for f in (tmp_path / "c").rglob("*") if f.is_file())
+    await expect_error("NO_SPACE", fetch_hf(REPO, tmp_path / "d", endpoint=hub.endpoint, retries=FAST, reserve=refuse))
+    assert not (tmp_path / "d").exists() or not any((tmp_path / "d").rglob("*.bin"))
+
+    asked.clear()
+    await fetch_url(hub.url("chunked/w.bin"), tmp_path / "e", retries=FAST, reserve=reserve)
+    assert asked == []

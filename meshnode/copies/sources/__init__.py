@@ -82,9 +82,10 @@ async def fetch_source(
     or a hub URL) with :func:`~meshnode.copies.sources.hf.fetch_hf`, any other
     ``http(s)://`` URL as one file with :func:`~meshnode.copies.sources.http.fetch_url`,
     from public addresses only unless ``allow_private`` (see ``guard``); an
-    ``s3://`` URL with :func:`~meshnode.copies.sources.s3.fetch_s3`, which
-    calls ``reserve(total bytes)`` once it listed them (the others do not
-    know the size before they fetch)."""
+    ``s3://`` URL with :func:`~meshnode.copies.sources.s3.fetch_s3`.  Each
+    calls ``reserve(total bytes)`` once it knows them and before it fetches
+    a byte (S3 and the hub from their listing, a URL from its response's
+    length; a URL answered without a length, chunked, reserves nothing)."""
     if is_s3_source(url):
         return await fetch_s3(url, dest_dir, progress=progress, retries=retries, allow_private=allow_private,
                               endpoint_url=s3_endpoint, reserve=reserve)
@@ -99,12 +100,13 @@ async def fetch_source(
             endpoint=endpoint,
             progress=progress,
             retries=retries,
+            reserve=reserve,
         )
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme not in ("http", "https"):
         raise SourceError("INVALID_REQUEST", f"unsupported source URL {safe_url(url)!r}: use http(s)://, hf://, s3:// or a hub URL")
     if allow_private:
-        return await fetch_url(url, dest_dir, progress=progress, retries=retries)
+        return await fetch_url(url, dest_dir, progress=progress, retries=retries, reserve=reserve)
     policy = retries or DEFAULT_RETRY
     async with httpx.AsyncClient(transport=PublicOnlyTransport(), follow_redirects=True, timeout=policy.timeout()) as c:
-        return await fetch_url(url, dest_dir, progress=progress, retries=retries, client=c)
+        return await fetch_url(url, dest_dir, progress=progress, retries=retries, client=c, reserve=reserve)

@@ -24,7 +24,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -291,6 +291,7 @@ async def fetch_hf(
     retries: RetryPolicy | None = None,
     concurrency: int = DEFAULT_CONCURRENCY,
     client: httpx.AsyncClient | None = None,
+    reserve: Callable[[int], Awaitable[None]] | None = None,
 ) -> SourceResult:
     """Download the files of a Hugging Face model repository into ``dest_dir``.
 
@@ -300,7 +301,10 @@ async def fetch_hf(
     every file is fetched at that commit.  ``allow_patterns`` /
     ``ignore_patterns``: fnmatch patterns as in ``huggingface_hub``.
     ``endpoint``: default the URL's own (non-huggingface.co) origin, else
-    ``HF_ENDPOINT``, else https://huggingface.co.  Raises :class:`SourceError`.
+    ``HF_ENDPOINT``, else https://huggingface.co.  ``reserve(total bytes)``,
+    once the listing gives every file's size and before a byte is fetched,
+    may make room or refuse (the evictor's ``make_room``).  Raises
+    :class:`SourceError`.
     """
     policy = retries or DEFAULT_RETRY
     repo, url_rev, url_origin = parse_hf_ref(repo_id)
@@ -343,6 +347,8 @@ async def fetch_hf(
     sizes = [s.size for s in selected]
     total: int | None = sum(x for x in sizes if x is not None) if all(x is not None for x in sizes) else None
     rels = [s.rfilename for s in selected]
+    if total is not None and reserve is not None:
+        await reserve(total)
     try:
         await trio.to_thread.run_sync(make_dirs, dest_dir)
         if total is not None:

@@ -19,7 +19,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,7 @@ _HASH_READ = 8 << 20
 Digest = tuple[str, str]
 #: maps an error response to a SourceError (or None: use the default mapping)
 Classify = Callable[[httpx.Response, bool], SourceError | None]
+Reserve = Callable[[int], Awaitable[None]]  # (bytes) -> room made for them, or raises (NO_SPACE)
 
 
 class Transient(Exception):
@@ -307,13 +308,16 @@ async def download_file(
     tracker: ProgressTracker | None = None,
     secret: str | None = None,
     classify: Classify | None = None,
+    reserve: Reserve | None = None,
 ) -> FileOutcome:
     """Download ``url`` to ``dest_dir/rel``: resumed, retried, checked.
 
     ``size`` and ``digest`` (when the source publishes them) are checked
     before the file gets its final name; a mismatch deletes it and fetches it
     once more, then raises ``BAD_CONTENT``.  ``secret`` is scrubbed from every
-    message.  Raises :class:`SourceError`.
+    message.  ``reserve(total bytes)``, once, as soon as the server says the
+    file's length and before its body is read, may make room or refuse (the
+    evictor's ``make_room``).  Raises :class:`SourceError`.
     """
     final = dest_dir / rel
     tracker = tracker or ProgressTracker(None, size, 1)
@@ -341,6 +345,13 @@ async def download_file(
         tracker.add_bytes(pf.have - reported)
         reported = pf.have
 
+    asked: list[int] = []
+
+    async def reserve_once(total: int) -> None:
+        if reserve is not None and not asked:
+            asked.append(total)
+            await reserve(total)
+
     while True:
         before = None
         expect_total: list[int | None] = [None]
@@ -349,7 +360,8 @@ async def download_file(
                 before = await trio.to_thread.run_sync(pf.prepare)
                 out.resumed_bytes += before
                 sync_progress()
-                await _attempt(client, pf, hdrs, policy, tracker, sync_progress, out, expect_total, classify, with_token, rel)
+                await _attempt(client, pf, hdrs, policy, tracker, sync_progress, out, expect_total, classify, with_token, rel,
+                               reserve_once)
                 verified = await trio.to_thread.run_sync(pf.finish, expect_total[0])
             finally:
                 with trio.CancelScope(shield=True):
@@ -411,6 +423,7 @@ async def _attempt(
     classify: Classify | None,
     with_token: bool,
     rel: str,
+    reserve: Reserve,
 ) -> None:
     h = {**headers, "Accept-Encoding": "identity"}
     have = pf.have
@@ -470,6 +483,7 @@ async def _attempt(
             if pf.size is None and total is not None and tracker.files_total == 1:
                 tracker.set_total(total)
             if total is not None:
+                await reserve(total)
                 need = total - pf.have
                 free = (await trio.to_thread.run_sync(shutil.disk_usage, pf.part.parent)).free
                 if need > free:
@@ -521,9 +535,12 @@ async def fetch_url(
     retries: RetryPolicy | None = None,
     filename: str | None = None,
     headers: Mapping[str, str] | None = None,
+    reserve: Reserve | None = None,
 ) -> SourceResult:
     """Download one file from ``url`` into ``dest_dir`` (as ``filename``, else
-    the URL's last path segment), resuming with Range after a failure.
+    the URL's last path segment), resuming with Range after a failure;
+    ``reserve(bytes)`` once its length is known, before its body (see
+    ``download_file``).
 
     ``client``: an ``httpx.AsyncClient`` to use (it should follow redirects);
     by default one is made (and closed) for this call.  Raises SourceError.
@@ -549,7 +566,8 @@ async def fetch_url(
     c = client if client is not None else httpx.AsyncClient(follow_redirects=True, timeout=policy.timeout())
     try:
         log.info("fetching %s into %s", safe_url(url), dest_dir)
-        out = await download_file(c, url, dest_dir, name, headers=headers, policy=policy, tracker=tracker)
+        out = await download_file(c, url, dest_dir, name, headers=headers, policy=policy, tracker=tracker,
+                                  reserve=reserve)
     finally:
         if own:
             with trio.CancelScope(shield=True):
