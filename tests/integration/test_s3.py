@@ -21,7 +21,7 @@ import trio
 
 from bench.s3server import make_user
 
-from .conftest import Mesh, wait_transfer
+from .conftest import Mesh, wait_for, wait_transfer
 
 MiB = 1024 * 1024
 ROOT = Path(__file__).resolve().parents[2]
@@ -224,3 +224,38 @@ async def test_a_client_endpoint_rebinding_to_a_private_address_is_refused_at_co
     assert t["status"] == "failed" and t["error"]["code"] == "PRIVATE_SOURCE", t
     assert "rebind.example is 127.0.0.1" in t["error"]["message"], t
     assert s3.stats()["requests"] == 0, s3.stats()  # not one request reached the store
+
+
+async def test_a_fetch_stopped_midway_resumes_after_a_restart(
+        mesh: Mesh, s3: S3, aws_env: None, tmp_path: Path) -> None:
+    """The node stops while an object is half fetched; started again on the same
+    data directory it re-hashes what its resume record claims, keeps it, and
+    fetches only the rest (at most the piece each range had in flight again);
+    the record is no file of the copy."""
+    from meshnode.copies.sources.s3 import LEDGER
+
+    data = tmp_path / "a-data"
+    flags = ("--s3-endpoint-url", s3.endpoint)
+    a = await mesh.start("a", *flags, data_dir=data)
+    httpx.post(s3.endpoint + "/__meshnode/reset")
+    r = await mesh.client.post(a.url + "/models/llama/download", json={
+        "source_url": "s3://models/llama/model.safetensors", "target_device": "a:disk"})
+    assert r.status_code == 202, r.text
+    tid = r.json()["transfer_id"]
+    size = len(s3.files["model.safetensors"])
+    t = a.node.transfers.by_id[tid]
+    await wait_for(lambda: t.bytes_done >= size // 3, timeout_s=30, what="a third of the object")
+    await a.stop()
+    kept = t.bytes_done
+    assert kept < size and list(data.rglob(LEDGER)), kept
+    served = s3.stats()["object_bytes"]
+
+    a = await mesh.start("a", *flags, data_dir=data)
+    done = await wait_transfer(mesh, a.url, tid, timeout_s=60)
+    assert done["status"] == "done", done
+    copy = a.node.store.get("llama", "disk")
+    assert copy is not None
+    assert (copy.path / "model.safetensors").read_bytes() == s3.files["model.safetensors"]
+    again = s3.stats()["object_bytes"] - served
+    assert again <= size - kept + 3 * MiB, (again, size, kept)  # 3 ranges: at most a piece each again
+    assert not list(data.rglob(LEDGER)) and sorted(p.name for p in copy.path.iterdir()) == ["model.safetensors"]

@@ -1,11 +1,25 @@
-"""The S3 source's URL and key checks (the fetch itself: tests/integration/test_s3.py)."""
+"""The S3 source's URL and key checks and its resume record (the fetch itself: tests/integration/test_s3.py)."""
 
 from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
 
 import pytest
 
 from meshnode.copies.sources import SourceError
-from meshnode.copies.sources.s3 import S3Location, _safe_rel, parse_s3_url
+from meshnode.copies.sources.s3 import (
+    LEDGER,
+    S3Location,
+    _check_claims,
+    _Ledger,
+    _Object,
+    _plan_ranges,
+    _safe_rel,
+    parse_s3_url,
+)
 
 
 def test_urls() -> None:
@@ -29,3 +43,33 @@ def test_keys_become_safe_file_names_or_are_refused() -> None:
         with pytest.raises(SourceError) as e:
             _safe_rel(hostile, "llama/")
         assert e.value.code == "INVALID_REQUEST"
+
+
+def test_a_resume_record_is_believed_only_where_the_bytes_bear_it_out(tmp_path: Path) -> None:
+    """The record is read as hostile: entries for another ETag, size or range
+    plan, bad indexes and malformed digests count for nothing; what it claims
+    is re-hashed from the file, and a range whose bytes changed is fetched again."""
+    data = os.urandom(3000)
+    o = _Object("k", "k", 3000, "e" * 32)
+    _plan_ranges(o, 1000)
+    md5 = [hashlib.md5(data[i:i + 1000], usedforsecurity=False).hexdigest() for i in (0, 1000, 2000)]
+    prefix = hashlib.md5(data[2000:2400], usedforsecurity=False).hexdigest()
+    ledger = _Ledger(tmp_path / LEDGER)
+    ledger.path.write_text(json.dumps({"k": {
+        "etag": o.etag, "size": 3000, "ranges": [[0, 1000], [1000, 1000], [2000, 1000]],
+        "done": {"0": md5[0], "1": md5[1], "7": md5[0], "x": md5[0], "2": "not-a-digest"},
+        "part": {"2": [400, prefix], "0": [5, prefix], "1": ["a", prefix]}}, "other": "junk"}))
+    ledger.load()
+    done, part = ledger.claims(o)
+    assert done == {0: md5[0], 1: md5[1]} and part == {2: (400, prefix)}
+    changed = _Object("k", "k", 3000, "f" * 32)
+    _plan_ranges(changed, 1000)
+    assert ledger.claims(changed) == ({}, {})  # the object changed: start over
+
+    f = tmp_path / "k.part"
+    f.write_bytes(data[:1000] + b"\0" * 1000 + data[2000:2400] + b"\0" * 600)  # range 1 lost (a crash)
+    ok_done, ok_part = _check_claims(f, o, done, part)
+    assert ok_done == {0: bytes.fromhex(md5[0])} and list(ok_part) == [2] and ok_part[2][0] == 400
+    assert ok_part[2][1].hexdigest() == prefix
+    f.write_bytes(data[:100])  # the wrong size: nothing is believed
+    assert _check_claims(f, o, done, part) == ({}, {})

@@ -27,6 +27,14 @@ Theory of operation
    part: the whole file's; multipart: the MD5 of the parts' MD5s), unless
    the object is encrypted with KMS or a customer key (its ETag is no MD5).
    Then it takes its final name.
+5. A fetch stopped midway (the node stopped or crashed) resumes where it
+   was: ``.meshnode-s3-resume.json`` in the staging directory records, per
+   object (its ETag, size and ranges), the MD5 of each range done and of the
+   done prefix of each range in flight (written at most once a second, and
+   when the fetch stops).  The next fetch into that directory re-reads and
+   re-hashes what the record claims, keeps what matches, fetches the rest;
+   an object whose ETag or ranges changed starts over.  The record goes
+   before the result is returned.
 
 The fetch runs once per mesh like any web source (``WebIngest``): the other
 nodes pull the copy peer to peer.  boto3 blocks, so every call runs in a
@@ -37,6 +45,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import os
 import re
@@ -51,7 +60,7 @@ import trio
 from protocol.errors import InvalidName
 from protocol.manifest import validate_rel_path
 
-from ...persist import FILE_MODE, make_dirs
+from ...persist import FILE_MODE, atomic_write, make_dirs
 from .common import DEFAULT_RETRY, Progress, RetryPolicy, SourceError, SourceResult, redact
 from .guard import guard_error, public_only_connections, resolve_public
 from .http import ProgressTracker, os_error
@@ -69,6 +78,8 @@ RANGE_MAX = 64 << 20  # a part bigger than this is fetched in several ranges (it
 PIECE_BYTES = 1 << 20  # read, written and hashed at once, in a worker thread
 CONCURRENCY = 8
 PART_SUFFIX = ".part"
+LEDGER = ".meshnode-s3-resume.json"  # the resume record, in the staging directory
+LEDGER_EVERY_S = 1.0
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]\Z")
 _REGION = re.compile(r"[a-z0-9\-]{1,32}\Z")
 _MD5 = re.compile(r"[0-9a-f]{32}\Z")
@@ -309,6 +320,8 @@ async def fetch_s3(url: str, dest_dir: Path, *, progress: Progress | None = None
     if not objects:
         raise SourceError("NOT_FOUND", f"no object under {loc.show()}")
     rels = [o.rel for o in objects]
+    if LEDGER in rels:
+        raise SourceError("INVALID_REQUEST", f"{loc.show()}: an object named {LEDGER} (meshnode's own file name)")
     if len(set(rels)) != len(rels):
         raise SourceError("INVALID_REQUEST", f"two objects under {loc.show()} map to one file name")
     dirs = {rel.rsplit("/", i)[0] for rel in rels for i in range(1, rel.count("/") + 1)}
@@ -341,13 +354,33 @@ async def fetch_s3(url: str, dest_dir: Path, *, progress: Progress | None = None
     await _in_pool([o for o in objects if _MULTIPART.match(o.etag)], learn_part_size, concurrency)
     for o in objects:
         _plan_ranges(o, range_bytes)
-    files = {o.rel: _PartFile(dest_dir / (o.rel + PART_SUFFIX), o.size, len(o.ranges)) for o in objects}
+    ledger = _Ledger(dest_dir / LEDGER)
+    await trio.to_thread.run_sync(ledger.load)
+    files: dict[str, _PartFile] = {}
+    begun: dict[tuple[str, int], tuple[int, Any]] = {}  # (file, range) -> (bytes already there, their MD5)
+    resumed = 0
+    for o in objects:
+        part, final = dest_dir / (o.rel + PART_SUFFIX), dest_dir / o.rel
+        done, partial = ledger.claims(o)
+        path = part if part.exists() else final if final.exists() else part
+        ok_part: dict[int, tuple[int, Any]] = {}
+        if done or partial:
+            ok_done, ok_part = await trio.to_thread.run_sync(_check_claims, path, o, done, partial)
+            o.parts.update(ok_done)
+            begun.update({(o.rel, i): v for i, v in ok_part.items()})
+            resumed += sum(o.ranges[i][1] for i in ok_done) + sum(n for n, _ in ok_part.values())
+        ledger.begin(o)
+        files[o.rel] = _PartFile(path, o.size, len(o.ranges) - len(o.parts), keep=bool(o.parts or ok_part))
+    if resumed:
+        log.info("S3: resuming %s: %d of %d bytes already here", loc.show(), resumed, total)
+        tracker.add_bytes(resumed)
+    finished = False
     try:
         async def fetch_range(job: tuple[_Object, int]) -> None:
             o, index = job
             off, length = o.ranges[index]
-            h = hashlib.md5(usedforsecurity=False)
-            done = failures = 0
+            done, h = begun.pop((o.rel, index), (0, hashlib.md5(usedforsecurity=False)))
+            failures = 0
             what = f"{loc.show(o.key)} bytes {off}-{off + length - 1}"
             fd = files[o.rel].open()  # here, not in a thread: two ranges of one file must not both open it
             while done < length:
@@ -364,14 +397,18 @@ async def fetch_s3(url: str, dest_dir: Path, *, progress: Progress | None = None
                             done += n_read
                             tracker.add_bytes(n_read)
                             failures = 0
+                            ledger.progress(o, index, done, h)
+                            await ledger.flush()
                     finally:
                         body.close()
                 except Exception as e:  # classified: final errors raise, a drop resumes from `done`
                     failures = await _after_failure(e, f"{what} (resuming at byte {off + done})", failures, policy)
             o.parts[index] = h.digest()
+            ledger.range_done(o, index, o.parts[index])
             files[o.rel].range_done()
 
-        await _in_pool([(o, i) for o in objects for i in range(len(o.ranges))], fetch_range, concurrency)
+        await _in_pool([(o, i) for o in objects for i in range(len(o.ranges)) if i not in o.parts], fetch_range,
+                       concurrency)
         verified: dict[str, bool] = {}
         for o in objects:
             part = files[o.rel].path
@@ -393,11 +430,16 @@ async def fetch_s3(url: str, dest_dir: Path, *, progress: Progress | None = None
             verified[o.rel] = bool(ok)
             os.replace(part, dest_dir / o.rel)
             tracker.file_done()
+        await trio.to_thread.run_sync(ledger.remove)  # not a file of the model
+        finished = True
     except OSError as e:
         raise os_error(e, f"{loc.show()} into {dest_dir}") from None
     finally:
         for f in files.values():
             f.close()
+        if not finished:  # stopped or failed: what is done so far, for the next try
+            with trio.CancelScope(shield=True):
+                await ledger.flush(now=True)
     model_type = None
     cfg = dest_dir / "config.json"
     if "config.json" in rels:
@@ -407,18 +449,134 @@ async def fetch_s3(url: str, dest_dir: Path, *, progress: Progress | None = None
     return SourceResult(sorted(rels), total, None, model_type, verified=verified)
 
 
+class _Ledger:
+    """What of each object is already in the staging directory (see the
+    module's doc, step 5).  Entries: key -> {etag, size, ranges, done: {index:
+    md5}, part: {index: [bytes, md5 of them]}}; written whole, throttled."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.entries: dict[str, dict[str, Any]] = {}
+        self._written_at = -float("inf")
+        self._dirty = False
+        self._lock = trio.Lock()
+
+    def load(self) -> None:
+        """Blocking.  A missing, unreadable or malformed record is an empty one."""
+        try:
+            raw = json.loads(self.path.read_bytes())
+        except (OSError, ValueError):
+            return
+        if isinstance(raw, dict):
+            self.entries = {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, dict)}
+
+    def claims(self, o: _Object) -> tuple[dict[int, str], dict[int, tuple[int, str]]]:
+        """The ranges done and the prefixes of ranges in flight the record holds
+        for ``o`` as it is now listed (none when its ETag, size or ranges changed)."""
+        e = self.entries.get(o.key)
+        if not e or e.get("etag") != o.etag or e.get("size") != o.size or e.get("ranges") != [list(r) for r in o.ranges]:
+            return {}, {}
+        n = len(o.ranges)
+
+        def index(k: Any) -> int | None:
+            return int(k) if isinstance(k, str) and k.isdigit() and int(k) < n else None
+
+        done = {i: v for k, v in (e.get("done") or {}).items()
+                if (i := index(k)) is not None and isinstance(v, str) and _MD5.match(v)}
+        part = {}
+        for k, v in (e.get("part") or {}).items():
+            i = index(k)
+            if (i is not None and i not in done and isinstance(v, list) and len(v) == 2 and isinstance(v[0], int)
+                    and 0 < v[0] < o.ranges[i][1] and isinstance(v[1], str) and _MD5.match(v[1])):
+                part[i] = (v[0], v[1])
+        return done, part
+
+    def begin(self, o: _Object) -> None:
+        e: dict[str, Any] = {"etag": o.etag, "size": o.size, "ranges": [list(r) for r in o.ranges], "done": {},
+                             "part": {}}
+        self.entries[o.key] = e
+        for i, d in o.parts.items():
+            e["done"][str(i)] = d.hex()
+        self._dirty = True
+
+    def progress(self, o: _Object, index: int, done: int, h: Any) -> None:
+        self.entries[o.key]["part"][str(index)] = [done, h.copy().hexdigest()]
+        self._dirty = True
+
+    def range_done(self, o: _Object, index: int, digest: bytes) -> None:
+        e = self.entries[o.key]
+        e["part"].pop(str(index), None)
+        e["done"][str(index)] = digest.hex()
+        self._dirty = True
+
+    async def flush(self, now: bool = False) -> None:
+        """Write the record when it changed, at most once per ``LEDGER_EVERY_S`` unless ``now``."""
+        if not self._dirty or self._lock.locked() or (
+                not now and trio.current_time() - self._written_at < LEDGER_EVERY_S):
+            return
+        async with self._lock:
+            self._dirty, self._written_at = False, trio.current_time()
+            data = json.dumps(self.entries, separators=(",", ":")).encode()
+            try:  # not durable: what a crash loses is re-hashed, found missing and fetched again
+                await trio.to_thread.run_sync(functools.partial(atomic_write, self.path, data, durable=False))
+            except OSError as e:
+                log.warning("S3: cannot keep the resume record %s: %s", self.path, e)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _md5_of(path: Path, off: int, length: int) -> Any:
+    """The MD5 of ``length`` bytes of ``path`` at ``off`` (fewer there: None)."""
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        f.seek(off)
+        left = length
+        while left > 0:
+            data = f.read(min(PIECE_BYTES * 8, left))
+            if not data:
+                return None
+            h.update(data)
+            left -= len(data)
+    return h
+
+
+def _check_claims(path: Path, o: _Object, done: dict[int, str], part: dict[int, tuple[int, str]]
+                  ) -> tuple[dict[int, bytes], dict[int, tuple[int, Any]]]:
+    """What of the record's claims for ``o`` the file at ``path`` bears out: the
+    done ranges' digests, and the in-flight ranges' (bytes, MD5 so far).  Blocking."""
+    try:
+        if path.stat().st_size != o.size:
+            return {}, {}
+        ok_done = {}
+        for i, want in done.items():
+            h = _md5_of(path, *o.ranges[i])
+            if h is not None and h.hexdigest() == want:
+                ok_done[i] = h.digest()
+        ok_part = {}
+        for i, (n, want) in part.items():
+            h = _md5_of(path, o.ranges[i][0], n)
+            if h is not None and h.hexdigest() == want:
+                ok_part[i] = (n, h)
+        return ok_done, ok_part
+    except OSError:
+        return {}, {}
+
+
 class _PartFile:
     """An object's ``.part`` file: opened by its first range, closed after its last,
     so that open files follow the ranges in flight, not the objects listed."""
 
-    def __init__(self, path: Path, size: int, ranges: int) -> None:
+    def __init__(self, path: Path, size: int, ranges: int, keep: bool = False) -> None:
         self.path, self.size, self.left = path, size, ranges
+        self.keep = keep  # resumed: what is in it stays
         self.fd: int | None = None
 
     def open(self) -> int:
         if self.fd is None:
             make_dirs(self.path.parent)
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+            trunc = 0 if self.keep else os.O_TRUNC
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | trunc | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
             os.ftruncate(self.fd, self.size)
         return self.fd
 
