@@ -97,6 +97,28 @@ async def test_a_pinned_model_fills_shrinks_heals_and_follows_labels(mesh: Mesh,
     assert _holders(alive) == {"d"}
 
 
+async def test_a_spread_pin_puts_copies_in_every_zone(mesh: Mesh, tmp_path: Path) -> None:
+    """Three nodes in zone z1, one in z2; four models held on a (z1), each pinned
+    to two copies spread over zone: the second copy of every one is on d, the
+    only node of the other zone (by rank alone, all four would land there
+    about once in eighty)."""
+    a = await mesh.start("a", *FAST_RULE, "--labels", "zone=z1")
+    b = await mesh.start("b", *FAST_RULE, "--labels", "zone=z1", join=[a])
+    c = await mesh.start("c", *FAST_RULE, "--labels", "zone=z1", join=[a])
+    d = await mesh.start("d", *FAST_RULE, "--labels", "zone=z2", join=[a])
+    everyone = [a, b, c, d]
+    names = [f"m{i}" for i in range(4)]
+    for i, name in enumerate(names):
+        (tmp_path / name).mkdir()
+        await ingest(mesh, a, name, make_model(tmp_path / name, MiB + i))
+    for name in names:
+        r = await mesh.client.post(a.url + f"/models/{name}/pin", json={"min": 2, "max": 2, "spread": "zone"})
+        assert r.status_code == 200, r.text
+    for name in names:
+        held = await _settled(mesh, everyone, 2, name)
+        assert "d" in held, (name, held)
+
+
 async def test_pin_refuses_a_bad_policy_and_the_cli_pins_and_shows_it(mesh: Mesh, tmp_path: Path) -> None:
     a = await mesh.start("a", *FAST_RULE)
     await ingest(mesh, a, "m", make_model(tmp_path, 1 * MiB))
