@@ -225,7 +225,10 @@ def world() -> Iterator[World]:
 
 def test_the_usage_examples_run_as_written(world: World) -> None:
     found = blocks()
-    assert len(found) == 6, "README's sh blocks: the demo, running a mesh, the command line, install (systemd, Kubernetes), benchmarks"
+    # The GPU proof's block is run by tests/integration/test_gpu_hardware.py (where a GPU is).
+    assert len(found) == 7, ("README's sh blocks: the demo, running a mesh, the command line, the GPU proof, "
+                             "install (systemd, Kubernetes), benchmarks")
+    assert found[3].startswith("python3 bench/gpu_proof.py")
     mesh_lines, cli = commands(found[1]), found[2]
     starts = [c for c in mesh_lines if c.startswith("meshnode start")]
     assert [re.search(r"--node-id (\S+)", c).group(1) for c in starts] == ["gpu1", "gpu2"]  # type: ignore[union-attr]
