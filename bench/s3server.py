@@ -1,8 +1,11 @@
 """A real S3 API on loopback for tests and benchmarks: moto's server, with
-two things of our own around it.
+three things of our own around it.
 
-* It counts the object bytes it sends (``GET /__meshnode/stats``), so a
-  benchmark can say how many times an object left the server.
+* It counts the requests and the object bytes it sends (``GET
+  /__meshnode/stats``), so a benchmark can say how many times an object left
+  the server.
+* It can be slow: ``POST /__meshnode/slow?rate=N`` sends each object
+  download at N bytes a second (0: as fast as it goes).
 * It can drop connections: ``POST /__meshnode/fault?drop_after=N&times=K``
   makes the next K object downloads stop after N bytes, the connection cut
   (a flaky network, a proxy restart).
@@ -22,6 +25,7 @@ import json
 import os
 import sys
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -39,6 +43,7 @@ class Counting:
         self.object_bytes = 0
         self.object_gets = 0
         self.requests = 0  # every S3 request (control ones aside)
+        self.rate = 0  # bytes a second each object GET is sent at (0: as fast as it goes)
         self.drop_after: int | None = None
         self.drops_left = 0
 
@@ -63,7 +68,7 @@ class Counting:
     def _counted(self, body: Iterable[bytes], drop: int | None) -> Iterator[bytes]:
         sent = 0
         try:
-            for piece in body:
+            for piece in self._paced(body):
                 if drop is not None and sent + len(piece) > drop:
                     piece = piece[: drop - sent]
                     with self.lock:
@@ -79,6 +84,16 @@ class Counting:
             if close is not None:
                 close()
 
+    def _paced(self, body: Iterable[bytes]) -> Iterator[bytes]:
+        """The body in 64 KiB pieces at ``rate`` bytes a second (a slow link)."""
+        for piece in body:
+            if not self.rate:
+                yield piece
+                continue
+            for i in range(0, len(piece), 65536):
+                time.sleep(min(len(piece) - i, 65536) / self.rate)
+                yield piece[i:i + 65536]
+
     def _control(self, environ: dict[str, Any], start_response: Any, path: str) -> list[bytes]:
         from urllib.parse import parse_qs
 
@@ -87,9 +102,12 @@ class Counting:
             with self.lock:
                 self.drop_after = int(q.get("drop_after", "0"))
                 self.drops_left = int(q.get("times", "1"))
+        elif path == "/__meshnode/slow":
+            with self.lock:
+                self.rate = int(q.get("rate", "0"))
         elif path == "/__meshnode/reset":
             with self.lock:
-                self.object_bytes = self.object_gets = self.requests = 0
+                self.object_bytes = self.object_gets = self.requests = self.rate = 0
         with self.lock:
             out = json.dumps({"object_bytes": self.object_bytes, "object_gets": self.object_gets,
                               "requests": self.requests, "drops_left": self.drops_left}).encode()

@@ -31,6 +31,7 @@ import ssl
 import sys
 from collections import Counter
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -316,12 +317,14 @@ class MeshNode:
         await copies.load()
         await saver.save_snapshot()  # the new generation is on disk before anyone hears of it
 
-    def _written(self, model: str, kind: str) -> int | None:
-        """Bytes the transfer of ``model`` to ``kind`` on this node wrote so far; None when none runs."""
+    def _written(self, model: str, kind: str) -> tuple[str, list[Path]] | None:
+        """The transfer of ``model`` to ``kind`` on this node and the ``.partial``
+        entries it writes into (what it has on the tier); None when none runs."""
         assert self.transfers is not None
         for t in self.transfers.by_id.values():
             if t.model == model and t.kind == kind and t.status.active:
-                return t.bytes_done
+                names = [f"ingest-{t.id}"] + ([t.manifest_hash] if t.manifest_hash else [])
+                return t.id, [self.store.staging_dir(kind, n) for n in names]
         return None
 
     def _active_partials(self) -> set[str]:

@@ -122,17 +122,19 @@ def plan_eviction(used: int, free: int, residents: Iterable[Resident], marks: Wa
     with ``reserved`` bytes still to come from transfers in flight."""
     capacity = used + free
     high, low = marks.high * capacity, marks.low * capacity
-    incoming += max(reserved, 0)  # the transfers in flight write theirs too
-    after = used + incoming
-    if after <= high and incoming <= free:
+    coming = incoming + max(reserved, 0)  # the transfers in flight write theirs too
+    after = used + coming
+    if after <= high and coming <= free:
         return Eviction()
     res = list(residents)
     kept = tuple(sorted(((r.model, r.keep) for r in res if r.keep is not None),
                         key=lambda x: x[0]))
     order = sorted((r for r in res if r.keep is None), key=lambda r: (r.last_used, -r.size, r.model))
     evictable = sum(r.size for r in order)
-    if incoming and (after - evictable > high or incoming > free + evictable):
-        return Eviction(fits=False, over=True, kept=kept)  # evicting would not be enough: evict nothing
+    if incoming and (after - evictable > high or coming > free + evictable):
+        # Evicting would not be enough for this transfer: it is refused and nothing goes for it.
+        # A sweep (no incoming of its own) evicts as far as it can all the same.
+        return Eviction(fits=False, over=True, kept=kept)
     evict: list[str] = []
     freed = 0
     for r in order:
@@ -140,4 +142,4 @@ def plan_eviction(used: int, free: int, residents: Iterable[Resident], marks: Wa
             break
         evict.append(r.model)
         freed += r.size
-    return Eviction(tuple(evict), freed, fits=after - freed <= high, over=True, kept=kept)
+    return Eviction(tuple(evict), freed, fits=after - freed <= high and coming <= free + freed, over=True, kept=kept)

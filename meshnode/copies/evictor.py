@@ -17,8 +17,11 @@ publishes it in the copy's record (llama-orch's catalog shows it).
 Before a transfer writes into a tier, ``make_room`` runs the same rule with
 the incoming bytes counted: it evicts first, or raises ``NO_SPACE`` saying
 which copies it could not evict and why.  The bytes it let in stay reserved
-while their transfer runs (``written`` says how far each has got, None once
-it ended), so transfers side by side cannot together pass the watermark.  Why a copy must stay is asked of
+while their transfer runs, so transfers side by side cannot together pass
+the watermark.  What a transfer has already put on the tier is measured,
+not reported: the blocks allocated under its ``.partial`` entries
+(``written`` names the transfer and its entries, None once it ended), so
+resumed bytes, sparse files and progress counters never count twice.  Why a copy must stay is asked of
 ``keep_reason`` (the replica policy's ``min``, an engine serving from it, a
 transfer reading or writing it), which the daemon wires to the parts that
 know.
@@ -27,7 +30,10 @@ know.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Container
+import os
+import stat
+from collections.abc import Callable, Container, Sequence
+from pathlib import Path
 
 import trio
 
@@ -45,7 +51,31 @@ DIGEST_RETRY_S = 600.0
 DIGEST_RETRIES_KEPT = 1000
 
 KeepReason = Callable[[str, str], "str | None"]  # (model, tier) -> why it must stay, or None
-Written = Callable[[str, str], "int | None"]  # (model, tier) -> bytes its transfer wrote so far; None: none runs
+# (model, tier) -> the id of the transfer writing it and the paths it writes into; None: none runs
+Written = Callable[[str, str], "tuple[str, Sequence[Path]] | None"]
+ON_DISK_FILES_MAX = 200_000  # entries one measure walks (an S3 prefix holds at most 100,000 objects)
+
+
+def on_disk(paths: Sequence[Path]) -> int:
+    """Bytes allocated on disk under ``paths`` (as ``df`` counts them: a sparse
+    file only for what was written), without following symlinks.  Blocking."""
+    total, seen = 0, 0
+    stack = list(paths)
+    while stack and seen < ON_DISK_FILES_MAX:
+        p = stack.pop()
+        seen += 1
+        try:
+            st = os.lstat(p)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            try:
+                stack.extend(Path(e.path) for e in os.scandir(p))
+            except OSError:
+                continue
+        elif stat.S_ISREG(st.st_mode):
+            total += st.st_blocks * 512
+    return total
 
 
 class Evictor:
@@ -58,9 +88,9 @@ class Evictor:
         self.keep_reason = keep_reason
         self.active_partials = active_partials
         self.written = written
-        # tier -> model -> bytes make_room let in for its transfer; at most one entry per
-        # transfer in flight (the ended ones go at the next look).
-        self._reserved: dict[str, dict[str, int]] = {}
+        # tier -> model -> (the transfer's id, the bytes make_room let in for it); at most one
+        # entry per transfer in flight (the ended ones go at the next look).
+        self._reserved: dict[str, dict[str, tuple[str, int]]] = {}
         self.interval_s = interval_s
         self.partial_keep_s = partial_keep_s
         self._lock = trio.Lock()  # one eviction at a time: a sweep and a transfer's make_room
@@ -92,35 +122,46 @@ class Evictor:
             log.info("evicted %s from %s (%d bytes, least recently used): %s", model, kind,
                      c.manifest.total_bytes, why)
 
-    def reserved(self, kind: str, but: str | None = None) -> int:
+    async def reserved(self, kind: str, but: str | None = None) -> int:
         """Bytes still to come on ``kind`` from the transfers in flight (but
-        ``but``'s); the reservations of transfers that ended are dropped."""
+        ``but``'s): what each was let in with less what it has on disk.  The
+        reservations of transfers that ended (or were replaced by another
+        transfer of the same model) are dropped."""
         mine = self._reserved.get(kind, {})
-        left, ended = in_flight({m: b for m, b in mine.items() if m != but},
-                                {m: self.written(m, kind) for m in mine if m != but})
+        written: dict[str, int | None] = {}
+        for m, (tid, _) in list(mine.items()):
+            if m == but:
+                continue
+            cur = self.written(m, kind)
+            written[m] = None if cur is None or cur[0] != tid else await trio.to_thread.run_sync(on_disk, cur[1])
+        left, ended = in_flight({m: size for m, (_, size) in mine.items() if m != but}, written)
         for m in ended:
-            del mine[m]
+            mine.pop(m, None)
         return left
 
     async def make_room(self, kind: str, model: str, incoming: int) -> None:
         """Room for ``incoming`` bytes of ``model`` on ``kind`` under its high
         watermark, beside what transfers in flight still write there: evicted
-        first, or ``StoreError("NO_SPACE")``.  The bytes stay reserved until
-        the transfer of ``model`` to ``kind`` ends."""
+        first, or ``StoreError("NO_SPACE")``.  What the transfer already has on
+        the tier (a resume) is in the tier's used bytes and not asked again.
+        The bytes stay reserved until the transfer of ``model`` to ``kind`` ends."""
         marks = self.watermarks.get(kind)
         if marks is None or incoming <= 0:
             return
         async with self._lock:
+            cur = self.written(model, kind)
+            have = await trio.to_thread.run_sync(on_disk, cur[1]) if cur is not None else 0
+            need = max(incoming - have, 0)
             u = await trio.to_thread.run_sync(self.store.usage, kind)
-            others = self.reserved(kind, but=model)
-            e = plan_eviction(u["used"], u["free"], self.residents(kind, writing=model), marks, incoming, others)
-            if not e.fits:
+            others = await self.reserved(kind, but=model)
+            e = plan_eviction(u["used"], u["free"], self.residents(kind, writing=model), marks, need, others)
+            if need and not e.fits:
                 raise StoreError("NO_SPACE", f"{self.store.node_id}:" + e.message(
-                    kind, incoming, u["used"], u["used"] + u["free"], marks, others))
+                    kind, need, u["used"], u["used"] + u["free"], marks, others))
             if e.evict:
-                await self._evict(kind, e.evict, f"making room for {model} ({incoming} bytes)")
-            if self.written(model, kind) is not None:  # a transfer runs: its bytes are promised until it ends
-                self._reserved.setdefault(kind, {})[model] = incoming
+                await self._evict(kind, e.evict, f"making room for {model} ({need} bytes)")
+            if cur is not None:  # a transfer runs: its bytes are promised until it ends
+                self._reserved.setdefault(kind, {})[model] = (cur[0], incoming)
 
     async def sweep(self) -> None:
         broken = await trio.to_thread.run_sync(self.store.scrub)
@@ -142,7 +183,7 @@ class Evictor:
                     u = await trio.to_thread.run_sync(self.store.usage, kind)
                 except (OSError, StoreError):
                     continue
-                e = plan_eviction(u["used"], u["free"], self.residents(kind), marks, reserved=self.reserved(kind))
+                e = plan_eviction(u["used"], u["free"], self.residents(kind), marks, reserved=await self.reserved(kind))
                 if e.evict:
                     pct = 100 * u["used"] / max(u["used"] + u["free"], 1)
                     await self._evict(kind, e.evict, f"{kind} was {pct:.0f}% full, above its high watermark "

@@ -317,11 +317,17 @@ class Transfers:
         if before is None:  # room under the tier's high watermark first (the same files again need none)
             await self.make_room(t.kind, t.model, await trio.to_thread.run_sync(tree_bytes, real))
 
-        def written(length: int) -> None:  # what is in the tier so far: the evictor's reservation shrinks by it
+        check = one_content(self.mesh, t.model)
+
+        def accept(manifest_hash: str) -> None:
+            check(manifest_hash)
+            t.manifest_hash = manifest_hash  # its partial: what the evictor measures as written
+
+        def written(length: int) -> None:
             t.bytes_done += length
 
         copy = await trio.to_thread.run_sync(functools.partial(
-            self.store.ingest_path, t.kind, t.model, real, accept=one_content(self.mesh, t.model), on_chunk=written))
+            self.store.ingest_path, t.kind, t.model, real, accept=accept, on_chunk=written))
         t.manifest_hash = copy.manifest_hash
         t.bytes_total = t.bytes_done = copy.manifest.total_bytes
         t.chunks_total = t.chunks_fetched = copy.manifest.n_chunks

@@ -7,6 +7,7 @@ files of transfers that no longer exist go."""
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -107,39 +108,56 @@ async def test_a_copy_removed_by_hand_leaves_the_catalog_and_stale_partials_go(
 async def test_transfers_side_by_side_reserve_their_bytes_until_they_end(
         tmp_path: Path, tmpfs: Callable[[int], Path]) -> None:
     """Two transfers that each fit alone cannot together pass the high
-    watermark: what make_room let in stays promised while its transfer runs,
-    only the part not yet written counts (never a byte twice), and the
-    promise ends with the transfer."""
+    watermark: what make_room let in stays promised while its transfer runs;
+    what a transfer has on the tier is measured (the blocks under its partial
+    entries), so nothing counts twice, a resume asks only for what is missing,
+    and a later transfer of the same model does not inherit the promise."""
     shm = tmpfs(20)
     store = Store("a", tmp_path / "data", shm)
-    written: dict[str, int] = {}  # model -> bytes its transfer wrote; missing: no transfer runs
+    running: dict[str, str] = {}  # model -> the id of the transfer writing it
     ev = Evictor(store, cast(CopyCatalog, None), {"dram": Watermarks(0.60, 0.55)},
-                 keep_reason=lambda m, k: None, active_partials=set, written=lambda m, k: written.get(m),
+                 keep_reason=lambda m, k: None, active_partials=set,
+                 written=lambda m, k: (running[m], [store.staging_dir(k, f"ingest-{running[m]}")])
+                 if m in running else None,
                  interval_s=1.0, partial_keep_s=60.0)
-    written["x"] = 0
+
+    def write(model: str, mib: int) -> None:
+        d = store.staging_dir("dram", f"ingest-{running[model]}")
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{len(list(d.iterdir()))}.bin").write_bytes(os.urandom(mib * MiB))
+
+    running["x"] = "t1"
     await ev.make_room("dram", "x", 8 * MiB)  # 8 of the 12 MiB under 60%
-    written["y"] = 0
+    running["y"] = "t2"
     with pytest.raises(StoreError) as err:
         await ev.make_room("dram", "y", 8 * MiB)  # alone it fits; beside x it would not
     assert err.value.code == "NO_SPACE"
     assert f"{8 * MiB} more promised to transfers in flight" in err.value.message, err.value.message
 
     # x has written 5 MiB: they are in the tier's used bytes, and only its 3 left are promised.
-    (shm / "x-part.bin").write_bytes(os.urandom(5 * MiB))
-    written["x"] = 5 * MiB
-    written["z"] = 0
+    write("x", 5)
+    running["z"] = "t3"
     await ev.make_room("dram", "z", 3 * MiB)  # 5 + 3 + 3 fit under 12 (counted twice: 5 + 8 + 3 would not)
-    assert ev.reserved("dram") == 3 * MiB + 3 * MiB
+    assert await ev.reserved("dram") == 3 * MiB + 3 * MiB
     with pytest.raises(StoreError):
         await ev.make_room("dram", "y", 8 * MiB)
 
-    # x ends (its bytes gone with a cancel) and z ends: their promises go with them.
-    del written["x"], written["z"]
-    (shm / "x-part.bin").unlink()
+    # x stops and a new transfer of x starts: the old promise is not the new one's.
+    running["x"] = "t4"
+    assert await ev.reserved("dram") == 3 * MiB  # z's alone; x's 5 MiB on disk are just used bytes
+    # z resumes (a restart): it asks only for what it does not have yet.
+    write("z", 2)
+    await ev.make_room("dram", "z", 3 * MiB)
+    assert await ev.reserved("dram") == 1 * MiB
+
+    # Everything ends and its files go: nothing is promised, y fits.
+    running.clear()
+    shutil.rmtree(shm / ".partial")
+    running["y"] = "t5"
     await ev.make_room("dram", "y", 8 * MiB)
-    assert ev.reserved("dram") == 8 * MiB and ev.reserved("dram", but="y") == 0  # y's own, while it runs
-    del written["y"]
-    assert ev.reserved("dram") == 0
+    assert await ev.reserved("dram") == 8 * MiB and await ev.reserved("dram", but="y") == 0
+    running.clear()
+    assert await ev.reserved("dram") == 0
 
 
 async def test_a_url_fetch_makes_room_before_it_writes(

@@ -168,3 +168,48 @@ async def test_the_store_is_owner_only(mesh: Mesh) -> None:
         assert _loose(mesh.root / "b") == []
     finally:
         os.umask(old)
+
+
+def test_the_connection_guard_checks_its_host_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``public_only_connections(host)``: a connection to ``host`` goes only to
+    a public address, checked at the connect (here the name answers loopback);
+    the thread's other connections (the node's own, such as its credential
+    refresh from an instance's metadata service) are left alone, and so is
+    every connection outside the guard."""
+    import socket
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import urllib3
+
+    from meshnode.copies.sources.guard import guard_error, public_only_connections
+
+    class Ok(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("content-length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Ok)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    real = socket.getaddrinfo
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **kw: real(
+        "127.0.0.1" if host == "rebind.example" else host, *a, **kw))
+    try:
+        with urllib3.PoolManager(retries=False) as pool:
+            with public_only_connections("rebind.example"):
+                assert pool.request("GET", f"http://127.0.0.1:{port}/").data == b"ok"  # another host: not ours
+                with pytest.raises(urllib3.exceptions.HTTPError) as e:
+                    pool.request("GET", f"http://rebind.example:{port}/")
+                refused = guard_error(e.value)
+                assert refused is not None and refused.code == "PRIVATE_SOURCE", e.value
+                assert "rebind.example is 127.0.0.1" in refused.message
+            assert pool.request("GET", f"http://rebind.example:{port}/").data == b"ok"  # outside the guard
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -238,6 +238,7 @@ async def test_a_fetch_stopped_midway_resumes_after_a_restart(
     flags = ("--s3-endpoint-url", s3.endpoint)
     a = await mesh.start("a", *flags, data_dir=data)
     httpx.post(s3.endpoint + "/__meshnode/reset")
+    httpx.post(s3.endpoint + f"/__meshnode/slow?rate={3 * MiB}")  # 3 ranges at 3 MiB/s: about 3 s in all
     r = await mesh.client.post(a.url + "/models/llama/download", json={
         "source_url": "s3://models/llama/model.safetensors", "target_device": "a:disk"})
     assert r.status_code == 202, r.text
@@ -250,6 +251,7 @@ async def test_a_fetch_stopped_midway_resumes_after_a_restart(
     assert kept < size and list(data.rglob(LEDGER)), kept
     served = s3.stats()["object_bytes"]
 
+    httpx.post(s3.endpoint + "/__meshnode/slow?rate=0")
     a = await mesh.start("a", *flags, data_dir=data)
     done = await wait_transfer(mesh, a.url, tid, timeout_s=60)
     assert done["status"] == "done", done

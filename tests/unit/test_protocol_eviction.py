@@ -101,3 +101,13 @@ def test_a_no_space_message_counts_what_is_promised_to_transfers_in_flight() -> 
     assert not e.fits and plan_eviction(40, 60, [], m, 30).fits  # alone it would fit
     text = e.message("dram", 30, 40, 100, m, 30)
     assert "30 more promised to transfers in flight" in text and "15 bytes left under it" in text, text
+
+
+def test_a_sweep_evicts_what_it_can_although_reservations_do_not_all_fit() -> None:
+    """Something else filled the tier after transfers were let in: the sweep
+    still evicts what may go (only a transfer's own admission is all or nothing)."""
+    m = Watermarks(0.90, 0.80)
+    res = [Resident("a", 30, 1.0), Resident("b", 900, 2.0, "pinned")]
+    assert plan_eviction(950, 50, res, m).evict == ("a",)
+    assert plan_eviction(950, 50, res, m, reserved=40).evict == ("a",)
+    assert plan_eviction(950, 50, res, m, 10, reserved=40).evict == ()  # a transfer that cannot fit: nothing

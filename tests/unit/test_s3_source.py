@@ -14,6 +14,7 @@ from meshnode.copies.sources.s3 import (
     LEDGER,
     S3Location,
     _check_claims,
+    _check_range,
     _Ledger,
     _Object,
     _plan_ranges,
@@ -73,3 +74,34 @@ def test_a_resume_record_is_believed_only_where_the_bytes_bear_it_out(tmp_path: 
     assert ok_part[2][1].hexdigest() == prefix
     f.write_bytes(data[:100])  # the wrong size: nothing is believed
     assert _check_claims(f, o, done, part) == ({}, {})
+
+
+def test_a_hostile_resume_record_is_ignored_not_a_crash(tmp_path: Path) -> None:
+    o = _Object("k", "k", 3000, "e" * 32)
+    _plan_ranges(o, 1000)
+    entry = {"etag": o.etag, "size": 3000, "ranges": [[0, 1000], [1000, 1000], [2000, 1000]]}
+    for bad in ({**entry, "done": ["0"], "part": "x"}, {**entry, "done": {"²": "a" * 32, "9" * 5000: "a" * 32}},
+                {**entry, "part": {"0": [True, "a" * 32], "1": [10 ** 30, "a" * 32]}}, {**entry, "ranges": "x"}):
+        ledger = _Ledger(tmp_path / LEDGER)
+        ledger.entries = {"k": bad}
+        assert ledger.claims(o) == ({}, {}), bad
+    ledger = _Ledger(tmp_path / LEDGER)
+    ledger.path.write_text("[" * 100_000 + "]" * 100_000)  # deeper than the parser goes
+    ledger.load()
+    assert ledger.entries == {}
+    left = tmp_path / f".{LEDGER}.tmp-4242"  # a write a kill cut short
+    left.write_text("{")
+    ledger.load()
+    assert not left.exists()  # it must not become a file of the model
+    left.write_text("{")
+    ledger.remove()
+    assert not left.exists() and not ledger.path.exists()
+
+
+def test_a_range_answered_as_another_range_is_refused() -> None:
+    _check_range({"ContentRange": "bytes 100-199/1000"}, 100, 199, 1000, "x")
+    _check_range({"ContentLength": 1000}, 0, 999, 1000, "x")  # the whole object, answered whole
+    for resp in ({"ContentLength": 1000}, {"ContentRange": "bytes 0-99/1000"}, {}):
+        with pytest.raises(SourceError) as e:
+            _check_range(resp, 100, 199, 1000, "x")
+        assert e.value.code == "BAD_CONTENT"

@@ -20,11 +20,14 @@ an admin port on loopback).  So:
   Hugging Face endpoint is the operator's (``HF_ENDPOINT``) and not checked.
 * an S3 endpoint a client names (``s3://...?endpoint_url=``) is checked the
   same way at every connection boto3 opens to it, not once up front: inside
-  ``public_only_connections()`` (the worker threads of such a fetch) urllib3
-  resolves, checks and connects to the checked address in one step, so a
-  name that answers public to the check and private to the connect (DNS
-  rebinding) gets ``PRIVATE_SOURCE``.  The operator's ``--s3-endpoint-url``
-  is not checked.
+  ``public_only_connections(host)`` (the worker threads of such a fetch)
+  urllib3 resolves, checks and connects to the checked address in one step
+  for that host, so a name that answers public to the check and private to
+  the connect (DNS rebinding) gets ``PRIVATE_SOURCE``.  Other connections of
+  the thread (the node's own credential refresh from an instance's metadata
+  service, an operator's proxy) are the operator's and pass; through a
+  proxy the name is checked once up front and the proxy resolves it.  The
+  operator's ``--s3-endpoint-url`` is not checked.
 """
 
 from __future__ import annotations
@@ -125,16 +128,17 @@ _public_only = threading.local()
 
 
 @contextlib.contextmanager
-def public_only_connections() -> Iterator[None]:
-    """Every connection urllib3 opens in this thread meanwhile goes only to a
-    public address, the very one checked (``PrivateAddress`` otherwise)."""
+def public_only_connections(host: str) -> Iterator[None]:
+    """Every connection urllib3 opens to ``host`` in this thread meanwhile
+    goes only to a public address, the very one checked (``PrivateAddress``
+    otherwise); connections to other hosts are left alone."""
     _install_urllib3_guard()
-    before = getattr(_public_only, "on", False)
-    _public_only.on = True
+    before: frozenset[str] = getattr(_public_only, "hosts", frozenset())
+    _public_only.hosts = before | {host.strip("[]").lower()}
     try:
         yield
     finally:
-        _public_only.on = before
+        _public_only.hosts = before
 
 
 def _install_urllib3_guard() -> None:
@@ -147,9 +151,9 @@ def _install_urllib3_guard() -> None:
         return
 
     def create_connection(address: tuple[str, int], *args: Any, **kw: Any) -> socket.socket:
-        if not getattr(_public_only, "on", False):
-            return real(address, *args, **kw)
         host, port = address
+        if host.strip("[]").lower() not in getattr(_public_only, "hosts", ()):
+            return real(address, *args, **kw)
         literal = _literal(host)
         try:
             if literal is not None:

@@ -79,7 +79,8 @@ PIECE_BYTES = 1 << 20  # read, written and hashed at once, in a worker thread
 CONCURRENCY = 8
 PART_SUFFIX = ".part"
 LEDGER = ".meshnode-s3-resume.json"  # the resume record, in the staging directory
-LEDGER_EVERY_S = 1.0
+LEDGER_EVERY_S = 1.0  # at least; more when writing the record takes long (at most 5% of the time)
+LEDGER_MAX_BYTES = 64 << 20  # a bigger record is not read (the fetch starts over)
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]\Z")
 _REGION = re.compile(r"[a-z0-9\-]{1,32}\Z")
 _MD5 = re.compile(r"[0-9a-f]{32}\Z")
@@ -205,21 +206,23 @@ async def _after_failure(e: Exception, what: str, failures: int, retries: RetryP
     return failures
 
 
-def _guarded(fn: Callable[..., Any], guard: bool) -> Callable[..., Any]:
-    """``fn``, with every connection it opens checked (``public_only_connections``) when ``guard``."""
-    if not guard:
+def _guarded(fn: Callable[..., Any], guard: str | None) -> Callable[..., Any]:
+    """``fn``, with every connection it opens to the host ``guard`` checked
+    (``public_only_connections``); ``fn`` itself when ``guard`` is None."""
+    if guard is None:
         return fn
+    host = guard
 
     def run(*args: Any) -> Any:
-        with public_only_connections():
+        with public_only_connections(host):
             return fn(*args)
 
     return run
 
 
-async def _call(fn: Callable[[], Any], what: str, retries: RetryPolicy, guard: bool = False) -> Any:
+async def _call(fn: Callable[[], Any], what: str, retries: RetryPolicy, guard: str | None = None) -> Any:
     """``fn()`` in a worker thread, retried with backoff while it fails transiently;
-    ``guard``: its connections go only to public addresses."""
+    ``guard``: a host its connections to go only to public addresses of."""
     failures = 0
     while True:
         try:
@@ -311,10 +314,11 @@ async def fetch_s3(url: str, dest_dir: Path, *, progress: Progress | None = None
     loc = parse_s3_url(url)
     # A client's endpoint (the node's own is the operator's): checked now for a clear early
     # answer, and at every connection, where it counts (a DNS answer may change in between).
-    guard = loc.endpoint_url is not None and not allow_private
-    if guard:
-        e = urlsplit(loc.endpoint_url or "")
-        await resolve_public(e.hostname or "", e.port or (443 if e.scheme == "https" else 80))
+    guard: str | None = None
+    if loc.endpoint_url is not None and not allow_private:
+        e = urlsplit(loc.endpoint_url)
+        guard = e.hostname or ""
+        await resolve_public(guard, e.port or (443 if e.scheme == "https" else 80))
     client = await _call(lambda: _client(loc, endpoint_url, policy, concurrency), "S3 client", policy)
     objects: list[_Object] = await _call(lambda: _list(client, loc), f"listing {loc.show()}", policy, guard)
     if not objects:
@@ -391,6 +395,7 @@ async def fetch_s3(url: str, dest_dir: Path, *, progress: Progress | None = None
                         Range=f"bytes={start}-{off + length - 1}", IfMatch=f'"{o.etag}"'), guard))
                     body = resp["Body"]
                     try:
+                        _check_range(resp, start, off + length - 1, o.size, what)
                         while done < length:
                             n_read = await trio.to_thread.run_sync(
                                 _guarded(_read_into, guard), body, fd, off + done, min(PIECE_BYTES, length - done), h)
@@ -461,35 +466,53 @@ class _Ledger:
         self._dirty = False
         self._lock = trio.Lock()
 
+    def _leftovers(self) -> list[Path]:
+        """Temp files of writes a kill cut short (they must not become files of the model)."""
+        return list(self.path.parent.glob(f".{self.path.name}.tmp-*"))
+
     def load(self) -> None:
-        """Blocking.  A missing, unreadable or malformed record is an empty one."""
+        """Blocking.  A missing, unreadable, oversized or malformed record is an empty one."""
+        for t in self._leftovers():
+            t.unlink(missing_ok=True)
         try:
+            if self.path.stat().st_size > LEDGER_MAX_BYTES:
+                return
             raw = json.loads(self.path.read_bytes())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return
         if isinstance(raw, dict):
             self.entries = {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, dict)}
 
     def claims(self, o: _Object) -> tuple[dict[int, str], dict[int, tuple[int, str]]]:
         """The ranges done and the prefixes of ranges in flight the record holds
-        for ``o`` as it is now listed (none when its ETag, size or ranges changed)."""
+        for ``o`` as it is now listed (none when its ETag, size or ranges changed,
+        or when the entry is not as this code writes it)."""
         e = self.entries.get(o.key)
-        if not e or e.get("etag") != o.etag or e.get("size") != o.size or e.get("ranges") != [list(r) for r in o.ranges]:
+        try:
+            if not e or e.get("etag") != o.etag or e.get("size") != o.size \
+                    or e.get("ranges") != [list(r) for r in o.ranges]:
+                return {}, {}
+            n = len(o.ranges)
+
+            def index(k: Any) -> int | None:
+                ok = isinstance(k, str) and 0 < len(k) <= 9 and k.isascii() and k.isdigit()
+                return int(k) if ok and int(k) < n else None
+
+            raw_done, raw_part = e.get("done"), e.get("part")
+            done = {i: v for k, v in (raw_done.items() if isinstance(raw_done, dict) else ())
+                    if (i := index(k)) is not None and isinstance(v, str) and _MD5.match(v)}
+            part = {}
+            for k, v in raw_part.items() if isinstance(raw_part, dict) else ():
+                i = index(k)
+                if (i is not None and i not in done and isinstance(v, list) and len(v) == 2
+                        and type(v[0]) is int and 0 < v[0] < o.ranges[i][1]
+                        and isinstance(v[1], str) and _MD5.match(v[1])):
+                    part[i] = (v[0], v[1])
+            return done, part
+        except Exception as exc:  # a record this code did not write: believed in nothing
+            log.warning("S3: the resume record for %s is not usable (%s): fetching it whole", o.key[:200],
+                        type(exc).__name__)
             return {}, {}
-        n = len(o.ranges)
-
-        def index(k: Any) -> int | None:
-            return int(k) if isinstance(k, str) and k.isdigit() and int(k) < n else None
-
-        done = {i: v for k, v in (e.get("done") or {}).items()
-                if (i := index(k)) is not None and isinstance(v, str) and _MD5.match(v)}
-        part = {}
-        for k, v in (e.get("part") or {}).items():
-            i = index(k)
-            if (i is not None and i not in done and isinstance(v, list) and len(v) == 2 and isinstance(v[0], int)
-                    and 0 < v[0] < o.ranges[i][1] and isinstance(v[1], str) and _MD5.match(v[1])):
-                part[i] = (v[0], v[1])
-        return done, part
 
     def begin(self, o: _Object) -> None:
         e: dict[str, Any] = {"etag": o.etag, "size": o.size, "ranges": [list(r) for r in o.ranges], "done": {},
@@ -515,15 +538,20 @@ class _Ledger:
                 not now and trio.current_time() - self._written_at < LEDGER_EVERY_S):
             return
         async with self._lock:
-            self._dirty, self._written_at = False, trio.current_time()
-            data = json.dumps(self.entries, separators=(",", ":")).encode()
+            t0 = trio.current_time()
+            self._dirty = False
+            data = json.dumps(self.entries, separators=(",", ":")).encode()  # here: the entries change in trio
             try:  # not durable: what a crash loses is re-hashed, found missing and fetched again
                 await trio.to_thread.run_sync(functools.partial(atomic_write, self.path, data, durable=False))
             except OSError as e:
                 log.warning("S3: cannot keep the resume record %s: %s", self.path, e)
+            # A big record (many objects, many ranges) is written less often: at most 5% of the time.
+            self._written_at = trio.current_time() + 19 * (trio.current_time() - t0)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+        for t in self._leftovers():
+            t.unlink(missing_ok=True)
 
 
 def _md5_of(path: Path, off: int, length: int) -> Any:
@@ -602,6 +630,17 @@ async def _in_pool(jobs: list[Any], work: Callable[[Any], Awaitable[None]], work
     async with trio.open_nursery() as n:
         for _ in range(min(workers, len(jobs))):
             n.start_soon(worker)
+
+
+def _check_range(resp: Any, first: int, last: int, size: int, what: str) -> None:
+    """The answer is the range asked (a store that ignored ``Range`` would put
+    the object's start at the range's place)."""
+    cr = resp.get("ContentRange")
+    if isinstance(cr, str) and cr.startswith(f"bytes {first}-{last}/"):
+        return
+    if cr is None and first == 0 and last == size - 1 and resp.get("ContentLength") == size:
+        return  # the whole object, answered whole
+    raise SourceError("BAD_CONTENT", f"{what}: the store answered another range ({str(cr)[:80]})")
 
 
 def _read_into(body: Any, fd: int, offset: int, n: int, h: Any) -> int:
