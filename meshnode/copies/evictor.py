@@ -21,10 +21,11 @@ while their transfer runs, so transfers side by side cannot together pass
 the watermark.  What a transfer has already put on the tier is measured,
 not reported: the blocks allocated under its ``.partial`` entries
 (``written`` names the transfer and its entries, None once it ended), so
-resumed bytes, sparse files and progress counters never count twice.  Why a copy must stay is asked of
-``keep_reason`` (the replica policy's ``min``, an engine serving from it, a
-transfer reading or writing it), which the daemon wires to the parts that
-know.
+resumed bytes, sparse files and progress counters never count twice.
+
+Why a copy must stay is asked of ``keep_reason`` (the replica policy's
+``min``, an engine serving from it, a transfer reading or writing it),
+which the daemon wires to the parts that know.
 """
 
 from __future__ import annotations
