@@ -91,6 +91,12 @@ async def test_info_lines_tell_an_operator_what_happened(mesh: Mesh, hub: FakeHu
         {"action_id": "check", "action_type": "health_check", "target_url": f"{a.url}/health",
          "dependencies": ["to_b"]}]})
     assert job["status"] == "completed", job
+
+    async def a_knows_bs_copy() -> bool:  # the purge names the copies its node has heard of
+        r = await mesh.client.get(a.url + f"/models/{REPO}")
+        return "b:disk" in r.json().get("locations", [])
+
+    await wait_for(a_knows_bs_copy, what="b's copy known to a")
     r = await mesh.client.delete(a.url + f"/models/{REPO}", params={"purge": "true"})
     assert r.status_code == 200, r.text
 
