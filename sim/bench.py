@@ -48,14 +48,14 @@ class BenchPlan:
     def quick(cls) -> BenchPlan:
         return cls(
             spread_nodes=200,
-            spread_seeds=12,
+            spread_seeds=6,
             crash_nodes=200,
-            crash_seeds=4,
+            crash_seeds=2,
             fd_nodes=(100,),
             fd_duration_s=(120.0,),
             bytes_nodes=(100, 200),
             heal_nodes=(10, 50),
-            heal_seeds=4,
+            heal_seeds=2,
         )
 
 

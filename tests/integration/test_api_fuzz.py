@@ -227,7 +227,7 @@ def requests(draw: st.DrawFn) -> tuple[str, str, bytes]:
 
 
 FUZZ = settings(
-    max_examples=1200,
+    max_examples=800,
     deadline=None,
     derandomize=True,
     database=None,

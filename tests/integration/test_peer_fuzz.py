@@ -127,7 +127,7 @@ def envelopes(draw: st.DrawFn) -> tuple[str, bytes]:
 
 
 FUZZ = settings(
-    max_examples=1500,
+    max_examples=1000,
     deadline=None,
     derandomize=True,
     database=None,
