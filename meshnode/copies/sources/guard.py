@@ -100,6 +100,15 @@ def _literal(host: str) -> IPAddress | None:
         return None
 
 
+def _unresolvable(host: str, e: BaseException) -> SourceError:
+    return SourceError("NOT_FOUND", f"cannot resolve {host[:100]}: {e}")
+
+
+def _public_infos(host: str, infos: Sequence[Any]) -> list[str]:
+    """The addresses of ``getaddrinfo``'s answer for ``host``, each checked (``_check_public``)."""
+    return _check_public(host, list(dict.fromkeys(str(info[4][0]) for info in infos)))
+
+
 async def resolve_public(host: str, port: int) -> list[str]:
     """Every address ``host`` resolves to, or ``SourceError`` when one of
     them is not public (all must be: a name that also points inside is refused)."""
@@ -109,8 +118,20 @@ async def resolve_public(host: str, port: int) -> list[str]:
     try:
         infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError) as e:
-        raise SourceError("NOT_FOUND", f"cannot resolve {host[:100]}: {e}") from None
-    return _check_public(host, list(dict.fromkeys(str(info[4][0]) for info in infos)))
+        raise _unresolvable(host, e) from None
+    return _public_infos(host, infos)
+
+
+def _resolve_public_now(host: str, port: int) -> list[str]:
+    """``resolve_public`` in the calling thread (urllib3's, inside the guard)."""
+    literal = _literal(host)
+    if literal is not None:
+        return _check_public(host, [str(literal)])
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        raise _unresolvable(host, e) from None
+    return _public_infos(host, infos)
 
 
 # -- every connection of a thread checked (boto3 through urllib3) -----------------------------
@@ -154,16 +175,8 @@ def _install_urllib3_guard() -> None:
         host, port = address
         if host.strip("[]").lower() not in getattr(_public_only, "hosts", ()):
             return real(address, *args, **kw)
-        literal = _literal(host)
         try:
-            if literal is not None:
-                addrs = _check_public(host, [str(literal)])
-            else:
-                try:
-                    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-                except (OSError, UnicodeError) as e:
-                    raise SourceError("NOT_FOUND", f"cannot resolve {host[:100]}: {e}") from None
-                addrs = _check_public(host, list(dict.fromkeys(str(i[4][0]) for i in infos)))
+            addrs = _resolve_public_now(host, port)
         except SourceError as e:
             raise PrivateAddress(e) from None
         last: OSError | None = None

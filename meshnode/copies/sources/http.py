@@ -345,11 +345,12 @@ async def download_file(
         tracker.add_bytes(pf.have - reported)
         reported = pf.have
 
-    asked: list[int] = []
+    asked = False
 
     async def reserve_once(total: int) -> None:
+        nonlocal asked
         if reserve is not None and not asked:
-            asked.append(total)
+            asked = True
             await reserve(total)
 
     while True:

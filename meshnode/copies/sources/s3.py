@@ -43,6 +43,7 @@ worker thread; progress and retries run in trio.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -472,8 +473,9 @@ class _Ledger:
 
     def load(self) -> None:
         """Blocking.  A missing, unreadable, oversized or malformed record is an empty one."""
-        for t in self._leftovers():
-            t.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            for t in self._leftovers():
+                t.unlink(missing_ok=True)
         try:
             if self.path.stat().st_size > LEDGER_MAX_BYTES:
                 return
