@@ -39,6 +39,7 @@ from typing import Any
 import httpx
 import trio
 
+from protocol.engines import EnginePolicy, check_args, check_env_names
 from protocol.keys import SVC_PREFIX, RecordError
 from protocol.placement import vram_needed
 from protocol.serving import (
@@ -75,15 +76,18 @@ STAGED_HOLD_S = 3600.0  # a model loaded for a GPU holds its VRAM this long, wai
 STARTING_PROBE_S = 0.5  # how often a starting engine is asked whether it is ready
 
 
+ENGINE_HOST = "127.0.0.1"  # engines listen on loopback only: other nodes reach them through the signed peer hop
+
+
 @dataclass(frozen=True)
 class ServingSettings:
     run_dir: Path
-    host: str = "127.0.0.1"  # where engines listen
     port_range: tuple[int, int] = (8000, 8999)
     engines: frozenset[str] = frozenset({"vllm", "llama.cpp", "sglang", "tgi"})
     binaries: dict[str, str] = field(default_factory=dict)
     drain_s: float = 30.0
     policy: LifePolicy = field(default_factory=LifePolicy)
+    engine_policy: EnginePolicy = field(default_factory=EnginePolicy)
 
 
 def _kill_group(pgid: int, sig: int) -> None:
@@ -91,14 +95,32 @@ def _kill_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
-def _alive(pid: int) -> bool:
+def proc_stat(pid: int) -> tuple[int, int] | None:
+    """``(process group, start time in clock ticks since boot)`` of ``pid``,
+    from ``/proc/PID/stat``; None when it is gone (a zombie is: it holds
+    nothing but its exit status)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    rest = raw[raw.rfind(b")") + 2:].split()  # the name may hold spaces and parentheses
+    try:
+        return None if rest[0] in (b"Z", b"X") else (int(rest[2]), int(rest[19]))
+    except (IndexError, ValueError):
+        return None
+
+
+def group_members(pgid: int, started: int) -> list[int]:
+    """The processes of group ``pgid`` started no earlier than ``started``: an
+    engine we ran and the workers it forked (a pid the kernel reused for
+    something older, or another group, is not among them)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            st = proc_stat(int(d.name))
+            if st is not None and st[0] == pgid and st[1] >= started:
+                out.append(int(d.name))
+    return out
 
 
 def _bind_free(host: str, port: int) -> bool:
@@ -189,33 +211,35 @@ class Services:
                 await self._http.aclose()
 
     def _stop_orphans(self) -> None:
-        """Engines a killed earlier run of this node left: stopped, so they hold no GPU."""
+        """Engines a killed earlier run of this node left: stopped, so they hold
+        no GPU and no port.  An engine is known by the process group the node
+        gave it and its start time (``/proc/PID/stat``), not its command line
+        (a ``#!`` script runs as its interpreter); its record stays until no
+        process of it is left."""
         for pf in sorted(self.settings.run_dir.glob("*.json")):
             try:
                 info = json.loads(pf.read_text())
-                pid, pgid = int(info["pid"]), int(info["pgid"])
+                pid, pgid, started = int(info["pid"]), int(info["pgid"]), int(info["start_ticks"])
             except (OSError, ValueError, KeyError, TypeError):
                 pf.unlink(missing_ok=True)
                 continue
-            if _alive(pid) and self._looks_like(pid, info.get("argv0")):
-                log.warning("stopping engine pid %d (%s on port %s) left by an earlier run of this node",
-                            pid, info.get("model"), info.get("port"))
+            members = group_members(pgid, started)
+            if members:
+                log.warning("stopping engine pid %d (%s on port %s, %d processes) left by an earlier run of this "
+                            "node", pid, info.get("model"), info.get("port"), len(members))
                 _kill_group(pgid, signal.SIGTERM)
                 deadline = time.monotonic() + min(self.settings.drain_s, 10.0)
-                while _alive(pid) and time.monotonic() < deadline:
+                while group_members(pgid, started) and time.monotonic() < deadline:
                     time.sleep(0.1)
                 _kill_group(pgid, signal.SIGKILL)
+                deadline = time.monotonic() + 5.0
+                while group_members(pgid, started) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                if group_members(pgid, started):
+                    log.error("engine group %d (%s) survives SIGKILL; its record %s stays", pgid, info.get("model"),
+                              pf.name)
+                    continue
             pf.unlink(missing_ok=True)
-
-    @staticmethod
-    def _looks_like(pid: int, argv0: Any) -> bool:
-        """The pid still runs the engine we started (not a pid the kernel reused)."""
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            return False
-        return isinstance(argv0, str) and bool(cmdline) and os.path.basename(cmdline[0].decode(errors="replace")) \
-            == os.path.basename(argv0)
 
     def _forget_own_records(self) -> None:
         """Our service records from an earlier run: those engines are gone now."""
@@ -291,6 +315,7 @@ class Services:
         if self._nursery is None:
             raise MeshError("STARTING", "the serving executor is not running yet")
         cfg = validate_config(config)
+        check_env_names(cfg["env"], self.settings.engine_policy)  # refused before anything starts
         for key in [k for k, s in self._by_key.items() if s.done.is_set() and s.model == model and s.gpus == gpus]:
             self._by_key.pop(key)  # failed before: a new request starts it afresh
             self.mesh.delete(key)
@@ -306,7 +331,7 @@ class Services:
         copy = self.store.get(model, "disk") or self.store.get(model, "dram")
         files = [f.path for f in copy.manifest.files] if copy is not None else []
         engine = pick_engine(cfg.get("engine"), files)
-        self._check_allowed(engine)
+        self._check_allowed(engine, cfg)
         rec = self.gpus.current
         free = {g.index: g.free_bytes for g in rec.gpus} if rec is not None else {}
         if gpus and not free:
@@ -317,7 +342,7 @@ class Services:
             raise ServeError("NO_CAPACITY", f"not enough free VRAM on {self.mesh.id}: {'; '.join(why)}")
         chosen = None
         for p in choose_port(port, self.settings.port_range, self._taken_ports()):
-            if await trio.to_thread.run_sync(_bind_free, self.settings.host, p):
+            if await trio.to_thread.run_sync(_bind_free, ENGINE_HOST, p):
                 chosen = p
                 break
         if chosen is None:
@@ -331,10 +356,10 @@ class Services:
                 raise ServeError("COPY_NOT_FOUND", f"{model!r} could not be pulled to {self.mesh.id}")
             files = [f.path for f in copy.manifest.files]
             engine = pick_engine(cfg.get("engine"), files)  # the files tell now (a .gguf: llama.cpp)
-            self._check_allowed(engine)
+            self._check_allowed(engine, cfg)
         self.store.touch(copy.model, copy.kind)  # an engine reads it: used
-        spec = engine_spec(engine, model, str(copy.path), files, self.settings.host, chosen, gpus, cfg,
-                           self.settings.binaries)
+        spec = engine_spec(engine, model, str(copy.path), files, ENGINE_HOST, chosen, gpus, cfg,
+                           self.settings.binaries, self.settings.engine_policy, os.environ)
         if shutil.which(spec.argv[0]) is None:
             raise ServeError("ENGINE_NOT_FOUND", f"the {engine} engine's program {spec.argv[0]!r} is not on "
                              f"{self.mesh.id} (install it, or give its path with --engine-binaries)")
@@ -361,10 +386,12 @@ class Services:
                 raise
         return self._record(svc)
 
-    def _check_allowed(self, engine: str) -> None:
+    def _check_allowed(self, engine: str, cfg: dict[str, Any]) -> None:
+        """The engine enabled here, and the caller's arguments in its allow list."""
         if engine not in self.settings.engines:
             raise ServeError("ENGINE_NOT_ALLOWED", f"engine {engine!r} is not enabled on {self.mesh.id} "
                              f"(--engines {','.join(sorted(self.settings.engines))})")
+        check_args(engine, cfg["args"], self.settings.engine_policy, None)
 
     async def _wait_ready(self, svc: _Service) -> None:
         await svc.ended.wait()
@@ -421,7 +448,7 @@ class Services:
             self.gpus.poke()
 
     async def _run_once(self, svc: _Service) -> None:
-        env = {**os.environ, **svc.spec.env, "CUDA_VISIBLE_DEVICES": ",".join(map(str, svc.gpus))}
+        env = dict(svc.spec.env)  # built from the operator's allow lists (protocol.engines), never os.environ
         try:
             logf = await trio.to_thread.run_sync(svc.log_path.open, "ab")
         except OSError as e:
@@ -442,8 +469,9 @@ class Services:
         svc.proc = proc
         pgid = proc.pid  # start_new_session: the engine leads its own group
         svc.life.spawned(trio.current_time())
+        st = proc_stat(proc.pid)
         svc.pid_path.write_text(json.dumps({"pid": proc.pid, "pgid": pgid, "port": svc.port, "model": svc.model,
-                                            "argv0": svc.spec.argv[0], "started_ms": wall_ms()}))
+                                            "start_ticks": st[1] if st is not None else 0, "started_ms": wall_ms()}))
         fake = self.gpus.reader if isinstance(self.gpus.reader, FakeGpus) else None
         if fake is not None:  # what the engine would take on a real GPU
             for g in svc.gpus:
@@ -503,9 +531,7 @@ class Services:
         self._publish(svc)
 
     async def _probe(self, svc: _Service) -> tuple[bool, str]:
-        host = self.settings.host
-        host = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
-        base = f"http://{host if ':' not in host else f'[{host}]'}:{svc.port}"
+        base = f"http://{ENGINE_HOST}:{svc.port}"
         try:
             r = await self._http.get(base + svc.spec.health_path)
             if r.status_code != 200:
@@ -550,13 +576,11 @@ class Services:
     def _publish(self, svc: _Service) -> None:
         self.mesh.set(svc_key(svc.model, self.mesh.id, svc.port), self._record(svc).to_value())
 
-    def url_of(self, rec: ServiceRecord) -> str | None:
-        """Where the engine answers, from the node's advertised host (None when the node is unknown)."""
-        m = self.mesh.member(rec.node)
-        if m is None:
-            return None
-        host = m.record.address.rsplit(":", 1)[0]
-        return f"http://{host}:{rec.port}"
+    @staticmethod
+    def url_of(rec: ServiceRecord) -> str:
+        """Where the engine answers, on its own node's loopback (other nodes
+        reach it through the node's peer route: ``meshnode/proxy.py``)."""
+        return f"http://{ENGINE_HOST}:{rec.port}"
 
     def record_json(self, rec: ServiceRecord) -> dict[str, Any]:
         out = rec.to_value()

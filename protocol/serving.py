@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
+from .engines import EnginePolicy, ServeError, check_args, check_env_names, engine_env
 from .keys import SVC_PREFIX, RecordError
 
 __all__ = [
@@ -66,15 +67,6 @@ CONFIG_KEYS = {"engine", "args", "flags", "command", "health_path", "models_path
                "completion_probe"}
 ENV_MAX = 32
 LOG_TAIL_CHARS = 4000
-
-
-class ServeError(Exception):
-    """A request the node cannot serve: ``code`` as the API's error codes."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 # -- engines --------------------------------------------------------------------------------
@@ -146,6 +138,7 @@ def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
         raise ServeError("INVALID_CONFIG", f"config.env: a map of at most {ENV_MAX} NAME: value strings")
     if "CUDA_VISIBLE_DEVICES" in env:
         raise ServeError("INVALID_CONFIG", "config.env: CUDA_VISIBLE_DEVICES comes from the step's GPUs")
+    check_env_names(env, None)  # what no node allows; the serving node checks its own allow list
     out["env"] = dict(env)
     return out
 
@@ -170,11 +163,17 @@ class EngineSpec:
 
 
 def engine_spec(engine: str, model: str, model_dir: str, files: Sequence[str], host: str, port: int,
-                gpus: Sequence[int], config: Mapping[str, Any], binaries: Mapping[str, str]) -> EngineSpec:
-    """The argv and probes of ``engine`` serving ``model`` from ``model_dir``
-    (its ``files``, relative) on ``host:port`` with ``gpus``.  ``config`` is
-    what ``validate_config`` returned; ``binaries`` the node's engine paths."""
-    args = list(config.get("args", []))
+                gpus: Sequence[int], config: Mapping[str, Any], binaries: Mapping[str, str],
+                policy: EnginePolicy, node_env: Mapping[str, str]) -> EngineSpec:
+    """The argv, environment and probes of ``engine`` serving ``model`` from
+    ``model_dir`` (its ``files``, relative) on ``host:port`` with ``gpus``.
+    ``config`` is what ``validate_config`` returned; ``binaries`` the node's
+    engine paths; ``policy`` what the operator lets a caller add
+    (``protocol.engines``: ``ServeError`` ENGINE_CONFIG_NOT_ALLOWED for
+    anything else); ``node_env`` the node's environment, of which only the
+    policy's passed names reach the engine."""
+    args = check_args(engine, config.get("args", []), policy, model_dir)
+    env = engine_env(config.get("env", {}), policy, node_env, gpus)
     tp = str(max(len(gpus), 1))
     health, models = config.get("health_path", "/health"), config.get("models_path", "/v1/models")
     if engine == "command":
@@ -188,8 +187,7 @@ def engine_spec(engine: str, model: str, model_dir: str, files: Sequence[str], h
         except (KeyError, IndexError, ValueError) as e:
             raise ServeError("INVALID_CONFIG", f"config.command: unknown placeholder {e} (known: "
                              f"{', '.join('{' + k + '}' for k in subs)})") from None
-        return EngineSpec(engine, tuple(argv), config.get("env", {}), health, models,
-                          bool(config.get("completion_probe", False)))
+        return EngineSpec(engine, tuple(argv), env, health, models, bool(config.get("completion_probe", False)))
     binary = binaries.get(engine, DEFAULT_BINARIES[engine])
     if engine == "vllm":
         argv = [binary, "serve", model_dir, "--host", host, "--port", str(port), "--served-model-name", model,
@@ -210,8 +208,7 @@ def engine_spec(engine: str, model: str, model_dir: str, files: Sequence[str], h
     else:  # tgi: its OpenAI route serves the model as "tgi"; readiness is its /health
         argv = [binary, "--model-id", model_dir, "--hostname", host, "--port", str(port), "--num-shard", tp]
         models = config.get("models_path")
-    return EngineSpec(engine, tuple(argv + args), config.get("env", {}), health, models,
-                      bool(config.get("completion_probe", False)))
+    return EngineSpec(engine, tuple(argv + args), env, health, models, bool(config.get("completion_probe", False)))
 
 
 # -- ports and VRAM -------------------------------------------------------------------------

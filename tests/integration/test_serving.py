@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import meshnode
 import meshnode.daemon
+from meshnode.serving import proc_stat
 from protocol.serving import LifePolicy
 from tests.engine.fake_engine import write_model
 
@@ -306,7 +307,8 @@ async def test_a_restarted_node_stops_the_engines_its_earlier_run_left(mesh: Mes
         run_dir = tmp_path / "node1" / "services"
         run_dir.mkdir(parents=True)
         (run_dir / "org--e_node1_8100.json").write_text(json.dumps(
-            {"pid": proc.pid, "pgid": proc.pid, "port": port, "model": "org/e", "argv0": sys.executable}))
+            {"pid": proc.pid, "pgid": proc.pid, "port": port, "model": "org/e",
+             "start_ticks": proc_stat(proc.pid)[1]}))  # type: ignore[index]
         a = await start(mesh, "node1")
         assert proc.wait(timeout=15) is not None  # stopped by the node at start
         assert not list(run_dir.glob("*.json"))

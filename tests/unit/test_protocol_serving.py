@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from protocol.engines import EnginePolicy
 from protocol.serving import (
     Action,
     LifePolicy,
@@ -28,12 +29,13 @@ from protocol.serving import (
 
 GiB = 2**30
 BIN: dict[str, str] = {}
+POLICY = EnginePolicy()
 
 
 def spec(engine: str, files: tuple[str, ...] = ("model.safetensors",), gpus: tuple[int, ...] = (0, 1),
          **config: Any) -> tuple[str, ...]:
     return engine_spec(engine, "org/m", "/data/copies/org/m", files, "127.0.0.1", 8101, gpus,
-                       validate_config(config), BIN).argv
+                       validate_config(config), BIN, POLICY, {}).argv
 
 
 def test_each_engine_gets_its_command_line() -> None:
@@ -47,9 +49,9 @@ def test_each_engine_gets_its_command_line() -> None:
     assert "--num-shard" in spec("tgi")
     cmd = spec("command", command=["my-engine", "--weights", "{model_dir}", "--port={port}", "--gpus", "{gpus}"])
     assert cmd == ("my-engine", "--weights", "/data/copies/org/m", "--port=8101", "--gpus", "0,1")
-    s = engine_spec("vllm", "m", "/d", (), "h", 1, (), validate_config({}), {"vllm": "/opt/vllm/bin/vllm"})
+    s = engine_spec("vllm", "m", "/d", (), "h", 1, (), validate_config({}), {"vllm": "/opt/vllm/bin/vllm"}, POLICY, {})
     assert s.argv[0] == "/opt/vllm/bin/vllm" and s.health_path == "/health" and s.models_path == "/v1/models"
-    assert engine_spec("tgi", "m", "/d", (), "h", 1, (), validate_config({}), {}).models_path is None
+    assert engine_spec("tgi", "m", "/d", (), "h", 1, (), validate_config({}), {}, POLICY, {}).models_path is None
 
 
 def test_the_engine_is_picked_by_name_else_by_files() -> None:
