@@ -13,5 +13,6 @@ def unavailable(why: str) -> NoReturn:
     tests need (``.ci/run``), so there a missing piece is a failure that a
     skip would hide."""
     if os.geteuid() == 0:
-        pytest.fail(f"running as root, yet {why}: .ci/run must install what this test needs")
-    pytest.skip(why)
+        pytest.fail(f"running as root, yet {why}: scripts/system-deps (which ./scripts/test runs) must install "
+                    "what this test needs")
+    pytest.skip(f"{why}; install what the tests need with: sudo scripts/system-deps")
