@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import trio
 
-from meshnode.errors import STATUS, MeshError, first_mesh_error, first_of, only
+from meshnode.errors import STATUS, Code, MeshError, first_mesh_error, first_of, only
 
 
 def test_a_code_has_one_status() -> None:
@@ -29,3 +32,28 @@ def test_only_cancellations_mean_a_stop_not_a_failure() -> None:
     assert not only(BaseExceptionGroup("g", [KeyboardInterrupt(), ValueError()]), KeyboardInterrupt)
     assert only(MeshError("X", "y"), (MeshError, trio.Cancelled))
     assert not only(ValueError(), trio.Cancelled)
+
+
+RAISED = re.compile(
+    r"\b(?:MeshError|ServeError|SourceError|StoreError|TransferError|TargetRefused|HealthError)\(\s*\"([A-Z][A-Z0-9_]+)\""
+    r"|\b_error\(\s*\d{3},\s*\"([A-Z][A-Z0-9_]+)\""
+    r"|\b_reply\(\s*send,\s*\d{3},\s*\"([A-Z][A-Z0-9_]+)\""
+    r"|\bcode=\"([A-Z][A-Z0-9_]+)\"")
+
+
+def test_every_code_raised_anywhere_is_one_with_a_status() -> None:
+    """Scan the daemon and the protocol for every code an error is raised with:
+    each is a ``Code`` (so the API never answers one as a 500 by accident)."""
+    root = Path(__file__).resolve().parents[2]
+    seen: dict[str, str] = {}
+    for path in [*root.glob("meshnode/**/*.py"), *root.glob("protocol/**/*.py")]:
+        for m in RAISED.finditer(path.read_text()):
+            code = next(g for g in m.groups() if g)
+            seen.setdefault(code, str(path.relative_to(root)))
+    assert len(seen) > 40  # the scan finds them
+    missing = {c: where for c, where in seen.items() if c not in STATUS}
+    assert not missing, f"codes raised without a status in meshnode.errors.Code: {missing}"
+    assert {c.value for c in Code} == set(STATUS) and all(400 <= c.status < 600 for c in Code)
+    for code in ("BAD_CHUNK", "BAD_CONTENT", "INCOMPLETE", "NO_SOURCE", "SOURCE_CHANGED", "SOURCE_CORRUPT",
+                 "TOO_MANY_FILES", "UNAVAILABLE", "UNHEALTHY"):  # once answered as 500
+        assert MeshError(code, "x").status != 500
