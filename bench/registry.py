@@ -48,7 +48,8 @@ class Node:
         self.log = root / "node.log"
         cmd = [sys.executable, "-m", "meshnode", "--log-level", "WARNING", "start", "--node-id", "bench",
                "--port", str(self.port), "--data-port", str(free_port()),
-               "--data-dir", str(root / "data"), "--dram-dir", str(root / "shm")]
+               "--data-dir", str(root / "data"), "--dram-dir", str(root / "shm"),
+               "--write-rate", "0"]  # it measures the write path: no per-client limit
         self.proc = subprocess.Popen(cmd, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from protocol import GossipConfig, InvalidName, validate_node_id
+from protocol.engines import EnginePolicy, parse_args_allow, parse_env_allow, parse_env_pass
 from protocol.eviction import InvalidWatermarks, Watermarks
 from protocol.gpus import parse_fake_gpus
+from protocol.httpguard import split_host
 from protocol.names import validate_address
 from protocol.replicas import InvalidPolicy, parse_labels
 from protocol.serving import ENGINES, parse_port_range
@@ -68,6 +70,9 @@ class Config:
     dram_dir: Path | None = None
     max_connections: int | None = None  # None: from the open-file limit
     max_client_connections: int = 64
+    http_hosts: tuple[str, ...] = ()  # --http-hosts: Host names answered besides loopback, host and advertise
+    max_models: int = 100_000  # registered models in the mesh; a new one past it is 507 TOO_MANY_MODELS
+    write_rate: float = 50.0  # API writes per second per token (or client address); 0: unlimited
     ingest_roots: tuple[Path, ...] = ()  # empty: <data-dir>/import
     allow_private_sources: bool = False
     max_ingress_bps: float = 0.0  # 0: unlimited
@@ -89,6 +94,7 @@ class Config:
     service_ports: tuple[int, int] = (8000, 8999)
     engines: frozenset[str] = frozenset({"vllm", "llama.cpp", "sglang", "tgi"})
     engine_binaries: dict[str, str] = field(default_factory=dict)
+    engine_policy: EnginePolicy = field(default_factory=EnginePolicy)  # --engine-env-allow/-pass, --engine-args-allow
     engine_drain_s: float = 30.0
     engine_startup_s: float = 600.0
     peer_timeout_s: float = 2.0
@@ -104,6 +110,15 @@ class Config:
     @property
     def scheme(self) -> str:
         return "https" if self.tls else "http"
+
+    @property
+    def host_names(self) -> tuple[str, ...]:
+        """The ``Host`` names the API answers besides loopback and IP literals:
+        the bound host, the advertised one and ``--http-hosts``."""
+        names = [] if self.host in ("0.0.0.0", "::", "") else [self.host]
+        if self.advertise:
+            names.append(self.advertise.rsplit(":", 1)[0])
+        return (*names, *self.http_hosts)
 
 
 # name, type, help, default.  Every one reads MESHNODE_<NAME> and the config file key <name>.
@@ -145,6 +160,14 @@ _OPTIONS: list[tuple[str, type, str, Any]] = [
      "(default vllm,llama.cpp,sglang,tgi)", "vllm,llama.cpp,sglang,tgi"),
     ("engine_binaries", str, "where the engines are, e.g. vllm=/opt/vllm/bin/vllm,llama.cpp=/usr/local/bin/llama-server "
      "(default: vllm, llama-server, python3, text-generation-launcher on PATH)", None),
+    ("engine_env_allow", str, "variables an API caller's config.env may set for an engine: names or PREFIX_*, "
+     "comma-separated; +NAME,... adds to the default (the engines' tuning variables: OMP_NUM_THREADS, NCCL_DEBUG, "
+     "VLLM_ATTENTION_BACKEND, ...); LD_*, PYTHON*, PATH, *_PROXY, secrets and the like are never allowed", None),
+    ("engine_env_pass", str, "variables of the node's own environment every engine gets, comma-separated (default "
+     "PATH,HOME,LANG,LC_ALL,LC_CTYPE,TZ,TMPDIR,USER,LOGNAME,LD_LIBRARY_PATH,CUDA_HOME,HF_HOME,HF_HUB_OFFLINE,"
+     "NVIDIA_DRIVER_CAPABILITIES); never a secret", None),
+    ("engine_args_allow", str, "flags an API caller may give an engine beyond the default tuning flags, "
+     "ENGINE:--flag,... (*:--flag for every engine), e.g. vllm:--trust-remote-code", None),
     ("engine_drain", float, "seconds an engine has to exit after SIGTERM before SIGKILL (default 30)", 30.0),
     ("engine_startup", float, "seconds an engine has to become healthy (default 600)", 600.0),
     ("cluster", str, "cluster label; nodes of other clusters are refused", "meshnode"),
@@ -162,6 +185,11 @@ _OPTIONS: list[tuple[str, type, str, Any]] = [
     ("tls_ca", str, "CA bundle: verify peers, and require client certificates", None),
     ("max_connections", int, "HTTP connections at once (default: from the open-file limit, at most 4096)", None),
     ("max_client_connections", int, "HTTP connections from one client address (default 64)", 64),
+    ("http_hosts", str, "Host names the API answers besides localhost, IP addresses, --host and --advertise, "
+     "NAME[,NAME...] (a node without API tokens refuses other names: DNS rebinding)", None),
+    ("max_models", int, "registered models the mesh may hold; a new one past it is refused (default 100000)", 100_000),
+    ("write_rate", float, "API writes per second one token (or, without tokens, one client address) may make, "
+     "in bursts of ten times that; 0: unlimited (default 50)", 50.0),
     ("ingest_roots", str, "directories local ingest may read, comma-separated (default <data-dir>/import)", None),
     ("allow_private_sources", bool, "fetch http(s) sources on loopback, private and link-local addresses too", False),
 ]
@@ -377,6 +405,12 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
             raise ConfigError(f"--engine-binaries: {item!r} is not ENGINE=/absolute/path "
                               f"(engines: {', '.join(e for e in ENGINES if e != 'command')})")
         binaries[name] = path
+    try:
+        engine_policy = EnginePolicy(env_allow=parse_env_allow(o["engine_env_allow"]),
+                                     env_pass=parse_env_pass(o["engine_env_pass"]),
+                                     flags=parse_args_allow(o["engine_args_allow"], ENGINES))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     for flag in ("engine_drain", "engine_startup"):
         if not 0 < o[flag] <= 86_400:
             raise ConfigError(f"--{flag.replace('_', '-')} must be between 0 and 86400 seconds")
@@ -384,6 +418,14 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
         raise ConfigError("--max-connections must be at least 16")
     if o["max_client_connections"] < 1:
         raise ConfigError("--max-client-connections must be at least 1")
+    http_hosts = _split(o["http_hosts"])
+    for name in http_hosts:
+        if split_host(name) is None:
+            raise ConfigError(f"--http-hosts: {name[:100]!r} is not a host name (NAME, NAME:PORT or [IPv6])")
+    if o["max_models"] < 1:
+        raise ConfigError("--max-models must be at least 1")
+    if not 0 <= o["write_rate"] <= 1_000_000:  # also refuses nan
+        raise ConfigError("--write-rate must be between 0 (unlimited) and 1000000 writes per second")
     data_port = o["data_port"]
     if data_port is None:
         data_port = 0 if port == 0 else port + 1
@@ -415,6 +457,9 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
         dram_dir=Path(o["dram_dir"]).expanduser() if o["dram_dir"] else None,
         max_connections=o["max_connections"],
         max_client_connections=o["max_client_connections"],
+        http_hosts=http_hosts,
+        max_models=o["max_models"],
+        write_rate=o["write_rate"],
         ingest_roots=_ingest_roots(o["ingest_roots"], data_dir),
         allow_private_sources=bool(o["allow_private_sources"]),
         max_ingress_bps=parse_rate(o["max_ingress"], "--max-ingress"),
@@ -435,6 +480,7 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
         service_ports=service_ports,
         engines=engines,
         engine_binaries=binaries,
+        engine_policy=engine_policy,
         engine_drain_s=o["engine_drain"],
         engine_startup_s=o["engine_startup"],
     )

@@ -46,6 +46,7 @@ from . import __version__
 from .actions import Executors, Router
 from .api.app import ApiParts, Running, create_app
 from .api.auth import PeerGate, Refusals
+from .api.guard import ApiGuard
 from .config import Config, ConfigError, config_from_args
 from .copies.catalog import CopyCatalog
 from .copies.dataplane import DataClient, DataServer
@@ -97,11 +98,12 @@ class MeshNode:
             api_tokens=cfg.secrets.api_tokens,
             scheme=cfg.scheme,
             store=self.store,
-            peer_gate=PeerGate(cfg.secrets.cluster_secrets),
+            peer_gate=PeerGate(cfg.secrets.cluster_secrets, cfg.node_id, lambda: self.generation),
             refusals=self.refusals,
             generation=lambda: self.generation,
             metrics=self._metrics,
             not_ready=self._not_ready,
+            guard=ApiGuard.of(cfg.host_names, cfg.http_hosts, cfg.secrets.api_tokens, cfg.write_rate),
         )
         # Made once the node has joined (``_start``).
         self.mesh: Mesh | None = None
@@ -272,7 +274,7 @@ class MeshNode:
         mesh = self.mesh = Mesh(GossipNode(cfg.node_id, address, generation, cfg.gossip, now, seeds, catalog), sender, self.rng)
         mesh.set(NODE_KEY, NodeInfo(address, __version__, wall_ms(), self.data_port, cfg.labels).to_value())
         saver = self.saver = Saver(mesh, self.hlc, self.state_file, journal)
-        registry = self.registry = Registry(mesh, self.hlc, index, saver)
+        registry = self.registry = Registry(mesh, self.hlc, index, saver, models_max=cfg.max_models)
         copies = self.copies = CopyCatalog(mesh, self.store, saver)
         gpus = self.gpus = GpuMonitor(mesh, open_reader(cfg.fake_gpus, cfg.node_id), cfg.gpu_interval_s)
         catalog.subscribe(copies)  # a purge reaching this node deletes its copies
@@ -291,8 +293,8 @@ class MeshNode:
             mesh, self.store, puller, copies, saver, registry, self.hlc, settings, self._delete_source
         )
         services = self.services = Services(mesh, self.store, gpus, ServingSettings(
-            run_dir=cfg.data_dir / "services", host=cfg.host, port_range=cfg.service_ports, engines=cfg.engines,
-            binaries=cfg.engine_binaries, drain_s=cfg.engine_drain_s,
+            run_dir=cfg.data_dir / "services", port_range=cfg.service_ports, engines=cfg.engines,
+            binaries=cfg.engine_binaries, drain_s=cfg.engine_drain_s, engine_policy=cfg.engine_policy,
             policy=LifePolicy(startup_timeout_s=cfg.engine_startup_s)), self._pull_for_serving)
         executors = Executors(cfg.node_id, transfers, copies, cfg.ingest_roots, cfg.allow_private_sources,
                               services, registry)
@@ -302,7 +304,7 @@ class MeshNode:
                                 services)
         catalog.subscribe(jobs)  # a job record changing anywhere wakes the job loop
         jobs.load()
-        self.proxy = InferenceProxy(mesh, services, registry)
+        self.proxy = InferenceProxy(mesh, services, registry, peers)
         self.keeper = Keeper(mesh, registry, transfers, copies, grace_s=cfg.replica_grace_s,
                              interval_s=cfg.replica_interval_s)
         copies.watermarks = dict(cfg.watermarks)

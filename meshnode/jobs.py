@@ -30,6 +30,7 @@ import dataclasses
 import logging
 import math
 import random
+import re
 import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -39,6 +40,13 @@ import httpx
 import trio
 
 from protocol.gpus import GpusRecord
+from protocol.healthcheck import (
+    HealthTarget,
+    TargetRefused,
+    health_target,
+    shown_url,
+    unreachable_message,
+)
 from protocol.jobs import (
     CANCEL_PREFIX,
     JOB_PREFIX,
@@ -77,7 +85,7 @@ from .actions import Router
 from .copies.transfers import Transfers
 from .errors import MeshError, first_mesh_error
 from .mesh import Mesh, wall_ms
-from .peers import PeerClient
+from .peers import PeerClient, Recipient
 from .registry import Registry, model_name
 from .saver import Saver
 from .serving import Services
@@ -92,6 +100,7 @@ KEPT_JOBS_MAX = 1024  # finished ones kept past that are forgotten, oldest first
 TICK_S = 0.5
 RETRYABLE = frozenset({"NODE_UNAVAILABLE", "PEER_UNREACHABLE", "PEER_ERROR", "NO_SOURCE", "UNAVAILABLE",
                        "TIMEOUT", "INTERRUPTED", "UNHEALTHY", "IO_ERROR"})
+JOB_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 HEALTH_TIMEOUT_S = 60.0  # a health check with no timeout_s
 PROGRESS_S = 1.0
 REPLICAS = 2  # peers asked to hold a new job before the 202
@@ -167,8 +176,15 @@ class Jobs:
 
     # -- taking a pipeline -----------------------------------------------------------------
 
-    async def submit(self, doc: Any) -> tuple[JobView, list[str]]:
-        """Take a pipeline: its job, and the peers that held it too at the answer."""
+    async def submit(self, doc: Any, job_id: str | None = None) -> tuple[JobView, list[str]]:
+        """Take a pipeline: its job, and the peers that held it too at the answer.
+        ``job_id``: the caller's (gswarm's ``POST /jobs/{id}/create``), refused
+        409 ``JOB_ID_TAKEN`` when the mesh knows a job of that id."""
+        if job_id is not None:
+            if not JOB_ID.fullmatch(job_id):
+                raise MeshError("INVALID_REQUEST", "a job id is 1 to 64 letters, digits, '.', '_' or '-'")
+            if self.book.view(job_id, self._reachable) is not None:
+                raise MeshError("JOB_ID_TAKEN", f"the mesh already has a job {job_id!r}")
         try:
             pipe = parse_pipeline(doc)
             known = {m.record.node_id for m in self.mesh.members()}
@@ -181,7 +197,7 @@ class Jobs:
             raise MeshError("TOO_MANY_JOBS", f"{active} jobs are unfinished: at most {ACTIVE_JOBS_MAX}; "
                             "wait for some to end, or cancel them")
         pipe = self._place(pipe)
-        rec = JobRecord(secrets.token_hex(8), pipe, self.mesh.id, wall_ms())
+        rec = JobRecord(job_id or secrets.token_hex(8), pipe, self.mesh.id, wall_ms())
         self.mesh.set(job_key(rec.job_id), rec.to_value())
         await self.saver.persist_now()
         held_by = await self._replicate()
@@ -201,15 +217,15 @@ class Jobs:
         held: list[str] = []
         done = trio.Event()
 
-        async def ask(node_id: str, address: str) -> None:
-            if await self.peers.seen(address, token):
+        async def ask(node_id: str, address: str, generation: int) -> None:
+            if await self.peers.seen(address, token, to=Recipient(node_id, generation)):
                 held.append(node_id)
                 done.set()
 
         with trio.move_on_after(REPLICATE_WAIT_S):
             async with trio.open_nursery() as n:
                 for r in peers[:REPLICAS]:
-                    n.start_soon(ask, r.node_id, r.address)
+                    n.start_soon(ask, r.node_id, r.address, r.generation)
                 if peers:
                     await done.wait()
                 n.cancel_scope.cancel()
@@ -612,42 +628,79 @@ class Jobs:
         return f"transfer {tid}: {tr.note or 'done'}"
 
     def _service_health_url(self, model: str) -> str | None:
-        """The health URL of a healthy service of ``model`` (any, when none is healthy yet)."""
+        """The health URL of a service of ``model`` on this node (engines listen
+        on their node's loopback), or None when this node runs none."""
         if self.services is None:
             return None
-        recs = [r for r in self.services.records() if r.model == model]
-        recs.sort(key=lambda r: (r.state is not ServiceState.HEALTHY, r.node != self.mesh.id, r.node, r.port))
-        base = self.services.url_of(recs[0]) if recs else None
-        return None if base is None else base + recs[0].health_path
+        recs = [r for r in self.services.records() if r.model == model and r.node == self.mesh.id]
+        recs.sort(key=lambda r: (r.state is not ServiceState.HEALTHY, r.port))
+        return self.services.url_of(recs[0]) + recs[0].health_path if recs else None
+
+    def _healthy_elsewhere(self, model: str) -> str | None:
+        """A healthy service of ``model`` on another node, as its node reports it
+        (the node probes its own engine every few seconds): where it runs."""
+        if self.services is None or self._service_health_url(model) is not None:
+            return None
+        recs = sorted(f"{r.node}:{r.port}" for r in self.services.records()
+                      if r.model == model and r.node != self.mesh.id and r.state is ServiceState.HEALTHY
+                      and self._reachable(r.node))
+        return recs[0] if recs else None
 
     async def _health(self, a: Action) -> str:
         if a.target_url is None:  # the model's service
-            assert a.model_name is not None
-            return await self._health_of(a, lambda: self._service_health_url(str(a.model_name)))
+            model = str(a.model_name)
+            deadline = trio.current_time() + (a.timeout_s if a.timeout_s is not None else HEALTH_TIMEOUT_S)
+            while self._service_health_url(model) is None:  # none here: its own node's probes tell
+                where = self._healthy_elsewhere(model)
+                if where is not None:
+                    return f"healthy: {where} reports it healthy (its node probes it)"
+                if trio.current_time() + 1.0 > deadline:
+                    raise MeshError("UNHEALTHY", f"no healthy service of {model[:200]!r} in the mesh")
+                await trio.sleep(1.0)
+            return await self._health_of(a, lambda: self._service_health_url(model))
         url = a.target_url
         return await self._health_of(a, lambda: url)
 
+    def _health_target(self, url: str) -> HealthTarget:
+        """What a check of ``url`` fetches from here (``protocol.healthcheck``): a member's
+        node id replaced by its advertised host; the mesh's own hosts and services marked."""
+        members = {m.record.node_id: m.record.address for m in self.mesh.members()}
+        services = [(r.node, r.port) for r in self.services.records()] if self.services is not None else []
+        return health_target(url, members, services, here=self.mesh.id)
+
     async def _health_of(self, a: Action, target: Callable[[], str | None]) -> str:
-        deadline = trio.current_time() + (a.timeout_s if a.timeout_s is not None else HEALTH_TIMEOUT_S)
+        """Look at the target once a second until it answers 2xx or the time is up.  A
+        target that answers reports its status; one that cannot be reached, or may not
+        be (whatever the cause), fails with one message (``unreachable_message``)."""
+        budget_s = a.timeout_s if a.timeout_s is not None else HEALTH_TIMEOUT_S
+        # Ends a little before the step's own timeout_s, so a hanging target is "not reachable", not TIMEOUT.
+        deadline = trio.current_time() + budget_s - min(0.25, budget_s / 4)
+        me = self.mesh.id
         tries = 0
-        last = ""
-        url: str | None = None
+        last: str | None = None  # None: the target did not answer
+        shown = ""
         while True:
             tries += 1
             url = target()
             if url is None:
-                last = f"no service of {a.model_name!r} in the mesh"
+                last, shown = f"no service of {a.model_name!r} in the mesh", str(a.model_name)
             else:
                 try:
-                    r = await self._http.get(url)
-                    if 200 <= r.status_code < 300:
-                        return f"healthy (HTTP {r.status_code}) after {tries} tries"
-                    last = f"HTTP {r.status_code}"
-                except httpx.HTTPError as e:
-                    last = type(e).__name__
+                    t = self._health_target(url)
+                except TargetRefused:
+                    raise MeshError("UNHEALTHY", unreachable_message(shown_url(url), me)) from None
+                shown = t.shown
+                status: int | None = None
+                with trio.move_on_at(deadline):
+                    status = await self.router.executors.probe_health(self._http, t)  # UNHEALTHY: refused now
+                if status is not None and 200 <= status < 300:
+                    return f"healthy (HTTP {status}) from {me}: fetched {shown} after {tries} tries"
+                last = None if status is None else f"HTTP {status}"
             if trio.current_time() + 1.0 > deadline:
-                raise MeshError("UNHEALTHY", f"{(url or a.model_name or '')[:200]} not healthy after {tries} tries "
-                                f"(last: {last})")
+                if last is None:
+                    raise MeshError("UNHEALTHY", unreachable_message(shown, me))
+                raise MeshError("UNHEALTHY", f"health check of {shown[:200]} from {me}: not healthy after {tries} "
+                                f"tries (last: {last})")
             await trio.sleep(1.0)
 
     # -- what the API shows --------------------------------------------------------------------

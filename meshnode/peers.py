@@ -9,8 +9,19 @@ is logged once per peer and reason, without the secret.
 
 Every request to a peer (here and wherever the node uses the peer client) is
 signed by ``PeerAuth``: an HMAC over the request under the cluster secret,
-with our node id, the time and a fresh nonce (``protocol.peerauth``); the
-secret itself is never sent.
+with our node id, the receiver's node id and generation, the time and a fresh
+nonce (``protocol.peerauth``); the secret itself is never sent.  A request
+names its receiver with the ``TO`` request extension (``PeerClient``'s
+methods take it as ``to=``); one without is signed ``to=*``, which the
+receiver takes on the gossip route only.  Refused for a generation the
+receiver has left (it restarted), with its current one in a hint signed
+under the cluster secret, ``PeerAuth`` signs the request once more for it.
+
+Signing API (for a new peer route)::
+
+    to = Recipient(node_id, member.record.generation)
+    await client.post(url, content=body, extensions={TO: to})      # the node's peer client
+    headers = sign_headers(secret, my_id, "POST", path, body, to=to)  # by hand
 """
 
 from __future__ import annotations
@@ -27,43 +38,73 @@ import httpx
 import trio
 
 from protocol.gossip import Send
-from protocol.peerauth import AUTH_HEADER, NONCE_BYTES, sign
+from protocol.peerauth import (
+    AUTH_HEADER,
+    HINT_HEADER,
+    NONCE_BYTES,
+    Recipient,
+    nonce_of,
+    read_hint,
+    sign,
+)
 from protocol.wire import encode
 
 from .config import Config
 from .errors import MeshError
 
-__all__ = ["PEER_PATH", "PeerAuth", "PeerClient", "PeerSender", "make_peer_client", "sign_headers"]
+__all__ = ["PEER_PATH", "TO", "PeerAuth", "PeerClient", "PeerSender", "Recipient", "make_peer_client", "sign_headers"]
 
 log = logging.getLogger("meshnode.peers")
 
 PEER_PATH = "/mesh/v1/msg"
+TO = "meshnode.to"  # httpx request extension: the ``Recipient`` a peer request is for
 
 
-def sign_headers(secret: str, sender: str, method: str, target: str | bytes, body: bytes) -> dict[str, str]:
-    """The peer credential header for one request, signed now with a fresh nonce."""
+def sign_headers(secret: str, sender: str, method: str, target: str | bytes, body: bytes,
+                 *, to: Recipient | None = None) -> dict[str, str]:
+    """The peer credential header for one request to ``to`` (its node id and
+    generation; None signs ``to=*``, taken by the gossip route only), signed
+    now with a fresh nonce."""
     raw = target.encode("ascii") if isinstance(target, str) else target
-    value = sign(secret, sender, method, raw, body, int(time.time() * 1000), secrets.token_bytes(NONCE_BYTES))
+    value = sign(secret, sender, method, raw, body, int(time.time() * 1000), secrets.token_bytes(NONCE_BYTES), to=to)
     return {AUTH_HEADER: value}
 
 
 class PeerAuth(httpx.Auth):
     """Signs every request of the peer client (httpx calls it per request,
-    redirects and retries included, with the body already read)."""
+    redirects and retries included, with the body already read) for the
+    receiver its ``TO`` extension names; a 401 with a valid hint of the
+    receiver's new generation (checked under ``accepted``, our secrets) has
+    it signed once more, for that generation."""
 
     requires_request_body = True
 
-    def __init__(self, secret: str, sender: str) -> None:
+    def __init__(self, secret: str, sender: str, accepted: tuple[str, ...] = ()) -> None:
         self._secret = secret
         self._sender = sender
+        self._accepted = accepted or (secret,)
 
     def __repr__(self) -> str:
         return f"PeerAuth(sender={self._sender!r})"
 
+    def _sign(self, request: httpx.Request, to: Recipient | None) -> str:
+        """Sign ``request`` for ``to``; the nonce used."""
+        headers = sign_headers(self._secret, self._sender, request.method, request.url.raw_path, request.content, to=to)
+        request.headers.update(headers)
+        return nonce_of(headers[AUTH_HEADER])
+
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        request.headers.update(
-            sign_headers(self._secret, self._sender, request.method, request.url.raw_path, request.content)
-        )
+        to = request.extensions.get(TO)
+        if to is not None and not isinstance(to, Recipient):
+            raise TypeError(f"the {TO!r} extension is a Recipient, not {type(to).__name__}")
+        nonce = self._sign(request, to)
+        response = yield request
+        if to is None or response.status_code != 401:
+            return
+        told = read_hint(response.headers.get(HINT_HEADER), self._accepted, nonce, to.node_id)
+        if told is None or told == to:
+            return
+        self._sign(request, told)
         yield request
 
 
@@ -79,7 +120,7 @@ def make_peer_client(cfg: Config) -> httpx.AsyncClient:
     return httpx.AsyncClient(
         verify=verify,
         headers=headers,
-        auth=PeerAuth(secret, cfg.node_id) if secret else None,
+        auth=PeerAuth(secret, cfg.node_id, cfg.secrets.cluster_secrets) if secret else None,
         timeout=httpx.Timeout(cfg.peer_timeout_s),
         # Idle connections go after 3 s, before a peer's server drops them (5 s).
         limits=httpx.Limits(max_connections=256, max_keepalive_connections=64, keepalive_expiry=3.0),
@@ -192,12 +233,13 @@ class PeerClient:
         self.scheme = scheme
         self.action_timeout_s = action_timeout_s
 
-    async def post_action(self, node_id: str, address: str, action: dict[str, Any]) -> dict[str, Any]:
-        """``POST /mesh/v1/actions`` to the node at ``address``; its answer, or a ``MeshError``
+    async def post_action(self, to: Recipient, address: str, action: dict[str, Any]) -> dict[str, Any]:
+        """``POST /mesh/v1/actions`` to node ``to`` at ``address``; its answer, or a ``MeshError``
         (a peer's error answer is passed on with its code and status)."""
+        node_id = to.node_id
         try:
             r = await self.client.post(f"{self.scheme}://{address}/mesh/v1/actions", json=action,
-                                       timeout=self.action_timeout_s)
+                                       timeout=self.action_timeout_s, extensions={TO: to})
         except (httpx.HTTPError, httpx.InvalidURL, OSError) as e:
             raise MeshError("PEER_UNREACHABLE", f"node {node_id!r} did not answer: {type(e).__name__}") from None
         try:
@@ -211,20 +253,22 @@ class PeerClient:
                             status=r.status_code)
         return body if isinstance(body, dict) else {}
 
-    async def seen(self, address: str, token: str, timeout_s: float = 3.0) -> bool:
-        """Whether the node at ``address`` has seen the write ``token`` names
+    async def seen(self, address: str, token: str, timeout_s: float = 3.0, *, to: Recipient) -> bool:
+        """Whether node ``to`` at ``address`` has seen the write ``token`` names
         (``GET /mesh/v1/seen``: it pulls from the writer, waiting a little)."""
         try:
             r = await self.client.get(f"{self.scheme}://{address}/mesh/v1/seen", headers={"X-Mesh-After": token},
-                                      timeout=timeout_s)
+                                      timeout=timeout_s, extensions={TO: to})
             return r.status_code == 200 and r.json().get("seen") is True
         except (httpx.HTTPError, httpx.InvalidURL, OSError, ValueError, AttributeError):
             return False
 
-    async def get_manifest(self, address: str, manifest_hash: str) -> bytes:
-        """The manifest's bytes (the caller checks them against the hash), or a ``MeshError``."""
+    async def get_manifest(self, address: str, manifest_hash: str, *, to: Recipient) -> bytes:
+        """The manifest's bytes from node ``to`` at ``address`` (the caller
+        checks them against the hash), or a ``MeshError``."""
         try:
-            r = await self.client.get(f"{self.scheme}://{address}/mesh/v1/manifests/{manifest_hash}")
+            r = await self.client.get(f"{self.scheme}://{address}/mesh/v1/manifests/{manifest_hash}",
+                                      extensions={TO: to})
         except (httpx.HTTPError, httpx.InvalidURL, OSError) as e:
             raise MeshError("PEER_UNREACHABLE", f"{type(e).__name__}: {e}") from None
         if r.status_code != 200:

@@ -33,7 +33,7 @@ from protocol.serving import ServiceRecord, ServiceState, choose_services
 
 from .errors import MeshError
 from .mesh import Mesh
-from .peers import PeerClient
+from .peers import TO, PeerClient, Recipient
 from .registry import Registry
 from .serving import ENGINE_HOST, Services
 
@@ -98,7 +98,8 @@ class InferenceProxy:
         if m is None:
             return None
         url = f"{self.peers.scheme}://{m.record.address}/mesh/v1/infer/{rec.port}{path}"
-        return self.peers.client.build_request("POST", url, content=body, headers=headers, timeout=TIMEOUT)
+        return self.peers.client.build_request("POST", url, content=body, headers=headers, timeout=TIMEOUT,
+                                               extensions={TO: Recipient(rec.node, m.record.generation)})
 
     async def forward(self, path: str, body: bytes, model: str, accept: str | None) -> Answer:
         """The engine's status, headers and body (streamed) for ``body`` sent to ``path``."""

@@ -39,11 +39,12 @@ def model_name(name: Any) -> str:
 
 
 class Registry:
-    def __init__(self, mesh: Mesh, hlc: HLC, index: ModelIndex, saver: Saver) -> None:
+    def __init__(self, mesh: Mesh, hlc: HLC, index: ModelIndex, saver: Saver, *, models_max: int = 100_000) -> None:
         self.mesh = mesh
         self.hlc = hlc
         self.index = index  # subscribed to the mesh's catalog
         self.saver = saver
+        self.models_max = models_max  # registered models in the mesh (--max-models)
         self.clock_ms: Callable[[], int] = wall_ms  # the wall clock writes are stamped with
 
     # -- reads ---------------------------------------------------------------------
@@ -64,6 +65,16 @@ class Registry:
 
     # -- writes ----------------------------------------------------------------------
 
+    def check_room(self, name: str) -> None:
+        """``MeshError(TOO_MANY_MODELS)`` when registering ``name`` would add a
+        model past ``models_max`` (one already registered adds none)."""
+        if self.index.get(model_name(name)) is not None:
+            return
+        count = len(self.index.all())
+        if count >= self.models_max:
+            raise MeshError("TOO_MANY_MODELS", f"the mesh holds {count} registered models, the most --max-models "
+                                               f"allows ({self.models_max}): unregister some, or raise --max-models")
+
     async def _commit(self, writes: list[Write], warning: str | None) -> None:
         if warning:
             log.warning("%s", warning)
@@ -77,6 +88,7 @@ class Registry:
             reg = parse_registration(body)
         except InvalidInput as e:
             raise MeshError(e.code, e.message) from None
+        self.check_room(name)
         existing = self.index.get(name)
         writes, warning = register_write(name, reg, existing, self.hlc, self.clock_ms())
         await self._commit(writes, warning)

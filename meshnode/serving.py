@@ -534,10 +534,12 @@ class Services:
         base = f"http://{ENGINE_HOST}:{svc.port}"
         try:
             r = await self._http.get(base + svc.spec.health_path)
-            if r.status_code != 200:
+            # An engine with no health route (llama-cpp-python's server): its model list tells instead.
+            listed_only = r.status_code == 404 and svc.spec.health_fallback and svc.spec.models_path is not None
+            if r.status_code != 200 and not listed_only:
                 return False, f"{svc.spec.health_path} answered {r.status_code}"
             starting = svc.life.state is ServiceState.STARTING
-            if svc.spec.models_path is not None and starting:  # readiness; liveness is /health
+            if svc.spec.models_path is not None and (starting or listed_only):  # readiness; liveness is /health
                 r = await self._http.get(base + svc.spec.models_path)
                 ids = [m.get("id") for m in r.json().get("data", []) if isinstance(m, dict)] if r.status_code == 200 else []
                 if svc.model not in ids:

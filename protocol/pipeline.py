@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InvalidName, LocalProtocolError
+from .healthcheck import TargetRefused, parse_target
 from .names import validate_model_name, validate_node_id
 
 __all__ = [
@@ -337,6 +338,11 @@ def _check_type(p: _Problems, who: str, atype: str, devices: list[StepDevice], s
             p.add(who, "devices", "a health_check names no devices")
         if target_url is None and model is None:
             p.add(who, "target_url", "a health_check needs the URL it checks, or the model whose service it checks")
+        elif target_url is not None:
+            try:
+                parse_target(target_url)  # what the URL says only: where it leads is judged when the check runs
+            except TargetRefused as e:
+                p.add(who, "target_url", str(e))
     if keep_source and atype != "move":
         p.add(who, "keep_source", "only a move keeps or drops its source")
     if source_url is not None and atype != "download":

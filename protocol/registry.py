@@ -22,7 +22,11 @@ stamped by the writer's HLC and resolved last-writer-wins by the read view
   record, every node deletes its copies of the model (``purged_models``).
 
 ``parse_registration`` checks what a client sends before anything is
-written, and says what is wrong (``InvalidInput`` with a code).
+written, and says what is wrong (``InvalidInput`` with a code).  One
+registration's metadata is at most ``METADATA_BYTES_MAX`` bytes of JSON
+(``TOO_LARGE``): every write crosses the mesh, and a flood of large ones
+slowed everyone's gossip; a registration the node makes itself (a
+download's) keeps to it with ``fit_metadata``.
 
 ``availability`` and ``totals`` are the mesh at a glance: which models live
 on one online node only and which on every online node, and the sums over
@@ -31,6 +35,7 @@ the nodes' storage.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +61,7 @@ from .serving import ENGINES
 from .view import ModelView
 
 __all__ = [
+    "METADATA_BYTES_MAX",
     "METADATA_FILES_MAX",
     "Availability",
     "InvalidInput",
@@ -63,7 +69,9 @@ __all__ = [
     "Write",
     "availability",
     "changed_fields",
+    "fit_metadata",
     "location_write",
+    "metadata_bytes",
     "parse_policy",
     "parse_registration",
     "pin_write",
@@ -74,6 +82,7 @@ __all__ = [
 ]
 
 METADATA_FILES_MAX = 200  # a registration's metadata lists at most this many file names
+METADATA_BYTES_MAX = 16 * 1024  # a registration's metadata, as compact JSON
 _DESC_MAX = 4096
 _TAGS_MAX = 64
 _INT_LIMIT = 2**63
@@ -181,6 +190,25 @@ def _clean_metadata(raw: Any) -> dict[str, Any]:
     return out
 
 
+def metadata_bytes(metadata: Mapping[str, Any]) -> int:
+    """The size of ``metadata`` as compact UTF-8 JSON (what the limit counts)."""
+    return len(json.dumps(metadata, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+def fit_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
+    """``metadata`` with as many of its ``files`` as fit in ``METADATA_BYTES_MAX``
+    (``file_count`` still says how many there are): for registrations the
+    node writes itself."""
+    files = list(metadata.get("files") or [])
+    out = dict(metadata)
+    while files and metadata_bytes(out) > METADATA_BYTES_MAX:
+        files = files[: len(files) * 3 // 4]
+        out["files"] = files
+    if "files" in out and not files:
+        del out["files"]
+    return out
+
+
 def parse_registration(body: Any) -> Registration:
     """The registration a client's JSON body asks for, or ``InvalidInput``."""
     if body is None:
@@ -197,8 +225,12 @@ def parse_registration(body: Any) -> Registration:
     if source_url is not None and (not isinstance(source_url, str) or len(source_url) > 2048):
         raise InvalidInput("source_url must be a string of at most 2048 characters")
     replicas = body.get("replicas")
-    return Registration(model_type, source_url, _clean_metadata(body.get("metadata")),
-                        None if replicas is None else parse_policy(replicas))
+    metadata = _clean_metadata(body.get("metadata"))
+    size = metadata_bytes(metadata)
+    if size > METADATA_BYTES_MAX:
+        raise InvalidInput(f"metadata is {size} bytes of JSON; at most {METADATA_BYTES_MAX} "
+                           f"({METADATA_BYTES_MAX // 1024} KiB) are kept per model", "TOO_LARGE")
+    return Registration(model_type, source_url, metadata, None if replicas is None else parse_policy(replicas))
 
 
 def changed_fields(existing: ModelView | None, reg: Registration) -> list[str] | None:

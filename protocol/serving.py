@@ -36,6 +36,7 @@ from typing import Any
 
 from .engines import EnginePolicy, ServeError, check_args, check_env_names, engine_env
 from .keys import SVC_PREFIX, RecordError
+from .units import human_bytes
 
 __all__ = [
     "ENGINES",
@@ -160,6 +161,7 @@ class EngineSpec:
     health_path: str
     models_path: str | None  # OpenAI-style engines list the model here when ready
     completion_probe: bool = False  # liveness also asks for one token (an engine alive but unable to generate)
+    health_fallback: bool = False  # no health path was given: a 404 there means "ask models_path"
 
 
 def engine_spec(engine: str, model: str, model_dir: str, files: Sequence[str], host: str, port: int,
@@ -187,7 +189,8 @@ def engine_spec(engine: str, model: str, model_dir: str, files: Sequence[str], h
         except (KeyError, IndexError, ValueError) as e:
             raise ServeError("INVALID_CONFIG", f"config.command: unknown placeholder {e} (known: "
                              f"{', '.join('{' + k + '}' for k in subs)})") from None
-        return EngineSpec(engine, tuple(argv), env, health, models, bool(config.get("completion_probe", False)))
+        return EngineSpec(engine, tuple(argv), env, health, models, bool(config.get("completion_probe", False)),
+                          "health_path" not in config)
     binary = binaries.get(engine, DEFAULT_BINARIES[engine])
     if engine == "vllm":
         argv = [binary, "serve", model_dir, "--host", host, "--port", str(port), "--served-model-name", model,
@@ -208,7 +211,8 @@ def engine_spec(engine: str, model: str, model_dir: str, files: Sequence[str], h
     else:  # tgi: its OpenAI route serves the model as "tgi"; readiness is its /health
         argv = [binary, "--model-id", model_dir, "--hostname", host, "--port", str(port), "--num-shard", tp]
         models = config.get("models_path")
-    return EngineSpec(engine, tuple(argv + args), env, health, models, bool(config.get("completion_probe", False)))
+    return EngineSpec(engine, tuple(argv + args), env, health, models, bool(config.get("completion_probe", False)),
+                      "health_path" not in config)
 
 
 # -- ports and VRAM -------------------------------------------------------------------------
@@ -254,8 +258,8 @@ def vram_fits(need: int, gpus: Sequence[int], free: Mapping[int, int], reserved:
             continue
         room = free[g] - reserved.get(g, 0)
         if room < share:
-            out.append(f"gpu{g}: needs {share / 2**30:.1f} GiB, has {max(room, 0) / 2**30:.1f} GiB free "
-                       f"({reserved.get(g, 0) / 2**30:.1f} GiB held by services starting)")
+            out.append(f"gpu{g}: needs {human_bytes(share)}, has {human_bytes(max(room, 0))} free "
+                       f"({human_bytes(reserved.get(g, 0))} held by services starting)")
     return out
 
 

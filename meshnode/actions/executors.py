@@ -6,6 +6,7 @@ the peer route decodes a peer's JSON once (``decode_action``) and comes here.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,12 @@ from protocol.actions import (
     StopService,
     Web,
 )
+from protocol.healthcheck import HealthTarget, unreachable_message
 
 from ..copies.catalog import CopyCatalog
 from ..copies.ingest import hf_repo
-from ..copies.sources.guard import confine_path, resolve_public
+from ..copies.sources.common import SourceError
+from ..copies.sources.guard import confine_path, pin_request, resolve_addresses, resolve_public
 from ..copies.sources.s3 import is_s3_source, parse_s3_url
 from ..copies.transfers import Transfers
 from ..errors import MeshError
@@ -33,6 +36,10 @@ from ..registry import Registry
 from ..serving import Services
 
 __all__ = ["Executors"]
+
+log = logging.getLogger("meshnode.jobs")
+
+HEALTH_ADDRESSES_MAX = 4  # addresses of one name a health check tries, in the resolver's order
 
 
 class Executors:
@@ -101,3 +108,38 @@ class Executors:
         if not await self.copies.delete_local(a.model, a.kind):
             raise MeshError("COPY_NOT_FOUND", f"{self.node_id}:{a.kind} holds no copy of {a.model!r}")
         return {"model_name": a.model, "device": f"{self.node_id}:{a.kind}", "deleted": True}
+
+    async def probe_health(self, client: httpx.AsyncClient, target: HealthTarget) -> int | None:
+        """One look at a health check's ``target`` (``protocol.healthcheck``
+        decided it): its HTTP status, or None when it cannot be reached now
+        (no DNS answer, refused, timed out, a broken answer), which the caller
+        tries again until its deadline.  An outside host on a loopback,
+        private or link-local address (unless ``--allow-private-sources``) is
+        refused before any connection: ``MeshError`` ``UNHEALTHY`` with the
+        one message every unreachable target ends with.  The name is resolved
+        once and the connection goes to an address so checked (no second
+        lookup, so no DNS rebinding); no redirect is followed, no body read."""
+        try:
+            if target.in_mesh or self.allow_private_sources:
+                addrs = await resolve_addresses(target.host, target.port)
+            else:
+                addrs = await resolve_public(target.host, target.port)
+        except SourceError as e:
+            log.debug("health check of %s: %s", target.shown, e.message)
+            if e.code == "NOT_FOUND":
+                return None  # no answer now: a name may come up later
+            raise MeshError("UNHEALTHY", unreachable_message(target.shown, self.node_id)) from None
+        for addr in addrs[:HEALTH_ADDRESSES_MAX]:
+            request = client.build_request("GET", target.url)
+            pin_request(request, addr)
+            try:
+                response = await client.send(request, stream=True, follow_redirects=False)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+                log.debug("health check of %s at %s: %s", target.shown, addr, type(e).__name__)
+                continue  # the name's next address
+            except (httpx.HTTPError, httpx.InvalidURL, OSError, ValueError) as e:
+                log.debug("health check of %s at %s: %s", target.shown, addr, type(e).__name__)
+                return None
+            await response.aclose()
+            return response.status_code
+        return None

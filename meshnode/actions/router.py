@@ -1,7 +1,13 @@
 """The router: takes copy, move, download and delete requests on any node,
 checks them, and runs each on the node that must do the work (a copy on its
 target, a delete on the node that holds the copy): here through the
-executors, elsewhere through the peer route (``POST /mesh/v1/actions``)."""
+executors, elsewhere through the peer route (``POST /mesh/v1/actions``).
+
+An action handed over names the node it is for (``"node": <id>`` beside the
+action's fields), and is signed for that node's id and generation
+(``protocol.peerauth``); a node refuses an action naming another node
+(421 ``WRONG_NODE``), so that neither the body nor its signature can be
+spent elsewhere."""
 
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ from protocol.actions import (
 )
 from protocol.keys import CopyRecord, RecordError, copy_key
 from protocol.names import Device, parse_device
+from protocol.peerauth import Recipient
 from protocol.registry import InvalidInput
 
 from ..errors import MeshError
@@ -74,14 +81,24 @@ class Router:
             raise MeshError("NODE_NOT_FOUND", f"no node {node_id!r} is known to the mesh")
         if not m.state.reachable:
             raise MeshError("NODE_UNAVAILABLE", f"node {node_id!r} is {m.state.label}")
-        return await self.peers.post_action(node_id, m.record.address, encode_action(action))
+        body = {**encode_action(action), "node": node_id}
+        return await self.peers.post_action(Recipient(node_id, m.record.generation), m.record.address, body)
 
     async def handle_peer(self, raw: Any) -> dict[str, Any]:
-        """An action a peer handed us: decoded and checked once, then run."""
+        """An action a peer handed us: decoded and checked once, run only
+        when it names this node."""
+        node = None
+        if isinstance(raw, dict):
+            raw = dict(raw)
+            node = raw.pop("node", None)
         try:
             action = decode_action(raw)
         except InvalidInput as e:
             raise MeshError(e.code, e.message) from None
+        if not isinstance(node, str):
+            raise MeshError("INVALID_REQUEST", 'an action names the node it is for: "node": "<node id>"')
+        if node != self.mesh.id:
+            raise MeshError("WRONG_NODE", f"this action is for node {node[:80]!r}; this is node {self.mesh.id!r}")
         return await self.executors.run(action)
 
     # -- requests ----------------------------------------------------------------------

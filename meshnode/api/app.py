@@ -16,11 +16,12 @@ import importlib.resources
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from quart import Response, g, request
+from quart.routing import QuartRule
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import BaseConverter, PathConverter
@@ -45,11 +46,12 @@ from ..keeper import Keeper
 from ..mesh import Mesh
 from ..metrics import RouteLatency
 from ..pipelines import DOC_BYTES_MAX, load_document
-from ..proxy import InferenceProxy
+from ..proxy import AnswerCut, InferenceProxy
 from ..registry import Registry
 from ..serving import Services
 from ..views import Views
 from .auth import PeerAuthError, PeerGate, Refusals, check_bearer, request_target
+from .guard import ApiGuard
 from .peer import DrainOrClose, PeerFastPath
 from .schemas import ROUTE_DOCS, openapi_document
 from .validate import body_problem
@@ -108,6 +110,12 @@ def _json(data: Any, status: int = 200) -> Response:
     return Response(json.dumps(data, separators=(",", ":")), status=status, mimetype="application/json")
 
 
+def _streamed(status: int, headers: dict[str, str], stream: AsyncIterator[bytes]) -> Response:
+    resp = Response(stream, status=status, headers=headers)
+    resp.timeout = None  # a long generation streams for as long as it takes; the proxy bounds each read
+    return resp
+
+
 def _error(status: int, code: str, message: str, details: dict[str, Any] | None = None) -> Response:
     return _json({"error": {"code": code, "message": message, **(details or {})}}, status)
 
@@ -133,6 +141,39 @@ class DeviceConverter(BaseConverter):
     (a name the validator refuses, its last segment being reserved)."""
 
     regex = "(?!(?:" + "|".join(sorted(RESERVED_SEGMENTS)) + ")(?:/|$))[^/]+"
+
+
+class BareModelConverter(ModelNameConverter):
+    """The model of ``/models/<model:name>`` alone: a path that ends in one
+    of a model's sub-resources (``acme/m/register``, ``acme/m/services/n1``)
+    belongs to that sub-resource's route, so a GET there is 405 with the
+    methods that route takes, not the bad model name ``acme/m/register``."""
+
+    regex = "(?:(?!/(?:" + "|".join(sorted(RESERVED_SEGMENTS)) + r")(?:/|\Z)).)+"
+
+
+class JobIdConverter(BaseConverter):
+    """A job id that is not ``from-yaml`` (``POST /jobs/from-yaml``'s path)."""
+
+    regex = r"(?!from-yaml\Z)[^/]+"
+
+
+class _Rule(QuartRule):
+    """A route whose last variable could take a path another route owns gets
+    a converter that leaves that path alone (``_OWNED``), so that a method a
+    path does not take is 405 with exactly the methods it does take."""
+
+    _OWNED: dict[tuple[str, str], type[BaseConverter]] = {
+        ("/models/<model:name>", "name"): BareModelConverter,
+        ("/jobs/<jid>", "jid"): JobIdConverter,
+    }
+
+    def get_converter(self, variable_name: str, converter_name: str, args: tuple[Any, ...],
+                      kwargs: Mapping[str, Any]) -> BaseConverter:
+        owned = self._OWNED.get((self.rule, variable_name))
+        if owned is not None:
+            return owned(self.map, *args, **kwargs)
+        return super().get_converter(variable_name, converter_name, args, kwargs)
 
 
 @dataclass
@@ -167,6 +208,7 @@ class ApiParts:
     metrics: Callable[[], tuple[bytes, str]]
     not_ready: Callable[[], str | None] = lambda: None  # why the node is not ready; None when it is
     latency: RouteLatency = field(default_factory=RouteLatency)
+    guard: ApiGuard = field(default_factory=ApiGuard)  # Host, Origin, body types, write rate
     running: Running | None = None
 
 
@@ -179,11 +221,27 @@ def create_app(parts: ApiParts) -> DrainOrClose:
             raise RemoteProtocolError("node is starting")
         parts.running.mesh.receive(data, remote, signer)
 
-    return DrainOrClose(PeerFastPath(_public_app(parts), parts.peer_gate, parts.refusals, receive))
+    return DrainOrClose(PeerFastPath(_CutAnswers(_public_app(parts)), parts.peer_gate, parts.refusals, receive))
+
+
+class _CutAnswers:
+    """An engine's answer cut short (``AnswerCut``, logged where it happened)
+    ends the response without its end: the server closes the connection, so
+    the client sees the cut.  Swallowed here, so it is no traceback."""
+
+    def __init__(self, app: QuartTrio) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await self.app(scope, receive, send)
+        except* AnswerCut:
+            pass
 
 
 def _public_app(parts: ApiParts) -> QuartTrio:
     app = QuartTrio("meshnode")
+    app.url_rule_class = _Rule
     app.url_map.merge_slashes = False
     app.url_map.strict_slashes = False
     app.url_map.converters["model"] = ModelNameConverter
@@ -199,6 +257,12 @@ def _public_app(parts: ApiParts) -> QuartTrio:
     @app.before_request
     async def _start_clock() -> None:  # first, so that a refused request is timed too
         g.started = time.perf_counter()
+
+    @app.before_request
+    async def _guard() -> None:
+        """Before the credential: an unknown Host (DNS rebinding), a cross-site
+        write, a body type the route does not take (``protocol.httpguard``)."""
+        parts.guard.check(request.method, request.path, request.headers, request.scheme, _remote())
 
     @app.after_request
     async def _observe(response: Response) -> Response:
@@ -230,6 +294,7 @@ def _public_app(parts: ApiParts) -> QuartTrio:
                 parts.refusals.note(_remote(), "a peer request", e)
                 r = _error(401, "UNAUTHORIZED", e.reason)
                 r.headers["connection"] = "close"
+                r.headers.update(e.headers)  # a stale generation's: our current one, signed
                 return r
             return None
         if path in OPEN_PATHS or path.startswith(OPEN_PREFIX):
@@ -238,6 +303,11 @@ def _public_app(parts: ApiParts) -> QuartTrio:
             parts.refusals.note(_remote(), "an API request")
             return _error(401, "UNAUTHORIZED", "missing or wrong API token")
         return None
+
+    @app.before_request
+    async def _write_rate() -> None:
+        """Once the token is known good: one write taken from its client's bucket (429 past it)."""
+        parts.guard.limit(request.method, request.path, request.headers.get("authorization"), _remote())
 
     @app.before_request
     async def _read_after() -> None:
@@ -259,7 +329,8 @@ def _public_app(parts: ApiParts) -> QuartTrio:
             return response
         if hasattr(g, "caught_up"):
             response.headers["X-Mesh-Caught-Up"] = "true" if g.caught_up else "false"
-        if request.method in ("POST", "DELETE") and response.status_code < 300:
+        if request.method in ("POST", "DELETE") and response.status_code < 300 and not request.path.startswith("/v1/"):
+            # (an inference answer is the engine's, passed through untouched: never parsed here)
             token = parts.running.mesh.token()
             response.headers[TOKEN_HEADER] = token
             if response.mimetype == "application/json":
@@ -271,7 +342,11 @@ def _public_app(parts: ApiParts) -> QuartTrio:
 
     @app.errorhandler(MeshError)
     async def _mesh_error(e: MeshError) -> Response:
-        return _error(e.status, e.code, e.message, e.details)
+        resp = _error(e.status, e.code, e.message, e.details)
+        retry_s = e.details.get("retry_after_s")
+        if isinstance(retry_s, int) and retry_s > 0:
+            resp.headers["Retry-After"] = str(retry_s)  # RFC 9110: whole seconds
+        return resp
 
     @app.errorhandler(LocalProtocolError)
     async def _local_error(e: LocalProtocolError) -> Response:
@@ -362,6 +437,9 @@ def _public_app(parts: ApiParts) -> QuartTrio:
              "size": c.manifest.total_bytes, "last_used_ms": int(1000 * parts.store.last_used(c.model, c.kind))}
             for c in parts.store.copies()
         ]
+        for d in devices.values():  # gswarm's name for free space, beside ours
+            if isinstance(d, dict) and "free" in d:
+                d["available"] = d["free"]
         return _json({"node_id": parts.node_id, "devices": devices, "copies": copies})
 
     # -- copies and transfers ------------------------------------------------------
@@ -384,7 +462,9 @@ def _public_app(parts: ApiParts) -> QuartTrio:
 
     @app.post("/models/<model:name>/download")
     async def download_model(name: str) -> Response:
-        return _started(await running().router.download(name, await body_json()))
+        r = running()
+        r.registry.check_room(name)  # a download registers the model it fetches: refused now, not once fetched
+        return _started(await r.router.download(name, await body_json()))
 
     @app.get("/transfers")
     async def transfers() -> Response:
@@ -416,6 +496,15 @@ def _public_app(parts: ApiParts) -> QuartTrio:
             raise MeshError("INVALID_PIPELINE", "the request has no pipeline: POST it as JSON (or YAML to /jobs/from-yaml)")
         r = running()
         return _job_created(r.jobs, await r.jobs.submit(doc))
+
+    @app.post("/jobs/<jid>/create")
+    async def create_job(jid: str) -> Response:
+        """gswarm's form: the pipeline under the caller's own job id (409 when taken)."""
+        doc = await body_json()
+        if doc is None:
+            raise MeshError("INVALID_PIPELINE", "the request has no pipeline: POST it as JSON")
+        r = running()
+        return _job_created(r.jobs, await r.jobs.submit(doc, job_id=jid))
 
     @app.post("/jobs/from-yaml")
     async def submit_job_yaml() -> Response:
@@ -498,6 +587,15 @@ def _public_app(parts: ApiParts) -> QuartTrio:
     async def peer_action() -> Response:
         return _json(await running().router.handle_peer(await body_json()))
 
+    @app.post("/mesh/v1/infer/<int:port>/v1/<path:rest>")
+    async def peer_infer(port: int, rest: str) -> Response:
+        """Another node's inference hop to an engine of ours (they listen on loopback only)."""
+        data = await request.get_data(cache=True)  # read already, to check its MAC
+        assert isinstance(data, bytes)
+        status, headers, stream = await running().proxy.relay_local(port, "/v1/" + rest, data,
+                                                                    request.headers.get("accept"))
+        return _streamed(status, headers, stream)
+
     # -- the registry ------------------------------------------------------------------
 
     @app.get("/models")
@@ -533,6 +631,14 @@ def _public_app(parts: ApiParts) -> QuartTrio:
     async def v1_models() -> Response:
         return _json(running().proxy.models_json())
 
+    @app.get("/v1/models/<model:name>")
+    async def v1_model(name: str) -> Response:
+        """The OpenAI SDK's ``models.retrieve``: one model served somewhere and healthy."""
+        for m in running().proxy.models_json()["data"]:
+            if m["id"] == name:
+                return _json(m)
+        raise MeshError("MODEL_NOT_FOUND", f"no healthy service of {name[:200]!r} in the mesh")
+
     async def _infer(path: str) -> Response:
         r = running()
         data = await request.get_data(cache=False, as_text=False)
@@ -547,9 +653,7 @@ def _public_app(parts: ApiParts) -> QuartTrio:
         if not isinstance(model, str) or not 0 < len(model) <= 200:
             raise MeshError("INVALID_REQUEST", "the request names its model: {\"model\": \"...\", ...}")
         status, headers, stream = await r.proxy.forward(path, data, model, request.headers.get("accept"))
-        resp = Response(stream, status=status, headers=headers)
-        resp.timeout = None  # a long generation streams for as long as it takes; the proxy bounds each read
-        return resp
+        return _streamed(status, headers, stream)
 
     @app.post("/v1/chat/completions")
     async def v1_chat() -> Response:
@@ -584,21 +688,92 @@ def _public_app(parts: ApiParts) -> QuartTrio:
         body = await body_json()
         if not isinstance(body, dict):
             raise MeshError("INVALID_REQUEST", "the body is a JSON object")
-        unknown = set(body) - {"device", "devices", "port", "config", "engine"}
+        unknown = set(body) - {"device", "devices", "port", "config", "engine", "target_nodes"}
         if unknown:
             raise MeshError("INVALID_REQUEST", f"unknown fields: {', '.join(sorted(unknown))[:200]}")
+        config, port = _serve_config(body)
+        if "target_nodes" in body:  # gswarm's form: the nodes; each its freest GPU that fits
+            return await _serve_on_nodes(mv, body["target_nodes"], port, config)
         node, gpus = _gpu_devices(body.get("devices") if "devices" in body else [body.get("device")])
+        resp = _json(await r.router.run_on(node, StartService(mv.name, gpus, port, config)), 202)
+        resp.headers["Location"] = f"/models/{mv.name}/services"
+        return resp
+
+    def _serve_config(body: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
         config = body.get("config") or {}
         if not isinstance(config, dict):
             raise MeshError("INVALID_REQUEST", "config is an object")
+        if "framework" in config:  # gswarm's name for the engine
+            fw = config["framework"]
+            config = {k: v for k, v in config.items() if k != "framework"}
+            config["engine"] = {"llamacpp": "llama.cpp", "llama_cpp": "llama.cpp"}.get(fw, fw) \
+                if isinstance(fw, str) else fw
         if "engine" in body:
             config = {**config, "engine": body["engine"]}
         port = body.get("port")
         if port is not None and (not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536):
             raise MeshError("INVALID_REQUEST", "port: 1 to 65535")
-        resp = _json(await r.router.run_on(node, StartService(mv.name, gpus, port, config)), 202)
+        return config, port
+
+    async def _serve_on_nodes(mv: ModelView, nodes: Any, port: int | None, config: dict[str, Any]) -> Response:
+        r = running()
+        if not isinstance(nodes, list) or not 0 < len(nodes) <= 64 or not all(isinstance(n, str) for n in nodes):
+            raise MeshError("INVALID_REQUEST", "target_nodes: a list of 1 to 64 node ids")
+        ranking = {c["node_id"]: c for c in r.jobs.placement(mv.name, "gpu")["ranking"]}
+        started = []
+        for node in dict.fromkeys(nodes):
+            c = ranking.get(node)
+            if c is None:
+                raise MeshError("NODE_NOT_FOUND", f"no node {node[:64]!r} in the mesh")
+            if not c["fits"] or not c.get("device"):
+                raise MeshError("NO_CAPACITY", f"{node}: {'; '.join(c['reasons']) or 'no GPU fits'}")
+            gpu = int(str(c["device"]).rsplit(":gpu", 1)[1])
+            started.append(await r.router.run_on(node, StartService(mv.name, (gpu,), port, config)))
+        resp = _json({"model_name": mv.name, "services": started}, 202)
         resp.headers["Location"] = f"/models/{mv.name}/services"
         return resp
+
+    @app.post("/models/<model:name>/serve")
+    async def serve_gswarm(name: str) -> Response:
+        """gswarm's form: ``{"port", "device": "gpu0" (this node) or "node:gpu0", "config": {"framework"}}``."""
+        r = running()
+        mv = r.registry.model(name)
+        body = await body_json()
+        if not isinstance(body, dict):
+            raise MeshError("INVALID_REQUEST", "the body is a JSON object")
+        unknown = set(body) - {"device", "port", "config"}
+        if unknown:
+            raise MeshError("INVALID_REQUEST", f"unknown fields: {', '.join(sorted(unknown))[:200]}")
+        device = body.get("device")
+        if isinstance(device, str) and ":" not in device:
+            device = f"{parts.node_id}:{device}"
+        config, port = _serve_config(body)
+        node, gpus = _gpu_devices([device])
+        resp = _json(await r.router.run_on(node, StartService(mv.name, gpus, port, config)), 202)
+        resp.headers["Location"] = f"/models/{mv.name}/serve/status"
+        return resp
+
+    @app.delete("/models/<model:name>/serve")
+    async def stop_serve_gswarm(name: str) -> Response:
+        """gswarm's form: stop every service of the model, wherever it runs."""
+        r = running()
+        mv = r.registry.model(name)
+        nodes = sorted({s.node for s in r.services.records() if s.model == mv.name})
+        if not nodes:
+            raise MeshError("SERVICE_NOT_FOUND", f"no service of {mv.name!r} in the mesh")
+        stopped: list[Any] = []
+        for node in nodes:
+            stopped += (await r.router.run_on(node, StopService(mv.name, None))).get("stopped") or []
+        return _json({"model_name": mv.name, "stopped": stopped})
+
+    @app.get("/models/<model:name>/serve/status")
+    async def serve_status_gswarm(name: str) -> Response:
+        """gswarm's form: whether the model is served, and each service."""
+        r = running()
+        mv = r.registry.model(name)
+        svcs = [r.services.record_json(s) for s in r.services.records() if s.model == mv.name]
+        return _json({"model_name": mv.name, "serving": any(s["state"] == "healthy" for s in svcs),
+                      "services": svcs})
 
     @app.delete("/models/<model:name>/services/<node>")
     async def stop_serving(name: str, node: str) -> Response:
@@ -632,7 +807,11 @@ def _public_app(parts: ApiParts) -> QuartTrio:
 
     @app.post("/models/<model:name>/pin")
     async def pin(name: str) -> Response:
-        return _json(_model_full(await running().registry.pin(name, await body_json())))
+        policy = await body_json()
+        if policy is None:  # an empty POST once unpinned: a write nobody meant
+            raise MeshError("INVALID_REQUEST", "the body is the replica policy, e.g. {\"min\": 2}; "
+                                               f"to unpin, DELETE /models/{name[:200]}/pin")
+        return _json(_model_full(await running().registry.pin(name, policy)))
 
     @app.delete("/models/<model:name>/pin")
     async def unpin(name: str) -> Response:

@@ -1,22 +1,29 @@
 """Credentials on the way in: API bearer tokens (public routes) and signed
-peer requests (``/mesh/`` routes), checked in constant time, never logged."""
+peer requests (``/mesh/`` routes), checked in constant time, never logged.
+
+A peer request must be signed for this node's id and current generation
+(``protocol.peerauth``), and after this process started; only the gossip
+route (``POST /mesh/v1/msg``) also takes one signed for whoever answers
+(``to=*``)."""
 
 from __future__ import annotations
 
 import hmac
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from protocol.peerauth import (
     AUTH_HEADER,
     PeerAuthError,
     PeerCredential,
+    Recipient,
     ReplayGuard,
     parse_header,
     verify,
 )
 
+from ..peers import PEER_PATH
 from ..ratelimit import LogOnce
 
 __all__ = ["PeerAuthError", "PeerGate", "Refusals", "check_bearer", "request_target"]
@@ -48,11 +55,17 @@ def request_target(raw_path: bytes, query_string: bytes) -> bytes:
 
 class PeerGate:
     """Checks the signature of peer requests (``protocol.peerauth``) against
-    the cluster secrets, with one replay guard for the node."""
+    the cluster secrets, this node's id and its current generation
+    (``generation()``: below 1 while the node is starting), with one replay
+    guard for the node that refuses anything signed before the gate was made
+    (the process's start, or ``started_ms``)."""
 
-    def __init__(self, secrets: tuple[str, ...]) -> None:
+    def __init__(self, secrets: tuple[str, ...], node_id: str, generation: Callable[[], int],
+                 started_ms: int | None = None) -> None:
         self.secrets = secrets
-        self.guard = ReplayGuard()
+        self.node_id = node_id
+        self.generation = generation
+        self.guard = ReplayGuard(started_ms=int(time.time() * 1000) if started_ms is None else started_ms)
 
     @property
     def required(self) -> bool:
@@ -72,10 +85,13 @@ class PeerGate:
         return parse_header(value, int(time.time() * 1000), self.guard.window_ms)
 
     def check(self, cred: PeerCredential | None, method: str, target: bytes, body: bytes) -> str | None:
-        """The authenticated sender (None when none is required).  Raises ``PeerAuthError``."""
+        """The authenticated sender (None when none is required).  Raises
+        ``PeerAuthError``; a stale generation's carries ``headers`` for the answer."""
         if cred is None:
             return None
-        return verify(cred, self.secrets, method, target, body, self.guard)
+        unbound_ok = method == "POST" and target.split(b"?", 1)[0] == PEER_PATH.encode()
+        me = Recipient(self.node_id, self.generation())
+        return verify(cred, self.secrets, method, target, body, self.guard, me=me, unbound_ok=unbound_ok)
 
 
 

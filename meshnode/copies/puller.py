@@ -41,7 +41,7 @@ from protocol.transfer.swarm import PER_PEER_INFLIGHT, refresh
 
 from ..errors import MeshError, only
 from ..mesh import Mesh
-from ..peers import PeerClient
+from ..peers import PeerClient, Recipient
 from .dataplane import ChunkMismatch, DataClient, DataPlaneError, NotFound, PeerBusy
 from .store import Copy, Partial, Store, StoreError
 from .transfer import Transfer
@@ -131,11 +131,12 @@ class Puller:
     async def _fetch_manifest(self, manifest_hash: str, found: dict[str, str]) -> Manifest:
         errors = []
         for nid in found:
-            address = self.mesh.address_of(nid)
-            if address is None:
+            m = self.mesh.member(nid)
+            if m is None:
                 continue
             try:
-                data = await self.peers.get_manifest(address, manifest_hash)
+                data = await self.peers.get_manifest(m.record.address, manifest_hash,
+                                                     to=Recipient(nid, m.record.generation))
                 return Manifest.decode(data, expected_hash=manifest_hash)
             except (MeshError, RemoteProtocolError) as e:
                 errors.append(f"{nid}: {e}"[:300])

@@ -33,7 +33,7 @@ import trio
 from protocol import HLC
 from protocol.actions import CopyOf, LocalPath, StartTransfer, Web, source_text
 from protocol.keys import COPY_PREFIX, XFER_PREFIX, ErrorRecord, RecordError, XferRecord, xfer_key
-from protocol.registry import METADATA_FILES_MAX
+from protocol.registry import METADATA_FILES_MAX, fit_metadata
 from protocol.transfer import TransferStatus
 from protocol.transfer.sources import source_manifest_hash
 
@@ -350,7 +350,7 @@ class Transfers:
         if isinstance(meta.get("revision"), str):
             metadata["revision"] = meta["revision"][:64]
             metadata["description"] = f"{source_text(t.source)} at {meta['revision']}"
-        body["metadata"] = metadata
+        body["metadata"] = fit_metadata(metadata)  # within the size a registration may have
         await self.registry.register(t.model, body)  # only when unregistered: nothing replaced
 
     async def _after_publish(self, t: Transfer, copy: Copy) -> None:

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 from meshnode.api.app import _public_app
 from meshnode.config import add_start_arguments, config_from_args
-from meshnode.peers import sign_headers
+from meshnode.peers import Recipient, sign_headers
 
 from .test_process import NO_HUB, Proc, wait
 
@@ -181,7 +181,7 @@ plausible = st.one_of(
                            "model": names, "kind": st.sampled_from(["disk", "dram", "gpu0", "x"])},
                           optional={"path": urls, "source_url": urls, "source": devices, "manifest_hash": hexes,
                                     "keep_source": json_values, "options": json_values, "gpus": json_values,
-                                    "port": ints, "config": json_values}),
+                                    "port": ints, "config": json_values, "node": st.sampled_from(["fa", "fb"])}),
 )
 
 # Pipelines with hostile values; health checks only against a dead local port (hermetic).
@@ -239,6 +239,7 @@ def test_fuzzed_requests_on_every_route_get_no_5xx(nodes: list[Proc]) -> None:
     a = nodes[0]
     statuses: dict[int, int] = {}
     routes_hit: set[str] = set()
+    to_a = Recipient("fa", httpx.get(a.url + "/health", timeout=10).json()["generation"])  # peer requests name a
     with httpx.Client(timeout=30) as client:
 
         @FUZZ
@@ -251,7 +252,7 @@ def test_fuzzed_requests_on_every_route_get_no_5xx(nodes: list[Proc]) -> None:
             method, target, body = req
             body = body.replace(b"/FUZZROOT", str(a.root / "models").encode())  # a file it may ingest
             if target.startswith("/mesh/"):
-                headers: dict[str, Any] = sign_headers(SECRET, "fb", method, target, body)
+                headers: dict[str, Any] = sign_headers(SECRET, "fb", method, target, body, to=to_a)
             else:
                 headers = {"authorization": f"Bearer {TOKEN}"}
             headers["content-type"] = "application/json"

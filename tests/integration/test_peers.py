@@ -53,5 +53,5 @@ async def test_peer_requests_are_signed_and_carry_no_secret(caplog: pytest.LogCa
     assert len(seen) == 2
     for r in seen:
         assert "the-secret" not in str(r.headers) and "authorization" not in r.headers
-        assert r.headers[AUTH_HEADER].startswith("v1 sender=me ts=")
+        assert r.headers[AUTH_HEADER].startswith("v2 sender=me to=* gen=* ts=")  # no extension: unbound
     assert seen[0].headers[AUTH_HEADER] != seen[1].headers[AUTH_HEADER]  # a fresh nonce each

@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from meshnode.config import ConfigError, add_start_arguments, config_from_args, secret_bits
-from meshnode.peers import sign_headers
+from meshnode.peers import Recipient, sign_headers
 from protocol.peerauth import AUTH_HEADER, sign
 from protocol.wire import (
     INT_MAX,
@@ -170,7 +170,7 @@ async def test_peer_requests_are_signed_replays_and_stale_ones_refused(mesh: Mes
     for method, path in (("GET", "/mesh/v1/manifests/" + "0" * 32), ("POST", "/mesh/v1/actions")):
         r = await mesh.client.request(method, a.url + path, headers={AUTH_HEADER: old})
         assert r.status_code == 401 and "NTP" in r.json()["error"]["message"]
-        signed = sign_headers(secret, "b", method, path, b"")
+        signed = sign_headers(secret, "b", method, path, b"", to=Recipient("a", a.node.generation))
         r = await mesh.client.request(method, a.url + path, headers=signed)
         assert r.status_code in (400, 404)  # past the credential: the route's own answer
         r = await mesh.client.request(method, a.url + path, headers=signed)

@@ -28,6 +28,12 @@ loopback setup) means the empty key.  Rotation: add the new secret to every
 node's list, then make it first everywhere, then drop the old one; at every
 step each node's first secret is in every other node's list.
 
+Nothing here can be replayed (unlike a signed HTTP peer request, see
+``protocol.peerauth``): each connection proves the secret over a server
+nonce fresh to it, so the bytes of a recorded handshake prove nothing on
+another connection or at another node, and the requests only read chunks
+the receiver verifies against the manifest.
+
 A server answers a wrong magic by closing; a wrong version by sending its own
 version byte and closing; a client at connection capacity by sending the
 single byte 0 ("busy") and closing.  A wrong secret is logged (one line,

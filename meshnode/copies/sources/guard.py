@@ -28,6 +28,9 @@ an admin port on loopback).  So:
   service, an operator's proxy) are the operator's and pass; through a
   proxy the name is checked once up front and the proxy resolves it.  The
   operator's ``--s3-endpoint-url`` is not checked.
+* a pipeline's ``health_check`` of a host outside the mesh follows the same
+  rule (``protocol.healthcheck`` decides, ``actions.executors`` connects to
+  the checked address).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ import trio
 from .common import SourceError, safe_url
 
 __all__ = ["PrivateAddress", "PublicOnlyTransport", "confine_path", "guard_error", "is_public_address",
-           "public_only_connections", "resolve_public"]
+           "pin_request", "public_only_connections", "resolve_addresses", "resolve_public"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -81,7 +84,7 @@ def is_public_address(ip: IPAddress) -> bool:
 def _check_public(host: str, addrs: Sequence[str]) -> list[str]:
     """``addrs`` (what ``host`` resolved to) when every one is public; else ``SourceError``."""
     if not addrs:
-        raise SourceError("NOT_FOUND", f"{host[:100]} resolves to no address")
+        raise SourceError("UNAVAILABLE", f"{host[:100]} resolves to no address")
     for a in addrs:
         if not is_public_address(ipaddress.ip_address(a.split("%", 1)[0])):
             what = host[:100] if a == host.strip("[]") else f"{host[:100]} is {a}, which"
@@ -101,7 +104,7 @@ def _literal(host: str) -> IPAddress | None:
 
 
 def _unresolvable(host: str, e: BaseException) -> SourceError:
-    return SourceError("NOT_FOUND", f"cannot resolve {host[:100]}: {e}")
+    return SourceError("UNAVAILABLE", f"cannot resolve {host[:100]}: {e}")
 
 
 def _public_infos(host: str, infos: Sequence[Any]) -> list[str]:
@@ -109,17 +112,26 @@ def _public_infos(host: str, infos: Sequence[Any]) -> list[str]:
     return _check_public(host, list(dict.fromkeys(str(info[4][0]) for info in infos)))
 
 
-async def resolve_public(host: str, port: int) -> list[str]:
-    """Every address ``host`` resolves to, or ``SourceError`` when one of
-    them is not public (all must be: a name that also points inside is refused)."""
+async def resolve_addresses(host: str, port: int) -> list[str]:
+    """Every address ``host`` resolves to, unchecked (one lookup: connect to
+    these, not to the name again); ``SourceError`` ``UNAVAILABLE`` when none."""
     literal = _literal(host)
     if literal is not None:
-        return _check_public(host, [str(literal)])
+        return [str(literal)]
     try:
         infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError) as e:
         raise _unresolvable(host, e) from None
-    return _public_infos(host, infos)
+    addrs = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    if not addrs:
+        raise SourceError("UNAVAILABLE", f"{host[:100]} resolves to no address")
+    return addrs
+
+
+async def resolve_public(host: str, port: int) -> list[str]:
+    """Every address ``host`` resolves to, or ``SourceError`` when one of
+    them is not public (all must be: a name that also points inside is refused)."""
+    return _check_public(host, await resolve_addresses(host, port))
 
 
 def _resolve_public_now(host: str, port: int) -> list[str]:
@@ -205,6 +217,18 @@ def guard_error(e: BaseException) -> SourceError | None:
     return None
 
 
+def pin_request(request: httpx.Request, address: str) -> None:
+    """Send ``request`` to ``address`` (one its host resolved to, checked
+    already) instead of looking the name up again, with the name kept for
+    ``Host`` and for TLS (SNI and the certificate's name)."""
+    url = request.url
+    host = url.host
+    if address != host:
+        request.url = url.copy_with(host=address)
+        if url.scheme == "https":
+            request.extensions = {**request.extensions, "sni_hostname": host}
+
+
 class PublicOnlyTransport(httpx.AsyncBaseTransport):
     """An HTTP transport that connects only to public addresses: each request
     (each hop of a redirect too) has its host resolved and checked, then goes
@@ -221,11 +245,7 @@ class PublicOnlyTransport(httpx.AsyncBaseTransport):
             addrs = await resolve_public(host, port)
         except SourceError as e:
             raise SourceError(e.code, f"{safe_url(str(url))}: {e.message}") from None
-        pinned = addrs[0]
-        if pinned != host:
-            request.url = url.copy_with(host=pinned)
-            if url.scheme == "https":
-                request.extensions = {**request.extensions, "sni_hostname": host}
+        pin_request(request, addrs[0])
         return await self._inner.handle_async_request(request)
 
     async def aclose(self) -> None:
