@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .units import human_bytes
+
 __all__ = ["Candidate", "GpuFacts", "NoPlacement", "NodeFacts", "place", "rank", "vram_needed"]
 
 VRAM_OVERHEAD = 1.2  # weights plus activations and KV cache, when the registration gives no min_vram
@@ -65,10 +67,6 @@ def vram_needed(size_bytes: int, requirements: Mapping[str, Any] | None) -> int:
     return int(size_bytes * VRAM_OVERHEAD)
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB"
-
-
 def rank(tier: str, need_bytes: int, facts: Sequence[NodeFacts]) -> list[Candidate]:
     """Every node, best first; ``tier`` is disk, dram or gpu (``need_bytes``
     is VRAM for gpu, else the copy's size)."""
@@ -86,8 +84,8 @@ def rank(tier: str, need_bytes: int, facts: Sequence[NodeFacts]) -> list[Candida
                 best = max(f.gpus, key=lambda g: (g.free_bytes - g.reserved_bytes, -g.index))
                 room = best.free_bytes - best.reserved_bytes - need_bytes
                 if room < 0:
-                    reasons.append(f"needs {_gib(need_bytes)} of VRAM; the freest GPU (gpu{best.index}) has "
-                                   f"{_gib(best.free_bytes - best.reserved_bytes)}")
+                    reasons.append(f"needs {human_bytes(need_bytes)} of VRAM; the freest GPU (gpu{best.index}) has "
+                                   f"{human_bytes(best.free_bytes - best.reserved_bytes)}")
                 device = f"{f.node_id}:gpu{best.index}"
         else:
             free = f.free.get(tier)
@@ -96,7 +94,7 @@ def rank(tier: str, need_bytes: int, facts: Sequence[NodeFacts]) -> list[Candida
             else:
                 room = free - (0 if f.holds else need_bytes)
                 if room < 0:
-                    reasons.append(f"needs {_gib(need_bytes)} on {tier}; has {_gib(free)} free")
+                    reasons.append(f"needs {human_bytes(need_bytes)} on {tier}; has {human_bytes(free)} free")
             device = f"{f.node_id}:{tier}"
         fits = not reasons
         out.append(Candidate(f.node_id, device if fits else None, fits, f.holds, room, tuple(reasons)))

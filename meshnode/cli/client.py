@@ -33,6 +33,7 @@ __all__ = [
     "AnswerError",
     "ApiClient",
     "ClientError",
+    "NotAnApiError",
     "PeerUnreachableError",
     "model_path",
     "normalize_peer_url",
@@ -63,6 +64,11 @@ class AnswerError(ClientError):
         self.status = status
         self.code = code
         self.message = message
+
+
+class NotAnApiError(ClientError):
+    """What answered at ``--peer`` is no meshnode API (it closed the connection
+    on an HTTP request): the node's data port, say."""
 
 
 class PeerUnreachableError(ClientError):
@@ -234,6 +240,11 @@ class ApiClient:
                 f"{self.timeout_s:g}s ({type(exc).__name__})"
             ) from None
         except httpx.TransportError as exc:
+            if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError) and self.base_url.startswith("http://"):
+                raise NotAnApiError(
+                    f"{self.base_url} closed the connection on an HTTP request without answering "
+                    f"({type(exc).__name__}): it is not a meshnode API port. Is it the data port (the node's --port "
+                    "+ 1)? The API listens on --port (default 7420); or the node stopped meanwhile") from None
             hint = ""
             if self.base_url.startswith("https://") and not self._client_cert and isinstance(
                     exc, httpx.RemoteProtocolError | httpx.ReadError):
@@ -277,7 +288,7 @@ class ApiClient:
             if isinstance(problems, list) and problems:  # a pipeline's: every one, each with its step
                 said = [f"[{p.get('action_id') or 'pipeline'}] {p.get('field')}: {p.get('message')}"
                         for p in problems[:50] if isinstance(p, dict)]
-                message = f"{len(problems)} problems: " + "; ".join(said)
+                message = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}: " + "; ".join(said)
         elif isinstance(err, str) and err:
             message = err
         message = _one_line(self._redact(message))
@@ -333,21 +344,24 @@ class ApiClient:
         self,
         name: str,
         *,
-        model_type: str,
-        source_url: str,
-        description: str = "",
+        model_type: str | None = None,
+        source_url: str | None = None,
+        description: str | None = None,
         tags: list[str] | None = None,
         requirements: dict[str, Any] | None = None,
     ) -> Any:
-        body = {
-            "model_type": model_type,
-            "source_url": source_url,
-            "metadata": {
-                "description": description,
-                "tags": list(tags or []),
-                "requirements": dict(requirements or {}),
-            },
-        }
+        metadata: dict[str, Any] = {}
+        if description is not None:
+            metadata["description"] = description
+        if tags:
+            metadata["tags"] = list(tags)
+        if requirements:
+            metadata["requirements"] = dict(requirements)
+        body: dict[str, Any] = {"metadata": metadata}
+        if model_type is not None:
+            body["model_type"] = model_type
+        if source_url is not None:
+            body["source_url"] = source_url
         return self.request("POST", model_path(name) + "/register", json=body)
 
     def pin_model(self, name: str, policy: dict[str, Any] | None) -> Any:

@@ -25,6 +25,7 @@ from .client import (
     AnswerError,
     ApiClient,
     ClientError,
+    NotAnApiError,
     PeerUnreachableError,
     check_token,
     model_path,
@@ -117,6 +118,28 @@ def _call_register(api: ApiClient, args: argparse.Namespace) -> Any:
     )
 
 
+def _call_unregister(api: ApiClient, args: argparse.Namespace) -> Any:
+    """``--force`` (gswarm's): every service of the model stopped, then unregistered with its copies purged."""
+    stopped: list[Any] = []
+    if args.force:
+        services = api.request("GET", model_path(args.name) + "/services")
+        nodes = sorted({str(s.get("node")) for s in (services.get("services") or []) if isinstance(s, dict)})
+        for node in nodes:
+            stopped += api.request("DELETE", model_path(args.name) + f"/services/{node}").get("stopped") or []
+    out = api.unregister_model(args.name, purge=args.purge or args.force)
+    if stopped and isinstance(out, dict):
+        out["stopped_services"] = stopped
+    return out
+
+
+def _call_jobs(api: ApiClient, args: argparse.Namespace) -> Any:
+    out = api.jobs()
+    if args.status and isinstance(out, dict):
+        jobs = [j for j in out.get("jobs") or [] if isinstance(j, dict) and j.get("status") == args.status]
+        out = {**out, "jobs": jobs, "total_count": len(jobs)}
+    return out
+
+
 def _call_pin(api: ApiClient, args: argparse.Namespace) -> Any:
     policy: dict[str, Any] = {"min": args.replicas, "max": args.replicas if args.max is None else args.max,
                               "tier": args.tier}
@@ -178,11 +201,7 @@ COMMANDS: dict[str, tuple[str, Call, Render]] = {
         render_info,
     ),
     "register": ("register a model in the catalog", _call_register, render_register),
-    "unregister": (
-        "remove a model from the catalog",
-        lambda api, a: api.unregister_model(a.name, purge=a.purge),
-        render_unregister,
-    ),
+    "unregister": ("remove a model from the catalog", _call_unregister, render_unregister),
     "delete": (
         "delete a model's copy on one device (the model stays registered)",
         lambda api, a: api.delete_from(a.name, a.on),
@@ -222,7 +241,7 @@ COMMANDS: dict[str, tuple[str, Call, Render]] = {
         render_transfer,
     ),
     "job": ("run a pipeline (YAML or JSON), show or cancel a job, or print an example", call_job, render_job),
-    "jobs": ("every job the mesh knows of", lambda api, a: api.jobs(), render_jobs),
+    "jobs": ("every job the mesh knows of", _call_jobs, render_jobs),
     "job-status": ("one job: its steps, their status and errors", lambda api, a: api.job(a.job_id), render_job),
     "job-cancel": ("cancel a job: running steps stop, pending ones are cancelled",
                    lambda api, a: api.cancel_job(a.job_id), render_job),
@@ -345,6 +364,8 @@ def run_client_command(args: argparse.Namespace) -> int:
         return fail(str(exc), EXIT_UNREACHABLE, "PEER_UNREACHABLE")
     except AnswerError as exc:
         return fail(str(exc), EXIT_ERROR, exc.code, status=exc.status)
+    except NotAnApiError as exc:
+        return fail(str(exc), EXIT_USAGE, "NOT_AN_API_PORT")
     except ClientError as exc:
         return fail(str(exc), EXIT_ERROR)
     except UsageProblem as exc:

@@ -23,7 +23,15 @@ from rich.table import Table
 from rich.text import Text
 
 from .client import ApiClient
-from .render import EXIT_ERROR, EXIT_OK, as_dict, stderr_console, stdout_console
+from .render import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    as_dict,
+    human_bytes,
+    stderr_console,
+    stdout_console,
+)
 
 __all__ = ["EXAMPLES", "call_job", "example_text", "follow_job", "render_job", "render_jobs", "render_placement", "run_example"]
 
@@ -114,8 +122,28 @@ def render_job(console: Console, data: Any, args: argparse.Namespace) -> None:
                       str(a.get("attempts") or 0), _when(a.get("started_ms")), _when(a.get("finished_ms")),
                       f"{err.get('code')}: {err.get('message')}" if err else "; ".join(notes)[:120])
     console.print(table)
+    if getattr(args, "verbose", False):
+        _render_parts(console, j)
     if j.get("status") not in FINAL and j.get("job_id"):
-        console.print(f"follow it with: meshnode job {j['job_id']}")
+        console.print(f"follow it with: meshnode job-status {j['job_id']}")
+
+
+def _render_parts(console: Console, j: dict[str, Any]) -> None:
+    """``job-status --verbose``: every part of every step (one per device, or the step itself)."""
+    table = Table(title="parts", title_justify="left")
+    for col in ("step", "node", "device", "status", "try", "transfer", "progress", "error / note"):
+        table.add_column(col, no_wrap=col in ("step", "status"))
+    for a in j.get("actions") or []:
+        a = as_dict(a)
+        for p in a.get("parts") or []:
+            p = as_dict(p)
+            err = as_dict(p.get("error"))
+            total = p.get("bytes_total") or 0
+            progress = f"{human_bytes(p.get('bytes_done') or 0)} of {human_bytes(total)}" if total else "-"
+            table.add_row(str(a.get("action_id")), str(p.get("node") or "-"), str(p.get("device") or "-"),
+                          _status(p.get("status")), str(p.get("attempt") or 0), str(p.get("transfer_id") or "-"),
+                          progress, f"{err.get('code')}: {err.get('message')}" if err else str(p.get("note") or ""))
+    console.print(table)
 
 
 def render_jobs(console: Console, data: Any, args: argparse.Namespace) -> None:
@@ -135,17 +163,23 @@ def render_jobs(console: Console, data: Any, args: argparse.Namespace) -> None:
     console.print(table)
 
 
+def _room(v: Any) -> str:
+    if not isinstance(v, int):
+        return "-"
+    return human_bytes(v) if v >= 0 else f"short by {human_bytes(-v)}"
+
+
 def render_placement(console: Console, data: Any, args: argparse.Namespace) -> None:
     d = as_dict(data)
     console.print(f"{d.get('model_name')} on {d.get('device')}: "
-                  f"{d.get('chosen') or 'no node fits'} (needs {d.get('needs_bytes', 0)} bytes)")
+                  f"{d.get('chosen') or 'no node fits'} (needs {human_bytes(int(d.get('needs_bytes') or 0))})")
     table = Table(title_justify="left")
     for col in ("rank", "node", "fits", "holds it", "room left", "why not"):
         table.add_column(col)
     for i, c in enumerate(d.get("ranking") or [], 1):
         c = as_dict(c)
         table.add_row(str(i), str(c.get("node_id")), "yes" if c.get("fits") else "no",
-                      "yes" if c.get("holds_model") else "", str(c.get("room_bytes")), "; ".join(c.get("reasons") or []))
+                      "yes" if c.get("holds_model") else "", _room(c.get("room_bytes")), "; ".join(c.get("reasons") or []))
     console.print(table)
 
 
@@ -157,6 +191,21 @@ def follow_job(api: ApiClient, first: Any, args: argparse.Namespace) -> int:
     if not jid:
         raise UsageProblem("the answer names no job")
     err = stderr_console()
+    try:
+        j = _follow(api, j, jid, err, args)
+    except KeyboardInterrupt:
+        print(f"meshnode: stopped waiting; job {jid} goes on in the mesh: follow it with "
+              f"`meshnode job-status {jid}` (or `meshnode job-cancel {jid}` to stop it)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if args.json:
+        print(json.dumps(j, ensure_ascii=False))
+    else:
+        render_job(stdout_console(), j, args)
+    return EXIT_OK if j.get("status") == "completed" else EXIT_ERROR
+
+
+def _follow(api: ApiClient, j: dict[str, Any], jid: str, err: Console, args: argparse.Namespace) -> dict[str, Any]:
+    """A line per step as its status changes, until the job ends; the job then."""
     seen: dict[str, str] = {}
     while True:
         for a in j.get("actions") or []:
@@ -174,11 +223,6 @@ def follow_job(api: ApiClient, first: Any, args: argparse.Namespace) -> int:
                 else:
                     err.print(line)
         if j.get("status") in FINAL:
-            break
+            return j
         _sleep(POLL_S)
         j = as_dict(api.job(jid))
-    if args.json:
-        print(json.dumps(j, ensure_ascii=False))
-    else:
-        render_job(stdout_console(), j, args)
-    return EXIT_OK if j.get("status") == "completed" else EXIT_ERROR

@@ -114,17 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     client("status")
-    client("nodes")
-    client("list")
+    client("nodes").add_argument("--verbose", "-v", action="store_true",
+                                 help="each node's generation, labels, last change, storage and GPUs (gswarm's form)")
+    client("list").add_argument("--verbose", "-v", action="store_true",
+                                help="each model's copies and services in full (gswarm's form)")
     client("info").add_argument("name", metavar="NAME", help="model name, e.g. owner/model")
 
     reg = client("register")
     reg.add_argument("name", metavar="NAME", help="model name, e.g. owner/model")
-    reg.add_argument("--type", required=True, metavar="T", help="model type, e.g. llm, diffusion")
-    reg.add_argument("--url", required=True, metavar="URL", help="where the weights come from")
-    reg.add_argument(
-        "--desc", "--description", dest="desc", required=True, metavar="D", help="description"
-    )
+    reg.add_argument("--type", metavar="T", help="model type, e.g. llm, diffusion")
+    reg.add_argument("--url", metavar="URL", help="where the weights come from")
+    reg.add_argument("--desc", "--description", dest="desc", metavar="D", help="description")
     reg.add_argument("--tags", metavar="A,B", help="comma-separated tags")
     reg.add_argument(
         "--min-memory", type=parse_bytes, metavar="BYTES", help="host memory needed (e.g. 32GiB)"
@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     unreg.add_argument("name", metavar="NAME", help="model name, e.g. owner/model")
     unreg.add_argument("--purge", action="store_true",
                        help="also delete every copy on every node (a node that is down does it when back)")
+    unreg.add_argument("--force", action="store_true",
+                       help="stop every service of the model first, then unregister it with --purge (gswarm's form)")
 
     dele = client("delete")
     dele.add_argument("name", metavar="NAME", help="model name, e.g. owner/model")
@@ -236,8 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--wait", action="store_true",
                      help="follow the job: a line per step as it changes, the table at the end; "
                      "exit 0 when it completed, 1 when it failed or was cancelled")
-    client("jobs")
-    client("job-status").add_argument("job_id", metavar="ID", help="job id, as `meshnode job FILE` prints it")
+    client("jobs").add_argument("--status", choices=("pending", "running", "completed", "failed", "cancelled"),
+                                help="only the jobs in this state (gswarm's form)")
+    js = client("job-status")
+    js.add_argument("job_id", metavar="ID", help="job id, as `meshnode job FILE` prints it")
+    js.add_argument("--verbose", "-v", action="store_true",
+                    help="every part of every step: its node, tries, transfer and progress (gswarm's form)")
     ex = sub.add_parser("example", help="write gswarm's four example pipelines as YAML files",
                         parents=[logging_parent])
     ex.add_argument("--output", required=True, metavar="DIR", help="the directory to write them to")
@@ -253,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--command", dest="command_line", metavar="'PROG ARGS'", help="with --engine command: the program and its arguments "
                     "({model_dir}, {port}, {host}, {model_name}, {gpus} are filled in)")
     sv.add_argument("--arg", action="append", metavar="ARG", help="an argument passed to the engine (repeatable)")
+    sv.add_argument("--health-path", metavar="PATH", help="the engine's liveness path (default /health; an engine "
+                    "that answers 404 there is ready once /v1/models lists the model)")
     sv.add_argument("--wait", action="store_true", help="wait until it is healthy (exit 0) or has failed (exit 1, "
                     "with its log's end)")
     client("services")

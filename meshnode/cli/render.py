@@ -20,6 +20,8 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 from rich.table import Table
 from rich.text import Text
 
+from protocol import units
+
 PROG = "meshnode"
 
 EXIT_OK = 0
@@ -89,12 +91,7 @@ def human_bytes(value: Any) -> str:
     """``1536`` -> ``"1.5 KiB"``; anything that is not a number -> ``"-"``."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return "-"
-    n = float(value)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(n) < 1024 or unit == "PiB":
-            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
+    return units.human_bytes(value)
 
 
 def _styled(value: Any) -> Text:
@@ -178,6 +175,10 @@ def render_nodes(console: Console, data: Any, args: argparse.Namespace) -> None:
     table.add_column("gpus", justify="right")
     table.add_column("VRAM free", justify="right")
     table.add_column("disk free", justify="right")
+    verbose = getattr(args, "verbose", False)
+    if verbose:
+        for col in ("generation", "changed", "labels", "dram free", "each GPU"):
+            table.add_column(col)
     for node in nodes:
         node = as_dict(node)
         disk = as_dict(as_dict(node.get("storage")).get("disk"))
@@ -191,7 +192,7 @@ def render_nodes(console: Console, data: Any, args: argparse.Namespace) -> None:
             vram = f"{human_bytes(free)} of {human_bytes(total)}"
             if as_dict(node.get("gpu_status")).get("stale"):
                 vram += " (stale)"
-        table.add_row(
+        row: list[Any] = [
             str(node.get("node_id", "-")),
             str(node.get("address", "-")),
             _styled(node.get("state")),
@@ -199,7 +200,17 @@ def render_nodes(console: Console, data: Any, args: argparse.Namespace) -> None:
             str(len(gpus)) if isinstance(gpus, list) else "-",
             vram,
             human_bytes(disk.get("free")),
-        )
+        ]
+        if verbose:
+            dram = as_dict(as_dict(node.get("storage")).get("dram"))
+            labels = as_dict(node.get("labels"))
+            cards = [as_dict(g) for g in gpus] if isinstance(gpus, list) else []
+            row += [str(node.get("generation", "-")), f"{human_duration(node.get('last_change_s'))} ago",
+                    ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "-",
+                    human_bytes(dram.get("free")) if dram else "-",
+                    "; ".join(f"gpu{g.get('index')} {g.get('name') or ''} {human_bytes(g.get('free_bytes'))} free"
+                              for g in cards) or "-"]
+        table.add_row(*row)
     console.print(table)
 
 
@@ -211,17 +222,22 @@ def render_list(console: Console, data: Any, args: argparse.Namespace) -> None:
     table.add_column("type")
     table.add_column("size", justify="right")
     table.add_column("locations")
-    table.add_column("services", justify="right")
+    table.add_column("services", justify="right" if not getattr(args, "verbose", False) else "left")
     table.add_column("status")
     for model in models:
         model = as_dict(model)
         services = model.get("services")
+        if getattr(args, "verbose", False):  # each service: where, its port, engine and state
+            shown = "; ".join(f"{as_dict(s).get('device')} port {as_dict(s).get('port')} {as_dict(s).get('engine')} "
+                              f"{as_dict(s).get('state')}" for s in services or []) or "-"
+        else:
+            shown = str(len(services)) if isinstance(services, list) else "-"
         table.add_row(
             str(model.get("model_name", "-")),
             str(model.get("model_type") or "-"),
             human_bytes(model.get("size")),
             ", ".join(name_list(model.get("locations"))) or "-",
-            str(len(services)) if isinstance(services, list) else "-",
+            shown,
             _styled(model.get("status")),
         )
     console.print(table)
@@ -271,19 +287,12 @@ def render_info(console: Console, data: Any, args: argparse.Namespace) -> None:
     services = data.get("services")
     if isinstance(services, list) and services:
         table = Table(title="services", title_justify="left")
-        table.add_column("node", no_wrap=True)
-        table.add_column("endpoint")
-        table.add_column("status")
+        for col in ("node", "device", "port", "engine", "state"):
+            table.add_column(col, no_wrap=col in ("node", "device"))
         for svc in services:
-            if isinstance(svc, dict):
-                endpoint = svc.get("url") or svc.get("endpoint") or svc.get("port") or "-"
-                table.add_row(
-                    str(svc.get("node_id") or svc.get("device") or "-"),
-                    str(endpoint),
-                    _styled(svc.get("status")),
-                )
-            else:
-                table.add_row(str(svc), "-", Text("-"))
+            svc = svc if isinstance(svc, dict) else {}
+            table.add_row(str(svc.get("node") or "-"), str(svc.get("device") or "-"), str(svc.get("port") or "-"),
+                          str(svc.get("engine") or "-"), _styled(svc.get("state")))
         console.print(table)
 
 
@@ -379,8 +388,11 @@ def render_pin(console: Console, data: Any, args: argparse.Namespace) -> None:
 
 def render_unregister(console: Console, data: Any, args: argparse.Namespace) -> None:
     d = as_dict(data)
+    for s in d.get("stopped_services") or []:
+        s = as_dict(s)
+        console.print(f"stopped {s.get('model_name')} on {s.get('device')} port {s.get('port')}")
     console.print(f"unregistered model {args.name!r}")
-    if not args.purge:
+    if not (args.purge or getattr(args, "force", False)):
         return
     deleted = name_list(d.get("deleted_copies"))
     console.print(f"deleted copies: {', '.join(deleted) if deleted else 'none'}", soft_wrap=True)
@@ -416,7 +428,7 @@ def render_availability(console: Console, data: Any, args: argparse.Namespace) -
             str(node.get("address", "-")),
             Text("yes", style="green") if online else Text("no", style="red"),
             str(len(models)) if isinstance(models, list) else "-",
-            ", ".join(name_list(node.get("pools"))) or "-",
+            _pools(node.get("pools")),
         )
     console.print(table)
     replicated = name_list(data.get("replicated_models"))
@@ -426,6 +438,16 @@ def render_availability(console: Console, data: Any, args: argparse.Namespace) -
     if single:
         single_line.stylize("yellow")
     console.print(single_line)
+
+
+def _pools(pools: Any) -> str:
+    """llama-orch's pools as a person reads them: ``gpu0 ready (org/m), gpu1 idle``."""
+    out = []
+    for p in pools if isinstance(pools, list) else []:
+        p = as_dict(p)
+        models = ", ".join(str(m) for m in p.get("models") or [])
+        out.append(f"gpu{p.get('gpu')} {'ready' if p.get('ready') else 'idle'}" + (f" ({models})" if models else ""))
+    return "; ".join(out) or "-"
 
 
 def as_number(value: Any) -> float | None:

@@ -1,7 +1,8 @@
 """An engine that answers oddly on purpose, for the proxy's tests: standard
 library only, one thread per connection.
 
-``/health`` is 200 and ``/v1/models`` lists the model; ``POST
+``/health`` is 200 (404 with ``--no-health``, as llama-cpp-python's server
+answers) and ``/v1/models`` lists the model; ``POST
 /v1/completions`` answers by the request's ``prompt``:
 
 * ``garbage``: 200, ``application/json``, body ``not json {``;
@@ -46,10 +47,10 @@ def _read_request(conn: socket.socket) -> tuple[str, bytes]:
     return lines[0], body
 
 
-def handle(conn: socket.socket, model: str) -> None:
+def handle(conn: socket.socket, model: str, health: bool) -> None:
     with conn:
         line, body = _read_request(conn)
-        if line.startswith("GET /health"):
+        if line.startswith("GET /health") and health:
             _answer(conn, "200 OK", "application/json", b'{"status":"ok"}')
             return
         if line.startswith("GET /v1/models"):
@@ -96,11 +97,12 @@ def main() -> None:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--served-model-name", required=True)
+    p.add_argument("--no-health", action="store_true", help="answer 404 on /health")
     a = p.parse_args()
     srv = socket.create_server((a.host, a.port))
     while True:
         conn, _ = srv.accept()
-        threading.Thread(target=handle, args=(conn, a.served_model_name), daemon=True).start()
+        threading.Thread(target=handle, args=(conn, a.served_model_name, not a.no_health), daemon=True).start()
 
 
 if __name__ == "__main__":

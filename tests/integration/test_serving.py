@@ -460,3 +460,61 @@ def test_an_engine_log_is_kept_under_its_bound(tmp_path: Path) -> None:
     data = log.read_bytes()
     assert len(data) < serving.LOG_KEEP + 200 and data.endswith(b"the last line\n")
     assert data.startswith(b"[earlier lines dropped")
+
+
+async def test_an_engine_without_a_health_route_is_ready_once_it_lists_the_model(mesh: Mesh, tmp_path: Path) -> None:
+    """llama-cpp-python's server answers 404 on /health: its /v1/models tells
+    instead, unless the serve names a health path of its own."""
+    a = await start(mesh, "node1")
+    await put_model(mesh, a, tmp_path)
+    odd = [sys.executable, str(ROOT / "tests" / "engine" / "odd_engine.py"), "--port", "{port}", "--host", "{host}",
+           "--served-model-name", "{model_name}", "--no-health"]
+    r = await mesh.client.post(a.url + "/models/org/e/services",
+                               json={"device": "node1:gpu0", "config": {"engine": "command", "command": odd}})
+    assert r.status_code == 202, r.text
+    await wait_for(lambda: state_on(mesh, a), what="listed")
+
+    async def healthy() -> bool:
+        return await state_on(mesh, a) == "healthy"
+
+    await wait_for(healthy, what="ready by its model list")
+    r = await mesh.client.delete(a.url + "/models/org/e/services/node1")
+    assert r.status_code == 200, r.text
+    # A health path the caller names is taken at its word: its 404 is a failure.
+    r = await mesh.client.post(a.url + "/models/org/e/services", json={
+        "device": "node1:gpu0", "config": {"engine": "command", "command": odd, "health_path": "/health",
+                                          "startup_timeout_s": 2}})
+    assert r.status_code == 202, r.text
+
+    async def failed() -> bool:
+        return await state_on(mesh, a) == "error"
+
+    await wait_for(failed, what="given up: /health answered 404")
+
+
+async def test_info_renders_the_apis_own_answer_for_services(mesh: Mesh, tmp_path: Path) -> None:
+    """``meshnode info`` reads what ``GET /models/{name}`` really sends: node,
+    device, port, engine and state of each service."""
+    import argparse
+
+    from rich.console import Console
+
+    from meshnode.cli.render import render_info
+
+    a = await start(mesh, "node1")
+    await put_model(mesh, a, tmp_path)
+    r = await mesh.client.post(a.url + "/models/org/e/services", json={"device": "node1:gpu1",
+                                                                        "config": engine_config()})
+    assert r.status_code == 202, r.text
+    port = r.json()["port"]
+
+    async def healthy() -> bool:
+        return await state_on(mesh, a) == "healthy"
+
+    await wait_for(healthy, what="healthy")
+    answer = (await mesh.client.get(a.url + "/models/org/e")).json()
+    console = Console(record=True, width=200)
+    render_info(console, answer, argparse.Namespace(json=False))
+    text = console.export_text()
+    row = next(line for line in text.splitlines() if "node1:gpu1" in line and "healthy" in line)
+    assert "node1" in row.split() and str(port) in row.split() and "command" in row.split()

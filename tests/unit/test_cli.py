@@ -101,7 +101,7 @@ INFO = {
         {"device": "node-a:disk", "manifest_hash": "ab" * 16, "status": "ready"},
         "node-b:gpu0",
     ],
-    "services": [{"node_id": "node-a", "url": "http://10.0.0.1:8000", "status": "running"}],
+    "services": [{"node": "node-a", "port": 8000, "device": "node-a:gpu0", "engine": "vllm", "state": "healthy"}],
     "status": "ready",
 }
 AVAILABILITY = {
@@ -111,7 +111,8 @@ AVAILABILITY = {
             "address": "10.0.0.1:7420",
             "online": True,
             "models": ["gpt2", "meta-llama/Llama-3.1-8B-Instruct"],
-            "pools": ["gpu0"],
+            "pools": [{"pool_id": "pool-gpu0", "gpu": 0, "ready": True, "models": ["gpt2"], "engines": ["vllm"]},
+                      {"pool_id": "pool-gpu1", "gpu": 1, "ready": False, "models": [], "engines": []}],
         },
         "node-b": {
             "node_id": "node-b",
@@ -293,7 +294,9 @@ def test_info_routes_a_slashed_name_unencoded(
         "min_vram=16.0 GiB",
         "node-a:disk",
         "node-b:gpu0",
-        "http://10.0.0.1:8000",
+        "node-a:gpu0",
+        "8000",
+        "healthy",
         "https://huggingface.co/meta-llama/Llama-3.1-8B-Instruct",
     ):
         assert text in out, text
@@ -405,17 +408,25 @@ def test_register_minimal_body(fake: Any, capsys: pytest.CaptureFixture[str]) ->
     assert json.loads(wire.last.content) == {
         "model_type": "llm",
         "source_url": "https://x/gpt2",
-        "metadata": {"description": "d", "tags": [], "requirements": {}},
+        "metadata": {"description": "d"},
     }
     assert "authorization" not in wire.last.headers
     assert json.loads(out) == {"ok": True}
 
 
+def test_register_takes_gswarm_s_form_where_only_the_name_is_required(
+        fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    wire = fake(lambda request: httpx.Response(201, json={"model_name": "gpt2"}))
+    code, _, err = run(capsys, "register", "gpt2")
+    assert code == 0, err
+    assert json.loads(wire.last.content) == {"metadata": {}}
+    code, _, err = run(capsys, "register", "gpt2", "--type", "llm")
+    assert code == 0 and json.loads(wire.last.content) == {"model_type": "llm", "metadata": {}}
+
+
 @pytest.mark.parametrize(
     "argv",
     [
-        ["register", "gpt2", "--url", "u", "--desc", "d"],  # no --type
-        ["register", "gpt2", "--type", "llm", "--desc", "d"],  # no --url
         ["register", "gpt2", "--type", "llm", "--url", "u", "--desc", "d", "--min-vram", "lots"],
         ["info"],  # no NAME
         ["download", "gpt2", "--from", "/models/gpt2"],  # no --to
@@ -514,8 +525,9 @@ def test_availability(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0
     assert (wire.last.method, wire.last.url.path) == ("GET", "/v2/catalog/availability")
     assert wire.last.headers["authorization"] == f"Bearer {TOKEN}"
-    for text in ("node-a", "node-b", "10.0.0.2:7420", "gpu0", "yes", "no"):
+    for text in ("node-a", "node-b", "10.0.0.2:7420", "gpu0 ready (gpt2); gpu1 idle", "yes", "no"):
         assert text in out, text
+    assert "pool_id" not in out and "{" not in out  # no raw JSON
     assert "replicated (1): gpt2" in out
     assert "single node (1): meta-llama/Llama-3.1-8B-Instruct" in out
 
@@ -1605,3 +1617,45 @@ def test_top_shows_a_failure_and_goes_on_but_fails_at_once_on_the_first(fake: An
     assert_one_error_line(err, "meshnode: error: STARTING")
     code, out, err = run(capsys, "top", "--count", "0")
     assert code == 2 and "must be 1 or more" in err
+
+
+def test_placement_prints_sizes_a_person_reads(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    fake(routes({("GET", "/placement"): {
+        "model_name": "org/m", "device": "disk", "chosen": None, "needs_bytes": 25165953,
+        "ranking": [{"node_id": "a", "fits": False, "holds_model": False, "room_bytes": -7340161,
+                     "reasons": ["needs 24.0 MiB on disk; has 17.0 MiB free"]},
+                    {"node_id": "b", "fits": True, "holds_model": True, "room_bytes": 3 * 2**30, "reasons": []}]}}))
+    code, out, _ = run(capsys, "placement", "org/m")
+    assert code == 0
+    assert "needs 24.0 MiB" in out and "short by 7.0 MiB" in out and "3.0 GiB" in out
+    assert "25165953" not in out and "-7340161" not in out
+
+
+def test_one_pipeline_problem_is_one_problem(fake: Any, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(422, json={"error": {"code": "INVALID_PIPELINE", "message": "bad", "problems": [
+            {"action_id": "s", "field": "devices", "message": "no such GPU"}]}})
+
+    fake(handler)
+    doc = tmp_path / "p.yaml"
+    doc.write_text("name: x\nactions: []\n")
+    code, _, err = run(capsys, "job", str(doc))
+    assert code != 0 and "1 problem: [s] devices: no such GPU" in err
+
+
+def test_ctrl_c_in_job_wait_says_how_to_follow_the_job(fake: Any, capsys: pytest.CaptureFixture[str],
+                                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from meshnode.cli import jobs as cli_jobs
+
+    running = {"job_id": "j-123", "status": "running", "actions": [{"action_id": "s", "status": "running"}]}
+    fake(routes({("POST", "/jobs/from-yaml"): running, ("GET", "/jobs/j-123"): running}))
+
+    def interrupted(_s: float) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_jobs, "_sleep", interrupted)
+    doc = tmp_path / "p.yaml"
+    doc.write_text("name: x\nactions: []\n")
+    code, _, err = run(capsys, "job", str(doc), "--wait")
+    assert code == 130
+    assert "job j-123 goes on" in err and "meshnode job-status j-123" in err

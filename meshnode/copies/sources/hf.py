@@ -47,6 +47,7 @@ from huggingface_hub.utils import (  # type: ignore[attr-defined]  # exported la
 
 from protocol.errors import InvalidName
 from protocol.manifest import validate_rel_path
+from protocol.units import human_bytes
 
 from ...errors import first_of, only
 from ...persist import make_dirs
@@ -355,7 +356,8 @@ async def fetch_hf(
             have = await trio.to_thread.run_sync(_already_there, dest_dir, rels)
             free = (await trio.to_thread.run_sync(shutil.disk_usage, dest_dir)).free
             if total - have > free:
-                raise SourceError("NO_SPACE", f"{repo}@{commit[:12]} needs {total - have} more bytes, {free} are free where it is staged")
+                raise SourceError("NO_SPACE", f"{repo}@{commit[:12]} needs {human_bytes(total - have)} more, {human_bytes(free)} free where it is "
+                                  "staged")
     except OSError as e:
         raise os_error(e, str(dest_dir)) from None
 

@@ -30,6 +30,7 @@ import trio
 
 from protocol.errors import InvalidName
 from protocol.manifest import validate_rel_path
+from protocol.units import human_bytes
 
 from ...persist import FILE_MODE, atomic_write, make_dirs
 from .common import (
@@ -488,7 +489,7 @@ async def _attempt(
                 need = total - pf.have
                 free = (await trio.to_thread.run_sync(shutil.disk_usage, pf.part.parent)).free
                 if need > free:
-                    raise SourceError("NO_SPACE", f"{rel} needs {need} more bytes, {free} are free where it is staged")
+                    raise SourceError("NO_SPACE", f"{rel} needs {human_bytes(need)} more, {human_bytes(free)} free where it is staged")
             await _stream_body(r, pf, encoded, sync_progress)
             if total is not None and pf.have < total:
                 raise Transient(f"the body ended after {pf.have} of {total} bytes")
