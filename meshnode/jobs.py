@@ -171,6 +171,14 @@ class Jobs:
             raise MeshError("JOB_NOT_FOUND", f"no job {job_id[:40]!r} is known")
         return v
 
+    def _gpu_indexes(self, node_id: str) -> list[int] | None:
+        """The GPUs ``node_id`` reports (None: it has reported none we can read yet)."""
+        raw = self.mesh.get(node_id, GPUS_KEY)
+        try:
+            return None if raw is None else [g.index for g in GpusRecord.from_value(raw).gpus]
+        except RecordError:
+            return None
+
     def _reachable(self, node_id: str) -> bool:
         return node_id == self.mesh.id or self.mesh.reachable(node_id)
 
@@ -189,7 +197,7 @@ class Jobs:
             pipe = parse_pipeline(doc)
             known = {m.record.node_id for m in self.mesh.members()}
             check_against(pipe, known_node=known.__contains__,
-                          registered=lambda m: self.registry.find(m) is not None)
+                          registered=lambda m: self.registry.find(m) is not None, gpus_of=self._gpu_indexes)
         except InvalidPipeline as e:
             raise _problems_json(e) from None
         active = sum(1 for v in self.views() if v.status in (JobStatus.PENDING, JobStatus.RUNNING))

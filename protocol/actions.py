@@ -29,6 +29,7 @@ from typing import Any
 from .errors import InvalidName
 from .names import parse_device, validate_model_name
 from .registry import InvalidInput
+from .sources import SCHEMES, URL_MAX, InvalidSource, classify
 
 __all__ = [
     "TIERS",
@@ -49,8 +50,7 @@ __all__ = [
 ]
 
 TIERS = ("disk", "dram")  # where a copy can be stored (a GPU holds a model through an engine)
-WEB_SCHEMES = ("http://", "https://", "hf://", "s3://")  # sources outside the mesh
-_URL_MAX = 2048
+WEB_SCHEMES = tuple(f"{s}://" for s, k in SCHEMES.items() if k.outside)  # sources outside the mesh
 _PATTERNS_MAX = 64
 
 
@@ -195,8 +195,12 @@ def _patterns(v: Any, field: str) -> tuple[str, ...] | None:
 
 
 def _web(url: Any, options: Any) -> Web:
-    if not isinstance(url, str) or not url.startswith(WEB_SCHEMES) or len(url) > _URL_MAX:
-        raise InvalidInput("a web source is an http(s)://, hf:// or s3:// URL of at most 2048 characters")
+    try:
+        outside = isinstance(url, str) and classify(url).kind.outside
+    except InvalidSource:
+        outside = False
+    if not outside:
+        raise InvalidInput(f"a web source is an {', '.join(WEB_SCHEMES)} URL of at most {URL_MAX} characters")
     if not isinstance(options, dict) or set(options) - {"revision", "allow_patterns", "ignore_patterns"}:
         raise InvalidInput("options may hold revision, allow_patterns and ignore_patterns")
     rev = options.get("revision")

@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InvalidName, LocalProtocolError
 from .healthcheck import TargetRefused, parse_target
 from .names import validate_model_name, validate_node_id
+from .sources import InvalidSource, classify
 
 __all__ = [
     "ACTION_TYPES",
@@ -222,6 +223,19 @@ def _url(p: _Problems, aid: str, fld: str, v: Any, schemes: tuple[str, ...]) -> 
     return s
 
 
+def _source_url(p: _Problems, aid: str, v: Any) -> str | None:
+    """A download's source: any kind ``protocol.sources.classify`` knows."""
+    s = _text(p, aid, "source_url", v, required=False)
+    if s is None:
+        return None
+    try:
+        classify(s)
+    except InvalidSource as e:
+        p.add(aid, "source_url", str(e))
+        return None
+    return s
+
+
 def _bounded_list(p: _Problems, aid: str, fld: str, v: Any, limit: int, of: str) -> list[Any]:
     """``v`` when it is a list of at most ``limit`` items, else a problem and ``[]``."""
     if not isinstance(v, list):
@@ -275,7 +289,7 @@ def _action(p: _Problems, raw: Any, index: int) -> Action | None:
             p.add(who, f"dependencies[{i}]", f"{d!r} is listed twice")
         else:
             deps.append(d)
-    source_url = _url(p, who, "source_url", raw.get("source_url"), ("https", "http", "hf", "file"))
+    source_url = _source_url(p, who, raw.get("source_url"))
     target_url = _url(p, who, "target_url", raw.get("target_url"), ("http", "https"))
     port = None if raw.get("port") is None else _number(p, who, "port", raw.get("port"), 1, 65535, integer=True)
     keep = raw.get("keep_source", False)
@@ -424,10 +438,12 @@ def parse_pipeline(doc: Any) -> Pipeline:
     return Pipeline(name, description, tuple(actions), fail_fast, priority)
 
 
-def check_against(pipe: Pipeline, *, known_node: Callable[[str], bool], registered: Callable[[str], bool]) -> None:
-    """What needs the mesh: every node named is a member; every model is
-    registered or downloaded by an action before it is used.  Raises
-    ``InvalidPipeline`` with every problem."""
+def check_against(pipe: Pipeline, *, known_node: Callable[[str], bool], registered: Callable[[str], bool],
+                  gpus_of: Callable[[str], Collection[int] | None] = lambda _n: None) -> None:
+    """What needs the mesh: every node named is a member; every GPU named is
+    one its node reports (``gpus_of``: its GPU indexes, None when the node
+    has reported none yet); every model is registered or downloaded by an
+    action before it is used.  Raises ``InvalidPipeline`` with every problem."""
     p = _Problems()
     def fetchable(a: Action) -> bool:  # an owner/name model with no URL is a Hugging Face repo
         return a.action_type == "download" and a.model_name is not None and (
@@ -438,6 +454,12 @@ def check_against(pipe: Pipeline, *, known_node: Callable[[str], bool], register
         for i, d in enumerate(a.devices):
             if d.node is not None and not known_node(d.node):
                 p.add(a.action_id, f"devices[{i}]", f"no node {d.node!r} in this mesh")
+            elif d.node is not None and d.tier == "gpu":
+                have = gpus_of(d.node)
+                index = int(d.kind[3:] or 0)
+                if have is not None and index not in have:
+                    p.add(a.action_id, f"devices[{i}]", f"{d.node} has no GPU {index} (it reports "
+                          + (", ".join(f"gpu{g}" for g in sorted(have)) or "no GPU") + ")")
         if a.model_name is not None and not registered(a.model_name) and a.model_name not in downloaded:
             if a.action_type == "download":
                 p.add(a.action_id, "source_url", f"{a.model_name!r} is not registered: give its source_url")

@@ -12,7 +12,6 @@ spent elsewhere."""
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import unquote, urlparse
 
 import trio
 
@@ -32,6 +31,7 @@ from protocol.keys import CopyRecord, RecordError, copy_key
 from protocol.names import Device, parse_device
 from protocol.peerauth import Recipient
 from protocol.registry import InvalidInput
+from protocol.sources import InvalidSource, classify
 
 from ..errors import MeshError
 from ..mesh import Mesh
@@ -177,25 +177,20 @@ class Router:
         to = _device(body["target_device"], "target_device")
         self._store_device(to, "target_device")
         assert to.node_id is not None
-        parsed = urlparse(url)
-        if parsed.scheme == "file" or (parsed.scheme == "" and url.startswith("/")):
-            path = unquote(parsed.path) if parsed.scheme == "file" else url
-            if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
-                raise MeshError("INVALID_REQUEST", "file:// URLs name a path on the target node: file:///path")
-            if not path.startswith("/") or len(path) > 4096 or "\x00" in path:
-                raise MeshError("INVALID_REQUEST", "ingest needs an absolute path")
-            return await self.run_on(to.node_id, StartTransfer(name, to.kind, LocalPath(path)))
-        if parsed.scheme in ("http", "https", "hf", "s3"):
-            options = {k: body[k] for k in ("revision", "allow_patterns", "ignore_patterns") if body.get(k) is not None}
-            try:
-                web = decode_action({"op": "fetch", "model": name, "kind": to.kind, "source_url": url,
-                                     "options": options})
-            except InvalidInput as e:
-                raise MeshError(e.code, e.message) from None
-            assert isinstance(web, StartTransfer) and isinstance(web.source, Web)
-            return await self.run_on(to.node_id, web)
-        raise MeshError("INVALID_REQUEST",
-                        f"cannot download from {parsed.scheme or 'this'} URLs: use hf://, https://, s3://, file:// or a node:device source")
+        try:
+            src = classify(url)
+        except InvalidSource as e:
+            raise MeshError("INVALID_REQUEST", str(e)) from None
+        if src.path is not None:  # files on the target node
+            return await self.run_on(to.node_id, StartTransfer(name, to.kind, LocalPath(src.path)))
+        options = {k: body[k] for k in ("revision", "allow_patterns", "ignore_patterns") if body.get(k) is not None}
+        try:
+            web = decode_action({"op": "fetch", "model": name, "kind": to.kind, "source_url": url,
+                                 "options": options})
+        except InvalidInput as e:
+            raise MeshError(e.code, e.message) from None
+        assert isinstance(web, StartTransfer) and isinstance(web.source, Web)
+        return await self.run_on(to.node_id, web)
 
     async def delete_copy(self, name: str, device: str) -> dict[str, Any] | None:
         """Delete a real copy on ``device`` (wherever it is); None when there is none."""

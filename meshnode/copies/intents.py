@@ -3,10 +3,12 @@ that has not finished, so a restart (after a stop or a crash) resumes it."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 from pathlib import Path
 
+from ..errors import MeshError
 from ..persist import atomic_write, make_dirs
 from .transfer import Transfer
 
@@ -22,7 +24,14 @@ class Intents:
         self.dir = directory
 
     def save(self, t: Transfer) -> None:
-        atomic_write(self.dir / f"{t.id}.json", json.dumps(t.intent()).encode(), durable=False)
+        """Raises ``MeshError`` NO_SPACE when the data dir is full (nothing half-written stays)."""
+        try:
+            atomic_write(self.dir / f"{t.id}.json", json.dumps(t.intent()).encode(), durable=False)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise MeshError("NO_SPACE", f"the data dir {self.dir.parent} is full: the transfer of {t.model!r} "
+                                "was not started") from None
+            raise MeshError("IO_ERROR", f"cannot save the transfer's intent in {self.dir}: {e.strerror}") from None
 
     def drop(self, t: Transfer) -> None:
         (self.dir / f"{t.id}.json").unlink(missing_ok=True)

@@ -117,3 +117,20 @@ async def test_gswarm_cli_forms(mesh: Mesh, tmp_path: Path) -> None:
     assert "stopped org/e on node1:gpu1" in out and "deleted copies: node1:disk" in out, out
     assert await services(mesh, a) == []
     await wait_for(lambda: a.node.store.get("org/e", "disk") is None, what="the copy purged")
+
+
+async def test_a_gpu_the_node_lacks_is_refused_at_submit(mesh: Mesh, tmp_path: Path) -> None:
+    a = await start(mesh, "node1")  # two pretend GPUs
+    await wait_for(lambda: a.node.gpus is not None and a.node.gpus.current is not None, what="its GPUs read")
+    r = await mesh.client.post(a.url + "/jobs", json={"name": "bad", "actions": [
+        {"action_id": "d", "action_type": "download", "model_name": "org/x", "source_url": "file:///nowhere",
+         "devices": ["node1:disk"]},
+        {"action_id": "s", "action_type": "serve", "model_name": "org/x", "devices": ["node1:gpu2"],
+         "dependencies": ["d"]},
+        {"action_id": "t", "action_type": "serve", "model_name": "org/y", "devices": ["node7:gpu0"]}]})
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["problem_count"] == 3, err
+    assert {(p["action_id"], p["field"]) for p in err["problems"]} == {
+        ("s", "devices[0]"), ("t", "devices[0]"), ("t", "model_name")}
+    assert (await mesh.client.get(a.url + "/jobs")).json()["jobs"] == []

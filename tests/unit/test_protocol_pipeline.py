@@ -134,6 +134,23 @@ def test_check_against_the_mesh_names_unknown_nodes_and_models() -> None:
     assert got == {("c", "devices[1]"), ("c", "model_name"), ("d", "source_url")}
 
 
+def test_a_gpu_its_node_does_not_report_is_refused_at_submit_with_every_other_problem() -> None:
+    """gswarm's ``gpu1:gpu2`` on a 2-GPU node was accepted and failed later;
+    a file with 3 problems reported 2."""
+    pipe = parse_pipeline(doc(
+        {"action_id": "s", "action_type": "serve", "model_name": "ghost", "devices": ["gpu1:gpu2"]},
+        {"action_id": "t", "action_type": "serve", "model_name": "m", "devices": ["gpu9:gpu0"]},
+        {"action_id": "u", "action_type": "serve", "model_name": "m", "devices": ["gpu3:gpu5"]},
+    ))
+    gpus = {"gpu1": [0, 1], "gpu3": None}
+    with pytest.raises(InvalidPipeline) as e:
+        check_against(pipe, known_node=lambda n: n in ("gpu1", "gpu3"), registered=lambda m: m == "m",
+                      gpus_of=lambda n: gpus.get(n))
+    got = {(p.action_id, p.field): p.message for p in e.value.problems}
+    assert set(got) == {("s", "devices[0]"), ("s", "model_name"), ("t", "devices[0]")}
+    assert got[("s", "devices[0]")] == "gpu1 has no GPU 2 (it reports gpu0, gpu1)"
+
+
 @st.composite
 def dags(draw: st.DrawFn) -> list[dict[str, Any]]:
     n = draw(st.integers(1, 30))
