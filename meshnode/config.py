@@ -85,6 +85,8 @@ class Config:
     watermarks: Mapping[str, Watermarks] = field(
         default_factory=lambda: {"disk": Watermarks(), "dram": Watermarks()})  # --disk/--dram-watermarks
     scrub_interval_s: float = 5.0
+    verify_period_s: float = 7 * 86_400.0  # every chunk of every copy read again once per this; 0: never
+    verify_rate_bps: float = 50e6  # ... and those reads, and a peer's report's, at most this many bytes a second
     s3_endpoint_url: str | None = None
     partial_keep_s: float = 3600.0
     replica_interval_s: float = 5.0
@@ -145,8 +147,12 @@ _OPTIONS: list[tuple[str, type, str, Any]] = [
     ("s3_endpoint_url", str, "the S3 endpoint for s3:// sources whose URL names none, e.g. "
      "https://nyc3.digitaloceanspaces.com or http://minio:9000 (default: boto3's, i.e. AWS_ENDPOINT_URL or AWS); "
      "credentials come from the AWS environment and files", None),
-    ("scrub_interval", float, "seconds between two checks of the store: copies removed by hand withdrawn, "
-     "the tiers evicted down to their low watermark (default 5)", 5.0),
+    ("scrub_interval", float, "seconds between two checks of the store: copies removed or changed by hand "
+     "withdrawn (a file whose size, mtime, inode or ctime moved is hashed again), the tiers evicted down to their "
+     "low watermark (default 5)", 5.0),
+    ("verify_period", float, "seconds in which every chunk of every copy is read again and checked against its "
+     "manifest; 0: never (default 604800, a week)", 7 * 86_400.0),
+    ("verify_rate", str, "cap on the bytes per second that re-verify reads, e.g. 50M (default 50M)", "50M"),
     ("partial_keep", float, "seconds the files of a transfer that no longer exists are kept before they are "
      "removed (default 3600)", 3600.0),
     ("replica_interval", float, "seconds between two runs of the replica rule on this node (default 5)", 5.0),
@@ -378,6 +384,12 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
                  "scrub_interval", "partial_keep"):
         if not 0 < o[flag] <= 86_400:  # also refuses nan
             raise ConfigError(f"--{flag.replace('_', '-')} must be between 0 and 86400 seconds")
+    if not 0 <= o["verify_period"] <= 366 * 86_400:  # also refuses nan
+        raise ConfigError("--verify-period must be between 0 (never) and 31622400 seconds (a year)")
+    verify_rate = parse_rate(o["verify_rate"], "--verify-rate")
+    if not 0 < verify_rate < float("inf"):
+        raise ConfigError("--verify-rate must be above 0 bytes per second, e.g. 50M (to stop the periodic "
+                          "re-verify, give --verify-period 0)")
     if not 0.1 <= o["gpu_interval"] <= 3600:  # also refuses nan
         raise ConfigError("--gpu-interval must be between 0.1 and 3600 seconds")
     try:
@@ -471,6 +483,8 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
         replica_grace_s=o["replica_grace"],
         watermarks=watermarks,
         scrub_interval_s=o["scrub_interval"],
+        verify_period_s=o["verify_period"],
+        verify_rate_bps=verify_rate,
         s3_endpoint_url=o["s3_endpoint_url"],
         partial_keep_s=o["partial_keep"],
         replica_interval_s=o["replica_interval"],

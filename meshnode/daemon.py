@@ -54,6 +54,7 @@ from .copies.evictor import Evictor
 from .copies.puller import LocalChunks, Puller
 from .copies.store import Store
 from .copies.transfers import Transfers, TransferSettings
+from .copies.verifier import Verifier
 from .errors import MeshError, first_of
 from .gpus import GpuMonitor, open_reader
 from .httpserver import ConnectionLimits, HttpServer, raise_fd_limit
@@ -119,6 +120,7 @@ class MeshNode:
         self.proxy: InferenceProxy | None = None
         self.keeper: Keeper | None = None
         self.evictor: Evictor | None = None
+        self.verifier: Verifier | None = None
         self.http: HttpServer | None = None
         self.data_server: DataServer | None = None
         self.data_client: DataClient | None = None
@@ -218,6 +220,9 @@ class MeshNode:
             await nursery.start(self.copies.run, cfg.storage_refresh_s)
             await nursery.start(self.keeper.run)
             await nursery.start(self.evictor.run)
+            assert self.verifier is not None and self.router is not None
+            await nursery.start(self.verifier.run)
+            await nursery.start(self.router.run_reports)
             log.info(
                 "node %s generation %d listening on %s (cluster %r, joining %s)",
                 cfg.node_id, self.generation, self.url, cfg.cluster, ",".join(cfg.join) or "nobody",
@@ -313,6 +318,10 @@ class MeshNode:
                                interval_s=cfg.scrub_interval_s,
                                partial_keep_s=cfg.partial_keep_s)
         transfers.make_room = transfers.web.make_room = puller.make_room = self.evictor.make_room
+        self.verifier = executors.verifier = Verifier(
+            self.store, copies, period_s=cfg.verify_period_s, rate_bps=cfg.verify_rate_bps,
+            cursor_path=cfg.data_dir / "verify.json", counts=self.evictor.counts)
+        puller.on_ban = router.report_bad_chunk  # a holder banned for a bad chunk hears of it
         self.api.running = Running(mesh, registry, Views(mesh, index), router, transfers, copies, jobs, gpus,
                                    services, self.proxy, self.keeper)
         copies.sample_storage()

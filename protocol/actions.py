@@ -15,6 +15,8 @@ is its inverse, so the sender builds the same JSON older nodes expect::
     {"op": "delete_copy", "model", "kind"}
     {"op": "serve",    "model", "gpus": [0, 1], "port": 8101 | null, "config": {...}}
     {"op": "stop_serve", "model", "port": 8101 | null}
+    {"op": "verify_copy", "model", "manifest_hash", "chunk": 17}
+    {"op": "cancel_transfer", "transfer_id"}   (a puller banned the holder for that chunk)
 
 A transfer's source is typed too: ``CopyOf`` (another node's copy, or any
 holder's), ``LocalPath`` (a path on the target node), ``Web`` (the Hugging
@@ -35,6 +37,7 @@ __all__ = [
     "TIERS",
     "WEB_SCHEMES",
     "Action",
+    "CancelTransfer",
     "CopyOf",
     "DeleteCopy",
     "LocalPath",
@@ -42,6 +45,7 @@ __all__ = [
     "StartService",
     "StartTransfer",
     "StopService",
+    "VerifyCopy",
     "Web",
     "decode_action",
     "encode_action",
@@ -148,7 +152,24 @@ class StopService:
     port: int | None = None
 
 
-Action = StartTransfer | DeleteCopy | StartService | StopService
+@dataclass(frozen=True, slots=True)
+class VerifyCopy:
+    """Read this node's copy of ``model`` (``manifest_hash``) again, from ``chunk``
+    on: a peer that pulled from it got a chunk that did not match."""
+
+    model: str
+    manifest_hash: str
+    chunk: int
+
+
+@dataclass(frozen=True, slots=True)
+class CancelTransfer:
+    """Stop this node's transfer ``transfer_id``, its partial files removed."""
+
+    transfer_id: str
+
+
+Action = StartTransfer | DeleteCopy | StartService | StopService | VerifyCopy | CancelTransfer
 
 
 # -- checks ---------------------------------------------------------------------------------
@@ -230,6 +251,8 @@ def decode_action(raw: Any) -> Action:
         "delete_copy": {"op", "model", "kind"},
         "serve": {"op", "model", "gpus", "port", "config"},
         "stop_serve": {"op", "model", "port"},
+        "verify_copy": {"op", "model", "manifest_hash", "chunk"},
+        "cancel_transfer": {"op", "transfer_id"},
     }.get(op if isinstance(op, str) else "")
     if fields is None:
         raise InvalidInput(f"unknown action {str(op)[:40]!r}")
@@ -238,6 +261,19 @@ def decode_action(raw: Any) -> Action:
         raise InvalidInput(f"unknown fields in a {op} action: {', '.join(sorted(unknown))[:200]}")
     if op in ("serve", "stop_serve"):
         return _service_action(op, raw)
+    if op == "cancel_transfer":
+        tid = raw.get("transfer_id")
+        if not isinstance(tid, str) or not 0 < len(tid) <= 64 or not tid.isalnum():
+            raise InvalidInput("transfer_id: a transfer's id")
+        return CancelTransfer(tid)
+    if op == "verify_copy":
+        chunk = raw.get("chunk")
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or not 0 <= chunk < 2**31:
+            raise InvalidInput("chunk: a chunk index, 0 or more")
+        digest = _manifest_hash(raw.get("manifest_hash"))
+        if digest is None:
+            raise InvalidInput("manifest_hash must be 32 hex characters")
+        return VerifyCopy(_model(raw.get("model")), digest, chunk)
     model, kind = _model(raw.get("model")), _kind(raw.get("kind"))
     if op == "delete_copy":
         return DeleteCopy(model, kind)
@@ -284,6 +320,10 @@ def encode_action(a: Action) -> dict[str, Any]:
         return {"op": "stop_serve", "model": a.model, "port": a.port}
     if isinstance(a, DeleteCopy):
         return {"op": "delete_copy", "model": a.model, "kind": a.kind}
+    if isinstance(a, CancelTransfer):
+        return {"op": "cancel_transfer", "transfer_id": a.transfer_id}
+    if isinstance(a, VerifyCopy):
+        return {"op": "verify_copy", "model": a.model, "manifest_hash": a.manifest_hash, "chunk": a.chunk}
     src = a.source
     if isinstance(src, LocalPath):
         return {"op": "ingest", "model": a.model, "kind": a.kind, "path": src.path, "source_url": "file://" + src.path}

@@ -16,11 +16,13 @@ import trio
 
 from protocol.actions import (
     Action,
+    CancelTransfer,
     DeleteCopy,
     LocalPath,
     StartService,
     StartTransfer,
     StopService,
+    VerifyCopy,
     Web,
 )
 from protocol.healthcheck import HealthTarget, unreachable_message
@@ -31,6 +33,7 @@ from ..copies.sources.common import SourceError
 from ..copies.sources.guard import confine_path, pin_request, resolve_addresses, resolve_public
 from ..copies.sources.s3 import is_s3_source, parse_s3_url
 from ..copies.transfers import Transfers
+from ..copies.verifier import Verifier
 from ..errors import MeshError
 from ..registry import Registry
 from ..serving import Services
@@ -54,11 +57,14 @@ class Executors:
         self.copies = copies
         self.ingest_roots = ingest_roots
         self.allow_private_sources = allow_private_sources
+        self.verifier: Verifier | None = None  # the store's re-verify, once the node has one
         self._table: dict[type, Callable[[Any], Awaitable[dict[str, Any]]]] = {
             StartTransfer: self._start_transfer,
             DeleteCopy: self._delete_copy,
             StartService: self._start_service,
             StopService: self._stop_service,
+            VerifyCopy: self._verify_copy,
+            CancelTransfer: self._cancel_transfer,
         }
 
     async def run(self, action: Action) -> dict[str, Any]:
@@ -108,6 +114,16 @@ class Executors:
         if not await self.copies.delete_local(a.model, a.kind):
             raise MeshError("COPY_NOT_FOUND", f"{self.node_id}:{a.kind} holds no copy of {a.model!r}")
         return {"model_name": a.model, "device": f"{self.node_id}:{a.kind}", "deleted": True}
+
+    async def _cancel_transfer(self, a: CancelTransfer) -> dict[str, Any]:
+        t, ended = await self.transfers.stop(a.transfer_id, "cancelled through the API")
+        return {**t, "cancelled": True, "ended": ended}
+
+    async def _verify_copy(self, a: VerifyCopy) -> dict[str, Any]:
+        """A peer banned this node for a bad chunk of a copy: read it again now (rate-limited)."""
+        if self.verifier is None:
+            raise MeshError("NOT_SUPPORTED", f"{self.node_id} does not re-verify its copies")
+        return self.verifier.request(a.model, a.manifest_hash, a.chunk)
 
     async def probe_health(self, client: httpx.AsyncClient, target: HealthTarget) -> int | None:
         """One look at a health check's ``target`` (``protocol.healthcheck``

@@ -7,10 +7,16 @@ An action handed over names the node it is for (``"node": <id>`` beside the
 action's fields), and is signed for that node's id and generation
 (``protocol.peerauth``); a node refuses an action naming another node
 (421 ``WRONG_NODE``), so that neither the body nor its signature can be
-spent elsewhere."""
+spent elsewhere.
+
+A puller that banned a holder for a bad chunk tells it
+(``report_bad_chunk``: a ``verify_copy`` action, sent in the background,
+at most ``REPORTS_MAX`` waiting, each once), so that the holder reads its
+copy again at once instead of serving bad bytes until its next re-verify."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import trio
@@ -23,6 +29,7 @@ from protocol.actions import (
     DeleteCopy,
     LocalPath,
     StartTransfer,
+    VerifyCopy,
     Web,
     decode_action,
     encode_action,
@@ -41,6 +48,10 @@ from .executors import Executors
 
 __all__ = ["Router"]
 
+log = logging.getLogger("meshnode.actions")
+
+REPORTS_MAX = 64  # bad-chunk reports waiting to be sent; more are dropped (the holder's re-verify finds it in time)
+REPORT_TIMEOUT_S = 10.0
 PURGE_TIMEOUT_S = 10.0  # per holder asked to delete its copy at once
 PURGE_DEVICES_MAX = 256  # asked at once; the rest delete theirs when the purge reaches them
 
@@ -69,6 +80,8 @@ class Router:
         self.registry = registry
         self.executors = executors
         self.peers = peers
+        self._reports_in, self._reports_out = trio.open_memory_channel[tuple[str, VerifyCopy]](REPORTS_MAX)
+        self._reporting: set[tuple[str, str, str]] = set()  # (node, model, manifest hash) queued or being sent
 
     # -- where an action runs ----------------------------------------------------------
 
@@ -100,6 +113,35 @@ class Router:
         if node != self.mesh.id:
             raise MeshError("WRONG_NODE", f"this action is for node {node[:80]!r}; this is node {self.mesh.id!r}")
         return await self.executors.run(action)
+
+    # -- bad chunks: the holder hears of them ----------------------------------------------
+
+    def report_bad_chunk(self, node_id: str, model: str, manifest_hash: str, chunk: int) -> None:
+        """Tell ``node_id`` (in the background) that chunk ``chunk`` of its copy
+        of ``model`` did not match and it was banned for it.  Never blocks."""
+        key = (node_id, model, manifest_hash)
+        if node_id == self.mesh.id or key in self._reporting:
+            return
+        try:
+            self._reports_in.send_nowait((node_id, VerifyCopy(model, manifest_hash, chunk)))
+        except trio.WouldBlock:
+            log.info("not telling %s of its bad chunk of %s: too many reports waiting", node_id, model)
+            return
+        self._reporting.add(key)
+
+    async def run_reports(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        async for node_id, action in self._reports_out:
+            try:
+                with trio.fail_after(REPORT_TIMEOUT_S):
+                    out = await self.run_on(node_id, action)
+                log.info("told %s that chunk %d of its copy of %s is bad; it reads again: %.200s", node_id,
+                         action.chunk, action.model, out.get("verifying"))
+            except (MeshError, trio.TooSlowError) as e:
+                log.info("could not tell %s that chunk %d of its copy of %s is bad: %s", node_id, action.chunk,
+                         action.model, e if isinstance(e, MeshError) else "no answer in time")
+            finally:
+                self._reporting.discard((node_id, action.model, action.manifest_hash))
 
     # -- requests ----------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.routing import BaseConverter, PathConverter
 
 from protocol import LocalProtocolError, RemoteProtocolError
-from protocol.actions import StartService, StopService
+from protocol.actions import CancelTransfer, StartService, StopService
 from protocol.causal import After
 from protocol.errors import InvalidName
 from protocol.names import RESERVED_SEGMENTS
@@ -476,6 +476,14 @@ def _public_app(parts: ApiParts) -> QuartTrio:
         if t is not None:
             return _json(t)
         raise MeshError("TRANSFER_NOT_FOUND", f"no transfer {tid[:40]!r} is known")
+
+    @app.delete("/transfers/<tid>")
+    async def cancel_transfer(tid: str) -> Response:
+        r = running()
+        node = r.transfers.runner_of(tid)  # any node answers: the one that runs it stops it
+        out = await r.router.run_on(node, CancelTransfer(tid))
+        ended = out.pop("ended", True)
+        return _json(out, 200 if ended else 202)  # 202: still removing its partial files
 
     # -- pipelines -------------------------------------------------------------------
 

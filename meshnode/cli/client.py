@@ -422,6 +422,10 @@ class ApiClient:
     def get_transfer(self, transfer_id: str) -> Any:
         return self.request("GET", transfer_path(transfer_id))
 
+    def cancel_transfer(self, transfer_id: str) -> Any:
+        """Stop a transfer: the node that runs it answers with its state once its partial files are gone."""
+        return self.request("DELETE", transfer_path(transfer_id))
+
     # -- pipelines -------------------------------------------------------------
 
     def submit_pipeline(self, document: bytes) -> Any:

@@ -236,8 +236,8 @@ COMMANDS: dict[str, tuple[str, Call, Render]] = {
         render_transfers,
     ),
     "transfer": (
-        "one transfer: progress, sources, error",
-        lambda api, a: api.get_transfer(a.transfer_id),
+        "one transfer: progress, sources, error; --cancel stops it",
+        lambda api, a: api.cancel_transfer(a.transfer_id) if a.cancel else api.get_transfer(a.transfer_id),
         render_transfer,
     ),
     "job": ("run a pipeline (YAML or JSON), show or cancel a job, or print an example", call_job, render_job),

@@ -227,9 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     waiting(mv)
 
     client("transfers")
-    client("transfer").add_argument(
-        "transfer_id", metavar="ID", help="transfer id, as download/copy/move print it"
-    )
+    tr = client("transfer")
+    tr.add_argument("transfer_id", metavar="ID", help="transfer id, as download/copy/move print it")
+    tr.add_argument("--cancel", action="store_true",
+                    help="stop it (on the node that runs it): it fails CANCELLED and its partial files are removed")
 
     job = client("job")
     job.add_argument("target", nargs="+", metavar="FILE | ID | cancel ID | example [NAME]",

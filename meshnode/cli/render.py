@@ -372,6 +372,12 @@ def replicas_line(rep: Any) -> str:
         notes.append(f"being copied to {', '.join(copying)}")
     if r.get("lost"):
         notes.append(f"{r.get('lost')} lost")
+    if r.get("outside"):
+        notes.append(f"{r.get('outside')} more outside the labels")
+    spread = as_dict(r.get("spread"))
+    covered, target = spread.get("covered"), spread.get("target")
+    if isinstance(covered, int) and isinstance(target, int) and covered < target:
+        notes.append(f"spread over {spread.get('label')}: {covered} of {target} values")
     if r.get("short"):
         notes.append(str(r.get("short")))
     return text + (f" ({'; '.join(notes)})" if notes else "")

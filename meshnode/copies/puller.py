@@ -36,7 +36,7 @@ from protocol.errors import RemoteProtocolError
 from protocol.keys import COPY_PREFIX, CopyRecord, RecordError
 from protocol.manifest import Manifest
 from protocol.transfer.chunkplan import ChunkPlan, ChunkState
-from protocol.transfer.sources import holders
+from protocol.transfer.sources import banned_reason, holders
 from protocol.transfer.swarm import PER_PEER_INFLIGHT, refresh
 
 from ..errors import MeshError, only
@@ -79,6 +79,8 @@ class Puller:
         self.rng = rng
         self._partials: dict[str, tuple[Partial, ChunkPlan]] = {}  # manifest hash -> what we are building
         self.make_room: MakeRoom = no_eviction  # the evictor's, once the node has one
+        # (holder, model, manifest hash, chunk) on a ban: the router tells the holder to read its copy again
+        self.on_ban: Callable[[str, str, str, int], None] = lambda *_: None
         # Over every transfer since start (the metrics): chunks_verified, bad_chunks, peer_bans, chunk_stalls.
         self.totals: Counter[str] = Counter()
 
@@ -114,7 +116,10 @@ class Puller:
                  if (named is None or nid == named) and (addr := self.mesh.data_address(nid)) is not None}
         return found, {nid for nid in h.complete if nid in found}
 
-    def _no_source_message(self, t: Transfer) -> str:
+    def _no_source_message(self, t: Transfer, plan: ChunkPlan | None = None) -> str:
+        """Why no holder serves ``t``: the ones its ``plan`` banned (and the
+        chunk that failed its hash), then the ones that cannot be reached."""
+        banned = plan.banned if plan is not None else frozenset()
         held = []
         for nid, _key, value in self.mesh.items(COPY_PREFIX):
             try:
@@ -122,10 +127,16 @@ class Puller:
                     continue
             except RecordError:
                 continue
+            if nid in banned:
+                continue
             state = self.mesh.state_of(nid)
             held.append(f"{nid} ({state.label if state else 'unknown'})")
+        unreachable = f"its holder(s) {', '.join(sorted(set(held)))} cannot be reached" if held else ""
+        if plan is not None and banned:
+            why = banned_reason({nid: plan.bad_chunk(nid) for nid in banned})
+            return f"no holder can serve {t.model!r}: {why}{'; ' + unreachable if unreachable else ''}"
         if held:
-            return f"no live node can serve {t.model!r}: its holder(s) {', '.join(sorted(set(held)))} cannot be reached"
+            return f"no live node can serve {t.model!r}: {unreachable}"
         return f"no node holds a copy of {t.model!r} any more"
 
     async def _fetch_manifest(self, manifest_hash: str, found: dict[str, str]) -> Manifest:
@@ -193,7 +204,8 @@ class Puller:
         fatal: list[BaseException] = []
         scopes: dict[tuple[str, int], trio.CancelScope] = {}
         addrs: dict[str, str] = {}
-        last_source_seen = trio.current_time()
+        last_source_seen = trio.current_time()  # when a holder that may serve (none banned) was last found
+        banned_found: frozenset[str] = frozenset()  # holders found in the last round that the plan banned
         buffers: list[bytearray] = []
         writing: set[int] = set()
         by_source: dict[str, int] = {}  # chunks each peer delivered, for the log
@@ -215,9 +227,13 @@ class Puller:
                         banned = plan.on_bad(peer, index, trio.current_time())
                         log.warning("peer %s served a bad chunk %d of %s%s", peer, index, t.model,
                                     "; banned for this transfer" if banned else "")
-                        if banned:
+                        if banned and peer not in t.banned:
                             t.banned.append(peer)
                             self.totals["peer_bans"] += 1
+                            self.on_ban(peer, t.model, mhash, index)  # the holder re-verifies its copy
+                            for (p, i), other in list(scopes.items()):  # its other requests: released by the plan
+                                if p == peer and i != index:
+                                    other.cancel()
                         return
                     except (NotFound, PeerBusy, DataPlaneError, KeyError) as e:
                         log.debug("chunk %d from %s failed: %s", index, peer, e)
@@ -262,7 +278,7 @@ class Puller:
         rng = self.rng
 
         async def refresh_sources() -> None:
-            nonlocal last_source_seen, pulling
+            nonlocal last_source_seen, pulling, banned_found
             while True:
                 found, complete = self.holders(mhash, named)
                 r = refresh(plan, found, complete, me, lambda nid: bool(by_source.get(nid)), pulling, rng)
@@ -279,8 +295,9 @@ class Puller:
                 async with trio.open_nursery() as asking:
                     for nid, cap in r.ask.items():
                         asking.start_soon(have, nid, found[nid], cap)
-                if found:
+                if r.usable:  # a banned holder is listed, but it is no source
                     last_source_seen = trio.current_time()
+                banned_found = r.banned
                 t.sources = sorted(r.chosen)
                 poke()
                 await trio.sleep(SOURCE_REFRESH_S)
@@ -308,8 +325,11 @@ class Puller:
                     # No holder can be reached (a partition, a restart): the verified chunks
                     # stay, and the transfer goes on when one is back, or fails at the bound.
                     if now - last_source_seen > self.source_wait_s:
-                        raise TransferError("NO_SOURCE", self._no_source_message(t))
-                    if now - last_source_seen > NO_SOURCE_GRACE_S:
+                        raise TransferError("NO_SOURCE", self._no_source_message(t, plan))
+                    if banned_found:  # say why at once: the catalog lists holders, but not one may serve
+                        why = banned_reason({nid: plan.bad_chunk(nid) for nid in banned_found})
+                        t.note = f"waiting for a holder: {why} (up to {self.source_wait_s:g} s)"
+                    elif now - last_source_seen > NO_SOURCE_GRACE_S:
                         t.note = f"waiting for a holder to come back (up to {self.source_wait_s:g} s)"
                 elif t.note.startswith("waiting for a holder"):
                     t.note = ""

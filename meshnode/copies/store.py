@@ -6,6 +6,7 @@ on a RAM-backed filesystem, ``/dev/shm/meshnode-<node>`` by default)::
     <tier>/<model name>/@<manifest hash>/...files...   a published copy
     <tier>/<model name>/@<manifest hash>.manifest      its manifest
     <tier>/<model name>/@<manifest hash>.sha256        its digest, once computed (``compute_digest``)
+    <tier>/<model name>/@<manifest hash>.stat          each file's (size, mtime_ns, inode, ctime_ns)
     <tier>/.partial/<manifest hash>/...files...        a copy being built
 
 Model names hold at most one ``/`` and no ``..`` (``protocol.names``), and
@@ -22,6 +23,17 @@ manifest's modification time, so that the least recently used copy is known
 after a restart too (``touch``, ``last_used``).  ``scrub`` notices a copy
 removed or changed by hand; ``sweep_partials`` removes what transfers that
 no longer exist left in ``.partial``.
+
+Changed by hand: at publish the store records each file's stat (size,
+mtime_ns, inode, ctime_ns) in ``.stat`` beside the manifest.  A scrub stats
+every file (cheap); a file whose stat moved (a write, even one whose mtime
+was put back, moves ctime; a file put in its place has another inode) is
+suspect: its chunks are not served (``locate``) until it is hashed again
+against the manifest, a bounded slice a scrub.  Bad, the copy is withdrawn;
+good (touched only), its new stat is recorded and it stays.  A file with no
+recorded stat (a copy of an older version, an unreadable ``.stat``) has its
+stat recorded as it is found; the slow re-verify of every chunk
+(``verify_chunks``, ``meshnode.copies.verifier``) reads it in its turn.
 
 Everything here blocks (file I/O): call it through ``trio.to_thread``.
 """
@@ -41,7 +53,7 @@ import time
 from collections.abc import Callable, Container, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Literal
 
 from protocol.digest import is_digest, tree_digest
 from protocol.errors import RemoteProtocolError
@@ -64,10 +76,16 @@ TIERS = ("disk", "dram")
 _PARTIAL = ".partial"
 _MANIFEST_SUFFIX = ".manifest"
 _DIGEST_SUFFIX = ".sha256"
+_STAT_SUFFIX = ".stat"
+_STAT_MAX_BYTES = 64 << 20  # a .stat larger than this is not ours
 _HASH_READ = 8 << 20
 _FILES_MAX = 100_000
 TOUCH_EVERY_S = 60.0  # a copy's last use reaches its manifest's mtime at most this often
 SCRUB_FILES_MAX = 10_000  # files one scrub looks at (the next ones at the next scrub)
+SCRUB_REHASH_BYTES_MAX = 1 << 30  # bytes of changed files one scrub hashes again (the rest at the next)
+SUSPECT_MAX = 100_000  # changed files waiting to be hashed again (more: found again by a later scrub)
+
+FileStat = tuple[int, int, int, int]  # size, mtime_ns, inode, ctime_ns
 
 
 class StoreError(MeshError):
@@ -84,6 +102,16 @@ class Copy:
     @property
     def manifest_hash(self) -> str:
         return self.manifest.hash
+
+
+@dataclass
+class _Recheck:
+    """A file of a copy whose stat moved, being hashed again (``Store.scrub``)."""
+
+    copy: Copy
+    rel: str
+    seen: FileStat | None = None  # its stat when this pass began; another one starts the pass again
+    next: int = -1  # the next chunk to hash (-1: the file's first)
 
 
 class Partial:
@@ -237,6 +265,10 @@ class Store:
         # (model, kind) -> (manifest hash, its sha256 digest): a digest counts only for the copy it was
         # computed from, so that a copy replaced while it was read never shows the old one's
         self._digests: dict[tuple[str, str], tuple[str, str]] = {}
+        # (model, kind) -> (manifest hash, file path -> its stat as last known good): what a scrub compares
+        self._stats: dict[tuple[str, str], tuple[str, dict[str, FileStat]]] = {}
+        # (model, kind, file path) -> a changed file being hashed again; its chunks are not served meanwhile
+        self._suspect: dict[tuple[str, str, str], _Recheck] = {}
 
     def tier_root(self, kind: str) -> Path:
         try:
@@ -257,7 +289,7 @@ class Store:
             except OSError as e:
                 log.warning("cannot use %s at %s: %s", kind, root, e.strerror)
                 continue
-            for suffix in (_MANIFEST_SUFFIX, _DIGEST_SUFFIX):
+            for suffix in (_MANIFEST_SUFFIX, _DIGEST_SUFFIX, _STAT_SUFFIX):
                 for tmp in root.rglob(".@*" + suffix + ".tmp-*"):
                     rel = tmp.relative_to(root)
                     if rel.parts[0] != _PARTIAL and len(rel.parts) <= 3:  # beside a manifest, not in a copy
@@ -290,6 +322,8 @@ class Store:
                 digest = _read_digest(copy_dir.with_name(copy_dir.name + _DIGEST_SUFFIX))
                 if digest is not None:
                     self._digests[(model, kind)] = (manifest.hash, digest)
+                self._stats[(model, kind)] = (manifest.hash, _read_stats(
+                    copy_dir.with_name(copy_dir.name + _STAT_SUFFIX), manifest))
         return list(self._copies.values())
 
     # -- digests -----------------------------------------------------------------------------
@@ -339,28 +373,138 @@ class Store:
         """The copies that are no longer whole on disk (removed or changed by
         hand): forgotten, and what is left of them removed.  Looks at every
         copy's directory and manifest, and at up to ``SCRUB_FILES_MAX`` of
-        their files (the next ones at the next scrub).  Only a missing path
-        or a wrong type or size breaks a copy: another I/O error (EIO, a
-        stale NFS handle) skips it until the next scrub."""
+        their files (the next ones at the next scrub): a missing path or a
+        wrong type or size breaks a copy; a file whose stat moved since it
+        was last known good is hashed again (``SCRUB_REHASH_BYTES_MAX`` a
+        scrub; its chunks not served meanwhile) and breaks its copy when a
+        chunk does not match.  Another I/O error (EIO, a stale NFS handle)
+        skips a file until the next scrub."""
         broken: dict[int, Copy] = {}
-        checks: list[tuple[Copy, Path, int | None]] = []
-        for c in list(self._copies.values()):
-            checks += [(c, c.path, None), (c, c.path.with_name(c.path.name + _MANIFEST_SUFFIX), -1)]
-        files = [(c, c.path / f.path, f.size) for c in list(self._copies.values()) for f in c.manifest.files]
+        copies = list(self._copies.values())
+        for c in copies:
+            for path, size in ((c.path, None), (c.path.with_name(c.path.name + _MANIFEST_SUFFIX), -1)):
+                if id(c) not in broken and _whole(path, size) is False:
+                    broken[id(c)] = c
+        files = [(c, f.path, f.size) for c in copies for f in c.manifest.files]
+        found: dict[int, tuple[Copy, dict[str, FileStat]]] = {}  # stats of files that had none recorded
         if files:
             start = self._scrub_from % len(files)
             window = (files[start:] + files[:start])[:SCRUB_FILES_MAX]
             self._scrub_from = start + len(window)
-            checks += window
-        for c, path, size in checks:
-            if id(c) not in broken and _whole(path, size) is False:
-                broken[id(c)] = c
+            for c, rel, size in window:
+                if id(c) in broken:
+                    continue
+                st = _look(c.path / rel, size)
+                if st is False:
+                    broken[id(c)] = c
+                elif st is not None:
+                    known = self._stat_record(c.model, c.kind, c.manifest_hash)
+                    if known is None or rel not in known:
+                        found.setdefault(id(c), (c, {}))[1][rel] = st
+                    elif known[rel] != st and (c.model, c.kind, rel) not in self._suspect \
+                            and len(self._suspect) < SUSPECT_MAX:
+                        log.warning("%s of the copy of %s on %s changed on disk (its size, times or inode "
+                                    "moved): not served until it is hashed again", rel, c.model, c.kind)
+                        self._suspect[(c.model, c.kind, rel)] = _Recheck(c, rel)
+        for c, stats in found.values():
+            if id(c) not in broken and self._copies.get((c.model, c.kind)) is c:
+                log.info("recorded the stat of %d file(s) of the copy of %s on %s (none was recorded)",
+                         len(stats), c.model, c.kind)
+                self._record_stats(c, stats)
+        self._recheck(broken)
         deleted = []
         for c in broken.values():
             if self._copies.get((c.model, c.kind)) is c:  # not replaced meanwhile
                 self.delete(c.model, c.kind)
                 deleted.append(c)
         return deleted
+
+    def _recheck(self, broken: dict[int, Copy]) -> None:
+        """Hash the suspect files again, up to ``SCRUB_REHASH_BYTES_MAX`` in all
+        (one chunk at least): a bad chunk breaks the copy; a file read whole
+        while its stat stayed put is good again."""
+        budget = SCRUB_REHASH_BYTES_MAX
+        for key, r in list(self._suspect.items()):
+            c = r.copy
+            if self._copies.get((c.model, c.kind)) is not c or id(c) in broken:
+                self._suspect.pop(key, None)
+                continue
+            if budget <= 0:
+                break
+            try:
+                verdict, used = _rehash(r, budget)
+            except OSError as e:  # EIO, a stale handle: still not served, tried again at the next scrub
+                log.warning("could not hash %s of the copy of %s on %s again: %s", r.rel, c.model, c.kind,
+                            e.strerror or e)
+                continue
+            budget -= used
+            if verdict is None:
+                continue
+            self._suspect.pop(key, None)
+            if verdict is False:
+                log.warning("%s of the copy of %s on %s does not match its manifest any more: withdrawn",
+                            r.rel, c.model, c.kind)
+                broken[id(c)] = c
+            else:
+                assert r.seen is not None
+                log.info("%s of the copy of %s on %s changed on disk but its bytes still match: kept",
+                         r.rel, c.model, c.kind)
+                self._record_stats(c, {r.rel: r.seen})
+
+    def suspect(self, model: str, kind: str) -> list[str]:
+        """The files of the copy being hashed again after their stat moved."""
+        return [rel for (m, k, rel) in list(self._suspect) if (m, k) == (model, kind)]
+
+    def _stat_record(self, model: str, kind: str, manifest_hash: str) -> dict[str, FileStat] | None:
+        got = self._stats.get((model, kind))
+        return got[1] if got is not None and got[0] == manifest_hash else None
+
+    def _record_stats(self, c: Copy, stats: Mapping[str, FileStat]) -> None:
+        """Add ``stats`` to what the copy's files are known good as, on disk too (``.stat``)."""
+        known = dict(self._stat_record(c.model, c.kind, c.manifest_hash) or {})
+        known.update(stats)
+        self._stats[(c.model, c.kind)] = (c.manifest_hash, known)
+        try:
+            atomic_write(c.path.with_name(c.path.name + _STAT_SUFFIX), json.dumps(
+                {"v": 1, "manifest": c.manifest_hash, "files": {k: list(v) for k, v in sorted(known.items())}},
+                separators=(",", ":")).encode())
+        except OSError as e:  # kept in memory; found again (and recorded as found) after a restart
+            log.warning("could not record the stat of the copy of %s on %s: %s", c.model, c.kind, e.strerror or e)
+
+    def verify_chunks(self, c: Copy, first: int, count: int) -> list[int]:
+        """Read chunks ``first`` to ``first + count - 1`` of ``c`` and check each
+        against the manifest: the ones that do not match (none once ``c`` is
+        no longer the store's copy).  A short read is a mismatch; another
+        OSError is raised."""
+        if self._copies.get((c.model, c.kind)) is not c:
+            return []
+        bad: list[int] = []
+        fds: dict[str, int] = {}
+        try:
+            for i in range(first, min(first + count, c.manifest.n_chunks)):
+                ref = c.manifest.chunk(i)
+                fd = fds.get(ref.path)
+                if fd is None:
+                    try:
+                        fd = fds[ref.path] = os.open(c.path / ref.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                    except (FileNotFoundError, NotADirectoryError):
+                        if self._copies.get((c.model, c.kind)) is not c:
+                            return []  # deleted while it was read
+                        raise
+                if not c.manifest.verify(i, os.pread(fd, ref.length, ref.offset)):
+                    bad.append(i)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        return bad
+
+    def withdraw(self, c: Copy) -> bool:
+        """Forget ``c`` and remove its files (a chunk of it does not match):
+        False when it is no longer the store's copy."""
+        if self._copies.get((c.model, c.kind)) is not c:
+            return False
+        self.delete(c.model, c.kind)
+        return True
 
     def sweep_partials(self, active: Container[str], older_than_s: float) -> list[Path]:
         """Remove ``.partial`` entries (a copy being built, a fetch's staging
@@ -447,6 +591,10 @@ class Store:
             os.rename(built, final)
             fsync_dir(parent)
         copy = Copy(model, kind, manifest, final)
+        if old is None or old.manifest_hash != manifest.hash or self._stat_record(model, kind, manifest.hash) is None:
+            # What a scrub compares: the files as this node wrote and verified them.
+            self._stats.pop((model, kind), None)
+            self._record_stats(copy, {f.path: st for f in manifest.files if (st := _file_stat(final / f.path)) is not None})
         self._copies[(model, kind)] = copy
         self._used[(model, kind)] = time.time()  # written now: not the least recently used copy
         if old is not None and old.manifest_hash != manifest.hash:
@@ -533,6 +681,9 @@ class Store:
     def delete(self, model: str, kind: str) -> Copy | None:
         c = self._copies.pop((model, kind), None)
         self._digests.pop((model, kind), None)
+        self._stats.pop((model, kind), None)
+        for key in [k for k in list(self._suspect) if k[:2] == (model, kind)]:
+            self._suspect.pop(key, None)
         if c is not None:
             self._remove_dir(c)
             self._prune(kind, model)
@@ -556,6 +707,7 @@ class Store:
             self._used.pop((c.model, c.kind), None)
             self._used_saved.pop((c.model, c.kind), None)
         c.path.with_name(c.path.name + _DIGEST_SUFFIX).unlink(missing_ok=True)
+        c.path.with_name(c.path.name + _STAT_SUFFIX).unlink(missing_ok=True)
         aside = c.path.with_name(f".deleting-{c.path.name}")
         try:
             os.rename(c.path, aside)
@@ -564,12 +716,19 @@ class Store:
         _remove_tree(aside, self.tier_root(c.kind))
 
     def locate(self, manifest_hash: str, index: int) -> tuple[str, int, int] | None:
-        c = self.find(manifest_hash)
-        if c is None or not 0 <= index < c.manifest.n_chunks:
-            return None
-        self.touch(c.model, c.kind)  # a peer reads it: used
-        ref = c.manifest.chunk(index)
-        return str(c.path / ref.path), ref.offset, ref.length
+        """Where chunk ``index`` of a copy of ``manifest_hash`` is; never in a
+        file that changed on disk and is not yet hashed again."""
+        for c in list(self._copies.values()):
+            if c.manifest_hash != manifest_hash:
+                continue
+            if not 0 <= index < c.manifest.n_chunks:
+                return None
+            ref = c.manifest.chunk(index)
+            if (c.model, c.kind, ref.path) in self._suspect:
+                continue
+            self.touch(c.model, c.kind)  # a peer reads it: used
+            return str(c.path / ref.path), ref.offset, ref.length
+        return None
 
 
 def _deleting_leftovers(root: Path) -> list[Path]:
@@ -608,6 +767,94 @@ def _whole(path: Path, size: int | None) -> bool | None:
     if size is None:
         return stat.S_ISDIR(st.st_mode)
     return stat.S_ISREG(st.st_mode) and (size < 0 or st.st_size == size)
+
+
+def _file_stat(path: Path) -> FileStat | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns) if stat.S_ISREG(st.st_mode) else None
+
+
+def _look(path: Path, size: int) -> FileStat | Literal[False] | None:
+    """A copy's file: its stat when it is a regular file of ``size`` bytes;
+    False when it is missing or is not; None when unknown (an I/O error)."""
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+        return False
+    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
+
+
+def _rehash(r: _Recheck, budget: int) -> tuple[bool | None, int]:
+    """Hash ``r``'s file on from where the last slice stopped, up to
+    ``budget`` bytes (one chunk at least): (False: a chunk does not match or
+    the file is gone; True: every chunk matches and the stat did not move
+    meanwhile; None: not done yet, or the file moved again: its pass starts
+    over), and the bytes read."""
+    m = r.copy.manifest
+    chunks = m.file_chunks(r.rel)
+    try:
+        fd = os.open(r.copy.path / r.rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return False, 0
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # a symlink swapped in
+            return False, 0
+        raise
+    used = 0
+    try:
+        st = os.fstat(fd)
+        now = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != m.file(r.rel).size:
+            return False, 0
+        if r.seen != now or r.next < 0:  # a first pass, or the file moved since the last slice
+            r.seen, r.next = now, chunks.start
+        while r.next < chunks.stop and (used == 0 or used < budget):
+            ref = m.chunk(r.next)
+            data = os.pread(fd, ref.length, ref.offset)
+            used += ref.length
+            if not m.verify(r.next, data):
+                return False, used
+            r.next += 1
+        if r.next < chunks.stop:
+            return None, used
+        st = os.fstat(fd)
+        if (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns) != r.seen:  # written while it was read
+            r.next = -1
+            return None, used
+        return True, used
+    finally:
+        os.close(fd)
+
+
+def _read_stats(path: Path, manifest: Manifest) -> dict[str, FileStat]:
+    """The recorded stat of a copy's files (``.stat``): only well-formed
+    entries of files the manifest lists; nothing when the file is missing,
+    too large, not ours or not JSON."""
+    try:
+        with _open_source(path) as f:
+            raw = f.read(_STAT_MAX_BYTES + 1)
+        doc = json.loads(raw) if len(raw) <= _STAT_MAX_BYTES else None
+    except (OSError, ValueError, RecursionError):
+        return {}
+    if not isinstance(doc, dict) or doc.get("v") != 1 or doc.get("manifest") != manifest.hash:
+        return {}
+    files = doc.get("files")
+    if not isinstance(files, dict):
+        return {}
+    sizes = {f.path: f.size for f in manifest.files}
+    out: dict[str, FileStat] = {}
+    for rel, v in files.items():
+        if (rel in sizes and isinstance(v, list) and len(v) == 4 and v[0] == sizes[rel]
+                and all(type(x) is int and 0 <= x < 2**64 for x in v)):
+            out[rel] = (v[0], v[1], v[2], v[3])
+    return out
 
 
 def _read_digest(path: Path) -> str | None:

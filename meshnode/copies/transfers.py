@@ -63,6 +63,7 @@ __all__ = ["ACTIVE_MAX", "TransferSettings", "Transfers"]
 log = logging.getLogger("meshnode.transfers")
 
 ACTIVE_MAX = 4
+CANCEL_WAIT_S = 10.0  # DELETE /transfers/{id} waits this long for the transfer to stop and its partial to go
 PROGRESS_INTERVAL_S = 1.0
 FINISHED_KEPT = 50  # finished transfers whose records stay in the catalog
 HISTORY_MAX = 1000  # transfers this node remembers, finished ones dropped first
@@ -111,6 +112,7 @@ class Transfers:
         self._limiter = trio.CapacityLimiter(ACTIVE_MAX)
         self._nursery: trio.Nursery | None = None
         self._scopes: dict[str, trio.CancelScope] = {}  # transfer id -> its task's scope, while it runs
+        self._ended: dict[str, trio.Event] = {}  # transfer id -> set when its task ends (asked for by ``stop`` only)
         self.make_room: MakeRoom = no_eviction  # the evictor's, once the node has one
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -178,6 +180,51 @@ class Transfers:
             self.publish(t)
         return True
 
+    async def stop(self, tid: str, why: str) -> tuple[dict[str, Any], bool]:
+        """``DELETE /transfers/{id}``: cancel a transfer this node runs
+        (``cancel``) and wait, at most ``CANCEL_WAIT_S``, until it has stopped
+        and its partial files are gone.  Its state, and whether it has ended.
+        Asking again once it was cancelled answers the same; a transfer that
+        ended otherwise is ``TRANSFER_FINISHED``, one another node runs
+        ``WRONG_NODE`` (naming that node), an unknown id ``TRANSFER_NOT_FOUND``."""
+        t = self.by_id.get(tid)
+        if t is None:
+            return self._stop_elsewhere(tid)
+        if t.status.finished:
+            if t.error is not None and t.error.code == "CANCELLED":
+                return t.public(self.mesh.id), True
+            raise MeshError("TRANSFER_FINISHED", f"transfer {tid} is already {t.status.value}: there is nothing to cancel")
+        ended = self._ended.setdefault(tid, trio.Event())
+        self.cancel(tid, why)
+        if not t.status.finished:
+            with trio.move_on_after(CANCEL_WAIT_S):
+                await ended.wait()
+        return t.public(self.mesh.id), t.status.finished
+
+    def runner_of(self, tid: str) -> str:
+        """The node that runs transfer ``tid`` (this one, or as the catalog says)."""
+        if tid in self.by_id:
+            return self.mesh.id
+        found = self.transfer_json(tid)
+        if found is None:
+            raise MeshError("TRANSFER_NOT_FOUND", f"no transfer {tid[:40]!r} is known")
+        return str(found.get("node_id"))
+
+    def _stop_elsewhere(self, tid: str) -> tuple[dict[str, Any], bool]:
+        found = self.transfer_json(tid)
+        if found is None:
+            raise MeshError("TRANSFER_NOT_FOUND", f"no transfer {tid[:40]!r} is known")
+        error = found.get("error")
+        if found.get("status") in ("done", "failed"):
+            if isinstance(error, dict) and error.get("code") == "CANCELLED":
+                return found, True
+            raise MeshError("TRANSFER_FINISHED", f"transfer {tid} is already {found.get('status')}: there is nothing to cancel")
+        node = str(found.get("node_id"))
+        m = self.mesh.member(node)
+        where = f" --peer {m.record.address}" if m is not None and node != self.mesh.id else ""
+        raise MeshError("WRONG_NODE", f"transfer {tid} runs on node {node}: only that node can cancel it "
+                                      f"(meshnode transfer {tid} --cancel{where})")
+
     async def _run_one(self, t: Transfer) -> None:
         scope = trio.CancelScope()
         self._scopes[t.id] = scope
@@ -196,6 +243,9 @@ class Transfers:
             t.finished_ms = wall_ms()
             self.intents.drop(t)
             self.publish(t)
+        ended = self._ended.pop(t.id, None)  # ``stop`` waits for this (bounded: a stopping node never sets it)
+        if ended is not None:
+            ended.set()
 
     async def _run_one_in(self, t: Transfer) -> None:
         async with self._limiter:

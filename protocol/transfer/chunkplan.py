@@ -46,7 +46,8 @@ Failures: ``on_failed`` (network error, refusal) returns the chunk to the
 pool with no penalty.  ``on_bad`` (bytes that do not match the digest) also
 counts a strike; at ``ban_after_bad`` strikes the peer is banned for the
 plan's life: it gets nothing more, its requests are released and its chunks
-no longer count toward rarity.  ``expire`` releases requests in flight for
+no longer count toward rarity; ``bad_chunk(peer)`` says which chunk it last
+served bad (for the reason a transfer gives).  ``expire`` releases requests in flight for
 ``stall_timeout_s`` with no progress (no verified chunk from their peer since
 the request or the peer's last delivery, whichever is later: a source whose
 upload is shared by many receivers is slow, not stalled) and marks their
@@ -177,6 +178,7 @@ class ChunkPlan:
         self._buckets: dict[int, list[int]] = {}
         self._pos = [0] * n_chunks
         self._strikes: dict[str, int] = {}
+        self._last_bad: dict[str, int] = {}  # peer -> the last chunk it served bad (one per struck peer)
         self._banned: set[str] = set()
         self._stalled_until: dict[str, float] = {}
         self._stats = {
@@ -585,6 +587,7 @@ class ChunkPlan:
         self._stats["bad"] += 1
         strikes = self._strikes.get(peer, 0) + 1
         self._strikes[peer] = strikes
+        self._last_bad[peer] = chunk
         if peer not in self._banned and strikes >= self._ban_after:
             self._banned.add(peer)
             self._stalled_until.pop(peer, None)
@@ -669,6 +672,10 @@ class ChunkPlan:
 
     def strikes(self, peer: str) -> int:
         return self._strikes.get(peer, 0)
+
+    def bad_chunk(self, peer: str) -> int | None:
+        """The last chunk ``peer`` served bad (``on_bad``), if it ever did."""
+        return self._last_bad.get(peer)
 
     def holds(self, peer: str, chunk: int) -> bool:
         """Whether ``peer`` is a source of ``chunk`` as far as the plan knows."""

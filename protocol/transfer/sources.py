@@ -1,6 +1,8 @@
-"""Where a copy comes from: the holders of a manifest, and which copy to fetch.
+"""Where a copy comes from: the holders of a manifest, which of them a
+transfer may pull from (``usable_sources``: never one it banned), and which
+copy to fetch.
 
-Both read the catalog's ``copy/`` and ``xfer/`` records (``keys``) of every
+The lookups read the catalog's ``copy/`` and ``xfer/`` records (``keys``) of every
 node, with ``reachable(node_id)`` saying which nodes are worth asking.  The
 manifest hash is a copy's identity, so a holder may hold it under any model
 name.
@@ -8,7 +10,7 @@ name.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +25,16 @@ from ..keys import (
 )
 from .states import TransferStatus
 
-__all__ = ["Holders", "content_conflict", "fetch_conflict", "holders", "source_manifest_hash"]
+__all__ = [
+    "Holders",
+    "Usable",
+    "banned_reason",
+    "content_conflict",
+    "fetch_conflict",
+    "holders",
+    "source_manifest_hash",
+    "usable_sources",
+]
 
 Items = Iterable[tuple[str, str, Any]]  # (node_id, key, value) from the catalog
 
@@ -62,6 +73,42 @@ def holders(items: Items, manifest_hash: str, me: str, reachable: Callable[[str]
         if whole:
             complete.add(nid)
     return Holders(frozenset(nodes), frozenset(complete))
+
+
+@dataclass(frozen=True, slots=True)
+class Usable:
+    nodes: frozenset[str]  # the holders a transfer may pull from
+    complete: frozenset[str]  # of those, hold it whole
+    banned: frozenset[str]  # holders found, but banned for this transfer: no source
+
+
+def usable_sources(found: Iterable[str], complete: Iterable[str], banned: Iterable[str]) -> Usable:
+    """Which of the holders ``found`` (``complete`` of them whole) a transfer
+    may pull from: all but the ones its chunk plan ``banned`` (they served
+    bytes that failed their hash).  A banned holder is never a source: a
+    transfer whose only holders are banned has no source, waits for one as
+    for a holder that is gone, and fails ``NO_SOURCE`` at the same bound."""
+    found_set, bad = frozenset(found), frozenset(banned)
+    nodes = found_set - bad
+    return Usable(nodes, nodes & frozenset(complete), found_set & bad)
+
+
+BANS_NAMED = 4  # banned holders a reason names, then how many more
+
+
+def banned_reason(bad_chunks: Mapping[str, int | None]) -> str:
+    """Why banned holders serve nothing, for a transfer's note and its
+    ``NO_SOURCE`` error: node id -> the chunk that failed its hash (None:
+    not known).  "node a's copy is banned (chunk 3 failed its hash)"."""
+    said = []
+    for nid in sorted(bad_chunks)[:BANS_NAMED]:
+        chunk = bad_chunks[nid]
+        why = "a chunk failed its hash" if chunk is None else f"chunk {chunk} failed its hash"
+        said.append(f"node {nid}'s copy is banned ({why})")
+    more = len(bad_chunks) - BANS_NAMED
+    if more > 0:
+        said.append(f"{more} more banned")
+    return "; ".join(said)
 
 
 def source_manifest_hash(

@@ -8,9 +8,10 @@ Every ``SOURCE_REFRESH_S`` a receiver looks at the holders of the manifest
 running) and ``refresh`` decides, for its ``ChunkPlan``:
 
 * the sources, at most ``MAX_SOURCES`` (``chunkplan.choose_sources``:
-  sticky, at least one complete holder, a random slice of a large swarm);
-  a dropped source's requests in flight are returned so the caller cancels
-  them;
+  sticky, at least one complete holder, a random slice of a large swarm),
+  never a holder the plan banned (``usable`` says which remain: none, and
+  the receiver has no source, whatever the catalog lists); a dropped
+  source's requests in flight are returned so the caller cancels them;
 * how many requests each may have in flight: ``PER_PEER_INFLIGHT`` for a
   receiver alone, but one at a time (``SWARM_INFLIGHT``) while other
   receivers pull the same copy, because each source's upload is then shared
@@ -34,6 +35,7 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
 from .chunkplan import ChunkPlan, choose_sources
+from .sources import usable_sources
 
 __all__ = ["MAX_SOURCES", "PER_PEER_INFLIGHT", "SWARM_INFLIGHT", "Refresh", "my_share", "refresh"]
 
@@ -48,6 +50,8 @@ class Refresh:
     cancel: list[tuple[str, int]]  # requests in flight to dropped sources
     ask: dict[str, int | None]  # partial holders to ask for their chunks -> their in-flight cap
     pulling: tuple[str, ...]  # the nodes pulling this copy now (this one included), sorted
+    usable: frozenset[str] = frozenset()  # the holders found that may serve (none banned): empty, no source
+    banned: frozenset[str] = frozenset()  # the holders found that the plan banned: never a source
 
 
 def my_share(me: str, nodes: Collection[str], n_chunks: int) -> range:
@@ -70,13 +74,15 @@ def refresh(
 ) -> Refresh:
     """Apply one source round to ``plan`` and say what the caller must do.
 
-    ``found``: the holders other than ``me`` (``sources.holders``);
+    ``found``: the holders other than ``me`` (``sources.holders``), of
+    which the ones ``plan`` banned are never chosen (``sources.usable_sources``);
     ``complete``: those holding the whole copy; ``delivered(peer)``: whether
     that peer has delivered a chunk to this receiver yet;
     ``pulling_before``: the previous round's ``pulling``."""
     found = set(found)
-    useless = [nid for nid in plan.sources if nid not in complete and not plan.useful(nid)]
-    chosen = choose_sources(found, complete, plan.sources, useless, limit, rng)
+    usable = usable_sources(found, complete, plan.banned)  # a banned holder is no source
+    useless = [nid for nid in plan.sources if nid not in usable.complete and not plan.useful(nid)]
+    chosen = choose_sources(usable.nodes, usable.complete, plan.sources, useless, limit, rng)
     cancel: list[tuple[str, int]] = []
     for nid in sorted(plan.sources):
         if nid not in chosen:
@@ -85,11 +91,11 @@ def refresh(
     swarm = len(pulling) > 1
     ask: dict[str, int | None] = {}
     for nid in sorted(chosen):
-        if nid in complete:
+        if nid in usable.complete:
             shared = swarm or not delivered(nid)
             plan.set_source(nid, None, inflight=SWARM_INFLIGHT if shared else None)
         else:
             ask[nid] = SWARM_INFLIGHT if swarm else None
     if pulling != pulling_before:
         plan.prefer(None if len(pulling) == 1 else my_share(me, pulling, plan.n_chunks))
-    return Refresh(frozenset(chosen), cancel, ask, pulling)
+    return Refresh(frozenset(chosen), cancel, ask, pulling, usable.nodes, usable.banned)
