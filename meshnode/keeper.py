@@ -161,8 +161,10 @@ class Keeper:
         p = self.plan_for(mv, snap)
         assert p is not None
         # Only complete copies on nodes that are up: a copy being made, or one on a node
-        # within its grace, may never come; evicting this one could leave none.
-        live = sum(1 for h in self._holders(mv, kind, snap) if h.complete and self.mesh.online(h.node_id))
+        # within its grace, may never come; evicting this one could leave none.  A copy
+        # outside the policy's labels is no replica: it may not stand in for this one.
+        live = sum(1 for h in self._holders(mv, kind, snap)
+                   if h.complete and self.mesh.online(h.node_id) and h.node_id not in p.outside)
         if live <= p.wanted_min:
             return f"pinned: the replica policy keeps at least {p.wanted_min} copies ({live} complete and up now)"
         return None
@@ -192,7 +194,7 @@ class Keeper:
             if me in p.add:
                 self._add(mv, mv.policy.tier)
             elif me in p.drop:
-                await self._drop(mv.name, mv.policy.tier)
+                await self._drop(mv.name, mv.policy.tier, p.why(me))
         self.counts["replica_rounds"] += 1
 
     def _mesh_copy(self, mv: ModelView) -> bool:
@@ -228,7 +230,7 @@ class Keeper:
         self._backoff[model] = (trio.current_time() + wait, wait)
         log.warning("replicas: a copy of %s here failed (%s); trying again in %.0f s", model, why, wait)
 
-    async def _drop(self, model: str, tier: str) -> None:
+    async def _drop(self, model: str, tier: str, why: str) -> None:
         for t in self.transfers.by_id.values():
             if t.model == model and t.status.active:
                 return  # a copy being written or read here is never dropped
@@ -239,8 +241,7 @@ class Keeper:
             return
         if deleted:
             self.counts["replica_copies_dropped"] += 1
-            log.info("replicas: dropped the copy of %s on %s:%s (more than the policy's max)", model,
-                     self.mesh.id, tier)
+            log.info("replicas: dropped the copy of %s on %s:%s (%s)", model, self.mesh.id, tier, why)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -260,10 +261,14 @@ class Keeper:
         p = self.plan_for(mv, snap)
         assert p is not None
         holders = self._holders(mv, mv.policy.tier, snap)
+        live = [h.node_id for h in holders if h.complete and self.mesh.online(h.node_id)]
         return {
             "policy": mv.policy.to_value(),
             "wanted": {"min": p.wanted_min, "max": p.wanted_max},
-            "actual": sum(1 for h in holders if h.complete and self.mesh.online(h.node_id)),
+            "actual": sum(1 for nid in live if nid not in p.outside),  # only where the labels take it
+            "outside": sum(1 for nid in live if nid in p.outside),  # outside the labels: dropped once min is met
+            "spread": ({"label": mv.policy.spread, "covered": p.spread_covered, "target": p.spread_target}
+                       if mv.policy.spread is not None else None),
             "counted": p.counted,
             "lost": p.lost,
             "copying_to": [h.node_id for h in holders if not h.complete],

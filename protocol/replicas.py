@@ -33,11 +33,27 @@ Steps:
 * below ``max`` (lost ones included): add up to ``max`` the same way;
 * above ``max`` (counting only holders that are up and complete): the
   worst-ranked holders drop theirs, never below ``min`` and never a copy
-  that is in use.
+  that is in use;
+* a copy on a node the labels do not take (a *stray*, counted apart as
+  ``outside``) is dropped once the copies inside the labels reach ``min``.
+
+Spread: with ``spread`` set, the copies should cover ``min(max, D)``
+distinct values of that label, ``D`` being the values the counted holders
+and the eligible nodes with room offer (the *target*).  While fewer values
+are covered, the rule adds one copy in each missing value (best-ranked node
+of each), even above ``max`` and even while lost copies take their places
+under it: a zone's outage must not take every copy with it.  Once the new
+copies are complete, the copies above ``max`` go, from the most crowded
+value first (tie: the rank), and never one whose removal would leave fewer
+values covered than the target.  So the rule moves toward the spread: add
+in the missing value, then drop in the crowded one, and stops there.
 
 Every quantity is bounded: at most ``ADDS_AT_ONCE_MAX`` copies are started
 for one model in one round, and the ranking is stable, so the rule does not
-flap: a node it picks stays picked while the inputs stay the same.
+flap: a node it picks stays picked while the inputs stay the same.  An add
+never lowers the number of values covered and a drop never takes it below
+the target, which an add or drop leaves as it was; so from any start the
+copies reach the target and stay there.
 """
 
 from __future__ import annotations
@@ -180,6 +196,17 @@ class Plan:
     wanted_min: int = 0
     wanted_max: int = 0
     short: str | None = None  # why fewer than min can be held, when so
+    drop_why: tuple[str, ...] = ()  # for each node in ``drop``, in order: why its copy goes
+    outside: tuple[str, ...] = ()  # nodes up with a copy the labels do not take (not counted)
+    spread_target: int = 0  # distinct values of ``spread`` the copies should cover (0: no spread)
+    spread_covered: int = 0  # distinct values the counted copies cover now
+
+    def why(self, node_id: str) -> str:
+        """Why ``node_id`` drops its copy ('' when the plan does not drop it)."""
+        for nid, reason in zip(self.drop, self.drop_why, strict=True):
+            if nid == node_id:
+                return reason
+        return ""
 
 
 def _rank(model: str, node_id: str) -> bytes:
@@ -217,41 +244,76 @@ def plan(model: str, policy: ReplicaPolicy, nodes: Iterable[NodeFacts], holders:
             stray.append(nid)
 
     spread = policy.spread
-    values: dict[str, int] = {}
+
+    def value(nid: str) -> str:
+        return facts[nid].labels.get(spread, "") if spread is not None else ""
+
+    values: dict[str, int] = {}  # spread value -> counted copies in it
     if spread is not None:
         for nid in counted:
-            v = facts[nid].labels.get(spread, "")
-            values[v] = values.get(v, 0) + 1
+            values[value(nid)] = values.get(value(nid), 0) + 1
 
     def add_order(n: NodeFacts) -> tuple[int, bytes]:
-        return (values.get(n.labels.get(spread, ""), 0) if spread is not None else 0, _rank(model, n.node_id))
+        return (values.get(value(n.node_id), 0), _rank(model, n.node_id))
 
     candidates = sorted((n for n in eligible if n.up and n.room and n.node_id not in held), key=add_order)
+    covered = len(values)
+    target = min(hi, len(values.keys() | {value(n.node_id) for n in candidates})) if spread is not None else 0
     source = fetchable or any(h.complete and facts[nid].up for nid, h in held.items() if nid in facts)
-    gap = max(lo - len(counted), hi - len(counted) - len(lost), 0) if source else 0
+    # The spread's term adds one copy in each missing value: candidates in a value with no copy
+    # sort first, and each pick counts in its value, so the next goes to another one.
+    gap = max(lo - len(counted), hi - len(counted) - len(lost), target - covered, 0) if source else 0
     adds: list[str] = []
     while candidates and len(adds) < min(gap, ADDS_AT_ONCE_MAX):
         n = candidates.pop(0)
         adds.append(n.node_id)
         if spread is not None:  # the next pick prefers another value of the label
-            v = n.labels.get(spread, "")
-            values[v] = values.get(v, 0) + 1
+            values[value(n.node_id)] = values.get(value(n.node_id), 0) + 1
             candidates.sort(key=add_order)
 
     drops: list[str] = []
+    why: list[str] = []
     if not adds:
         up_complete = [nid for nid in counted if facts[nid].up and held[nid].complete]
-        # Strays first (once the eligible copies are enough), then the worst-ranked above max.
+        # Strays first (once the eligible copies are enough), then the copies above max.
         if len(counted) >= lo:
-            drops += [nid for nid in sorted(stray) if held[nid].complete and not held[nid].in_use]
-        excess = min(len(counted) - hi, len(up_complete) - lo)
-        worst_first = sorted(up_complete, key=lambda nid: _rank(model, nid), reverse=True)
-        drops += [nid for nid in worst_first if not held[nid].in_use][:max(excess, 0)]
+            for nid in sorted(stray):
+                if held[nid].complete and not held[nid].in_use:
+                    drops.append(nid)
+                    why.append("on a node outside the policy's labels")
+        excess = max(min(len(counted) - hi, len(up_complete) - lo), 0)
+        worst_first = sorted((nid for nid in up_complete if not held[nid].in_use),
+                             key=lambda nid: _rank(model, nid), reverse=True)
+        if spread is None:
+            for nid in worst_first[:excess]:
+                drops.append(nid)
+                why.append(f"more than the policy's max of {hi}")
+        else:
+            # The most crowded value first (among equals, the worst-ranked copy); never one that
+            # would leave fewer values covered than the target.  ``values`` holds no adds here.
+            left = dict(values)
+            queues: dict[str, list[str]] = {}  # value -> its droppable copies, worst-ranked first
+            for nid in worst_first:
+                queues.setdefault(value(nid), []).append(nid)
+            for _ in range(excess):  # each pass takes one copy: bounded
+                open_values = [v for v, q in queues.items() if q and (left[v] > 1 or len(left) > target)]
+                if not open_values:
+                    break
+                v = max(open_values, key=lambda x: (left[x], _rank(model, queues[x][0])))
+                drops.append(queues[v].pop(0))
+                why.append(f"more than the policy's max of {hi}; {spread}={v or '(none)'} is the most crowded "
+                           f"value ({left[v]} copies)" if left[v] > 1 else f"more than the policy's max of {hi}")
+                left[v] -= 1
+                if not left[v]:
+                    del left[v]
 
+    # ``short``: min cannot be reached, counting what this plan adds and what later rounds can.
+    reachable = len(counted) + len(adds) + len(candidates)
     short = None
     if not source and len(counted) < lo:
         short = "no complete copy on a node that is up, and no source outside the mesh: nothing to copy from"
-    elif len(counted) + len(candidates) < lo:
-        short = (f"{len(counted)} copies and {len(candidates)} eligible nodes with room: fewer than the "
-                 f"{lo} the policy wants")
-    return Plan(tuple(adds), tuple(drops), len(counted), len(lost), lo, hi, short)
+    elif reachable < lo:
+        short = (f"{len(counted)} copies, {len(adds)} being added and {len(candidates)} more eligible nodes "
+                 f"with room: fewer than the {lo} the policy wants")
+    return Plan(tuple(adds), tuple(drops), len(counted), len(lost), lo, hi, short, tuple(why),
+                tuple(sorted(stray)), target, covered)

@@ -208,7 +208,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             ["starts beyond the rule's gap (one view)", str(sum(r.over_started for r in runs)), "0"],
             ["flaps (add, drop, add)", str(sum(r.flaps for r in runs)), "0"],
             ["models outside [min, max] at the end", str(sum(len(r.violations) for r in runs)
-                                                      - sum(r.flaps + r.over_started for r in runs)), "0"],
+                                                      - sum(r.flaps + r.over_started + r.spread_unmet for r in runs)),
+             "0"],
+            ["spread models in fewer zones than they may, at the end",
+             f"{sum(r.spread_unmet for r in runs)} of {sum(r.spread_models for r in runs)}", "0"],
         ]))
         found = [v for r in runs for v in r.violations]
         print(f"violations: {len(found)}")

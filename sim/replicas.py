@@ -17,6 +17,8 @@ Checked (violations, not statistics):
 
 * at the end, every model holds between ``min`` and ``max`` complete
   copies on up eligible nodes (fewer only when too few such nodes exist);
+* at the end, a model spread over the zones has its copies in as many zones
+  as it may (``min(max, zones with an up eligible node)``);
 * no flapping: no node adds, drops and adds again the same model;
 * with one view (no partition), no more copies are started in a round than
   the rule's gap for that model.
@@ -57,6 +59,8 @@ class ReplicaSimResult:
     over_started: int  # starts beyond the rule's gap in a round with one view (must be 0)
     flaps: int
     lost_models: int = 0  # every copy was on nodes that never came back (min 1, nothing to copy from)
+    spread_models: int = 0  # models with a spread, checked at the end
+    spread_unmet: int = 0  # of those, in fewer zones than they may be at the end (must be 0)
     violations: list[str] = field(default_factory=list)
 
 
@@ -188,4 +192,12 @@ def simulate_replicas(nodes: int = 20, models: int = 30, seed: int = 1, seconds:
             res.violations.append(f"{m}: {len(have)} copies at the end, min {lo} ({pol})")
         if len(have) > hi and len(have) > lo + 0 and not down_held:
             res.violations.append(f"{m}: {len(have)} copies at the end, max {hi} ({pol})")
+        if pol.spread is not None:
+            res.spread_models += 1
+            zones = {labels[n].get(pol.spread, "") for n in have}
+            may = min(hi, len({labels[n].get(pol.spread, "") for n in eligible}))
+            if len(zones) < may:
+                res.spread_unmet += 1
+                res.violations.append(f"{m}: copies in {len(zones)} zones at the end ({sorted(have)}), "
+                                      f"{may} possible ({pol})")
     return res

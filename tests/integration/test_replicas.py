@@ -4,15 +4,20 @@ follow node labels; ``meshnode pin``/``unpin`` and ``info`` show it."""
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
-from .conftest import Handle, Mesh, wait_for
+from meshnode.cli.render import replicas_line
+
+from .conftest import Handle, Mesh, wait_for, wait_transfer
 from .test_transfer import ingest, make_model
 
 MiB = 1024 * 1024
@@ -155,3 +160,99 @@ async def test_pin_refuses_a_bad_policy_and_the_cli_pins_and_shows_it(mesh: Mesh
     assert r.returncode == 0, r.stderr.decode()
     await wait_for(lambda: a.node.store.get("m", "dram") is not None, what="a copy in RAM")
     assert a.node.store.get("m", "disk") is not None  # the disk's stays: another tier's copy is no stray
+
+
+def _worst_ranked_last(nodes: list[str]) -> str:
+    """A model name whose rendezvous rank puts ``nodes[-1]`` below the others: a drop by
+    rank alone (the rule before issue 24) would take that node's copy."""
+    def rank(model: str, nid: str) -> bytes:
+        return hashlib.blake2b(f"{model}\x00{nid}".encode(), digest_size=8).digest()
+
+    return next(name for name in (f"h{i}" for i in range(1000))
+                if all(rank(name, nodes[-1]) > rank(name, n) for n in nodes[:-1]))
+
+
+async def _copy_by_hand(mesh: Mesh, via: Handle, to: Handle, name: str) -> None:
+    """A copy from ``via`` (which holds it) to ``to``, asked of ``via``."""
+    r = await mesh.client.post(via.url + f"/models/{name}/copy",
+                               json={"from_device": f"{via.node.cfg.node_id}:disk", "to_device": f"{to.node.cfg.node_id}:disk"})
+    assert r.status_code == 202, r.text
+    assert (await wait_transfer(mesh, to.url, r.json()["transfer_id"]))["status"] == "done"
+
+
+async def test_spread_moves_a_copy_out_of_the_crowded_zone_and_keeps_it_there(
+        mesh: Mesh, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 24.3: copies on n1 and n2 (zone a), pinned --replicas 2 --max 2 --spread zone,
+    n3 in zone b: the copies stayed in zone a, and a copy made by hand on n3 was dropped
+    (by rank alone).  Now one copy ends in each zone, short is null, and n3's is kept."""
+    caplog.set_level(logging.INFO, logger="meshnode.replicas")
+    n1 = await mesh.start("n1", *FAST_RULE, "--labels", "zone=a")
+    n2 = await mesh.start("n2", *FAST_RULE, "--labels", "zone=a", join=[n1])
+    n3 = await mesh.start("n3", *FAST_RULE, "--labels", "zone=b", join=[n1])
+    everyone = [n1, n2, n3]
+    hand = _worst_ranked_last(["n1", "n2", "n3"])  # by rank alone, n3's copy would be the one to go
+    for name in ("m", hand):
+        (tmp_path / name).mkdir()
+        await ingest(mesh, n1, name, make_model(tmp_path / name, MiB + len(name)))
+        await _copy_by_hand(mesh, n1, n2, name)
+    await _copy_by_hand(mesh, n1, n3, hand)
+    for name in ("m", hand):
+        r = await mesh.client.post(n1.url + f"/models/{name}/pin", json={"min": 2, "max": 2, "spread": "zone"})
+        assert r.status_code == 200, r.text
+
+    for name in ("m", hand):
+        await wait_for(lambda name=name: "n3" in _holders(everyone, name) and len(_holders(everyone, name)) == 2,
+                       timeout_s=30, what=f"{name}: one copy in each zone")
+        held = await _settled(mesh, everyone, 2, name)
+        assert "n3" in held and len(held & {"n1", "n2"}) == 1, (name, held)
+        rep = (await _model(mesh, n2, name))["replicas"]
+        assert rep["short"] is None and rep["spread"] == {"label": "zone", "covered": 2, "target": 2}, rep
+        assert rep["next"] == {"add": [], "drop": []} and rep["outside"] == 0, rep
+    settled = {name: _holders(everyone, name) for name in ("m", hand)}
+    await trio.sleep(1.5)  # five rounds of the rule: it stands still there
+    assert {name: _holders(everyone, name) for name in ("m", hand)} == settled
+    drops = [r.getMessage() for r in caplog.records if "dropped the copy" in r.getMessage()]
+    assert len(drops) == 2 and all("zone=a is the most crowded value (2 copies)" in d for d in drops), drops
+
+
+async def test_copies_outside_the_labels_are_counted_apart(mesh: Mesh, tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 24.5: ``actual`` counted copies outside the labels ("3 of 2..2"), and their
+    drop was logged as "more than the policy's max"."""
+    caplog.set_level(logging.INFO, logger="meshnode.replicas")
+    a = await mesh.start("a", *FAST_RULE)
+    b = await mesh.start("b", *FAST_RULE, join=[a])
+    d = await mesh.start("d", *FAST_RULE, "--labels", "zone=z2", join=[a])
+    everyone = [a, b, d]
+    await ingest(mesh, a, "m", make_model(tmp_path, MiB))
+    await _copy_by_hand(mesh, a, b, "m")
+    # Two wanted on zone=z2, where only d is: d makes one; a's and b's stay (below min, a
+    # copy outside the labels is better than none) but are no replicas.
+    r = await mesh.client.post(a.url + "/models/m/pin", json={"min": 2, "max": 2, "labels": {"zone": "z2"}})
+    assert r.status_code == 200, r.text
+    await wait_for(lambda: _holders(everyone) == {"a", "b", "d"}, timeout_s=30, what="d's copy")
+
+    async def counted_apart() -> bool:
+        rep = (await _model(mesh, b))["replicas"]
+        return rep["actual"] == 1 and rep["outside"] == 2 and not rep["copying_to"]
+
+    await wait_for(counted_apart, what="1 copy inside the labels, 2 outside")
+    rep = (await _model(mesh, b))["replicas"]
+    assert rep["short"] is not None and "fewer than the 2" in rep["short"], rep
+    line = replicas_line(rep)
+    assert line.startswith("1 of 2..2 on disk (2 more outside the labels; "), line
+    # The one copy inside the labels is the one the evictor may not take.
+    assert d.node.keeper is not None
+    assert d.node.keeper.keep_reason("m", "disk") is not None
+
+    # One wanted: the copies outside the labels go, and the log says why.
+    r = await mesh.client.post(a.url + "/models/m/pin", json={"min": 1, "max": 1, "labels": {"zone": "z2"}})
+    assert r.status_code == 200, r.text
+    assert await _settled(mesh, everyone, 1) == {"d"}
+
+    async def none_outside() -> bool:
+        return (await _model(mesh, a))["replicas"]["outside"] == 0  # once b's drop reached a
+
+    await wait_for(none_outside, what="no copy outside the labels")
+    drops = [r.getMessage() for r in caplog.records if "dropped the copy" in r.getMessage()]
+    assert len(drops) == 2 and all("outside the policy's labels" in x for x in drops), drops
