@@ -518,3 +518,22 @@ async def test_info_renders_the_apis_own_answer_for_services(mesh: Mesh, tmp_pat
     text = console.export_text()
     row = next(line for line in text.splitlines() if "node1:gpu1" in line and "healthy" in line)
     assert "node1" in row.split() and str(port) in row.split() and "command" in row.split()
+
+
+async def test_serve_wait_asked_of_another_node_follows_it_to_healthy(mesh: Mesh, tmp_path: Path) -> None:
+    """Asked of node2, the service runs on node1: node2 not having heard of it
+    yet is "not yet", not "stopped"; --json prints the record as JSON.  node2
+    gossips slowly, so that it surely has not heard of the service at first."""
+    a = await start(mesh, "node1")
+    b = await start(mesh, "node2", "--gossip-interval", "1.5", join=[a])
+    await all_alive(mesh, [a, b])
+    await put_model(mesh, a, tmp_path)
+    await known(b)
+    exe = str(Path(sys.executable).parent / "meshnode")
+    r = await trio.run_process([exe, "--peer", b.url, "serve", "org/e", "--on", "node1:gpu0", "--engine", "command",
+                                "--command", " ".join(COMMAND), "--wait", "--json"], capture_stdout=True, capture_stderr=True, check=False,
+                               env={**os.environ, "COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr.decode()
+    out = json.loads(r.stdout.decode())
+    assert out["state"] == "healthy" and out["node"] == "node1" and out["device"] == "node1:gpu0", out
+    assert "stopped" not in r.stderr.decode()

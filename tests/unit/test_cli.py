@@ -1659,3 +1659,13 @@ def test_ctrl_c_in_job_wait_says_how_to_follow_the_job(fake: Any, capsys: pytest
     code, _, err = run(capsys, "job", str(doc), "--wait")
     assert code == 130
     assert "job j-123 goes on" in err and "meshnode job-status j-123" in err
+
+
+def test_serve_takes_a_health_path(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    wire = fake(lambda request: httpx.Response(202, json={"model_name": "m", "device": "n:gpu0", "port": 8000,
+                                                          "state": "starting", "engine": "command"}))
+    code, _, err = run(capsys, "serve", "m", "--on", "n:gpu0", "--engine", "command", "--command", "srv {port}",
+                       "--health-path", "/v1/models")
+    assert code == 0, err
+    assert json.loads(wire.last.content)["config"] == {"engine": "command", "command": ["srv", "{port}"],
+                                                       "health_path": "/v1/models"}
