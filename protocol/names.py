@@ -17,9 +17,13 @@ from .errors import InvalidName
 
 __all__ = [
     "ADDRESS_MAX",
+    "DEVICE_KIND_PATTERN",
+    "GPU_KIND_PATTERN",
     "MODEL_NAME_MAX",
     "NODE_ID_MAX",
+    "NODE_ID_PATTERN",
     "RESERVED_SEGMENTS",
+    "SEGMENT_PATTERN",
     "Device",
     "parse_device",
     "split_address",
@@ -32,9 +36,16 @@ MODEL_NAME_MAX = 200
 NODE_ID_MAX = 64
 ADDRESS_MAX = 261  # a 253-character host name, ':' and a 5-digit port, or [IPv6]:port
 
-_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
-_NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
-_DEVICE_KIND = re.compile(r"(disk|dram|gpu(0|[1-9][0-9]{0,2}))\Z")
+# The rules as regular expressions, unanchored, in the syntax both Python and
+# JSON Schema (ECMA-262) read alike: /openapi.json builds its patterns from them.
+SEGMENT_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*"  # one segment of a model name (and no '..')
+NODE_ID_PATTERN = rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{NODE_ID_MAX - 1}}}"  # a node id (and no '..')
+GPU_KIND_PATTERN = r"gpu(0|[1-9][0-9]{0,2})"  # a GPU's kind
+DEVICE_KIND_PATTERN = rf"(disk|dram|{GPU_KIND_PATTERN})"  # what follows node: in a device
+
+_SEGMENT = re.compile(SEGMENT_PATTERN + r"\Z")
+_NODE_ID = re.compile(NODE_ID_PATTERN + r"\Z")
+_DEVICE_KIND = re.compile(DEVICE_KIND_PATTERN + r"\Z")
 _LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 _PORT = re.compile(r"[1-9][0-9]{0,4}\Z")
 _IPV4ISH = re.compile(r"[0-9.]+\Z")
@@ -43,7 +54,7 @@ _IPV4ISH = re.compile(r"[0-9.]+\Z")
 # The API's sub-resources of a model (``/models/<name>/<sub>``): the second
 # segment of an owner/name model may not be one, or ``/models/acme/copy``
 # would mean both the model ``acme/copy`` and copying ``acme``.
-RESERVED_SEGMENTS = frozenset({"copy", "download", "locations", "move", "pin", "register", "services"})
+RESERVED_SEGMENTS = frozenset({"copy", "download", "locations", "move", "pin", "register", "serve", "services"})
 
 
 def validate_model_name(name: object) -> str:

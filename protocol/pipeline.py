@@ -205,7 +205,13 @@ def _text(p: _Problems, aid: str | None, fld: str, v: Any, *, required: bool) ->
     return v
 
 
+def _whole(v: Any) -> Any:
+    """An integral float as its int: JSON's ``2.0`` is the integer 2, as JSON Schema reads it."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
 def _number(p: _Problems, aid: str, fld: str, v: Any, lo: float, hi: float, *, integer: bool) -> Any:
+    v = _whole(v) if integer else v
     if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
         p.add(aid, fld, f"must be {'an integer' if integer else 'a number'}")
         return None
@@ -412,7 +418,7 @@ def parse_pipeline(doc: Any) -> Pipeline:
     if not isinstance(fail_fast, bool):
         p.add(None, "fail_fast", "must be true or false")
         fail_fast = True
-    priority = doc.get("priority", 0)
+    priority = _whole(doc.get("priority", 0))
     if isinstance(priority, bool) or not isinstance(priority, int) or not -1000 <= priority <= 1000:
         p.add(None, "priority", "must be an integer between -1000 and 1000")
         priority = 0

@@ -82,6 +82,13 @@ ROUTES = [
     ("POST", "/models/{name}/services"),
     ("DELETE", "/models/{name}/services/{node}"),
     ("GET", "/v1/models"),
+    ("GET", "/v1/models/{name}"),
+    ("POST", "/mesh/v1/infer/{port}/v1/{rest}"),
+    ("DELETE", "/transfers/{tid}"),
+    ("POST", "/models/{name}/serve"),
+    ("DELETE", "/models/{name}/serve"),
+    ("GET", "/models/{name}/serve/status"),
+    ("POST", "/jobs/{jid}/create"),
     ("POST", "/v1/chat/completions"),
     ("POST", "/v1/completions"),
     ("POST", "/v1/embeddings"),
@@ -104,6 +111,7 @@ def test_the_route_list_is_complete(tmp_path: Path) -> None:
         if rule.endpoint == "static":
             continue
         path = rule.rule.replace("<model:name>", "{name}").replace("<device:device>", "{device}")
+        path = path.replace("<int:port>", "{port}").replace("<path:rest>", "{rest}")
         for arg in ("tid", "mhash", "device", "jid", "node", "file"):
             path = path.replace(f"<{arg}>", "{" + arg + "}")
         for method in rule.methods or ():
@@ -214,6 +222,8 @@ def requests(draw: st.DrawFn) -> tuple[str, str, bytes]:
     nodes = st.one_of(st.sampled_from(["fa", "fb", "ghost"]), st.text(min_size=1, max_size=20))
     for field, strategy in (("{name}", names), ("{device}", devices), ("{tid}", hexes), ("{mhash}", hexes),
                             ("{jid}", hexes), ("{node}", nodes),
+                            ("{port}", st.sampled_from(["8000", "1", "65535", "0", "99999"])),
+                            ("{rest}", st.sampled_from(["completions", "chat/completions", "embeddings", "x", "../x"])),
                             ("{file}", st.sampled_from(["app.js", "style.css", "../x", "index.html", "none"]))):
         if field in path:
             value = draw(strategy)

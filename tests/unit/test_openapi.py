@@ -12,7 +12,7 @@ import json
 import re
 import sys
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,27 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
-from meshnode.api.app import _public_app
-from meshnode.api.schemas import ERROR, ROUTE_DOCS, TAGS, openapi_document
-from protocol.pipeline import InvalidPipeline, parse_pipeline
+from meshnode.api import schemas
+from meshnode.api.app import _gpu_devices, _public_app
+from meshnode.api.schemas import ERROR, ERROR_CODE, ROUTE_DOCS, TAGS, openapi_document
+from meshnode.api.validate import Validator, body_problem, ecma_pattern
+from meshnode.errors import STATUS, MeshError
+from meshnode.jobs import JOB_ID
+from protocol.actions import TIERS
+from protocol.errors import InvalidName, LocalProtocolError
+from protocol.healthcheck import parse_target
+from protocol.names import (
+    DEVICE_KIND_PATTERN,
+    NODE_ID_MAX,
+    parse_device,
+    validate_model_name,
+    validate_node_id,
+)
+from protocol.pipeline import InvalidPipeline, parse_pipeline, parse_step_device
 from protocol.registry import InvalidInput, parse_policy, parse_registration
+from protocol.replicas import parse_labels
 from protocol.serving import ENGINES, ServeError, validate_config
+from protocol.sources import classify
 
 ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = settings(max_examples=200, deadline=None, derandomize=True, database=None)
@@ -46,10 +62,11 @@ def app_routes() -> set[tuple[str, str]]:
     }
 
 
-def body_schema(method: str, rule: str) -> Draft202012Validator:
+def body_schema(method: str, rule: str) -> Any:
+    """The validator the node checks that route's body with (``$`` the end of the string, as JSON Schema reads it)."""
     doc = ROUTE_DOCS[(method, rule)]
     assert doc.request is not None, (method, rule)
-    return Draft202012Validator(doc.request)
+    return Validator(doc.request)
 
 
 def schemas_in(node: Any) -> Iterator[dict[str, Any]]:
@@ -212,10 +229,14 @@ TAKEN: dict[tuple[str, str], list[Any]] = {
         {"device": "node1:gpu", "port": 9000, "engine": "vllm"}, {"device": "n:gpu0", "config": None},
         {"device": "n:gpu0", "config": []},  # ``or {}``: no config
         {"devices": ["n:gpu0"], "device": 5},  # devices given: device is not read
-        # Refused, but by the engine layer with its own code (UNKNOWN_ENGINE, PORT_OUT_OF_RANGE,
-        # INVALID_CONFIG): the schema must let them through to it.
-        {"device": "node1:gpu0", "engine": "tensorrt"}, {"device": "node1:gpu0", "port": 80},
-        {"device": "node1:gpu0", "config": {"shell": "x"}},
+        {"target_nodes": ["node1", "node2"], "port": 8000, "config": {"framework": "llamacpp"}},
+        {"target_nodes": ["n"], "devices": "x"},  # target_nodes given: the devices are not read
+        # Refused by the node (a port outside its --service-ports: PORT_OUT_OF_RANGE), not the schema.
+        {"device": "node1:gpu0", "port": 80},
+    ],
+    ("POST", "/models/<model:name>/serve"): [
+        {"device": "gpu0"}, {"device": "gpu"}, {"device": "node1:gpu1", "port": 8000, "config": {"framework": "vllm"}},
+        {"device": "n:gpu0", "config": {"framework": "llama_cpp", "args": ["--a"]}},
     ],
     ("POST", "/models/<model:name>/pin"): [
         {"min": 2}, {"min": 1, "max": 3, "tier": "dram", "labels": {"zone": "a"}, "spread": "zone"},
@@ -227,7 +248,8 @@ TAKEN: dict[tuple[str, str], list[Any]] = {
     ],
     ("POST", "/jobs"): [PIPELINE_DOC] + [
         yaml.safe_load(p.read_text()) for p in sorted((ROOT / "meshnode" / "examples").glob("*.yaml"))],
-    ("POST", "/jobs/from-yaml"): [(ROOT / "meshnode" / "examples" / "deployment.yaml").read_text()],
+    ("POST", "/jobs/from-yaml"): [yaml.safe_load((ROOT / "meshnode" / "examples" / "deployment.yaml").read_text())],
+    ("POST", "/jobs/<jid>/create"): [PIPELINE_DOC],
     ("POST", "/v1/chat/completions"): [{"model": "org/e", "messages": []}, {"model": "m", "stream": True}],
     ("POST", "/v1/completions"): [{"model": "org/nope", "prompt": "x", "max_tokens": 2}],
     ("POST", "/v1/embeddings"): [{"model": "org/e", "input": ["a", "b"]}],
@@ -235,9 +257,17 @@ TAKEN: dict[tuple[str, str], list[Any]] = {
 REFUSED: dict[tuple[str, str], list[Any]] = {
     ("POST", "/models/<model:name>/copy"): [
         [1], {"from_device": "a:disk"}, {"to_device": "b:disk", "keep_source": "yes"}, {"to_device": "b:disk", "x": 1},
+        {"to_device": "b:tape"}, {"to_device": "b:gpu0"}, {"to_device": "web"}, {"to_device": ""},
+        {"to_device": "a..b:disk"}, {"to_device": "b:disk\n"}, {"to_device": "x" * 65 + ":disk"},
+        {"to_device": "b:disk", "from_device": "web"},
     ],
     ("POST", "/models/<model:name>/move"): [{"to_device": "b:disk"}, {"from_device": None, "to_device": "b:disk"}],
-    ("POST", "/models/<model:name>/download"): [{"source_url": "file:///x"}, {"target_device": "a:disk", "x": 1}],
+    ("POST", "/models/<model:name>/download"): [
+        {"source_url": "file:///x"}, {"target_device": "a:disk", "x": 1},
+        {"target_device": "b:disk", "source": "b:gpu0"}, {"target_device": "b:disk", "revision": ""},
+        {"target_device": "b:disk", "source_url": "gopher://x"}, {"target_device": "b:disk", "source_url": "a\x00"},
+        {"target_device": "b:disk", "source_url": "file://remote/x"},
+    ],
     ("POST", "/models/<model:name>/register"): [
         [1], "llm", {"bogus": 1}, {"metadata": {"requirements": {"min_vram": "lots"}}}, {"model_type": "x" * 65},
         {"model_type": ""}, {"metadata": {"file_count": 2**64}}, {"metadata": {"x": 1}},
@@ -246,15 +276,27 @@ REFUSED: dict[tuple[str, str], list[Any]] = {
     ],
     ("POST", "/models/<model:name>/pin"): [
         [], 3, {"min": "2"}, {"min": 1, "tier": "gpu0"}, {"min": 1, "colour": "red"}, {"min": 2000},
-        {"labels": {"zone": 5}}, {"min": -2},
+        {"labels": {"zone": 5}}, {"min": -2}, {"max": 0}, {"min": 0}, {"min": -1, "max": 3},
+        {"labels": {"zone": "a b"}}, {"spread": ""}, {"labels": {str(i): "x" for i in range(17)}},
     ],
     ("POST", "/v2/catalog/models"): [
         [], {}, {"id": 5}, {"id": "m", "digest": "md5:x"}, {"id": "m", "x": 1}, {"id": ""},
+        {"id": "a/../b"}, {"id": "a/b/c"}, {"id": "acme/copy"}, {"id": "x" * 201},
     ],
     ("POST", "/models/<model:name>/services"): [
         [], {"port": 8000}, {"device": "n:gpu0", "port": 0}, {"device": "n:gpu0", "port": True},
         {"device": "n:gpu0", "config": "x"}, {"device": "n:gpu0", "shell": 1}, {"devices": []},
-        {"devices": "n:gpu0"}, {"device": None},
+        {"devices": "n:gpu0"}, {"device": None}, {"device": "node1:disk"}, {"device": "any:gpu0"},
+        {"devices": ["n:gpu0", "gpu1"]}, {"target_nodes": []}, {"target_nodes": ["a..b"]},
+        # The engine layer's own refusals, now the schema's (with the same codes).
+        {"device": "node1:gpu0", "engine": "tensorrt"}, {"device": "node1:gpu0", "config": {"shell": "x"}},
+        {"device": "n:gpu0", "config": {"env": {"CUDA_VISIBLE_DEVICES": "1"}}},
+        {"device": "n:gpu0", "config": {"health_path": "h"}}, {"device": "n:gpu0", "config": {"args": ["a\x00"]}},
+        {"device": "n:gpu0", "config": {"flags": {"-": True}}}, {"device": "n:gpu0", "config": {"command": []}},
+    ],
+    ("POST", "/models/<model:name>/serve"): [
+        {}, {"device": "any:gpu0"}, {"device": "disk"}, {"device": "n:dram"}, {"device": "gpu0", "x": 1},
+        {"device": "gpu0", "config": {"framework": "tensorrt"}},
     ],
     ("POST", "/jobs"): [
         [], {"name": "x"}, {"name": "x", "actions": []}, {"name": "", "actions": PIPELINE_DOC["actions"]},
@@ -263,8 +305,25 @@ REFUSED: dict[tuple[str, str], list[Any]] = {
         {"name": "x", "actions": [{"action_type": "health_check"}]},
         {"name": "x", "actions": [{"action_id": "a", "action_type": "copy", "devices": "n:disk"}]},
         {"name": "x", "priority": 1001, "actions": PIPELINE_DOC["actions"]},
+        *({"name": "x", "actions": [{"action_id": "a", **action}]} for action in (
+            {"action_type": ""}, {"action_type": "health_check"},
+            {"action_type": "download", "model_name": "m", "devices": ["n:disk", "n:dram"]},
+            {"action_type": "copy", "model_name": "m", "devices": ["n:disk", "o:disk"], "keep_source": True},
+            {"action_type": "copy", "model_name": "m", "devices": ["disk", "o:disk"]},
+            {"action_type": "copy", "model_name": "m", "devices": ["n:disk", "o:disk"], "source_url": "hf://a/b"},
+            {"action_type": "move", "model_name": "a/../b", "devices": ["n:disk", "o:disk"]},
+            {"action_type": "health_check", "devices": ["n:disk"], "target_url": "http://x/"},
+            {"action_type": "health_check", "target_url": "http://u@x/"},
+            {"action_type": "health_check", "target_url": "http://x:65536/"},
+            {"action_type": "serve", "model_name": "m", "devices": ["n:disk"]},
+            {"action_type": "serve", "model_name": "m", "config": {"engine": "command", "command": ["x"]}},
+            {"action_type": "delete", "model_name": "m", "devices": ["any:disk"]},
+            {"action_type": "stop_serve"},
+        )),
+        {"name": "x", "actions": [{"action_id": "-a", "action_type": "health_check", "target_url": "http://x/"}]},
     ],
-    ("POST", "/jobs/from-yaml"): [{"name": "x"}],
+    ("POST", "/jobs/from-yaml"): [{"name": "x"}, "name: x"],
+    ("POST", "/jobs/<jid>/create"): [{"name": "x"}],
     ("POST", "/v1/completions"): [[], {"prompt": "x"}, {"model": 5}, {"model": ""}, {"model": "x" * 201}],
 }
 
@@ -450,3 +509,172 @@ def test_an_answer_of_each_shape_validates() -> None:
     for (method, rule, status), body in answers.items():
         Draft202012Validator(ROUTE_DOCS[(method, rule)].responses[status]).validate(body)
     assert not Draft202012Validator(ROUTE_DOCS[("GET", "/jobs")].responses[200]).is_valid({"jobs": []})
+
+
+# -- names, devices, ids and URLs: the document's patterns are the node's rules -------------------
+
+
+def _takes(check: Callable[[str], object]) -> Callable[[str], bool]:
+    """Whether ``check`` takes a value (returns) or refuses it (raises ``LocalProtocolError`` or ``MeshError``)."""
+    def judge(text: str) -> bool:
+        try:
+            check(text)
+        except (LocalProtocolError, MeshError, ValueError):
+            return False
+        return True
+    return judge
+
+
+def _device_of_a_node(text: str) -> object:
+    if parse_device(text).is_web:
+        raise InvalidName("web")
+    return text
+
+
+def _store_device(text: str) -> object:
+    if _device_of_a_node(text) and parse_device(text).kind not in TIERS:
+        raise InvalidName("not a tier")
+    return text
+
+
+def _action_id(text: str) -> object:
+    return parse_pipeline({"name": "x", "actions": [{"action_id": text, "action_type": "health_check",
+                                                     "target_url": "http://x/"}]})
+
+
+def _target(text: str) -> object:
+    if not text.startswith(("http://", "https://")):  # parse_pipeline asks this first
+        raise InvalidName("not http(s)://")
+    return parse_target(text)
+
+
+def _job_id(text: str) -> object:
+    """``meshnode.jobs.JOB_ID``, less the ids no URL can name (., ..) or another route has (from-yaml)."""
+    if not JOB_ID.fullmatch(text) or text in (".", "..", "from-yaml"):
+        raise InvalidName("not a job id")
+    return text
+
+
+def _label(text: str) -> object:
+    if text != text.strip():  # parse_labels strips; the document takes no spaces around
+        raise InvalidName("spaces")
+    return parse_labels({text: "v"})
+
+
+# (the schema, what the node does with a value)
+NAMED: dict[str, tuple[dict[str, Any], Callable[[str], object]]] = {
+    "model name": (schemas.MODEL_NAME, validate_model_name),
+    "node id": (schemas.NODE_ID, validate_node_id),
+    "device": (schemas.DEVICE, _device_of_a_node),
+    "store device": (schemas.STORE_DEVICE, _store_device),
+    "serve GPU": (schemas.GPU_DEVICE, lambda t: _gpu_devices([t])),
+    "gswarm GPU": (schemas.GSWARM_GPU, lambda t: _gpu_devices([t if ":" in t else f"n1:{t}"])),
+    "step device": (schemas.STEP_DEVICE, parse_step_device),
+    "job id": (schemas.JOB_ID, _job_id),
+    "action id": (schemas.PIPELINE["properties"]["actions"]["items"]["properties"]["action_id"], _action_id),
+    "health target": (schemas.PIPELINE["properties"]["actions"]["items"]["anyOf"][-1]["properties"]["target_url"],
+                      _target),
+    "source URL": (schemas.SOURCE_URL, classify),
+    "label": (schemas.POLICY_BODY["properties"]["labels"]["anyOf"][0]["propertyNames"]
+              if "anyOf" in schemas.POLICY_BODY["properties"]["labels"]
+              else schemas.POLICY_BODY["properties"]["labels"]["propertyNames"], _label),
+}
+PIECES = ["a", "Z", "0", "9", ".", "_", "-", "/", ":", "..", "\n", "\x00", " ", "%00", "@", "[", "]", "é", "any:",
+          "disk", "dram", "gpu", "gpu0", "gpu12", "gpu999", "gpu1000", "gpu01", "web", "copy", "serve", "services",
+          "http://", "https://", "HTTP://", "hf://", "s3://", "file://", "file:", "localhost", "x" * 64,
+          "[::1]", "[::g]", ":8080", ":0", ":65536", "?q", "#f", "from-yaml", "é"]
+texts_of_pieces = st.lists(st.sampled_from(PIECES), min_size=1, max_size=7).map("".join)
+
+
+@pytest.mark.parametrize("what", sorted(NAMED))
+@SETTINGS
+@given(data=st.data())
+def test_a_documented_pattern_is_the_nodes_rule(what: str, data: st.DataObject) -> None:
+    """Whatever the document takes the node takes, and the other way round: drawn from the
+    pattern itself and from pieces that break names (dots, slashes, reserved words, control
+    characters, hosts, ports)."""
+    schema, check = NAMED[what]
+    pattern = ecma_pattern(schema["pattern"])
+    text = data.draw(st.one_of(st.from_regex(pattern, fullmatch=True), texts_of_pieces), label="text")
+    documented, taken = Validator(schema).is_valid(text), _takes(check)(text)
+    if what == "source URL" and re.search(r"^[\x01-\x20]|[\t\n\r]", text):
+        # urlsplit drops leading control characters and spaces, tabs and line breaks anywhere: the
+        # document takes the URL without them (one of the spellings the node takes).
+        assert not documented
+    else:
+        assert documented == taken, (what, text)
+
+
+def test_every_parameter_says_what_it_takes() -> None:
+    """Every path and query parameter has a pattern, an enum or a bounded number, but purge (any
+    value: true, 1 and yes purge)."""
+    for path, ops in DOC["paths"].items():
+        for method, op in ops.items():
+            for p in op.get("parameters", []):
+                s = p["schema"]
+                bounded = "pattern" in s or "enum" in s or (s.get("type") == "integer" and "minimum" in s)
+                assert bounded or p["name"] == "purge", (method, path, p["name"])
+
+
+def test_the_error_codes_the_document_names_are_codes() -> None:
+    found = [s[ERROR_CODE] for s in _all_schemas(DOC) if ERROR_CODE in s]
+    assert len(found) > 10 and set(found) <= set(STATUS), set(found) - set(STATUS)
+
+
+def _all_schemas(node: Any) -> Iterator[dict[str, Any]]:
+    if isinstance(node, dict):
+        yield node
+        for v in node.values():
+            yield from _all_schemas(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _all_schemas(v)
+
+
+def test_a_pattern_is_read_as_json_schema_reads_it() -> None:
+    """``$`` is the end of the string (Python's ``$`` also matches before a final newline)."""
+    copy_rule = "/models/<model:name>/copy"
+    assert Draft202012Validator(ROUTE_DOCS[("POST", copy_rule)].request).is_valid({"to_device": "b:disk\n"})
+    with pytest.raises(MeshError) as e:
+        body_problem("POST", copy_rule, {"to_device": "b:disk\n"})
+    assert e.value.code == "INVALID_DEVICE" and "node:disk or node:dram" in e.value.message
+    assert ecma_pattern("^a(?:b$|c)$").search("ab\n") is None and ecma_pattern("[$]$").search("$")
+
+
+def test_a_problem_is_answered_with_the_handlers_code() -> None:
+    def code(rule: str, body: Any) -> str:
+        try:
+            return "INVALID_REQUEST" if body_problem("POST", rule, body) else ""
+        except MeshError as e:
+            return e.code
+
+    serve = "/models/<model:name>/services"
+    assert code(serve, {"device": "n:disk"}) == "INVALID_DEVICE"
+    assert code(serve, {"device": "n:gpu0", "engine": "tensorrt"}) == "UNKNOWN_ENGINE"
+    assert code(serve, {"device": "n:gpu0", "config": {"shell": "x"}}) == "INVALID_CONFIG"
+    assert code(serve, {"device": "n:gpu0", "x": 1}) == "INVALID_REQUEST"
+    assert code("/v2/catalog/models", {"id": "a/../b"}) == "INVALID_MODEL_NAME"
+    assert code("/models/<model:name>/pin", {"max": 0}) == "INVALID_POLICY"
+    assert code("/models/<model:name>/pin", {"min": 2}) == ""
+
+
+def test_a_whole_number_is_an_integer() -> None:
+    """JSON Schema's 2.0 is the integer 2: a body the schema takes is what the handlers read."""
+    body = {"min": 2.0, "max": 3.0}
+    assert body_problem("POST", "/models/<model:name>/pin", body) is None
+    assert body == {"min": 2, "max": 3} and all(type(v) is int for v in body.values())
+    serve = {"device": "n:gpu0", "port": 8000.0, "config": {"startup_timeout_s": 30.0, "flags": {"x": 1.0}}}
+    assert body_problem("POST", "/models/<model:name>/services", serve) is None
+    assert type(serve["port"]) is int and serve["config"] == {"startup_timeout_s": 30.0, "flags": {"x": 1.0}}
+    assert type(serve["config"]["flags"]["x"]) is float  # a flag's value is passed on as written
+    assert parse_pipeline({"name": "x", "priority": 5.0, "actions": [
+        {"action_id": "a", "action_type": "health_check", "target_url": "http://x/", "retries": 2.0}]}).priority == 5
+
+
+def test_a_devices_length_bound_is_its_patterns() -> None:
+    """The devices' maxLength: a node id's longest, ':' and the longest kind the pattern takes."""
+    from re import _parser  # the width a pattern can match
+
+    assert _parser.parse(DEVICE_KIND_PATTERN).getwidth()[1] == schemas._KIND_CHARS_MAX
+    assert schemas.DEVICE["maxLength"] == NODE_ID_MAX + 1 + schemas._KIND_CHARS_MAX
+    assert Validator(schemas.DEVICE).is_valid("n" * NODE_ID_MAX + ":gpu999")
