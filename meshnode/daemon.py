@@ -62,7 +62,7 @@ from .jobs import Jobs, JobSettings
 from .keeper import Keeper
 from .mesh import Mesh, wall_ms
 from .metrics import Gauges, render_metrics
-from .peers import PeerClient, PeerSender, make_peer_client
+from .peers import PeerClient, PeerSender, make_peer_client, peer_ssl_context
 from .persist import (
     DataDirError,
     DataDirLock,
@@ -73,7 +73,7 @@ from .persist import (
     make_dirs,
     remove_leftovers,
 )
-from .proxy import InferenceProxy
+from .proxy import InferenceProxy, PeerHop
 from .ratelimit import TokenBucket
 from .registry import Registry
 from .saver import Saver
@@ -309,7 +309,8 @@ class MeshNode:
                                 services)
         catalog.subscribe(jobs)  # a job record changing anywhere wakes the job loop
         jobs.load()
-        self.proxy = InferenceProxy(mesh, services, registry, peers)
+        self.proxy = InferenceProxy(mesh, services, registry, PeerHop(
+            cfg.scheme, peer_ssl_context(cfg), cfg.secrets.outgoing_cluster_secret, cfg.secrets.cluster_secrets))
         self.keeper = Keeper(mesh, registry, transfers, copies, grace_s=cfg.replica_grace_s,
                              interval_s=cfg.replica_interval_s)
         copies.watermarks = dict(cfg.watermarks)

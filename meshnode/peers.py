@@ -52,7 +52,8 @@ from protocol.wire import encode
 from .config import Config
 from .errors import MeshError
 
-__all__ = ["PEER_PATH", "TO", "PeerAuth", "PeerClient", "PeerSender", "Recipient", "make_peer_client", "sign_headers"]
+__all__ = ["PEER_PATH", "TO", "PeerAuth", "PeerClient", "PeerSender", "Recipient", "make_peer_client", "peer_ssl_context",
+           "sign_headers"]
 
 log = logging.getLogger("meshnode.peers")
 
@@ -108,13 +109,19 @@ class PeerAuth(httpx.Auth):
         yield request
 
 
+def peer_ssl_context(cfg: Config) -> ssl.SSLContext | None:
+    """What this node's connections to its peers' APIs verify them with (and
+    present, with client certificates); None without TLS."""
+    if not cfg.tls:
+        return None
+    ctx = ssl.create_default_context(cafile=str(cfg.tls_ca) if cfg.tls_ca else None)
+    if cfg.tls_cert and cfg.tls_key:
+        ctx.load_cert_chain(str(cfg.tls_cert), str(cfg.tls_key))
+    return ctx
+
+
 def make_peer_client(cfg: Config) -> httpx.AsyncClient:
-    verify: ssl.SSLContext | bool = True
-    if cfg.tls:
-        ctx = ssl.create_default_context(cafile=str(cfg.tls_ca) if cfg.tls_ca else None)
-        if cfg.tls_cert and cfg.tls_key:
-            ctx.load_cert_chain(str(cfg.tls_cert), str(cfg.tls_key))
-        verify = ctx
+    verify: ssl.SSLContext | bool = peer_ssl_context(cfg) or True
     headers = {"content-type": "application/msgpack", "user-agent": "meshnode-peer/1"}
     secret = cfg.secrets.outgoing_cluster_secret
     return httpx.AsyncClient(

@@ -23,29 +23,32 @@ lists every model served somewhere and healthy.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections import Counter
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import trio
 
+from protocol.peerauth import AUTH_HEADER, HINT_HEADER, Recipient, nonce_of, read_hint
 from protocol.serving import ServiceRecord, ServiceState, choose_services
 
+from .engineclient import Answer, BadAnswer, EngineClient, Unreachable
 from .errors import MeshError
 from .mesh import Mesh
-from .peers import TO, PeerClient, Recipient
+from .peers import sign_headers
 from .registry import Registry
 from .serving import ENGINE_HOST, Services
 
-__all__ = ["INFER_PATHS", "AnswerCut", "InferenceProxy"]
+__all__ = ["INFER_PATHS", "AnswerCut", "InferenceProxy", "PeerHop"]
 
 log = logging.getLogger("meshnode.proxy")
 
 INFER_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 TRIES = 3  # services tried for one request, when the first ones refuse the connection
 READ_TIMEOUT_S = 600.0  # between two bytes of an answer (a long generation streams)
-TIMEOUT = httpx.Timeout(READ_TIMEOUT_S, connect=5.0, write=30.0, pool=10.0)
-PASSED_HEADERS = ("content-type", "content-length", "content-encoding", "cache-control")  # of an engine's answer, to the client
+PASSED_HEADERS = (b"content-type", b"content-length", b"content-encoding", b"cache-control")  # of an answer
 
 
 class AnswerCut(Exception):
@@ -53,20 +56,29 @@ class AnswerCut(Exception):
     closed without the answer's end, so the client sees the cut."""
 
 
-Answer = tuple[int, dict[str, str], AsyncIterator[bytes]]
+@dataclass(frozen=True)
+class PeerHop:
+    """How this node reaches another node's API: its scheme and TLS context,
+    and the cluster secret it signs with (None: no secret, nothing signed)."""
+
+    scheme: str = "http"
+    ssl_context: ssl.SSLContext | None = None
+    secret: str | None = None
+    accepted: tuple[str, ...] = ()  # every secret we accept: a hint of a new generation is checked under them
+
+
+Forwarded = tuple[int, dict[str, str], AsyncIterator[bytes]]
 
 
 class InferenceProxy:
-    def __init__(self, mesh: Mesh, services: Services, registry: Registry, peers: PeerClient,
-                 client: httpx.AsyncClient | None = None) -> None:
+    def __init__(self, mesh: Mesh, services: Services, registry: Registry, hop: PeerHop) -> None:
         self.mesh = mesh
         self.services = services
         self.registry = registry
-        self.peers = peers
+        self.hop = hop
         self.inflight: Counter[tuple[str, int]] = Counter()
         self.forwarded = 0
-        self._client = client or httpx.AsyncClient(
-            timeout=TIMEOUT, limits=httpx.Limits(max_connections=512, max_keepalive_connections=64), trust_env=False)
+        self._client = EngineClient(read_timeout_s=READ_TIMEOUT_S, ssl_context=hop.ssl_context)
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -87,42 +99,18 @@ class InferenceProxy:
         raise MeshError("NO_HEALTHY_SERVICE", f"no healthy service of {model[:200]!r} in the mesh"
                         + (f" ({', '.join(states[:8])})" if states else " (it is not served anywhere)"))
 
-    def _request(self, rec: ServiceRecord, path: str, body: bytes, accept: str | None) -> httpx.Request | None:
-        headers = {"content-type": "application/json", "accept-encoding": "identity"}
-        if accept:
-            headers["accept"] = accept[:200]
-        if rec.node == self.mesh.id:
-            return self._client.build_request("POST", f"http://{ENGINE_HOST}:{rec.port}{path}", content=body,
-                                              headers=headers)
-        m = self.mesh.member(rec.node)
-        if m is None:
-            return None
-        url = f"{self.peers.scheme}://{m.record.address}/mesh/v1/infer/{rec.port}{path}"
-        return self.peers.client.build_request("POST", url, content=body, headers=headers, timeout=TIMEOUT,
-                                               extensions={TO: Recipient(rec.node, m.record.generation)})
-
-    async def forward(self, path: str, body: bytes, model: str, accept: str | None) -> Answer:
+    async def forward(self, path: str, body: bytes, model: str, accept: str | None) -> Forwarded:
         """The engine's status, headers and body (streamed) for ``body`` sent to ``path``."""
         last: str = ""
         for rec in self._candidates(model)[:TRIES]:
-            req = self._request(rec, path, body, accept)
-            if req is None:
-                continue
-            key = (rec.node, rec.port)
-            client = self._client if rec.node == self.mesh.id else self.peers.client
-            self.inflight[key] += 1
             try:
-                status, headers, stream = await self._send(client, req, f"{rec.node}:{rec.port}", key)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as e:
-                last = f"{rec.node}:{rec.port}: {type(e).__name__}"
+                return await self._send(rec, path, body, accept)
+            except Unreachable as e:
+                last = f"{rec.node}:{rec.port}: {e}"
                 log.info("inference for %s: %s refused the connection, trying the next service", model, last)
-                continue
-            self.forwarded += 1
-            headers["x-mesh-service"] = f"{rec.node}:{rec.port}"
-            return status, headers, stream
         raise MeshError("NO_HEALTHY_SERVICE", f"every healthy service of {model[:200]!r} refused ({last})")
 
-    async def relay_local(self, port: int, path: str, body: bytes, accept: str | None) -> Answer:
+    async def relay_local(self, port: int, path: str, body: bytes, accept: str | None) -> Forwarded:
         """A peer's hop: ``body`` to this node's own engine on ``port``."""
         if path not in INFER_PATHS:
             raise MeshError("NOT_FOUND", f"no inference route {path[:100]!r}")
@@ -130,69 +118,100 @@ class InferenceProxy:
                     and r.state.up), None)
         if rec is None:
             raise MeshError("SERVICE_NOT_FOUND", f"{self.mesh.id} runs no service on port {port}")
-        req = self._request(rec, path, body, accept)
-        assert req is not None
+        try:
+            return await self._send(rec, path, body, accept)
+        except Unreachable as e:
+            raise MeshError("ENGINE_FAILED", f"the service {rec.node}:{rec.port} refused: {e}") from None
+
+    async def _send(self, rec: ServiceRecord, path: str, body: bytes, accept: str | None) -> Forwarded:
+        """Send to ``rec``'s engine: on this node straight to it, else through
+        its node's peer route, signed for that node.  ``Unreachable`` when no
+        connection could be made; the answer's status, the headers passed on,
+        and its body as it comes."""
+        where = f"{rec.node}:{rec.port}"
         key = (rec.node, rec.port)
+        headers = [("content-type", "application/json"), ("accept-encoding", "identity")]
+        if accept:
+            headers.append(("accept", accept[:200]))
         self.inflight[key] += 1
         try:
-            return await self._send(self._client, req, f"{rec.node}:{rec.port}", key)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as e:
-            raise MeshError("ENGINE_FAILED", f"the service {rec.node}:{rec.port} refused: {type(e).__name__}") \
-                from None
-
-    async def _send(self, client: httpx.AsyncClient, req: httpx.Request, where: str, key: tuple[str, int]) -> Answer:
-        """Send ``req``; the answer's status, the headers passed on, and its
-        body as it comes.  ``key``'s in-flight count ends with the body."""
-        try:
-            resp = await client.send(req, stream=True)
-        except (httpx.ConnectError, httpx.ConnectTimeout):
+            if rec.node == self.mesh.id:
+                answer = await self._client.request("http", ENGINE_HOST, rec.port, "POST", path, headers, body)
+            else:
+                answer = await self._hop(rec, path, headers, body)
+            first = await self._first(answer, where)
+        except BadAnswer as e:
             self._done(key)
-            raise
-        except httpx.RemoteProtocolError:
+            raise MeshError("ENGINE_BAD_ANSWER", f"the service {where}: {e}") from None
+        except trio.TooSlowError:
             self._done(key)
-            raise MeshError("ENGINE_BAD_ANSWER", f"the service {where} answered something that is not HTTP") \
-                from None
-        except httpx.HTTPError as e:
-            self._done(key)
-            raise MeshError("ENGINE_FAILED", f"the service {where} failed: {type(e).__name__}") from None
-        except BaseException:
-            self._done(key)
-            raise
-        chunks = resp.aiter_raw()
-        try:
-            first = await anext(chunks, b"")
-            if 200 <= resp.status_code < 300 and resp.headers.get("content-type", "").startswith("application/json") \
-                    and first.strip()[:1] not in (b"{", b"["):
-                raise MeshError("ENGINE_BAD_ANSWER", f"the service {where} answered {resp.status_code} with a body "
-                                "that is not JSON")
-        except httpx.HTTPError as e:
-            await resp.aclose()
-            self._done(key)
-            raise MeshError("ENGINE_BAD_ANSWER", f"the service {where} broke off its answer: {type(e).__name__}") \
+            raise MeshError("ENGINE_FAILED", f"the service {where} did not answer within {READ_TIMEOUT_S:g} s") \
                 from None
         except BaseException:
-            await resp.aclose()
             self._done(key)
             raise
-        out = {k: resp.headers[k] for k in PASSED_HEADERS if k in resp.headers}
+        self.forwarded += 1
+        out = {k.decode(): v.decode("latin-1") for k, v in answer.headers if k in PASSED_HEADERS}
         out.setdefault("content-type", "application/json")
-        return resp.status_code, out, self._relay(resp, first, chunks, where, key)
+        out["x-mesh-service"] = where
+        return answer.status, out, self._relay(answer, first, where, key)
+
+    async def _hop(self, rec: ServiceRecord, path: str, headers: list[tuple[str, str]], body: bytes) -> Answer:
+        m = self.mesh.member(rec.node)
+        if m is None:
+            raise Unreachable(f"node {rec.node} is not known")
+        host, _, port = m.record.address.rpartition(":")
+        host = host.strip("[]")
+        target = f"/mesh/v1/infer/{rec.port}{path}"
+        to = Recipient(rec.node, m.record.generation)
+        for again in (False, True):
+            signed = list(headers)
+            nonce = ""
+            if self.hop.secret is not None:
+                auth = sign_headers(self.hop.secret, self.mesh.id, "POST", target, body, to=to)
+                signed.append((AUTH_HEADER, auth[AUTH_HEADER]))
+                nonce = nonce_of(auth[AUTH_HEADER])
+            answer = await self._client.request(self.hop.scheme, host, int(port), "POST", target, signed, body)
+            hint = answer.header(HINT_HEADER.encode())
+            if answer.status != 401 or again or hint is None or self.hop.secret is None:
+                return answer
+            told = read_hint(hint.decode("latin-1"), self.hop.accepted or (self.hop.secret,), nonce, rec.node)
+            if told is None or told == to:
+                return answer
+            async for _ in answer.body:  # drain the refusal; sign once more, for the node's new generation
+                pass
+            to = told
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    async def _first(answer: Answer, where: str) -> bytes:
+        """The answer's first bytes: a 2xx JSON answer that does not start as
+        JSON is ``ENGINE_BAD_ANSWER`` (nothing is parsed: one look at its start)."""
+        try:
+            first = await anext(answer.body, b"")
+        except (BadAnswer, trio.TooSlowError) as e:
+            raise MeshError("ENGINE_BAD_ANSWER", f"the service {where} broke off its answer: {e}") from None
+        ctype = answer.header(b"content-type") or b""
+        if 200 <= answer.status < 300 and ctype.startswith(b"application/json") and first.strip()[:1] not in (b"{", b"["):
+            await answer.body.aclose()
+            raise MeshError("ENGINE_BAD_ANSWER", f"the service {where} answered {answer.status} with a body that "
+                            "is not JSON")
+        return first
 
     def _done(self, key: tuple[str, int]) -> None:
         self.inflight[key] -= 1
         if self.inflight[key] <= 0:
             del self.inflight[key]
 
-    async def _relay(self, resp: httpx.Response, first: bytes, chunks: AsyncIterator[bytes], where: str,
-                     key: tuple[str, int]) -> AsyncIterator[bytes]:
+    async def _relay(self, answer: Answer, first: bytes, where: str, key: tuple[str, int]) -> AsyncIterator[bytes]:
         try:
             if first:
                 yield first
-            async for chunk in chunks:
+            async for chunk in answer.body:
                 yield chunk
-        except httpx.HTTPError as e:  # the engine went away mid-answer: the client must see the cut
-            log.warning("inference answer from %s cut: %s", where, type(e).__name__)
-            raise AnswerCut(f"the answer from {where} was cut: {type(e).__name__}") from None
+        except (BadAnswer, trio.TooSlowError) as e:  # the engine went away mid-answer: the client must see the cut
+            log.warning("inference answer from %s cut: %s", where, e)
+            raise AnswerCut(f"the answer from {where} was cut: {e}") from None
         finally:
-            await resp.aclose()
+            await answer.body.aclose()
             self._done(key)

@@ -16,7 +16,7 @@ import importlib.resources
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,12 +46,13 @@ from ..keeper import Keeper
 from ..mesh import Mesh
 from ..metrics import RouteLatency
 from ..pipelines import DOC_BYTES_MAX, load_document
-from ..proxy import AnswerCut, InferenceProxy
+from ..proxy import INFER_PATHS, InferenceProxy
 from ..registry import Registry
 from ..serving import Services
 from ..views import Views
 from .auth import PeerAuthError, PeerGate, Refusals, check_bearer, request_target
 from .guard import ApiGuard
+from .inference import InferenceFastPath
 from .peer import DrainOrClose, PeerFastPath
 from .schemas import ROUTE_DOCS, openapi_document
 from .validate import body_problem
@@ -108,12 +109,6 @@ def _gpu_devices(raw: Any) -> tuple[str, tuple[int, ...]]:
 
 def _json(data: Any, status: int = 200) -> Response:
     return Response(json.dumps(data, separators=(",", ":")), status=status, mimetype="application/json")
-
-
-def _streamed(status: int, headers: dict[str, str], stream: AsyncIterator[bytes]) -> Response:
-    resp = Response(stream, status=status, headers=headers)
-    resp.timeout = None  # a long generation streams for as long as it takes; the proxy bounds each read
-    return resp
 
 
 def _error(status: int, code: str, message: str, details: dict[str, Any] | None = None) -> Response:
@@ -213,30 +208,20 @@ class ApiParts:
 
 
 def create_app(parts: ApiParts) -> DrainOrClose:
-    """The ASGI app: the peer fast path in front of the public Quart app, and
-    in front of both the rule that every response drains or closes."""
+    """The ASGI app: the peer message fast path, then inference's own lean
+    path (``inference.py``), in front of the public Quart app; in front of
+    all of them the rule that every response drains or closes."""
 
     def receive(data: bytes, remote: str, signer: str | None) -> None:
         if parts.running is None:
             raise RemoteProtocolError("node is starting")
         parts.running.mesh.receive(data, remote, signer)
 
-    return DrainOrClose(PeerFastPath(_CutAnswers(_public_app(parts)), parts.peer_gate, parts.refusals, receive))
-
-
-class _CutAnswers:
-    """An engine's answer cut short (``AnswerCut``, logged where it happened)
-    ends the response without its end: the server closes the connection, so
-    the client sees the cut.  Swallowed here, so it is no traceback."""
-
-    def __init__(self, app: QuartTrio) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await self.app(scope, receive, send)
-        except* AnswerCut:
-            pass
+    inference = InferenceFastPath(
+        _public_app(parts), proxy=lambda: parts.running.proxy if parts.running is not None else None,
+        api_tokens=parts.api_tokens, guard=parts.guard, gate=parts.peer_gate, refusals=parts.refusals,
+        body_max=PUBLIC_BODY_MAX, observe=parts.latency.observe)
+    return DrainOrClose(PeerFastPath(inference, parts.peer_gate, parts.refusals, receive))
 
 
 def _public_app(parts: ApiParts) -> QuartTrio:
@@ -595,14 +580,14 @@ def _public_app(parts: ApiParts) -> QuartTrio:
     async def peer_action() -> Response:
         return _json(await running().router.handle_peer(await body_json()))
 
-    @app.post("/mesh/v1/infer/<int:port>/v1/<path:rest>")
-    async def peer_infer(port: int, rest: str) -> Response:
-        """Another node's inference hop to an engine of ours (they listen on loopback only)."""
-        data = await request.get_data(cache=True)  # read already, to check its MAC
-        assert isinstance(data, bytes)
-        status, headers, stream = await running().proxy.relay_local(port, "/v1/" + rest, data,
-                                                                    request.headers.get("accept"))
-        return _streamed(status, headers, stream)
+    # Inference (``/v1/...`` and the peer hop ``/mesh/v1/infer/...``) is answered by
+    # ``InferenceFastPath`` in front of this app; the rules stay here for routing (a method
+    # they do not take is 405) and for the route list and the OpenAPI document.
+    def _inference_path() -> Response:
+        raise MeshError("INTERNAL", "inference is answered in front of the app (meshnode/api/inference.py)")
+
+    app.add_url_rule("/mesh/v1/infer/<int:port>/v1/<path:rest>", "peer_infer",
+                     lambda port, rest: _inference_path(), methods=["POST"])
 
     # -- the registry ------------------------------------------------------------------
 
@@ -647,33 +632,8 @@ def _public_app(parts: ApiParts) -> QuartTrio:
                 return _json(m)
         raise MeshError("MODEL_NOT_FOUND", f"no healthy service of {name[:200]!r} in the mesh")
 
-    async def _infer(path: str) -> Response:
-        r = running()
-        data = await request.get_data(cache=False, as_text=False)
-        assert isinstance(data, bytes)
-        if len(data) > PUBLIC_BODY_MAX:
-            raise MeshError("TOO_LARGE", f"request body over {PUBLIC_BODY_MAX} bytes")
-        try:
-            body = json.loads(data)
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            raise MeshError("INVALID_JSON", "the request body is not JSON") from None
-        model = body.get("model") if isinstance(body, dict) else None
-        if not isinstance(model, str) or not 0 < len(model) <= 200:
-            raise MeshError("INVALID_REQUEST", "the request names its model: {\"model\": \"...\", ...}")
-        status, headers, stream = await r.proxy.forward(path, data, model, request.headers.get("accept"))
-        return _streamed(status, headers, stream)
-
-    @app.post("/v1/chat/completions")
-    async def v1_chat() -> Response:
-        return await _infer("/v1/chat/completions")
-
-    @app.post("/v1/completions")
-    async def v1_completions() -> Response:
-        return await _infer("/v1/completions")
-
-    @app.post("/v1/embeddings")
-    async def v1_embeddings() -> Response:
-        return await _infer("/v1/embeddings")
+    for _path in INFER_PATHS:
+        app.add_url_rule(_path, "v1_" + _path.rsplit("/", 1)[1], _inference_path, methods=["POST"])
 
     # -- services ----------------------------------------------------------------------
 

@@ -514,7 +514,7 @@ async def test_info_renders_the_apis_own_answer_for_services(mesh: Mesh, tmp_pat
     await wait_for(healthy, what="healthy")
     answer = (await mesh.client.get(a.url + "/models/org/e")).json()
     console = Console(record=True, width=200)
-    render_info(console, answer, argparse.Namespace(json=False))
+    render_info(console, answer, argparse.Namespace(json=False, name="org/e"))
     text = console.export_text()
     row = next(line for line in text.splitlines() if "node1:gpu1" in line and "healthy" in line)
     assert "node1" in row.split() and str(port) in row.split() and "command" in row.split()
