@@ -32,7 +32,8 @@ from typing import Any
 import trio
 
 from protocol.peerauth import AUTH_HEADER, HINT_HEADER, Recipient, nonce_of, read_hint
-from protocol.serving import ServiceRecord, ServiceState, choose_services
+from protocol.routing import route
+from protocol.serving import ServiceRecord, ServiceState
 
 from .engineclient import Answer, BadAnswer, EngineClient, Unreachable
 from .errors import MeshError
@@ -87,10 +88,10 @@ class InferenceProxy:
         names = sorted({s.model for s in self.services.records() if s.state is ServiceState.HEALTHY})
         return {"object": "list", "data": [{"id": n, "object": "model", "owned_by": "meshnode"} for n in names]}
 
-    def _candidates(self, model: str) -> list[ServiceRecord]:
+    def _candidates(self, model: str, key: str | None) -> list[ServiceRecord]:
         records = self.services.records()
         reachable = {m.record.node_id for m in self.mesh.members() if m.state.reachable}
-        cands = choose_services(records, model, self.mesh.id, reachable, self.inflight)
+        cands = route(records, model, self.mesh.id, reachable, self.inflight, key)
         if cands:
             return cands
         if self.registry.find(model) is None and not any(s.model == model for s in records):
@@ -99,10 +100,12 @@ class InferenceProxy:
         raise MeshError("NO_HEALTHY_SERVICE", f"no healthy service of {model[:200]!r} in the mesh"
                         + (f" ({', '.join(states[:8])})" if states else " (it is not served anywhere)"))
 
-    async def forward(self, path: str, body: bytes, model: str, accept: str | None) -> Forwarded:
-        """The engine's status, headers and body (streamed) for ``body`` sent to ``path``."""
+    async def forward(self, path: str, body: bytes, model: str, accept: str | None,
+                      key: str | None = None) -> Forwarded:
+        """The engine's status, headers and body (streamed) for ``body`` sent
+        to ``path``; ``key``: what the route sticks to (``protocol.routing``)."""
         last: str = ""
-        for rec in self._candidates(model)[:TRIES]:
+        for rec in self._candidates(model, key)[:TRIES]:
             try:
                 return await self._send(rec, path, body, accept)
             except Unreachable as e:

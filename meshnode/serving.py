@@ -42,6 +42,7 @@ import trio
 from protocol.engines import EnginePolicy, check_args, check_env_names
 from protocol.keys import SVC_PREFIX, RecordError
 from protocol.placement import vram_needed
+from protocol.routing import parse_load
 from protocol.serving import (
     LOG_TAIL_CHARS,
     Action,
@@ -179,6 +180,7 @@ class _Service:
     reserved: bool = True  # VRAM held while starting (NVML shows it once it runs)
     error_code: str | None = None
     log_tail: str | None = None  # kept when it fails
+    load: tuple[int, int] | None = None  # the engine's (running, waiting), as last read
 
 
 class Services:
@@ -513,6 +515,8 @@ class Services:
             ok, why = await self._probe(svc)
             now = trio.current_time()
             act = svc.life.probe_ok(now) if ok else svc.life.probe_failed(now, why)
+            if ok and svc.spec.load_path is not None:
+                await self._read_load(svc)  # published with the probe's outcome: every node routes by it
             self._after(svc, act)
             if act is Action.KILL:
                 _kill_group(pgid, signal.SIGKILL)  # hung (even SIGSTOPped): nothing but SIGKILL ends it
@@ -553,6 +557,16 @@ class Services:
         except (httpx.HTTPError, ValueError, AttributeError) as e:
             return False, f"{svc.spec.health_path}: {type(e).__name__}"
 
+    async def _read_load(self, svc: _Service) -> None:
+        """Read the engine's own load (``protocol.routing.parse_load``)."""
+        assert svc.spec.load_path is not None and svc.spec.load_format is not None
+        try:
+            r = await self._http.get(f"http://{ENGINE_HOST}:{svc.port}{svc.spec.load_path}")
+            load = parse_load(svc.spec.load_format, r.text) if r.status_code == 200 else None
+        except httpx.HTTPError:
+            load = None
+        svc.load = load
+
     async def _end_process(self, svc: _Service, proc: trio.Process, pgid: int) -> None:
         if proc.returncode is None:
             if svc.stop_asked.is_set():
@@ -573,7 +587,8 @@ class Services:
     def _record(self, svc: _Service) -> ServiceRecord:
         return ServiceRecord(svc.model, self.mesh.id, svc.port, svc.spec.engine, svc.gpus, svc.life.state,
                              svc.proc.pid if svc.proc is not None else None, svc.started_ms, svc.life.restarts,
-                             svc.vram_bytes, svc.job_id, svc.life.error, svc.log_tail, svc.spec.health_path)
+                             svc.vram_bytes, svc.job_id, svc.life.error, svc.log_tail, svc.spec.health_path,
+                             svc.load if svc.life.state is ServiceState.HEALTHY else None)
 
     def _publish(self, svc: _Service) -> None:
         self.mesh.set(svc_key(svc.model, self.mesh.id, svc.port), self._record(svc).to_value())

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Container, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
@@ -40,6 +40,7 @@ from .units import human_bytes
 
 __all__ = [
     "ENGINES",
+    "LOAD_FORMATS",
     "Action",
     "EngineSpec",
     "LifePolicy",
@@ -49,7 +50,6 @@ __all__ = [
     "ServiceRecord",
     "ServiceState",
     "choose_port",
-    "choose_services",
     "engine_spec",
     "parse_port_range",
     "parse_svc_key",
@@ -65,7 +65,9 @@ DEFAULT_BINARIES = {"vllm": "vllm", "llama.cpp": "llama-server", "sglang": "pyth
 ARGS_MAX = 64
 ARG_CHARS_MAX = 1000
 CONFIG_KEYS = {"engine", "args", "flags", "command", "health_path", "models_path", "startup_timeout_s", "env",
-               "completion_probe"}
+               "completion_probe", "load_format"}
+# Where each engine tells its load (protocol.routing.parse_load reads it); a command engine names its format.
+LOAD_FORMATS = {"vllm": "/metrics", "llama.cpp": "/slots", "sglang": "/get_load"}
 ENV_MAX = 32
 LOG_TAIL_CHARS = 4000
 
@@ -123,6 +125,10 @@ def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
             if v is not None and (not isinstance(v, str) or not v.startswith("/") or len(v) > 200):
                 raise ServeError("INVALID_CONFIG", f"config.{k}: a path starting with /")
             out[k] = v
+    if "load_format" in config:
+        if config["load_format"] not in LOAD_FORMATS:
+            raise ServeError("INVALID_CONFIG", f"config.load_format: one of {', '.join(LOAD_FORMATS)}")
+        out["load_format"] = config["load_format"]
     if "completion_probe" in config:
         if not isinstance(config["completion_probe"], bool):
             raise ServeError("INVALID_CONFIG", "config.completion_probe: true or false")
@@ -162,6 +168,11 @@ class EngineSpec:
     models_path: str | None  # OpenAI-style engines list the model here when ready
     completion_probe: bool = False  # liveness also asks for one token (an engine alive but unable to generate)
     health_fallback: bool = False  # no health path was given: a 404 there means "ask models_path"
+    load_format: str | None = None  # how the engine tells its load (a key of LOAD_FORMATS), None: it does not
+
+    @property
+    def load_path(self) -> str | None:
+        return LOAD_FORMATS.get(self.load_format or "")
 
 
 def engine_spec(engine: str, model: str, model_dir: str, files: Sequence[str], host: str, port: int,
@@ -190,7 +201,7 @@ def engine_spec(engine: str, model: str, model_dir: str, files: Sequence[str], h
             raise ServeError("INVALID_CONFIG", f"config.command: unknown placeholder {e} (known: "
                              f"{', '.join('{' + k + '}' for k in subs)})") from None
         return EngineSpec(engine, tuple(argv), env, health, models, bool(config.get("completion_probe", False)),
-                          "health_path" not in config)
+                          "health_path" not in config, config.get("load_format"))
     binary = binaries.get(engine, DEFAULT_BINARIES[engine])
     if engine == "vllm":
         argv = [binary, "serve", model_dir, "--host", host, "--port", str(port), "--served-model-name", model,
@@ -212,7 +223,7 @@ def engine_spec(engine: str, model: str, model_dir: str, files: Sequence[str], h
         argv = [binary, "--model-id", model_dir, "--hostname", host, "--port", str(port), "--num-shard", tp]
         models = config.get("models_path")
     return EngineSpec(engine, tuple(argv + args), env, health, models, bool(config.get("completion_probe", False)),
-                      "health_path" not in config)
+                      "health_path" not in config, engine if engine in LOAD_FORMATS else None)
 
 
 # -- ports and VRAM -------------------------------------------------------------------------
@@ -261,16 +272,6 @@ def vram_fits(need: int, gpus: Sequence[int], free: Mapping[int, int], reserved:
             out.append(f"gpu{g}: needs {human_bytes(share)}, has {human_bytes(max(room, 0))} free "
                        f"({human_bytes(reserved.get(g, 0))} held by services starting)")
     return out
-
-
-def choose_services(services: Iterable[ServiceRecord], model: str, me: str, reachable: Container[str],
-                    inflight: Mapping[tuple[str, int], int]) -> list[ServiceRecord]:
-    """Where a request for ``model`` goes, best first: healthy services on
-    reachable nodes; this node's own first (no hop), then the fewest requests
-    in flight from here, then node id and port (deterministic)."""
-    ok = [s for s in services if s.model == model and s.state is ServiceState.HEALTHY
-          and (s.node == me or s.node in reachable)]
-    return sorted(ok, key=lambda s: (s.node != me, inflight.get((s.node, s.port), 0), s.node, s.port))
 
 
 # -- a service's life -------------------------------------------------------------------------
@@ -415,6 +416,15 @@ def _field(v: Mapping[str, Any], k: str, typ: type | tuple[type, ...], what: str
     return x
 
 
+def _load(v: Any) -> tuple[int, int] | None:
+    if v is None:
+        return None
+    if not isinstance(v, list) or len(v) != 2 or not all(
+            isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= 1_000_000 for x in v):
+        raise RecordError("service load: [running, waiting]")
+    return v[0], v[1]
+
+
 def _health_path(v: Any) -> str:
     if not isinstance(v, str) or not v.startswith("/") or len(v) > 200:
         raise RecordError("service health_path: a path starting with /")
@@ -439,6 +449,7 @@ class ServiceRecord:
     error: str | None = None
     log_tail: str | None = None
     health_path: str = "/health"
+    load: tuple[int, int] | None = None  # the engine's own (running, waiting), as its node last read it
 
     @property
     def device(self) -> str:
@@ -448,7 +459,8 @@ class ServiceRecord:
         return {"model": self.model, "node": self.node, "port": self.port, "engine": self.engine,
                 "gpus": list(self.gpus), "state": self.state.value, "pid": self.pid, "started_ms": self.started_ms,
                 "restarts": self.restarts, "vram_bytes": self.vram_bytes, "job_id": self.job_id,
-                "error": self.error, "log_tail": self.log_tail, "health_path": self.health_path}
+                "error": self.error, "log_tail": self.log_tail, "health_path": self.health_path,
+                "load": list(self.load) if self.load is not None else None}
 
     @classmethod
     def from_value(cls, raw: Any) -> ServiceRecord:
@@ -477,6 +489,7 @@ class ServiceRecord:
             error=_field(raw, "error", str, "error", optional=True),
             log_tail=_field(raw, "log_tail", str, "log_tail", optional=True),
             health_path=_health_path(raw.get("health_path", "/health")),
+            load=_load(raw.get("load")),
         )
 
 

@@ -27,6 +27,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from protocol.routing import affinity_key
+
 from ..errors import MeshError
 from ..proxy import INFER_PATHS, AnswerCut, InferenceProxy
 from .auth import PeerAuthError, PeerGate, Refusals, check_bearer, request_target
@@ -122,7 +124,9 @@ class InferenceFastPath:
             body = await self._body(receive)
             if proxy is None:
                 raise MeshError("STARTING", "the node is still starting")
-            status, out, stream = await proxy.forward(path, body, _model_of(body), headers.get("accept"))
+            doc = _json_of(body)
+            status, out, stream = await proxy.forward(path, body, _model_of(doc), headers.get("accept"),
+                                                      affinity_key(doc, headers.get("x-session-id")))
         await _stream(send, status, out, stream)
 
     async def _body(self, receive: Any) -> bytes:
@@ -140,12 +144,15 @@ class InferenceFastPath:
                 return b"".join(chunks)
 
 
-def _model_of(body: bytes) -> str:
-    """The ``model`` an OpenAI-style request names (the only field read)."""
+def _json_of(body: bytes) -> Any:
     try:
-        doc = json.loads(body)
+        return json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise MeshError("INVALID_JSON", "the request body is not JSON") from None
+
+
+def _model_of(doc: Any) -> str:
+    """The ``model`` an OpenAI-style request names."""
     model = doc.get("model") if isinstance(doc, dict) else None
     if not isinstance(model, str) or not 0 < len(model) <= 200:
         raise MeshError("INVALID_REQUEST", "the request names its model: {\"model\": \"...\", ...}")

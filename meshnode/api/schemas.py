@@ -40,7 +40,15 @@ from protocol.pipeline import ACTION_TYPES, LIMITS
 from protocol.registry import METADATA_FILES_MAX
 from protocol.replicas import EVERY_NODE, LABEL_CHARS, LABELS_MAX, REPLICAS_MAX
 from protocol.replicas import TIERS as REPLICA_TIERS
-from protocol.serving import ARG_CHARS_MAX, ARGS_MAX, CONFIG_KEYS, ENGINES, ENV_MAX, ServiceState
+from protocol.serving import (
+    ARG_CHARS_MAX,
+    ARGS_MAX,
+    CONFIG_KEYS,
+    ENGINES,
+    ENV_MAX,
+    LOAD_FORMATS,
+    ServiceState,
+)
 from protocol.sources import SCHEMES as SOURCE_SCHEMES
 from protocol.sources import URL_MAX as SOURCE_URL_MAX
 from protocol.sources import SourceKind
@@ -510,6 +518,8 @@ SERVE_CONFIG = _coded("INVALID_CONFIG", _obj({}, {
     "health_path": _PATH, "models_path": _PATH,
     "startup_timeout_s": {"type": "number", "minimum": 1, "maximum": 86400},
     "completion_probe": BOOL,
+    "load_format": _desc("how the command engine tells its load, as vllm (/metrics), llama.cpp (/slots) or "
+                         "sglang (/get_load) do; routing reads it", {"enum": list(LOAD_FORMATS)}),
     "port": _desc("not read here (the body's port is)", ANY),
     "framework": _coded("UNKNOWN_ENGINE", _desc("gswarm's name for engine (llamacpp is llama.cpp)",
                                                 {"enum": [*ENGINES, *GSWARM_FRAMEWORKS]})),

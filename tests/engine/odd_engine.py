@@ -11,6 +11,8 @@ answers) and ``/v1/models`` lists the model; ``POST
 * ``big:N``: 200, a JSON answer of N bytes (with its length), written in 1 MiB pieces;
 * ``teapot``: 418 with an engine's own JSON error body and a header of its own;
 * ``sse:N``: N server-sent events, then ``data: [DONE]``;
+
+``GET /metrics`` tells ``--load`` requests running, as vLLM's does;
 * anything else: a one-choice completion.
 """
 
@@ -47,9 +49,14 @@ def _read_request(conn: socket.socket) -> tuple[str, bytes]:
     return lines[0], body
 
 
-def handle(conn: socket.socket, model: str, health: bool) -> None:
+def handle(conn: socket.socket, model: str, health: bool, load: int = 0) -> None:
     with conn:
         line, body = _read_request(conn)
+        if line.startswith("GET /metrics"):  # vLLM's form of its load
+            _answer(conn, "200 OK", "text/plain; version=0.0.4",
+                    f'vllm:num_requests_running{{model_name="{model}"}} {load}.0\n'
+                    f'vllm:num_requests_waiting{{model_name="{model}"}} 0.0\n'.encode())
+            return
         if line.startswith("GET /health") and health:
             _answer(conn, "200 OK", "application/json", b'{"status":"ok"}')
             return
@@ -98,11 +105,12 @@ def main() -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--served-model-name", required=True)
     p.add_argument("--no-health", action="store_true", help="answer 404 on /health")
+    p.add_argument("--load", type=int, default=0, help="the requests running that /metrics tells (vLLM's form)")
     a = p.parse_args()
     srv = socket.create_server((a.host, a.port))
     while True:
         conn, _ = srv.accept()
-        threading.Thread(target=handle, args=(conn, a.served_model_name, not a.no_health), daemon=True).start()
+        threading.Thread(target=handle, args=(conn, a.served_model_name, not a.no_health, a.load), daemon=True).start()
 
 
 if __name__ == "__main__":

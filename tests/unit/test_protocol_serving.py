@@ -224,17 +224,6 @@ def _svc(node: str, port: int, state: ServiceState = ServiceState.HEALTHY, model
     return ServiceRecord(model, node, port, "vllm", (0,), state, 1, 0)
 
 
-def test_requests_go_to_a_healthy_service_local_first_then_least_loaded() -> None:
-    from protocol.serving import choose_services
-
-    svcs = [_svc("b", 1), _svc("c", 1), _svc("a", 1, ServiceState.STARTING), _svc("d", 1), _svc("b", 2, model="x")]
-    assert [s.node for s in choose_services(svcs, "m", "a", {"b", "c"}, {})] == ["b", "c"]  # d unreachable
-    assert [s.node for s in choose_services(svcs, "m", "a", {"b", "c"}, {("b", 1): 3})] == ["c", "b"]
-    local = choose_services([*svcs, _svc("a", 9)], "m", "a", {"b", "c"}, {("a", 9): 50})
-    assert local[0].node == "a"  # no hop beats a busy local engine
-    assert choose_services(svcs, "nope", "a", {"b"}, {}) == []
-
-
 def test_pools_one_per_gpu_ready_where_a_healthy_engine_serves() -> None:
     from protocol.serving import ServiceRecord, ServiceState, pools
 
