@@ -47,7 +47,7 @@ async def test_every_node_shows_every_nodes_gpus(mesh: Mesh) -> None:
     assert mine["gpus"] == [] and mine["gpu_status"]["source"] == "none"
     storage = (await mesh.client.get(a.url + "/storage")).json()["devices"]
     assert {"disk", "dram", "gpu0", "gpu1"} <= set(storage)
-    assert storage["gpu1"] == {"total": 24 * GiB, "used": 0, "free": 24 * GiB}
+    assert storage["gpu1"] == {"total": 24 * GiB, "used": 0, "free": 24 * GiB, "available": 24 * GiB}
     assert set((await mesh.client.get(b.url + "/storage")).json()["devices"]) == {"disk", "dram"}
     metrics = (await mesh.client.get(a.url + "/metrics")).text
     assert 'meshnode_gpu_memory_total_bytes{gpu="1",uuid="GPU-fake-node1-1"} 2.5769803776e+10' in metrics
