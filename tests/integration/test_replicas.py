@@ -129,7 +129,7 @@ async def test_pin_refuses_a_bad_policy_and_the_cli_pins_and_shows_it(mesh: Mesh
     await ingest(mesh, a, "m", make_model(tmp_path, 1 * MiB))
     for body, needle in (({"min": 3, "max": 2}, "min cannot be above max"),
                          ({"min": 1, "tier": "gpu0"}, "tier"),
-                         ({"min": 1, "labels": {"zone": "a b"}}, "label value"),
+                         ({"min": 1, "labels": {"zone": "a b"}}, "labels.zone"),
                          ({"min": 1, "colour": "red"}, "colour")):
         r = await mesh.client.post(a.url + "/models/m/pin", json=body)
         assert r.status_code in (400, 422), (body, r.text)
