@@ -15,6 +15,8 @@ given only what it uses:
 ``transfers``  runs transfers of every kind (``Transfers``)
 ``router``     runs an action here (``Executors``) or on the node it names
 ``jobs``       takes pipelines, runs this node's steps, answers for any job (``Jobs``)
+``bundles``    exports copies as bundles, imports bundles (``Bundles``)
+``leases``     ``ensure``, and the leases that keep what it handed out (``Leases``)
 =============  ====================================================================
 
 and runs their loops.  ``stop()`` (SIGTERM/SIGINT) tells the mesh we are
@@ -47,6 +49,7 @@ from .actions import Executors, Router
 from .api.app import ApiParts, Running, create_app
 from .api.auth import PeerGate, Refusals
 from .api.guard import ApiGuard
+from .bundles import Bundles
 from .config import Config, ConfigError, config_from_args
 from .copies.catalog import CopyCatalog
 from .copies.dataplane import DataClient, DataServer
@@ -60,6 +63,7 @@ from .gpus import GpuMonitor, open_reader
 from .httpserver import ConnectionLimits, HttpServer, raise_fd_limit
 from .jobs import Jobs, JobSettings
 from .keeper import Keeper
+from .leases import Leases
 from .mesh import Mesh, wall_ms
 from .metrics import Gauges, render_metrics
 from .peers import PeerClient, PeerSender, make_peer_client, peer_ssl_context
@@ -121,6 +125,8 @@ class MeshNode:
         self.keeper: Keeper | None = None
         self.evictor: Evictor | None = None
         self.verifier: Verifier | None = None
+        self.bundles: Bundles | None = None
+        self.leases: Leases | None = None
         self.http: HttpServer | None = None
         self.data_server: DataServer | None = None
         self.data_client: DataClient | None = None
@@ -219,6 +225,8 @@ class MeshNode:
             await nursery.start(self.saver.run, cfg.persist_interval_s)
             await nursery.start(self.copies.run, cfg.storage_refresh_s)
             await nursery.start(self.keeper.run)
+            assert self.bundles is not None
+            await nursery.start(self.bundles.run)
             await nursery.start(self.evictor.run)
             assert self.verifier is not None and self.router is not None
             await nursery.start(self.verifier.run)
@@ -313,21 +321,31 @@ class MeshNode:
             cfg.scheme, peer_ssl_context(cfg), cfg.secrets.outgoing_cluster_secret, cfg.secrets.cluster_secrets))
         self.keeper = Keeper(mesh, registry, transfers, copies, grace_s=cfg.replica_grace_s,
                              interval_s=cfg.replica_interval_s)
+        bundles = self.bundles = Bundles(mesh, self.store, registry, copies, saver, puller, busy=self._active_partials)
+        leases = self.leases = Leases(mesh, self.store, registry, transfers, router, cfg.data_dir / "leases.json")
+        leases.load()
         copies.watermarks = dict(cfg.watermarks)
-        self.evictor = Evictor(self.store, copies, dict(cfg.watermarks), keep_reason=self.keeper.keep_reason,
-                               active_partials=self._active_partials, written=self._written,
+        self.evictor = Evictor(self.store, copies, dict(cfg.watermarks), keep_reason=self._keep_reason,
+                               active_partials=lambda: self._active_partials() | bundles.active_partials(),
+                               written=self._written,
                                interval_s=cfg.scrub_interval_s,
                                partial_keep_s=cfg.partial_keep_s)
-        transfers.make_room = transfers.web.make_room = puller.make_room = self.evictor.make_room
+        transfers.make_room = transfers.web.make_room = puller.make_room = bundles.make_room = self.evictor.make_room
         self.verifier = executors.verifier = Verifier(
             self.store, copies, period_s=cfg.verify_period_s, rate_bps=cfg.verify_rate_bps,
             cursor_path=cfg.data_dir / "verify.json", counts=self.evictor.counts)
         puller.on_ban = router.report_bad_chunk  # a holder banned for a bad chunk hears of it
         self.api.running = Running(mesh, registry, Views(mesh, index), router, transfers, copies, jobs, gpus,
-                                   services, self.proxy, self.keeper)
+                                   services, self.proxy, self.keeper, bundles, leases)
         copies.sample_storage()
         await copies.load()
         await saver.save_snapshot()  # the new generation is on disk before anyone hears of it
+
+    def _keep_reason(self, model: str, kind: str) -> str | None:
+        """Why a copy here may not be evicted: a lease ``ensure`` handed out (a pod
+        reads it), then the keeper's reasons (the replica rule, an engine, a transfer)."""
+        assert self.leases is not None and self.keeper is not None
+        return self.leases.keep_reason(model, kind) or self.keeper.keep_reason(model, kind)
 
     def _written(self, model: str, kind: str) -> tuple[str, list[Path]] | None:
         """The transfer of ``model`` to ``kind`` on this node and the ``.partial``

@@ -35,6 +35,7 @@ from typing import Any
 
 import trio
 from hypercorn.config import Config as HyperConfig
+from hypercorn.trio import tcp_server as _tcp_server
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
@@ -44,6 +45,11 @@ from hypercorn.utils import ShutdownError, raise_shutdown, repr_socket_addr, wra
 __all__ = ["ConnectionLimits", "HttpServer", "raise_fd_limit"]
 
 log = logging.getLogger("meshnode.http")
+
+# hypercorn reads a connection 64 KiB at a time, and each read costs its event
+# machinery about 150 us: a large body (a bundle's import) spent more in that
+# than in hashing.  A read takes what the socket holds, up to this (issue 29).
+_tcp_server.MAX_RECV = 1024 * 1024
 
 _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 _BUSY_BODY = b'{"error":{"code":"TOO_MANY_CONNECTIONS","message":"too many connections; try again later"}}'

@@ -78,6 +78,8 @@ LOOPBACK_NAMES = frozenset({"localhost"})
 JSON_TYPES = frozenset({"application/json"})
 YAML_PATH = "/jobs/from-yaml"
 YAML_TYPES = JSON_TYPES | {"application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml", "multipart/form-data"}
+BUNDLE_PATH = "/bundles"  # an import: a tar stream (a type no page can send without asking first)
+BUNDLE_TYPES = frozenset({"application/x-tar", "application/octet-stream"})
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 HEADER_CHARS_MAX = 1024  # a Host or Origin longer than this is refused unread
 _NAME = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*")  # a DNS name or an IPv4 address
@@ -200,7 +202,8 @@ def content_type_allowed(content_type: str | None, allowed: frozenset[str]) -> b
 
 def body_types_for(path: str) -> frozenset[str]:
     """The body types a write to ``path`` takes."""
-    return YAML_TYPES if path.rstrip("/") == YAML_PATH else JSON_TYPES
+    p = path.rstrip("/")
+    return YAML_TYPES if p == YAML_PATH else BUNDLE_TYPES if p == BUNDLE_PATH else JSON_TYPES
 
 
 def is_write(method: str, path: str) -> bool:

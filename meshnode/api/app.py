@@ -36,6 +36,7 @@ from protocol.view import ModelView
 
 from .. import __version__
 from ..actions import Router
+from ..bundles import Bundles
 from ..copies.catalog import CopyCatalog
 from ..copies.store import Store
 from ..copies.transfers import Transfers
@@ -43,6 +44,7 @@ from ..errors import MeshError
 from ..gpus import GpuMonitor
 from ..jobs import Jobs
 from ..keeper import Keeper
+from ..leases import Leases
 from ..mesh import Mesh
 from ..metrics import RouteLatency
 from ..pipelines import DOC_BYTES_MAX, load_document
@@ -51,6 +53,7 @@ from ..registry import Registry
 from ..serving import Services
 from ..views import Views
 from .auth import PeerAuthError, PeerGate, Refusals, check_bearer, request_target
+from .bundles import BUNDLE_BODY_MAX, BUNDLES_PATH, StreamedBodies, add_bundle_routes
 from .guard import ApiGuard
 from .inference import InferenceFastPath
 from .peer import DrainOrClose, PeerFastPath
@@ -186,6 +189,8 @@ class Running:
     services: Services
     proxy: InferenceProxy
     keeper: Keeper
+    bundles: Bundles | None = None  # export and import (meshnode/bundles.py)
+    leases: Leases | None = None  # ensure, and its leases (meshnode/leases.py)
 
 
 @dataclass
@@ -217,8 +222,9 @@ def create_app(parts: ApiParts) -> DrainOrClose:
             raise RemoteProtocolError("node is starting")
         parts.running.mesh.receive(data, remote, signer)
 
+    public = StreamedBodies(_public_app(parts), frozenset({BUNDLES_PATH}))  # an import's body, read at its pace
     inference = InferenceFastPath(
-        _public_app(parts), proxy=lambda: parts.running.proxy if parts.running is not None else None,
+        public, proxy=lambda: parts.running.proxy if parts.running is not None else None,
         api_tokens=parts.api_tokens, guard=parts.guard, gate=parts.peer_gate, refusals=parts.refusals,
         body_max=PUBLIC_BODY_MAX, observe=parts.latency.observe)
     return DrainOrClose(PeerFastPath(inference, parts.peer_gate, parts.refusals, receive))
@@ -260,7 +266,7 @@ def _public_app(parts: ApiParts) -> QuartTrio:
     @app.before_request
     async def _auth() -> Response | None:
         path = request.path
-        limit = PUBLIC_BODY_MAX
+        limit = BUNDLE_BODY_MAX if (request.method, path) == ("POST", BUNDLES_PATH) else PUBLIC_BODY_MAX
         if request.content_length is not None and request.content_length > limit:
             # Answer before reading the body, and close: the client learns why at once.
             r = _error(413, "TOO_LARGE", f"request body of {request.content_length} bytes is over the {limit} byte limit")
@@ -862,6 +868,14 @@ def _public_app(parts: ApiParts) -> QuartTrio:
         if file not in UI_FILES:
             raise MeshError("NOT_FOUND", f"no file {file[:40]!r} in the dashboard")
         return _page_file(file)
+
+    def _part(name: str) -> Any:
+        part = getattr(running(), name)
+        if part is None:
+            raise MeshError("NOT_SUPPORTED", f"this node runs no {name}")
+        return part
+
+    add_bundle_routes(app, lambda: _part("bundles"), lambda: _part("leases"), body_json)
 
     @app.before_request
     async def _check_body() -> None:

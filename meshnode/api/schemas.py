@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from protocol.actions import TIERS
+from protocol.bundle import MODELS_MAX as BUNDLE_MODELS_MAX
 from protocol.jobs import ActionStatus, JobStatus, PartStatus
+from protocol.leases import HOLDER_PATTERN, LEASE_MAX_S, LEASE_MIN_S
 from protocol.names import (
     DEVICE_KIND_PATTERN,
     GPU_KIND_PATTERN,
@@ -641,6 +643,24 @@ PIPELINE = _obj(
 INFERENCE_BODY = _obj({"model": {"type": "string", "minLength": 1, "maxLength": 200}},
                       description="an OpenAI-style request: every field but model goes to the engine as it is")
 
+HOLDER: Schema = {"type": "string", "pattern": f"^(?:{HOLDER_PATTERN})$",
+                  "description": "who holds a lease (a pod's name): letters, digits, '.', '_', ':', '-'"}
+LEASE = _obj({"model_name": STR, "device": STR, "holder": STR, "until_ms": INT, "granted_ms": INT, "left_s": INT})
+ENSURE_BODY = _obj(
+    {"model": MODEL_NAME, "device": STORE_DEVICE},
+    {"holder": _desc("who holds the lease (default: ensure); the same holder renews its own", HOLDER),
+     "lease_s": _desc("how long the lease holds", {"type": "number", "minimum": LEASE_MIN_S,
+                                                   "maximum": LEASE_MAX_S})}, closed=True)
+ENSURED = _obj({"status": {"const": "ready"}, "model_name": STR, "device": STR, "path": STR, "manifest_hash": STR,
+                "size": INT, "lease": LEASE})
+ENSURING = _obj({"status": {"const": "copying"}, "model_name": STR, "device": STR, "why": STR,
+                 "transfer_id": _null(STR), "transfer": TRANSFER})
+BUNDLE_IMPORTED = _obj({"node_id": STR, "device": STR, "bytes": INT, "models": _arr(_obj(
+    {"model_name": STR, "device": STR, "manifest_hash": STR, "size": INT, "files": INT, "chunks": INT,
+     "chunks_resumed": INT, "chunks_written": INT,
+     "status": {"enum": ["imported", "already present", "would import"]},
+     "path": _null(STR), "digest": _null(STR)}))})
+
 # -- the routes --------------------------------------------------------------------------------
 
 _COPY_ERRORS = _errors(404, 409, 502)  # no model, node or copy; a node not reachable; its peer failed
@@ -720,8 +740,8 @@ ROUTE_DOCS: dict[tuple[str, str], RouteDoc] = {
                                     responses={200: _paged("transfers", TRANSFER)}, query=PAGE_QUERY),
     ("GET", "/transfers/<tid>"): RouteDoc("One transfer.", "copies", responses={200: TRANSFER, **_errors(404)}),
     ("DELETE", "/transfers/<tid>"): RouteDoc(
-        "Cancel a transfer this node runs: it fails CANCELLED, its partial files removed (202: still being "
-        "removed). 421 names the node that runs it.",
+        "Cancel a transfer, through any node (the node that runs it stops it): it fails CANCELLED, its "
+        "partial files removed (202: still being removed).",
         "copies", responses={code: _written({**TRANSFER, "properties": {**TRANSFER["properties"], "cancelled": BOOL}})
                              for code in (200, 202)} | _errors(404, 409, 421)),
     ("GET", "/models/<model:name>/locations"): RouteDoc(
@@ -796,6 +816,40 @@ ROUTE_DOCS: dict[tuple[str, str], RouteDoc] = {
         other_answers="the engine's own answer, passed on as it came")
        for path, what in (("/v1/chat/completions", "chat completion"), ("/v1/completions", "completion"),
                           ("/v1/embeddings", "embeddings"))},
+    # -- bundles, ensure and leases (meshnode/api/bundles.py)
+    ("GET", "/bundles"): RouteDoc(
+        "Export models as one bundle (a tar stream: manifests, registrations, files, sha256s), from this node's copy "
+        "or the nearest holder's.",
+        "copies", responses={200: _desc("the bundle (protocol/bundle.py)", {"type": "string", "format": "binary"}),
+                             **_errors(404, 409)},
+        query={"model": _desc(f"a model to bundle; repeat it for several (model=A&model=B), at most "
+                              f"{BUNDLE_MODELS_MAX}", MODEL_NAME)},
+        required_query=("model",), response_type="application/x-tar"),
+    ("POST", "/bundles"): RouteDoc(
+        "Import a bundle (the body, streamed) into a tier of this node: verified as it lands, registered, its copies "
+        "gossiped.", "copies",
+        request=_desc("a bundle, as GET /bundles gives it, streamed. Every chunk and file is verified as it lands: "
+                      "422 BAD_CONTENT, nothing kept; 422 INCOMPLETE, cut short, its verified chunks kept for the "
+                      "next try; 409 CONTENT_CONFLICT when the mesh knows other bytes for a model; 421 names the "
+                      "node to ask for another node's device. Sent as application/octet-stream or "
+                      "application/x-tar", {"type": "string", "format": "binary"}),
+        content_type="application/octet-stream",
+        responses={code: _written(BUNDLE_IMPORTED) for code in (200, 201)} | _errors(404, 409, 422, 507),
+        query={"to": _desc("this node's device the copies go to", STORE_DEVICE),
+               "check": _desc("true: the body is the bundle's header entry alone; answer what an import would "
+                              "refuse, write nothing", {"type": "string", "enum": ["true", "false"]})},
+        required_query=("to",)),
+    ("POST", "/ensure"): RouteDoc(
+        "A verified copy on this node's device: 200, its path and a lease against eviction; or 202, the transfer "
+        "making it; 404 NO_SOURCE when nothing can.", "copies",
+        request=ENSURE_BODY, responses={200: _written(ENSURED), 202: _written(ENSURING), **_errors(404, 409, 507)}),
+    ("GET", "/leases"): RouteDoc("The leases this node's ensure handed out that have not ended.", "copies",
+                                 responses={200: _obj({"node_id": STR, "leases": _arr(LEASE)})}),
+    ("DELETE", "/leases"): RouteDoc(
+        "Release a lease on a copy of this node (one holder's, or every holder's): it may be evicted again.",
+        "copies", responses={200: _written(_obj({"model_name": STR, "device": STR, "released": NAMES,
+                                                 "held_by": NAMES})), **_errors(404)},
+        query={"model": MODEL_NAME, "device": STORE_DEVICE, "holder": HOLDER}, required_query=("model", "device")),
 }
 
 TAGS = {

@@ -6,6 +6,7 @@ import argparse
 
 from .. import __version__
 from ..config import add_start_arguments
+from .bundles import add_bundle_commands
 from .client import DEFAULT_PEER, DEFAULT_TIMEOUT_S
 from .commands import COMMANDS, run_client_command, run_start
 from .jobs import run_example
@@ -278,4 +279,5 @@ def build_parser() -> argparse.ArgumentParser:
     place = client("placement")
     place.add_argument("name", metavar="MODEL", help="model name")
     place.add_argument("--device", default="disk", choices=("disk", "dram", "gpu"), help="the tier (default disk)")
+    add_bundle_commands(sub, [logging_parent, client_parent])  # export, import, ensure, release
     return parser

@@ -158,7 +158,8 @@ def test_answers_are_json_but_for_pages_metrics_and_streams() -> None:
     assert ok[("get", "/metrics")] == {"text/plain"}
     assert ok[("get", "/")] == ok[("get", "/docs")] == {"text/html"}
     assert ok[("post", "/v1/chat/completions")] == {"application/json", "text/event-stream"}
-    assert sum(cts == {"application/json"} for cts in ok.values()) == len(ok) - 6
+    assert ok[("get", "/bundles")] == {"application/x-tar"}
+    assert sum(cts == {"application/json"} for cts in ok.values()) == len(ok) - 7
 
 
 def test_a_reader_cannot_change_the_schemas() -> None:
@@ -253,6 +254,9 @@ TAKEN: dict[tuple[str, str], list[Any]] = {
     ("POST", "/v1/chat/completions"): [{"model": "org/e", "messages": []}, {"model": "m", "stream": True}],
     ("POST", "/v1/completions"): [{"model": "org/nope", "prompt": "x", "max_tokens": 2}],
     ("POST", "/v1/embeddings"): [{"model": "org/e", "input": ["a", "b"]}],
+    ("POST", "/ensure"): [{"model": "org/m", "device": "n1:disk"},
+                          {"model": "m", "device": "n1:dram", "holder": "vllm-7f9c:0", "lease_s": 1.5}],
+    ("POST", "/bundles"): ["a bundle: tar bytes (protocol/bundle.py)"],
 }
 REFUSED: dict[tuple[str, str], list[Any]] = {
     ("POST", "/models/<model:name>/copy"): [
@@ -325,6 +329,9 @@ REFUSED: dict[tuple[str, str], list[Any]] = {
     ("POST", "/jobs/from-yaml"): [{"name": "x"}, "name: x"],
     ("POST", "/jobs/<jid>/create"): [{"name": "x"}],
     ("POST", "/v1/completions"): [[], {"prompt": "x"}, {"model": 5}, {"model": ""}, {"model": "x" * 201}],
+    ("POST", "/ensure"): [{"model": "m"}, {"model": "m", "device": "n1:gpu0"}, {"model": "m", "device": "n1:disk",
+                          "lease_s": 0}, {"model": "m", "device": "n1:disk", "holder": "-x"},
+                          {"model": "m", "device": "n1:disk", "x": 1}],
 }
 
 

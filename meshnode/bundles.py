@@ -1,0 +1,714 @@
+"""Bundles on a node: a model's copy exported as one tar stream, and a
+bundle imported into a tier (the format and its reader: ``protocol.bundle``).
+
+Export (``GET /bundles?model=M``) reads this node's copy, or, when it has
+none, the nearest holder's through the mesh (its manifest over the peer
+route, its chunks over the data plane, verified as they arrive), and
+streams the header, every file and each model's sha256 sums.  Its length
+is known before a byte is read (``Content-Length``), so a reader knows a
+stream that was cut.  The reading runs in this object's nursery and hands
+the response at most ``EXPORT_QUEUE`` pieces ahead (backpressure: a slow
+reader slows the reads; one that stops reading for ``SEND_TIMEOUT_S`` ends
+the export).
+
+Import (``POST /bundles?to=NODE:TIER``) feeds the request's body, as it
+arrives, to the bundle's parser.  Before a byte is written it refuses
+what must be refused: a model whose registration or copies in the mesh say
+other bytes (``CONTENT_CONFLICT``), a tier without room (``NO_SPACE``,
+after eviction), a copy another import or a transfer is writing
+(``IN_PROGRESS``).  Every chunk is checked against its manifest before it
+is written, every file against its sha256 once its bytes are in; a
+mismatch, or bytes that are not a bundle, fail ``BAD_CONTENT`` and nothing
+is kept.  Each model is built in the tier's ``.partial`` like a transfer's
+copy and published (one rename) only when the whole bundle verified; then
+it is registered (when it was not) and its copy record gossiped, and the
+mesh moves it from there like any copy.  A bundle that stops early
+(``INCOMPLETE``) or a client that goes away keeps the verified chunks: the
+same bundle imported again skips writing them (``chunks_resumed``).
+
+Everything that blocks (files, hashing) runs in worker threads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Container
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from protocol.bundle import (
+    END_OF_ARCHIVE,
+    MODELS_MAX,
+    BadBundle,
+    BundleHeader,
+    BundleModel,
+    BundleParser,
+    BundleTruncated,
+    Chunk,
+    End,
+    Event,
+    Header,
+    Sums,
+    bundle_bytes,
+    export_sources,
+    file_header,
+    header_entry,
+    padding,
+    sums_entry,
+)
+from protocol.digest import is_digest, tree_digest
+from protocol.errors import RemoteProtocolError
+from protocol.keys import COPY_PREFIX, NODE_KEY, NodeInfo, RecordError
+from protocol.manifest import Manifest, chunk_digest
+from protocol.peerauth import Recipient
+from protocol.transfer.sources import source_manifest_hash
+
+from .copies.catalog import CopyCatalog, one_content
+from .copies.dataplane import DataPlaneError
+from .copies.puller import MakeRoom, Puller, no_eviction, resumed_chunks
+from .copies.store import TIERS, Copy, Partial, Store
+from .errors import MeshError, first_mesh_error, first_of, only
+from .mesh import Mesh, wall_ms
+from .registry import Registry, model_name
+from .saver import Saver
+
+__all__ = ["Bundles", "ClientGone", "ExportCut"]
+
+log = logging.getLogger("meshnode.bundles")
+
+EXPORT_QUEUE = 4  # pieces read ahead of the response
+PIECE_MAX = 8 * 1024 * 1024  # a piece handed to the response: a chunk, or this much of one
+PREFETCH_BYTES = 32 * 1024 * 1024  # chunks fetched at once from a holder (at least one)
+SEND_TIMEOUT_S = 300.0  # a response whose reader takes nothing for this long ends the export
+IMPORTS_MAX = 4  # imports running at once on a node
+EXPORTS_MAX = 8  # exports running at once on a node (each holds at most EXPORT_QUEUE pieces and a chunk)
+# Written bytes whose writeback starts while the import goes on: the fsync at publish then waits
+# for little more than the last of them, not for the whole copy.
+WRITEBACK_BYTES = 64 * 1024 * 1024
+IMPORT_QUEUE_BYTES = 16 * 1024 * 1024
+BATCH_BYTES = 8 * 1024 * 1024  # chunks verified and written in one worker thread's call  # chunks received ahead of the one being verified and written (at least one)
+SOURCE_TRIES = 3  # holders tried for one chunk before an export gives up
+
+
+class ClientGone(Exception):
+    """The client went away before its request's body was all sent."""
+
+
+class ExportCut(Exception):
+    """An export's reading failed after its answer began (logged where it did)."""
+
+
+def _registration(mv: Any) -> dict[str, Any] | None:
+    if mv is None:
+        return None
+    out: dict[str, Any] = {"metadata": dict(mv.metadata)}
+    if mv.model_type is not None:
+        out["model_type"] = mv.model_type
+    if mv.source_url is not None:
+        out["source_url"] = mv.source_url
+    return out
+
+
+@dataclass
+class _Export:
+    header: BundleHeader
+    sources: list[_LocalSource | _MeshSource]
+    mtime_s: int
+    done: bool = False
+    sent: int = 0
+
+
+class _LocalSource:
+    """A copy in this node's store: each chunk read, checked and hashed in a worker thread."""
+
+    def __init__(self, store: Store, copy: Copy) -> None:
+        self.store = store
+        self.copy = copy
+        self.manifest = copy.manifest
+
+    def start(self, nursery: trio.Nursery) -> None:
+        self.store.touch(self.copy.model, self.copy.kind)  # read: used
+
+    async def chunk(self, index: int, hasher: Any) -> bytes:
+        ref = self.manifest.chunk(index)
+        path = self.copy.path / ref.path
+
+        def read() -> bytes:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                data = os.pread(fd, ref.length, ref.offset)
+            finally:
+                os.close(fd)
+            if len(data) != ref.length or chunk_digest(data) != ref.digest:
+                raise MeshError("SOURCE_CORRUPT", f"chunk {index} of the copy of {self.copy.model} on "
+                                                  f"{self.copy.kind} does not match its manifest")
+            hasher.update(data)
+            return data
+
+        try:
+            return await trio.to_thread.run_sync(read)
+        except OSError as e:
+            raise MeshError("IO_ERROR", f"reading the copy of {self.copy.model}: {e.strerror or e}") from None
+
+
+class _MeshSource:
+    """The nearest holder's copy, read through the mesh: a few chunks in flight
+    (``PREFETCH_BYTES``), each verified as it arrives, the next holder asked
+    when one fails."""
+
+    def __init__(self, model: str, manifest: Manifest, holders: list[tuple[str, str]], puller: Puller) -> None:
+        self.model = model
+        self.manifest = manifest
+        self.holders = holders  # (node id, data address), nearest first
+        self.puller = puller
+        self._results: dict[int, bytes | MeshError] = {}
+        self._ready: dict[int, trio.Event] = {}
+        self._slots = trio.Semaphore(max(1, PREFETCH_BYTES // manifest.chunk_bytes))
+
+    def start(self, nursery: trio.Nursery) -> None:
+        nursery.start_soon(self._fetch_all, nursery)
+
+    async def _fetch_all(self, nursery: trio.Nursery) -> None:
+        for ref in self.manifest.chunks():
+            await self._slots.acquire()
+            self._event(ref.index)
+            nursery.start_soon(self._fetch, ref.index)
+
+    def _event(self, index: int) -> trio.Event:
+        ev = self._ready.get(index)
+        if ev is None:
+            ev = self._ready[index] = trio.Event()
+        return ev
+
+    async def _fetch(self, index: int) -> None:
+        ref = self.manifest.chunk(index)
+        errors = []
+        buf = bytearray(ref.length)
+        for nid, addr in self.holders[:SOURCE_TRIES]:
+            try:
+                view = await self.puller.data.fetch_chunk(addr, self.manifest.hash, index, ref.length, ref.digest, buf)
+                self._results[index] = bytes(view)
+                break
+            except DataPlaneError as e:  # NotFound, PeerBusy, ChunkMismatch: the next holder
+                errors.append(f"{nid}: {type(e).__name__}")
+        else:
+            self._results[index] = MeshError("NO_SOURCE", f"no holder served chunk {index} of {self.model}: "
+                                                          f"{'; '.join(errors)[:300]}")
+        self._event(index).set()
+
+    async def chunk(self, index: int, hasher: Any) -> bytes:
+        await self._event(index).wait()
+        got = self._results.pop(index)
+        del self._ready[index]
+        self._slots.release()
+        if isinstance(got, MeshError):
+            raise got
+        await trio.to_thread.run_sync(hasher.update, got)
+        return got
+
+
+class _Relay:
+    """The response's side of an export: the pieces as they are read; at the end
+    ``ExportCut`` when the reading failed (the stream stops short of its length)."""
+
+    def __init__(self, x: _Export, recv: trio.MemoryReceiveChannel[bytes]) -> None:
+        self.x = x
+        self.recv = recv
+
+    def __aiter__(self) -> _Relay:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await self.recv.receive()
+        except trio.EndOfChannel:
+            self.recv.close()
+            if not self.x.done:
+                raise ExportCut("the export was cut short") from None
+            raise StopAsyncIteration from None
+
+    async def aclose(self) -> None:  # the response ended early: the reading stops at its next piece
+        self.recv.close()
+
+
+@dataclass
+class _Incoming:
+    """One model of a bundle being imported."""
+
+    model: BundleModel
+    present: Copy | None  # the same copy is on the tier already: verified, not written
+    already: bool = False
+    partial: Partial | None = None
+    have: set[int] = field(default_factory=set)
+    hashers: dict[str, Any] = field(default_factory=dict)
+    sums: dict[str, str] | None = None
+    chunks_written: int = 0
+
+
+@dataclass(eq=False)
+class _Import:
+    kind: str
+    models: list[_Incoming] = field(default_factory=list)
+    bytes_in: int = 0
+    keep: bool = False  # it stopped early: its verified chunks stay for the next try
+    unflushed: int = 0  # bytes written since the last early writeback was asked
+    flush: trio.MemorySendChannel[Path] | None = None
+    claimed: set[str] = field(default_factory=set)  # the manifests it writes (their .partial entries)
+
+    def partial_names(self) -> set[str]:
+        return self.claimed
+
+
+class Bundles:
+    def __init__(self, mesh: Mesh, store: Store, registry: Registry, copies: CopyCatalog, saver: Saver,
+                 puller: Puller, *, busy: Callable[[], Container[str]] = frozenset) -> None:
+        self.mesh = mesh
+        self.store = store
+        self.registry = registry
+        self.copies = copies
+        self.saver = saver
+        self.puller = puller  # the holders of a copy, the peer and data clients
+        self.busy = busy  # the .partial entries that transfers write into
+        self.make_room: MakeRoom = no_eviction  # the evictor's, once the node has one
+        self._nursery: trio.Nursery | None = None
+        self._imports: set[_Import] = set()
+        self._exports = 0
+        self.counts: Counter[str] = Counter()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def active_partials(self) -> set[str]:
+        """The ``.partial`` entries imports running now write into (the sweep leaves them)."""
+        out: set[str] = set()
+        for imp in self._imports:
+            out |= imp.partial_names()
+        return out
+
+    # -- export --------------------------------------------------------------------------
+
+    async def export(self, names: list[str]) -> tuple[BundleHeader, int, AsyncIterator[bytes]]:
+        """The bundle of ``names``: its header, its length in bytes, and its bytes as they are read."""
+        if not 1 <= len(names) <= MODELS_MAX:
+            raise MeshError("INVALID_REQUEST", f"a bundle holds 1 to {MODELS_MAX} models: ?model=NAME, repeated")
+        if self._exports >= EXPORTS_MAX:
+            raise MeshError("IN_PROGRESS", f"{EXPORTS_MAX} exports run on {self.mesh.id} already: try again when one "
+                                           "has ended")
+        sources: list[_LocalSource | _MeshSource] = []
+        models = []
+        for name in dict.fromkeys(model_name(n) for n in names):
+            src = await self._source(name)
+            sources.append(src)
+            models.append(BundleModel(name, src.manifest, _registration(self.registry.find(name))))
+        now_ms = wall_ms()
+        x = _Export(BundleHeader(tuple(models), self.mesh.id, now_ms), sources, now_ms // 1000)
+        size = bundle_bytes(x.header, x.mtime_s)
+        send, recv = trio.open_memory_channel[bytes](EXPORT_QUEUE)
+        if self._nursery is None:
+            raise MeshError("STARTING", "the node is still starting")
+        self._exports += 1
+        self._nursery.start_soon(self._produce, x, send)
+        return x.header, size, self._relay(x, recv)
+
+    async def _source(self, model: str) -> _LocalSource | _MeshSource:
+        """This node's copy of ``model``, or the nearest holder's."""
+        for kind in TIERS:
+            c = self.store.get(model, kind)
+            if c is not None and not self.store.suspect(model, kind):
+                return _LocalSource(self.store, c)
+        me = self.mesh.id
+        mhash = source_manifest_hash(self.mesh.items(COPY_PREFIX), model, None, me, self.mesh.reachable)
+        if mhash is None:
+            if self.registry.find(model) is None:
+                raise MeshError("MODEL_NOT_FOUND", f"model {model!r} is not registered and no node holds a copy")
+            raise MeshError("COPY_NOT_FOUND", f"no node that can be reached holds a copy of {model!r}")
+        local = self.store.find(mhash)  # the same bytes under another name here
+        if local is not None:
+            return _LocalSource(self.store, local)
+        found, complete = self.puller.holders(mhash)
+        labels = {}
+        for nid in found:
+            try:
+                labels[nid] = NodeInfo.from_value(self.mesh.get(nid, NODE_KEY)).labels
+            except RecordError:
+                labels[nid] = {}
+        try:
+            mine = NodeInfo.from_value(self.mesh.get(me, NODE_KEY)).labels
+        except RecordError:
+            mine = {}
+        order = export_sources({nid: nid in complete for nid in found}, labels, mine)
+        errors = []
+        for nid in order[:SOURCE_TRIES]:
+            m = self.mesh.member(nid)
+            if m is None:
+                continue
+            try:
+                data = await self.puller.peers.get_manifest(m.record.address, mhash,
+                                                            to=Recipient(nid, m.record.generation))
+                manifest = Manifest.decode(data, expected_hash=mhash)
+            except (MeshError, RemoteProtocolError) as e:
+                errors.append(f"{nid}: {e}"[:200])
+                continue
+            log.info("exporting %s from %s's copy (this node has none)", model, nid)
+            return _MeshSource(model, manifest, [(n, found[n]) for n in order], self.puller)
+        raise MeshError("NO_SOURCE", f"no holder of {model!r} sent its manifest: {'; '.join(errors) or 'none found'}")
+
+    def _relay(self, x: _Export, recv: trio.MemoryReceiveChannel[bytes]) -> AsyncIterator[bytes]:
+        return _Relay(x, recv)
+
+    async def _produce(self, x: _Export, send: trio.MemorySendChannel[bytes]) -> None:
+        try:
+            await self._produce_all(x, send)
+        finally:
+            self._exports -= 1
+
+    async def _produce_all(self, x: _Export, send: trio.MemorySendChannel[bytes]) -> None:
+        started = time.monotonic()
+
+        async def put(data: bytes) -> None:
+            for at in range(0, len(data), PIECE_MAX):
+                piece = data[at:at + PIECE_MAX] if len(data) > PIECE_MAX else data
+                with trio.fail_after(SEND_TIMEOUT_S):
+                    await send.send(piece)
+                x.sent += len(piece)
+
+        names = ", ".join(m.name for m in x.header.models)
+        try:
+            async with send:
+                await put(header_entry(x.header, x.mtime_s))
+                for m, src in zip(x.header.models, x.sources, strict=True):
+                    await self._produce_model(m, src, x.mtime_s, put)
+                await put(END_OF_ARCHIVE)
+                x.done = True
+        except Exception as e:  # an export that fails is a log line and a stream cut short, never the node's end
+            if first_of(e, (trio.BrokenResourceError, trio.ClosedResourceError)) is not None:
+                log.info("the export of %s stopped: its reader went away after %d bytes", names, x.sent)
+            elif first_of(e, trio.TooSlowError) is not None:
+                log.warning("the export of %s stopped: its reader took nothing for %.0f s", names, SEND_TIMEOUT_S)
+            elif (err := first_mesh_error(e)) is not None:
+                log.warning("the export of %s was cut short after %d bytes: %s: %s", names, x.sent, err.code,
+                            err.message)
+            else:
+                log.exception("the export of %s failed after %d bytes", names, x.sent)
+            return
+        self.counts["bundles_exported"] += 1
+        log.info("exported %s: %d bytes in %.1f s", names, x.sent, time.monotonic() - started)
+
+    async def _produce_model(self, m: BundleModel, src: _LocalSource | _MeshSource, mtime_s: int,
+                             put: Callable[[bytes], Awaitable[None]]) -> None:
+        manifest = m.manifest
+        sums: dict[str, str] = {}
+        async with trio.open_nursery() as nursery:
+            src.start(nursery)
+            for f in manifest.files:
+                await put(file_header(m.name, manifest.hash, f.path, f.size, mtime_s))
+                hasher = hashlib.sha256()
+                for index in manifest.file_chunks(f.path):
+                    await put(await src.chunk(index, hasher))
+                await put(padding(f.size))
+                sums[f.path] = hasher.hexdigest()
+            nursery.cancel_scope.cancel()
+        await put(sums_entry(m.name, manifest, sums, mtime_s))
+
+    # -- import --------------------------------------------------------------------------
+
+    async def import_bundle(self, kind: str, body: AsyncIterator[bytes], *, check: bool = False) -> dict[str, Any]:
+        """Read a bundle from ``body`` into ``kind`` on this node; what it imported.
+
+        ``check``: the body is the bundle's first entry (its header) alone: answer
+        what an import would refuse of it, write nothing (a client asks first,
+        so that a refusal does not wait for gigabytes to be sent)."""
+        self.store.tier_root(kind)  # an unknown tier: INVALID_DEVICE
+        if len(self._imports) >= IMPORTS_MAX:
+            raise MeshError("IN_PROGRESS", f"{IMPORTS_MAX} imports run on {self.mesh.id} already: try again when "
+                                           "one has ended")
+        imp = _Import(kind)
+        self._imports.add(imp)
+        started = time.monotonic()
+        try:
+            try:
+                if check:
+                    return await self._check(imp, body)
+                await self._read(imp, body)
+            except BundleTruncated as e:
+                imp.keep = True
+                raise MeshError("INCOMPLETE", f"{e}: the chunks it held are verified and kept here; import the whole "
+                                              "bundle again to go on from there", status=422) from None
+            except BadBundle as e:
+                raise MeshError("BAD_CONTENT", f"this is not a bundle this node takes: {e}; nothing was kept",
+                                status=422) from None
+        except BaseException as e:
+            if imp.keep or only(e, (trio.Cancelled, ClientGone)):  # cut short: a resume goes on from here
+                await self._keep(imp)
+            else:
+                await self._discard(imp)
+            raise
+        finally:
+            self._imports.discard(imp)
+        self.counts["bundles_imported"] += 1
+        out = self._result(imp)
+        log.info("imported %s into %s from a bundle: %d bytes in %.1f s", ", ".join(m["model_name"] for m in
+                 out["models"]), kind, imp.bytes_in, time.monotonic() - started)
+        return out
+
+    async def _check(self, imp: _Import, body: AsyncIterator[bytes]) -> dict[str, Any]:
+        parser = BundleParser()
+        async for piece in body:
+            for ev in parser.feed(piece):
+                if isinstance(ev, Header):
+                    await self._header(imp, ev.header, check=True)
+                    return self._result(imp, check=True)
+        raise BadBundle(f"it ends after {parser.bytes_in} bytes, before its header does")
+
+    async def _read(self, imp: _Import, body: AsyncIterator[bytes]) -> None:
+        """Parse the body as it comes; once the header is taken, the chunks go to
+        ``_apply`` (verified, hashed, written in worker threads) through a bounded
+        queue, so that receiving the next chunks goes on meanwhile."""
+        parser = BundleParser()
+        it = aiter(body)
+        pending: list[Event] = []
+        while not pending:  # up to the header, in this task
+            try:
+                piece = await anext(it)
+            except StopAsyncIteration:
+                raise BadBundle(f"it ends after {parser.bytes_in} bytes, before its header does") from None
+            imp.bytes_in += len(piece)
+            pending = parser.feed(piece)
+        first = pending.pop(0)
+        assert isinstance(first, Header)
+        await self._header(imp, first.header)
+        queue_len = max(1, IMPORT_QUEUE_BYTES // max(m.manifest.chunk_bytes for m in first.header.models))
+        send, recv = trio.open_memory_channel[Event](queue_len)
+        cut: BundleTruncated | ClientGone | None = None  # raised once the chunks before the cut are written
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._apply, imp, recv)
+                imp.flush, flush_recv = trio.open_memory_channel[Path](1)
+                nursery.start_soon(_writeback, flush_recv)
+                async with send:
+                    for ev in pending:
+                        await send.send(ev)
+                    try:
+                        async for piece in it:
+                            imp.bytes_in += len(piece)
+                            for ev in parser.feed(piece):
+                                await send.send(ev)
+                        for ev in parser.close():
+                            await send.send(ev)
+                    except (BundleTruncated, ClientGone) as e:
+                        cut = e
+        except BaseExceptionGroup as g:  # one failure inside: that one, as it was raised
+            cause = first_of(g, lambda e: not isinstance(e, trio.Cancelled))
+            if cause is not None and not isinstance(cause, BaseExceptionGroup):
+                raise cause from None
+            raise
+        if cut is not None:
+            raise cut
+
+    async def _apply(self, imp: _Import, recv: trio.MemoryReceiveChannel[Event]) -> None:
+        """The events in order; the chunks waiting in the queue together, in one
+        worker thread's call (``BATCH_BYTES`` at most)."""
+        held: Event | None = None
+        try:
+            async with recv:
+                while True:
+                    if held is None:
+                        try:
+                            held = await recv.receive()
+                        except trio.EndOfChannel:
+                            return
+                    ev, held = held, None
+                    if not isinstance(ev, Chunk):
+                        await self._on(imp, ev)
+                        continue
+                    batch, size = [ev], len(ev.data)
+                    while size < BATCH_BYTES:
+                        try:
+                            nxt = recv.receive_nowait()
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                        if not isinstance(nxt, Chunk):
+                            held = nxt
+                            break
+                        batch.append(nxt)
+                        size += len(nxt.data)
+                    await self._chunks(imp, batch)
+        finally:
+            if imp.flush is not None:
+                imp.flush.close()
+
+    async def _keep(self, imp: _Import) -> None:
+        for m in imp.models:
+            if m.partial is not None:
+                m.partial.close()
+
+    async def _discard(self, imp: _Import) -> None:
+        with trio.CancelScope(shield=True):
+            for m in imp.models:
+                if m.partial is not None:
+                    await trio.to_thread.run_sync(m.partial.discard)
+
+    async def _on(self, imp: _Import, ev: Event) -> None:
+        if isinstance(ev, Chunk):
+            await self._chunks(imp, [ev])
+        elif isinstance(ev, Header):
+            await self._header(imp, ev.header)
+        elif isinstance(ev, Sums):
+            self._sums(imp.models[ev.model], ev.sums)
+        elif isinstance(ev, End):
+            await self._publish(imp)
+
+    async def _header(self, imp: _Import, header: BundleHeader, *, check: bool = False) -> None:
+        """Every refusal before a byte is written; then room, and a partial per model."""
+        kind = imp.kind
+        for m in header.models:
+            existing = self.store.get(m.name, kind)
+            present = existing if existing is not None and existing.manifest_hash == m.manifest_hash else None
+            imp.models.append(_Incoming(m, present, already=present is not None))
+            if present is not None:
+                continue
+            one_content(self.mesh, m.name)(m.manifest_hash)  # CONTENT_CONFLICT
+            if self.registry.find(m.name) is None:
+                self.registry.check_room(m.name)
+            others = [i for i in self._imports if i is not imp and i.kind == kind]
+            if m.manifest_hash in self.busy() or any(m.manifest_hash in i.partial_names() for i in others):
+                raise MeshError("IN_PROGRESS", f"a copy of {m.name} is being written into {self.mesh.id}:{kind} "
+                                               "already (a transfer or another import): try again when it ended")
+            if not check:
+                imp.claimed.add(m.manifest_hash)
+        if check:
+            return
+        for inc in imp.models:
+            if inc.present is not None:
+                continue
+            await self.make_room(kind, inc.model.name, inc.model.manifest.total_bytes)
+            inc.partial = await trio.to_thread.run_sync(self.store.partial, kind, inc.model.name, inc.model.manifest)
+            inc.have = await trio.to_thread.run_sync(resumed_chunks, inc.partial)
+            if inc.have:
+                log.info("import of %s: %d of %d chunks verified by an earlier try are kept", inc.model.name,
+                         len(inc.have), inc.model.manifest.n_chunks)
+
+    async def _chunks(self, imp: _Import, batch: list[Chunk]) -> None:
+        """Verify, hash and write ``batch`` in one worker thread's call."""
+        jobs = []
+        for ev in batch:
+            inc = imp.models[ev.model]
+            ref = inc.model.manifest.chunk(ev.index)
+            hasher = inc.hashers.get(ref.path)
+            if hasher is None:
+                hasher = inc.hashers[ref.path] = hashlib.sha256()
+            write = inc.partial is not None and ev.index not in inc.have
+            jobs.append((ev, inc, ref, hasher, inc.partial if write else None))
+
+        def work() -> int | None:
+            for n, (ev, _inc, ref, hasher, partial) in enumerate(jobs):
+                data = ev.data
+                if len(data) != ref.length or chunk_digest(data) != ref.digest:
+                    return n
+                hasher.update(data)
+                if partial is not None:
+                    partial.write_chunk(ev.index, memoryview(data))
+            return None
+
+        bad = await trio.to_thread.run_sync(work)
+        for _ev, inc, ref, _hasher, partial in jobs[:len(jobs) if bad is None else bad]:
+            inc.chunks_written += partial is not None
+            imp.unflushed += ref.length if partial is not None else 0
+            if imp.unflushed >= WRITEBACK_BYTES and imp.flush is not None and partial is not None:
+                try:  # one at a time; while one runs, the next is asked later
+                    imp.flush.send_nowait(partial.path / ref.path)
+                    imp.unflushed = 0
+                except trio.WouldBlock:
+                    pass
+        if bad is not None:
+            ev, inc, ref, _hasher, _partial = jobs[bad]
+            raise MeshError("BAD_CONTENT", f"chunk {ev.index} of {inc.model.name} ({ref.path[:100]!r} at byte "
+                                           f"{ref.offset}) does not match its manifest: the bundle is damaged or was "
+                                           "changed; nothing was kept", status=422)
+
+    def _sums(self, inc: _Incoming, sums: dict[str, str]) -> None:
+        for f in inc.model.manifest.files:
+            got = inc.hashers.pop(f.path, None) or hashlib.sha256()
+            if got.hexdigest() != sums[f.path]:
+                raise MeshError("BAD_CONTENT", f"{f.path[:100]!r} of {inc.model.name} does not match the sha256 the "
+                                               "bundle gives for it: nothing was kept", status=422)
+        inc.sums = sums
+        self._check_digest(inc.model.name, tree_digest(sums), inc.model.registration)
+
+    def _check_digest(self, model: str, digest: str | None, registration: Any) -> None:
+        """The digest a registration names (llama-orch's catalog), here or in the bundle, is the copy's."""
+        mv = self.registry.find(model)
+        said = mv.metadata.get("digest") if mv is not None else None
+        if digest is None:
+            return
+        if isinstance(said, str) and is_digest(said) and said != digest:
+            raise MeshError("CONTENT_CONFLICT", f"{model!r} is registered with digest {said}; the bundle's copy has "
+                                                f"{digest}: nothing was kept")
+        own = ((registration or {}).get("metadata") or {}).get("digest")
+        if mv is None and isinstance(own, str) and is_digest(own) and own != digest:
+            raise MeshError("BAD_CONTENT", f"the bundle's registration of {model!r} names digest {own}, its files "
+                                           f"have {digest}: nothing was kept", status=422)
+
+    async def _publish(self, imp: _Import) -> None:
+        for inc in imp.models:
+            if inc.present is None:
+                one_content(self.mesh, inc.model.name)(inc.model.manifest_hash)  # gossip may have moved meanwhile
+        for inc in imp.models:
+            name = inc.model.name
+            if inc.partial is not None:
+                copy = await trio.to_thread.run_sync(inc.partial.publish)
+                inc.partial = None
+            else:
+                assert inc.present is not None
+                copy = inc.present
+            if self.registry.find(name) is None:
+                await self.registry.register(name, dict(inc.model.registration or {}))
+            self.copies.publish(copy)
+            inc.present = copy
+        await self.saver.persist_now()
+
+    def _result(self, imp: _Import, *, check: bool = False) -> dict[str, Any]:
+        me = self.mesh.id
+        models = []
+        for inc in imp.models:
+            m = inc.model
+            c = inc.present
+            models.append({
+                "model_name": m.name, "device": f"{me}:{imp.kind}", "manifest_hash": m.manifest_hash,
+                "size": m.manifest.total_bytes, "files": len(m.manifest.files), "chunks": m.manifest.n_chunks,
+                "chunks_resumed": len(inc.have), "chunks_written": inc.chunks_written,
+                "status": "already present" if inc.already else "would import" if check else "imported",
+                "path": str(c.path) if c is not None else None,
+                "digest": tree_digest(inc.sums) if inc.sums is not None else None,
+            })
+        return {"node_id": me, "device": f"{me}:{imp.kind}", "bytes": imp.bytes_in, "models": models}
+
+
+async def _writeback(paths: trio.MemoryReceiveChannel[Path]) -> None:
+    """Flush each file asked to disk (``fdatasync``) beside the import, one at a time."""
+
+    def flush(path: Path) -> None:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            os.fdatasync(fd)
+        except OSError:
+            pass  # the publish's own fsync says what is wrong
+        finally:
+            os.close(fd)
+
+    async with paths:
+        async for path in paths:
+            await trio.to_thread.run_sync(flush, path)
