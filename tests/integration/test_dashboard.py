@@ -101,10 +101,18 @@ def test_the_dashboard_shows_the_mesh_as_the_api_does(browser: Any, tmp_path: Pa
         browser.find_element(By.ID, "token-save").click()
 
         def rows(table: str) -> dict[str, list[str]]:
-            out = {}
-            for tr in browser.find_elements(By.CSS_SELECTOR, f"#{table} tbody tr[data-key]"):
-                out[tr.get_attribute("data-key")] = [td.text for td in tr.find_elements(By.TAG_NAME, "td")]
-            return out
+            """The table as shown now; read again when the page redraws it under the read."""
+            from selenium.common.exceptions import StaleElementReferenceException
+
+            for _ in range(20):
+                try:
+                    out = {}
+                    for tr in browser.find_elements(By.CSS_SELECTOR, f"#{table} tbody tr[data-key]"):
+                        out[tr.get_attribute("data-key")] = [td.text for td in tr.find_elements(By.TAG_NAME, "td")]
+                    return out
+                except StaleElementReferenceException:
+                    time.sleep(0.05)
+            raise AssertionError(f"the {table} table kept being redrawn")
 
         until(lambda: len(rows("nodes")) == 2 and len(rows("jobs")) == 1, "both nodes and the job")
         # Each table against the API, read now.
