@@ -41,7 +41,6 @@ EXPECT: dict[str, tuple[str, tuple[int, ...]]] = {
     ".venv/bin/python bench/s3.py": (r"three nodes: bytes served by S3 = 1\.00x the object", (0,)),
     ".venv/bin/python bench/proxy.py": (r"through node2 \(one more hop\) +p50 [\d.]+ ms", (0,)),
     ".venv/bin/python bench/bundles.py": (r"export \| import over tar cf - \| tar xf -: [\d.]+x", (0,)),
-    ".venv/bin/python bench/catalog_sync.py": (r"seconds until in sync +[\d.>]+ +[\d.]+ +(MET|MISSED)", (0, 1)),
 }
 
 
