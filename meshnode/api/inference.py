@@ -180,9 +180,9 @@ async def _stream(send: Any, status: int, headers: dict[str, str], stream: Async
         if chunk:
             left -= len(chunk)
             if left == 0:
-                await send({"type": "http.response.body", "body": chunk, "more_body": False})
-                async for _rest in stream:  # the answer's end (its connection goes back to the pool)
+                async for _rest in stream:  # the answer's end first: accounted for, its connection pooled
                     pass
+                await send({"type": "http.response.body", "body": chunk, "more_body": False})
                 return
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
     await send({"type": "http.response.body", "body": b"", "more_body": False})
