@@ -225,9 +225,11 @@ def world() -> Iterator[World]:
 
 def test_the_usage_examples_run_as_written(world: World) -> None:
     found = blocks()
-    # The GPU proof's block is run by tests/integration/test_gpu_hardware.py (where a GPU is).
-    assert len(found) == 7, ("README's sh blocks: the demo, running a mesh, the command line, the GPU proof, "
-                             "install (systemd, Kubernetes), benchmarks")
+    # The GPU proof's block is run by tests/integration/test_gpu_hardware.py (where a GPU is); the
+    # bundles block by tests/integration/test_readme_bundles.py, the pod example's by test_deploy_examples.py.
+    assert len(found) == 9, ("README's sh blocks: the demo, running a mesh, the command line, the GPU proof, "
+                             "bundles, the pod example, install (systemd, Kubernetes), benchmarks")
+    assert found[4].startswith("cat > deploy.yaml") and found[5].startswith("kubectl apply -f deploy/kubernetes/examples")
     assert found[3].startswith("python3 bench/gpu_proof.py")
     mesh_lines, cli = commands(found[1]), found[2]
     starts = [c for c in mesh_lines if c.startswith("meshnode start")]
