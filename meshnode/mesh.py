@@ -35,6 +35,7 @@ log = logging.getLogger("meshnode.mesh")
 
 WAIT_PULL_EVERY_S = 0.5  # a reader waiting for a write asks its writer again this often
 MEMBER_LINES_MAX = 20  # member changes logged at once; the rest as a count
+LATE_LOG_EVERY_S = 30.0  # missed deadlines of our own are logged at most this often
 
 
 def wall_ms() -> int:
@@ -54,6 +55,7 @@ class Mesh:
         self._members_logged_hash: int | None = None
         self._member_states: dict[str, tuple[str, int]] = {}  # as last logged: state, generation
         self.last_tick: float | None = None  # trio time the gossip loop last ran (the watchdog's pulse)
+        self._late_logged: tuple[float, int] | None = None  # when, and late_ticks then
         gossip.catalog.subscribe(self)  # wakes readers waiting for a write (wait_seen)
 
     # -- who we are ---------------------------------------------------------------------
@@ -245,6 +247,23 @@ class Mesh:
         while self.gossip.notices:
             log.warning("%s", self.gossip.notices.popleft().text)
         self._log_member_changes()
+        self._log_lateness()
+
+    def _log_lateness(self) -> None:
+        """A WARNING when this node missed its own gossip deadlines (a starved
+        CPU): at most one per ``LATE_LOG_EVERY_S``, with the count since."""
+        g = self.gossip
+        late = g.stats.late_ticks
+        before = 0 if self._late_logged is None else self._late_logged[1]
+        if late == before:
+            return
+        now = trio.current_time()
+        if self._late_logged is not None and now - self._late_logged[0] < LATE_LOG_EVERY_S:
+            return
+        self._late_logged = (now, late)
+        log.warning("this node missed its own gossip deadlines %d time%s (its CPU is starved?): it gives peers "
+                    "%dx longer before it declares them dead until it keeps time again", late - before,
+                    "" if late - before == 1 else "s", 1 + g.lag)
 
     def _log_member_changes(self) -> None:
         """INFO lines for what an operator wants to know of the membership: a
@@ -302,6 +321,8 @@ class Mesh:
             "generation_moves": s.generation_moves,
             "future_generations_dropped": s.future_generations_dropped,
             "gossip_rounds": s.gossip_rounds,
+            "late_ticks": s.late_ticks,
+            "lag": g.lag,
             "gossip_received_bytes": self.received_bytes,
             "gossip_sent_bytes": self.sender.stats["bytes"],
             "catalog_nodes": len(g.catalog.nodes),

@@ -57,6 +57,8 @@ __all__ = ["PEER_PATH", "TO", "PeerAuth", "PeerClient", "PeerSender", "Recipient
 
 log = logging.getLogger("meshnode.peers")
 
+DROP_LOG_EVERY_S = 30.0  # a full send queue is logged at most this often (with the count since)
+
 PEER_PATH = "/mesh/v1/msg"
 TO = "meshnode.to"  # httpx request extension: the ``Recipient`` a peer request is for
 
@@ -145,6 +147,8 @@ class PeerSender:
         self._seeds_pending: set[str] = set()
         self.seeds_tried = trio.Event()
         self.seeds_answered: list[str] = []
+        self._drops_logged_at: float | None = None
+        self._drops_unlogged = 0
 
     def watch_seeds(self, seeds: list[str]) -> None:
         """Log how the first message to each join seed fares (answered, or
@@ -173,6 +177,22 @@ class PeerSender:
                 self.stats["queued"] += 1
             except trio.WouldBlock:
                 self.stats["dropped_queue_full"] += 1
+                self._drops_unlogged += 1
+        if self._drops_unlogged:
+            self._log_drops()
+
+    def _log_drops(self) -> None:
+        """A WARNING for messages dropped on a full queue: the first at once, then
+        at most one per ``DROP_LOG_EVERY_S`` with the count since (gossip survives
+        loss, but steady drops mean the node cannot keep up)."""
+        now = time.monotonic()
+        if self._drops_logged_at is not None and now - self._drops_logged_at < DROP_LOG_EVERY_S:
+            return
+        self._drops_logged_at = now
+        n, self._drops_unlogged = self._drops_unlogged, 0
+        log.warning("dropped %d peer message%s: the send queue (%d) is full, peers answer too slowly or this "
+                    "node is overloaded; %d dropped in all", n, "" if n == 1 else "s", self.cfg.send_queue_max,
+                    self.stats["dropped_queue_full"])
 
     def _first(self, to: str, reason: str) -> bool:
         """True the first time (per peer and reason) something is worth a log line."""

@@ -27,17 +27,30 @@ across them, so it is commutative, associative and idempotent.
 A summary hash of the digest (a sum of 64-bit per-origin hashes, kept up to
 date incrementally) lets two agreeing peers find out in one small message.
 
+Restarts hide nothing.  A restarted node's new generation starts from
+nothing at its peers (its versions are its own), and fills in as deltas
+arrive.  Meanwhile the old generation's live keys stay readable as the
+node's *shadow* (``get``, ``items``; never gossiped): a key of the new
+generation, live or a tombstone, overrides its shadow, and the shadow goes
+when the new generation's state is whole.  The node says when that is: on
+start it writes ``GENERATION_KEY`` (``announce``) above everything it
+restored, and deltas are gap-free prefixes, so a peer that holds that key
+at the node's generation holds the whole restored state.  So a key a peer
+saw is never missing there across a restart, unless the node itself lost
+or deleted it.
+
 Listeners (``subscribe``) hear of every change to the live keys as it
-happens: a key set or gone, or all of a node's keys gone at once (a new
-generation, a reset, a node forgotten).  Read views and persistence keep
-themselves up to date from them instead of walking the whole catalog.
+happens: a key set or gone, or all of a node's keys gone at once (a reset,
+a node forgotten).  Read views and persistence keep themselves up to date
+from them instead of walking the whole catalog.
 """
 
 from __future__ import annotations
 
 import random
+from bisect import bisect_right
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import msgpack
@@ -46,17 +59,27 @@ import xxhash
 from .errors import LocalProtocolError, RemoteProtocolError
 from .wire import DeltaEntry, NodeDelta, NodeDigest, check_value, encoded_size
 
-__all__ = ["Catalog", "CatalogListener", "Entry", "NodeState", "digest_entry_hash"]
+__all__ = ["GENERATION_KEY", "Catalog", "CatalogListener", "Entry", "NodeState", "digest_entry_hash"]
 
 _MASK = 2**64 - 1
 _ENTRY_OVERHEAD = 16  # msgpack framing per entry, roughly
 _NODE_OVERHEAD = 48
+
+# Written by every node on start, above all it restored: ``{"generation": G,
+# "version": V}`` says generation G holds the restored state up to version V.
+GENERATION_KEY = "generation"
 
 
 def _packed(value: Any) -> bytes:
     # Compare encodings, not values: 1 == 1.0 == True in Python but not on the wire.
     data: bytes = msgpack.packb(value, use_bin_type=True)
     return data
+
+
+def _size(key: str, e: Entry) -> int:
+    """An entry's bytes on the wire, worked out once, when a delta first carries it."""
+    e.size = encoded_size(e.value) + len(key.encode()) + _ENTRY_OVERHEAD
+    return e.size
 
 
 def digest_entry_hash(node_id: str, d: NodeDigest) -> int:
@@ -81,7 +104,7 @@ class Entry:
     version: int
     tombstone: bool
     seen_at: float  # local time the version was written or learned (for tombstone GC)
-    size: int  # approximate bytes on the wire
+    size: int  # approximate bytes on the wire; -1 until a delta first needs it (``_size``)
 
 
 @dataclass(slots=True)
@@ -91,18 +114,79 @@ class NodeState:
     max_version: int = 0
     last_gc_version: int = 0
     entries: dict[str, Entry] | None = None
+    # An older generation's live values, readable until this generation's
+    # state is whole (``GENERATION_KEY``); local only, never gossiped.
+    shadow: dict[str, Any] | None = None
+    # The entries by version, ascending (``since``): versions and their keys,
+    # with the stale pairs overwrites and collection leave, swept out when
+    # they outnumber the live ones.  So a delta costs what it carries, not a
+    # sort of every key the node holds.
+    _order_v: list[int] = field(default_factory=list)
+    _order_k: list[str] = field(default_factory=list)
+    _order_sorted: bool = True
 
     def __post_init__(self) -> None:
         if self.entries is None:
             self.entries = {}
+        elif self.entries:
+            self._order_sorted = False
 
     @property
     def keys(self) -> dict[str, Entry]:
         assert self.entries is not None
         return self.entries
 
+    def put(self, key: str, e: Entry) -> None:
+        """Hold ``e`` for ``key`` (every write to ``keys`` goes through here)."""
+        self.keys[key] = e
+        vs = self._order_v
+        if vs and e.version <= vs[-1]:
+            self._order_sorted = False
+        vs.append(e.version)
+        self._order_k.append(key)
+        if len(vs) > 2 * len(self.keys) + 1024:
+            self._reindex()
+
+    def _reindex(self) -> None:
+        pairs = sorted((e.version, k) for k, e in self.keys.items())
+        self._order_v = [v for v, _ in pairs]
+        self._order_k = [k for _, k in pairs]
+        self._order_sorted = True
+
+    def since(self, version: int) -> Iterator[tuple[int, str, Entry]]:
+        """``(version, key, entry)`` of every entry above ``version``, in version order."""
+        if not self._order_sorted:
+            self._reindex()
+        vs, ks, keys = self._order_v, self._order_k, self.keys
+        for i in range(bisect_right(vs, version), len(vs)):
+            k = ks[i]
+            e = keys.get(k)
+            if e is not None and e.version == vs[i]:
+                yield vs[i], k, e
+
     def digest(self) -> NodeDigest:
         return NodeDigest(self.generation, self.max_version, self.last_gc_version)
+
+    def visible(self) -> dict[str, Any]:
+        """Every live value as a reader sees it: the keys, over the shadow."""
+        out = {} if self.shadow is None else dict(self.shadow)
+        for k, e in self.keys.items():
+            if e.tombstone:
+                out.pop(k, None)
+            else:
+                out[k] = e.value
+        return out
+
+    @property
+    def whole(self) -> bool:
+        """This generation announced its start and we hold everything up to it."""
+        e = self.keys.get(GENERATION_KEY)
+        return (
+            e is not None
+            and not e.tombstone
+            and isinstance(e.value, dict)
+            and e.value.get("generation") == self.generation
+        )
 
 
 class Catalog:
@@ -114,7 +198,9 @@ class Catalog:
         tombstone_grace_s: float = 3600.0,
         value_max_bytes: int = 64 * 1024,
         key_max_chars: int = 512,
-        keys_per_node_max: int = 100_000,
+        # One node may write every model the mesh holds (--max-models, 100,000)
+        # and still keep its own records (node, storage, copies, transfers).
+        keys_per_node_max: int = 200_000,
     ) -> None:
         self.self_id = self_id
         self.tombstone_grace_s = tombstone_grace_s
@@ -141,11 +227,11 @@ class Catalog:
 
     def _cleared(self, st: NodeState) -> None:
         """``st``'s keys replace whatever was known of that node."""
+        seen = st.visible()
         for lst in self._listeners:
             lst.node_cleared(st.node_id)
-            for key, e in st.keys.items():
-                if not e.tombstone:
-                    lst.key_changed(st.node_id, key, e.value)
+            for key, value in seen.items():
+                lst.key_changed(st.node_id, key, value)
 
     # -- bookkeeping ---------------------------------------------------------
 
@@ -179,7 +265,7 @@ class Catalog:
 
     # -- local writes (own keys only) ---------------------------------------
 
-    def _check_local(self, key: str, value: Any) -> int:
+    def _check_local(self, key: str, value: Any, *, internal: bool = False) -> int:
         if not isinstance(key, str) or not key or len(key) > self.key_max_chars:
             raise LocalProtocolError(f"catalog key must be 1 to {self.key_max_chars} characters")
         try:
@@ -194,22 +280,30 @@ class Catalog:
                 f"catalog value for {key!r} is {size} bytes, over the {self.value_max_bytes} byte limit"
             )
         own = self.own.keys
-        if key not in own and len(own) >= self.keys_per_node_max:
+        if key not in own and len(own) >= self.keys_per_node_max and not internal:
             raise LocalProtocolError(f"this node already holds {self.keys_per_node_max} keys")
         return size
 
-    def set(self, key: str, value: Any, now: float) -> int:
+    def set(self, key: str, value: Any, now: float, *, internal: bool = False) -> int:
         """Write one of our own keys; returns its new version."""
-        size = self._check_local(key, value)
+        size = self._check_local(key, value, internal=internal)
         own = self.own
         cur = own.keys.get(key)
         if cur is not None and not cur.tombstone and _packed(cur.value) == _packed(value):
             return cur.version  # unchanged: no new version, nothing to gossip
         own.max_version += 1
-        own.keys[key] = Entry(value, own.max_version, False, now, size)
+        own.put(key, Entry(value, own.max_version, False, now, size))
         self._rehash(self.self_id)
         self._changed(self.self_id, key, value)
         return own.max_version
+
+    def announce(self, now: float) -> int:
+        """Say that this generation holds all it restored: ``GENERATION_KEY``
+        above every version we hold (a peer holding it holds them all, and
+        drops the older generation's shadow).  Call on start, after
+        ``restore``, and whenever the generation moves."""
+        own = self.own
+        return self.set(GENERATION_KEY, {"generation": own.generation, "version": own.max_version}, now, internal=True)
 
     def delete(self, key: str, now: float) -> bool:
         own = self.own
@@ -217,7 +311,7 @@ class Catalog:
         if cur is None or cur.tombstone:
             return False
         own.max_version += 1
-        own.keys[key] = Entry(None, own.max_version, True, now, len(key.encode()) + _ENTRY_OVERHEAD)
+        own.put(key, Entry(None, own.max_version, True, now, len(key.encode()) + _ENTRY_OVERHEAD))
         self._tomb_origins.add(self.self_id)
         self._rehash(self.self_id)
         self._changed(self.self_id, key, None)
@@ -228,14 +322,22 @@ class Catalog:
         if st is None:
             return None
         e = st.keys.get(key)
-        return None if e is None or e.tombstone else e.value
+        if e is None:
+            return None if st.shadow is None else st.shadow.get(key)
+        return None if e.tombstone else e.value
 
     def items(self, prefix: str = "") -> Iterator[tuple[str, str, Any]]:
-        """Every live ``(node_id, key, value)`` whose key starts with ``prefix``."""
+        """Every live ``(node_id, key, value)`` whose key starts with ``prefix``
+        (a restarted node's old keys too, until its new state is whole)."""
         for nid, st in self.nodes.items():
-            for key, e in st.keys.items():
+            keys = st.keys
+            for key, e in keys.items():
                 if not e.tombstone and key.startswith(prefix):
                     yield nid, key, e.value
+            if st.shadow is not None:
+                for key, value in st.shadow.items():
+                    if key not in keys and key.startswith(prefix):
+                        yield nid, key, value
 
     # -- anti-entropy --------------------------------------------------------
 
@@ -243,8 +345,20 @@ class Catalog:
         self, peer: dict[str, NodeDigest], budget_bytes: int, rng: random.Random
     ) -> tuple[NodeDelta, ...]:
         """What the peer with digest ``peer`` lacks, within ``budget_bytes``."""
+        return self.delta_and_more(peer, budget_bytes, rng)[0]
+
+    def delta_and_more(
+        self, peer: dict[str, NodeDigest], budget_bytes: int, rng: random.Random, *, only: bool = False
+    ) -> tuple[tuple[NodeDelta, ...], bool]:
+        """``delta_for``, and whether the budget left out some of what the peer
+        lacks (it may ask again with its new digest: the sync resumes there).
+        ``only``: ``peer`` is part of a digest; just the origins it names."""
         wanted: list[tuple[NodeState, int, bool]] = []
-        for nid, st in self.nodes.items():
+        nodes = self.nodes
+        for nid in peer if only else nodes:
+            st = nodes.get(nid)
+            if st is None:
+                continue
             pd = peer.get(nid)
             if pd is None or pd.generation < st.generation:
                 wanted.append((st, 0, True))
@@ -256,27 +370,31 @@ class Catalog:
                 wanted.append((st, 0, True))
             elif pd.max_version < st.max_version:
                 wanted.append((st, pd.max_version, False))
-        # Fairness: a random order so a big origin cannot starve the others.
+        # Fairness: the smallest backlogs first (a random order among equals), so
+        # one origin's flood fills only what the others leave of the budget: a
+        # single write elsewhere goes in the next message, whatever the flood.
         rng.shuffle(wanted)
+        wanted.sort(key=lambda w: w[0].max_version - w[1])
         out: list[NodeDelta] = []
         used = 0
         sent_any = False
+        more = False
         for st, frm, reset in wanted:
             if used + _NODE_OVERHEAD > budget_bytes:
+                more = True
                 break
             used += _NODE_OVERHEAD
-            picked = sorted(
-                (e.version, k, e) for k, e in st.keys.items() if e.version > frm
-            )
             entries: list[DeltaEntry] = []
             to_version = st.max_version
-            for version, key, e in picked:
+            for version, key, e in st.since(frm):
                 # The first entry of a message may overflow the budget, so that an
                 # entry bigger than the budget still gets through.
-                if used + e.size > budget_bytes and sent_any:
+                size = e.size if e.size >= 0 else _size(key, e)
+                if used + size > budget_bytes and sent_any:
                     to_version = version - 1
+                    more = True
                     break
-                used += e.size
+                used += size
                 sent_any = True
                 entries.append(DeltaEntry(key, version, e.value, e.tombstone))
             if to_version <= frm and not reset:
@@ -286,7 +404,20 @@ class Catalog:
             out.append(
                 NodeDelta(st.node_id, st.generation, frm, to_version, st.last_gc_version, reset, tuple(entries))
             )
-        return tuple(out)
+        return tuple(out), more
+
+    def behind(self, peer: dict[str, NodeDigest]) -> bool:
+        """Whether the digest ``peer`` holds some origin's keys we lack."""
+        nodes = self.nodes
+        for nid, pd in peer.items():
+            st = nodes.get(nid)
+            if nid == self.self_id:
+                continue
+            if st is None or pd.generation > st.generation or (
+                pd.generation == st.generation and pd.max_version > st.max_version
+            ):
+                return True
+        return False
 
     def apply_delta(self, delta: NodeDelta, now: float, *, accept_new: bool = True) -> bool:
         """Merge one node delta; returns whether anything changed."""
@@ -295,6 +426,7 @@ class Catalog:
         if len(delta.entries) > self.keys_per_node_max:
             return False
         st = self.nodes.get(delta.node_id)
+        succeeded = False  # a new generation of a node we hold: its old keys stand as a shadow
         if st is None:
             if not accept_new:
                 return False
@@ -308,14 +440,16 @@ class Catalog:
             if not delta.reset:
                 self.stats["deltas_gap"] += 1
                 return False
-            st = NodeState(delta.node_id, delta.generation)
+            st = self._successor(st, delta.generation)
+            succeeded = True
         elif delta.reset:
             if delta.to_version <= st.max_version and delta.last_gc_version <= st.last_gc_version:
                 return False  # we already have at least this much
             if st.max_version < delta.last_gc_version:
                 # We may hold keys whose tombstones the sender has collected: start
-                # clean from the reset (a clean prefix of the sender's state).
-                st = NodeState(delta.node_id, delta.generation)
+                # clean from the reset (a clean prefix of the sender's state), an
+                # older generation's shadow kept until the state is whole.
+                st = NodeState(delta.node_id, delta.generation, shadow=st.shadow)
             # Otherwise we already saw every collected tombstone: merge it like a
             # normal delta from version 0, keeping whatever we hold that is newer.
         elif delta.from_version > st.max_version:
@@ -330,8 +464,7 @@ class Catalog:
             cur = st.keys.get(e.key)
             if cur is not None and cur.version >= e.version:
                 continue
-            size = encoded_size(e.value) + len(e.key.encode()) + _ENTRY_OVERHEAD
-            st.keys[e.key] = Entry(e.value, e.version, e.tombstone, now, size)
+            st.put(e.key, Entry(e.value, e.version, e.tombstone, now, -1))
             if e.tombstone:
                 self._tomb_origins.add(delta.node_id)
             applied.append(e)
@@ -347,12 +480,34 @@ class Catalog:
         if changed:
             self.stats["deltas_applied"] += 1
             self._put_node(st)
-            if fresh:
+            if fresh and not succeeded:
                 self._cleared(st)
-            else:
+            else:  # the shadow keeps what readers saw: only what this delta changed is news
                 for e in applied:
                     self._changed(st.node_id, e.key, None if e.tombstone else e.value)
+            self._settle(st)
         return changed
+
+    def _successor(self, old: NodeState, generation: int) -> NodeState:
+        """A new generation of ``old``'s node, empty, with what readers saw of
+        ``old`` as its shadow (the keys stand until the new state supersedes them)."""
+        seen = old.visible()
+        return NodeState(old.node_id, generation, shadow=seen or None)
+
+    def _settle(self, st: NodeState) -> None:
+        """Drop ``st``'s shadow once its own state is whole; readers hear of the
+        shadow's keys the new generation does not hold."""
+        if st.shadow is None or not st.whole:
+            return
+        shadow, st.shadow = st.shadow, None
+        keys = st.keys
+        for k in shadow:
+            if k not in keys:
+                self._changed(st.node_id, k, None)
+
+    def shadowed(self) -> list[str]:
+        """Nodes whose older generation's keys still stand in for the new one's."""
+        return [nid for nid, st in self.nodes.items() if st.shadow is not None]
 
     # -- collection ----------------------------------------------------------
 
@@ -386,12 +541,11 @@ class Catalog:
                 lst.node_cleared(node_id)
 
     def reset_generation(self, node_id: str, generation: int) -> None:
-        """A node restarted: its old generation's keys no longer hold."""
+        """A node restarted: its old generation's keys stand (as a shadow,
+        readers see no change) until the new generation's state is whole."""
         st = self.nodes.get(node_id)
         if node_id != self.self_id and st is not None and st.generation < generation:
-            fresh = NodeState(node_id, generation)
-            self._put_node(fresh)
-            self._cleared(fresh)
+            self._put_node(self._successor(st, generation))
 
     def move_generation(self, generation: int) -> None:
         """Our own keys move to a new, higher generation (an identity conflict
@@ -426,8 +580,7 @@ class Catalog:
         for nid, raw in snap.items():
             st = NodeState(nid, int(raw["generation"]), int(raw["max_version"]), int(raw["last_gc_version"]))
             for k, version, value, tomb in raw["entries"]:
-                size = encoded_size(value) + len(k.encode()) + _ENTRY_OVERHEAD
-                st.keys[k] = Entry(value, int(version), bool(tomb), now, size)
+                st.put(k, Entry(value, int(version), bool(tomb), now, -1))
                 if tomb:
                     self._tomb_origins.add(nid)
             if nid == self.self_id:

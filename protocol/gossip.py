@@ -66,6 +66,7 @@ from .wire import (
     MemberRecord,
     MemberState,
     MemberUpdate,
+    NodeDelta,
     NodeDigest,
     Ping,
     PingReq,
@@ -98,6 +99,13 @@ class GossipConfig:
     relays_max: int = 1024
     housekeeping_interval_s: float = 5.0
     health_max: int = 8
+    # Lifeguard's local health, for suspicions: a tick later than its deadline
+    # by more than ``late_after_s`` (our process was starved) raises ``lag``,
+    # up to ``lag_max``, and each probe interval on time lowers it; suspicion
+    # timeouts are stretched by (1 + lag), and the probe out gets back the time
+    # we lost, so a slow host doubts itself before it accuses others.
+    late_after_s: float = 0.25
+    lag_max: int = 4
     # Member lists in anti-entropy: the records changed lately (at most
     # ``member_recent_max``), and the whole list with probability
     # member_recent_max / N, so that churn from false suspicions at scale
@@ -109,6 +117,26 @@ class GossipConfig:
     generation_ahead_max_ms: int = 60_000
     # An identity conflict moves our generation at most this often.
     identity_refute_interval_s: float = 5.0
+    # A sync cut by the budget resumes at once: the receiver asks again with
+    # its new digest while each answer brings it something.  Meanwhile the two
+    # open no other sync with each other (it would carry the same keys) for
+    # this long after the last step.
+    pull_hold_s: float = 1.0
+    # Steady gossip carries what changed: a node whose catalog changed opens
+    # its round's syncs with the digest entries of the origins that changed,
+    # each named ``retransmit_mult * ceil(log10(N + 1))`` times (as a rumour
+    # is), at most ``changes_recent_max`` a sync; a node whose members
+    # changed in the last ``changes_recent_s`` syncs with ``fanout`` peers
+    # too; one with nothing new opens ``idle_sync_fanout``.  A full sync
+    # (every digest entry, if the hashes differ) goes to one random peer every
+    # ``full_sync_interval_s``, scaled with N as memberlist's push-pull is
+    # (x ceil(log2(N / 32)) + 1 above 32 members), and to seeds and the dead.
+    changes_recent_s: float = 2.0
+    changes_recent_max: int = 32
+    full_sync_interval_s: float = 10.0
+    # A node with nothing new still opens this many syncs a round (the pull
+    # half of push-pull: a peer answers with what changed at it lately).
+    idle_sync_fanout: int = 1
 
     def __post_init__(self) -> None:
         assert self.gossip_interval_s > 0 and self.probe_interval_s > 0
@@ -184,6 +212,7 @@ class Stats:
     generation_moves: int = 0
     future_generations_dropped: int = 0
     syncs_in_agreement: int = 0
+    late_ticks: int = 0  # ticks later than our own deadline by more than ``late_after_s``
     gossip_rounds: int = 0
     counters: dict[str, int] = field(default_factory=dict)
 
@@ -209,6 +238,9 @@ class GossipNode:
             node_id, generation, tombstone_grace_s=config.tombstone_grace_s
         )
         assert self.catalog.self_id == node_id and self.catalog.own.generation == generation
+        # Above all we restored: a peer holding it holds our whole state, and
+        # drops what it kept of our previous generation (``Catalog.announce``).
+        self.catalog.announce(now)
         self.seeds = tuple(s for s in seeds if s != address)
         self.broadcasts = BroadcastQueue(config.retransmit_mult)
         self.broadcasts.push(MemberUpdate(me))
@@ -228,8 +260,18 @@ class GossipNode:
         self.version = 0  # bumped on every change of what we know (persist when it moves)
         self.notices: deque[Notice] = deque(maxlen=64)  # drained by the caller
         self._generation_limit: int | None = None  # set per received message from wall_ms
-        self._stale_heard = False  # this message accused us at an incarnation we refuted
+        self._stale_heard = False  # this message accused us: its sender gets our record straight back
+        self._told_dead: dict[str, float] = {}  # node id -> when we last told it that we hold it dead
+        self._next_heal_dial = now
+        self._due = math.inf  # the deadline we asked for last (``next_deadline``)
+        self._lag = 0
+        self._on_time_since = now
         self._next_identity_move = now
+        self._pulls: dict[str, float] = {}  # peer id -> when a resumed sync with it last moved
+        self._origins_changed: dict[str, int] = {}  # origin -> times named since it changed here, oldest first
+        self._version_seen = -1  # ``version`` at the last gossip round
+        self._active_until = now  # something changed lately: our rounds open syncs until then
+        self._next_full_sync = now
 
     # -- helpers -------------------------------------------------------------
 
@@ -277,13 +319,22 @@ class GossipNode:
     def set(self, key: str, value: object, now: float) -> int:
         v = self.catalog.set(key, value, now)
         self._changed()
+        self._origin_changed(self.id, now)
         return v
 
     def delete(self, key: str, now: float) -> bool:
         done = self.catalog.delete(key, now)
         if done:
             self._changed()
+            self._origin_changed(self.id, now)
         return done
+
+    def _origin_changed(self, node_id: str, now: float) -> None:
+        oc = self._origins_changed
+        oc.pop(node_id, None)
+        oc[node_id] = 0
+        if len(oc) > 4 * self.config.changes_recent_max:
+            del oc[next(iter(oc))]
 
     # -- membership changes ------------------------------------------------------
 
@@ -314,6 +365,7 @@ class GossipNode:
             self.broadcasts.push(u)
             if old_gen is not None and rec.generation > old_gen:
                 self.catalog.reset_generation(rec.node_id, rec.generation)
+                self._origin_changed(rec.node_id, now)
 
     def _notice(self, kind: str, text: str) -> None:
         self.notices.append(Notice(kind, text))
@@ -351,6 +403,9 @@ class GossipNode:
             self.members.set_self(new, now)
             self.broadcasts.push(MemberUpdate(new))
             self._changed()
+            # The accuser gets the refutation at once (``receive``): after a
+            # partition it may be the only one on its side that hears us.
+            self._stale_heard = True
 
     def _identity_conflict(self, above: int, why: str, now: float) -> None:
         """Someone speaks for us at or above generation ``above``: move past it
@@ -365,6 +420,7 @@ class GossipNode:
         self.stats.generation_moves += 1
         self.generation = new_gen
         self.catalog.move_generation(new_gen)
+        self.catalog.announce(now)
         rec = MemberRecord(self.id, self.address, new_gen, 0, MemberState.ALIVE)
         self.members.set_self(rec, now)
         self.broadcasts.push(MemberUpdate(rec))
@@ -397,6 +453,27 @@ class GossipNode:
                 MemberUpdate(MemberRecord(env.sender, env.sender_addr, env.generation, 0, MemberState.ALIVE)),
                 now,
             )
+
+    def _tell_the_dead(self, env: Envelope, now: float, rng: random.Random, out: list[Send]) -> None:
+        """A message from a member we hold dead proves it is up (a partition
+        healed, or we were wrong): tell it, at most once per probe interval, so
+        it refutes at once and its refutation reaches us and, through us, our
+        side; and dial ``fanout`` other dead members now (at most once a gossip
+        interval), as they may be back too, instead of waiting for the one
+        re-dial per ``redial_interval_s``."""
+        m = self.members.get(env.sender)
+        if m is None or m.state is not MemberState.DEAD or m.record.generation != env.generation:
+            return
+        if now - self._told_dead.get(env.sender, -math.inf) < self.config.probe_interval_s:
+            return
+        if len(self._told_dead) >= self.config.relays_max:
+            self._told_dead.clear()
+        self._told_dead[env.sender] = now
+        self._send(out, env.sender_addr, Gossip((MemberUpdate(m.record),)))
+        if now >= self._next_heal_dial:
+            self._next_heal_dial = now + self.config.gossip_interval_s
+            for nid in self.members.gone.sample(rng, self.config.fanout, exclude=env.sender):
+                self._send(out, self._addr(nid), self._sync_open())
 
     def _suspect(self, node_id: str, now: float) -> None:
         m = self.members.get(node_id)
@@ -435,6 +512,33 @@ class GossipNode:
     def _health_delta(self, delta: int) -> None:
         self._health = min(max(self._health + delta, 0), self.config.health_max)
 
+    @property
+    def lag(self) -> int:
+        """How far behind its own deadlines this node has been lately (0: on time)."""
+        return self._lag
+
+    def _check_lateness(self, now: float) -> None:
+        """Lifeguard: were we late for our own deadline?  Then we are the slow
+        one: doubt ourselves (``lag``, ``health``) and give the probe out the
+        time we lost, before anyone is accused of our slowness."""
+        cfg = self.config
+        late = now - self._due
+        if late > cfg.late_after_s:
+            self.stats.late_ticks += 1
+            self._lag = min(self._lag + 1, cfg.lag_max)
+            self._health_delta(+1)
+            self._on_time_since = now
+            p = self._probe
+            if p is not None and not p.acked:
+                p.start += late
+            for nid in self.members.suspects:  # nor do suspicions run while we were stalled
+                m = self.members.get(nid)
+                if m is not None:
+                    m.suspect_start += min(late, max(now - m.suspect_start, 0.0))
+        elif self._lag and now - self._on_time_since >= cfg.probe_interval_s:
+            self._lag -= 1
+            self._on_time_since = now
+
     def _probe_timeout(self) -> float:
         # A node that misses acks may be the slow one: it gives others longer
         # before it accuses them (Lifeguard's local health multiplier).
@@ -467,16 +571,18 @@ class GossipNode:
             if self.seeds:
                 for seed in self.seeds:
                     self._send(out, seed, self._sync_open())
+        self._check_lateness(now)
         self._tick_probe(now, rng, out)
         if now >= self._next_gossip:
             self._next_gossip = max(self._next_gossip + cfg.gossip_interval_s, now)
             self.stats.gossip_rounds += 1
             self._tick_gossip(now, rng, out)
-            for m in self.members.expired_suspicions(now):
+            for m in self.members.expired_suspicions(now, 1 + self._lag):
                 self._declare_dead(m.record.node_id, now)
         if now >= self._next_housekeeping:
             self._next_housekeeping = now + cfg.housekeeping_interval_s
             self._housekeeping(now)
+        self._due = self.next_deadline()
         return out
 
     def _tick_probe(self, now: float, rng: random.Random, out: list[Send]) -> None:
@@ -525,11 +631,58 @@ class GossipNode:
     def _sync_open(self) -> Sync:
         return Sync(self.catalog.digest_hash(), self.members.members_hash())
 
+    def _recent(self, now: float, skip: dict[str, NodeDigest] | None = None) -> dict[str, NodeDigest]:
+        """Our digest entries of the origins that changed here lately, newest
+        first, at most ``changes_recent_max``, leaving out those in ``skip``;
+        each is named a rumour's number of times, then no more."""
+        cfg = self.config
+        digest = self.catalog.digest()
+        changed = self._origins_changed
+        limit = cfg.retransmit_mult * max(1, math.ceil(math.log10(self.members.count_live() + 1)))
+        recent: dict[str, NodeDigest] = {}
+        done = []
+        for nid in reversed(changed):
+            if len(recent) >= cfg.changes_recent_max:
+                break
+            d = digest.get(nid)
+            if d is None:
+                done.append(nid)
+            elif skip is None or nid not in skip:
+                recent[nid] = d
+                changed[nid] += 1
+                if changed[nid] >= limit:
+                    done.append(nid)
+        for nid in done:
+            del changed[nid]
+        return recent
+
+    def _sync_recent(self, now: float) -> Sync:
+        """A sync that carries only the digest entries of what changed lately."""
+        return Sync(self.catalog.digest_hash(), self.members.members_hash(), self._recent(now))
+
+    def full_sync_interval(self) -> float:
+        """memberlist's push-pull scale: the interval, times ceil(log2(N / 32)) + 1 above 32 members."""
+        n = self.members.count_live()
+        scale = 1 if n <= 32 else math.ceil(math.log2(n / 32)) + 1
+        return self.config.full_sync_interval_s * scale
+
     def _tick_gossip(self, now: float, rng: random.Random, out: list[Send]) -> None:
         cfg = self.config
         live = self.members.live
-        for nid in live.sample(rng, cfg.fanout):
-            self._send(out, self._addr(nid), self._sync_open())
+        if self.version != self._version_seen:
+            self._version_seen = self.version
+            self._active_until = now + cfg.changes_recent_s
+        full = now >= self._next_full_sync
+        active = now < self._active_until or bool(self._origins_changed)
+        for nid in live.sample(rng, cfg.fanout if active or full else cfg.idle_sync_fanout):
+            if self._pulling(nid, now):  # a resumed sync with it is under way
+                continue
+            if full:
+                full = False
+                self._next_full_sync = now + self.full_sync_interval() * (0.5 + rng.random())
+                self._send(out, self._addr(nid), self._sync_open())
+            else:
+                self._send(out, self._addr(nid), self._sync_recent(now))
         if len(self.broadcasts):
             peers = live.sample(rng, cfg.fanout)
             if peers:
@@ -556,6 +709,10 @@ class GossipNode:
             self._changed()
         for seq in [s for s, r in self._relays.items() if r.expires <= now]:
             del self._relays[seq]
+        for nid in [n for n, t in self._pulls.items() if now - t >= self.config.pull_hold_s]:
+            del self._pulls[nid]
+        for nid in [n for n, t in self._told_dead.items() if now - t >= self.config.probe_interval_s]:
+            del self._told_dead[nid]
 
     # -- messages -------------------------------------------------------------------
 
@@ -569,10 +726,11 @@ class GossipNode:
             return out
         self._generation_limit = None if wall_ms is None else wall_ms + self.config.generation_ahead_max_ms
         self.stats.messages_in += 1
+        self._stale_heard = False
         self._learn_sender(env, now)
         b = env.body
         to = env.sender_addr
-        self._stale_heard = False
+        self._tell_the_dead(env, now, rng, out)
         if isinstance(b, Ping):
             self._merge_updates(b.updates, now)
             if b.target == self.id:
@@ -598,6 +756,10 @@ class GossipNode:
             members_differ = b.members_hash != self.members.members_hash()
             if b.digest_hash == self.catalog.digest_hash() and not members_differ:
                 self.stats.syncs_in_agreement += 1
+            elif self._pulling(env.sender, now):
+                pass  # a resumed sync with it is under way: it would carry the same keys
+            elif b.recent is not None:
+                self._sync_what_changed(b, b.recent, members_differ, to, now, rng, out)
             else:
                 self._send(
                     out,
@@ -630,14 +792,63 @@ class GossipNode:
             self._check_digest_of_me(b.digest, now)
             if b.members is not None:
                 self._merge_records(b.members, now)
-            self._apply_deltas(b, now)
+            moved = self._apply_deltas(b, now)
             if b.digest is not None:
-                deltas = self.catalog.delta_for(b.digest, self.config.delta_budget_bytes, rng)
-                if deltas:
-                    self._send(out, to, SyncDelta(deltas))
+                deltas, more = self.catalog.delta_and_more(b.digest, self.config.delta_budget_bytes, rng)
+                # Resume: it holds more than it sent and this step brought something,
+                # so ask again with our new digest (each step is one budget; a lost
+                # one ends the chain, and the next round's sync starts from the digest).
+                again = moved and self.catalog.behind(b.digest)
+                if again:
+                    self._pulls[env.sender] = now
+                if deltas or again:
+                    self._send(out, to, SyncDelta(deltas, dict(self.catalog.digest()) if again or more else None))
         if self._stale_heard and not isinstance(b, Ping):  # an ack carries it already
             self._send(out, to, Gossip((MemberUpdate(self.members.self_record),)))
+        self._due = self.next_deadline()
         return out
+
+    def _sync_what_changed(self, b: Sync, recent: dict[str, NodeDigest], members_differ: bool, to: str,
+                           now: float, rng: random.Random, out: list[Send]) -> None:
+        """A sync that names only some origins (what changed at its sender; in an
+        answer, what its sender lacks or offers): send the keys of those we hold
+        newer, and answer with our entries for those it holds newer (to ask for
+        them) and, to an opening, with what changed here lately (an offer).  An
+        answer gets at most an answer that asks, which gets only keys: at most
+        four messages."""
+        if members_differ and not b.answer:  # member lists as a full sync has them, without the catalog digest
+            self._send(out, to, SyncDigest(None, self._member_list(now, rng)))
+        if b.digest_hash == self.catalog.digest_hash():
+            return
+        self._check_digest_of_me(recent, now)
+        digest = self.catalog.digest()
+        theirs_newer: dict[str, NodeDigest] = {}
+        mine_newer: dict[str, NodeDigest] = {}
+        for nid, d in recent.items():
+            if nid == self.id and d.generation <= self.generation:
+                if d != digest[nid]:
+                    mine_newer[nid] = d
+                continue
+            m = digest.get(nid)
+            if m is None or (d.generation, d.max_version) > (m.generation, m.max_version):
+                theirs_newer[nid] = m if m is not None else NodeDigest(0, 0, 0)
+            elif m != d:
+                mine_newer[nid] = d
+        deltas: tuple[NodeDelta, ...] = ()
+        if mine_newer:
+            deltas, more = self.catalog.delta_and_more(mine_newer, self.config.delta_budget_bytes, rng, only=True)
+            if deltas:
+                # Cut to the budget: our whole digest, so that it resumes (``SyncDelta``).
+                self._send(out, to, SyncDelta(deltas, dict(digest) if more else None))
+        if not b.answer:
+            theirs_newer.update(self._recent(now, skip=recent))
+        if theirs_newer:
+            self._send(out, to, Sync(self.catalog.digest_hash(), self.members.members_hash(), theirs_newer, True))
+        elif not deltas and not b.answer:
+            # The catalogs differ in nothing either of us changed lately (a
+            # rumour lost, a node back from a partition): the whole digest, as
+            # a full sync would, so that no difference waits for one.
+            self._send(out, to, SyncDigest(dict(digest), None))
 
     def _member_list(self, now: float, rng: random.Random) -> tuple[MemberRecord, ...]:
         cfg = self.config
@@ -668,7 +879,12 @@ class GossipNode:
                     continue
             self._merge_update(MemberUpdate(r), now)
 
-    def _apply_deltas(self, b: SyncDelta, now: float) -> None:
+    def _pulling(self, node_id: str, now: float) -> bool:
+        t = self._pulls.get(node_id)
+        return t is not None and now - t < self.config.pull_hold_s
+
+    def _apply_deltas(self, b: SyncDelta, now: float) -> bool:
+        moved = False
         for d in b.deltas:
             m = self.members.get(d.node_id)
             if m is None:
@@ -686,6 +902,9 @@ class GossipNode:
                 continue
             if self.catalog.apply_delta(d, now):
                 self._changed()
+                self._origin_changed(d.node_id, now)
+                moved = True
+        return moved
 
     # -- leaving ---------------------------------------------------------------------
 

@@ -283,16 +283,18 @@ class MemberTable:
         m.suspect_start = now
         m.accusers = {accuser} if accuser else set()
 
-    def suspicion_deadline(self, m: Member) -> float:
+    def suspicion_deadline(self, m: Member, stretch: float = 1.0) -> float:
+        """When ``m``'s suspicion runs out; ``stretch`` multiplies the timeout
+        (a node that misses its own deadlines gives others longer: Lifeguard)."""
         n = self.count_live()
         # The first accuser is not a confirmation; the ones after it are.
-        return m.suspect_start + self.suspicion.timeout(n, max(len(m.accusers) - 1, 0))
+        return m.suspect_start + stretch * self.suspicion.timeout(n, max(len(m.accusers) - 1, 0))
 
-    def expired_suspicions(self, now: float) -> list[Member]:
+    def expired_suspicions(self, now: float, stretch: float = 1.0) -> list[Member]:
         out = []
         for nid in sorted(self.suspects):  # sorted: the same order whatever the hash seed
             m = self.members[nid]
-            if now >= self.suspicion_deadline(m):
+            if now >= self.suspicion_deadline(m, stretch):
                 out.append(m)
         return out
 

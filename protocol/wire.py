@@ -206,10 +206,16 @@ class Gossip:
 
 @dataclass(frozen=True, slots=True)
 class Sync:
-    """Opens anti-entropy: hashes only, so agreeing peers exchange one small message."""
+    """Opens anti-entropy: hashes only, so agreeing peers exchange one small message.
+
+    ``recent`` (None: a full sync) lists the digest entries of the origins that
+    changed lately at the sender, or, in answer to one, those the answerer
+    lacks: steady gossip carries what changed, not a digest of everything."""
 
     digest_hash: int
     members_hash: int
+    recent: dict[str, NodeDigest] | None = None
+    answer: bool = False  # sent in answer to a sync: it asks for what it lacks, and offers nothing more
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,7 +275,9 @@ def _body_wire(b: Body) -> list[Any]:
     if isinstance(b, Gossip):
         return [[u.to_wire() for u in b.updates]]
     if isinstance(b, Sync):
-        return [b.digest_hash, b.members_hash]
+        if b.recent is None:  # as every version has sent it
+            return [b.digest_hash, b.members_hash]
+        return [b.digest_hash, b.members_hash, _digest_wire(b.recent), b.answer]
     if isinstance(b, SyncDigest):
         return [
             None if b.digest is None else _digest_wire(b.digest),
@@ -351,10 +359,33 @@ def _list(v: Any, what: str, max_len: int, length: int | None = None) -> list[An
     return v
 
 
+_LEAF_TYPES = frozenset({type(None), bool, float, str, bytes})
+_INT_LO, _INT_HI = -(2**63), 2**64
+
+
 def check_value(v: Any, depth: int = 0, max_depth: int = DEFAULT_LIMITS.value_depth) -> None:
     """Raise ``RemoteProtocolError`` unless ``v`` is a plain JSON-like value."""
     if depth > max_depth:
         raise _fail("value nested too deeply")
+    # The common shapes by exact type first (every delta entry comes through
+    # here); anything else, subclasses included, by the general rules below.
+    t = type(v)
+    if t in _LEAF_TYPES or (t is int and _INT_LO <= v < _INT_HI):
+        return
+    if t is dict and depth < max_depth:
+        for k, item in v.items():
+            if type(k) is not str and not isinstance(k, str):
+                raise _fail("value has a non-string map key")
+            ti = type(item)
+            if not (ti in _LEAF_TYPES or (ti is int and _INT_LO <= item < _INT_HI)):
+                check_value(item, depth + 1, max_depth)
+        return
+    if t is list and depth < max_depth:
+        for item in v:
+            ti = type(item)
+            if not (ti in _LEAF_TYPES or (ti is int and _INT_LO <= item < _INT_HI)):
+                check_value(item, depth + 1, max_depth)
+        return
     if isinstance(v, int) and not isinstance(v, bool) and not -(2**63) <= v < 2**64:
         raise _fail("integer out of range")
     if v is None or isinstance(v, bool | int | float | str | bytes):
@@ -485,8 +516,16 @@ class _Decoder:
             f = _list(v, "gossip", 1, 1)
             return Gossip(self.updates(f[0]))
         if t is MsgType.SYNC:
-            f = _list(v, "sync", 2, 2)
-            return Sync(_int(f[0], "digest hash", 0, 2**64 - 1), _int(f[1], "members hash", 0, 2**64 - 1))
+            f = _list(v, "sync", 4)
+            if len(f) not in (2, 4):
+                raise _fail("sync: expected 2 or 4 fields")
+            hashes = _int(f[0], "digest hash", 0, 2**64 - 1), _int(f[1], "members hash", 0, 2**64 - 1)
+            if len(f) == 2:
+                return Sync(*hashes)
+            recent = self.digest(f[2])
+            if recent is None or not isinstance(f[3], bool):
+                raise _fail("sync: expected a map of recent digest entries and an answer flag")
+            return Sync(*hashes, recent, f[3])
         if t is MsgType.SYNC_DIGEST:
             f = _list(v, "sync digest", 2, 2)
             return SyncDigest(self.digest(f[0]), self.records(f[1]))

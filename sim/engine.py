@@ -45,6 +45,7 @@ from protocol.keys import RegRecord, reg_key
 from protocol.registry import Registration, register_write
 from protocol.view import resolve_models
 from protocol.wire import (
+    DeltaEntry,
     Envelope,
     MemberRecord,
     MemberState,
@@ -306,10 +307,16 @@ class Simulation:
         """Every node up at t=0, already knowing every other (as after a long quiet run)."""
         cfg = self.cfg.gossip
         recs = [MemberUpdate(MemberRecord(self.ids[i], self.addrs[i], 1, 0, MemberState.ALIVE)) for i in range(self.n)]
-        resets = [NodeDelta(self.ids[i], 1, 0, 0, 0, True, ()) for i in range(self.n)]
+        made = [GossipNode(self.ids[i], self.addrs[i], 1, cfg, self.local(i)) for i in range(self.n)]
+        # Each node's whole state (its start announcement) is already everywhere.
+        resets = [
+            NodeDelta(self.ids[i], 1, 0, nd.catalog.own.max_version, 0, True,
+                      tuple(DeltaEntry(k, e.version, e.value, e.tombstone) for k, e in nd.catalog.own.keys.items()))
+            for i, nd in enumerate(made)
+        ]
         for i in range(self.n):
             local = self.local(i)
-            node = GossipNode(self.ids[i], self.addrs[i], 1, cfg, local)
+            node = made[i]
             merge = node.members.merge
             apply = node.catalog.apply_delta
             for j in range(self.n):

@@ -148,6 +148,8 @@ def until(what: str, cond: Callable[[], bool], timeout_s: float = 60.0) -> float
 def states(client: httpx.Client, url: str) -> dict[str, str]:
     return {n["node_id"]: n["state"] for n in client.get(url + "/nodes").json()["nodes"]}
 
+HEAL_BOUND_S = 3.0  # the 2 s target with a loaded machine's margin
+
 
 def models(client: httpx.Client, url: str) -> set[str]:
     return {m["model_name"] for m in client.get(url + "/models").json()["models"]}
@@ -192,6 +194,10 @@ def test_writes_on_both_sides_of_a_cut_survive_and_every_node_converges(
     took = until("every node lists every write and sees all five alive",
                  lambda: all(models(client, u) == written and states(client, u) == everyone for u in urls.values()))
     print(f"converged {took:.1f} s after the heal ({took / GOSSIP_S:.0f} gossip intervals)")
+    # Issue 25's target is 2 s (0.3 to 0.4 s here); the protocol test of the fix
+    # (a member that hears from a node it holds dead tells it and dials the other
+    # dead at once) is test_protocol_lifeguard's partition of forty.
+    assert took <= HEAL_BOUND_S, f"the mesh agreed {took:.1f} s after the heal"
     # The transfer across the cut went on from where it was once the link was back.
     until("the copy across the cut", lambda: client.get(urls[4] + f"/transfers/{tid}").json()["status"] != "running")
     done = client.get(urls[4] + f"/transfers/{tid}").json()

@@ -599,6 +599,10 @@ def test_newer_generation_replaces_older() -> None:
     new.set("shared", "new", 10.0)
     sync(new, r)
     assert r.nodes["d"].generation == 2
+    # Until the new generation says its state is whole, the old keys stand.
+    assert r.get("d", "old-key") == 1 and r.get("d", "shared") == "new"
+    new.announce(10.0)
+    sync(new, r)
     assert r.get("d", "old-key") is None
     assert r.get("d", "shared") == "new"
     # c still has generation 1: nothing of it reaches r any more.
@@ -637,8 +641,12 @@ def test_reset_generation_and_forget() -> None:
     r.reset_generation("d", 1)  # not newer: nothing happens
     assert r.get("d", "k") == 1
     r.reset_generation("d", 2)
-    assert r.get("d", "k") is None
+    assert r.get("d", "k") == 1  # it stands until generation 2 is whole at r
     assert r.nodes["d"].digest() == NodeDigest(2, 0, 0)
+    d2 = Catalog("d", 2)
+    d2.announce(1.0)
+    sync(d2, r)
+    assert r.get("d", "k") is None and r.shadowed() == []
     r.reset_generation("r", 9)  # never ourselves
     assert r.own.generation == 1
     r.forget("d")
@@ -653,6 +661,7 @@ def test_restarted_origin_without_keys_still_resets_peers() -> None:
     old.set("model", "old", 0.0)
     sync(old, r)
     new = Catalog("d", 2)
+    new.announce(1.0)
     sync(new, r)
     assert r.nodes["d"].generation == 2
     assert r.get("d", "model") is None
