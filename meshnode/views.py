@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, overload
 
 import trio
 
@@ -25,6 +26,30 @@ from protocol.view import ModelIndex, ModelView
 from .mesh import Mesh
 
 __all__ = ["Views"]
+
+
+class _Rendered(Sequence[dict[str, Any]]):
+    """``Views.models_json``: the models' JSON, rendered as it is read."""
+
+    def __init__(self, views: Views, names: list[str], services: dict[str, list[ServiceRecord]]) -> None:
+        self._views, self._names, self._services = views, names, services
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def _one(self, name: str) -> dict[str, Any]:
+        mv = self._views.index.get(name)
+        assert mv is not None  # the names are the index's own
+        return self._views.model_json(mv, services=self._services)
+
+    @overload
+    def __getitem__(self, i: int) -> dict[str, Any]: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[dict[str, Any]]: ...
+    def __getitem__(self, i: int | slice) -> dict[str, Any] | list[dict[str, Any]]:
+        if isinstance(i, slice):
+            return [self._one(n) for n in self._names[i]]
+        return self._one(self._names[i])
 
 
 def _node_of(device: str) -> str:
@@ -99,9 +124,10 @@ class Views:
             "state": self.model_status(mv),
         }
 
-    def models_json(self) -> list[dict[str, Any]]:
-        services = self.services_by_model()
-        return [self.model_json(mv, services=services) for _, mv in sorted(self.index.all().items())]
+    def models_json(self) -> Sequence[dict[str, Any]]:
+        """Every model in name order, each rendered only when read: a page of
+        a large catalog costs the page (``len`` and slices are cheap)."""
+        return _Rendered(self, self.index.names(), self.services_by_model())
 
     def nodes_json(self) -> list[dict[str, Any]]:
         now = trio.current_time()

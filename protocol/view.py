@@ -165,6 +165,7 @@ class ModelIndex:
         self._by_node: dict[str, dict[str, str]] = {}  # node -> key -> model
         self._views: dict[str, ModelView] = {}
         self._dirty: set[str] = set()
+        self._names: list[str] | None = None  # sorted, until a model comes or goes
 
     # -- catalog listener -------------------------------------------------------
 
@@ -193,16 +194,19 @@ class ModelIndex:
 
     def _refresh(self, model: str) -> None:
         self._dirty.discard(model)
+        had = model in self._views
         entries = self._entries.get(model)
+        view = None
         if not entries:
             self._entries.pop(model, None)
-            self._views.pop(model, None)
-            return
-        view = resolve_models((nid, key, value) for (nid, key), value in entries.items()).get(model)
+        else:
+            view = resolve_models((nid, key, value) for (nid, key), value in entries.items()).get(model)
         if view is None:
             self._views.pop(model, None)
         else:
             self._views[model] = view
+        if (view is not None) != had:
+            self._names = None
 
     def get(self, model: str) -> ModelView | None:
         """The registered model ``model``, or None."""
@@ -215,3 +219,11 @@ class ModelIndex:
         for model in list(self._dirty):
             self._refresh(model)
         return self._views
+
+    def names(self) -> list[str]:
+        """Every registered model's name, sorted: kept until a model comes or
+        goes, so that a page of 100 out of 100,000 costs its 100 (do not change it)."""
+        views = self.all()
+        if self._names is None:
+            self._names = sorted(views)
+        return self._names

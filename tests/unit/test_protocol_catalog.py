@@ -687,3 +687,24 @@ def test_snapshot_restore_roundtrip() -> None:
     assert st2["b"] == st1["b"]
     assert st2["a"][1:] == st1["a"][1:]
     check_hash(a2)
+
+
+@given(
+    st.lists(st.tuples(st.sampled_from(["reg/a", "reg/b", "copy/a@disk", "node", "nodes/x", "re", "reg/"]),
+                       st.booleans()), max_size=30),
+    st.sampled_from(["", "reg/", "reg/a", "copy/", "node", "nodes/", "re", "r", "x/"]),
+)
+def test_items_by_prefix_reads_its_family_and_misses_nothing(ops: list[tuple[str, bool]], prefix: str) -> None:
+    """``items(prefix)`` through the family index equals a filter of every key,
+    in the same order, across writes, deletes and tombstone collection."""
+    c = Catalog("me", 1, tombstone_grace_s=0.0)
+    for i, (key, delete) in enumerate(ops):
+        if delete:
+            c.delete(key, float(i))
+        else:
+            c.set(key, i, float(i))
+        if i % 7 == 6:
+            c.collect_tombstones(float(i) + 1)
+    st_ = c.own
+    want = [(k, e.value) for k, e in st_.keys.items() if not e.tombstone and k.startswith(prefix)]
+    assert [(k, v) for _, k, v in c.items(prefix)] == want

@@ -325,6 +325,7 @@ def test_the_index_always_equals_resolving_the_whole_catalog(ops: list[tuple[Any
             cat.collect_tombstones(now + 10)
         for n in "abc":
             assert idx[n].all() == resolve_models(cats[n].items())
+            assert idx[n].names() == sorted(idx[n].all())  # the cached order: every model, sorted
             for name in ("m1", "o/m2", "nope"):
                 assert idx[n].get(name) == resolve_models(cats[n].items()).get(name)
 
