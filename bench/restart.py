@@ -122,14 +122,14 @@ async def run(args: argparse.Namespace) -> int:
               f"{'MET' if ok else 'MISSED'}")
         return 0 if ok and missing == 0 else 1
     finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs.values():
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs.values():
             try:
-                p.wait(timeout=20)
+                proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                p.kill()
+                proc.kill()
 
 
 def main() -> int:

@@ -2,6 +2,10 @@
 checks them, and runs each on the node that must do the work (a copy on its
 target, a delete on the node that holds the copy): here through the
 executors, elsewhere through the peer route (``POST /mesh/v1/actions``).
+A copy or download comes typed (``requests.py``: ``start_copy``,
+``start_download``); the router checks what needs the mesh, and builds the
+action.  ``copy`` and ``download`` take the same request written as a JSON
+body, for the callers that still build one.
 
 An action handed over names the node it is for (``"node": <id>`` beside the
 action's fields), and is signed for that node's id and generation
@@ -45,6 +49,7 @@ from ..mesh import Mesh
 from ..peers import PeerClient
 from ..registry import Registry, model_name
 from .executors import Executors
+from .requests import CopyRequest, DownloadRequest
 
 __all__ = ["Router"]
 
@@ -54,6 +59,7 @@ REPORTS_MAX = 64  # bad-chunk reports waiting to be sent; more are dropped (the 
 REPORT_TIMEOUT_S = 10.0
 PURGE_TIMEOUT_S = 10.0  # per holder asked to delete its copy at once
 PURGE_DEVICES_MAX = 256  # asked at once; the rest delete theirs when the purge reaches them
+PATTERNS_MAX = 64  # glob patterns of a download (as protocol.actions takes them)
 
 
 def _device(text: Any, what: str) -> Device:
@@ -72,6 +78,34 @@ def _body(body: Any, allowed: set[str]) -> dict[str, Any]:
     if unknown:
         raise MeshError("INVALID_REQUEST", f"unknown fields: {', '.join(sorted(unknown))[:200]}")
     return body
+
+
+def _copy_request(raw: Any) -> CopyRequest:
+    body = _body(raw, {"from_device", "to_device", "keep_source", "priority"})
+    if "to_device" not in body:
+        raise MeshError("INVALID_REQUEST", "to_device is required")
+    to = _device(body["to_device"], "to_device")
+    keep = body.get("keep_source")
+    if "keep_source" in body and not isinstance(keep, bool):
+        raise MeshError("INVALID_REQUEST", "keep_source must be true or false")
+    src = body.get("from_device")
+    return CopyRequest(to, None if src is None else _device(src, "from_device"), keep)
+
+
+def _revision(v: Any) -> str | None:
+    if v is not None and (not isinstance(v, str) or not 0 < len(v) <= 256):
+        raise MeshError("INVALID_REQUEST", "revision must be a branch, tag or commit")
+    return v
+
+
+def _patterns(v: Any, field: str) -> tuple[str, ...] | None:
+    if v is None:
+        return None
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or len(v) > PATTERNS_MAX or not all(isinstance(x, str) and 0 < len(x) <= 256 for x in v):
+        raise MeshError("INVALID_REQUEST", f"{field} must be a list of at most {PATTERNS_MAX} glob patterns")
+    return tuple(v)
 
 
 class Router:
@@ -163,23 +197,18 @@ class Router:
         except RecordError:
             return None
 
-    async def copy(self, name: str, raw: Any, *, move: bool) -> dict[str, Any]:
+    async def start_copy(self, name: str, req: CopyRequest, *, move: bool) -> dict[str, Any]:
+        """Copy (``move``: move) ``name`` as ``req`` says, on the target's node: the transfer's answer."""
         mv = self.registry.model(name)
-        body = _body(raw, {"from_device", "to_device", "keep_source", "priority"})
-        if "to_device" not in body:
-            raise MeshError("INVALID_REQUEST", "to_device is required")
-        to = _device(body["to_device"], "to_device")
+        to = req.to_device
         self._store_device(to, "to_device")
-        keep = body.get("keep_source", not move)
-        if not isinstance(keep, bool):
-            raise MeshError("INVALID_REQUEST", "keep_source must be true or false")
+        keep = (not move) if req.keep_source is None else req.keep_source
         # A move that keeps its source is a copy (gswarm's pipelines write it so): it
         # says so in its answer, never a silent delete.
         kept_by_move = move and keep
-        src: Device | None = None
+        src = req.from_device
         manifest_hash = None
-        if body.get("from_device") is not None:
-            src = _device(body["from_device"], "from_device")
+        if src is not None:
             if src.is_web:
                 raise MeshError("INVALID_DEVICE", "from_device 'web' is a download: use POST /models/{name}/download")
             if str(src) == str(to):
@@ -199,24 +228,19 @@ class Router:
             out["note"] = "keep_source: true makes this move a copy: the source stays"
         return out
 
-    async def download(self, name: str, raw: Any) -> dict[str, Any]:
-        body = _body(raw, {"source", "source_url", "target_device", "priority", "revision", "allow_patterns",
-                           "ignore_patterns"})
-        source = body.get("source", "web")
-        if "target_device" not in body:
-            raise MeshError("INVALID_REQUEST", "target_device is required")
-        if source != "web":
-            return await self.copy(name, {"from_device": source, "to_device": body["target_device"]}, move=False)
+    async def start_download(self, name: str, req: DownloadRequest) -> dict[str, Any]:
+        """Fetch ``name`` from outside the mesh (or files on the target node) as
+        ``req`` says, on the target's node: the transfer's answer."""
         name = model_name(name)
-        url = body.get("source_url")
-        if not isinstance(url, str) or not url:
+        url = req.source_url
+        if not url:
             mv = self.registry.find(name)
             url = mv.source_url if mv is not None else None
         if not isinstance(url, str) or not url:
             if "/" not in name:
                 raise MeshError("INVALID_REQUEST", "source_url is required (or register the model with one)")
             url = f"hf://{name}"  # an owner/name model with no URL is a Hugging Face repo id
-        to = _device(body["target_device"], "target_device")
+        to = req.target_device
         self._store_device(to, "target_device")
         assert to.node_id is not None
         try:
@@ -225,14 +249,36 @@ class Router:
             raise MeshError("INVALID_REQUEST", str(e)) from None
         if src.path is not None:  # files on the target node
             return await self.run_on(to.node_id, StartTransfer(name, to.kind, LocalPath(src.path)))
-        options = {k: body[k] for k in ("revision", "allow_patterns", "ignore_patterns") if body.get(k) is not None}
-        try:
-            web = decode_action({"op": "fetch", "model": name, "kind": to.kind, "source_url": url,
-                                 "options": options})
-        except InvalidInput as e:
-            raise MeshError(e.code, e.message) from None
-        assert isinstance(web, StartTransfer) and isinstance(web.source, Web)
-        return await self.run_on(to.node_id, web)
+        web = Web(url, req.revision, req.allow_patterns, req.ignore_patterns)  # outside: classify said so
+        return await self.run_on(to.node_id, StartTransfer(name, to.kind, web))
+
+    # -- raw bodies (callers that still build dicts: meshnode/jobs.py, leases.py, daemon.py) ------
+
+    async def copy(self, name: str, raw: Any, *, move: bool) -> dict[str, Any]:
+        """``start_copy`` of a copy request written as the API's JSON body, checked here."""
+        self.registry.model(name)  # as ever: an unknown model before a bad body
+        return await self.start_copy(name, _copy_request(raw), move=move)
+
+    async def download(self, name: str, raw: Any) -> dict[str, Any]:
+        """``start_download`` (or, from another node's copy, ``start_copy``) of a
+        download request written as the API's JSON body, checked here."""
+        body = _body(raw, {"source", "source_url", "target_device", "priority", "revision", "allow_patterns",
+                           "ignore_patterns"})
+        source = body.get("source", "web")
+        if "target_device" not in body:
+            raise MeshError("INVALID_REQUEST", "target_device is required")
+        if source != "web":
+            self.registry.model(name)
+            to = _device(body["target_device"], "to_device")
+            from_device = None if source is None else _device(source, "from_device")
+            return await self.start_copy(name, CopyRequest(to, from_device), move=False)
+        model_name(name)
+        url = body.get("source_url")
+        to = _device(body["target_device"], "target_device")
+        return await self.start_download(name, DownloadRequest(
+            to, url if isinstance(url, str) and url else None, _revision(body.get("revision")),
+            _patterns(body.get("allow_patterns"), "allow_patterns"),
+            _patterns(body.get("ignore_patterns"), "ignore_patterns")))
 
     async def delete_copy(self, name: str, device: str) -> dict[str, Any] | None:
         """Delete a real copy on ``device`` (wherever it is); None when there is none."""

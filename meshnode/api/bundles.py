@@ -13,7 +13,7 @@ flow control holds the sender back.  Its bound is the bundle's: the header
 at most ``HEADER_MAX_BYTES``, then exactly the bytes the header declares
 (which must fit the tier), then at most ``TRAILER_MAX_BYTES`` of zeros.
 The credential, Host, Origin and body-type rules and the write rate are the
-API's, as for any route (``app.py``'s hooks run before the handler).
+API's, as for any route (``middleware.py``'s hooks run before the handler).
 """
 
 from __future__ import annotations

@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
 from meshnode.api import schemas
-from meshnode.api.app import _gpu_devices, _public_app
+from meshnode.api.app import _public_app
+from meshnode.api.requests import gpu_devices as _gpu_devices
 from meshnode.api.schemas import ERROR, ERROR_CODE, ROUTE_DOCS, TAGS, openapi_document
 from meshnode.api.validate import Validator, body_problem, ecma_pattern
 from meshnode.errors import STATUS, MeshError
@@ -682,6 +683,6 @@ def test_a_devices_length_bound_is_its_patterns() -> None:
     """The devices' maxLength: a node id's longest, ':' and the longest kind the pattern takes."""
     from re import _parser  # the width a pattern can match
 
-    assert _parser.parse(DEVICE_KIND_PATTERN).getwidth()[1] == schemas._KIND_CHARS_MAX
-    assert schemas.DEVICE["maxLength"] == NODE_ID_MAX + 1 + schemas._KIND_CHARS_MAX
+    assert _parser.parse(DEVICE_KIND_PATTERN).getwidth()[1] == schemas.KIND_CHARS_MAX
+    assert schemas.DEVICE["maxLength"] == NODE_ID_MAX + 1 + schemas.KIND_CHARS_MAX
     assert Validator(schemas.DEVICE).is_valid("n" * NODE_ID_MAX + ":gpu999")
