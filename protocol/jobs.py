@@ -2,27 +2,16 @@
 
 Theory of operation
 -------------------
-A job is three kinds of catalog records, each written by the node that knows:
-
-=====================================  ===============  ========================================
-key                                    record           written by
-=====================================  ===============  ========================================
-``job/<job id>``                       ``JobRecord``    the node that took the pipeline (and,
-                                                        once it is dead, the job's coordinator)
-``step/<job id>/<action id>/<part>``   ``StepRecord``   the node that runs that part; the
-                                                        coordinator, for a part whose node
-                                                        stayed unreachable (``NODE_UNAVAILABLE``)
-``jobcancel/<job id>``                 ``CancelRecord`` any node asked to cancel
-=====================================  ===============  ========================================
-
-An action runs as one or more *parts*, each on one node (``parts``): a
-download on its target; a copy or move once per target, on the target; a
-delete once per device, on the device's node; a serve on its GPUs' node; a
-health_check on the job's coordinator.  Nothing hands work out: every node
-reads the records and starts the parts that are its own once the action's
-dependencies are completed (``runnable``), and writes how they go.  So every
-node derives the same state from the same records (``job_view``), any node
-can answer for any job, and a dead node loses nothing that others hold.
+A job is three kinds of catalog records (``protocol.jobrecords``), each
+written by the node that knows: the job (its placed pipeline), one step record
+per part, and a cancel.  An action runs as one or more *parts*, each on one
+node (``parts``): a download on its target; a copy or move once per target,
+on the target; a delete once per device, on the device's node; a serve on its
+GPUs' node; a health_check on the job's coordinator.  Nothing hands work out:
+every node reads the records and starts the parts that are its own once the
+action's dependencies are completed (``runnable``), and writes how they go.
+So every node derives the same state from the same records (``job_view``), any
+node can answer for any job, and a dead node loses nothing that others hold.
 
 The coordinator (``coordinator``) is the node that took the job while it is
 alive, else the live node with the smallest id: it runs health checks,
@@ -32,180 +21,80 @@ than the bound.  Two nodes can both believe they coordinate only while their
 views of who is alive differ (a partition), and what they do is idempotent:
 a health check has no side effect, a verdict is the same record.
 
-Merging a part's records from several writers: completed wins (the work is
-done; steps are idempotent), then failed, then cancelled, then running.
+One node's job loop is ``plan_tick``: from every job's view, the clock and what
+the node is running, it answers what to start (with the attempt, after the
+backoff of ``next_attempt``), cancel, judge, re-publish and forget.  The daemon
+(``meshnode.jobs``) carries that answer out, each part through the step runner
+of its ``step_kind``; the simulator (``sim.jobs``) runs the same ``plan_tick``.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterable, Mapping
+import math
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
-from .keys import JOB_PREFIX, RecordError
-from .names import validate_node_id
-from .pipeline import Action, InvalidPipeline, Pipeline, StepDevice, parse_pipeline
+from .jobrecords import (
+    CANCEL_PREFIX,
+    JOB_PREFIX,
+    STEP_PREFIX,
+    CancelRecord,
+    JobRecord,
+    PartStatus,
+    StepRecord,
+    cancel_key,
+    job_key,
+    merge_part,
+    parse_step_key,
+    step_key,
+)
+from .keys import RecordError
+from .pipeline import Action, Pipeline, StepDevice
 
 __all__ = [
+    "BACKOFF_MAX_S",
     "CANCEL_PREFIX",
     "JOB_PREFIX",
+    "PARALLEL_MAX",
+    "RETRYABLE",
     "STEP_PREFIX",
     "ActionStatus",
     "ActionView",
     "CancelRecord",
-    "JobBook",
+    "CopyPlan",
+    "GpuLoad",
     "JobRecord",
     "JobStatus",
     "JobView",
     "Part",
+    "PartKey",
     "PartStatus",
+    "RecordError",
+    "Retry",
+    "Start",
+    "StepKind",
     "StepRecord",
+    "TickBounds",
+    "TickPlan",
+    "Verdict",
     "cancel_key",
     "coordinator",
+    "copy_plan",
+    "gpu_index",
+    "gpu_load",
     "job_key",
     "job_view",
+    "merge_part",
+    "next_attempt",
     "overdue_parts",
     "parse_step_key",
     "parts",
+    "plan_tick",
     "runnable",
     "step_key",
+    "step_kind",
 ]
-
-STEP_PREFIX = "step/"
-CANCEL_PREFIX = "jobcancel/"
-
-
-def job_key(job_id: str) -> str:
-    return JOB_PREFIX + job_id
-
-
-def step_key(job_id: str, action_id: str, part: int) -> str:
-    return f"{STEP_PREFIX}{job_id}/{action_id}/{part}"
-
-
-def cancel_key(job_id: str) -> str:
-    return CANCEL_PREFIX + job_id
-
-
-def parse_step_key(key: str) -> tuple[str, str, int] | None:
-    if not key.startswith(STEP_PREFIX):
-        return None
-    bits = key[len(STEP_PREFIX):].split("/")
-    if len(bits) != 3 or not bits[2].isdigit() or len(bits[2]) > 3:
-        return None
-    return bits[0], bits[1], int(bits[2])
-
-
-def _int(v: Any, what: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**63:
-        raise RecordError(f"{what}: expected a non-negative integer")
-    return v
-
-
-def _str(v: Any, what: str, limit: int = 2048) -> str:
-    if not isinstance(v, str) or len(v) > limit:
-        raise RecordError(f"{what}: expected a string of at most {limit} characters")
-    return v
-
-
-@dataclass(frozen=True, slots=True)
-class JobRecord:
-    job_id: str
-    pipeline: Pipeline  # devices already placed: every part names its node (health checks aside)
-    submitted_by: str
-    submitted_ms: int
-
-    def to_value(self) -> dict[str, Any]:
-        return {"job_id": self.job_id, "pipeline": self.pipeline.to_value(), "submitted_by": self.submitted_by,
-                "submitted_ms": self.submitted_ms}
-
-    @classmethod
-    def from_value(cls, raw: Any) -> JobRecord:
-        if not isinstance(raw, Mapping):
-            raise RecordError("job: expected a mapping")
-        try:
-            pipe = parse_pipeline(raw.get("pipeline"))
-            by = validate_node_id(raw.get("submitted_by"))
-        except (InvalidPipeline, ValueError) as e:
-            raise RecordError(f"job: {e}") from None
-        return cls(_str(raw.get("job_id"), "job id", 64), pipe, by, _int(raw.get("submitted_ms"), "job submitted_ms"))
-
-
-class PartStatus(enum.Enum):
-    RUNNING = "running"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def final(self) -> bool:
-        return self is not PartStatus.RUNNING
-
-
-_PART_RANK = {PartStatus.COMPLETED: 3, PartStatus.FAILED: 2, PartStatus.CANCELLED: 1, PartStatus.RUNNING: 0}
-
-
-@dataclass(frozen=True, slots=True)
-class StepRecord:
-    status: PartStatus
-    node: str  # who ran it (or, for a verdict, who judged it)
-    attempt: int = 1
-    started_ms: int = 0
-    finished_ms: int = 0
-    error_code: str = ""
-    error_message: str = ""
-    note: str = ""
-    transfer_id: str = ""
-    bytes_done: int = 0
-    bytes_total: int = 0
-
-    def to_value(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"status": self.status.value, "node": self.node, "attempt": self.attempt,
-                               "started_ms": self.started_ms, "finished_ms": self.finished_ms}
-        for k in ("error_code", "error_message", "note", "transfer_id"):
-            if getattr(self, k):
-                out[k] = getattr(self, k)
-        if self.bytes_total:
-            out["bytes_done"], out["bytes_total"] = self.bytes_done, self.bytes_total
-        return out
-
-    @classmethod
-    def from_value(cls, raw: Any) -> StepRecord:
-        if not isinstance(raw, Mapping):
-            raise RecordError("step: expected a mapping")
-        try:
-            status = PartStatus(raw.get("status"))
-            node = validate_node_id(raw.get("node"))
-        except ValueError as e:
-            raise RecordError(f"step: {e}") from None
-        return cls(
-            status, node, _int(raw.get("attempt", 1), "step attempt"), _int(raw.get("started_ms", 0), "step started"),
-            _int(raw.get("finished_ms", 0), "step finished"), _str(raw.get("error_code", ""), "step error code", 64),
-            _str(raw.get("error_message", ""), "step error"), _str(raw.get("note", ""), "step note"),
-            _str(raw.get("transfer_id", ""), "step transfer id", 64), _int(raw.get("bytes_done", 0), "step bytes"),
-            _int(raw.get("bytes_total", 0), "step bytes"),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class CancelRecord:
-    at_ms: int
-    by: str
-
-    def to_value(self) -> dict[str, Any]:
-        return {"at_ms": self.at_ms, "by": self.by}
-
-    @classmethod
-    def from_value(cls, raw: Any) -> CancelRecord:
-        if not isinstance(raw, Mapping):
-            raise RecordError("cancel: expected a mapping")
-        try:
-            by = validate_node_id(raw.get("by"))
-        except ValueError as e:
-            raise RecordError(f"cancel: {e}") from None
-        return cls(_int(raw.get("at_ms"), "cancel at_ms"), by)
-
 
 # -- parts ------------------------------------------------------------------------------
 
@@ -292,14 +181,6 @@ class JobView:
         if self.status in (JobStatus.PENDING, JobStatus.RUNNING):
             return 0
         return max([v.finished_ms for v in self.actions.values()] + [self.cancelled.at_ms if self.cancelled else 0])
-
-
-def merge_part(records: Iterable[StepRecord]) -> StepRecord | None:
-    best: StepRecord | None = None
-    for r in records:
-        if best is None or (_PART_RANK[r.status], r.finished_ms) > (_PART_RANK[best.status], best.finished_ms):
-            best = r
-    return best
 
 
 def _order(pipe: Pipeline) -> list[Action]:
@@ -426,93 +307,218 @@ def overdue_parts(view: JobView, unreachable_since_ms: Callable[[str], int | Non
     return out
 
 
-class JobBook:
-    """The job records one node holds, by job and writer, kept from catalog
-    changes (``put``, ``clear_writer``), with each job's view cached until a
-    record of that job changes.  A finished job's view is reused (only a new
-    record can change it); an unfinished one is derived again each time, as
-    it also depends on who is reachable.  Bad records are skipped and
-    counted."""
+# -- one node's tick ------------------------------------------------------------------------
 
-    def __init__(self) -> None:
-        self.jobs: dict[str, dict[str, JobRecord]] = {}
-        self.steps: dict[str, dict[tuple[str, int], dict[str, StepRecord]]] = {}
-        self.cancels: dict[str, dict[str, CancelRecord]] = {}
-        self._views: dict[str, JobView] = {}
-        self.bad_records = 0
+PartKey = tuple[str, str, int]  # (job id, action id, part index)
 
-    def put(self, writer: str, key: str, value: Any | None) -> str | None:
-        """Take one key of ``writer`` (None: it is gone); the job it touches, if any."""
-        try:
-            if key.startswith(JOB_PREFIX):
-                jid = key[len(JOB_PREFIX):]
-                recs = self.jobs.setdefault(jid, {})
-                if value is None:
-                    recs.pop(writer, None)
-                else:
-                    rec = JobRecord.from_value(value)
-                    if rec.job_id != jid:
-                        raise RecordError("job: the record names another job")
-                    recs[writer] = rec
-                if not recs:
-                    del self.jobs[jid]
-            elif key.startswith(STEP_PREFIX):
-                parsed = parse_step_key(key)
-                if parsed is None:
-                    raise RecordError("step: a bad key")
-                jid = parsed[0]
-                by_part = self.steps.setdefault(jid, {})
-                by_writer = by_part.setdefault((parsed[1], parsed[2]), {})
-                if value is None:
-                    by_writer.pop(writer, None)
-                else:
-                    by_writer[writer] = StepRecord.from_value(value)
-            elif key.startswith(CANCEL_PREFIX):
-                jid = key[len(CANCEL_PREFIX):]
-                c = self.cancels.setdefault(jid, {})
-                if value is None:
-                    c.pop(writer, None)
-                else:
-                    c[writer] = CancelRecord.from_value(value)
-            else:
-                return None
-        except RecordError:
-            self.bad_records += 1
-            return None
-        self._views.pop(jid, None)
-        return jid
+PARALLEL_MAX = 32  # parts one node runs at once
+BACKOFF_MAX_S = 3600.0  # the longest wait between two attempts of a part
+# Failures worth another attempt (when the action allows retries): the mesh or the network, not the request.
+RETRYABLE = frozenset({"NODE_UNAVAILABLE", "PEER_UNREACHABLE", "PEER_ERROR", "NO_SOURCE", "UNAVAILABLE",
+                       "TIMEOUT", "INTERRUPTED", "UNHEALTHY", "IO_ERROR"})
 
-    def clear_writer(self, writer: str) -> None:
-        for jid in [j for j, recs in self.jobs.items() if writer in recs]:
-            self.put(writer, job_key(jid), None)
-        for jid, by_part in self.steps.items():
-            for by_writer in by_part.values():
-                if by_writer.pop(writer, None) is not None:
-                    self._views.pop(jid, None)
-        for jid, c in self.cancels.items():
-            if c.pop(writer, None) is not None:
-                self._views.pop(jid, None)
 
-    def view(self, jid: str, reachable: Callable[[str], bool]) -> JobView | None:
-        cached = self._views.get(jid)
-        if cached is not None:
-            return cached
-        recs = self.jobs.get(jid)
-        if not recs:
-            return None
-        job = recs[min(recs)]  # copies of one job are the same record
-        steps = {k: list(w.values()) for k, w in self.steps.get(jid, {}).items()}
-        cancels = self.cancels.get(jid) or {}
-        cancel = min(cancels.values(), key=lambda c: c.at_ms) if cancels else None
-        v = job_view(job, steps, cancel, reachable)
-        if v.status not in (JobStatus.PENDING, JobStatus.RUNNING):
-            self._views[jid] = v
-        return v
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """A part's next attempt, and the earliest time it may start."""
 
-    def views(self, reachable: Callable[[str], bool]) -> list[JobView]:
-        out = []
-        for jid in list(self.jobs):
-            v = self.view(jid, reachable)
-            if v is not None:
-                out.append(v)
+    attempt: int
+    at_ms: int
+
+
+def next_attempt(a: Action, attempt: int, code: str, failed_ms: int) -> Retry | None:
+    """The retry policy: after attempt ``attempt`` of a part of ``a`` failed with
+    ``code`` at ``failed_ms``, the next attempt, or None to give up (the code is
+    not retryable, or the action's ``retries`` are spent).  The wait doubles from
+    ``backoff_s`` on each attempt, up to ``BACKOFF_MAX_S``."""
+    if code not in RETRYABLE or attempt > a.retries:
+        return None
+    delay_s = min(a.backoff_s * 2 ** (attempt - 1), BACKOFF_MAX_S)
+    return Retry(attempt + 1, failed_ms + math.ceil(delay_s * 1000))
+
+
+@dataclass(frozen=True, slots=True)
+class TickBounds:
+    parallel_max: int = PARALLEL_MAX
+    node_wait_ms: int = 60_000  # a part whose node is unreachable this long fails NODE_UNAVAILABLE
+    keep_ms: int = 24 * 3600 * 1000  # ended jobs are forgotten after this
+    kept_max: int = 1024  # and past this many, oldest first
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """Run attempt ``attempt`` of one of this node's parts."""
+
+    job: JobRecord
+    action: Action
+    part: Part
+    attempt: int
+
+    @property
+    def key(self) -> PartKey:
+        return self.job.job_id, self.action.action_id, self.part.index
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The coordinator ends a part that its node cannot: ``NODE_UNAVAILABLE``, or cancelled."""
+
+    job_id: str
+    action: Action
+    part: Part
+    status: PartStatus
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class TickPlan:
+    starts: tuple[Start, ...] = ()  # this node's parts to start now, higher priority first
+    cancel: tuple[PartKey, ...] = ()  # this node's parts (running or waiting to retry) of cancelled jobs
+    abandon: tuple[PartKey, ...] = ()  # retries no longer due: another record ended the part, or its job went
+    verdicts: tuple[Verdict, ...] = ()
+    republish: tuple[JobRecord, ...] = ()  # jobs this node coordinates whose writer is gone
+    ended: tuple[JobView, ...] = ()  # jobs this node coordinates that have ended
+    forget: tuple[str, ...] = ()  # jobs whose records this node drops
+
+
+def _verdicts(v: JobView, down_since_ms: Callable[[str], int | None], now_ms: int,
+              node_wait_ms: int) -> list[Verdict]:
+    """The coordinator's verdicts for one job: its unreachable nodes' parts cancelled
+    with the job, or failed once overdue."""
+    jid = v.job.job_id
+    out = []
+    if v.cancelled is not None:
+        for av in v.actions.values():
+            if av.status is ActionStatus.WAITING_NODE:
+                for p in parts(av.action):
+                    rec = av.parts.get(p.index)
+                    if rec is None or not rec.status.final:
+                        out.append(Verdict(jid, av.action, p, PartStatus.CANCELLED, "", "the job was cancelled"))
         return out
+    for a, p in overdue_parts(v, down_since_ms, now_ms, node_wait_ms):
+        out.append(Verdict(jid, a, p, PartStatus.FAILED, "NODE_UNAVAILABLE",
+                           f"node {p.node or '?'} was unreachable for over {node_wait_ms / 1000:g} s"))
+    return out
+
+
+def plan_tick(views: Iterable[JobView], me: str, now_ms: int, *, reachable: Callable[[str], bool],
+              live: Collection[str], running: Collection[PartKey], waiting: Mapping[PartKey, Retry],
+              holds_job: Callable[[str], bool], down_since_ms: Callable[[str], int | None],
+              bounds: TickBounds = TickBounds()) -> TickPlan:
+    """What node ``me``'s job loop does now, from every job's view.
+
+    ``running``: its parts under way; ``waiting``: its parts between two attempts
+    (``next_attempt``); ``holds_job``: whether it holds a job record of that job
+    itself; ``down_since_ms``: since when a node is unreachable (None: reachable).
+    A part starts when it is ``runnable`` for ``me``, not under way, and, between
+    attempts, not before its retry is due; at most ``parallel_max`` run at once."""
+    views = list(views)
+    starts: list[tuple[int, Start]] = []
+    cancel: list[PartKey] = []
+    verdicts: list[Verdict] = []
+    republish: list[JobRecord] = []
+    ended: list[JobView] = []
+    due: set[PartKey] = set()
+    for v in views:
+        jid = v.job.job_id
+        coord = coordinator(v.job, reachable, live) == me
+        if v.cancelled is not None:
+            cancel.extend(k for k in (*running, *waiting) if k[0] == jid)
+        if coord:
+            if v.status not in (JobStatus.PENDING, JobStatus.RUNNING):
+                ended.append(v)
+            if not holds_job(jid) and not reachable(v.job.submitted_by):
+                republish.append(v.job)  # outlives the reap of its dead writer's keys
+            verdicts.extend(_verdicts(v, down_since_ms, now_ms, bounds.node_wait_ms))
+        for a, p in runnable(v, me, coord):
+            key = (jid, a.action_id, p.index)
+            due.add(key)
+            retry = waiting.get(key)
+            if key in running or (retry is not None and retry.at_ms > now_ms):
+                continue
+            starts.append((v.job.pipeline.priority, Start(v.job, a, p, retry.attempt if retry else 1)))
+    starts.sort(key=lambda s: -s[0])
+    room = max(bounds.parallel_max - len(running), 0)
+    gone = tuple(k for k in waiting if k not in due and k not in cancel)
+    return TickPlan(tuple(s for _, s in starts[:room]), tuple(dict.fromkeys(cancel)), gone, tuple(verdicts),
+                    tuple(republish), tuple(ended), tuple(_to_forget(views, now_ms, bounds)))
+
+
+def _to_forget(views: list[JobView], now_ms: int, bounds: TickBounds) -> list[str]:
+    """Jobs that ended more than ``keep_ms`` ago, and the oldest ended past ``kept_max``."""
+    ended = sorted((v.finished_ms, v.job.job_id) for v in views if v.status not in (JobStatus.PENDING, JobStatus.RUNNING))
+    over = max(len(ended) - bounds.kept_max, 0)
+    return [jid for i, (fin, jid) in enumerate(ended) if i < over or now_ms - fin > bounds.keep_ms]
+
+
+# -- how one part runs ------------------------------------------------------------------------
+
+
+class StepKind(enum.Enum):
+    """Which step runner does a part's work: the action's type, but a copy, move
+    or download to ``node:gpuN`` loads the model for that GPU and a delete of
+    ``node:gpuN`` frees it."""
+
+    DOWNLOAD = "download"
+    COPY = "copy"
+    MOVE = "move"
+    SERVE = "serve"
+    STOP_SERVE = "stop_serve"
+    DELETE = "delete"
+    HEALTH_CHECK = "health_check"
+    LOAD_GPU = "load_gpu"
+    FREE_GPU = "free_gpu"
+
+
+def step_kind(a: Action, p: Part) -> StepKind:
+    kind = StepKind(a.action_type)
+    if kind in (StepKind.SERVE, StepKind.STOP_SERVE) or p.device is None or p.device.tier != "gpu":
+        return kind
+    return StepKind.FREE_GPU if kind is StepKind.DELETE else StepKind.LOAD_GPU
+
+
+@dataclass(frozen=True, slots=True)
+class CopyPlan:
+    source: str
+    target: str
+    move: bool  # the transfer itself drops the source (a move to one target)
+    drop_source_last: bool  # this part drops the source once every other target has its copy
+
+
+def copy_plan(a: Action, p: Part) -> CopyPlan:
+    """A copy or move part: one target of several.  A move to one target is the
+    transfer's own (copy, then drop the source); to several, every target copies
+    and the last one drops the source after the others."""
+    assert p.device is not None
+    drop = a.action_type == "move" and not a.keep_source
+    one = len(a.devices) == 2
+    return CopyPlan(str(a.devices[0]), str(p.device), drop and one,
+                    drop and not one and p.index == len(a.devices) - 2)
+
+
+@dataclass(frozen=True, slots=True)
+class GpuLoad:
+    gpu: int
+    reserve_bytes: int  # VRAM held on ``gpu`` until a serve there takes it
+    stage_device: str  # where the weights are staged: this node's fastest tier
+    drop_source: bool  # a move: this part drops the source
+    wait_for_others: bool  # ... once the other targets have their copy
+
+
+def gpu_index(device: StepDevice) -> int:
+    return int(device.kind[3:]) if device.kind[3:].isdigit() else 0
+
+
+def gpu_load(a: Action, p: Part, me: str, need_bytes: int, tiers: Collection[str]) -> GpuLoad:
+    """A copy or move to ``me:gpuN`` (``LOAD_GPU``): the model needs ``need_bytes``
+    of VRAM (``placement.vram_needed``), shared evenly between the GPUs of this
+    node the action targets; the weights are staged on ``dram`` when this node
+    has it (``tiers``), else ``disk``."""
+    assert p.device is not None
+    share_of = sum(1 for d in a.devices[1:] if d.node == me and d.tier == "gpu")
+    stage = f"{me}:{'dram' if 'dram' in tiers else 'disk'}"
+    src = str(a.devices[0])
+    gpu_targets = sum(1 for d in a.devices[1:] if d.tier == "gpu")
+    drop = (a.action_type == "move" and not a.keep_source and src != stage and p.index == len(a.devices) - 2)
+    return GpuLoad(gpu_index(p.device), -(-need_bytes // max(share_of, 1)), stage, drop, drop and gpu_targets > 1)

@@ -2,29 +2,46 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol.jobs import (
+    BACKOFF_MAX_S,
+    RETRYABLE,
     ActionStatus,
     CancelRecord,
+    CopyPlan,
     JobRecord,
     JobStatus,
+    JobView,
+    Part,
+    PartKey,
     PartStatus,
     RecordError,
+    Retry,
+    StepKind,
     StepRecord,
+    TickBounds,
+    TickPlan,
     coordinator,
+    copy_plan,
+    gpu_load,
     job_view,
+    next_attempt,
     overdue_parts,
     parse_step_key,
     parts,
+    plan_tick,
     runnable,
     step_key,
+    step_kind,
 )
-from protocol.pipeline import parse_pipeline
+from protocol.pipeline import ACTION_TYPES, Action, StepDevice, parse_pipeline
 from protocol.placement import GpuFacts, NodeFacts, NoPlacement, place, rank
 
 SETTINGS = settings(max_examples=150, deadline=None, derandomize=True, database=None)
@@ -222,3 +239,217 @@ def _check_end(j: JobRecord, steps: Steps, started: set[tuple[str, int]]) -> Non
             av.status is ActionStatus.UPSTREAM_FAILED for av in v.actions.values())
     if v.status is JobStatus.COMPLETED:
         assert len(started) == sum(len(parts(a)) for a in j.pipeline.actions)
+
+
+# -- one node's tick: plan_tick, next_attempt, the step kinds ------------------------------------
+
+OTHER_CODES = ("BOOM", "INVALID_REQUEST", "MODEL_NOT_AVAILABLE", "NO_CAPACITY", "INTERNAL")
+
+
+def no_one_down(_n: str) -> int | None:
+    return None
+
+
+def plan(views: list[JobView], me: str, now_ms: int, running: Collection[PartKey] = (),
+         waiting: Mapping[PartKey, Retry] | None = None, held: Collection[str] = ("j1",),
+         reachable: Callable[[str], bool] = everyone, down: Callable[[str], int | None] = no_one_down,
+         bounds: TickBounds | None = None) -> TickPlan:
+    return plan_tick(views, me, now_ms, reachable=reachable, live=[n for n in NODES if reachable(n)],
+                     running=running, waiting=waiting or {}, holds_job=held.__contains__, down_since_ms=down,
+                     bounds=bounds or TickBounds())
+
+
+@SETTINGS
+@given(retries=st.integers(0, 10), backoff_s=st.floats(0, 3600), attempt=st.integers(1, 14),
+       code=st.sampled_from(sorted(RETRYABLE) + list(OTHER_CODES)), failed_ms=st.integers(0, 2**50))
+def test_next_attempt_waits_its_backoff_and_gives_up_in_bounds(retries: int, backoff_s: float, attempt: int,
+                                                               code: str, failed_ms: int) -> None:
+    a = parse_pipeline({"name": "p", "actions": [{**copy("a", "n1:disk", "n2:disk"), "retries": retries,
+                                                  "backoff_s": backoff_s}]}).actions[0]
+    r = next_attempt(a, attempt, code, failed_ms)
+    if code not in RETRYABLE or attempt > retries:
+        assert r is None
+        return
+    assert r is not None and r.attempt == attempt + 1 <= retries + 1
+    wait_ms = min(backoff_s * 2 ** (attempt - 1), BACKOFF_MAX_S) * 1000
+    assert wait_ms <= r.at_ms - failed_ms <= wait_ms + 1  # never before its backoff, and no later than the ms after
+    assert r.at_ms - failed_ms <= BACKOFF_MAX_S * 1000
+
+
+def test_next_attempt_doubles_the_wait_and_stops_after_the_retries() -> None:
+    a = parse_pipeline({"name": "p", "actions": [{**copy("a", "n1:disk", "n2:disk"), "retries": 3,
+                                                  "backoff_s": 2}]}).actions[0]
+    chain, attempt, t = [], 1, 0
+    while (r := next_attempt(a, attempt, "PEER_UNREACHABLE", t)) is not None:
+        chain.append(r.at_ms - t)
+        attempt, t = r.attempt, r.at_ms
+    assert chain == [2000, 4000, 8000] and attempt == 4
+    assert next_attempt(a, 1, "BOOM", 0) is None  # not retryable: the first failure is final
+
+
+def test_plan_starts_my_ready_parts_once_by_priority_within_the_bound() -> None:
+    low = job(copy("a", "n1:disk", "n2:disk"), copy("b", "n1:disk", "n2:dram"))
+    high = JobRecord("j2", dataclasses.replace(low.pipeline, priority=5), "n1", 1000)
+    views = [job_view(low, {}, None, everyone), job_view(high, {}, None, everyone)]
+    p = plan(views, "n2", 2000, held=("j1", "j2"))
+    assert [s.key for s in p.starts] == [("j2", "a", 0), ("j2", "b", 0), ("j1", "a", 0), ("j1", "b", 0)]
+    assert all(s.attempt == 1 for s in p.starts) and plan(views, "n3", 2000).starts == ()
+    p = plan(views, "n2", 2000, running={("j2", "a", 0)}, held=("j1", "j2"), bounds=TickBounds(parallel_max=3))
+    assert [s.key for s in p.starts] == [("j2", "b", 0), ("j1", "a", 0)]  # what runs is not started again
+    assert plan(views, "n2", 2000, running={("j9", "x", 0)}, bounds=TickBounds(parallel_max=1)).starts == ()
+
+
+def test_plan_retries_a_part_only_once_its_backoff_is_over() -> None:
+    j = job(copy("a", "n1:disk", "n2:disk"))
+    v = job_view(j, {("a", 0): [StepRecord(PartStatus.RUNNING, "n2", attempt=1, started_ms=5)]}, None, everyone)
+    waiting = {("j1", "a", 0): Retry(2, 7000)}
+    assert plan([v], "n2", 6999, waiting=waiting).starts == ()
+    (s,) = plan([v], "n2", 7000, waiting=waiting).starts
+    assert s.key == ("j1", "a", 0) and s.attempt == 2
+    # Another record ended the part meanwhile (a verdict): the retry is dropped, nothing starts.
+    verdict = StepRecord(PartStatus.FAILED, "n1", finished_ms=6000, error_code="NODE_UNAVAILABLE")
+    v = job_view(j, {("a", 0): [StepRecord(PartStatus.RUNNING, "n2"), verdict]}, None, everyone)
+    p = plan([v], "n2", 7000, waiting=waiting)
+    assert p.starts == () and p.abandon == (("j1", "a", 0),)
+
+
+def test_plan_cancels_judges_republishes_and_forgets() -> None:
+    j = job(copy("a", "n1:disk", "n2:disk"), copy("b", "n1:disk", "n3:disk"))
+    running = StepRecord(PartStatus.RUNNING, "n2", started_ms=3)
+    on_n3 = StepRecord(PartStatus.RUNNING, "n3", started_ms=4)
+    v = job_view(j, {("a", 0): [running], ("b", 0): [on_n3]}, CancelRecord(10, "n1"), lambda n: n != "n3")
+    p = plan([v], "n2", 20, running={("j1", "a", 0)}, waiting={("j1", "b", 9): Retry(2, 0)},
+             reachable=lambda n: n != "n3")
+    assert p.cancel == (("j1", "a", 0), ("j1", "b", 9)) and p.starts == () and p.verdicts == ()
+    p = plan([v], "n1", 20, reachable=lambda n: n != "n3")  # the coordinator cancels what runs on unreachable n3
+    assert [(d.action.action_id, d.status) for d in p.verdicts] == [("b", PartStatus.CANCELLED)]
+    # n1 (the writer) is gone: n2 coordinates, re-publishes the job, and fails n1's overdue part.
+    j2 = job(copy("a", "n2:disk", "n1:disk"))
+    v = job_view(j2, {}, None, lambda n: n != "n1")
+    down = {"n1": 0}.get
+    p = plan([v], "n2", 60_999, held=(), reachable=lambda n: n != "n1", down=down)  # ready at 1000: 60 s to wait
+    assert p.republish == (j2,) and p.verdicts == ()
+    assert plan([v], "n2", 60_999, held=("j1",), reachable=lambda n: n != "n1", down=down).republish == ()
+    (d,) = plan([v], "n2", 61_000, held=(), reachable=lambda n: n != "n1", down=down).verdicts
+    assert (d.status, d.code, d.part.node) == (PartStatus.FAILED, "NODE_UNAVAILABLE", "n1")
+    assert plan([v], "n3", 61_000, reachable=lambda n: n != "n1", down=down).verdicts == ()  # not its coordinator
+    ended = job_view(j2, {("a", 0): [done("n1", 5000)]}, None, everyone)
+    assert plan([ended], "n1", 5000).ended == (ended,)
+    assert plan([ended], "n2", 5000 + 10).forget == ()
+    assert plan([ended], "n2", 5000 + 11, bounds=TickBounds(keep_ms=10)).forget == ("j1",)
+    assert plan([ended], "n2", 5000, bounds=TickBounds(kept_max=0)).forget == ("j1",)
+
+
+@st.composite
+def retrying_runs(draw: st.DrawFn) -> tuple[JobRecord, list[int], list[str], int]:
+    n = draw(st.integers(1, 8))
+    actions = []
+    for i in range(n):
+        deps = sorted({f"a{j}" for j in draw(st.lists(st.integers(0, i - 1), max_size=2))}) if i else []
+        dsts = draw(st.lists(st.sampled_from(["n1:dram", "n2:disk", "n3:disk"]), min_size=1, max_size=2, unique=True))
+        actions.append({**copy(f"a{i}", "n1:disk", *dsts, deps=tuple(deps)), "retries": draw(st.integers(0, 3)),
+                        "backoff_s": draw(st.sampled_from([0, 0.5, 2]))})
+    j = job(*actions, fail_fast=draw(st.booleans()))
+    steps_ms = draw(st.lists(st.integers(100, 3000), min_size=50, max_size=50))
+    outcomes = draw(st.lists(st.sampled_from(["ok", "ok", "UNAVAILABLE", "TIMEOUT", "BOOM"]), min_size=50,
+                             max_size=50))
+    return j, steps_ms, outcomes, draw(st.integers(1, 3))
+
+
+@SETTINGS
+@given(retrying_runs())
+def test_nodes_running_plan_tick_end_every_job_within_bounds(case: tuple[JobRecord, list[int], list[str], int]) -> None:
+    """Three nodes run ``plan_tick`` round after round on a clock, their parts
+    failing now and then with retryable codes and retrying by ``next_attempt``:
+    no node claims a part twice, nor one under way, nor a retry before its
+    backoff, nor more than ``parallel_max`` at once, nor an attempt past the
+    action's retries; and the job ends."""
+    j, steps_ms, outcomes, parallel = case
+    steps: Steps = defaultdict(list)
+    running: dict[str, dict[PartKey, int]] = {n: {} for n in NODES}
+    waiting: dict[str, dict[PartKey, Retry]] = {n: {} for n in NODES}
+    bounds = TickBounds(parallel_max=parallel)
+    now, draws = 2000, 0
+    for turn in range(500):
+        v = job_view(j, steps, None, everyone)
+        if v.status not in (JobStatus.PENDING, JobStatus.RUNNING):
+            break
+        now += steps_ms[turn % len(steps_ms)]
+        for node in NODES:
+            v = job_view(j, steps, None, everyone)
+            p = plan([v], node, now, running=running[node].keys(), waiting=waiting[node], bounds=bounds)
+            keys = [s.key for s in p.starts]
+            assert len(keys) == len(set(keys)) and not set(keys) & running[node].keys()
+            assert len(running[node]) + len(keys) <= parallel
+            for key in p.abandon:
+                waiting[node].pop(key)
+            for s in p.starts:
+                assert s.part.node == node and s.attempt <= s.action.retries + 1
+                retry = waiting[node].pop(s.key, None)
+                assert s.attempt == (retry.attempt if retry else 1) and (retry is None or retry.at_ms <= now)
+                running[node][s.key] = s.attempt
+                steps[s.key[1:]].append(StepRecord(PartStatus.RUNNING, node, s.attempt, now))
+        for node in NODES:  # every attempt under way ends this turn
+            for key, attempt in sorted(running[node].items()):
+                code = outcomes[draws % len(outcomes)]
+                draws += 1
+                if code == "ok":
+                    steps[key[1:]].append(done(node, now))
+                    continue
+                r = next_attempt(j.pipeline.action(key[1]), attempt, code, now)
+                if r is None:
+                    steps[key[1:]].append(failed(node, now, code))
+                else:
+                    waiting[node][key] = r
+            running[node].clear()
+    else:
+        raise AssertionError("the job did not end")
+    for node in NODES:  # a retry whose action ended meanwhile (another target failed) is given up
+        p = plan([job_view(j, steps, None, everyone)], node, now, waiting=waiting[node], bounds=bounds)
+        assert p.starts == () and set(p.abandon) == set(waiting[node])
+
+
+def test_every_action_type_has_a_step_kind_and_gpus_load_or_free() -> None:
+    gpu = StepDevice("n2", "gpu1")
+    for t in ACTION_TYPES:
+        a = Action("a", t, "m", (StepDevice("n1", "disk"), StepDevice("n2", "disk")), ())
+        assert step_kind(a, Part(0, "n2", StepDevice("n2", "disk"))).value == t
+        a_gpu = dataclasses.replace(a, devices=(StepDevice("n1", "disk"), gpu))
+        want = {"serve": StepKind.SERVE, "stop_serve": StepKind.STOP_SERVE, "delete": StepKind.FREE_GPU}
+        assert step_kind(a_gpu, Part(0, "n2", gpu)) is want.get(t, StepKind.LOAD_GPU)
+        assert step_kind(a, Part(0, None, None)).value == t
+
+
+def test_a_move_to_several_targets_drops_its_source_from_the_last_one() -> None:
+    one = parse_pipeline({"name": "p", "actions": [{**copy("a", "n1:disk", "n2:disk"), "action_type": "move"}]})
+    (p,) = parts(one.actions[0])
+    assert copy_plan(one.actions[0], p) == CopyPlan("n1:disk", "n2:disk", True, False)
+    many = parse_pipeline({"name": "p", "actions": [{**copy("a", "n1:disk", "n2:disk", "n3:disk"),
+                                                     "action_type": "move"}]}).actions[0]
+    assert [(c.move, c.drop_source_last) for c in (copy_plan(many, q) for q in parts(many))] == [
+        (False, False), (False, True)]
+    kept = dataclasses.replace(many, keep_source=True)
+    assert not any(copy_plan(kept, q).drop_source_last for q in parts(kept))
+    plain = dataclasses.replace(many, action_type="copy")
+    assert not any(copy_plan(plain, q).move or copy_plan(plain, q).drop_source_last for q in parts(plain))
+
+
+@SETTINGS
+@given(targets=st.lists(st.sampled_from(["n1:gpu0", "n1:gpu1", "n1:gpu2", "n2:gpu0", "n2:disk"]), min_size=1,
+                        max_size=4, unique=True),
+       need=st.integers(0, 2**40), dram=st.booleans(), move=st.booleans(), keep=st.booleans())
+def test_a_gpu_load_shares_the_vram_among_this_nodes_gpus(targets: list[str], need: int, dram: bool,
+                                                          move: bool, keep: bool) -> None:
+    a = parse_pipeline({"name": "p", "actions": [{"action_id": "a", "action_type": "move" if move else "copy",
+                                                  "model_name": "m", "devices": ["n3:disk", *targets],
+                                                  "keep_source": keep and move}]}).actions[0]
+    share = sum(1 for t in targets if t.startswith("n1:gpu"))
+    for p in parts(a):
+        if p.node != "n1" or p.device is None or p.device.tier != "gpu":
+            continue
+        g = gpu_load(a, p, "n1", need, ("disk", "dram") if dram else ("disk",))
+        assert g.gpu == int(str(p.device)[-1]) and g.stage_device == ("n1:dram" if dram else "n1:disk")
+        assert g.reserve_bytes * share >= need > (g.reserve_bytes - 1) * share  # its even share, rounded up
+        last = p.index == len(targets) - 1
+        assert g.drop_source == (move and not keep and last)
+        assert g.wait_for_others == (g.drop_source and sum(t.split(":")[1].startswith("gpu") for t in targets) > 1)
