@@ -52,7 +52,7 @@ from .api.guard import ApiGuard
 from .bundles import Bundles
 from .config import Config, ConfigError, config_from_args
 from .copies.catalog import CopyCatalog
-from .copies.dataplane import DataClient, DataServer
+from .copies.dataplane import Arriving, DataClient, DataServer
 from .copies.evictor import Evictor
 from .copies.puller import LocalChunks, Puller
 from .copies.store import Store
@@ -403,6 +403,12 @@ class MeshNode:
     def have(self, manifest_hash: str) -> bytes | None:
         return None if self._chunks is None else self._chunks.have(manifest_hash)
 
+    async def wait_have(self, manifest_hash: str, known: int, timeout_s: float) -> tuple[int, bytes] | None:
+        return None if self._chunks is None else await self._chunks.wait_have(manifest_hash, known, timeout_s)
+
+    def arriving(self, manifest_hash: str, index: int) -> Arriving | None:
+        return None if self._chunks is None else self._chunks.arriving(manifest_hash, index)
+
     # -- sockets ------------------------------------------------------------------------
 
     def _hyper_config(self) -> HyperConfig:
@@ -463,6 +469,7 @@ class MeshNode:
             out["data_received_bytes"] = self.data_client.statistics().bytes_received
         if self.data_server is not None:
             out["data_sent_bytes"] = self.data_server.statistics().bytes_sent
+            out["data_have_sent_bytes"] = self.data_server.statistics().have_bytes_sent
         if self.puller is not None:
             out.update(self.puller.totals)
         return out

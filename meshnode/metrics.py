@@ -115,6 +115,7 @@ _COUNTERS = {
     "gossip_sent_bytes": "bytes of peer messages delivered",
     "data_received_bytes": "chunk bytes received over the data plane (verified or not)",
     "data_sent_bytes": "chunk bytes sent over the data plane",
+    "data_have_sent_bytes": "bytes of HAVE answers sent over the data plane (what a node tells its neighbours)",
     "chunks_verified": "chunks pulled from peers whose xxhash matched",
     "bad_chunks": "chunks from peers whose xxhash did not match (fetched again elsewhere)",
     "peer_bans": "peers banned from a transfer for serving bad chunks",

@@ -17,7 +17,7 @@ from .replicas import simulate_replicas
 from .report import fmt, table
 from .scenarios import ChaosSpec, chaos
 from .serving import HANG_TARGET_S, simulate_serving
-from .swarm import swarm_table
+from .swarm import swarm_table, swarm_targets
 from .sweep import draw, sweep
 
 
@@ -84,8 +84,12 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--seeds", type=int, default=5)
     w = sub.add_parser("swarm", help="one seed, N receivers: the daemon's pull policy against the star")
     w.add_argument("--receivers", type=_sizes, default=[2, 6, 24, 100], help="comma-separated swarm sizes")
-    w.add_argument("--chunks", type=int, default=64)
+    w.add_argument("--chunks", type=int, default=256)
     w.add_argument("--seed", type=int, default=1)
+    w.add_argument("--targets", action="store_true",
+                   help="issue 26's targets instead (100 and --big receivers, slow, dying and late receivers, "
+                        "two seeds, racks, the control plane): each MET or MISSED; minutes")
+    w.add_argument("--big", type=int, default=1000, help="the large swarm of --targets")
     return p
 
 
@@ -234,6 +238,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "swarm":
         if not 1 <= args.chunks <= 4096:
             parser.error("--chunks must be in [1, 4096]")
+        if args.targets:
+            if not 2 <= args.big <= 5000:
+                parser.error("--big must be in [2, 5000]")
+            print("sim swarm --targets: 256 chunks of 1 MiB, links of 100 Mbit/s each way, the daemon's policy; "
+                  "max-min shared links, records gossiped in 1 s, a dead node noticed in 10 s", flush=True)
+            goals = swarm_targets(seed=args.seed, big=args.big, progress=lambda name, r: print(
+                f"  {name}: slowest {r.last_s / r.s_over_b:.3f} x S/B, seed sent {r.seed_sent / r.size:.3f} x S, "
+                f"{r.wall_s:.0f} s of wall time", flush=True))
+            print(table(["target", "measured", "limit", ""], [g.row() for g in goals]))
+            print(f"targets missed: {sum(not g.met for g in goals)} of {len(goals)}")
+            return 0
         rows = swarm_table(args.receivers, chunks=args.chunks, seed=args.seed)
         print(f"sim swarm: 1 seed, {args.chunks} chunks of 1 MiB, every link 100 Mbit/s each way; "
               "times against S/B (one receiver's own link)")

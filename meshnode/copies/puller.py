@@ -15,10 +15,21 @@ Data flow
    its xxh3 digest *before* it is written.
 5. When every chunk is verified: fsync and one rename (``Partial.publish``).
 
-While it pulls, its verified chunks are served to other receivers
-(``locate`` and ``have``), so a swarm spreads a copy faster than its seed.
-Every step has a bound: a few requests in flight per holder, a stall timeout
-per chunk, a bounded set of holders, a clear final error.
+Every ``SOURCE_REFRESH_S`` ``protocol.transfer.swarm.refresh`` picks the
+holders to pull from: in a swarm, this node's neighbours in the graph every
+node derives alike from the holders and their ``rack`` labels
+(``protocol.transfer.neighbours``), a seed asked for this node's share
+first.  Each partial neighbour is followed with ``HAVE_WAIT``: it answers
+as soon as it holds something new, so nothing about chunks is gossiped to
+every node.
+
+While it pulls, this node serves its neighbours in turn (``locate``,
+``have``, ``wait_have``): its verified chunks, and over plain TCP the
+chunks still arriving (``arriving``: passed on as they arrive, their last
+bytes once verified), so a swarm spreads a copy about as fast as one node
+receives it.  Every step has a bound: a few requests in flight per holder,
+a stall timeout per chunk (shorter when chunks come fast), a bounded set of
+neighbours, a clear final error.
 """
 
 from __future__ import annotations
@@ -27,22 +38,30 @@ import logging
 import math
 import random
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 import trio
 
 from protocol.actions import CopyOf
 from protocol.errors import RemoteProtocolError
-from protocol.keys import COPY_PREFIX, CopyRecord, RecordError
+from protocol.keys import COPY_PREFIX, NODE_KEY, CopyRecord, NodeInfo, RecordError
 from protocol.manifest import Manifest
 from protocol.transfer.chunkplan import ChunkPlan, ChunkState
 from protocol.transfer.sources import banned_reason, holders
-from protocol.transfer.swarm import PER_PEER_INFLIGHT, refresh
+from protocol.transfer.swarm import PER_PEER_INFLIGHT, STALL_FACTOR, progress_interval_s, refresh
 
 from ..errors import MeshError, only
 from ..mesh import Mesh
 from ..peers import PeerClient, Recipient
-from .dataplane import ChunkMismatch, DataClient, DataPlaneError, NotFound, PeerBusy
+from .dataplane import (
+    Arriving,
+    ChunkMismatch,
+    DataClient,
+    DataPlaneError,
+    NotFound,
+    PeerBusy,
+    RequestRefused,
+)
 from .store import Copy, Partial, Store, StoreError
 from .transfer import Transfer
 
@@ -52,6 +71,11 @@ log = logging.getLogger("meshnode.transfers")
 
 SOURCE_REFRESH_S = 0.5
 NO_SOURCE_GRACE_S = 3.0
+SEED_GRACE_S = 3.0  # complete holders found this soon after a transfer starts are its seeds (shares first)
+HAVE_WAIT_S = 10.0  # a neighbour's HAVE_WAIT is renewed at least this often
+FULL_VERSION = 0xFFFFFFFF  # a complete copy's HAVE_WAIT version: it never changes
+_BITS = [bytes((b >> (7 - i)) & 1 for i in range(8)) for b in range(256)]  # a bitfield byte -> 8 chunk bytes
+_DIGITS = b"0" + b"1" * 255  # a chunk mask byte -> an ASCII binary digit
 
 
 MakeRoom = Callable[[str, str, int], Awaitable[None]]  # (tier, model, bytes): evict first, or NO_SPACE
@@ -63,6 +87,27 @@ async def no_eviction(kind: str, model: str, incoming: int) -> None:
 
 class TransferError(MeshError):
     """A transfer could not be done (``NO_SOURCE``, ``SOURCE_CORRUPT``, ...)."""
+
+
+class _Building:
+    """A copy this node is building, as its neighbours see it: the verified
+    chunks (the plan), the ones arriving now, and a version that moves
+    whenever either changes (``wait_have``)."""
+
+    def __init__(self, partial: Partial, plan: ChunkPlan) -> None:
+        self.partial = partial
+        self.plan = plan
+        self.arriving: dict[int, Arriving] = {}
+        self.version = 1
+        self.changed = trio.Event()
+
+    def bump(self) -> None:
+        self.version = self.version % (FULL_VERSION - 1) + 1  # 1 .. FULL_VERSION - 1
+        event, self.changed = self.changed, trio.Event()
+        event.set()
+
+    def bitfield(self) -> bytes:
+        return self.plan.verified_bits(self.arriving)
 
 
 class Puller:
@@ -77,7 +122,7 @@ class Puller:
         self.chunk_stall_s = chunk_stall_s
         self.source_wait_s = source_wait_s  # a running transfer waits this long for holders to come back
         self.rng = rng
-        self._partials: dict[str, tuple[Partial, ChunkPlan]] = {}  # manifest hash -> what we are building
+        self._partials: dict[str, _Building] = {}  # manifest hash -> what we are building
         self.make_room: MakeRoom = no_eviction  # the evictor's, once the node has one
         # (holder, model, manifest hash, chunk) on a ban: the router tells the holder to read its copy again
         self.on_ban: Callable[[str, str, str, int], None] = lambda *_: None
@@ -90,20 +135,30 @@ class Puller:
         entry = self._partials.get(manifest_hash)
         if entry is None:
             return None
-        partial, plan = entry
+        plan = entry.plan
         if not 0 <= index < plan.n_chunks or plan.chunk_state(index) is not ChunkState.VERIFIED:
             return None
-        return partial.locate(index)
+        return entry.partial.locate(index)
 
     def have(self, manifest_hash: str) -> bytes | None:
         entry = self._partials.get(manifest_hash)
+        return None if entry is None else entry.bitfield()
+
+    def arriving(self, manifest_hash: str, index: int) -> Arriving | None:
+        entry = self._partials.get(manifest_hash)
+        return None if entry is None else entry.arriving.get(index)
+
+    async def wait_have(self, manifest_hash: str, known: int, timeout_s: float) -> tuple[int, bytes] | None:
+        """(version, bitfield) of what this node builds, once the version
+        differs from ``known`` or after ``timeout_s``; None: not building it."""
+        entry = self._partials.get(manifest_hash)
         if entry is None:
             return None
-        _, plan = entry
-        bits = bytearray(full_bitfield(plan.n_chunks))
-        for i in plan.missing():
-            bits[i // 8] &= ~(0x80 >> (i % 8)) & 0xFF
-        return bytes(bits)
+        if entry.version == known:
+            with trio.move_on_after(timeout_s):
+                await entry.changed.wait()
+            entry = self._partials.get(manifest_hash, entry)
+        return entry.version, entry.bitfield()
 
     # -- holders ----------------------------------------------------------------------------
 
@@ -180,13 +235,14 @@ class Puller:
             have = await trio.to_thread.run_sync(resumed_chunks, partial)
             t.chunks_resumed = len(have)
             t.bytes_done = sum(manifest.chunk(i).length for i in have)
-            plan = ChunkPlan(manifest.n_chunks, have, per_peer_inflight=PER_PEER_INFLIGHT, stall_timeout_s=self.chunk_stall_s)
-            self._partials[t.manifest_hash] = (partial, plan)
-            await self._pull_chunks(t, manifest, partial, plan)
-            self._partials.pop(t.manifest_hash, None)
+            plan = ChunkPlan(manifest.n_chunks, have, per_peer_inflight=PER_PEER_INFLIGHT,
+                             stall_timeout_s=self.chunk_stall_s, stall_factor=STALL_FACTOR)
+            building = self._partials[t.manifest_hash] = _Building(partial, plan)
+            await self._pull_chunks(t, manifest, building)
+            self._forget(t.manifest_hash)
             return await trio.to_thread.run_sync(partial.publish)
         except BaseException as e:
-            self._partials.pop(t.manifest_hash, None)
+            self._forget(t.manifest_hash)
             if only(e, trio.Cancelled):
                 # The node is stopping: keep the verified chunks for the resume.
                 partial.close()
@@ -195,11 +251,36 @@ class Puller:
                 await trio.to_thread.run_sync(partial.discard)
             raise
 
-    async def _pull_chunks(self, t: Transfer, manifest: Manifest, partial: Partial, plan: ChunkPlan) -> None:
+    def _forget(self, manifest_hash: str) -> None:
+        entry = self._partials.pop(manifest_hash, None)
+        if entry is not None:
+            entry.bump()  # its neighbours' HAVE_WAITs return: ask again (the store has it, or nobody)
+
+    def _racks(self, nodes: Mapping[str, str]) -> dict[str, str]:
+        """node id -> its ``rack`` label, for these nodes and this one (``--labels rack=...``)."""
+        out = {}
+        for nid in (*nodes, self.mesh.id):
+            try:
+                rack = NodeInfo.from_value(self.mesh.get(nid, NODE_KEY)).labels.get("rack")
+            except RecordError:
+                continue
+            if rack:
+                out[nid] = rack
+        return out
+
+    async def _pull_chunks(self, t: Transfer, manifest: Manifest, building: _Building) -> None:
         assert t.manifest_hash is not None
         mhash = t.manifest_hash
+        partial, plan = building.partial, building.plan
         named = named_source(t)
         client = self.data
+        cut_through = not client.tls  # chunks still arriving are passed on (plain TCP only)
+        started = trio.current_time()
+        seeds: set[str] = set()  # complete holders found at the start: each is asked for this node's share first
+        following: dict[str, trio.CancelScope] = {}  # partial neighbour -> its HAVE_WAIT task
+        caps: dict[str, int | None] = {}  # partial neighbour -> its in-flight cap
+        allowed: dict[str, bytes | None] = {}  # partial neighbour -> the chunks it may be asked for
+        told: dict[str, bytes] = {}  # partial neighbour -> the chunk mask it last sent
         wake = trio.Event()
         fatal: list[BaseException] = []
         scopes: dict[tuple[str, int], trio.CancelScope] = {}
@@ -217,10 +298,15 @@ class Puller:
         async def fetch(peer: str, index: int, scope: trio.CancelScope) -> None:
             ref = manifest.chunk(index)
             buf = buffers.pop() if buffers else bytearray(manifest.chunk_bytes)
+            arriving = None
+            if cut_through and index not in building.arriving:  # its neighbours hear of it now
+                arriving = building.arriving[index] = Arriving(buf, ref.length)
+                building.bump()
             try:
                 with scope:
                     try:
-                        data = await client.fetch_chunk(addrs[peer], mhash, index, ref.length, ref.digest, buf)
+                        data = await client.fetch_chunk(addrs[peer], mhash, index, ref.length, ref.digest, buf,
+                                                        progress=None if arriving is None else arriving.progress)
                     except ChunkMismatch:
                         t.bad_chunks += 1
                         self.totals["bad_chunks"] += 1
@@ -241,6 +327,8 @@ class Puller:
                         return
                     if index in writing or plan.chunk_state(index) is ChunkState.VERIFIED:
                         return  # an endgame twin got here first
+                    if arriving is not None:
+                        arriving.done(True)  # verified: its last bytes may go on
                     writing.add(index)
                     try:
                         await trio.to_thread.run_sync(partial.write_chunk, index, data)
@@ -250,6 +338,7 @@ class Puller:
                     finally:
                         writing.discard(index)
                     redundant = plan.on_verified(peer, index, trio.current_time())
+                    building.bump()
                     by_source[peer] = by_source.get(peer, 0) + 1
                     t.chunks_fetched += 1
                     self.totals["chunks_verified"] += 1
@@ -262,27 +351,70 @@ class Puller:
                     plan.on_failed(peer, index, trio.current_time())
             finally:
                 scopes.pop((peer, index), None)
-                buffers.append(buf)
+                if arriving is not None:
+                    if arriving.ok is None:
+                        arriving.done(False)  # its passing on stops short of a whole chunk
+                    if building.arriving.get(index) is arriving:
+                        del building.arriving[index]
+                        building.bump()
+                if arriving is None or not arriving.readers:
+                    buffers.append(buf)  # else still being passed on from: left to the collector
                 poke()
 
-        async def have(nid: str, addr: str, cap: int | None) -> None:
-            try:
-                with trio.fail_after(2):
-                    bits = await client.have(addr, mhash)
-                plan.set_source(nid, bits_of(bits, manifest.n_chunks), inflight=cap)
-            except (DataPlaneError, NotFound, PeerBusy, trio.TooSlowError):
-                plan.remove_source(nid)
+        n = manifest.n_chunks
+
+        def learn(nid: str, bits: bytes) -> None:
+            """A partial neighbour told what it holds: its chunks this node may ask it for."""
+            mask = bitfield_mask(bits, n)
+            told[nid] = mask
+            edge = allowed.get(nid)
+            if edge is not None:
+                mask = (int.from_bytes(mask, "little") & int.from_bytes(edge, "little")).to_bytes(n, "little")
+            plan.set_source_mask(nid, mask, inflight=caps.get(nid))
+            poke()
+
+        async def follow(nid: str, scope: trio.CancelScope) -> None:
+            """Hear from a partial neighbour whenever it holds something new
+            (HAVE_WAIT); from one that predates it, ask every round (HAVE)."""
+            known, polling = 0, False
+            with scope:
+                while True:
+                    addr = addrs.get(nid)
+                    if addr is None:
+                        return
+                    try:
+                        if polling:
+                            with trio.fail_after(2):
+                                bits = await client.have(addr, mhash)
+                        else:
+                            with trio.fail_after(HAVE_WAIT_S + 10):
+                                known, bits = await client.have_wait(addr, mhash, known, HAVE_WAIT_S)
+                    except RequestRefused:
+                        polling = True  # an older node: no HAVE_WAIT
+                        continue
+                    except (DataPlaneError, trio.TooSlowError) as e:  # gone, or done (its copy is complete now)
+                        log.debug("no news of %s from %s: %s", mhash[:12], nid, e)
+                        await trio.sleep(SOURCE_REFRESH_S)
+                        continue
+                    if nid in following:
+                        learn(nid, bits)
+                    if polling:
+                        await trio.sleep(SOURCE_REFRESH_S)
 
         me = self.mesh.id
         pulling: tuple[str, ...] = (me,)
         rng = self.rng
 
-        async def refresh_sources() -> None:
+        async def refresh_sources(nursery: trio.Nursery) -> None:
             nonlocal last_source_seen, pulling, banned_found
             while True:
                 found, complete = self.holders(mhash, named)
-                r = refresh(plan, found, complete, me, lambda nid: bool(by_source.get(nid)), pulling, rng)
+                if trio.current_time() - started <= SEED_GRACE_S:
+                    seeds.update(complete)  # copies older than this transfer: their shares first
+                r = refresh(plan, found, complete, me, lambda nid: bool(by_source.get(nid)), pulling, rng,
+                            racks=self._racks(found), key=mhash, seeds=seeds)
                 pulling = r.pulling
+                t.progress_every_s = progress_interval_s(len(pulling))
                 for key in r.cancel:  # the dropped sources' chunks go back to the pool
                     s = scopes.get(key)
                     if s is not None:
@@ -292,9 +424,18 @@ class Puller:
                         addrs.pop(nid)
                 for nid in r.chosen:
                     addrs[nid] = found[nid]
-                async with trio.open_nursery() as asking:
-                    for nid, cap in r.ask.items():
-                        asking.start_soon(have, nid, found[nid], cap)
+                for nid in list(following):
+                    if nid not in r.ask:
+                        following.pop(nid).cancel()
+                        told.pop(nid, None)
+                for nid, cap in r.ask.items():
+                    edge_changed = allowed.get(nid) != r.allowed.get(nid) or caps.get(nid) != cap
+                    caps[nid], allowed[nid] = cap, r.allowed.get(nid)
+                    if nid not in following:
+                        following[nid] = trio.CancelScope()
+                        nursery.start_soon(follow, nid, following[nid])
+                    elif edge_changed and nid in told:
+                        learn(nid, bitfield_of_mask(told[nid]))
                 if r.usable:  # a banned holder is listed, but it is no source
                     last_source_seen = trio.current_time()
                 banned_found = r.banned
@@ -303,7 +444,7 @@ class Puller:
                 await trio.sleep(SOURCE_REFRESH_S)
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(refresh_sources)
+            nursery.start_soon(refresh_sources, nursery)
             while not plan.complete:
                 if fatal:
                     raise fatal[0]
@@ -359,6 +500,20 @@ class LocalChunks:
             return full_bitfield(c.manifest.n_chunks)
         return self.puller.have(manifest_hash)
 
+    async def wait_have(self, manifest_hash: str, known: int, timeout_s: float) -> tuple[int, bytes] | None:
+        """A neighbour's HAVE_WAIT: what this node holds of the manifest once
+        it differs from the version the neighbour knows (``FULL_VERSION`` for
+        a complete copy, which never changes)."""
+        c = self.store.find(manifest_hash)
+        if c is not None:
+            if known == FULL_VERSION:
+                await trio.sleep(timeout_s)
+            return FULL_VERSION, full_bitfield(c.manifest.n_chunks)
+        return await self.puller.wait_have(manifest_hash, known, timeout_s)
+
+    def arriving(self, manifest_hash: str, index: int) -> Arriving | None:
+        return self.puller.arriving(manifest_hash, index)
+
 
 def resumed_chunks(p: Partial) -> set[int]:
     """The verified chunks a partial left by an earlier run holds; a new one
@@ -385,3 +540,15 @@ def full_bitfield(n: int) -> bytes:
 
 def bits_of(bitfield: bytes, n: int) -> set[int]:
     return {i for i in range(min(n, len(bitfield) * 8)) if bitfield[i // 8] & (0x80 >> (i % 8))}
+
+
+def bitfield_mask(bitfield: bytes, n: int) -> bytes:
+    """A HAVE bitfield (bit i, MSB first) as a chunk mask (byte i is 1 when chunk i is held); O(n) in C."""
+    mask = b"".join(_BITS[b] for b in bitfield[: (n + 7) // 8])[:n]
+    return mask + bytes(n - len(mask))
+
+
+def bitfield_of_mask(mask: bytes) -> bytes:
+    """The inverse of ``bitfield_mask``."""
+    digits = bytes(mask).translate(_DIGITS) + b"0" * (-len(mask) % 8)
+    return int(digits, 2).to_bytes(len(digits) // 8, "big") if digits else b""

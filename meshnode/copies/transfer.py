@@ -49,6 +49,7 @@ class Transfer:
     files_done: int = 0
     files_total: int = 0
     cancelled: str = ""  # why it was cancelled, once it is
+    progress_every_s: float = 0.0  # its record's progress goes to the catalog at most this often (a swarm's size)
 
     def move(self, to: TransferStatus) -> None:
         self.status = advance(self.status, to)

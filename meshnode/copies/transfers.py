@@ -293,7 +293,7 @@ class Transfers:
         """Every second while the transfer runs: its rate, and the news in the catalog."""
         prev, prev_t = t.bytes_done, trio.current_time()
         while True:
-            await trio.sleep(PROGRESS_INTERVAL_S)
+            await trio.sleep(max(PROGRESS_INTERVAL_S, t.progress_every_s))  # stretched in a large swarm
             now = trio.current_time()
             t.rate_bps = max(t.bytes_done - prev, 0) / max(now - prev_t, 1e-6)
             prev, prev_t = t.bytes_done, now

@@ -52,7 +52,11 @@ served bad (for the reason a transfer gives).  ``expire`` releases requests in f
 the request or the peer's last delivery, whichever is later: a source whose
 upload is shared by many receivers is slow, not stalled) and marks their
 peer stalled (no new requests) until ``now + stall_timeout_s``, so the chunk
-goes to another holder.
+goes to another holder.  With ``stall_factor`` the timeout is also at most
+that many times the usual time a chunk takes here (an average of the
+recent ones, from request to verified), but never under ``stall_floor_s``:
+in a swarm whose chunks take half a second, a holder that died without a
+word is given up in seconds, not at the full timeout.
 
 ``stuck(now)`` is true when chunks are missing and no unbanned, unstalled
 source holds any of them (for example the only holder is gone): the caller
@@ -91,6 +95,9 @@ _VERIFIED = 2
 # state byte -> 1 when the chunk is still missing (idle or in flight) / idle
 _MISSING_MASK = bytes([1, 1, 0]) + bytes(253)
 _IDLE_MASK = bytes([1, 0, 0]) + bytes(253)
+_TOOK_WEIGHT = 0.25  # a source's chunk time: the weight of its newest chunk in the average
+_NONZERO = bytes([0]) + bytes([1]) * 255  # any byte -> 1 when nonzero
+_VERIFIED_DIGIT = b"001" + bytes(253)  # state byte -> ASCII 1 when verified, else 0
 
 
 class ChunkState(enum.Enum):
@@ -116,7 +123,7 @@ def _ones(bits: bytes | bytearray) -> Iterator[int]:
 
 
 class _Source:
-    __slots__ = ("bits", "cap", "count", "delivered_at", "inflight")
+    __slots__ = ("bits", "cap", "count", "delivered_at", "inflight", "took_n", "took_s")
 
     def __init__(self, bits: bytearray | None, cap: int) -> None:
         self.cap = cap  # requests in flight at most (<= per_peer_inflight)
@@ -124,6 +131,8 @@ class _Source:
         self.count = 0 if bits is None else bits.count(1)
         self.inflight: dict[int, float] = {}  # chunk -> requested at
         self.delivered_at = -math.inf  # when it last delivered a verified chunk
+        self.took_s: float | None = None  # how long its chunks take, request to verified (recent average)
+        self.took_n = 0  # the chunks (and stalls) that average counts
 
     def holds(self, chunk: int) -> bool:
         return self.bits is None or self.bits[chunk] == 1
@@ -142,6 +151,8 @@ class ChunkPlan:
         ban_after_bad: int = 2,
         random_first: int = 4,
         endgame: bool = True,
+        stall_factor: float = 0.0,
+        stall_floor_s: float = 1.0,
     ) -> None:
         if not _is_int(n_chunks) or not 0 <= n_chunks <= MAX_CHUNKS:
             raise LocalProtocolError(f"n_chunks must be an int in [0, {MAX_CHUNKS}]")
@@ -157,9 +168,15 @@ class ChunkPlan:
             raise LocalProtocolError("ban_after_bad must be an int >= 1")
         if not _is_int(random_first) or random_first < 0:
             raise LocalProtocolError("random_first must be an int >= 0")
+        for name, v in (("stall_factor", stall_factor), ("stall_floor_s", stall_floor_s)):
+            if not isinstance(v, int | float) or not (math.isfinite(v) and v >= 0):
+                raise LocalProtocolError(f"{name} must be a finite number >= 0")
         self._n = n_chunks
         self._per_peer = per_peer_inflight
-        self._stall_s = float(stall_timeout_s)
+        self._stall_max_s = self._stall_s = float(stall_timeout_s)
+        self._stall_factor = float(stall_factor)
+        self._stall_floor_s = float(stall_floor_s)
+        self._took_s: float | None = None  # the recent time a chunk took, from request to verified
         self._ban_after = ban_after_bad
         self._random_left = random_first
         self._endgame = bool(endgame)
@@ -215,18 +232,21 @@ class ChunkPlan:
         _check_peer(peer)
         if inflight is not None and (not _is_int(inflight) or inflight < 1):
             raise LocalProtocolError("inflight must be an int >= 1")
-        if peer in self._banned:
-            return
-        cap = self._per_peer if inflight is None else min(inflight, self._per_peer)
-        src = self._sources.get(peer)
-        if src is not None:
-            src.cap = cap
         new = None
         if chunks is not None:
             new = bytearray(self._n)
             for c in chunks:
                 self._check_chunk(c)
                 new[c] = 1
+        self._set_bits(peer, new, inflight)
+
+    def _set_bits(self, peer: str, new: bytearray | None, inflight: int | None) -> None:
+        if peer in self._banned:
+            return
+        cap = self._per_peer if inflight is None else min(inflight, self._per_peer)
+        src = self._sources.get(peer)
+        if src is not None:
+            src.cap = cap
         if new is None or new.count(1) == self._n:  # a full holder
             if src is None:
                 self._sources[peer] = _Source(None, cap)
@@ -252,6 +272,22 @@ class ChunkPlan:
             src.bits = new
             src.count = new.count(1)
 
+    def set_source_mask(self, peer: str, mask: bytes | None, *, inflight: int | None = None) -> None:
+        """``set_source`` with the chunks as a mask: ``mask[c]`` is 1 when
+        ``peer`` holds (or may be asked for) chunk c; None for every chunk.
+        An unchanged mask costs O(n_chunks) in C."""
+        _check_peer(peer)
+        if inflight is not None and (not _is_int(inflight) or inflight < 1):
+            raise LocalProtocolError("inflight must be an int >= 1")
+        if mask is not None and len(mask) != self._n:
+            raise LocalProtocolError(f"mask must have {self._n} bytes, got {len(mask)}")
+        self._set_bits(peer, None if mask is None else bytearray(mask.translate(_NONZERO)), inflight)
+
+    def lacks_any(self, mask: bytes) -> bool:
+        """Whether a chunk whose ``mask`` byte is nonzero is not verified yet."""
+        missing = int.from_bytes(self._state.translate(_MISSING_MASK), "little")
+        return bool(missing & int.from_bytes(bytes(mask[: self._n]).translate(_NONZERO), "little"))
+
     def add_source_chunks(self, peer: str, chunks: Iterable[int]) -> None:
         """``peer`` now also holds ``chunks`` (incremental, O(len(chunks)))."""
         _check_peer(peer)
@@ -274,6 +310,30 @@ class ChunkPlan:
                 self._bump(c, +1)
         if src.count == self._n:
             self._make_full(src)
+
+    def remove_source_chunks(self, peer: str, chunks: Iterable[int]) -> None:
+        """``peer`` no longer holds ``chunks`` (incremental; its requests in
+        flight stay, the caller fails those it must)."""
+        _check_peer(peer)
+        src = self._sources.get(peer)
+        if src is None:
+            return
+        held = []
+        for c in chunks:
+            self._check_chunk(c)
+            if src.holds(c):
+                held.append(c)
+        if not held:
+            return
+        if src.bits is None:
+            self._full -= 1
+            src.bits = bytearray(b"\x01") * self._n
+            src.count = self._n
+            self._count_bits(src.bits, +1)
+        for c in held:
+            src.bits[c] = 0
+            src.count -= 1
+            self._bump(c, -1)
 
     def remove_source(self, peer: str) -> list[tuple[str, int]]:
         """Forget ``peer`` (it died, left, or dropped the copy).
@@ -560,6 +620,13 @@ class ChunkPlan:
         src = self._sources.get(peer)
         if src is not None and now > src.delivered_at:
             src.delivered_at = now
+        if src is not None and chunk in src.inflight:
+            took = max(0.0, now - src.inflight[chunk])
+            src.took_s = took if src.took_s is None else (1 - _TOOK_WEIGHT) * src.took_s + _TOOK_WEIGHT * took
+            src.took_n += 1
+        if self._stall_factor and src is not None and chunk in src.inflight:
+            self._took_s = took if self._took_s is None else 0.9 * self._took_s + 0.1 * took
+            self._stall_s = min(self._stall_max_s, max(self._stall_floor_s, self._stall_factor * self._took_s))
         self._release(peer, chunk)
         if self._state[chunk] == _VERIFIED:
             return []
@@ -627,6 +694,10 @@ class ChunkPlan:
             if now >= max(started, src.delivered_at) + self._stall_s  # as in next_deadline()
         ]
         for peer, c in expired:
+            src = self._sources[peer]
+            took = now - src.inflight[c]  # at least: it never came, so the peer counts as that slow
+            src.took_s = took if src.took_s is None else max(src.took_s, took)
+            src.took_n += 1
             self._release(peer, c)
             self._stalled_until[peer] = now + self._stall_s
         self._stats["expired"] += len(expired)
@@ -649,6 +720,18 @@ class ChunkPlan:
     def missing(self) -> set[int]:
         """Chunks not verified yet (idle or in flight)."""
         return set(_ones(self._state.translate(_MISSING_MASK)))
+
+    def verified_bits(self, also: Iterable[int] = ()) -> bytes:
+        """The verified chunks (and ``also`` these) as a bitfield: bit i,
+        most significant first, is chunk i (the data plane's HAVE).  O(n) in C."""
+        if not self._n:
+            return b""
+        digits = bytearray(self._state.translate(_VERIFIED_DIGIT))
+        for c in also:
+            if 0 <= c < self._n:
+                digits[c] = 0x31
+        digits += b"0" * (-self._n % 8)
+        return int(digits, 2).to_bytes(len(digits) // 8, "big")
 
     def chunk_state(self, chunk: int) -> ChunkState:
         self._check_chunk(chunk)
@@ -697,6 +780,24 @@ class ChunkPlan:
         """How many unbanned sources hold ``chunk``."""
         self._check_chunk(chunk)
         return self._full + self._partial_count[chunk]
+
+    def took_s(self, peer: str) -> float | None:
+        """How long ``peer``'s chunks take here, from request to verified (a
+        recent average; a request that stalled counts as its wait): None
+        before it delivered or stalled."""
+        src = self._sources.get(peer)
+        return None if src is None else src.took_s
+
+    def lagging(self, factor: float, *, least: int = 3, chunks: int = 3) -> frozenset[str]:
+        """The sources that lag: stalled now, or whose chunks take more than
+        ``factor`` times the median of the sources measured over at least
+        ``chunks`` chunks each (when at least ``least`` are).  O(sources)."""
+        out = {p for p in self._stalled_until if p in self._sources}
+        measured = [(p, s.took_s) for p, s in self._sources.items() if s.took_s is not None and s.took_n >= chunks]
+        if len(measured) >= least:
+            median = sorted(t for _, t in measured)[len(measured) // 2]
+            out.update(p for p, t in measured if t > factor * median)
+        return frozenset(out)
 
     def peer_state(self, peer: str, now: float) -> PeerState:
         if peer in self._banned:

@@ -737,3 +737,23 @@ def test_useful_says_whether_a_source_holds_a_missing_chunk() -> None:
     plan.set_source("new", [1, 2])
     assert plan.useful("full") and plan.useful("new")
     assert not plan.useful("old") and not plan.useful("unknown")
+
+
+def test_a_source_that_stalls_or_is_much_slower_than_the_others_lags() -> None:
+    plan = ChunkPlan(64, stall_timeout_s=10.0)
+    for p in ("a", "b", "c", "dead"):
+        plan.set_source(p, None, inflight=1)
+    assert plan.lagging(2.0) == frozenset() and plan.took_s("a") is None
+    rng = random.Random(1)
+    t = 0.0
+    for _ in range(3):
+        for peer, chunk in plan.next_requests(t, rng):
+            if peer != "dead":  # it never answers
+                plan.on_verified(peer, chunk, t + (5.0 if peer == "c" else 1.0))
+        t += 5.0
+    assert plan.took_s("a") == 1.0 and plan.took_s("c") == 5.0
+    assert plan.lagging(2.0) == {"c"}  # five times the median of a, b and c
+    assert plan.lagging(2.0, chunks=4) == frozenset()  # too few chunks each to say
+    assert [p for p, _ in plan.expire(t)] == ["dead"]
+    assert plan.lagging(2.0) == {"c", "dead"}  # stalled now
+    assert (plan.took_s("dead") or 0.0) >= 10.0  # its wait counts as what its chunk took

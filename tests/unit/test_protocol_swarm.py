@@ -9,7 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol.transfer.chunkplan import ChunkPlan
+from protocol.transfer.neighbours import FULL_MESH_MAX, RINGS, SwarmGraph
 from protocol.transfer.swarm import (
+    LAG_CHUNKS,
+    LAG_FACTOR,
     MAX_SOURCES,
     PER_PEER_INFLIGHT,
     SWARM_INFLIGHT,
@@ -31,8 +34,10 @@ def test_a_round_keeps_its_bounds_and_says_what_to_cancel(found: set[str], compl
     plan = ChunkPlan(16)
     first = refresh(plan, found, complete, "me", lambda _p: False, ("me",), rng, limit=limit)
     assert first.chosen <= found and len(first.chosen) <= limit
-    if complete:
-        assert first.chosen & complete  # the only way to chunks no receiver has yet
+    nbrs = set(SwarmGraph(found | {"me"}, complete=complete).neighbours("me"))  # its neighbours, no others
+    assert first.chosen <= nbrs and len(first.chosen) == min(limit, len(nbrs))
+    if complete and len(found) < FULL_MESH_MAX and limit >= len(found):
+        assert first.chosen & complete  # a small swarm is a full mesh: every holder is a source
     assert set(first.ask) == first.chosen - complete  # partial holders are asked for their chunks
     assert first.pulling == tuple(sorted({"me", *found} - complete))
     swarm = len(first.pulling) > 1
@@ -78,7 +83,44 @@ def test_the_sim_swarm_shares_uploads_and_beats_the_star() -> None:
 
 
 def test_the_limit_holds_in_a_swarm_larger_than_it() -> None:
+    """A receiver in a large swarm pulls from its neighbours only (2 x RINGS
+    in one rack), and never more than the limit."""
     plan = ChunkPlan(64)
     found = {f"p{i}" for i in range(3 * MAX_SOURCES)}
     r = refresh(plan, found, {"p0"}, "me", lambda _p: False, ("me",), random.Random(3))
-    assert len(r.chosen) == MAX_SOURCES and "p0" in r.chosen
+    assert len(r.chosen) == 2 * RINGS <= MAX_SOURCES
+    assert len(refresh(ChunkPlan(64), found, {"p0"}, "me", lambda _p: False, ("me",), random.Random(3),
+                       limit=3).chosen) == 3
+
+
+
+def _deliver_rounds(plan: ChunkPlan, slow: set[str], rounds: int) -> None:
+    """Every source delivers what it is asked for, those in ``slow`` four times slower."""
+    t, rng = 0.0, random.Random(7)
+    for _ in range(rounds):
+        for peer, chunk in plan.next_requests(t, rng):
+            plan.on_verified(peer, chunk, t + (4.0 if peer in slow else 1.0))
+        t += 4.0
+
+
+def test_a_receiver_whose_neighbours_lag_pulls_from_stand_ins_too_never_a_seed() -> None:
+    found = {f"p{i:02d}" for i in range(40)}
+    graph = SwarmGraph(found | {"me"})
+    nbrs = frozenset(graph.neighbours("me"))
+    seeds = set(graph.stand_ins("me", 1))  # the first stand-in it would take, were it no seed
+    plan = ChunkPlan(256)
+    first = refresh(plan, found, seeds, "me", lambda _p: True, ("me",), random.Random(5), seeds=seeds)
+    assert first.chosen == nbrs
+    for p in nbrs:
+        plan.set_source(p, None, inflight=SWARM_INFLIGHT)
+    _deliver_rounds(plan, set(), LAG_CHUNKS + 1)
+    again = refresh(plan, found, seeds, "me", lambda _p: True, first.pulling, random.Random(5), seeds=seeds)
+    assert again.chosen == nbrs  # nobody lags: its neighbours only
+    slow = set(sorted(nbrs)[:2])
+    _deliver_rounds(plan, slow, 2 * LAG_CHUNKS)
+    assert plan.lagging(LAG_FACTOR, chunks=LAG_CHUNKS) == slow
+    r = refresh(plan, found, seeds, "me", lambda _p: True, first.pulling, random.Random(5), seeds=seeds)
+    stand_ins = r.chosen - nbrs
+    assert r.chosen >= nbrs and len(stand_ins) == 2  # one beside each neighbour that lags
+    assert not stand_ins & seeds and stand_ins == set(graph.stand_ins("me", 2, skip=seeds))
+    assert set(r.ask) >= stand_ins  # followed like neighbours

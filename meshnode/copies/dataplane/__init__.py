@@ -43,12 +43,27 @@ Requests and replies::
 
     GET_CHUNK  u8 1 | manifest hash (16 raw bytes of the 32-char hex) | chunk index u32
     HAVE       u8 2 | manifest hash (16)
+    HAVE_WAIT  u8 3 | manifest hash (16) | version known u32 | wait ms u32
     reply      status u8 | length u64 | body
 
 Status 0 OK (body: the chunk, or a bitfield whose bit i, most significant bit
-first, says chunk i is present and verified), 1 NOT_FOUND, 2 BAD_REQUEST,
-3 BUSY.  A non-OK body is an optional short UTF-8 reason (at most 256 bytes).
-A malformed request gets BAD_REQUEST and the connection is closed.
+first, says chunk i is present and verified; for HAVE_WAIT a version u32
+first), 1 NOT_FOUND, 2 BAD_REQUEST, 3 BUSY.  A non-OK body is an optional
+short UTF-8 reason (at most 256 bytes).  A malformed or unknown request gets
+BAD_REQUEST and the connection is closed (a node that predates HAVE_WAIT
+answers it so, and the asker falls back to HAVE).
+
+Neighbours in a swarm tell each other of new chunks with HAVE_WAIT: the
+holder answers as soon as its chunks differ from the version the asker knows
+(at most ``MAX_HAVE_WAIT_S`` later), so a chunk is known around the
+neighbourhood within a round trip, and nothing is gossiped to everyone.  A
+holder that is still receiving a chunk lists it too, and passes it on as it
+arrives (``Arriving``: cut-through, over plain TCP): the last
+``HOLD_BYTES`` go out only once it matched its digest here, and a chunk that
+fails it is never sent whole (the connection is closed; the receiver asks
+another holder, with no strike).  A holder runs at most ``upload_slots``
+chunk sends at once; later requests wait their turn, first come first
+served.
 
 Limits: connections (``max_connections``), concurrent chunk sends
 (``max_concurrent_sends``, beyond which GET_CHUNK answers BUSY), a handshake
@@ -64,21 +79,29 @@ digest matched.
 
 from .client import DataClient, DataClientStatistics
 from .common import (
+    HOLD_BYTES,
     MAGIC,
+    MAX_HAVE_WAIT_S,
     VERSION,
+    Arriving,
     ChunkMismatch,
     ChunkResolver,
     DataPlaneAuthError,
     DataPlaneError,
     NotFound,
     PeerBusy,
+    RequestRefused,
     Status,
+    SwarmResolver,
 )
 from .server import DataServer, DataServerStatistics
 
 __all__ = [
+    "HOLD_BYTES",
     "MAGIC",
+    "MAX_HAVE_WAIT_S",
     "VERSION",
+    "Arriving",
     "ChunkMismatch",
     "ChunkResolver",
     "DataClient",
@@ -89,5 +112,7 @@ __all__ = [
     "DataServerStatistics",
     "NotFound",
     "PeerBusy",
+    "RequestRefused",
     "Status",
+    "SwarmResolver",
 ]

@@ -18,9 +18,11 @@ from meshnode.ratelimit import TokenBucket
 from .common import (
     _CLIENT_HELLO,
     _GET_CHUNK_BODY,
+    _HAVE_WAIT_BODY,
     _REPLY,
     _SERVER_HELLO,
     _T,
+    _VERSION,
     BUSY_BYTE,
     MAC_BYTES,
     MAGIC,
@@ -30,12 +32,14 @@ from .common import (
     NONCE_BYTES,
     REQ_GET_CHUNK,
     REQ_HAVE,
+    REQ_HAVE_WAIT,
     VERSION,
     ChunkMismatch,
     DataPlaneAuthError,
     DataPlaneError,
     NotFound,
     PeerBusy,
+    RequestRefused,
     Status,
     _close_now,
     _Conn,
@@ -117,12 +121,14 @@ class DataClient:
         length: int,
         digest: bytes,
         buf: bytearray,
+        progress: Callable[[int], None] | None = None,
     ) -> memoryview:
         """Read chunk ``index`` of ``manifest_hash`` from ``peer`` into ``buf``.
 
         Returns ``memoryview(buf)[:length]`` once the bytes' xxh3-128 equals
         ``digest`` (16 raw bytes).  Raises ChunkMismatch, NotFound, PeerBusy,
-        DataPlaneAuthError or DataPlaneError.
+        DataPlaneAuthError or DataPlaneError.  ``progress(n)``: n bytes are in
+        ``buf`` (over plain TCP; not called over TLS).
         """
         if not 0 <= index < 1 << 32:
             raise ValueError(f"chunk index out of range: {index}")
@@ -140,7 +146,7 @@ class DataClient:
                     f"{peer} offered {size} bytes for {manifest_hash}[{index}], the manifest says {length}"
                 )
             hasher = xxhash.xxh3_128()
-            await conn.recv_into(view, hasher, self.read_timeout_s, self._ingress)
+            await conn.recv_into(view, hasher, self.read_timeout_s, self._ingress, progress)
             self._chunks += 1
             self._bytes += length
             if hasher.digest() != digest:
@@ -161,12 +167,34 @@ class DataClient:
 
         return await self._request(peer, request, manifest_hash, body)
 
+    @property
+    def tls(self) -> bool:
+        return self._ssl_context is not None
+
+    async def have_wait(self, peer: str, manifest_hash: str, known: int, wait_s: float) -> tuple[int, bytes]:
+        """(version, bitfield) of the peer's chunks of ``manifest_hash`` once
+        its version differs from ``known``, or after ``wait_s`` (the same
+        version).  A peer that does not know the request answers
+        BAD_REQUEST: DataPlaneError, and the caller asks ``have`` instead."""
+        wait_ms = max(0, min(int(wait_s * 1000), 2**32 - 1))
+        request = bytes([REQ_HAVE_WAIT]) + _HAVE_WAIT_BODY.pack(_hash_bytes(manifest_hash), known & 0xFFFFFFFF, wait_ms)
+
+        async def body(conn: _Conn, size: int) -> tuple[int, bytes]:
+            if not _VERSION.size <= size <= _VERSION.size + MAX_BITFIELD_BYTES:
+                raise DataPlaneError(f"{peer} sent a {size}-byte HAVE_WAIT answer")
+            data = await conn.recv_exact(size, self.read_timeout_s, "bitfield")
+            return _VERSION.unpack(data[: _VERSION.size])[0], data[_VERSION.size :]
+
+        return await self._request(peer, request, manifest_hash, body, header_timeout_s=wait_s + self.read_timeout_s)
+
     async def _request(
         self,
         peer: str,
         request: bytes,
         what: str,
         body: Callable[[_Conn, int], Awaitable[_T]],
+        *,
+        header_timeout_s: float | None = None,
     ) -> _T:
         if self._closed:
             raise DataPlaneError("client is closed")
@@ -175,7 +203,7 @@ class DataClient:
             got_header = False
             try:
                 await conn.send_all(request)
-                header = await conn.recv_exact(_REPLY.size, self.read_timeout_s, "reply header")
+                header = await conn.recv_exact(_REPLY.size, header_timeout_s or self.read_timeout_s, "reply header")
                 got_header = True
                 status, size = _REPLY.unpack(header)
                 if status == Status.OK:
@@ -216,7 +244,7 @@ class DataClient:
                 raise PeerBusy(f"{peer} is busy" + (f": {reason}" if reason else ""))
             await conn.aclose()
             if status == Status.BAD_REQUEST:
-                raise DataPlaneError(f"{peer} refused our request for {what}: {reason}")
+                raise RequestRefused(f"{peer} refused our request for {what}: {reason}")
             raise DataPlaneError(f"{peer} answered with unknown status {status}")
         raise AssertionError("unreachable")
 

@@ -35,17 +35,23 @@ BUSY_BYTE = 0  # in place of the server's version: at capacity, retry elsewhere
 
 REQ_GET_CHUNK = 1
 REQ_HAVE = 2
+REQ_HAVE_WAIT = 3  # HAVE, answered once the holder's chunks differ from the version the asker knows
 
 _CLIENT_HELLO = struct.Struct("!4sB16s")  # magic, version, client nonce
 _SERVER_HELLO = struct.Struct("!B16s")  # version, server nonce
 _GET_CHUNK_BODY = struct.Struct("!16sI")  # manifest hash, chunk index
+_HAVE_WAIT_BODY = struct.Struct("!16sII")  # manifest hash, the version the asker knows, how long to wait (ms)
+_VERSION = struct.Struct("!I")  # first in a HAVE_WAIT answer's body, before the bitfield
 _REPLY = struct.Struct("!BQ")  # status, length
 
 MAX_REASON_BYTES = 256
 MAX_BITFIELD_BYTES = 1 << 20  # 8 Mi chunks
 MAX_CHUNK_BYTES = 1 << 31
+MAX_HAVE_WAIT_S = 30.0  # the longest a HAVE_WAIT is held open
+HOLD_BYTES = 64 * 1024  # a chunk passed on as it arrives: its last bytes go out once it is verified
 SEND_SLICE_BYTES = 1 << 20  # egress tokens and cancellation checkpoints per slice
 RECV_SLICE_BYTES = 1 << 20  # TLS reads, and a checkpoint at least this often
+RECV_LOWAT_BYTES = 256 * 1024  # a chunk's reader is woken once this much is in (or the rest of the chunk)
 
 
 class Status(IntEnum):
@@ -71,8 +77,61 @@ class PeerBusy(DataPlaneError):
     """The peer is at capacity; try another peer or later."""
 
 
+class RequestRefused(DataPlaneError):
+    """The peer refused the request as malformed or unknown (BAD_REQUEST):
+    for a request it does not know, an older node."""
+
+
 class ChunkMismatch(DataPlaneError):
     """The bytes the peer sent do not match the manifest (digest or length)."""
+
+
+class Arriving:
+    """A chunk still arriving at this node, passed on as it arrives (cut-through).
+
+    The receiving side (the puller) reads the chunk into ``view`` and calls
+    ``progress`` as bytes land, then ``done(ok)`` once the digest matched
+    (or not).  A server sending it to another receiver waits with
+    ``wait_beyond`` and sends what has arrived, except the last
+    ``HOLD_BYTES``, which go out only once the chunk is verified: a chunk
+    that fails its hash is never passed on whole (the sender closes the
+    connection instead, and the other receiver asks someone else, with no
+    strike against anyone).  ``readers`` counts the sends under way, so the
+    buffer is not reused before they end."""
+
+    __slots__ = ("_event", "length", "ok", "readers", "received", "view")
+
+    def __init__(self, buf: bytearray, length: int) -> None:
+        self.view = memoryview(buf)[:length]
+        self.length = length
+        self.received = 0
+        self.ok: bool | None = None
+        self.readers = 0
+        self._event = trio.Event()
+
+    def progress(self, received: int) -> None:
+        self.received = received
+        if self.readers:
+            self._wake()
+
+    def done(self, ok: bool) -> None:
+        self.ok = ok
+        self._wake()
+
+    def _wake(self) -> None:
+        event, self._event = self._event, trio.Event()
+        event.set()
+
+    async def wait_beyond(self, sent: int) -> int:
+        """How far the chunk may be sent once more than ``sent`` bytes may
+        be; -1 when it failed (nothing more will come)."""
+        while True:
+            if self.ok is False:
+                return -1
+            limit = self.length if self.ok else max(0, self.received - HOLD_BYTES)
+            if limit > sent:
+                return limit
+            await self._event.wait()
 
 
 class ChunkResolver(Protocol):
@@ -84,6 +143,21 @@ class ChunkResolver(Protocol):
 
     def have(self, manifest_hash_hex: str) -> bytes | None:
         """Bitfield of the verified chunks (bit i, MSB first, = chunk i), or None."""
+        ...
+
+
+class SwarmResolver(ChunkResolver, Protocol):
+    """A resolver that also tells its neighbours of new chunks at once
+    (``HAVE_WAIT``) and passes on chunks still arriving (``Arriving``)."""
+
+    async def wait_have(self, manifest_hash_hex: str, known: int, timeout_s: float) -> tuple[int, bytes] | None:
+        """(version, bitfield) once the version differs from ``known``, or
+        when ``timeout_s`` passed (the same version); None: no such manifest.
+        The bitfield lists chunks arriving (see ``arriving``) beside the verified ones."""
+        ...
+
+    def arriving(self, manifest_hash_hex: str, index: int) -> Arriving | None:
+        """The chunk, if it is arriving now and may be passed on as it does."""
         ...
 
 
@@ -190,9 +264,11 @@ class _Conn:
         return bytes(out)
 
     async def recv_into(
-        self, view: memoryview, hasher: xxhash.xxh3_128, timeout_s: float, ingress: TokenBucket | None
+        self, view: memoryview, hasher: xxhash.xxh3_128, timeout_s: float, ingress: TokenBucket | None,
+        progress: Callable[[int], None] | None = None,
     ) -> None:
-        """Fill ``view`` exactly, hashing as bytes arrive."""
+        """Fill ``view`` exactly, hashing as bytes arrive; ``progress(n)``: n
+        bytes are in (plain connections only)."""
         raise NotImplementedError
 
     async def send_file(
@@ -224,7 +300,8 @@ class _PlainConn(_Conn):
         return bytes(await self.stream.receive_some(n))
 
     async def recv_into(
-        self, view: memoryview, hasher: xxhash.xxh3_128, timeout_s: float, ingress: TokenBucket | None
+        self, view: memoryview, hasher: xxhash.xxh3_128, timeout_s: float, ingress: TokenBucket | None,
+        progress: Callable[[int], None] | None = None,
     ) -> None:
         length = len(view)
         pos = 0
@@ -232,24 +309,38 @@ class _PlainConn(_Conn):
         since_checkpoint = 0
         # Limited: a slice per read, so tokens are taken in small steps.
         most = length if ingress is None or ingress.unlimited else RECV_SLICE_BYTES
-        while pos < length:
-            try:
-                n = os.readv(fd, [view[pos : pos + most]])
-            except BlockingIOError:
-                since_checkpoint = 0
-                await _stall_bounded(timeout_s, "reading chunk", trio.lowlevel.wait_readable, fd)
-                continue
-            if n == 0:
-                raise _PeerClosed(f"peer closed after {pos} of {length} chunk bytes")
-            hasher.update(view[pos : pos + n])
-            pos += n
-            if ingress is not None:
-                await ingress.take(n)
-            else:
-                since_checkpoint += n
-                if since_checkpoint >= RECV_SLICE_BYTES:
+        lowat = 1
+        try:
+            while pos < length:
+                try:
+                    n = os.readv(fd, [view[pos : pos + most]])
+                except BlockingIOError:
                     since_checkpoint = 0
-                    await trio.lowlevel.checkpoint()
+                    # Woken once a good part of the rest is here, not for every segment: on a
+                    # shaped link that is a few wake-ups per chunk instead of hundreds.
+                    want = min(length - pos, RECV_LOWAT_BYTES)
+                    if want != lowat:
+                        self.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
+                        lowat = want
+                    await _stall_bounded(timeout_s, "reading chunk", trio.lowlevel.wait_readable, fd)
+                    continue
+                if n == 0:
+                    raise _PeerClosed(f"peer closed after {pos} of {length} chunk bytes")
+                hasher.update(view[pos : pos + n])
+                pos += n
+                if progress is not None:
+                    progress(pos)
+                if ingress is not None:
+                    await ingress.take(n)
+                else:
+                    since_checkpoint += n
+                    if since_checkpoint >= RECV_SLICE_BYTES:
+                        since_checkpoint = 0
+                        await trio.lowlevel.checkpoint()
+        finally:
+            if lowat != 1:
+                with contextlib.suppress(OSError):
+                    self.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 
     async def send_file(
         self, fd: int, offset: int, length: int, timeout_s: float, egress: TokenBucket | None, buf: bytearray | None
@@ -417,7 +508,8 @@ class _TlsConn(_Conn):
         hasher.update(view)
 
     async def recv_into(
-        self, view: memoryview, hasher: xxhash.xxh3_128, timeout_s: float, ingress: TokenBucket | None
+        self, view: memoryview, hasher: xxhash.xxh3_128, timeout_s: float, ingress: TokenBucket | None,
+        progress: Callable[[int], None] | None = None,
     ) -> None:
         if ingress is None or ingress.unlimited:
             await self._in_thread(self._recv_into_blocking, view, hasher, timeout_s)

@@ -10,24 +10,30 @@ from dataclasses import dataclass
 import trio
 
 from meshnode.ratelimit import TokenBucket
+from protocol.transfer.swarm import UPLOAD_SLOTS
 
 from .common import (
     _CLIENT_HELLO,
     _GET_CHUNK_BODY,
+    _HAVE_WAIT_BODY,
     _REPLY,
     _SERVER_HELLO,
+    _VERSION,
     BUSY_BYTE,
     HASH_BYTES,
     MAC_BYTES,
     MAGIC,
     MAX_BITFIELD_BYTES,
     MAX_CHUNK_BYTES,
+    MAX_HAVE_WAIT_S,
     MAX_REASON_BYTES,
     NONCE_BYTES,
     REQ_GET_CHUNK,
     REQ_HAVE,
+    REQ_HAVE_WAIT,
     SEND_SLICE_BYTES,
     VERSION,
+    Arriving,
     ChunkResolver,
     Status,
     _Conn,
@@ -37,6 +43,7 @@ from .common import (
     _match_key,
     _PeerClosed,
     _PlainConn,
+    _stall_bounded,
     _TlsConn,
     logger,
 )
@@ -52,6 +59,10 @@ class DataServerStatistics:
     auth_failures: int
     bad_requests: int
     busy_replies: int
+    sending: int = 0  # chunk sends holding an upload slot now (at most upload_slots)
+    passed_on: int = 0  # chunks sent while they were still arriving here (cut-through)
+    have_waits: int = 0  # HAVE_WAIT requests answered
+    have_bytes_sent: int = 0  # HAVE and HAVE_WAIT answers, bytes (what neighbours tell each other)
 
 
 class DataServer:
@@ -71,13 +82,14 @@ class DataServer:
         max_connections: int = 256,
         max_per_client: int = 32,
         max_concurrent_sends: int = 64,
+        upload_slots: int = UPLOAD_SLOTS,
         handshake_timeout_s: float = 10.0,
         idle_timeout_s: float = 120.0,
         request_timeout_s: float = 10.0,
         stall_timeout_s: float = 30.0,
     ) -> None:
-        if max_connections < 1 or max_concurrent_sends < 1:
-            raise ValueError("max_connections and max_concurrent_sends must be >= 1")
+        if max_connections < 1 or max_concurrent_sends < 1 or upload_slots < 1:
+            raise ValueError("max_connections, max_concurrent_sends and upload_slots must be >= 1")
         self._resolver = resolver
         self._keys = _keys(secrets)
         self._ssl_context = ssl_context
@@ -85,7 +97,10 @@ class DataServer:
         self.max_connections = max_connections
         self.max_per_client = max_per_client
         self._by_client: dict[str, int] = {}
-        self.max_concurrent_sends = max_concurrent_sends
+        self.max_concurrent_sends = max_concurrent_sends  # sends waiting and going: more are told BUSY
+        # Chunk sends going at once: more wait their turn, first come first served (the sender's
+        # upload slots: each send gets a fair share of the uplink, and a new chunk leaves soon).
+        self._slots = trio.Semaphore(upload_slots)
         self.handshake_timeout_s = handshake_timeout_s
         self.idle_timeout_s = idle_timeout_s
         self.request_timeout_s = request_timeout_s
@@ -100,6 +115,10 @@ class DataServer:
         self._auth_failures = 0
         self._bad_requests = 0
         self._busy = 0
+        self._passed_on = 0
+        self._have_waits = 0
+        self._sending = 0
+        self._have_bytes = 0
 
     def statistics(self) -> DataServerStatistics:
         return DataServerStatistics(
@@ -111,6 +130,10 @@ class DataServer:
             auth_failures=self._auth_failures,
             bad_requests=self._bad_requests,
             busy_replies=self._busy,
+            sending=self._sending,
+            passed_on=self._passed_on,
+            have_waits=self._have_waits,
+            have_bytes_sent=self._have_bytes,
         )
 
     async def serve(
@@ -289,6 +312,10 @@ class DataServer:
             elif kind == REQ_HAVE:
                 raw_hash = await conn.recv_exact(HASH_BYTES, self.request_timeout_s, "HAVE request")
                 await self._have(conn, raw_hash.hex())
+            elif kind == REQ_HAVE_WAIT and hasattr(self._resolver, "wait_have"):
+                body = await conn.recv_exact(_HAVE_WAIT_BODY.size, self.request_timeout_s, "HAVE_WAIT request")
+                raw_hash, known, wait_ms = _HAVE_WAIT_BODY.unpack(body)
+                await self._have_wait(conn, raw_hash.hex(), known, wait_ms / 1000)
             else:
                 self._bad_requests += 1
                 self._log.warning(
@@ -315,7 +342,30 @@ class DataServer:
             )
             await self._reply(conn, Status.NOT_FOUND, "bitfield too large")
             return
-        await conn.send_all(_REPLY.pack(Status.OK, len(bits)) + bytes(bits))
+        reply = _REPLY.pack(Status.OK, len(bits)) + bytes(bits)
+        self._have_bytes += len(reply)
+        await conn.send_all(reply)
+
+    async def _have_wait(self, conn: _Conn, hash_hex: str, known: int, wait_s: float) -> None:
+        """A neighbour's HAVE that waits for news: answered as soon as this
+        node's chunks of the manifest differ from the version it knows."""
+        self._have_waits += 1
+        wait_s = min(wait_s, MAX_HAVE_WAIT_S, self.idle_timeout_s / 2)
+        try:
+            got = await self._resolver.wait_have(hash_hex, known, wait_s)  # type: ignore[attr-defined]
+        except Exception:
+            logger.exception("data plane resolver.wait_have(%s) failed", hash_hex)
+            got = None
+        if got is None:
+            await self._reply(conn, Status.NOT_FOUND, "no such manifest")
+            return
+        version, bits = got
+        if len(bits) > MAX_BITFIELD_BYTES:
+            await self._reply(conn, Status.NOT_FOUND, "bitfield too large")
+            return
+        reply = _REPLY.pack(Status.OK, _VERSION.size + len(bits)) + _VERSION.pack(version) + bytes(bits)
+        self._have_bytes += len(reply)
+        await conn.send_all(reply)
 
     async def _get_chunk(
         self, conn: _Conn, peer: str, hash_hex: str, index: int, buf: bytearray | None
@@ -330,6 +380,10 @@ class DataServer:
             logger.exception("data plane resolver.locate(%s, %d) failed", hash_hex, index)
             where = None
         if where is None:
+            arriving = self._arriving(hash_hex, index)
+            if arriving is not None:
+                await self._pass_on(conn, arriving)
+                return
             await self._reply(conn, Status.NOT_FOUND, "no such chunk")
             return
         path, offset, length = where
@@ -351,12 +405,66 @@ class DataServer:
                 logger.warning("data plane: %s is shorter than %s[%d] needs", path, hash_hex, index)
                 await self._reply(conn, Status.NOT_FOUND, "chunk file truncated")
                 return
-            await conn.send_all(_REPLY.pack(Status.OK, length))
-            sent = await conn.send_file(fd, offset, length, self.stall_timeout_s, self._egress, buf)
+            async with self._slots:
+                self._sending += 1
+                try:
+                    await conn.send_all(_REPLY.pack(Status.OK, length))
+                    sent = await conn.send_file(fd, offset, length, self.stall_timeout_s, self._egress, buf)
+                finally:
+                    self._sending -= 1
             self._bytes_sent += sent
         finally:
             self._sends -= 1
             os.close(fd)
+
+    def _arriving(self, hash_hex: str, index: int) -> Arriving | None:
+        get = getattr(self._resolver, "arriving", None)
+        if get is None:
+            return None
+        try:
+            found = get(hash_hex, index)
+        except Exception:
+            logger.exception("data plane resolver.arriving(%s, %d) failed", hash_hex, index)
+            return None
+        return found if isinstance(found, Arriving) else None
+
+    async def _pass_on(self, conn: _Conn, arriving: Arriving) -> None:
+        """Send a chunk as it arrives here (its last bytes once it is
+        verified); if it fails its hash here, the connection is closed
+        before the chunk is whole, and the receiver asks someone else."""
+        self._sends += 1
+        arriving.readers += 1
+        try:
+            async with self._slots:
+                self._sending += 1
+                try:
+                    sent = await self._send_arriving(conn, arriving)
+                finally:
+                    self._sending -= 1
+            self._bytes_sent += sent
+            self._passed_on += 1
+        finally:
+            arriving.readers -= 1
+            self._sends -= 1
+
+
+    async def _send_arriving(self, conn: _Conn, arriving: Arriving) -> int:
+        await conn.send_all(_REPLY.pack(Status.OK, arriving.length))
+        sent = 0
+        while sent < arriving.length:
+            with trio.move_on_after(self.stall_timeout_s) as scope:
+                limit = await arriving.wait_beyond(sent)
+            if scope.cancelled_caught:
+                raise trio.TooSlowError(f"passing on a chunk: nothing arrived for {self.stall_timeout_s:g} s")
+            if limit < 0:
+                raise _PeerClosed("the chunk failed here: not passed on")
+            while sent < limit:
+                end = min(limit, sent + SEND_SLICE_BYTES)
+                if self._egress is not None:
+                    await self._egress.take(end - sent)
+                await _stall_bounded(self.stall_timeout_s, "passing on a chunk", conn.send_all, arriving.view[sent:end])
+                sent = end
+        return sent
 
 
 def _peer_name(stream: trio.SocketStream) -> str:
