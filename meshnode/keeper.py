@@ -2,7 +2,7 @@
 between its ``min`` and ``max`` copies.
 
 Every ``interval_s`` it reads the catalog into the pure rule's inputs
-(``protocol.replicas``: ``NodeFacts`` from the members, their ``node`` and
+(``protocol.replicas``: ``ReplicaFacts`` from the members, their ``node`` and
 ``storage`` records; ``Holder`` from the ``copy/`` records and the
 transfers under way) and runs ``plan`` for each pinned model.  It takes only
 the steps that name this node: it starts a copy here (from the mesh, or
@@ -28,7 +28,7 @@ from typing import Any
 import trio
 
 from protocol import MemberState
-from protocol.actions import WEB_SCHEMES, CopyOf, StartTransfer, Web
+from protocol.actions import CopyOf, StartTransfer, Web
 from protocol.keys import (
     NODE_KEY,
     STORAGE_KEY,
@@ -40,8 +40,9 @@ from protocol.keys import (
     TierUsage,
     XferRecord,
 )
-from protocol.replicas import Holder, NodeFacts, Plan, plan
+from protocol.replicas import Holder, Plan, ReplicaFacts, plan
 from protocol.serving import ServiceRecord, ServiceState
+from protocol.sources import is_outside
 from protocol.view import ModelView
 
 from .copies.catalog import CopyCatalog
@@ -61,7 +62,7 @@ BACKOFF_MAX_S = 300.0
 @dataclass
 class _Snapshot:
     now: float
-    nodes: list[tuple[NodeFacts, Mapping[str, TierUsage]]] = field(default_factory=list)
+    nodes: list[tuple[ReplicaFacts, Mapping[str, TierUsage]]] = field(default_factory=list)
     making: dict[tuple[str, str], set[str]] = field(default_factory=dict)  # (model, tier) -> nodes making it
     reading: dict[str, set[str]] = field(default_factory=dict)  # model -> nodes a transfer reads it from
     serving: dict[str, set[str]] = field(default_factory=dict)  # model -> nodes an engine (not ended) serves it on
@@ -104,7 +105,7 @@ class Keeper:
                 tiers = Storage.from_value(self.mesh.get(nid, STORAGE_KEY)).tiers
             except RecordError:
                 tiers = {}
-            snap.nodes.append((NodeFacts(nid, up, down_since, labels), tiers))
+            snap.nodes.append((ReplicaFacts(nid, up, down_since, labels), tiers))
         for nid, _key, value in self.mesh.items(XFER_PREFIX):
             try:
                 x = XferRecord.from_value(value)
@@ -139,7 +140,7 @@ class Keeper:
                  for n, tiers in snap.nodes]
         # Something to copy from besides the tier's own holders: a copy on another tier (a pin to
         # dram of a model on disk), or the model's source outside the mesh.
-        fetchable = self._mesh_copy(mv) or (mv.source_url or "").startswith(WEB_SCHEMES)
+        fetchable = self._mesh_copy(mv) or is_outside(mv.source_url)
         return plan(mv.name, policy, nodes, self._holders(mv, policy.tier, snap), snap.now, self.grace_s,
                     fetchable=fetchable)
 

@@ -45,10 +45,10 @@ from protocol.placement import vram_needed
 from protocol.routing import parse_load
 from protocol.serving import (
     LOG_TAIL_CHARS,
-    Action,
     EngineSpec,
     LifePolicy,
     ServeError,
+    ServiceAction,
     ServiceLife,
     ServiceRecord,
     ServiceState,
@@ -518,14 +518,14 @@ class Services:
             if ok and svc.spec.load_path is not None:
                 await self._read_load(svc)  # published with the probe's outcome: every node routes by it
             self._after(svc, act)
-            if act is Action.KILL:
+            if act is ServiceAction.KILL:
                 _kill_group(pgid, signal.SIGKILL)  # hung (even SIGSTOPped): nothing but SIGKILL ends it
                 log.warning("service %s on port %d: killed (%s)", svc.model, svc.port, svc.life.error)
                 scope.cancel()
                 return
 
-    def _after(self, svc: _Service, act: Action) -> None:
-        if act is Action.REPORT_READY:
+    def _after(self, svc: _Service, act: ServiceAction) -> None:
+        if act is ServiceAction.REPORT_READY:
             svc.reserved = False  # NVML counts its memory now
             svc.ended.set()
             log.info("service %s on port %d is healthy", svc.model, svc.port)

@@ -1,4 +1,8 @@
-"""Actions one node hands another (``POST /mesh/v1/actions``), typed.
+"""Peer actions: what one node hands another to run (``POST /mesh/v1/actions``), typed.
+
+A ``PeerAction`` is not a pipeline's action (``pipeline.PipelineStep``, a
+step of a job, which may lead to peer actions) nor a ``serving.ServiceAction``
+(what the engine state machine tells its supervisor).
 
 Theory of operation
 -------------------
@@ -31,16 +35,16 @@ from typing import Any
 from .errors import InvalidName
 from .names import parse_device, validate_model_name
 from .registry import InvalidInput
-from .sources import SCHEMES, URL_MAX, InvalidSource, classify
+from .sources import SCHEMES, URL_MAX, is_outside
 
 __all__ = [
     "TIERS",
     "WEB_SCHEMES",
-    "Action",
     "CancelTransfer",
     "CopyOf",
     "DeleteCopy",
     "LocalPath",
+    "PeerAction",
     "Source",
     "StartService",
     "StartTransfer",
@@ -56,6 +60,7 @@ __all__ = [
 TIERS = ("disk", "dram")  # where a copy can be stored (a GPU holds a model through an engine)
 WEB_SCHEMES = tuple(f"{s}://" for s, k in SCHEMES.items() if k.outside)  # sources outside the mesh
 _PATTERNS_MAX = 64
+_LOCAL_PREFIX = "file://"  # + an absolute path: how a LocalPath is shown and sent
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +105,7 @@ def source_text(src: Source) -> str | None:
     if isinstance(src, CopyOf):
         return src.device
     if isinstance(src, LocalPath):
-        return "file://" + src.path
+        return _LOCAL_PREFIX + src.path
     return src.url
 
 
@@ -108,9 +113,9 @@ def source_from_text(text: str | None, options: dict[str, Any] | None = None) ->
     """The inverse of ``source_text`` (and the form of transfer intents saved by older versions)."""
     if text is None:
         return CopyOf()
-    if text.startswith("file://"):
-        return LocalPath(text[len("file://") :])
-    if text.startswith(WEB_SCHEMES):
+    if text.startswith(_LOCAL_PREFIX):  # source_text's own form: the path as is, not a URL to unquote
+        return LocalPath(text[len(_LOCAL_PREFIX) :])
+    if "://" in text:  # a URL (never a device): classify says whether it is a web source
         return _web(text, options or {})
     return CopyOf(_device(text, "source"))
 
@@ -169,7 +174,7 @@ class CancelTransfer:
     transfer_id: str
 
 
-Action = StartTransfer | DeleteCopy | StartService | StopService | VerifyCopy | CancelTransfer
+PeerAction = StartTransfer | DeleteCopy | StartService | StopService | VerifyCopy | CancelTransfer
 
 
 # -- checks ---------------------------------------------------------------------------------
@@ -216,11 +221,7 @@ def _patterns(v: Any, field: str) -> tuple[str, ...] | None:
 
 
 def _web(url: Any, options: Any) -> Web:
-    try:
-        outside = isinstance(url, str) and classify(url).kind.outside
-    except InvalidSource:
-        outside = False
-    if not outside:
+    if not is_outside(url):
         raise InvalidInput(f"a web source is an {', '.join(WEB_SCHEMES)} URL of at most {URL_MAX} characters")
     if not isinstance(options, dict) or set(options) - {"revision", "allow_patterns", "ignore_patterns"}:
         raise InvalidInput("options may hold revision, allow_patterns and ignore_patterns")
@@ -239,7 +240,7 @@ def _manifest_hash(v: Any) -> str | None:
     return v
 
 
-def decode_action(raw: Any) -> Action:
+def decode_action(raw: Any) -> PeerAction:
     """The typed action in a peer's JSON, or ``InvalidInput`` saying what is wrong."""
     if not isinstance(raw, dict):
         raise InvalidInput("an action is a JSON object")
@@ -312,7 +313,7 @@ def _service_action(op: str, raw: dict[str, Any]) -> StartService | StopService:
     return StartService(model, tuple(sorted(gpus)), port, config)
 
 
-def encode_action(a: Action) -> dict[str, Any]:
+def encode_action(a: PeerAction) -> dict[str, Any]:
     """The JSON of ``a`` on the peer route."""
     if isinstance(a, StartService):
         return {"op": "serve", "model": a.model, "gpus": list(a.gpus), "port": a.port, "config": a.config}
@@ -326,7 +327,7 @@ def encode_action(a: Action) -> dict[str, Any]:
         return {"op": "verify_copy", "model": a.model, "manifest_hash": a.manifest_hash, "chunk": a.chunk}
     src = a.source
     if isinstance(src, LocalPath):
-        return {"op": "ingest", "model": a.model, "kind": a.kind, "path": src.path, "source_url": "file://" + src.path}
+        return {"op": "ingest", "model": a.model, "kind": a.kind, "path": src.path, "source_url": _LOCAL_PREFIX + src.path}
     if isinstance(src, Web):
         return {"op": "fetch", "model": a.model, "kind": a.kind, "source_url": src.url, "options": src.options()}
     return {"op": "transfer", "model": a.model, "kind": a.kind, "source": src.device,

@@ -27,8 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .keys import RecordError, _dict, _int
-from .keys import _str as _keys_str
+from .records import RecordError, field_int, field_list, field_map, field_str
 
 __all__ = [
     "MAX_GPUS",
@@ -49,14 +48,8 @@ MiB = 2**20
 GiB = 2**30
 
 
-def _str(raw: Any, what: str, *, optional: bool = False) -> Any:
-    return _keys_str(raw, what, optional=optional, max_chars=_TEXT_MAX)
-
-
-def _list(raw: Any, what: str, limit: int) -> list[Any]:
-    if not isinstance(raw, list) or len(raw) > limit:
-        raise RecordError(f"{what}: expected a list of at most {limit}")
-    return raw
+def _text(raw: Any, what: str, *, optional: bool = False) -> Any:
+    return field_str(raw, what, optional=optional, max_chars=_TEXT_MAX)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,10 +62,10 @@ class GpuProcess:
 
     @classmethod
     def from_value(cls, raw: Any) -> GpuProcess:
-        v = _list(raw, "gpu process", 2)
+        v = field_list(raw, "gpu process", 2)
         if len(v) != 2:
             raise RecordError("gpu process: expected [pid, used_bytes]")
-        return cls(_int(v[0], "gpu process pid", hi=2**32), _int(v[1], "gpu process used_bytes", optional=True))
+        return cls(field_int(v[0], "gpu process pid", hi=2**32), field_int(v[1], "gpu process used_bytes", optional=True))
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,22 +102,22 @@ class GpuReading:
 
     @classmethod
     def from_value(cls, raw: Any) -> GpuReading:
-        v = _dict(raw, "gpu")
-        procs = tuple(GpuProcess.from_value(p) for p in _list(v.get("processes", []), "gpu processes", MAX_PROCESSES))
+        v = field_map(raw, "gpu")
+        procs = tuple(GpuProcess.from_value(p) for p in field_list(v.get("processes", []), "gpu processes", MAX_PROCESSES))
         r = cls(
-            index=_int(v.get("index"), "gpu index", hi=MAX_GPUS - 1),
-            uuid=_str(v.get("uuid"), "gpu uuid"),
-            name=_str(v.get("name"), "gpu name"),
-            total_bytes=_int(v.get("total_bytes"), "gpu total_bytes"),
-            used_bytes=_int(v.get("used_bytes"), "gpu used_bytes"),
-            free_bytes=_int(v.get("free_bytes"), "gpu free_bytes"),
-            util_pct=_int(v.get("util_pct"), "gpu util_pct", optional=True, hi=100),
-            mem_util_pct=_int(v.get("mem_util_pct"), "gpu mem_util_pct", optional=True, hi=100),
-            temperature_c=_int(v.get("temperature_c"), "gpu temperature_c", optional=True, hi=1000),
-            power_mw=_int(v.get("power_mw"), "gpu power_mw", optional=True, hi=10**8),
-            power_limit_mw=_int(v.get("power_limit_mw"), "gpu power_limit_mw", optional=True, hi=10**8),
+            index=field_int(v.get("index"), "gpu index", hi=MAX_GPUS - 1),
+            uuid=_text(v.get("uuid"), "gpu uuid"),
+            name=_text(v.get("name"), "gpu name"),
+            total_bytes=field_int(v.get("total_bytes"), "gpu total_bytes"),
+            used_bytes=field_int(v.get("used_bytes"), "gpu used_bytes"),
+            free_bytes=field_int(v.get("free_bytes"), "gpu free_bytes"),
+            util_pct=field_int(v.get("util_pct"), "gpu util_pct", optional=True, hi=100),
+            mem_util_pct=field_int(v.get("mem_util_pct"), "gpu mem_util_pct", optional=True, hi=100),
+            temperature_c=field_int(v.get("temperature_c"), "gpu temperature_c", optional=True, hi=1000),
+            power_mw=field_int(v.get("power_mw"), "gpu power_mw", optional=True, hi=10**8),
+            power_limit_mw=field_int(v.get("power_limit_mw"), "gpu power_limit_mw", optional=True, hi=10**8),
             processes=procs,
-            processes_total=_int(v.get("processes_total", len(procs)), "gpu processes_total", hi=2**32),
+            processes_total=field_int(v.get("processes_total", len(procs)), "gpu processes_total", hi=2**32),
         )
         if r.used_bytes > r.total_bytes or r.free_bytes > r.total_bytes:
             raise RecordError("gpu: used or free above total")
@@ -149,15 +142,15 @@ class GpusRecord:
 
     @classmethod
     def from_value(cls, raw: Any) -> GpusRecord:
-        v = _dict(raw, "gpus")
-        gpus = tuple(GpuReading.from_value(g) for g in _list(v.get("gpus"), "gpus", MAX_GPUS))
+        v = field_map(raw, "gpus")
+        gpus = tuple(GpuReading.from_value(g) for g in field_list(v.get("gpus"), "gpus", MAX_GPUS))
         if len({g.index for g in gpus}) != len(gpus):
             raise RecordError("gpus: two readings of one index")
         stale = v.get("stale", False)
         if not isinstance(stale, bool):
             raise RecordError("gpus stale: expected true or false")
-        return cls(gpus, _int(v.get("read_ms"), "gpus read_ms"), _str(v.get("source"), "gpus source"), stale,
-                   _str(v.get("error"), "gpus error", optional=True))
+        return cls(gpus, field_int(v.get("read_ms"), "gpus read_ms"), _text(v.get("source"), "gpus source"), stale,
+                   _text(v.get("error"), "gpus error", optional=True))
 
     def marked_stale(self, error: str, read_ms: int) -> GpusRecord:
         """The last good figures, flagged: a read failed at ``read_ms``."""

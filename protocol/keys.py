@@ -7,7 +7,8 @@ that any version of the daemon can gossip them.  This module is the one place
 that knows their shape: each family has a key function, a frozen record with
 ``to_value()``, and ``from_value(raw)``, which turns any malformed value (a
 peer's, or an older version's) into one error, ``RecordError``.  No other
-module parses a key or a value by hand.
+module parses a key or a value by hand: the field checks are public, in
+``records.py`` (``field_str``, ``field_int``, ...), for every record module.
 
 =================================  ================  =====================================
 key                                record            written by
@@ -38,6 +39,7 @@ import xxhash
 from .digest import is_digest
 from .errors import RemoteProtocolError
 from .hlc import Stamp
+from .records import RecordError, field_enum, field_int, field_map, field_stamp, field_str
 from .replicas import InvalidPolicy, ReplicaPolicy, parse_labels
 from .transfer.states import TRANSITIONS, TransferStatus
 
@@ -90,14 +92,6 @@ JOB_PREFIX = "job/"  # pipelines: protocol/jobs.py
 NODE_KEY = "node"
 STORAGE_KEY = "storage"
 GPUS_KEY = "gpus"  # NVML readings: protocol.gpus.GpusRecord
-
-_STR_MAX = 4096
-_INT_MAX = 2**63 - 1
-
-
-class RecordError(RemoteProtocolError):
-    """A catalog value does not have the shape of its key's record."""
-
 
 # -- keys --------------------------------------------------------------------------------
 
@@ -152,46 +146,6 @@ def model_of_key(key: str) -> str | None:
     return parsed[0] if parsed else None
 
 
-# -- field checks ------------------------------------------------------------------------------
-
-
-def _dict(raw: Any, what: str) -> Mapping[str, Any]:
-    if not isinstance(raw, dict):
-        raise RecordError(f"{what}: expected a map")
-    return raw
-
-
-def _str(raw: Any, what: str, *, optional: bool = False, max_chars: int = _STR_MAX) -> Any:
-    if raw is None and optional:
-        return None
-    if not isinstance(raw, str) or len(raw) > max_chars:
-        raise RecordError(f"{what}: expected a string of at most {max_chars} characters")
-    return raw
-
-
-def _int(raw: Any, what: str, *, optional: bool = False, lo: int = 0, hi: int = _INT_MAX) -> Any:
-    if raw is None and optional:
-        return None
-    if not isinstance(raw, int) or isinstance(raw, bool) or not lo <= raw <= hi:
-        raise RecordError(f"{what}: expected an integer from {lo} to {hi}" if hi < _INT_MAX
-                          else f"{what}: expected an integer of at least {lo}")
-    return raw
-
-
-def _stamp(raw: Any, what: str) -> Stamp:
-    try:
-        return Stamp.from_wire(raw)
-    except RemoteProtocolError:
-        raise RecordError(f"{what}: expected an HLC stamp") from None
-
-
-def _enum(cls: type[enum.Enum], raw: Any, what: str) -> Any:
-    try:
-        return cls(raw)
-    except ValueError:
-        raise RecordError(f"{what}: expected one of {', '.join(str(m.value) for m in cls)}") from None
-
-
 # -- the registry: written by any node, last writer wins ----------------------------------------
 
 
@@ -231,13 +185,13 @@ class RegRecord:
 
     @classmethod
     def from_value(cls, raw: Any) -> RegRecord:
-        v = _dict(raw, "registration")
-        stamp = _stamp(v.get("stamp"), "registration stamp")
+        v = field_map(raw, "registration")
+        stamp = field_stamp(v.get("stamp"), "registration stamp")
         try:
             since = Stamp.from_wire(v.get("since"))
         except RemoteProtocolError:
             since = stamp  # an older writer's value without one: the registration began with it
-        op = _enum(RegOp, v.get("op"), "registration op")
+        op = field_enum(RegOp, v.get("op"), "registration op")
         meta = v.get("metadata")
         return cls(
             stamp=stamp,
@@ -267,8 +221,8 @@ class LocRecord:
 
     @classmethod
     def from_value(cls, raw: Any) -> LocRecord:
-        v = _dict(raw, "location")
-        return cls(_stamp(v.get("stamp"), "location stamp"), _enum(LocOp, v.get("op"), "location op"))
+        v = field_map(raw, "location")
+        return cls(field_stamp(v.get("stamp"), "location stamp"), field_enum(LocOp, v.get("op"), "location op"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,10 +239,10 @@ class PinRecord:
 
     @classmethod
     def from_value(cls, raw: Any) -> PinRecord:
-        v = _dict(raw, "pin")
+        v = field_map(raw, "pin")
         policy = v.get("policy")
         try:
-            return cls(_stamp(v.get("stamp"), "pin stamp"), None if policy is None else ReplicaPolicy.from_value(policy))
+            return cls(field_stamp(v.get("stamp"), "pin stamp"), None if policy is None else ReplicaPolicy.from_value(policy))
         except InvalidPolicy as e:
             raise RecordError(f"pin policy: {e}") from None
 
@@ -319,13 +273,13 @@ class CopyRecord:
 
     @classmethod
     def from_value(cls, raw: Any) -> CopyRecord:
-        v = _dict(raw, "copy")
+        v = field_map(raw, "copy")
         return cls(
-            manifest_hash=_str(v.get("manifest_hash"), "copy manifest_hash", max_chars=64),
-            size=_int(v.get("size"), "copy size"),
-            files=_int(v.get("files", 0), "copy files"),
-            chunk_bytes=_int(v.get("chunk_bytes", 0), "copy chunk_bytes"),
-            published_ms=_int(v.get("published_ms", 0) or 0, "copy published_ms"),
+            manifest_hash=field_str(v.get("manifest_hash"), "copy manifest_hash", max_chars=64),
+            size=field_int(v.get("size"), "copy size"),
+            files=field_int(v.get("files", 0), "copy files"),
+            chunk_bytes=field_int(v.get("chunk_bytes", 0), "copy chunk_bytes"),
+            published_ms=field_int(v.get("published_ms", 0) or 0, "copy published_ms"),
             sha256=_digest(v.get("sha256")),
         )
 
@@ -348,8 +302,8 @@ class ErrorRecord:
 
     @classmethod
     def from_value(cls, raw: Any) -> ErrorRecord:
-        v = _dict(raw, "error")
-        return cls(_str(v.get("code"), "error code", max_chars=64), _str(v.get("message"), "error message"))
+        v = field_map(raw, "error")
+        return cls(field_str(v.get("code"), "error code", max_chars=64), field_str(v.get("message"), "error message"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -415,7 +369,7 @@ class XferRecord:
 
     @classmethod
     def from_value(cls, raw: Any) -> XferRecord:
-        v = _dict(raw, "transfer")
+        v = field_map(raw, "transfer")
         sources = v.get("sources") or []
         if not isinstance(sources, list) or len(sources) > 64 or not all(isinstance(s, str) for s in sources):
             raise RecordError("transfer sources: expected a list of node ids")
@@ -426,28 +380,28 @@ class XferRecord:
         if not isinstance(keep, bool):
             raise RecordError("transfer keep_source: expected a boolean")
         return cls(
-            model=_str(v.get("model"), "transfer model", max_chars=512),
-            kind=_str(v.get("kind"), "transfer kind", max_chars=16),
-            status=_enum(TransferStatus, v.get("status"), "transfer status"),
-            manifest_hash=_str(v.get("manifest_hash"), "transfer manifest_hash", optional=True, max_chars=64),
-            bytes_done=_int(v.get("bytes_done", 0), "transfer bytes_done"),
-            bytes_total=_int(v.get("bytes_total", 0), "transfer bytes_total"),
-            rate_bps=_int(v.get("rate_bps", 0), "transfer rate_bps"),
+            model=field_str(v.get("model"), "transfer model", max_chars=512),
+            kind=field_str(v.get("kind"), "transfer kind", max_chars=16),
+            status=field_enum(TransferStatus, v.get("status"), "transfer status"),
+            manifest_hash=field_str(v.get("manifest_hash"), "transfer manifest_hash", optional=True, max_chars=64),
+            bytes_done=field_int(v.get("bytes_done", 0), "transfer bytes_done"),
+            bytes_total=field_int(v.get("bytes_total", 0), "transfer bytes_total"),
+            rate_bps=field_int(v.get("rate_bps", 0), "transfer rate_bps"),
             sources=tuple(sources),
             error=None if v.get("error") is None else ErrorRecord.from_value(v.get("error")),
-            started_ms=_int(v.get("started_ms", 0) or 0, "transfer started_ms"),
-            finished_ms=_int(v.get("finished_ms", 0) or 0, "transfer finished_ms"),
-            note=_str(v.get("note") or "", "transfer note"),
-            files_done=_int(v.get("files_done", 0) or 0, "transfer files_done"),
-            files_total=_int(v.get("files_total", 0) or 0, "transfer files_total"),
-            source_id=_str(v.get("source_id"), "transfer source_id", optional=True),
-            claim=None if v.get("claim") is None else _stamp(v.get("claim"), "transfer claim"),
-            chunks_total=_int(v.get("chunks_total", 0) or 0, "transfer chunks_total"),
-            chunks_fetched=_int(v.get("chunks_fetched", 0) or 0, "transfer chunks_fetched"),
-            chunks_resumed=_int(v.get("chunks_resumed", 0) or 0, "transfer chunks_resumed"),
-            source=_str(v.get("source"), "transfer source", optional=True, max_chars=4096),
+            started_ms=field_int(v.get("started_ms", 0) or 0, "transfer started_ms"),
+            finished_ms=field_int(v.get("finished_ms", 0) or 0, "transfer finished_ms"),
+            note=field_str(v.get("note") or "", "transfer note"),
+            files_done=field_int(v.get("files_done", 0) or 0, "transfer files_done"),
+            files_total=field_int(v.get("files_total", 0) or 0, "transfer files_total"),
+            source_id=field_str(v.get("source_id"), "transfer source_id", optional=True),
+            claim=None if v.get("claim") is None else field_stamp(v.get("claim"), "transfer claim"),
+            chunks_total=field_int(v.get("chunks_total", 0) or 0, "transfer chunks_total"),
+            chunks_fetched=field_int(v.get("chunks_fetched", 0) or 0, "transfer chunks_fetched"),
+            chunks_resumed=field_int(v.get("chunks_resumed", 0) or 0, "transfer chunks_resumed"),
+            source=field_str(v.get("source"), "transfer source", optional=True, max_chars=4096),
             keep_source=keep,
-            bad_chunks=_int(v.get("bad_chunks", 0) or 0, "transfer bad_chunks"),
+            bad_chunks=field_int(v.get("bad_chunks", 0) or 0, "transfer bad_chunks"),
             banned=tuple(banned),
             options=_small_map(v.get("options") or {}, "transfer options"),
             fetched=None if v.get("fetched") is None else _small_map(v.get("fetched"), "transfer fetched"),
@@ -459,12 +413,12 @@ SMALL_MAP_KEYS_MAX = 8
 
 def _small_map(raw: Any, what: str) -> dict[str, Any]:
     """A few string keys, each a string, a number, null or a short list of strings."""
-    v = _dict(raw, what)
+    v = field_map(raw, what)
     if len(v) > SMALL_MAP_KEYS_MAX:
         raise RecordError(f"{what}: at most {SMALL_MAP_KEYS_MAX} keys")
     out: dict[str, Any] = {}
     for k, x in v.items():
-        _str(k, f"{what} key", max_chars=64)
+        field_str(k, f"{what} key", max_chars=64)
         if isinstance(x, list):
             if len(x) > 64 or not all(isinstance(i, str) and len(i) <= 1024 for i in x):
                 raise RecordError(f"{what} {k}: a list of at most 64 short strings")
@@ -489,12 +443,12 @@ class SrcRecord:
 
     @classmethod
     def from_value(cls, raw: Any) -> SrcRecord:
-        v = _dict(raw, "source")
+        v = field_map(raw, "source")
         return cls(
-            source_id=_str(v.get("source_id"), "source id"),
-            manifest_hash=_str(v.get("manifest_hash"), "source manifest_hash", max_chars=64),
-            model=_str(v.get("model"), "source model", max_chars=512),
-            revision=_str(v.get("revision"), "source revision", optional=True, max_chars=256),
+            source_id=field_str(v.get("source_id"), "source id"),
+            manifest_hash=field_str(v.get("manifest_hash"), "source manifest_hash", max_chars=64),
+            model=field_str(v.get("model"), "source model", max_chars=512),
+            revision=field_str(v.get("revision"), "source revision", optional=True, max_chars=256),
         )
 
 
@@ -514,14 +468,14 @@ class NodeInfo:
 
     @classmethod
     def from_value(cls, raw: Any) -> NodeInfo:
-        v = _dict(raw, "node info")
-        port = _int(v.get("data_port"), "node data_port")
+        v = field_map(raw, "node info")
+        port = field_int(v.get("data_port"), "node data_port")
         if not 0 < port < 65536:
             raise RecordError("node data_port: expected a port from 1 to 65535")
         return cls(
-            address=_str(v.get("address"), "node address", max_chars=300),
-            version=_str(v.get("version"), "node version", max_chars=64),
-            started_ms=_int(v.get("started_ms", 0), "node started_ms"),
+            address=field_str(v.get("address"), "node address", max_chars=300),
+            version=field_str(v.get("version"), "node version", max_chars=64),
+            started_ms=field_int(v.get("started_ms", 0), "node started_ms"),
             data_port=port,
             labels=_labels(v.get("labels")),
         )
@@ -562,12 +516,12 @@ class Storage:
 
     @classmethod
     def from_value(cls, raw: Any) -> Storage:
-        v = _dict(raw, "storage")
+        v = field_map(raw, "storage")
         tiers = {}
         for name, usage in list(v.items())[:16]:
-            u = _dict(usage, "storage tier")
-            tiers[_str(name, "storage tier name", max_chars=16)] = TierUsage(
-                _int(u.get("total"), "tier total"), _int(u.get("used"), "tier used"), _int(u.get("free"), "tier free"),
-                _int(u.get("high", 100), "tier high watermark", lo=1, hi=100),
+            u = field_map(usage, "storage tier")
+            tiers[field_str(name, "storage tier name", max_chars=16)] = TierUsage(
+                field_int(u.get("total"), "tier total"), field_int(u.get("used"), "tier used"), field_int(u.get("free"), "tier free"),
+                field_int(u.get("high", 100), "tier high watermark", lo=1, hi=100),
             )
         return cls(tiers)

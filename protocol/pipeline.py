@@ -44,6 +44,7 @@ __all__ = [
     "Action",
     "InvalidPipeline",
     "Pipeline",
+    "PipelineStep",
     "Problem",
     "StepDevice",
     "check_against",
@@ -129,7 +130,11 @@ def parse_step_device(text: object) -> StepDevice:
 
 
 @dataclass(frozen=True, slots=True)
-class Action:
+class PipelineStep:
+    """One entry of a pipeline's ``actions[]`` (gswarm calls them actions): a
+    step of a job, not a ``protocol.actions.PeerAction`` (what one node hands
+    another to run), which a step may lead to."""
+
     action_id: str
     action_type: str
     model_name: str | None
@@ -157,15 +162,18 @@ class Action:
         return out
 
 
+Action = PipelineStep  # TODO(issue 28): old name, for protocol/jobs.py, meshnode/jobsteps.py, sim/jobs.py
+
+
 @dataclass(frozen=True, slots=True)
 class Pipeline:
     name: str
     description: str
-    actions: tuple[Action, ...]
+    actions: tuple[PipelineStep, ...]
     fail_fast: bool = True
     priority: int = 0
 
-    def action(self, action_id: str) -> Action:
+    def action(self, action_id: str) -> PipelineStep:
         for a in self.actions:
             if a.action_id == action_id:
                 return a
@@ -253,7 +261,7 @@ def _bounded_list(p: _Problems, aid: str, fld: str, v: Any, limit: int, of: str)
     return v
 
 
-def _action(p: _Problems, raw: Any, index: int) -> Action | None:
+def _action(p: _Problems, raw: Any, index: int) -> PipelineStep | None:
     if not isinstance(raw, Mapping):
         p.add(None, f"actions[{index}]", "must be a mapping")
         return None
@@ -317,7 +325,7 @@ def _action(p: _Problems, raw: Any, index: int) -> Action | None:
         _check_type(p, who, atype, devices, source_url, target_url, port, keep, model, config)
     if aid is None or atype is None:
         return None
-    return Action(aid, atype, model, tuple(devices), tuple(deps), source_url, port, target_url, keep,
+    return PipelineStep(aid, atype, model, tuple(devices), tuple(deps), source_url, port, target_url, keep,
                   dict(config), retries or 0, float(backoff if backoff is not None else 1.0),
                   None if timeout is None else float(timeout))
 
@@ -369,7 +377,7 @@ def _check_type(p: _Problems, who: str, atype: str, devices: list[StepDevice], s
         p.add(who, "source_url", "only a download has a source URL")
 
 
-def _cycles(p: _Problems, actions: list[Action]) -> None:
+def _cycles(p: _Problems, actions: list[PipelineStep]) -> None:
     ids = {a.action_id for a in actions}
     for a in actions:
         for d in a.dependencies:
@@ -423,7 +431,7 @@ def parse_pipeline(doc: Any) -> Pipeline:
         p.add(None, "priority", "must be an integer between -1000 and 1000")
         priority = 0
     raw_actions = doc.get("actions")
-    actions: list[Action] = []
+    actions: list[PipelineStep] = []
     if not isinstance(raw_actions, list) or not raw_actions:
         p.add(None, "actions", "must be a non-empty list")
     elif len(raw_actions) > LIMITS.actions:
@@ -451,7 +459,7 @@ def check_against(pipe: Pipeline, *, known_node: Callable[[str], bool], register
     has reported none yet); every model is registered or downloaded by an
     action before it is used.  Raises ``InvalidPipeline`` with every problem."""
     p = _Problems()
-    def fetchable(a: Action) -> bool:  # an owner/name model with no URL is a Hugging Face repo
+    def fetchable(a: PipelineStep) -> bool:  # an owner/name model with no URL is a Hugging Face repo
         return a.action_type == "download" and a.model_name is not None and (
             a.source_url is not None or "/" in a.model_name)
 

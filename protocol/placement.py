@@ -17,7 +17,7 @@ from typing import Any
 
 from .units import human_bytes
 
-__all__ = ["Candidate", "GpuFacts", "NoPlacement", "NodeFacts", "place", "rank", "vram_needed"]
+__all__ = ["Candidate", "GpuFacts", "NoPlacement", "NodeFacts", "PlacementFacts", "place", "rank", "vram_needed"]
 
 VRAM_OVERHEAD = 1.2  # weights plus activations and KV cache, when the registration gives no min_vram
 
@@ -30,12 +30,19 @@ class GpuFacts:
 
 
 @dataclass(frozen=True, slots=True)
-class NodeFacts:
+class PlacementFacts:
+    """A node as placement sees it: alive, free bytes per tier, free VRAM per
+    GPU, whether it holds the model (``replicas.ReplicaFacts`` is the replica
+    rule's view)."""
+
     node_id: str
     alive: bool
     free: Mapping[str, int] = field(default_factory=dict)  # tier -> free bytes ("disk", "dram")
     gpus: Sequence[GpuFacts] = ()
     holds: bool = False  # a copy of the model on any of its devices
+
+
+NodeFacts = PlacementFacts  # TODO(issue 28): old name, for meshnode/jobs.py
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +74,7 @@ def vram_needed(size_bytes: int, requirements: Mapping[str, Any] | None) -> int:
     return int(size_bytes * VRAM_OVERHEAD)
 
 
-def rank(tier: str, need_bytes: int, facts: Sequence[NodeFacts]) -> list[Candidate]:
+def rank(tier: str, need_bytes: int, facts: Sequence[PlacementFacts]) -> list[Candidate]:
     """Every node, best first; ``tier`` is disk, dram or gpu (``need_bytes``
     is VRAM for gpu, else the copy's size)."""
     out = []
@@ -102,7 +109,7 @@ def rank(tier: str, need_bytes: int, facts: Sequence[NodeFacts]) -> list[Candida
     return out
 
 
-def place(tier: str, need_bytes: int, facts: Sequence[NodeFacts]) -> tuple[Candidate, list[Candidate]]:
+def place(tier: str, need_bytes: int, facts: Sequence[PlacementFacts]) -> tuple[Candidate, list[Candidate]]:
     """The best candidate and the whole ranking, or ``NoPlacement``."""
     ranking = rank(tier, need_bytes, facts)
     if ranking and ranking[0].fits:

@@ -69,8 +69,8 @@ __all__ = [
     "ADDS_AT_ONCE_MAX",
     "EVERY_NODE",
     "Holder",
-    "NodeFacts",
     "Plan",
+    "ReplicaFacts",
     "ReplicaPolicy",
     "parse_labels",
     "plan",
@@ -164,7 +164,7 @@ class ReplicaPolicy:
 
 
 @dataclass(frozen=True, slots=True)
-class NodeFacts:
+class ReplicaFacts:
     """A node as the rule sees it: whether it is up, since when it is down,
     its labels, whether it has room for the copy on the policy's tier."""
 
@@ -214,11 +214,11 @@ def _rank(model: str, node_id: str) -> bytes:
     return hashlib.blake2b(f"{model}\x00{node_id}".encode(), digest_size=8).digest()
 
 
-def _eligible(policy: ReplicaPolicy, n: NodeFacts) -> bool:
+def _eligible(policy: ReplicaPolicy, n: ReplicaFacts) -> bool:
     return all(n.labels.get(k) == v for k, v in policy.labels.items())
 
 
-def plan(model: str, policy: ReplicaPolicy, nodes: Iterable[NodeFacts], holders: Iterable[Holder],
+def plan(model: str, policy: ReplicaPolicy, nodes: Iterable[ReplicaFacts], holders: Iterable[Holder],
          now: float, grace_s: float, *, fetchable: bool = False) -> Plan:
     """The steps for ``model`` under ``policy``, the same on every node that
     reads the same ``nodes`` and ``holders``.  A copy is added only from
@@ -253,7 +253,7 @@ def plan(model: str, policy: ReplicaPolicy, nodes: Iterable[NodeFacts], holders:
         for nid in counted:
             values[value(nid)] = values.get(value(nid), 0) + 1
 
-    def add_order(n: NodeFacts) -> tuple[int, bytes]:
+    def add_order(n: ReplicaFacts) -> tuple[int, bytes]:
         return (values.get(value(n.node_id), 0), _rank(model, n.node_id))
 
     candidates = sorted((n for n in eligible if n.up and n.room and n.node_id not in held), key=add_order)

@@ -35,17 +35,18 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from .engines import EnginePolicy, ServeError, check_args, check_env_names, engine_env
-from .keys import SVC_PREFIX, RecordError
+from .keys import SVC_PREFIX
+from .records import RecordError, field_int, field_map, field_str
 from .units import human_bytes
 
 __all__ = [
     "ENGINES",
     "LOAD_FORMATS",
-    "Action",
     "EngineSpec",
     "LifePolicy",
     "Pool",
     "ServeError",
+    "ServiceAction",
     "ServiceLife",
     "ServiceRecord",
     "ServiceState",
@@ -291,7 +292,10 @@ class ServiceState(enum.Enum):
         return self in (ServiceState.STARTING, ServiceState.HEALTHY, ServiceState.UNHEALTHY)
 
 
-class Action(enum.Enum):
+class ServiceAction(enum.Enum):
+    """What ``ServiceLife`` tells the engine's supervisor to do now (not a
+    peer action, ``actions.PeerAction``, nor a pipeline step)."""
+
     NOTHING = "nothing"
     KILL = "kill"  # end the process group (it is hung, or its startup ran out)
     SPAWN = "spawn"  # start the engine (again), at ``ServiceLife.restart_at``
@@ -332,53 +336,53 @@ class ServiceLife:
         self.failures = 0
         self.restart_at = None
 
-    def probe_ok(self, now: float) -> Action:
+    def probe_ok(self, now: float) -> ServiceAction:
         if self.state not in (ServiceState.STARTING, ServiceState.HEALTHY, ServiceState.UNHEALTHY):
-            return Action.NOTHING
+            return ServiceAction.NOTHING
         first = not self.ever_healthy
         self.state = ServiceState.HEALTHY
         self.failures = 0
         self.backoff_s = 0.0  # healthy again: the next crash waits the initial backoff
         self.ever_healthy = True
         self.error = None
-        return Action.REPORT_READY if first else Action.NOTHING
+        return ServiceAction.REPORT_READY if first else ServiceAction.NOTHING
 
-    def probe_failed(self, now: float, why: str) -> Action:
+    def probe_failed(self, now: float, why: str) -> ServiceAction:
         if self.state is ServiceState.STARTING:
             if now - self.started_at >= self.policy.startup_timeout_s:
                 return self._crashed(now, f"not healthy within its startup budget of "
                                           f"{self.policy.startup_timeout_s:g} s: {why}", kill=True)
-            return Action.NOTHING
+            return ServiceAction.NOTHING
         if self.state not in (ServiceState.HEALTHY, ServiceState.UNHEALTHY):
-            return Action.NOTHING
+            return ServiceAction.NOTHING
         self.failures += 1
         if self.failures < self.policy.failure_threshold:
             self.state = ServiceState.UNHEALTHY
-            return Action.NOTHING
+            return ServiceAction.NOTHING
         return self._crashed(now, f"{self.failures} probes failed in a row: {why}", kill=True)
 
-    def exited(self, now: float, code: int | None) -> Action:
+    def exited(self, now: float, code: int | None) -> ServiceAction:
         if self.state in (ServiceState.STOPPING, ServiceState.STOPPED):
             self.state = ServiceState.STOPPED
-            return Action.NOTHING
+            return ServiceAction.NOTHING
         if self.state in (ServiceState.ERROR, ServiceState.RESTARTING):
-            return Action.NOTHING  # the exit of a process we killed
+            return ServiceAction.NOTHING  # the exit of a process we killed
         return self._crashed(now, f"the engine exited (code {code})", kill=False)
 
-    def _crashed(self, now: float, why: str, *, kill: bool) -> Action:
+    def _crashed(self, now: float, why: str, *, kill: bool) -> ServiceAction:
         self.error = why
         self.crashes = [t for t in self.crashes if now - t < self.policy.crash_window_s] + [now]
         if len(self.crashes) >= self.policy.crash_limit or not self.ever_healthy:
             # Never healthy: a broken model or flags; restarting would only repeat it.
             self.state = ServiceState.ERROR
             self.restart_at = None
-            return Action.GIVE_UP if not kill else Action.KILL
+            return ServiceAction.GIVE_UP if not kill else ServiceAction.KILL
         self.state = ServiceState.RESTARTING
         p = self.policy
         self.backoff_s = p.backoff_initial_s if self.backoff_s == 0 else min(self.backoff_s * 2, p.backoff_max_s)
         self.restart_at = now + self.backoff_s
         self.restarts += 1
-        return Action.KILL if kill else Action.SPAWN
+        return ServiceAction.KILL if kill else ServiceAction.SPAWN
 
     def stop(self) -> None:
         if self.state is not ServiceState.STOPPED:
@@ -403,17 +407,8 @@ def parse_svc_key(key: str) -> tuple[str, str, int] | None:
     return model, node, int(port)
 
 
-def _field(v: Mapping[str, Any], k: str, typ: type | tuple[type, ...], what: str, optional: bool = False) -> Any:
-    x = v.get(k)
-    if x is None and optional:
-        return None
-    if not isinstance(x, typ) or (isinstance(x, bool) and typ is not bool):
-        raise RecordError(f"service {what}: wrong type")
-    if isinstance(x, str) and len(x) > LOG_TAIL_CHARS:
-        raise RecordError(f"service {what}: too long")
-    if isinstance(x, int) and not isinstance(x, bool) and not 0 <= x < 2**63:
-        raise RecordError(f"service {what}: out of range")
-    return x
+def _text(v: Mapping[str, Any], k: str, optional: bool = False) -> Any:
+    return field_str(v.get(k), f"service {k}", optional=optional, max_chars=LOG_TAIL_CHARS)
 
 
 def _load(v: Any) -> tuple[int, int] | None:
@@ -464,16 +459,12 @@ class ServiceRecord:
 
     @classmethod
     def from_value(cls, raw: Any) -> ServiceRecord:
-        if not isinstance(raw, dict):
-            raise RecordError("service: expected a map")
+        raw = field_map(raw, "service")
         gpus = raw.get("gpus")
         if not isinstance(gpus, list) or len(gpus) > 64 or not all(
                 isinstance(g, int) and not isinstance(g, bool) and 0 <= g < 64 for g in gpus):
             raise RecordError("service gpus: a list of GPU indexes")
-        port = _field(raw, "port", int, "port")
-        if not 0 < port < 65536:
-            raise RecordError("service port: 1 to 65535")
-        engine = _field(raw, "engine", str, "engine")
+        engine = _text(raw, "engine")
         if engine not in ENGINES:
             raise RecordError("service engine: unknown")
         try:
@@ -481,13 +472,15 @@ class ServiceRecord:
         except ValueError:
             raise RecordError("service state: unknown") from None
         return cls(
-            model=_field(raw, "model", str, "model"), node=_field(raw, "node", str, "node"), port=port,
-            engine=engine, gpus=tuple(gpus), state=state, pid=_field(raw, "pid", int, "pid", optional=True),
-            started_ms=_field(raw, "started_ms", int, "started_ms"), restarts=_field(raw, "restarts", int, "restarts"),
-            vram_bytes=_field(raw, "vram_bytes", int, "vram_bytes"),
-            job_id=_field(raw, "job_id", str, "job_id", optional=True),
-            error=_field(raw, "error", str, "error", optional=True),
-            log_tail=_field(raw, "log_tail", str, "log_tail", optional=True),
+            model=_text(raw, "model"), node=_text(raw, "node"),
+            port=field_int(raw.get("port"), "service port", lo=1, hi=65535),
+            engine=engine, gpus=tuple(gpus), state=state, pid=field_int(raw.get("pid"), "service pid", optional=True),
+            started_ms=field_int(raw.get("started_ms"), "service started_ms"),
+            restarts=field_int(raw.get("restarts"), "service restarts"),
+            vram_bytes=field_int(raw.get("vram_bytes"), "service vram_bytes"),
+            job_id=_text(raw, "job_id", optional=True),
+            error=_text(raw, "error", optional=True),
+            log_tail=_text(raw, "log_tail", optional=True),
             health_path=_health_path(raw.get("health_path", "/health")),
             load=_load(raw.get("load")),
         )

@@ -10,9 +10,11 @@ A source URL is one of:
 * ``file:///path`` or an absolute path: files on the target node itself
   (``SourceKind.LOCAL``; the node checks the path against its ingest roots).
 
-The API, a pipeline's validation and the daemon's table of fetchers all ask
-``classify``; adding a kind (``gs://``) is this table, a fetcher in
-``meshnode/copies/sources/`` and the docs.  Pure: the caller passes the
+The API, a pipeline's validation, the peer actions and the daemon's table of
+fetchers (``meshnode.copies.sources.FETCHERS``) all ask ``classify``; adding
+a kind (``gs://``) is a member of ``SourceKind`` and a line in ``SCHEMES``
+here, a fetcher and its line in that table, and the docs
+(``docs/architecture.md`` walks through it).  Pure: the caller passes the
 hub hosts it knows.
 """
 
@@ -22,10 +24,10 @@ import enum
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
-__all__ = ["SCHEMES", "URL_MAX", "InvalidSource", "SourceKind", "SourceUrl", "classify"]
+__all__ = ["HUB_HOSTS", "SCHEMES", "URL_MAX", "InvalidSource", "SourceKind", "SourceUrl", "classify", "is_outside"]
 
 URL_MAX = 2048
-HUB_HOSTS = ("huggingface.co", "www.huggingface.co")
+HUB_HOSTS = ("huggingface.co", "www.huggingface.co", "hf.co")  # the fetchers add the node's HF_ENDPOINT
 
 
 class SourceKind(enum.Enum):
@@ -79,3 +81,12 @@ def classify(url: str, hub_hosts: tuple[str, ...] = HUB_HOSTS) -> SourceUrl:
     if kind is SourceKind.HTTP and (parts.hostname or "").lower() in hub_hosts:
         kind = SourceKind.HUB
     return SourceUrl(kind, url)
+
+
+def is_outside(url: object, hub_hosts: tuple[str, ...] = HUB_HOSTS) -> bool:
+    """``url`` is a source outside the mesh (fetched once per mesh): a kind
+    ``classify`` knows that is not files on the node."""
+    try:
+        return isinstance(url, str) and classify(url, hub_hosts).kind.outside
+    except InvalidSource:
+        return False

@@ -29,7 +29,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from protocol.replicas import EVERY_NODE, Holder, NodeFacts, ReplicaPolicy, plan
+from protocol.replicas import EVERY_NODE, Holder, ReplicaFacts, ReplicaPolicy, plan
 
 __all__ = ["ReplicaSimResult", "simulate_replicas"]
 
@@ -146,7 +146,7 @@ def simulate_replicas(nodes: int = 20, models: int = 30, seed: int = 1, seconds:
             facts = []
             for n in sorted(present):
                 since = sees_down_since(me, n, t) if n != me else None
-                facts.append(NodeFacts(n, since is None, since, labels[n]))
+                facts.append(ReplicaFacts(n, since is None, since, labels[n]))
             for m, pol in policies.items():
                 seen = view[m]
                 # A node knows its own copies now; others' as the catalog showed them LAG_S ago.

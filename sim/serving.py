@@ -24,7 +24,7 @@ import heapq
 import random
 from dataclasses import dataclass, field
 
-from protocol.serving import Action, LifePolicy, ServiceLife, ServiceState
+from protocol.serving import LifePolicy, ServiceAction, ServiceLife, ServiceState
 
 __all__ = ["ServingSimResult", "simulate_serving"]
 
@@ -87,7 +87,7 @@ def _one(i: int, p: LifePolicy, rng: random.Random, end: float, crash_every_s: f
         if now > end:
             break
         was_healthy = life.state is ServiceState.HEALTHY
-        act = Action.NOTHING
+        act = ServiceAction.NOTHING
         if what in ("crash", "hang") and engine == "up" and now >= ready_at:
             engine = "crashed" if what == "crash" else "hung"
             fault_at = now
@@ -115,7 +115,7 @@ def _one(i: int, p: LifePolicy, rng: random.Random, end: float, crash_every_s: f
             engine, ready_at = "up", now + STARTUP_S
             at(now + 0.5, "probe")
             next_fault(now)
-        if act is Action.KILL:
+        if act is ServiceAction.KILL:
             if engine == "hung":
                 caught = now - fault_at
                 res.hangs_caught_s.append(caught)
@@ -123,7 +123,7 @@ def _one(i: int, p: LifePolicy, rng: random.Random, end: float, crash_every_s: f
                     res.violations.append(f"service {i}: a hang caught after {caught:.0f} s")
                 crash_times.append(now)
             engine = "none"
-        if life.state is ServiceState.RESTARTING and what != "respawn" and act in (Action.KILL, Action.SPAWN):
+        if life.state is ServiceState.RESTARTING and what != "respawn" and act in (ServiceAction.KILL, ServiceAction.SPAWN):
             assert life.restart_at is not None
             wait = life.restart_at - now
             if not p.backoff_initial_s - 1e-6 <= wait <= p.backoff_max_s + 1e-6:

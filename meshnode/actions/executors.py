@@ -15,10 +15,10 @@ import httpx
 import trio
 
 from protocol.actions import (
-    Action,
     CancelTransfer,
     DeleteCopy,
     LocalPath,
+    PeerAction,
     StartService,
     StartTransfer,
     StopService,
@@ -28,10 +28,9 @@ from protocol.actions import (
 from protocol.healthcheck import HealthTarget, unreachable_message
 
 from ..copies.catalog import CopyCatalog
-from ..copies.ingest import hf_repo
+from ..copies.sources import check_source
 from ..copies.sources.common import SourceError
 from ..copies.sources.guard import confine_path, pin_request, resolve_addresses, resolve_public
-from ..copies.sources.s3 import is_s3_source, parse_s3_url
 from ..copies.transfers import Transfers
 from ..copies.verifier import Verifier
 from ..errors import MeshError
@@ -67,7 +66,7 @@ class Executors:
             CancelTransfer: self._cancel_transfer,
         }
 
-    async def run(self, action: Action) -> dict[str, Any]:
+    async def run(self, action: PeerAction) -> dict[str, Any]:
         return await self._table[type(action)](action)
 
     async def _start_transfer(self, a: StartTransfer) -> dict[str, Any]:
@@ -77,18 +76,8 @@ class Executors:
             real = await trio.to_thread.run_sync(confine_path, src.path, self.ingest_roots)
             if not await trio.to_thread.run_sync(real.exists):
                 raise MeshError("SOURCE_NOT_FOUND", f"{src.path} does not exist on {self.node_id}")
-        elif isinstance(src, Web) and is_s3_source(src.url):
-            loc = parse_s3_url(src.url)  # a bad one is refused now, not after the claim
-            if loc.endpoint_url is not None and not self.allow_private_sources:
-                e = httpx.URL(loc.endpoint_url)
-                await resolve_public(e.host, e.port or (443 if e.scheme == "https" else 80))
-        elif isinstance(src, Web) and not self.allow_private_sources and hf_repo(src.url) is None:
-            try:
-                u = httpx.URL(src.url)
-            except httpx.InvalidURL as e:
-                raise MeshError("INVALID_REQUEST", f"bad source_url: {e}") from None
-            # A clear refusal now; the download checks every hop again.
-            await resolve_public(u.host, u.port or (443 if u.scheme == "https" else 80))
+        elif isinstance(src, Web):  # a bad URL or a private host is refused now, not after the claim
+            await check_source(src.url, self.allow_private_sources)
         return self.transfers.start(a).public(self.node_id)
 
     def _serving(self) -> Services:

@@ -28,10 +28,10 @@ import trio
 from protocol import InvalidName
 from protocol.actions import (
     TIERS,
-    Action,
     CopyOf,
     DeleteCopy,
     LocalPath,
+    PeerAction,
     StartTransfer,
     VerifyCopy,
     Web,
@@ -119,7 +119,7 @@ class Router:
 
     # -- where an action runs ----------------------------------------------------------
 
-    async def run_on(self, node_id: str, action: Action) -> dict[str, Any]:
+    async def run_on(self, node_id: str, action: PeerAction) -> dict[str, Any]:
         """Run ``action`` on ``node_id``: here, or handed over; its answer, or a ``MeshError``."""
         if node_id == self.mesh.id:
             return await self.executors.run(action)

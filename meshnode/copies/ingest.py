@@ -1,4 +1,4 @@
-"""Ingest from outside (Hugging Face Hub, HTTP(S)), once per mesh.
+"""Ingest from outside (Hugging Face Hub, HTTP(S), S3: ``sources.FETCHERS``), once per mesh.
 
 The decision of who fetches is ``protocol.transfer.claims`` (earliest claim
 wins); this module does the waiting, the fetching into a staging directory on
@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import shutil
 from collections import Counter
 from collections.abc import Callable
-from urllib.parse import urlparse
 
 import trio
 
@@ -28,6 +26,7 @@ from protocol import HLC
 from protocol.actions import Web
 from protocol.keys import COPY_PREFIX, REG_PREFIX, SRC_PREFIX, XFER_PREFIX, SrcRecord, src_key
 from protocol.registry import purged_models
+from protocol.sources import SourceKind
 from protocol.transfer.claims import choose_fetcher, live_claims, mesh_copy, source_id
 from protocol.transfer.sources import fetch_conflict
 
@@ -36,7 +35,7 @@ from ..mesh import Mesh, wall_ms
 from ..persist import make_dirs
 from .catalog import conflict_error, one_content
 from .puller import MakeRoom, Puller, no_eviction
-from .sources import SourceError, SourceResult, fetch_source, is_hf_source, is_s3_source
+from .sources import SourceError, SourceResult, fetch_source, fetcher_for, hub_hosts, source_url
 from .sources.hf import parse_hf_ref, resolve_hf_commit
 from .store import Copy, Store
 from .transfer import Transfer
@@ -53,10 +52,9 @@ def hf_repo(url: str) -> tuple[str, str | None] | None:
     """``(repo_id, revision)`` when ``url`` names a Hugging Face repo (on the
     hub or on the ``HF_ENDPOINT`` mirror), else None; parsed as the fetcher
     parses it, so both agree on what is fetched."""
-    endpoint_host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-    if not (is_hf_source(url) or (url.startswith(("http://", "https://")) and urlparse(url).hostname == endpoint_host)):
-        return None
     try:
+        if source_url(url, hub_hosts()).kind is not SourceKind.HUB:
+            return None
         repo, rev, _origin = parse_hf_ref(url)
     except SourceError:
         return None
@@ -141,7 +139,8 @@ class WebIngest:
         staging = self.store.staging_dir(t.kind, f"ingest-{t.id}")
         make_dirs(staging)
         t.note = "fetching from the source"
-        kind = "hf" if hf is not None else "s3" if is_s3_source(web.url) else "http"
+        url = f"hf://{hf[0]}" if hf is not None else web.url
+        kind = fetcher_for(url).label  # as fetch_source will fetch it
 
         def progress(done: int, total: int | None, files_done: int, files_total: int | None) -> None:
             if done > t.bytes_done:
@@ -151,7 +150,7 @@ class WebIngest:
 
         try:
             result: SourceResult = await fetch_source(
-                f"hf://{hf[0]}" if hf is not None else web.url, staging, progress=progress, revision=revision,
+                url, staging, progress=progress, revision=revision,
                 allow_patterns=web.allow_patterns, ignore_patterns=web.ignore_patterns,
                 allow_private=self.allow_private, s3_endpoint=self.s3_endpoint,
                 reserve=functools.partial(self.make_room, t.kind, t.model),

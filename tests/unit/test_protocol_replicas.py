@@ -14,7 +14,7 @@ from protocol.replicas import (
     EVERY_NODE,
     Holder,
     InvalidPolicy,
-    NodeFacts,
+    ReplicaFacts,
     ReplicaPolicy,
     parse_labels,
     plan,
@@ -26,7 +26,7 @@ ZONES = ("a", "b", "c")
 
 
 @st.composite
-def worlds(draw: st.DrawFn) -> tuple[ReplicaPolicy, list[NodeFacts], list[Holder]]:
+def worlds(draw: st.DrawFn) -> tuple[ReplicaPolicy, list[ReplicaFacts], list[Holder]]:
     n = draw(st.integers(1, 12))
     nodes = []
     for i in range(n):
@@ -35,7 +35,7 @@ def worlds(draw: st.DrawFn) -> tuple[ReplicaPolicy, list[NodeFacts], list[Holder
         labels = {"zone": draw(st.sampled_from(ZONES))}
         if draw(st.booleans()):
             labels["gpu"] = "h100"
-        nodes.append(NodeFacts(f"n{i}", up, down_since, labels, room=draw(st.booleans()) or draw(st.booleans())))
+        nodes.append(ReplicaFacts(f"n{i}", up, down_since, labels, room=draw(st.booleans()) or draw(st.booleans())))
     holders = [Holder(x.node_id, complete=draw(st.booleans()) or draw(st.booleans()), in_use=draw(st.booleans()))
                for x in nodes if draw(st.booleans())]
     if draw(st.booleans()):
@@ -49,7 +49,7 @@ def worlds(draw: st.DrawFn) -> tuple[ReplicaPolicy, list[NodeFacts], list[Holder
     return policy, nodes, holders
 
 
-def _counted(policy: ReplicaPolicy, nodes: list[NodeFacts], holders: list[Holder]) -> list[str]:
+def _counted(policy: ReplicaPolicy, nodes: list[ReplicaFacts], holders: list[Holder]) -> list[str]:
     facts = {n.node_id: n for n in nodes}
     out = []
     for h in holders:
@@ -121,7 +121,7 @@ def test_applying_plans_converges_into_min_max_and_then_stands_still(world) -> N
 
 def test_a_restarting_holder_is_not_replaced_within_the_grace() -> None:
     policy = ReplicaPolicy(2, 2)
-    nodes = [NodeFacts("a", True), NodeFacts("b", False, NOW - 5), NodeFacts("c", True)]
+    nodes = [ReplicaFacts("a", True), ReplicaFacts("b", False, NOW - 5), ReplicaFacts("c", True)]
     holders = [Holder("a"), Holder("b")]
     assert plan("m", policy, nodes, holders, NOW, GRACE).add == ()
     later = plan("m", policy, nodes, holders, NOW + GRACE, GRACE)
@@ -130,7 +130,7 @@ def test_a_restarting_holder_is_not_replaced_within_the_grace() -> None:
 
 def test_a_lost_copy_is_replaced_only_below_min_and_new_nodes_fill_to_max() -> None:
     policy = ReplicaPolicy(1, 3)
-    nodes = [NodeFacts("a", True), NodeFacts("b", False, NOW - 500), NodeFacts("c", True), NodeFacts("d", True)]
+    nodes = [ReplicaFacts("a", True), ReplicaFacts("b", False, NOW - 500), ReplicaFacts("c", True), ReplicaFacts("d", True)]
     # a and b held it; b is lost: one copy counts (>= min 1), and b still takes its place under max 3.
     p = plan("m", policy, nodes, [Holder("a"), Holder("b"), Holder("c")], NOW, GRACE)
     assert p.add == () and (p.counted, p.lost) == (2, 1)
@@ -141,7 +141,7 @@ def test_a_lost_copy_is_replaced_only_below_min_and_new_nodes_fill_to_max() -> N
 
 def test_every_node_means_every_eligible_node_and_strays_are_dropped() -> None:
     policy = ReplicaPolicy(EVERY_NODE, EVERY_NODE, labels={"gpu": "h100"})
-    nodes = [NodeFacts(f"n{i}", True, labels={"gpu": "h100"}) for i in range(4)] + [NodeFacts("cpu", True)]
+    nodes = [ReplicaFacts(f"n{i}", True, labels={"gpu": "h100"}) for i in range(4)] + [ReplicaFacts("cpu", True)]
     p = plan("m", policy, nodes, [Holder("n0"), Holder("cpu")], NOW, GRACE)
     assert sorted(p.add) == ["n1", "n2", "n3"] and p.wanted_min == p.wanted_max == 4
     held = [Holder(f"n{i}") for i in range(4)] + [Holder("cpu")]
@@ -152,7 +152,7 @@ def test_every_node_means_every_eligible_node_and_strays_are_dropped() -> None:
 
 def test_a_spread_label_puts_copies_in_different_zones_first() -> None:
     policy = ReplicaPolicy(3, 3, spread="zone")
-    nodes = [NodeFacts(f"{z}{i}", True, labels={"zone": z}) for z in ZONES for i in range(3)]
+    nodes = [ReplicaFacts(f"{z}{i}", True, labels={"zone": z}) for z in ZONES for i in range(3)]
     p = plan("m", policy, nodes, [], NOW, GRACE, fetchable=True)
     assert sorted(n[0] for n in p.add) == ["a", "b", "c"]
     # Two copies in zone a: one is added in each missing zone (above max for a while) ...
@@ -169,7 +169,7 @@ def test_a_spread_label_puts_copies_in_different_zones_first() -> None:
 
 def test_above_max_the_worst_ranked_drop_and_never_below_min() -> None:
     policy = ReplicaPolicy(1, 2)
-    nodes = [NodeFacts(x, True) for x in "abcde"]
+    nodes = [ReplicaFacts(x, True) for x in "abcde"]
     p = plan("m", policy, nodes, [Holder(x) for x in "abcde"], NOW, GRACE)
     assert len(p.drop) == 3 and p.add == ()
     again = plan("m", policy, nodes, [Holder(x) for x in "abcde" if x not in p.drop], NOW, GRACE)
@@ -179,7 +179,7 @@ def test_above_max_the_worst_ranked_drop_and_never_below_min() -> None:
 
 
 def test_short_of_nodes_it_says_so() -> None:
-    nodes = [NodeFacts("a", True), NodeFacts("b", True, room=False)]
+    nodes = [ReplicaFacts("a", True), ReplicaFacts("b", True, room=False)]
     p = plan("m", ReplicaPolicy(3, 3), nodes, [], NOW, GRACE, fetchable=True)
     assert p.add == ("a",) and p.short is not None and "fewer than the 3" in p.short
     # Nothing to copy from: no complete copy on a node that is up, and no source outside.
@@ -217,7 +217,7 @@ def test_a_pin_record_from_a_peer_is_checked() -> None:
             PinRecord.from_value(bad)
 
 
-def _spread_offered(policy: ReplicaPolicy, nodes: list[NodeFacts], holders: list[Holder]) -> int:
+def _spread_offered(policy: ReplicaPolicy, nodes: list[ReplicaFacts], holders: list[Holder]) -> int:
     """The most values of the spread label a placement can cover: those of the counted
     holders and of the eligible nodes up with room, at most max."""
     assert policy.spread is not None
@@ -228,17 +228,17 @@ def _spread_offered(policy: ReplicaPolicy, nodes: list[NodeFacts], holders: list
     return min(hi, len(offered))
 
 
-def _covered(policy: ReplicaPolicy, nodes: list[NodeFacts], holders: list[Holder]) -> int:
+def _covered(policy: ReplicaPolicy, nodes: list[ReplicaFacts], holders: list[Holder]) -> int:
     assert policy.spread is not None
     facts = {n.node_id: n for n in nodes}
     return len({facts[nid].labels.get(policy.spread, "") for nid in _counted(policy, nodes, holders)})
 
 
 @st.composite
-def spread_worlds(draw: st.DrawFn) -> tuple[ReplicaPolicy, list[NodeFacts], list[Holder], bool]:
+def spread_worlds(draw: st.DrawFn) -> tuple[ReplicaPolicy, list[ReplicaFacts], list[Holder], bool]:
     policy, nodes, holders = draw(worlds())
     zones = draw(st.sampled_from([ZONES, (*ZONES, "d", "e"), ("a",)]))
-    nodes = [NodeFacts(n.node_id, n.up, n.down_since, {**n.labels, "zone": draw(st.sampled_from(zones))}, n.room)
+    nodes = [ReplicaFacts(n.node_id, n.up, n.down_since, {**n.labels, "zone": draw(st.sampled_from(zones))}, n.room)
              if draw(st.booleans()) else n for n in nodes]
     policy = ReplicaPolicy(policy.min, policy.max, policy.tier, policy.labels, "zone")
     return policy, nodes, holders, draw(st.booleans())
@@ -308,9 +308,9 @@ def test_short_is_none_exactly_when_the_adds_reach_min(world, fetchable: bool) -
 
 def test_short_counts_the_nodes_it_adds_on() -> None:
     """Issue 24.4: ``add=('b',)`` came with "0 eligible nodes with room"."""
-    p = plan("m", ReplicaPolicy(2, 3), [NodeFacts("a", True), NodeFacts("b", True)], [Holder("a")], NOW, GRACE)
+    p = plan("m", ReplicaPolicy(2, 3), [ReplicaFacts("a", True), ReplicaFacts("b", True)], [Holder("a")], NOW, GRACE)
     assert p.add == ("b",) and p.short is None
-    p = plan("m", ReplicaPolicy(3, 3), [NodeFacts("a", True), NodeFacts("b", True)], [Holder("a")], NOW, GRACE)
+    p = plan("m", ReplicaPolicy(3, 3), [ReplicaFacts("a", True), ReplicaFacts("b", True)], [Holder("a")], NOW, GRACE)
     assert p.add == ("b",) and p.short is not None and "1 copies, 1 being added and 0 more" in p.short
 
 
@@ -318,8 +318,8 @@ def test_two_copies_in_one_zone_move_one_to_the_other_zone() -> None:
     """Issue 24.3: copies on n1 and n2 (zone a), pinned 2..2 spread over zone, n3 in zone b.
     The rule adds on n3, then drops one in zone a; a copy on n3 made by hand is kept."""
     policy = ReplicaPolicy(2, 2, spread="zone")
-    nodes = [NodeFacts("n1", True, labels={"zone": "a"}), NodeFacts("n2", True, labels={"zone": "a"}),
-             NodeFacts("n3", True, labels={"zone": "b"})]
+    nodes = [ReplicaFacts("n1", True, labels={"zone": "a"}), ReplicaFacts("n2", True, labels={"zone": "a"}),
+             ReplicaFacts("n3", True, labels={"zone": "b"})]
     p = plan("m", policy, nodes, [Holder("n1"), Holder("n2")], NOW, GRACE)
     assert p.add == ("n3",) and p.short is None and (p.spread_covered, p.spread_target) == (1, 2)
     for name in ("m", "org/other", "x"):  # whatever the ranks, the drop is in the crowded zone
@@ -333,7 +333,7 @@ def test_two_copies_in_one_zone_move_one_to_the_other_zone() -> None:
     p = plan("m", policy, nodes, [Holder("n1", in_use=True), Holder("n2"), Holder("n3")], NOW, GRACE)
     assert p.drop == ("n2",)
     # More zones than max: the copies beyond max go, one zone each, down to max zones.
-    nodes4 = [*nodes, NodeFacts("n4", True, labels={"zone": "c"})]
+    nodes4 = [*nodes, ReplicaFacts("n4", True, labels={"zone": "c"})]
     p = plan("m", policy, nodes4, [Holder("n1"), Holder("n3"), Holder("n4")], NOW, GRACE)
     assert len(p.drop) == 1 and p.why(p.drop[0]) == "more than the policy's max of 2"
 
@@ -342,8 +342,8 @@ def test_a_lost_zone_is_replaced_in_another_even_when_lost_copies_fill_max() -> 
     """One zone's outage must not leave every copy in the other: the lost copy's place
     under max does not stop the rule from restoring the spread."""
     policy = ReplicaPolicy(1, 2, spread="zone")
-    nodes = [NodeFacts("a1", True, labels={"zone": "a"}), NodeFacts("b1", False, NOW - 500, {"zone": "b"}),
-             NodeFacts("c1", True, labels={"zone": "c"}), NodeFacts("a2", True, labels={"zone": "a"})]
+    nodes = [ReplicaFacts("a1", True, labels={"zone": "a"}), ReplicaFacts("b1", False, NOW - 500, {"zone": "b"}),
+             ReplicaFacts("c1", True, labels={"zone": "c"}), ReplicaFacts("a2", True, labels={"zone": "a"})]
     p = plan("m", policy, nodes, [Holder("a1"), Holder("b1")], NOW, GRACE)
     assert p.lost == 1 and p.add == ("c1",)
 
@@ -351,7 +351,7 @@ def test_a_lost_zone_is_replaced_in_another_even_when_lost_copies_fill_max() -> 
 def test_drops_say_why() -> None:
     """Issue 24.5: a copy outside the labels is not "more than the policy's max"."""
     policy = ReplicaPolicy(1, 1, labels={"zone": "z2"})
-    nodes = [NodeFacts("a", True), NodeFacts("d", True, labels={"zone": "z2"}), NodeFacts("e", True, labels={"zone": "z2"})]
+    nodes = [ReplicaFacts("a", True), ReplicaFacts("d", True, labels={"zone": "z2"}), ReplicaFacts("e", True, labels={"zone": "z2"})]
     p = plan("m", policy, nodes, [Holder("a"), Holder("d")], NOW, GRACE)
     assert p.drop == ("a",) and p.why("a") == "on a node outside the policy's labels" and p.outside == ("a",)
     assert p.counted == 1 and p.why("d") == ""

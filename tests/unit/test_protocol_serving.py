@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 
 from protocol.engines import EnginePolicy
 from protocol.serving import (
-    Action,
     LifePolicy,
     ServeError,
+    ServiceAction,
     ServiceLife,
     ServiceRecord,
     ServiceState,
@@ -116,20 +116,20 @@ def test_vram_counts_reservations_in_flight() -> None:
 def test_a_healthy_engine_that_crashes_backs_off_then_gives_up() -> None:
     life = ServiceLife(LifePolicy(crash_limit=4, crash_window_s=10_000))
     life.spawned(0)
-    assert life.probe_failed(1, "refused") is Action.NOTHING and life.state is ServiceState.STARTING
-    assert life.probe_ok(2) is Action.REPORT_READY and life.state is ServiceState.HEALTHY
+    assert life.probe_failed(1, "refused") is ServiceAction.NOTHING and life.state is ServiceState.STARTING
+    assert life.probe_ok(2) is ServiceAction.REPORT_READY and life.state is ServiceState.HEALTHY
     waits = []
     t = 10.0
     for _ in range(3):
-        assert life.exited(t, -9) is Action.SPAWN and life.state is ServiceState.RESTARTING
+        assert life.exited(t, -9) is ServiceAction.SPAWN and life.state is ServiceState.RESTARTING
         assert life.restart_at is not None
         waits.append(life.restart_at - t)
         t = life.restart_at
         life.spawned(t)
-        assert life.probe_ok(t + 1) is Action.NOTHING  # ready once; a restart reports nothing new
+        assert life.probe_ok(t + 1) is ServiceAction.NOTHING  # ready once; a restart reports nothing new
         t += 5
     assert waits == [10, 10, 10]  # healthy in between: the backoff starts over each time
-    assert life.exited(t, 1) is Action.GIVE_UP and life.state is ServiceState.ERROR  # the 4th crash in the window
+    assert life.exited(t, 1) is ServiceAction.GIVE_UP and life.state is ServiceState.ERROR  # the 4th crash in the window
     assert life.restarts == 3
 
 
@@ -151,20 +151,20 @@ def test_a_hung_engine_is_killed_after_the_threshold() -> None:
     life = ServiceLife(LifePolicy(failure_threshold=3))
     life.spawned(0)
     life.probe_ok(1)
-    assert life.probe_failed(4, "timed out") is Action.NOTHING and life.state is ServiceState.UNHEALTHY
-    assert life.probe_failed(7, "timed out") is Action.NOTHING
-    assert life.probe_failed(10, "timed out") is Action.KILL and life.state is ServiceState.RESTARTING
-    assert life.exited(10.1, -9) is Action.NOTHING  # the exit of the process we killed
+    assert life.probe_failed(4, "timed out") is ServiceAction.NOTHING and life.state is ServiceState.UNHEALTHY
+    assert life.probe_failed(7, "timed out") is ServiceAction.NOTHING
+    assert life.probe_failed(10, "timed out") is ServiceAction.KILL and life.state is ServiceState.RESTARTING
+    assert life.exited(10.1, -9) is ServiceAction.NOTHING  # the exit of the process we killed
 
 
 def test_an_engine_never_healthy_fails_with_no_restart() -> None:
     life = ServiceLife(LifePolicy(startup_timeout_s=30))
     life.spawned(0)
-    assert life.exited(2, 3) is Action.GIVE_UP and life.state is ServiceState.ERROR
+    assert life.exited(2, 3) is ServiceAction.GIVE_UP and life.state is ServiceState.ERROR
     slow = ServiceLife(LifePolicy(startup_timeout_s=30))
     slow.spawned(0)
-    assert slow.probe_failed(29, "503") is Action.NOTHING
-    assert slow.probe_failed(30, "503") is Action.KILL and slow.state is ServiceState.ERROR
+    assert slow.probe_failed(29, "503") is ServiceAction.NOTHING
+    assert slow.probe_failed(30, "503") is ServiceAction.KILL and slow.state is ServiceState.ERROR
     assert "startup budget of 30 s" in (slow.error or "")
 
 
@@ -192,15 +192,15 @@ def test_life_invariants(evs: list[tuple[str, float]]) -> None:
         elif kind == "stop":
             life.stop()
             stopped = True
-            a = Action.NOTHING
+            a = ServiceAction.NOTHING
         else:
             if life.state is ServiceState.RESTARTING and life.restart_at is not None and t >= life.restart_at:
                 life.spawned(t)
-            a = Action.NOTHING
+            a = ServiceAction.NOTHING
         assert life.backoff_s == 0 or p.backoff_initial_s <= life.backoff_s <= p.backoff_max_s
         assert (life.restart_at is not None) == (life.state is ServiceState.RESTARTING)
         if stopped:
-            assert a is not Action.SPAWN and life.state in (ServiceState.STOPPING, ServiceState.STOPPED)
+            assert a is not ServiceAction.SPAWN and life.state in (ServiceState.STOPPING, ServiceState.STOPPED)
         if before is ServiceState.ERROR and not stopped:
             assert life.state is ServiceState.ERROR
         assert len(life.crashes) <= p.crash_limit

@@ -1,9 +1,26 @@
-"""What the sources share: the error, the result, the retry policy, URL helpers."""
+"""What the sources share: the error, the result, the retry policy, URL helpers.
+
+Partial files: every fetcher writes a file as ``<name>`` + :data:`PART_SUFFIX`
+until it is complete, so that a staging directory with no ``.part`` left
+holds exactly the result's files.  The three writers of partial files differ
+for a reason and so stay three: ``http._StreamPart`` appends one response
+body in order (resumed with ``Range``, validated by a sidecar with the
+ETag, hashed as it goes); ``s3._RangedPart`` is preallocated and written at
+offsets by several ranges at once (resumed from the S3 ledger, checked
+against the ETag at the end); ``store.Partial`` assembles a copy of a known
+manifest chunk by chunk, each chunk verified before it is written.
+:class:`Transient` (a failure worth a retry) is one class for every source.
+
+Which fetcher a URL goes to is ``protocol.sources.classify``; this module
+only adds the node's own hub mirror (``HF_ENDPOINT``) to the hub's hosts
+(:func:`hub_hosts`).
+"""
 
 from __future__ import annotations
 
 import email.utils
 import logging
+import os
 import random
 import time
 from collections.abc import Callable
@@ -13,20 +30,26 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from protocol.sources import HUB_HOSTS, InvalidSource, SourceKind, SourceUrl, classify
+
 from ...errors import MeshError
 
 __all__ = [
     "DEFAULT_RETRY",
     "HF_HOSTS",
+    "PART_SUFFIX",
     "SOURCE_ERROR_CODES",
     "Progress",
     "RetryPolicy",
     "SourceError",
     "SourceResult",
+    "Transient",
+    "hub_hosts",
     "is_hf_source",
     "parse_retry_after",
     "redact",
     "safe_url",
+    "source_url",
 ]
 
 log = logging.getLogger("meshnode.copies.sources")
@@ -55,6 +78,16 @@ class SourceError(MeshError):
     """
 
 
+class Transient(Exception):
+    """A failure worth retrying (after ``retry_after`` seconds when the server said)."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+PART_SUFFIX = ".part"  # a file being fetched, before it is complete (and checked)
 
 
 @dataclass
@@ -153,17 +186,34 @@ def safe_url(url: str) -> str:
     return f"{p.scheme}://{host}{p.path}" if p.scheme else p.path
 
 
-HF_HOSTS = ("huggingface.co", "www.huggingface.co", "hf.co")
+HF_HOSTS = HUB_HOSTS  # the hub's own hosts: one list, in protocol.sources
+
+
+def hub_hosts() -> tuple[str, ...]:
+    """The hub's hosts and the host of this node's ``HF_ENDPOINT`` (a mirror or
+    a private hub): a repository URL on any of them is fetched from the hub."""
+    endpoint = os.environ.get("HF_ENDPOINT")
+    if not endpoint:
+        return HUB_HOSTS
+    try:
+        host = (urlsplit(endpoint).hostname or "").lower()
+    except ValueError:
+        return HUB_HOSTS
+    return HUB_HOSTS if not host or host in HUB_HOSTS else (*HUB_HOSTS, host)
+
+
+def source_url(url: str, hosts: tuple[str, ...] = HUB_HOSTS) -> SourceUrl:
+    """``protocol.sources.classify`` of ``url`` (``hosts``: the hub's), or
+    ``SourceError("INVALID_REQUEST")`` saying what can be fetched."""
+    try:
+        return classify(url, hosts)
+    except InvalidSource as e:
+        raise SourceError("INVALID_REQUEST", f"{safe_url(url) if isinstance(url, str) else 'source'}: {e}") from None
 
 
 def is_hf_source(url: str) -> bool:
     """True for ``hf://owner/name[@rev]`` and ``https://huggingface.co/owner/name[/tree/rev]``."""
-    if url.startswith("hf://"):
-        return True
     try:
-        host = (urlsplit(url).hostname or "").lower()
-    except ValueError:
+        return source_url(url).kind is SourceKind.HUB
+    except SourceError:
         return False
-    return host in HF_HOSTS
-
-

@@ -54,19 +54,19 @@ from ...persist import make_dirs
 from .common import (
     DEFAULT_RETRY,
     HF_HOSTS,
+    PART_SUFFIX,
     Progress,
     RetryPolicy,
     SourceError,
     SourceResult,
+    Transient,
     parse_retry_after,
     redact,
     safe_url,
 )
 from .http import (
-    PART_SUFFIX,
     Digest,
     ProgressTracker,
-    Transient,
     default_classify,
     download_file,
     is_transient_status,

@@ -35,10 +35,12 @@ from protocol.units import human_bytes
 from ...persist import FILE_MODE, atomic_write, make_dirs
 from .common import (
     DEFAULT_RETRY,
+    PART_SUFFIX,
     Progress,
     RetryPolicy,
     SourceError,
     SourceResult,
+    Transient,
     parse_retry_after,
     redact,
     safe_url,
@@ -48,7 +50,6 @@ __all__ = ["Digest", "FileOutcome", "ProgressTracker", "download_file", "fetch_u
 
 log = logging.getLogger("meshnode.copies.sources")
 
-PART_SUFFIX = ".part"
 SIDECAR_SUFFIX = ".part.json"
 _FLUSH_BYTES = 1 << 20  # write (and hash) in a worker thread once this much arrived
 _HASH_READ = 8 << 20
@@ -58,15 +59,6 @@ Digest = tuple[str, str]
 #: maps an error response to a SourceError (or None: use the default mapping)
 Classify = Callable[[httpx.Response, bool], SourceError | None]
 Reserve = Callable[[int], Awaitable[None]]  # (bytes) -> room made for them, or raises (NO_SPACE)
-
-
-class Transient(Exception):
-    """A failure worth retrying (after ``retry_after`` seconds when the server said)."""
-
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.retry_after = retry_after
 
 
 class _Mismatch(Exception):
@@ -133,8 +125,11 @@ def _new_hasher(digest: Digest | None, size: int | None) -> Any:
     return None
 
 
-class _PartFile:
-    """``<final>.part`` and its sidecar.  Every method blocks: call through trio.to_thread."""
+class _StreamPart:
+    """``<final>.part`` and its sidecar, appended in order by one response body.
+    Not ``s3._RangedPart`` (written at offsets by ranges in parallel) nor
+    ``store.Partial`` (chunks of a known manifest): see ``common``.  Every
+    method blocks: call through trio.to_thread."""
 
     def __init__(self, final: Path, url: str, size: int | None, digest: Digest | None) -> None:
         self.final = final
@@ -333,7 +328,7 @@ async def download_file(
         log.info("%s is already here (%d bytes%s)", rel, n, ", verified" if ok else "")
         return FileOutcome(rel, n, ok, resumed_bytes=n)
 
-    pf = _PartFile(final, url, size, digest)
+    pf = _StreamPart(final, url, size, digest)
     out = FileOutcome(rel, 0, False)
     reported = 0
     failures = 0
@@ -403,7 +398,7 @@ async def download_file(
         return out
 
 
-async def _drop_if_empty(pf: _PartFile) -> None:
+async def _drop_if_empty(pf: _StreamPart) -> None:
     """After a final error: an empty .part is of no use to a later call."""
     if pf.have == 0:
         with trio.CancelScope(shield=True):
@@ -415,7 +410,7 @@ async def _drop_if_empty(pf: _PartFile) -> None:
 
 async def _attempt(
     client: httpx.AsyncClient,
-    pf: _PartFile,
+    pf: _StreamPart,
     headers: dict[str, str],
     policy: RetryPolicy,
     tracker: ProgressTracker,
@@ -503,7 +498,7 @@ async def _attempt(
         raise Transient(f"{type(e).__name__}: {e}") from None
 
 
-async def _stream_body(r: httpx.Response, pf: _PartFile, encoded: bool, sync_progress: Callable[[], None]) -> None:
+async def _stream_body(r: httpx.Response, pf: _StreamPart, encoded: bool, sync_progress: Callable[[], None]) -> None:
     buf = bytearray()
     try:
         it = r.aiter_bytes() if encoded else r.aiter_raw()

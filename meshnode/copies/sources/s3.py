@@ -62,11 +62,20 @@ from protocol.errors import InvalidName
 from protocol.manifest import validate_rel_path
 
 from ...persist import FILE_MODE, atomic_write, make_dirs
-from .common import DEFAULT_RETRY, Progress, RetryPolicy, SourceError, SourceResult, redact
+from .common import (
+    DEFAULT_RETRY,
+    PART_SUFFIX,
+    Progress,
+    RetryPolicy,
+    SourceError,
+    SourceResult,
+    Transient,
+    redact,
+)
 from .guard import guard_error, public_only_connections, resolve_public
 from .http import ProgressTracker, os_error
 
-__all__ = ["S3Location", "fetch_s3", "is_s3_source", "parse_s3_url"]
+__all__ = ["S3Location", "fetch_s3", "parse_s3_url"]
 
 log = logging.getLogger("meshnode.copies.sources")
 # botocore's debug log carries request headers (the access key id, the signature): never ours.
@@ -78,7 +87,6 @@ RANGE_BYTES = 8 << 20  # a range of an object not uploaded in parts
 RANGE_MAX = 64 << 20  # a part bigger than this is fetched in several ranges (its MD5 read again)
 PIECE_BYTES = 1 << 20  # read, written and hashed at once, in a worker thread
 CONCURRENCY = 8
-PART_SUFFIX = ".part"
 LEDGER = ".meshnode-s3-resume.json"  # the resume record, in the staging directory
 LEDGER_EVERY_S = 1.0  # at least; more when writing the record takes long (at most 5% of the time)
 LEDGER_MAX_BYTES = 64 << 20  # a bigger record is not read (the fetch starts over)
@@ -102,10 +110,6 @@ class S3Location:
 
     def show(self, key: str | None = None) -> str:
         return f"s3://{self.bucket}/{self.prefix if key is None else key}"
-
-
-def is_s3_source(url: str) -> bool:
-    return url[:5].lower() == "s3://"
 
 
 def parse_s3_url(url: str) -> S3Location:
@@ -158,12 +162,8 @@ def _secrets() -> list[str]:
     return [os.environ.get(k, "") for k in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")]
 
 
-class _Transient(Exception):
-    pass
-
-
-def _classify(e: BaseException, what: str) -> SourceError | _Transient:
-    """A boto3 failure as a ``SourceError`` (final) or ``_Transient`` (worth a retry)."""
+def _classify(e: BaseException, what: str) -> SourceError | Transient:
+    """A boto3 failure as a ``SourceError`` (final) or ``Transient`` (worth a retry)."""
     import botocore.exceptions as bx
 
     refused = guard_error(e)
@@ -185,10 +185,10 @@ def _classify(e: BaseException, what: str) -> SourceError | _Transient:
         if code == "PreconditionFailed" or status == 412:
             return SourceError("BAD_CONTENT", f"{what} changed while it was fetched; fetch it again")
         if code in _TRANSIENT_CODES or status >= 500 or status == 429:
-            return _Transient(f"{what}: {code or status}")
+            return Transient(f"{what}: {code or status}")
         return SourceError("INVALID_REQUEST", f"{what}: {code or status}{': ' + msg if msg else ''}")
     if isinstance(e, (bx.BotoCoreError, ConnectionError, TimeoutError)):
-        return _Transient(f"{what}: {type(e).__name__}: {redact(str(e)[:200], *_secrets())}")
+        return Transient(f"{what}: {type(e).__name__}: {redact(str(e)[:200], *_secrets())}")
     if isinstance(e, OSError):
         return os_error(e, what)
     raise e
@@ -361,7 +361,7 @@ async def fetch_s3(url: str, dest_dir: Path, *, progress: Progress | None = None
         _plan_ranges(o, range_bytes)
     ledger = _Ledger(dest_dir / LEDGER)
     await trio.to_thread.run_sync(ledger.load)
-    files: dict[str, _PartFile] = {}
+    files: dict[str, _RangedPart] = {}
     begun: dict[tuple[str, int], tuple[int, Any]] = {}  # (file, range) -> (bytes already there, their MD5)
     resumed = 0
     for o in objects:
@@ -375,7 +375,7 @@ async def fetch_s3(url: str, dest_dir: Path, *, progress: Progress | None = None
             begun.update({(o.rel, i): v for i, v in ok_part.items()})
             resumed += sum(o.ranges[i][1] for i in ok_done) + sum(n for n, _ in ok_part.values())
         ledger.begin(o)
-        files[o.rel] = _PartFile(path, o.size, len(o.ranges) - len(o.parts), keep=bool(o.parts or ok_part))
+        files[o.rel] = _RangedPart(path, o.size, len(o.ranges) - len(o.parts), keep=bool(o.parts or ok_part))
     if resumed:
         log.info("S3: resuming %s: %d of %d bytes already here", loc.show(), resumed, total)
         tracker.add_bytes(resumed)
@@ -593,9 +593,11 @@ def _check_claims(path: Path, o: _Object, done: dict[int, str], part: dict[int, 
         return {}, {}
 
 
-class _PartFile:
-    """An object's ``.part`` file: opened by its first range, closed after its last,
-    so that open files follow the ranges in flight, not the objects listed."""
+class _RangedPart:
+    """An object's ``.part`` file, preallocated and written at offsets by its
+    ranges in parallel (not ``http._StreamPart``, appended in order; see
+    ``common``): opened by its first range, closed after its last, so that
+    open files follow the ranges in flight, not the objects listed."""
 
     def __init__(self, path: Path, size: int, ranges: int, keep: bool = False) -> None:
         self.path, self.size, self.left = path, size, ranges
