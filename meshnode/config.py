@@ -287,43 +287,7 @@ def _hostport(text: str, what: str) -> str:
 
 
 def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None) -> Config:
-    env = dict(os.environ) if env is None else env
-    file_values: dict[str, Any] = {}
-    cfg_path = getattr(args, "config", None) or env.get("MESHNODE_CONFIG")
-    if cfg_path:
-        try:
-            file_values = tomllib.loads(Path(cfg_path).read_text())
-        except OSError as e:
-            raise ConfigError(f"cannot read config file {cfg_path}: {e.strerror}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"config file {cfg_path} is not valid TOML: {e}") from None
-        unknown = set(file_values) - {o[0] for o in _OPTIONS}
-        if unknown:
-            raise ConfigError(f"config file {cfg_path} has unknown keys: {', '.join(sorted(unknown))}")
-
-    def get(name: str, typ: type, default: Any) -> Any:
-        v = getattr(args, name, None)
-        if v is not None:
-            return v
-        ev = env.get("MESHNODE_" + name.upper())
-        if ev is not None and ev != "":
-            try:
-                return _parse_bool(ev) if typ is bool else typ(ev)
-            except ValueError:
-                raise ConfigError(f"MESHNODE_{name.upper()}={ev!r} is not a valid {typ.__name__}") from None
-        if name in file_values:
-            v = file_values[name]
-            if typ is bool:
-                if not isinstance(v, bool):
-                    raise ConfigError(f"config key {name} must be true or false")
-                return v
-            try:
-                return typ(v)
-            except (TypeError, ValueError):
-                raise ConfigError(f"config key {name} is not a valid {typ.__name__}") from None
-        return default
-
-    o = {name: get(name, typ, default) for name, typ, _h, default in _OPTIONS}
+    o = _option_values(args, env)
     node_id = o["node_id"] or socket.gethostname().split(".")[0]
     try:
         validate_node_id(node_id)
@@ -335,35 +299,7 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
         raise ConfigError(f"bad port {port}")
     data_dir = Path(o["data_dir"] or Path.home() / ".local" / "share" / "meshnode").expanduser()
 
-    api_tokens = _split(o["api_tokens"])
-    if o["api_tokens_file"]:
-        api_tokens += _split(_read_secret_file(o["api_tokens_file"], "API token"))
-    secrets = _split(o["cluster_secret"])
-    if o["cluster_secret_file"]:
-        secrets += _split(_read_secret_file(o["cluster_secret_file"], "cluster secret"))
-    notes: list[str] = []
-    if not _is_loopback(host):
-        if not api_tokens or not secrets:
-            raise ConfigError(
-                f"refusing to bind {host}, which is not a loopback address, without both an API token "
-                "(--api-tokens-file / MESHNODE_API_TOKENS) and a cluster secret "
-                "(--cluster-secret-file / MESHNODE_CLUSTER_SECRET)"
-            )
-        _check_strength(api_tokens, "an API token", "--api-tokens-file FILE or MESHNODE_API_TOKENS", host)
-        _check_strength(secrets, "the cluster secret", "--cluster-secret-file FILE or MESHNODE_CLUSTER_SECRET", host)
-        for name in ("api_tokens", "cluster_secret"):
-            if getattr(args, name, None):
-                flag = "--" + name.replace("_", "-")
-                notes.append(
-                    f"{flag} given on the command line: any local user can read it in /proc/<pid>/cmdline; "
-                    f"use {flag}-file or MESHNODE_{name.upper()} instead"
-                )
-        if not o["tls_cert"]:
-            notes.append(
-                "no TLS: peer requests are signed (the cluster secret never crosses the wire) but not "
-                "encrypted, and API tokens travel in clear; give --tls-cert, --tls-key (and --tls-ca) "
-                "for confidentiality"
-            )
+    api_tokens, secrets, notes = _secrets(args, o, host)
     advertise = o["advertise"]
     if advertise:
         _hostport(advertise, "--advertise")
@@ -376,16 +312,7 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
     tls_cert, tls_key = o["tls_cert"], o["tls_key"]
     if bool(tls_cert) != bool(tls_key):
         raise ConfigError("TLS needs both --tls-cert and --tls-key")
-    if o["gossip_interval"] <= 0 or o["probe_interval"] <= 0:
-        raise ConfigError("gossip and probe intervals must be positive")
-    if o["fanout"] < 1:
-        raise ConfigError("fanout must be at least 1")
-    for flag in ("chunk_stall", "source_wait", "job_node_wait", "job_keep", "replica_grace", "replica_interval",
-                 "scrub_interval", "partial_keep"):
-        if not 0 < o[flag] <= 86_400:  # also refuses nan
-            raise ConfigError(f"--{flag.replace('_', '-')} must be between 0 and 86400 seconds")
-    if not 0 <= o["verify_period"] <= 366 * 86_400:  # also refuses nan
-        raise ConfigError("--verify-period must be between 0 (never) and 31622400 seconds (a year)")
+    _check_intervals(o)
     verify_rate = parse_rate(o["verify_rate"], "--verify-rate")
     if not 0 < verify_rate < float("inf"):
         raise ConfigError("--verify-rate must be above 0 bytes per second, e.g. 50M (to stop the periodic "
@@ -401,31 +328,8 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
         labels = parse_labels(o["labels"])
     except InvalidPolicy as e:
         raise ConfigError(f"--labels: {e}") from None
-    watermarks = {}
-    for tier in ("disk", "dram"):
-        try:
-            watermarks[tier] = Watermarks.parse(o[f"{tier}_watermarks"])
-        except InvalidWatermarks as e:
-            raise ConfigError(f"--{tier}-watermarks: {e}") from None
-    engines = frozenset(_split(o["engines"]))
-    if not engines or not engines <= set(ENGINES):
-        raise ConfigError(f"--engines: a comma-separated list of {', '.join(ENGINES)}")
-    binaries: dict[str, str] = {}
-    for item in _split(o["engine_binaries"]):
-        name, sep, path = item.partition("=")
-        if not sep or name not in ENGINES or name == "command" or not path.startswith("/"):
-            raise ConfigError(f"--engine-binaries: {item!r} is not ENGINE=/absolute/path "
-                              f"(engines: {', '.join(e for e in ENGINES if e != 'command')})")
-        binaries[name] = path
-    try:
-        engine_policy = EnginePolicy(env_allow=parse_env_allow(o["engine_env_allow"]),
-                                     env_pass=parse_env_pass(o["engine_env_pass"]),
-                                     flags=parse_args_allow(o["engine_args_allow"], ENGINES))
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    for flag in ("engine_drain", "engine_startup"):
-        if not 0 < o[flag] <= 86_400:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be between 0 and 86400 seconds")
+    watermarks = _watermarks(o)
+    engines, binaries, engine_policy = _engine_settings(o)
     if o["max_connections"] is not None and o["max_connections"] < 16:
         raise ConfigError("--max-connections must be at least 16")
     if o["max_client_connections"] < 1:
@@ -498,6 +402,131 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
         engine_drain_s=o["engine_drain"],
         engine_startup_s=o["engine_startup"],
     )
+
+
+def _option_values(args: argparse.Namespace, env: dict[str, str] | None) -> dict[str, Any]:
+    """Every option's value: the command line first, then ``MESHNODE_<NAME>``,
+    then the config file (``--config`` / ``MESHNODE_CONFIG``), then its default."""
+    env = dict(os.environ) if env is None else env
+    file_values: dict[str, Any] = {}
+    cfg_path = getattr(args, "config", None) or env.get("MESHNODE_CONFIG")
+    if cfg_path:
+        try:
+            file_values = tomllib.loads(Path(cfg_path).read_text())
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {cfg_path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {cfg_path} is not valid TOML: {e}") from None
+        unknown = set(file_values) - {o[0] for o in _OPTIONS}
+        if unknown:
+            raise ConfigError(f"config file {cfg_path} has unknown keys: {', '.join(sorted(unknown))}")
+
+    def get(name: str, typ: type, default: Any) -> Any:
+        v = getattr(args, name, None)
+        if v is not None:
+            return v
+        ev = env.get("MESHNODE_" + name.upper())
+        if ev is not None and ev != "":
+            try:
+                return _parse_bool(ev) if typ is bool else typ(ev)
+            except ValueError:
+                raise ConfigError(f"MESHNODE_{name.upper()}={ev!r} is not a valid {typ.__name__}") from None
+        if name in file_values:
+            v = file_values[name]
+            if typ is bool:
+                if not isinstance(v, bool):
+                    raise ConfigError(f"config key {name} must be true or false")
+                return v
+            try:
+                return typ(v)
+            except (TypeError, ValueError):
+                raise ConfigError(f"config key {name} is not a valid {typ.__name__}") from None
+        return default
+
+    return {name: get(name, typ, default) for name, typ, _h, default in _OPTIONS}
+
+
+def _secrets(args: argparse.Namespace, o: dict[str, Any], host: str) -> tuple[tuple[str, ...], tuple[str, ...], list[str]]:
+    """The API tokens and cluster secrets, and the notes to log about them: a
+    node bound beyond loopback needs both, strong, and warns of what is weak."""
+    api_tokens = _split(o["api_tokens"])
+    if o["api_tokens_file"]:
+        api_tokens += _split(_read_secret_file(o["api_tokens_file"], "API token"))
+    secrets = _split(o["cluster_secret"])
+    if o["cluster_secret_file"]:
+        secrets += _split(_read_secret_file(o["cluster_secret_file"], "cluster secret"))
+    notes: list[str] = []
+    if not _is_loopback(host):
+        if not api_tokens or not secrets:
+            raise ConfigError(
+                f"refusing to bind {host}, which is not a loopback address, without both an API token "
+                "(--api-tokens-file / MESHNODE_API_TOKENS) and a cluster secret "
+                "(--cluster-secret-file / MESHNODE_CLUSTER_SECRET)"
+            )
+        _check_strength(api_tokens, "an API token", "--api-tokens-file FILE or MESHNODE_API_TOKENS", host)
+        _check_strength(secrets, "the cluster secret", "--cluster-secret-file FILE or MESHNODE_CLUSTER_SECRET", host)
+        for name in ("api_tokens", "cluster_secret"):
+            if getattr(args, name, None):
+                flag = "--" + name.replace("_", "-")
+                notes.append(
+                    f"{flag} given on the command line: any local user can read it in /proc/<pid>/cmdline; "
+                    f"use {flag}-file or MESHNODE_{name.upper()} instead"
+                )
+        if not o["tls_cert"]:
+            notes.append(
+                "no TLS: peer requests are signed (the cluster secret never crosses the wire) but not "
+                "encrypted, and API tokens travel in clear; give --tls-cert, --tls-key (and --tls-ca) "
+                "for confidentiality"
+            )
+    return api_tokens, secrets, notes
+
+
+def _check_intervals(o: dict[str, Any]) -> None:
+    """The gossip, transfer, job, replica and scrub timings within their bounds."""
+    if o["gossip_interval"] <= 0 or o["probe_interval"] <= 0:
+        raise ConfigError("gossip and probe intervals must be positive")
+    if o["fanout"] < 1:
+        raise ConfigError("fanout must be at least 1")
+    for flag in ("chunk_stall", "source_wait", "job_node_wait", "job_keep", "replica_grace", "replica_interval",
+                 "scrub_interval", "partial_keep"):
+        if not 0 < o[flag] <= 86_400:  # also refuses nan
+            raise ConfigError(f"--{flag.replace('_', '-')} must be between 0 and 86400 seconds")
+    if not 0 <= o["verify_period"] <= 366 * 86_400:  # also refuses nan
+        raise ConfigError("--verify-period must be between 0 (never) and 31622400 seconds (a year)")
+
+
+def _watermarks(o: dict[str, Any]) -> dict[str, Watermarks]:
+    watermarks = {}
+    for tier in ("disk", "dram"):
+        try:
+            watermarks[tier] = Watermarks.parse(o[f"{tier}_watermarks"])
+        except InvalidWatermarks as e:
+            raise ConfigError(f"--{tier}-watermarks: {e}") from None
+    return watermarks
+
+
+def _engine_settings(o: dict[str, Any]) -> tuple[frozenset[str], dict[str, str], EnginePolicy]:
+    """The engines enabled, their binaries, and what a serve may pass them."""
+    engines = frozenset(_split(o["engines"]))
+    if not engines or not engines <= set(ENGINES):
+        raise ConfigError(f"--engines: a comma-separated list of {', '.join(ENGINES)}")
+    binaries: dict[str, str] = {}
+    for item in _split(o["engine_binaries"]):
+        name, sep, path = item.partition("=")
+        if not sep or name not in ENGINES or name == "command" or not path.startswith("/"):
+            raise ConfigError(f"--engine-binaries: {item!r} is not ENGINE=/absolute/path "
+                              f"(engines: {', '.join(e for e in ENGINES if e != 'command')})")
+        binaries[name] = path
+    try:
+        engine_policy = EnginePolicy(env_allow=parse_env_allow(o["engine_env_allow"]),
+                                     env_pass=parse_env_pass(o["engine_env_pass"]),
+                                     flags=parse_args_allow(o["engine_args_allow"], ENGINES))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for flag in ("engine_drain", "engine_startup"):
+        if not 0 < o[flag] <= 86_400:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be between 0 and 86400 seconds")
+    return engines, binaries, engine_policy
 
 
 def _ingest_roots(text: str | None, data_dir: Path) -> tuple[Path, ...]:

@@ -15,12 +15,12 @@ Stopping sends SIGTERM to the group, waits ``drain_s``, then SIGKILL; once
 the engine is gone the whole group is killed too, so no worker it forked
 survives.  A pid file per service (``<data-dir>/services``) lets a node
 restarted after kill -9 find the engines of its earlier run and stop them,
-so no GPU stays held by an orphan.
+so no GPU stays held by an orphan.  The process side (groups, ports, logs,
+orphans): ``meshnode.engineprocs``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -28,9 +28,7 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +42,6 @@ from protocol.keys import SVC_PREFIX, RecordError
 from protocol.placement import vram_needed
 from protocol.routing import parse_load
 from protocol.serving import (
-    LOG_TAIL_CHARS,
     EngineSpec,
     LifePolicy,
     ServeError,
@@ -62,6 +59,10 @@ from protocol.serving import (
 )
 
 from .copies.store import Store
+from .engineprocs import LOG_KEEP as LOG_KEEP  # re-exported: an engine's log bounds
+from .engineprocs import LOG_MAX as LOG_MAX
+from .engineprocs import bind_free, kill_group, log_tail, proc_stat, stop_orphans
+from .engineprocs import bound_log as _bound_log  # (tests call it here)
 from .errors import MeshError
 from .gpus import FakeGpus, GpuMonitor
 from .mesh import Mesh, wall_ms
@@ -71,8 +72,6 @@ __all__ = ["Services", "ServingSettings"]
 log = logging.getLogger("meshnode.serving")
 
 SERVICES_MAX = 64
-LOG_MAX = 16 * 1024 * 1024  # an engine's log on disk, at most (about)
-LOG_KEEP = 256 * 1024  # what stays when it is trimmed
 STAGED_HOLD_S = 3600.0  # a model loaded for a GPU holds its VRAM this long, waiting for its serve
 STARTING_PROBE_S = 0.5  # how often a starting engine is asked whether it is ready
 
@@ -89,76 +88,6 @@ class ServingSettings:
     drain_s: float = 30.0
     policy: LifePolicy = field(default_factory=LifePolicy)
     engine_policy: EnginePolicy = field(default_factory=EnginePolicy)
-
-
-def _kill_group(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
-def proc_stat(pid: int) -> tuple[int, int] | None:
-    """``(process group, start time in clock ticks since boot)`` of ``pid``,
-    from ``/proc/PID/stat``; None when it is gone (a zombie is: it holds
-    nothing but its exit status)."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    rest = raw[raw.rfind(b")") + 2:].split()  # the name may hold spaces and parentheses
-    try:
-        return None if rest[0] in (b"Z", b"X") else (int(rest[2]), int(rest[19]))
-    except (IndexError, ValueError):
-        return None
-
-
-def group_members(pgid: int, started: int) -> list[int]:
-    """The processes of group ``pgid`` started no earlier than ``started``: an
-    engine we ran and the workers it forked (a pid the kernel reused for
-    something older, or another group, is not among them)."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            st = proc_stat(int(d.name))
-            if st is not None and st[0] == pgid and st[1] >= started:
-                out.append(int(d.name))
-    return out
-
-
-def _bind_free(host: str, port: int) -> bool:
-    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(fam, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def _bound_log(path: Path) -> None:
-    """An engine's log is kept under ``LOG_MAX`` bytes: past it, only its tail
-    stays (the engine appends with O_APPEND, so its next line lands after it)."""
-    try:
-        if path.stat().st_size <= LOG_MAX:
-            return
-        with open(path, "r+b") as f:
-            f.seek(-LOG_KEEP, os.SEEK_END)
-            tail = f.read()
-            f.seek(0)
-            f.write(b"[earlier lines dropped: the log is kept under %d bytes]\n" % LOG_MAX + tail)
-            f.truncate()
-    except OSError as e:
-        log.warning("cannot trim the engine log %s: %s", path, e)
-
-
-def _tail(path: Path) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(f.tell() - LOG_TAIL_CHARS, 0))
-            return f.read().decode(errors="replace")[-LOG_TAIL_CHARS:]
-    except OSError:
-        return ""
 
 
 @dataclass
@@ -200,7 +129,7 @@ class Services:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.settings.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        await trio.to_thread.run_sync(self._stop_orphans)
+        await trio.to_thread.run_sync(stop_orphans, self.settings.run_dir, self.settings.drain_s)
         self._forget_own_records()
         try:
             async with trio.open_nursery() as n:
@@ -211,37 +140,6 @@ class Services:
             with trio.CancelScope(shield=True):
                 await self._stop_all()
                 await self._http.aclose()
-
-    def _stop_orphans(self) -> None:
-        """Engines a killed earlier run of this node left: stopped, so they hold
-        no GPU and no port.  An engine is known by the process group the node
-        gave it and its start time (``/proc/PID/stat``), not its command line
-        (a ``#!`` script runs as its interpreter); its record stays until no
-        process of it is left."""
-        for pf in sorted(self.settings.run_dir.glob("*.json")):
-            try:
-                info = json.loads(pf.read_text())
-                pid, pgid, started = int(info["pid"]), int(info["pgid"]), int(info["start_ticks"])
-            except (OSError, ValueError, KeyError, TypeError):
-                pf.unlink(missing_ok=True)
-                continue
-            members = group_members(pgid, started)
-            if members:
-                log.warning("stopping engine pid %d (%s on port %s, %d processes) left by an earlier run of this "
-                            "node", pid, info.get("model"), info.get("port"), len(members))
-                _kill_group(pgid, signal.SIGTERM)
-                deadline = time.monotonic() + min(self.settings.drain_s, 10.0)
-                while group_members(pgid, started) and time.monotonic() < deadline:
-                    time.sleep(0.1)
-                _kill_group(pgid, signal.SIGKILL)
-                deadline = time.monotonic() + 5.0
-                while group_members(pgid, started) and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                if group_members(pgid, started):
-                    log.error("engine group %d (%s) survives SIGKILL; its record %s stays", pgid, info.get("model"),
-                              pf.name)
-                    continue
-            pf.unlink(missing_ok=True)
 
     def _forget_own_records(self) -> None:
         """Our service records from an earlier run: those engines are gone now."""
@@ -344,7 +242,7 @@ class Services:
             raise ServeError("NO_CAPACITY", f"not enough free VRAM on {self.mesh.id}: {'; '.join(why)}")
         chosen = None
         for p in choose_port(port, self.settings.port_range, self._taken_ports()):
-            if await trio.to_thread.run_sync(_bind_free, ENGINE_HOST, p):
+            if await trio.to_thread.run_sync(bind_free, ENGINE_HOST, p):
                 chosen = p
                 break
         if chosen is None:
@@ -399,7 +297,7 @@ class Services:
         await svc.ended.wait()
         if svc.life.state is ServiceState.ERROR or not svc.life.ever_healthy:
             raise MeshError(svc.error_code or "ENGINE_FAILED",
-                            f"{svc.life.error or 'the engine stopped'}; its log ends:\n{_tail(svc.log_path)[-1500:]}")
+                            f"{svc.life.error or 'the engine stopped'}; its log ends:\n{log_tail(svc.log_path)[-1500:]}")
 
     async def stop(self, model: str, port: int | None = None, gpus: tuple[int, ...] | None = None) -> list[ServiceRecord]:
         """Stop this node's services of ``model`` (on ``port``, or on ``gpus``); what stopped."""
@@ -519,7 +417,7 @@ class Services:
                 await self._read_load(svc)  # published with the probe's outcome: every node routes by it
             self._after(svc, act)
             if act is ServiceAction.KILL:
-                _kill_group(pgid, signal.SIGKILL)  # hung (even SIGSTOPped): nothing but SIGKILL ends it
+                kill_group(pgid, signal.SIGKILL)  # hung (even SIGSTOPped): nothing but SIGKILL ends it
                 log.warning("service %s on port %d: killed (%s)", svc.model, svc.port, svc.life.error)
                 scope.cancel()
                 return
@@ -572,15 +470,15 @@ class Services:
             if svc.stop_asked.is_set():
                 svc.life.stop()
                 self._publish(svc)
-                _kill_group(pgid, signal.SIGTERM)
+                kill_group(pgid, signal.SIGTERM)
                 with trio.move_on_after(self.settings.drain_s):
                     await proc.wait()
-            _kill_group(pgid, signal.SIGKILL)
+            kill_group(pgid, signal.SIGKILL)
             await proc.wait()
-        _kill_group(pgid, signal.SIGKILL)  # any worker the engine forked into its group
+        kill_group(pgid, signal.SIGKILL)  # any worker the engine forked into its group
         if svc.life.state is ServiceState.STOPPING:
             svc.life.state = ServiceState.STOPPED
-        svc.log_tail = _tail(svc.log_path) if svc.life.state is ServiceState.ERROR else None
+        svc.log_tail = log_tail(svc.log_path) if svc.life.state is ServiceState.ERROR else None
 
     # -- the catalog and the API --------------------------------------------------------------
 

@@ -27,6 +27,7 @@ Checked (violations, not statistics):
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from protocol.replicas import EVERY_NODE, Holder, ReplicaFacts, ReplicaPolicy, plan
@@ -174,6 +175,15 @@ def simulate_replicas(nodes: int = 20, models: int = 30, seed: int = 1, seconds:
                     res.over_started += count - gaps[key]
                     res.violations.append(f"{t} s: {key[0]}: {count} copies started, the rule's gap was {gaps[key]}")
 
+    _judge_the_end(res, events, policies, copies, labels, present, up)
+    return res
+
+
+def _judge_the_end(res: ReplicaSimResult, events: dict[tuple[str, str], list[str]],
+                   policies: dict[str, ReplicaPolicy], copies: dict[str, dict[str, _Copy]],
+                   labels: dict[str, dict[str, str]], present: set[str], up: Callable[[str], bool]) -> None:
+    """Into ``res``: the nodes that flapped, and each model's end state against
+    its policy (within min and max, spread as far as it may be)."""
     for (n, m), steps in events.items():
         text = ",".join(steps)
         if "add,drop,add" in text or "drop,add,drop" in text:
@@ -200,4 +210,3 @@ def simulate_replicas(nodes: int = 20, models: int = 30, seed: int = 1, seconds:
                 res.spread_unmet += 1
                 res.violations.append(f"{m}: copies in {len(zones)} zones at the end ({sorted(have)}), "
                                       f"{may} possible ({pol})")
-    return res

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 from .. import __version__
 from ..config import add_start_arguments
@@ -14,6 +15,10 @@ from .render import PROG
 from .values import LOG_LEVELS, log_level, parse_bytes, positive_float, positive_int, replica_count
 
 __all__ = ["build_parser", "client_defaults"]
+
+_Client = Callable[[str], argparse.ArgumentParser]  # a client command's parser, added by its name
+_NAME_HELP = "model name, e.g. owner/model"
+_DEVICE_HELP = "a device as NODE:DEVICE, e.g. gpu2:disk or gpu2:dram"
 
 
 def _logging_parent() -> argparse.ArgumentParser:
@@ -114,6 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=run_client_command)
         return p
 
+    _model_commands(client)
+    _transfer_commands(client)
+    _job_commands(client, sub, logging_parent)
+    _serving_commands(client)
+    add_bundle_commands(sub, [logging_parent, client_parent])  # export, import, ensure, release
+    return parser
+
+
+def _model_commands(client: _Client) -> None:
+    """The cluster and its models: status, nodes, list, info, register, unregister, delete, pin, unpin, availability."""
     client("status")
     client("nodes").add_argument("--verbose", "-v", action="store_true",
                                  help="each node's generation, labels, last change, storage and GPUs (gswarm's form)")
@@ -160,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     client("availability")
 
+
+def _transfer_commands(client: _Client) -> None:
+    """Copies moved: download, copy, move (each with the waiting flags), transfers, transfer."""
     def waiting(p: argparse.ArgumentParser) -> None:
         g = p.add_argument_group("waiting")
         g.add_argument(
@@ -180,12 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
             help="print only the transfer id, for scripts: id=$(meshnode copy ... -q)",
         )
 
-    name_help = "model name, e.g. owner/model"
-    device_help = "a device as NODE:DEVICE, e.g. gpu2:disk or gpu2:dram"
-
     dl = client("download")
-    dl.add_argument("name", metavar="NAME", help=name_help)
-    dl.add_argument("--to", required=True, metavar="NODE:DEVICE", help=f"target: {device_help}")
+    dl.add_argument("name", metavar="NAME", help=_NAME_HELP)
+    dl.add_argument("--to", required=True, metavar="NODE:DEVICE", help=f"target: {_DEVICE_HELP}")
     src = dl.add_mutually_exclusive_group()
     src.add_argument(
         "--from",
@@ -209,8 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     waiting(dl)
 
     cp = client("copy")
-    cp.add_argument("name", metavar="NAME", help=name_help)
-    cp.add_argument("--to", required=True, metavar="NODE:DEVICE", help=f"target: {device_help}")
+    cp.add_argument("name", metavar="NAME", help=_NAME_HELP)
+    cp.add_argument("--to", required=True, metavar="NODE:DEVICE", help=f"target: {_DEVICE_HELP}")
     cp.add_argument(
         "--from",
         dest="from_device",
@@ -220,11 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     waiting(cp)
 
     mv = client("move")
-    mv.add_argument("name", metavar="NAME", help=name_help)
+    mv.add_argument("name", metavar="NAME", help=_NAME_HELP)
     mv.add_argument(
         "--from", dest="from_device", required=True, metavar="NODE:DEVICE", help="source copy"
     )
-    mv.add_argument("--to", required=True, metavar="NODE:DEVICE", help=f"target: {device_help}")
+    mv.add_argument("--to", required=True, metavar="NODE:DEVICE", help=f"target: {_DEVICE_HELP}")
     waiting(mv)
 
     client("transfers")
@@ -233,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--cancel", action="store_true",
                     help="stop it (on the node that runs it): it fails CANCELLED and its partial files are removed")
 
+
+def _job_commands(client: _Client, sub: argparse._SubParsersAction[argparse.ArgumentParser], logging_parent: argparse.ArgumentParser) -> None:
+    """Pipelines: job, jobs, job-status, example, job-cancel."""
     job = client("job")
     job.add_argument("target", nargs="+", metavar="FILE | ID | cancel ID | example [NAME]",
                      help="a YAML or JSON pipeline to run, a job id to show, cancel ID, or example [NAME] "
@@ -252,8 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--force", action="store_true", help="replace files that exist")
     ex.set_defaults(handler=run_example)
     client("job-cancel").add_argument("job_id", metavar="ID", help="job id, as `meshnode job FILE` prints it")
+
+
+def _serving_commands(client: _Client) -> None:
+    """Engines: serve, services, ps, top, stop-serve, placement."""
     sv = client("serve")
-    sv.add_argument("name", metavar="MODEL", help=name_help)
+    sv.add_argument("name", metavar="MODEL", help=_NAME_HELP)
     sv.add_argument("--on", required=True, metavar="NODE:GPU[,NODE:GPU]", help="the GPUs, e.g. gpu1:gpu0 (one node)")
     sv.add_argument("--port", type=int, metavar="PORT", help="the engine's port (default: one of the node's range)")
     sv.add_argument("--engine", choices=("vllm", "llama.cpp", "sglang", "tgi", "command"),
@@ -273,11 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--count", type=positive_int, default=None, metavar="N",
                      help="stop after N frames (default: until Ctrl-C)")
     ss = client("stop-serve")
-    ss.add_argument("name", metavar="MODEL", help=name_help)
+    ss.add_argument("name", metavar="MODEL", help=_NAME_HELP)
     ss.add_argument("--on", required=True, metavar="NODE", help="the node whose engines of MODEL stop")
     ss.add_argument("--port", type=int, metavar="PORT", help="only the one on this port")
     place = client("placement")
     place.add_argument("name", metavar="MODEL", help="model name")
     place.add_argument("--device", default="disk", choices=("disk", "dram", "gpu"), help="the tier (default disk)")
-    add_bundle_commands(sub, [logging_parent, client_parent])  # export, import, ensure, release
-    return parser

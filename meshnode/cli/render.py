@@ -4,128 +4,91 @@ Every ``render_*`` takes the console, the peer's JSON answer and the parsed
 arguments; they never call the network and never exit.  Values from a peer
 are shown defensively (a missing or odd field prints ``-``), since the peer
 may run another version.  ``--json`` bypasses all of this.
+
+This module prints models, nodes and the cluster; ``transferview`` prints
+transfers; ``output`` holds the exit codes, ``fail`` and the value helpers
+every command shares (all re-exported here).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
-from datetime import datetime
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 from rich.table import Table
 from rich.text import Text
 
-from protocol import units
+from .output import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    PROG,
+    STATE_STYLES,
+    UsageError,
+    as_dict,
+    as_number,
+    errors_as_json,
+    fail,
+    human_bytes,
+    human_duration,
+    name_list,
+    stderr_console,
+    stdout_console,
+    styled,
+)
+from .transferview import (
+    TRANSFER_FINAL,
+    TransferBar,
+    follow_hint,
+    render_transfer,
+    render_transfer_started,
+    render_transfers,
+    transfer_error,
+    transfer_target,
+)
 
-PROG = "meshnode"
-
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_UNREACHABLE = 2
-EXIT_INTERRUPTED = 130
-
-
-class UsageError(Exception):
-    """A problem with what the user typed that argparse could not see."""
-
-
-_errors_as_json = False
-
-
-def errors_as_json(on: bool) -> None:
-    """``--json``: errors too are JSON, ``{"error": {"code", "message"}}`` (one line on stderr)."""
-    global _errors_as_json
-    _errors_as_json = on
-
-
-def fail(message: str, code: int, error_code: str | None = None, **details: Any) -> int:
-    """Print one error line on stderr; return ``code``.  No message holds the
-    token: ``ApiClient`` refuses a token it could not send and redacts one a
-    peer echoes.  ``error_code`` names the error for ``--json`` (the peer's
-    code for an answer, else from the exit code)."""
-    if _errors_as_json:
-        name = error_code or ("USAGE" if code == EXIT_USAGE else "ERROR")
-        print(json.dumps({"error": {"code": name, "message": message, "exit_code": code, **details}},
-                         ensure_ascii=False), file=sys.stderr)
-    else:
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-    return code
-TRANSFER_FINAL = ("done", "failed")
-
-# Width for tables when stdout is not a terminal, so names are not folded.
-_PIPE_WIDTH = 160
-
+__all__ = [
+    "EXIT_ERROR",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_UNREACHABLE",
+    "EXIT_USAGE",
+    "PROG",
+    "TRANSFER_FINAL",
+    "TransferBar",
+    "UsageError",
+    "as_dict",
+    "as_number",
+    "errors_as_json",
+    "fail",
+    "follow_hint",
+    "human_bytes",
+    "human_duration",
+    "name_list",
+    "render_availability",
+    "render_delete",
+    "render_info",
+    "render_list",
+    "render_nodes",
+    "render_pin",
+    "render_register",
+    "render_status",
+    "render_transfer",
+    "render_transfer_started",
+    "render_transfers",
+    "render_unregister",
+    "replicas_line",
+    "stderr_console",
+    "stdout_console",
+    "transfer_error",
+    "transfer_target",
+]
 
 # Leading hex digits of a manifest hash shown in tables (``--json`` has it all).
 _HASH_SHOWN = 12
-
-
-_STATE_STYLES = {
-    "alive": "green",
-    "suspect": "yellow",
-    "dead": "red",
-    "left": "dim",
-    "online": "green",
-    "offline": "red",
-    "ready": "green",
-    "available": "green",
-    "downloading": "yellow",
-    "pending": "yellow",
-    "registered": "cyan",
-    "failed": "red",
-    "error": "red",
-    "queued": "yellow",
-    "running": "cyan",
-    "done": "green",
-    "recorded": "dim",
-}
-
-
-def human_bytes(value: Any) -> str:
-    """``1536`` -> ``"1.5 KiB"``; anything that is not a number -> ``"-"``."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return "-"
-    return units.human_bytes(value)
-
-
-def _styled(value: Any) -> Text:
-    text = "-" if value is None else str(value)
-    return Text(text, style=_STATE_STYLES.get(text.lower(), ""))
-
-
-def name_list(items: Any) -> list[str]:
-    """Lists of strings or of dicts (``{"device": ...}``, ``{"node_id": ...}``) -> strings."""
-    if not isinstance(items, list):
-        return []
-    out: list[str] = []
-    for item in items:
-        if isinstance(item, dict):
-            for key in ("device", "model_name", "name", "node_id", "id", "url", "endpoint"):
-                if item.get(key) is not None:
-                    out.append(str(item[key]))
-                    break
-            else:
-                out.append(json.dumps(item, sort_keys=True))
-        else:
-            out.append(str(item))
-    return out
-
-
-def as_dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def stdout_console() -> Console:
-    console = Console(file=sys.stdout, highlight=False)
-    if not console.is_terminal and "COLUMNS" not in os.environ:
-        console = Console(file=sys.stdout, highlight=False, width=_PIPE_WIDTH)
-    return console
 
 
 def render_status(console: Console, data: Any, args: argparse.Namespace) -> None:
@@ -140,7 +103,7 @@ def render_status(console: Console, data: Any, args: argparse.Namespace) -> None
     for state in ("alive", "suspect", "dead", "left"):
         if counts:
             counts.append("  ")
-        counts.append(f"{nodes.get(state, 0)} {state}", style=_STATE_STYLES[state])
+        counts.append(f"{nodes.get(state, 0)} {state}", style=STATE_STYLES[state])
     grid.add_row("nodes", Text(f"{nodes.get('total', 0)} total  ").append_text(counts))
     models = as_dict(data.get("models"))
     grid.add_row(
@@ -195,7 +158,7 @@ def render_nodes(console: Console, data: Any, args: argparse.Namespace) -> None:
         row: list[Any] = [
             str(node.get("node_id", "-")),
             str(node.get("address", "-")),
-            _styled(node.get("state")),
+            styled(node.get("state")),
             str(len(models)) if isinstance(models, list) else "-",
             str(len(gpus)) if isinstance(gpus, list) else "-",
             vram,
@@ -238,7 +201,7 @@ def render_list(console: Console, data: Any, args: argparse.Namespace) -> None:
             human_bytes(model.get("size")),
             ", ".join(name_list(model.get("locations"))) or "-",
             shown,
-            _styled(model.get("status")),
+            styled(model.get("status")),
         )
     console.print(table)
 
@@ -251,7 +214,7 @@ def render_info(console: Console, data: Any, args: argparse.Namespace) -> None:
     grid.add_column()
     grid.add_row("model", Text(str(data.get("model_name", args.name)), style="bold"))
     grid.add_row("type", str(data.get("model_type") or "-"))
-    grid.add_row("status", _styled(data.get("status")))
+    grid.add_row("status", styled(data.get("status")))
     grid.add_row("size", human_bytes(data.get("size")))
     grid.add_row("source", str(data.get("source_url") or "-"))
     grid.add_row("registered by", str(data.get("registered_by") or "-"))
@@ -292,7 +255,7 @@ def render_info(console: Console, data: Any, args: argparse.Namespace) -> None:
         for svc in services:
             svc = svc if isinstance(svc, dict) else {}
             table.add_row(str(svc.get("node") or "-"), str(svc.get("device") or "-"), str(svc.get("port") or "-"),
-                          str(svc.get("engine") or "-"), _styled(svc.get("state")))
+                          str(svc.get("engine") or "-"), styled(svc.get("state")))
         console.print(table)
 
 
@@ -323,7 +286,7 @@ def _copy_rows(data: dict[str, Any]) -> list[tuple[str, str, str, Text, Text]]:
                 device,
                 _short_hash(copy.get("manifest_hash") or copy.get("manifest")),
                 human_bytes(copy.get("size")),
-                _styled(copy.get("status")),
+                styled(copy.get("status")),
                 _yes_no(copy.get("online")),
             )
         )
@@ -339,13 +302,13 @@ def _copy_rows(data: dict[str, Any]) -> list[tuple[str, str, str, Text, Text]]:
                     device,
                     _short_hash(loc.get("manifest_hash") or loc.get("manifest")),
                     human_bytes(loc.get("size")),
-                    _styled(loc.get("status")),
+                    styled(loc.get("status")),
                     _yes_no(loc.get("online")),
                 )
             )
         elif str(loc) not in seen:
             seen.add(str(loc))
-            rows.append((str(loc), "-", "-", _styled("recorded"), Text("-")))
+            rows.append((str(loc), "-", "-", styled("recorded"), Text("-")))
     return rows
 
 
@@ -455,211 +418,3 @@ def _pools(pools: Any) -> str:
         out.append(f"gpu{p.get('gpu')} {'ready' if p.get('ready') else 'idle'}" + (f" ({models})" if models else ""))
     return "; ".join(out) or "-"
 
-
-def as_number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value)
-
-
-def human_duration(seconds: Any) -> str:
-    """``83`` -> ``"1m23s"``; ``7500`` -> ``"2h05m"``; not a number -> ``"-"``."""
-    value = as_number(seconds)
-    if value is None or value < 0:
-        return "-"
-    total = round(value)
-    if total < 60:
-        return f"{total}s"
-    minutes, secs = divmod(total, 60)
-    if minutes < 60:
-        return f"{minutes}m{secs:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
-
-
-def _transfer_percent(t: dict[str, Any]) -> str:
-    total, done = as_number(t.get("bytes_total")), as_number(t.get("bytes_done"))
-    if total and done is not None:
-        return f"{min(100.0, 100.0 * done / total):.0f}%"
-    return "100%" if t.get("status") == "done" else "-"
-
-
-def _transfer_rate(t: dict[str, Any]) -> str:
-    rate = as_number(t.get("rate_bps"))
-    if not rate or t.get("status") in TRANSFER_FINAL:
-        return "-"
-    return f"{human_bytes(rate)}/s"
-
-
-def _transfer_eta(t: dict[str, Any]) -> str:
-    if t.get("status") == "done":
-        return "0s"
-    rate, total = as_number(t.get("rate_bps")), as_number(t.get("bytes_total"))
-    done = as_number(t.get("bytes_done")) or 0.0
-    if not rate or not total or t.get("status") == "failed":
-        return "-"
-    return human_duration(max(0.0, total - done) / rate)
-
-
-def transfer_error(t: dict[str, Any]) -> str:
-    """``"NO_SOURCE: no node holds ..."`` for a failed transfer."""
-    err = t.get("error")
-    if isinstance(err, dict):
-        code = str(err.get("code") or "TRANSFER_FAILED")
-        message = " ".join(str(err.get("message") or "the transfer failed").split())
-        return f"{code}: {message}"
-    if isinstance(err, str) and err.strip():
-        return f"TRANSFER_FAILED: {' '.join(err.split())}"
-    return "TRANSFER_FAILED: the transfer failed (the node gave no reason)"
-
-
-def transfer_target(t: dict[str, Any]) -> str:
-    return f"{t.get('model', '?')} -> {t.get('target_device', '?')}"
-
-
-def follow_hint(transfer_id: Any, args: argparse.Namespace) -> str:
-    hint = f"{PROG} transfer {transfer_id}"
-    if getattr(args, "peer", None):
-        hint += f" --peer {args.peer}"
-    return hint
-
-
-def _when(ms: Any) -> str:
-    value = as_number(ms)
-    if not value:
-        return "-"
-    return datetime.fromtimestamp(value / 1000).isoformat(sep=" ", timespec="seconds")
-
-
-def render_transfer_started(console: Console, data: Any, args: argparse.Namespace) -> None:
-    """download, copy and move without ``--wait``: what started and how to follow it."""
-    t = as_dict(data)
-    tid = t.get("transfer_id")
-    if getattr(args, "quiet", False):
-        if not tid:
-            raise ValueError("the answer names no transfer_id")
-        print(tid)
-        return
-    if not tid:
-        console.print(f"requested {args.command} of {args.name!r}")
-        return
-    line = Text(f"transfer {tid} ")
-    line.append_text(_styled(t.get("status")))
-    line.append(f": {transfer_target(t)}")
-    sources = name_list(t.get("sources"))
-    if sources:
-        line.append(f" from {', '.join(sources)}")
-    console.print(line)
-    if t.get("status") == "failed":
-        console.print(Text(transfer_error(t), style="red"))
-    note = t.get("note")
-    if note:
-        console.print(f"note: {note}")
-    if t.get("status") not in TRANSFER_FINAL:
-        console.print(f"follow it with: {follow_hint(tid, args)}")
-
-
-def render_transfers(console: Console, data: Any, args: argparse.Namespace) -> None:
-    data = as_dict(data)
-    items = data.get("transfers") or []
-    table = Table(title=f"transfers ({data.get('total_count', len(items))})", title_justify="left")
-    table.add_column("id", no_wrap=True)
-    table.add_column("model", no_wrap=True)
-    table.add_column("target device", no_wrap=True)
-    table.add_column("status")
-    table.add_column("progress", justify="right")
-    table.add_column("rate", justify="right")
-    table.add_column("sources")
-    for item in items if isinstance(items, list) else []:
-        t = as_dict(item)
-        table.add_row(
-            str(t.get("transfer_id", "-")),
-            str(t.get("model", "-")),
-            str(t.get("target_device", "-")),
-            _styled(t.get("status")),
-            _transfer_percent(t),
-            _transfer_rate(t),
-            ", ".join(name_list(t.get("sources"))) or "-",
-        )
-    console.print(table)
-
-
-def render_transfer(console: Console, data: Any, args: argparse.Namespace) -> None:
-    t = as_dict(data)
-    grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold", no_wrap=True)
-    grid.add_column()
-    grid.add_row("transfer", Text(str(t.get("transfer_id", args.transfer_id)), style="bold"))
-    grid.add_row("model", str(t.get("model", "-")))
-    grid.add_row("target", str(t.get("target_device", "-")))
-    grid.add_row("status", _styled(t.get("status")))
-    grid.add_row(
-        "progress",
-        f"{human_bytes(t.get('bytes_done'))} of {human_bytes(t.get('bytes_total'))} "
-        f"({_transfer_percent(t)})",
-    )
-    grid.add_row("rate", _transfer_rate(t))
-    grid.add_row("eta", _transfer_eta(t))
-    grid.add_row(
-        "chunks",
-        f"{t.get('chunks_fetched', 0)} fetched, {t.get('chunks_resumed', 0)} resumed, "
-        f"{t.get('bad_chunks', 0)} bad, of {t.get('chunks_total', '-')}",
-    )
-    if as_number(t.get("files_total")):
-        grid.add_row("files", f"{t.get('files_done', 0)} of {t.get('files_total')}")
-    grid.add_row("sources", ", ".join(name_list(t.get("sources"))) or "-")
-    banned = name_list(t.get("banned"))
-    if banned:
-        grid.add_row("banned", Text(", ".join(banned), style="yellow"))
-    if t.get("source"):
-        grid.add_row("asked source", str(t["source"]))
-    grid.add_row("started", _when(t.get("started_ms")))
-    if as_number(t.get("finished_ms")):
-        grid.add_row("finished", _when(t.get("finished_ms")))
-    if t.get("status") == "failed" or t.get("error"):
-        grid.add_row("error", Text(transfer_error(t), style="red"))
-    if t.get("note"):
-        grid.add_row("note", str(t["note"]))
-    console.print(grid)
-
-
-def stderr_console() -> Console:
-    return Console(file=sys.stderr, highlight=False)
-
-
-class TransferBar:
-    """A rich progress bar on stderr for one transfer (only on a terminal)."""
-
-    def __init__(self, console: Console, state: dict[str, Any]) -> None:
-        self._progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            TaskProgressColumn(),
-            TextColumn("{task.fields[detail]}"),
-            console=console,
-            transient=True,
-        )
-        self._task = self._progress.add_task(transfer_target(state), total=None, detail="")
-        self._progress.start()
-        self.update(state)
-
-    def update(self, t: dict[str, Any]) -> None:
-        total = as_number(t.get("bytes_total")) or None
-        done = as_number(t.get("bytes_done")) or 0.0
-        sources = ", ".join(name_list(t.get("sources"))) or "-"
-        detail = (
-            f"{human_bytes(done)}/{human_bytes(total)}  {_transfer_rate(t)}  "
-            f"eta {_transfer_eta(t)}  [{t.get('status', '?')}] from {sources}{_files(t)}"
-        )
-        self._progress.update(
-            self._task, total=total, completed=done, detail=detail, description=transfer_target(t)
-        )
-
-    def stop(self) -> None:
-        self._progress.stop()
-
-
-def _files(t: dict[str, Any]) -> str:
-    """`` 3/6 files`` while a web source is fetched file by file; else nothing."""
-    total = as_number(t.get("files_total"))
-    return f"  {t.get('files_done', 0)}/{int(total)} files" if total else ""
