@@ -41,11 +41,12 @@ from hypercorn.config import Config as HyperConfig
 
 from protocol import HLC, Catalog, GossipNode
 from protocol.keys import NODE_KEY, NodeInfo
+from protocol.names import Device
 from protocol.serving import LifePolicy
 from protocol.view import ModelIndex
 
 from . import __version__
-from .actions import Executors, Router
+from .actions import CopyRequest, Executors, Router
 from .api.app import ApiParts, Running, create_app
 from .api.auth import PeerGate, Refusals
 from .api.guard import ApiGuard
@@ -294,6 +295,11 @@ class MeshNode:
         puller = self.puller = Puller(mesh, self.store, data_client, peers, cfg.chunk_stall_s, self.rng,
                                      source_wait_s=cfg.source_wait_s)
         self._chunks = LocalChunks(self.store, puller)
+        # Asks the parts made below (through these methods) what it may not evict.
+        evictor = self.evictor = Evictor(self.store, copies, dict(cfg.watermarks), keep_reason=self._keep_reason,
+                                         active_partials=self._active_partials, written=self._written,
+                                         interval_s=cfg.scrub_interval_s, partial_keep_s=cfg.partial_keep_s)
+        puller.make_room = evictor.make_room
         settings = TransferSettings(
             intents_dir=cfg.data_dir / "transfers",
             chunk_stall_s=cfg.chunk_stall_s,
@@ -303,7 +309,8 @@ class MeshNode:
             s3_endpoint=cfg.s3_endpoint_url,
         )
         transfers = self.transfers = Transfers(
-            mesh, self.store, puller, copies, saver, registry, self.hlc, settings, self._delete_source
+            mesh, self.store, puller, copies, saver, registry, self.hlc, settings, self._delete_source,
+            evictor.make_room,
         )
         services = self.services = Services(mesh, self.store, gpus, ServingSettings(
             run_dir=cfg.data_dir / "services", port_range=cfg.service_ports, engines=cfg.engines,
@@ -321,19 +328,14 @@ class MeshNode:
             cfg.scheme, peer_ssl_context(cfg), cfg.secrets.outgoing_cluster_secret, cfg.secrets.cluster_secrets))
         self.keeper = Keeper(mesh, registry, transfers, copies, grace_s=cfg.replica_grace_s,
                              interval_s=cfg.replica_interval_s)
-        bundles = self.bundles = Bundles(mesh, self.store, registry, copies, saver, puller, busy=self._active_partials)
+        bundles = self.bundles = Bundles(mesh, self.store, registry, copies, saver, puller, busy=transfers.active_partials)
         leases = self.leases = Leases(mesh, self.store, registry, transfers, router, cfg.data_dir / "leases.json")
         leases.load()
         copies.watermarks = dict(cfg.watermarks)
-        self.evictor = Evictor(self.store, copies, dict(cfg.watermarks), keep_reason=self._keep_reason,
-                               active_partials=lambda: self._active_partials() | bundles.active_partials(),
-                               written=self._written,
-                               interval_s=cfg.scrub_interval_s,
-                               partial_keep_s=cfg.partial_keep_s)
-        transfers.make_room = transfers.web.make_room = puller.make_room = bundles.make_room = self.evictor.make_room
+        bundles.make_room = evictor.make_room
         self.verifier = executors.verifier = Verifier(
             self.store, copies, period_s=cfg.verify_period_s, rate_bps=cfg.verify_rate_bps,
-            cursor_path=cfg.data_dir / "verify.json", counts=self.evictor.counts)
+            cursor_path=cfg.data_dir / "verify.json", counts=evictor.counts)
         puller.on_ban = router.report_bad_chunk  # a holder banned for a bad chunk hears of it
         self.api.running = Running(mesh, registry, Views(mesh, index), router, transfers, copies, jobs, gpus,
                                    services, self.proxy, self.keeper, bundles, leases)
@@ -348,36 +350,24 @@ class MeshNode:
         return self.leases.keep_reason(model, kind) or self.keeper.keep_reason(model, kind)
 
     def _written(self, model: str, kind: str) -> tuple[str, list[Path]] | None:
-        """The transfer of ``model`` to ``kind`` on this node and the ``.partial``
-        entries it writes into (what it has on the tier); None when none runs."""
+        """What a transfer here writes (``Transfers.written``), for the evictor."""
         assert self.transfers is not None
-        for t in self.transfers.by_id.values():
-            if t.model == model and t.kind == kind and t.status.active:
-                names = [f"ingest-{t.id}"] + ([t.manifest_hash] if t.manifest_hash else [])
-                return t.id, [self.store.staging_dir(kind, n) for n in names]
-        return None
+        return self.transfers.written(model, kind)
 
     def _active_partials(self) -> set[str]:
-        """The ``.partial`` entries of transfers that are queued or running here."""
-        assert self.transfers is not None
-        out = set()
-        for t in self.transfers.by_id.values():
-            if t.status.active:
-                out.add(f"ingest-{t.id}")
-                if t.manifest_hash:
-                    out.add(t.manifest_hash)
-        return out
+        """The ``.partial`` entries of the transfers and bundle imports in flight here."""
+        assert self.transfers is not None and self.bundles is not None
+        return self.transfers.active_partials() | self.bundles.active_partials()
 
     async def _pull_for_serving(self, model: str) -> None:
         """Lazy pull: a copy of ``model`` on this node's disk, from the mesh, before an engine serves it."""
         assert self.router is not None and self.transfers is not None and self.mesh is not None
-        answer = await self.router.copy(model, {"to_device": f"{self.mesh.id}:disk"}, move=False)
-        tr = self.transfers.by_id.get(str(answer.get("transfer_id", "")))
-        if tr is None:
+        answer = await self.router.start_copy(model, CopyRequest(Device(self.mesh.id, "disk")), move=False)
+        tid = str(answer.get("transfer_id", ""))
+        if tid not in self.transfers.by_id:
             raise MeshError("INTERNAL", "the pull of the model's copy did not start here")
-        log.info("serving %s: pulling its copy from the mesh first (transfer %s)", model, tr.id)
-        while tr.status.active:  # noqa: ASYNC110 (a transfer has no event to wait on)
-            await trio.sleep(0.1)
+        log.info("serving %s: pulling its copy from the mesh first (transfer %s)", model, tid)
+        tr = await self.transfers.wait(tid)
         if tr.error is not None:
             raise MeshError(tr.error.code, f"pulling the model for serving: {tr.error.message}")
 

@@ -75,7 +75,7 @@ from protocol.pipeline import (
     check_against,
     parse_pipeline,
 )
-from protocol.placement import GpuFacts, NodeFacts, NoPlacement, place, rank, vram_needed
+from protocol.placement import GpuFacts, NoPlacement, PlacementFacts, place, rank, vram_needed
 
 from .actions import Router
 from .copies.transfers import Transfers
@@ -240,7 +240,7 @@ class Jobs:
                 n.cancel_scope.cancel()
         return held
 
-    def facts(self, model: str | None) -> list[NodeFacts]:
+    def facts(self, model: str | None) -> list[PlacementFacts]:
         mv = self.registry.find(model) if model else None
         holders = {d.split(":", 1)[0] for d in (mv.locations if mv else [])}
         out = []
@@ -259,7 +259,7 @@ class Jobs:
                     gpus = tuple(GpuFacts(g.index, g.free_bytes) for g in GpusRecord.from_value(raw).gpus)
             except RecordError:
                 pass
-            out.append(NodeFacts(nid, self._reachable(nid), free, gpus, nid in holders))
+            out.append(PlacementFacts(nid, self._reachable(nid), free, gpus, nid in holders))
         return out
 
     def placement(self, model: str, tier: str) -> dict[str, Any]:

@@ -39,12 +39,14 @@ from protocol.jobs import (
     step_kind,
 )
 from protocol.keys import STORAGE_KEY
-from protocol.pipeline import Action
+from protocol.pipeline import PipelineStep
 from protocol.placement import vram_needed
 from protocol.serving import ServiceState
 from protocol.view import ModelView
 
 from .actions import Router
+from .actions.requests import CopyRequest, DownloadRequest, as_device
+from .copies.transfer import Transfer
 from .copies.transfers import Transfers
 from .errors import MeshError
 from .mesh import Mesh
@@ -65,7 +67,7 @@ class Step:
     """One attempt at one part: what it is, its step key, its record so far."""
 
     job: JobRecord
-    action: Action
+    action: PipelineStep
     part: Part
     key: str
     state: StepRecord
@@ -122,19 +124,14 @@ class StepRunners:
 
     async def download(self, s: Step) -> str:
         a = s.action
-        body: dict[str, Any] = {"target_device": s.device}
-        if a.source_url:
-            body["source_url"] = a.source_url
-        for k in ("revision", "allow_patterns", "ignore_patterns"):
-            if k in a.config:
-                body[k] = a.config[k]
-        return await self._follow(await self.router.download(s.model, body), s)
+        req = DownloadRequest.of_step(s.device, a.source_url, a.config)
+        return await self._follow(await self.router.start_download(s.model, req), s)
 
     async def copy(self, s: Step) -> str:
         """A copy or move to one target (``copy_plan``)."""
         plan = copy_plan(s.action, s.part)
-        answer = await self.router.copy(s.model, {"from_device": plan.source, "to_device": plan.target},
-                                        move=plan.move)
+        req = CopyRequest(as_device(plan.target, "to_device"), as_device(plan.source, "from_device"))
+        answer = await self.router.start_copy(s.model, req, move=plan.move)
         note = await self._follow(answer, s)
         if plan.drop_source_last:
             await self._after_others(s)
@@ -179,7 +176,8 @@ class StepRunners:
         src = str(s.action.devices[0])
         notes = []
         if not any(c.device == load.stage_device for c in mv.copies):
-            answer = await self.router.copy(mv.name, {"from_device": src, "to_device": load.stage_device}, move=False)
+            req = CopyRequest(as_device(load.stage_device, "to_device"), as_device(src, "from_device"))
+            answer = await self.router.start_copy(mv.name, req, move=False)
             notes.append(await self._follow(answer, s))
         else:
             notes.append(f"already staged on {load.stage_device}")
@@ -233,7 +231,7 @@ class StepRunners:
             raise MeshError("MODEL_NOT_AVAILABLE", f"model {model!r} is not registered")
         return mv
 
-    def _my_gpus(self, a: Action) -> tuple[int, ...]:
+    def _my_gpus(self, a: PipelineStep) -> tuple[int, ...]:
         me = self.mesh.id
         return tuple(sorted(int(d.kind[3:]) for d in a.devices if d.node == me and d.kind[3:].isdigit()))
 
@@ -256,16 +254,20 @@ class StepRunners:
         if tr is None:
             raise MeshError("INTERNAL", f"the transfer {tid[:20]!r} did not start here")
         self._transfer_of[s.key] = tid
-        next_progress = trio.current_time()
-        while tr.status.active:
-            if trio.current_time() >= next_progress:
-                self.mesh.set(s.key, dataclasses.replace(
-                    s.state, transfer_id=tid, bytes_done=tr.bytes_done, bytes_total=tr.bytes_total).to_value())
-                next_progress = trio.current_time() + PROGRESS_S
-            await trio.sleep(0.1)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._progress, s, tr)
+            await self.transfers.wait(tid)
+            nursery.cancel_scope.cancel()
         if tr.error is not None:
             raise MeshError(tr.error.code, tr.error.message)
         return f"transfer {tid}: {tr.note or 'done'}"
+
+    async def _progress(self, s: Step, tr: Transfer) -> None:
+        """Every ``PROGRESS_S`` while ``tr`` runs: its bytes into the step's record."""
+        while tr.status.active:
+            self.mesh.set(s.key, dataclasses.replace(
+                s.state, transfer_id=tr.id, bytes_done=tr.bytes_done, bytes_total=tr.bytes_total).to_value())
+            await trio.sleep(PROGRESS_S)
 
     def _service_health_url(self, model: str) -> str | None:
         """The health URL of a service of ``model`` on this node (engines listen
@@ -293,7 +295,7 @@ class StepRunners:
         services = [(r.node, r.port) for r in self.services.records()] if self.services is not None else []
         return health_target(url, members, services, here=self.mesh.id)
 
-    async def _health_of(self, a: Action, target: Callable[[], str | None]) -> str:
+    async def _health_of(self, a: PipelineStep, target: Callable[[], str | None]) -> str:
         """Look at the target once a second until it answers 2xx or the time is up.  A
         target that answers reports its status; one that cannot be reached, or may not
         be (whatever the cause), fails with one message (``unreachable_message``)."""

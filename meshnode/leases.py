@@ -27,8 +27,9 @@ import trio
 from protocol import InvalidName, parse_device
 from protocol.actions import WEB_SCHEMES
 from protocol.leases import EnsureStep, InvalidLease, Lease, LeaseBook, plan_ensure, validate_holder
+from protocol.names import Device
 
-from .actions import Router
+from .actions import CopyRequest, DownloadRequest, Router
 from .copies.store import TIERS, Store
 from .copies.transfers import Transfers
 from .errors import MeshError
@@ -176,9 +177,9 @@ class Leases:
             assert making is not None
             out = making.public(self.mesh.id)
         elif plan.step is EnsureStep.COPY:
-            out = await self.router.copy(name, {"to_device": device}, move=False)
+            out = await self.router.start_copy(name, CopyRequest(Device(self.mesh.id, tier)), move=False)
         else:
-            out = await self.router.download(name, {"target_device": device})
+            out = await self.router.start_download(name, DownloadRequest(Device(self.mesh.id, tier)))
         log.info("ensure %s on %s for %s: %s (transfer %s)", name, device, holder, plan.why, out.get("transfer_id"))
         return 202, {"status": "copying", "model_name": name, "device": device, "why": plan.why,
                      "transfer_id": out.get("transfer_id"), "transfer": out}

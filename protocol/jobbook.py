@@ -17,7 +17,7 @@ from .jobrecords import (
     parse_step_key,
 )
 from .jobs import JobStatus, JobView, job_view
-from .keys import RecordError
+from .records import RecordError
 
 __all__ = ["JobBook"]
 

@@ -19,13 +19,14 @@ running.  What a job's records mean together is ``protocol.jobs``.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .keys import JOB_PREFIX, RecordError
+from .keys import JOB_PREFIX
 from .names import validate_node_id
 from .pipeline import InvalidPipeline, Pipeline, parse_pipeline
+from .records import RecordError, field_enum, field_int, field_map, field_str
 
 __all__ = [
     "CANCEL_PREFIX",
@@ -67,16 +68,8 @@ def parse_step_key(key: str) -> tuple[str, str, int] | None:
     return bits[0], bits[1], int(bits[2])
 
 
-def _int(v: Any, what: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**63:
-        raise RecordError(f"{what}: expected a non-negative integer")
-    return v
-
-
-def _str(v: Any, what: str, limit: int = 2048) -> str:
-    if not isinstance(v, str) or len(v) > limit:
-        raise RecordError(f"{what}: expected a string of at most {limit} characters")
-    return v
+TEXT_MAX = 2048  # characters of a step's error message or note
+ID_MAX = 64  # characters of a job id, a transfer id, an error code
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,14 +85,14 @@ class JobRecord:
 
     @classmethod
     def from_value(cls, raw: Any) -> JobRecord:
-        if not isinstance(raw, Mapping):
-            raise RecordError("job: expected a mapping")
+        raw = field_map(raw, "job")
         try:
             pipe = parse_pipeline(raw.get("pipeline"))
             by = validate_node_id(raw.get("submitted_by"))
         except (InvalidPipeline, ValueError) as e:
             raise RecordError(f"job: {e}") from None
-        return cls(_str(raw.get("job_id"), "job id", 64), pipe, by, _int(raw.get("submitted_ms"), "job submitted_ms"))
+        return cls(field_str(raw.get("job_id"), "job id", max_chars=ID_MAX), pipe, by,
+                   field_int(raw.get("submitted_ms"), "job submitted_ms"))
 
 
 class PartStatus(enum.Enum):
@@ -142,19 +135,20 @@ class StepRecord:
 
     @classmethod
     def from_value(cls, raw: Any) -> StepRecord:
-        if not isinstance(raw, Mapping):
-            raise RecordError("step: expected a mapping")
+        raw = field_map(raw, "step")
+        status = field_enum(PartStatus, raw.get("status"), "step status")
         try:
-            status = PartStatus(raw.get("status"))
             node = validate_node_id(raw.get("node"))
         except ValueError as e:
             raise RecordError(f"step: {e}") from None
         return cls(
-            status, node, _int(raw.get("attempt", 1), "step attempt"), _int(raw.get("started_ms", 0), "step started"),
-            _int(raw.get("finished_ms", 0), "step finished"), _str(raw.get("error_code", ""), "step error code", 64),
-            _str(raw.get("error_message", ""), "step error"), _str(raw.get("note", ""), "step note"),
-            _str(raw.get("transfer_id", ""), "step transfer id", 64), _int(raw.get("bytes_done", 0), "step bytes"),
-            _int(raw.get("bytes_total", 0), "step bytes"),
+            status, node, field_int(raw.get("attempt", 1), "step attempt"),
+            field_int(raw.get("started_ms", 0), "step started"), field_int(raw.get("finished_ms", 0), "step finished"),
+            field_str(raw.get("error_code", ""), "step error code", max_chars=ID_MAX),
+            field_str(raw.get("error_message", ""), "step error", max_chars=TEXT_MAX),
+            field_str(raw.get("note", ""), "step note", max_chars=TEXT_MAX),
+            field_str(raw.get("transfer_id", ""), "step transfer id", max_chars=ID_MAX),
+            field_int(raw.get("bytes_done", 0), "step bytes"), field_int(raw.get("bytes_total", 0), "step bytes"),
         )
 
 
@@ -168,13 +162,12 @@ class CancelRecord:
 
     @classmethod
     def from_value(cls, raw: Any) -> CancelRecord:
-        if not isinstance(raw, Mapping):
-            raise RecordError("cancel: expected a mapping")
+        raw = field_map(raw, "cancel")
         try:
             by = validate_node_id(raw.get("by"))
         except ValueError as e:
             raise RecordError(f"cancel: {e}") from None
-        return cls(_int(raw.get("at_ms"), "cancel at_ms"), by)
+        return cls(field_int(raw.get("at_ms"), "cancel at_ms"), by)
 
 
 def merge_part(records: Iterable[StepRecord]) -> StepRecord | None:

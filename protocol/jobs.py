@@ -49,8 +49,8 @@ from .jobrecords import (
     parse_step_key,
     step_key,
 )
-from .keys import RecordError
-from .pipeline import Action, Pipeline, StepDevice
+from .pipeline import Pipeline, PipelineStep, StepDevice
+from .records import RecordError
 
 __all__ = [
     "BACKOFF_MAX_S",
@@ -106,7 +106,7 @@ class Part:
     device: StepDevice | None
 
 
-def parts(a: Action) -> list[Part]:
+def parts(a: PipelineStep) -> list[Part]:
     """Where an action runs, one part per node-side unit of work."""
     t = a.action_type
     if t == "download":
@@ -151,7 +151,7 @@ class JobStatus(enum.Enum):
 
 @dataclass(slots=True)
 class ActionView:
-    action: Action
+    action: PipelineStep
     status: ActionStatus
     parts: dict[int, StepRecord | None]
     ready_ms: int | None = None  # when its dependencies were all completed
@@ -183,10 +183,10 @@ class JobView:
         return max([v.finished_ms for v in self.actions.values()] + [self.cancelled.at_ms if self.cancelled else 0])
 
 
-def _order(pipe: Pipeline) -> list[Action]:
+def _order(pipe: Pipeline) -> list[PipelineStep]:
     """Dependencies first (the pipeline is acyclic: ``parse_pipeline`` checked)."""
     done: set[str] = set()
-    out: list[Action] = []
+    out: list[PipelineStep] = []
     pending = list(pipe.actions)
     while pending:
         rest = []
@@ -264,7 +264,7 @@ def coordinator(job: JobRecord, alive: Callable[[str], bool], live_ids: Iterable
     return min(live_ids, default=None)
 
 
-def runnable(view: JobView, me: str, coordinating: bool) -> list[tuple[Action, Part]]:
+def runnable(view: JobView, me: str, coordinating: bool) -> list[tuple[PipelineStep, Part]]:
     """The parts ``me`` should start now: its own, of actions whose dependencies
     are completed, that no record shows started anywhere (a part whose record is
     ``me``'s own ``running`` from before a restart is the caller's to resume)."""
@@ -285,7 +285,7 @@ def runnable(view: JobView, me: str, coordinating: bool) -> list[tuple[Action, P
 
 
 def overdue_parts(view: JobView, unreachable_since_ms: Callable[[str], int | None], now_ms: int,
-                  bound_ms: int) -> list[tuple[Action, Part]]:
+                  bound_ms: int) -> list[tuple[PipelineStep, Part]]:
     """For the coordinator: parts whose node has been unreachable for longer than
     ``bound_ms`` while the part was due (ready, or running there): they fail with
     ``NODE_UNAVAILABLE``."""
@@ -326,7 +326,7 @@ class Retry:
     at_ms: int
 
 
-def next_attempt(a: Action, attempt: int, code: str, failed_ms: int) -> Retry | None:
+def next_attempt(a: PipelineStep, attempt: int, code: str, failed_ms: int) -> Retry | None:
     """The retry policy: after attempt ``attempt`` of a part of ``a`` failed with
     ``code`` at ``failed_ms``, the next attempt, or None to give up (the code is
     not retryable, or the action's ``retries`` are spent).  The wait doubles from
@@ -350,7 +350,7 @@ class Start:
     """Run attempt ``attempt`` of one of this node's parts."""
 
     job: JobRecord
-    action: Action
+    action: PipelineStep
     part: Part
     attempt: int
 
@@ -364,7 +364,7 @@ class Verdict:
     """The coordinator ends a part that its node cannot: ``NODE_UNAVAILABLE``, or cancelled."""
 
     job_id: str
-    action: Action
+    action: PipelineStep
     part: Part
     status: PartStatus
     code: str
@@ -471,7 +471,7 @@ class StepKind(enum.Enum):
     FREE_GPU = "free_gpu"
 
 
-def step_kind(a: Action, p: Part) -> StepKind:
+def step_kind(a: PipelineStep, p: Part) -> StepKind:
     kind = StepKind(a.action_type)
     if kind in (StepKind.SERVE, StepKind.STOP_SERVE) or p.device is None or p.device.tier != "gpu":
         return kind
@@ -486,7 +486,7 @@ class CopyPlan:
     drop_source_last: bool  # this part drops the source once every other target has its copy
 
 
-def copy_plan(a: Action, p: Part) -> CopyPlan:
+def copy_plan(a: PipelineStep, p: Part) -> CopyPlan:
     """A copy or move part: one target of several.  A move to one target is the
     transfer's own (copy, then drop the source); to several, every target copies
     and the last one drops the source after the others."""
@@ -510,7 +510,7 @@ def gpu_index(device: StepDevice) -> int:
     return int(device.kind[3:]) if device.kind[3:].isdigit() else 0
 
 
-def gpu_load(a: Action, p: Part, me: str, need_bytes: int, tiers: Collection[str]) -> GpuLoad:
+def gpu_load(a: PipelineStep, p: Part, me: str, need_bytes: int, tiers: Collection[str]) -> GpuLoad:
     """A copy or move to ``me:gpuN`` (``LOAD_GPU``): the model needs ``need_bytes``
     of VRAM (``placement.vram_needed``), shared evenly between the GPUs of this
     node the action targets; the weights are staged on ``dram`` when this node

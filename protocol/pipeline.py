@@ -41,7 +41,6 @@ from .sources import InvalidSource, classify
 __all__ = [
     "ACTION_TYPES",
     "LIMITS",
-    "Action",
     "InvalidPipeline",
     "Pipeline",
     "PipelineStep",
@@ -160,9 +159,6 @@ class PipelineStep:
             if getattr(self, k) is not None:
                 out[k] = getattr(self, k)
         return out
-
-
-Action = PipelineStep  # TODO(issue 28): old name, for protocol/jobs.py, meshnode/jobsteps.py, sim/jobs.py
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ from typing import Any
 
 from .units import human_bytes
 
-__all__ = ["Candidate", "GpuFacts", "NoPlacement", "NodeFacts", "PlacementFacts", "place", "rank", "vram_needed"]
+__all__ = ["Candidate", "GpuFacts", "NoPlacement", "PlacementFacts", "place", "rank", "vram_needed"]
 
 VRAM_OVERHEAD = 1.2  # weights plus activations and KV cache, when the registration gives no min_vram
 
@@ -40,9 +40,6 @@ class PlacementFacts:
     free: Mapping[str, int] = field(default_factory=dict)  # tier -> free bytes ("disk", "dram")
     gpus: Sequence[GpuFacts] = ()
     holds: bool = False  # a copy of the model on any of its devices
-
-
-NodeFacts = PlacementFacts  # TODO(issue 28): old name, for meshnode/jobs.py
 
 
 @dataclass(frozen=True, slots=True)

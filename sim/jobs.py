@@ -54,7 +54,7 @@ from protocol.jobs import (
     plan_tick,
     step_key,
 )
-from protocol.pipeline import Action, parse_pipeline
+from protocol.pipeline import PipelineStep, parse_pipeline
 
 __all__ = ["JobsOutcome", "JobsSpec", "draw_jobs", "run_jobs", "sweep_jobs"]
 
@@ -263,7 +263,7 @@ class _Run:
         self._at(self.now + self.rng.uniform(0.2, 3.0),
                  partial(self._finish, n, s.action, key, s.attempt, n.epoch, s.part.node is None))
 
-    def _finish(self, n: _Node, action: Action, key: Key, attempt: int, epoch: int, health: bool) -> None:
+    def _finish(self, n: _Node, action: PipelineStep, key: Key, attempt: int, epoch: int, health: bool) -> None:
         if not n.up or n.epoch != epoch:
             return  # crashed meanwhile: its own running record stays, the restart resumes it
         n.working.discard(key)

@@ -4,8 +4,7 @@ target, a delete on the node that holds the copy): here through the
 executors, elsewhere through the peer route (``POST /mesh/v1/actions``).
 A copy or download comes typed (``requests.py``: ``start_copy``,
 ``start_download``); the router checks what needs the mesh, and builds the
-action.  ``copy`` and ``download`` take the same request written as a JSON
-body, for the callers that still build one.
+action.
 
 An action handed over names the node it is for (``"node": <id>`` beside the
 action's fields), and is signed for that node's id and generation
@@ -25,7 +24,6 @@ from typing import Any
 
 import trio
 
-from protocol import InvalidName
 from protocol.actions import (
     TIERS,
     CopyOf,
@@ -39,7 +37,7 @@ from protocol.actions import (
     encode_action,
 )
 from protocol.keys import CopyRecord, RecordError, copy_key
-from protocol.names import Device, parse_device
+from protocol.names import Device
 from protocol.peerauth import Recipient
 from protocol.registry import InvalidInput
 from protocol.sources import InvalidSource, classify
@@ -49,7 +47,7 @@ from ..mesh import Mesh
 from ..peers import PeerClient
 from ..registry import Registry, model_name
 from .executors import Executors
-from .requests import CopyRequest, DownloadRequest
+from .requests import CopyRequest, DownloadRequest, as_device
 
 __all__ = ["Router"]
 
@@ -59,53 +57,6 @@ REPORTS_MAX = 64  # bad-chunk reports waiting to be sent; more are dropped (the 
 REPORT_TIMEOUT_S = 10.0
 PURGE_TIMEOUT_S = 10.0  # per holder asked to delete its copy at once
 PURGE_DEVICES_MAX = 256  # asked at once; the rest delete theirs when the purge reaches them
-PATTERNS_MAX = 64  # glob patterns of a download (as protocol.actions takes them)
-
-
-def _device(text: Any, what: str) -> Device:
-    try:
-        return parse_device(text)
-    except InvalidName as e:
-        raise MeshError("INVALID_DEVICE", f"{what}: {e}") from None
-
-
-def _body(body: Any, allowed: set[str]) -> dict[str, Any]:
-    if body is None:
-        body = {}
-    if not isinstance(body, dict):
-        raise MeshError("INVALID_REQUEST", "request body must be a JSON object")
-    unknown = set(body) - allowed
-    if unknown:
-        raise MeshError("INVALID_REQUEST", f"unknown fields: {', '.join(sorted(unknown))[:200]}")
-    return body
-
-
-def _copy_request(raw: Any) -> CopyRequest:
-    body = _body(raw, {"from_device", "to_device", "keep_source", "priority"})
-    if "to_device" not in body:
-        raise MeshError("INVALID_REQUEST", "to_device is required")
-    to = _device(body["to_device"], "to_device")
-    keep = body.get("keep_source")
-    if "keep_source" in body and not isinstance(keep, bool):
-        raise MeshError("INVALID_REQUEST", "keep_source must be true or false")
-    src = body.get("from_device")
-    return CopyRequest(to, None if src is None else _device(src, "from_device"), keep)
-
-
-def _revision(v: Any) -> str | None:
-    if v is not None and (not isinstance(v, str) or not 0 < len(v) <= 256):
-        raise MeshError("INVALID_REQUEST", "revision must be a branch, tag or commit")
-    return v
-
-
-def _patterns(v: Any, field: str) -> tuple[str, ...] | None:
-    if v is None:
-        return None
-    if isinstance(v, str):
-        v = [v]
-    if not isinstance(v, list) or len(v) > PATTERNS_MAX or not all(isinstance(x, str) and 0 < len(x) <= 256 for x in v):
-        raise MeshError("INVALID_REQUEST", f"{field} must be a list of at most {PATTERNS_MAX} glob patterns")
-    return tuple(v)
 
 
 class Router:
@@ -252,37 +203,9 @@ class Router:
         web = Web(url, req.revision, req.allow_patterns, req.ignore_patterns)  # outside: classify said so
         return await self.run_on(to.node_id, StartTransfer(name, to.kind, web))
 
-    # -- raw bodies (callers that still build dicts: meshnode/jobs.py, leases.py, daemon.py) ------
-
-    async def copy(self, name: str, raw: Any, *, move: bool) -> dict[str, Any]:
-        """``start_copy`` of a copy request written as the API's JSON body, checked here."""
-        self.registry.model(name)  # as ever: an unknown model before a bad body
-        return await self.start_copy(name, _copy_request(raw), move=move)
-
-    async def download(self, name: str, raw: Any) -> dict[str, Any]:
-        """``start_download`` (or, from another node's copy, ``start_copy``) of a
-        download request written as the API's JSON body, checked here."""
-        body = _body(raw, {"source", "source_url", "target_device", "priority", "revision", "allow_patterns",
-                           "ignore_patterns"})
-        source = body.get("source", "web")
-        if "target_device" not in body:
-            raise MeshError("INVALID_REQUEST", "target_device is required")
-        if source != "web":
-            self.registry.model(name)
-            to = _device(body["target_device"], "to_device")
-            from_device = None if source is None else _device(source, "from_device")
-            return await self.start_copy(name, CopyRequest(to, from_device), move=False)
-        model_name(name)
-        url = body.get("source_url")
-        to = _device(body["target_device"], "target_device")
-        return await self.start_download(name, DownloadRequest(
-            to, url if isinstance(url, str) and url else None, _revision(body.get("revision")),
-            _patterns(body.get("allow_patterns"), "allow_patterns"),
-            _patterns(body.get("ignore_patterns"), "ignore_patterns")))
-
     async def delete_copy(self, name: str, device: str) -> dict[str, Any] | None:
         """Delete a real copy on ``device`` (wherever it is); None when there is none."""
-        d = _device(device, "device")
+        d = as_device(device, "device")
         if d.is_web or d.kind not in TIERS:
             return None
         model = model_name(name)

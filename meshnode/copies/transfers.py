@@ -15,6 +15,9 @@ and its intent (``Intents``) resumes it after the restart.  By its source:
 Its progress is in the catalog (its ``xfer/<id>`` record) every second; the
 copy is published (``copy/`` record) when complete, the registry learns
 where an ingested model came from, and a move then deletes its source.
+Whoever started one here waits for its end with ``wait``; the evictor asks
+what the running ones write (``written``, ``active_partials``), and each makes
+room on its tier first through the evictor's ``make_room``.
 """
 
 from __future__ import annotations
@@ -96,6 +99,7 @@ class Transfers:
         hlc: HLC,
         settings: TransferSettings,
         delete_source: DeleteSource,
+        make_room: MakeRoom = no_eviction,
     ) -> None:
         self.mesh = mesh
         self.store = store
@@ -106,14 +110,18 @@ class Transfers:
         self.settings = settings
         self.delete_source = delete_source
         self.intents = Intents(settings.intents_dir)
+        self.make_room = make_room  # room on a tier before a transfer writes into it (the evictor's)
         self.web = WebIngest(mesh, hlc, store, puller, self.publish, settle_s=settings.settle_s,
                              allow_private=settings.allow_private_sources, s3_endpoint=settings.s3_endpoint)
+        self.web.make_room = make_room
         self.by_id: dict[str, Transfer] = {}
         self._limiter = trio.CapacityLimiter(ACTIVE_MAX)
         self._nursery: trio.Nursery | None = None
         self._scopes: dict[str, trio.CancelScope] = {}  # transfer id -> its task's scope, while it runs
         self._ended: dict[str, trio.Event] = {}  # transfer id -> set when its task ends (asked for by ``stop`` only)
-        self.make_room: MakeRoom = no_eviction  # the evictor's, once the node has one
+        # transfer id -> set when it reaches a final state (asked for by ``wait`` only, for an active
+        # transfer; dropped when set): at most one a transfer in ``by_id``.
+        self._finished: dict[str, trio.Event] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -200,6 +208,32 @@ class Transfers:
             with trio.move_on_after(CANCEL_WAIT_S):
                 await ended.wait()
         return t.public(self.mesh.id), t.status.finished
+
+    async def wait(self, tid: str, timeout_s: float | None = None) -> Transfer:
+        """Transfer ``tid`` of this node once it is done or failed (its ``error``
+        says why).  ``TRANSFER_NOT_FOUND`` when this node runs no such transfer;
+        ``trio.TooSlowError`` when ``timeout_s`` passes first."""
+        t = self.by_id.get(tid)
+        if t is None:
+            raise MeshError("TRANSFER_NOT_FOUND", f"this node runs no transfer {tid[:40]!r}")
+        if t.status.finished:
+            await trio.lowlevel.checkpoint()
+            return t
+        with trio.fail_after(float("inf") if timeout_s is None else timeout_s):
+            await self._finished.setdefault(tid, trio.Event()).wait()
+        return t
+
+    def written(self, model: str, kind: str) -> tuple[str, list[Path]] | None:
+        """The active transfer of ``model`` to ``kind`` and the ``.partial``
+        entries it writes into (what it has on the tier); None when none runs."""
+        for t in self.by_id.values():
+            if t.model == model and t.kind == kind and t.status.active:
+                return t.id, [self.store.staging_dir(kind, n) for n in _partials(t)]
+        return None
+
+    def active_partials(self) -> set[str]:
+        """The ``.partial`` entries of the transfers that are queued or running."""
+        return {n for t in self.by_id.values() if t.status.active for n in _partials(t)}
 
     def runner_of(self, tid: str) -> str:
         """The node that runs transfer ``tid`` (this one, or as the catalog says)."""
@@ -302,6 +336,9 @@ class Transfers:
     def publish(self, t: Transfer) -> None:
         self.mesh.set(xfer_key(t.id), t.record().to_value())
         if t.status.finished:
+            ended = self._finished.pop(t.id, None)  # ``wait`` waits for this
+            if ended is not None:
+                ended.set()
             # Keep the news of the last FINISHED_KEPT finished transfers only.
             finished = []
             for k, e in self.mesh.own_keys(XFER_PREFIX):
@@ -468,6 +505,11 @@ class Transfers:
                 if found is not None:
                     return found
         return None
+
+
+def _partials(t: Transfer) -> list[str]:
+    """The ``.partial`` entries a transfer writes into: a web fetch's staging, then the copy's."""
+    return [f"ingest-{t.id}"] + ([t.manifest_hash] if t.manifest_hash else [])
 
 
 def _from_catalog(nid: str, key: str, value: Any) -> dict[str, Any] | None:

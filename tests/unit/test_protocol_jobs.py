@@ -41,8 +41,8 @@ from protocol.jobs import (
     step_key,
     step_kind,
 )
-from protocol.pipeline import ACTION_TYPES, Action, StepDevice, parse_pipeline
-from protocol.placement import GpuFacts, NodeFacts, NoPlacement, place, rank
+from protocol.pipeline import ACTION_TYPES, PipelineStep, StepDevice, parse_pipeline
+from protocol.placement import GpuFacts, NoPlacement, PlacementFacts, place, rank
 
 SETTINGS = settings(max_examples=150, deadline=None, derandomize=True, database=None)
 NODES = ("n1", "n2", "n3")
@@ -94,6 +94,33 @@ def test_records_round_trip_and_hostile_values_are_refused() -> None:
     assert CancelRecord.from_value(CancelRecord(5, "n3").to_value()) == CancelRecord(5, "n3")
     assert parse_step_key(step_key("j1", "a.b", 2)) == ("j1", "a.b", 2)
     assert parse_step_key("step/j1/a") is None and parse_step_key("step/j/a/x") is None
+
+
+def test_a_bad_field_of_a_job_record_is_named() -> None:
+    """The job records read their fields with ``protocol.records``' checks: a
+    bad field is one ``RecordError`` that names it."""
+    step = StepRecord(PartStatus.RUNNING, "n1", note="n").to_value()
+    j = job(copy("a", "n1:disk", "n2:disk")).to_value()
+    cases: list[tuple[Callable[[Any], object], Any, str]] = [
+        (StepRecord.from_value, {**step, "attempt": True}, "step attempt"),
+        (StepRecord.from_value, {**step, "started_ms": 2**63}, "step started"),
+        (StepRecord.from_value, {**step, "note": "x" * 2049}, "step note"),
+        (StepRecord.from_value, {**step, "error_code": "E" * 65}, "step error code"),
+        (StepRecord.from_value, {**step, "transfer_id": 7}, "step transfer id"),
+        (StepRecord.from_value, {**step, "status": ["running"]}, "step status"),
+        (StepRecord.from_value, ["not", "a", "map"], "step"),
+        (JobRecord.from_value, {**j, "job_id": "j" * 65}, "job id"),
+        (JobRecord.from_value, {**j, "submitted_ms": -1}, "job submitted_ms"),
+        (CancelRecord.from_value, {"at_ms": "soon", "by": "n1"}, "cancel at_ms"),
+    ]
+    for read, raw, field in cases:
+        try:
+            read(raw)
+        except RecordError as e:
+            assert str(e).startswith(f"{field}:"), (field, str(e))
+        else:
+            raise AssertionError(f"{field}: {raw!r} was accepted")
+    assert StepRecord.from_value({**step, "note": "x" * 2048}).note == "x" * 2048
 
 
 def test_parts_run_where_their_devices_say() -> None:
@@ -163,9 +190,9 @@ def test_the_coordinator_is_the_submitter_then_the_smallest_live_id() -> None:
 
 def test_placement_prefers_holders_then_room_and_says_why_not() -> None:
     gib = 2**30
-    facts = [NodeFacts("a", True, {"disk": 50 * gib}), NodeFacts("b", True, {"disk": 90 * gib}),
-             NodeFacts("c", True, {"disk": 20 * gib}, holds=True), NodeFacts("d", False, {"disk": 900 * gib}),
-             NodeFacts("e", True, {"disk": 1 * gib})]
+    facts = [PlacementFacts("a", True, {"disk": 50 * gib}), PlacementFacts("b", True, {"disk": 90 * gib}),
+             PlacementFacts("c", True, {"disk": 20 * gib}, holds=True), PlacementFacts("d", False, {"disk": 900 * gib}),
+             PlacementFacts("e", True, {"disk": 1 * gib})]
     best, ranking = place("disk", 10 * gib, facts)
     assert [c.node_id for c in ranking][:3] == ["c", "b", "a"] and best.device == "c:disk"
     reasons = {c.node_id: c.reasons for c in ranking}
@@ -175,7 +202,7 @@ def test_placement_prefers_holders_then_room_and_says_why_not() -> None:
         raise AssertionError("no GPU anywhere")
     except NoPlacement as e:
         assert e.code == "NO_CAPACITY" and all("no GPU" in c.reasons for c in e.ranking)
-    g = rank("gpu", 10 * gib, [NodeFacts("x", True, gpus=(GpuFacts(0, 8 * gib), GpuFacts(1, 24 * gib, 4 * gib)))])
+    g = rank("gpu", 10 * gib, [PlacementFacts("x", True, gpus=(GpuFacts(0, 8 * gib), GpuFacts(1, 24 * gib, 4 * gib)))])
     assert g[0].fits and g[0].device == "x:gpu1"
 
 
@@ -412,7 +439,7 @@ def test_nodes_running_plan_tick_end_every_job_within_bounds(case: tuple[JobReco
 def test_every_action_type_has_a_step_kind_and_gpus_load_or_free() -> None:
     gpu = StepDevice("n2", "gpu1")
     for t in ACTION_TYPES:
-        a = Action("a", t, "m", (StepDevice("n1", "disk"), StepDevice("n2", "disk")), ())
+        a = PipelineStep("a", t, "m", (StepDevice("n1", "disk"), StepDevice("n2", "disk")), ())
         assert step_kind(a, Part(0, "n2", StepDevice("n2", "disk"))).value == t
         a_gpu = dataclasses.replace(a, devices=(StepDevice("n1", "disk"), gpu))
         want = {"serve": StepKind.SERVE, "stop_serve": StepKind.STOP_SERVE, "delete": StepKind.FREE_GPU}
