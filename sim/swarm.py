@@ -17,7 +17,9 @@ asked for).  What the daemon does with sockets is a fluid model here:
   links alone, and a heap says which flow ends next;
 * a receiver learns a partial holder's chunks when it first asks for them,
   then as the holder tells its neighbours (the daemon's long-poll ``HAVE``);
-  a chunk is passed on once it is complete (verified);
+  a chunk is passed on as it arrives (cut-through), but for one coming from
+  a source its plan holds back (``ChunkPlan.held_back``: it lags), which is
+  passed on once it is complete (verified);
 * a node that dies stops sending (its requests stall until the plan's
   stall timeout or the endgame) and leaves the others' views
   ``DETECT_S`` later; a receiver that joins late starts then.
@@ -220,6 +222,8 @@ _FLOW, _REFRESH, _DIE, _JOIN, _FORGET, _SEEN, _SEEN_DONE = range(7)
 class _Swarm:
     """The event loop: flows on links, receivers running the daemon's policy."""
 
+    sweep_at = 4096  # the heap's size (at least) at which the outdated flow ends are swept out
+
     def __init__(self, spec: SwarmSpec) -> None:
         self.spec = spec
         n = self.n = spec.chunks
@@ -261,6 +265,7 @@ class _Swarm:
             if spec.rack_labels else {}
         self.heap: list[tuple[float, int, int, object, int]] = []
         self.seq = 0
+        self.sweeps = 0  # times the heap was swept (``run``)
         self.now = 0.0
         self.duplicates = 0
         self.control = {"requests": 0.0, "have": 0.0, "progress gossip": 0.0}
@@ -368,31 +373,39 @@ class _Swarm:
         if not center:
             return
         if len(center) <= 2:  # the usual shape: one uplink and one downlink; solved in closed form
+            cap, load = self.cap, self.load
             a = center[0]
             b = center[1] if len(center) == 2 else -1
             on_a: dict[int, _Flow] = lflows[a]
             on_b: dict[int, _Flow] = lflows[b] if b >= 0 else {}
             own: dict[int, float] = {}  # flow key -> what its other links (and its source) leave it
             seen: set[int] = set()
-            for f in (*on_a.values(), *on_b.values()):
-                if f.key in own:
-                    continue
-                most = f.up.rate if f.up is not None else _INF
-                for x in f.links:
-                    if x == a or x == b:
+            for on in (on_a, on_b):
+                for k, f in on.items():
+                    if k in own:
                         continue
-                    if x in seen:  # two of them share another link (a rack uplink): the general case
-                        self._share_general(center)
-                        return
-                    seen.add(x)
-                    left = cap[x] - load[x] + f.rate
-                    if left < most:
-                        most = left
-                own[f.key] = max(most, 0.0)
+                    up = f.up
+                    most = up.rate if up is not None else _INF
+                    for x in f.links:
+                        if x == a or x == b:
+                            continue
+                        if x in seen:  # two of them share another link (a rack uplink): the general case
+                            self._share_general(center)
+                            return
+                        seen.add(x)
+                        left = cap[x] - load[x] + f.rate
+                        if left < most:
+                            most = left
+                    own[k] = most if most >= 0.0 else 0.0
+            set_rate = self._set_rate
             if b < 0:
                 level = _waterfill(cap[a], 0.0, list(own.values()))
                 for k, f in on_a.items():
-                    self._set_rate(f, min(own[k], level))
+                    r = own[k]
+                    if level < r:
+                        r = level
+                    if abs(r - f.rate) > 1e-9 * f.rate:
+                        set_rate(f, r)
                 return
             both = [k for k in on_a if k in on_b]
             if both:  # held by the tighter link; the other shares out what they leave
@@ -404,16 +417,24 @@ class _Swarm:
                 level_a = _waterfill(cap[a], fixed, [own[k] for k in on_a if k not in on_b])
                 level_b = _waterfill(cap[b], fixed, [own[k] for k in on_b if k not in on_a])
                 for k in both:
-                    self._set_rate(on_a[k], own[k])
+                    set_rate(on_a[k], own[k])
             else:
-                level_a = _waterfill(cap[a], 0.0, [own[k] for k in on_a])
-                level_b = _waterfill(cap[b], 0.0, [own[k] for k in on_b])
+                level_a = _waterfill(cap[a], 0.0, list(own.values())[:len(on_a)])
+                level_b = _waterfill(cap[b], 0.0, list(own.values())[len(on_a):])
             for k, f in on_a.items():
                 if k not in on_b:
-                    self._set_rate(f, min(own[k], level_a))
+                    r = own[k]
+                    if level_a < r:
+                        r = level_a
+                    if abs(r - f.rate) > 1e-9 * f.rate:
+                        set_rate(f, r)
             for k, f in on_b.items():
                 if k not in on_a:
-                    self._set_rate(f, min(own[k], level_b))
+                    r = own[k]
+                    if level_b < r:
+                        r = level_b
+                    if abs(r - f.rate) > 1e-9 * f.rate:
+                        set_rate(f, r)
             return
         self._share_general(center)
 
@@ -485,7 +506,7 @@ class _Swarm:
     def _activate(self, f: _Flow) -> None:
         d, c = f.dst, f.chunk
         if self.spec.cut_through and d.plan is not None and d.done_at is None and not d.have[c] \
-                and c not in d.streaming:
+                and c not in d.streaming and f.src.name not in d.plan.held_back:
             d.streaming[c] = f  # passed on as it arrives: its neighbours hear of it now
             self._tell(d, c)
         f.src.active += 1
@@ -665,17 +686,27 @@ class _Swarm:
 
     def run(self) -> None:
         heap = self.heap
+        pop = heapq.heappop
+        limit = self.spec.time_limit_s
+        mark = self.sweep_at  # the heap's size at which its outdated entries are swept out
         self.left = sum(1 for nd in self.nodes if nd.done_at is None)
         while self.left:
             if not heap:
                 raise RuntimeError("the swarm is stuck: nothing in flight and nothing to come")
-            t, _, kind, a, b = heapq.heappop(heap)
-            if t > self.spec.time_limit_s:
-                raise RuntimeError(f"the swarm did not finish in {self.spec.time_limit_s:g} simulated seconds")
+            if len(heap) > mark:  # a flow's every rate change pushes its end anew: drop the outdated ends
+                heap = self.heap = [e for e in heap if e[2] != _FLOW or (e[3].alive and e[3].ver == e[4])]  # type: ignore[attr-defined]
+                heapq.heapify(heap)  # (time, seq) keys are unique: the same order as before
+                mark = max(self.sweep_at, 2 * len(heap))
+                self.sweeps += 1
+            t, _, kind, a, b = pop(heap)
             if kind == _FLOW:
                 assert isinstance(a, _Flow)
                 if not a.alive or a.ver != b:
                     continue
+            if t > limit:
+                raise RuntimeError(f"the swarm did not finish in {limit:g} simulated seconds")
+            if kind == _FLOW:
+                assert isinstance(a, _Flow)
                 self.now = max(self.now, t)
                 self._deliver(a, self.kick)
             else:

@@ -198,6 +198,7 @@ class ChunkPlan:
         self._last_bad: dict[str, int] = {}  # peer -> the last chunk it served bad (one per struck peer)
         self._banned: set[str] = set()
         self._stalled_until: dict[str, float] = {}
+        self._held_back: frozenset[str] = frozenset()  # sources asked only for what no other source holds
         self._stats = {
             "requests": 0,
             "duplicates": 0,
@@ -282,6 +283,20 @@ class ChunkPlan:
         if mask is not None and len(mask) != self._n:
             raise LocalProtocolError(f"mask must have {self._n} bytes, got {len(mask)}")
         self._set_bits(peer, None if mask is None else bytearray(mask.translate(_NONZERO)), inflight)
+
+    def hold_back(self, peers: Iterable[str]) -> None:
+        """Ask ``peers`` (sources that lag: a slow link) only for the chunks
+        no other source holds, and never for an endgame duplicate: a chunk
+        another source can give is not left to crawl in from a slow one
+        (and passed on from there as slowly).  Replaces the previous set."""
+        self._held_back = frozenset(peers)
+
+    @property
+    def held_back(self) -> frozenset[str]:
+        """The sources ``hold_back`` named: a chunk arriving from one of them
+        is not passed on (nor announced) before it is verified, so a slow
+        arrival does not slow the neighbours that would take it on."""
+        return self._held_back
 
     def lacks_any(self, mask: bytes) -> bool:
         """Whether a chunk whose ``mask`` byte is nonzero is not verified yet."""
@@ -427,10 +442,11 @@ class ChunkPlan:
         out: list[tuple[str, int]] = []
         if self._verified == self._n:
             return out
+        stalled = self._stalled_until
         free = [
             (peer, src)
             for peer, src in self._sources.items()
-            if len(src.inflight) < src.cap and not self._is_stalled(peer, now)
+            if len(src.inflight) < src.cap and not (stalled and self._is_stalled(peer, now))
         ]
         if not free:
             return out
@@ -510,7 +526,10 @@ class ChunkPlan:
             if not held_idle:
                 continue
             by_count: dict[int, list[int]] = {}
+            held_back = peer in self._held_back
             for c in _ones(held_idle.to_bytes(self._n, "little")):
+                if held_back and (self._full or counts[c] > 1):
+                    continue  # another source holds it
                 by_count.setdefault(counts[c], []).append(c)
             slots = src.cap - len(src.inflight)
             for key in sorted(by_count):
@@ -557,8 +576,11 @@ class ChunkPlan:
         # whose upload is the only way to the chunks no partial holder has.
         best: list[int] = []
         best_load = (self._per_peer, True)
-        for k, (_, src) in enumerate(free):
+        held_back = self._held_back
+        for k, (peer, src) in enumerate(free):
             if not src.holds(chunk) or (duplicate and chunk in src.inflight):
+                continue
+            if held_back and peer in held_back and (duplicate or self._full + self._partial_count[chunk] > 1):
                 continue
             load = (len(src.inflight), src.bits is None)
             if load < best_load:

@@ -148,6 +148,7 @@ def refresh(
         nbrs = {p: c for p, c in graph.neighbours(me).items() if p in usable.nodes}
     seed_set = usable.complete if seeds is None else frozenset(seeds)
     lag = plan.lagging(LAG_FACTOR, chunks=LAG_CHUNKS)
+    plan.hold_back(lag - seed_set)  # a lagging source gives only what no other source holds
     lagging_nbrs = len(lag & nbrs.keys())
     if lagging_nbrs:  # stand-ins beside them, never a seed (each chunk once from it) nor one that lags too
         skip = lag | seed_set | (graph.members - usable.nodes)

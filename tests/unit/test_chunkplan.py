@@ -757,3 +757,27 @@ def test_a_source_that_stalls_or_is_much_slower_than_the_others_lags() -> None:
     assert [p for p, _ in plan.expire(t)] == ["dead"]
     assert plan.lagging(2.0) == {"c", "dead"}  # stalled now
     assert (plan.took_s("dead") or 0.0) >= 10.0  # its wait counts as what its chunk took
+
+
+def test_a_held_back_source_is_asked_only_for_what_no_other_source_holds() -> None:
+    """A source that lags (``hold_back``) gets a chunk only when no other
+    source holds it, and never an endgame duplicate."""
+    plan = ChunkPlan(6, per_peer_inflight=4)
+    plan.set_source("fast", [0, 1, 2, 3], inflight=4)
+    plan.set_source("slow", [2, 3, 4, 5], inflight=4)
+    plan.hold_back({"slow"})
+    assert plan.held_back == {"slow"}
+    got = plan.next_requests(0.0, random.Random(3))
+    assert sorted(c for p, c in got if p == "slow") == [4, 5]  # 2 and 3 wait for the fast one
+    assert sorted(c for p, c in got if p == "fast") == [0, 1, 2, 3]
+    for c in (0, 1, 4, 5):
+        plan.on_verified("fast" if c < 2 else "slow", c, 1.0)
+    assert plan.next_requests(1.0, random.Random(3)) == []  # endgame: no duplicate of 2 or 3 to "slow"
+    plan.hold_back(())
+    assert {p for p, _ in plan.next_requests(1.0, random.Random(3))} == {"slow"}  # not held back: it may
+    full = ChunkPlan(4)
+    full.set_source("seed", None, inflight=1)
+    full.set_source("slow", [0, 1, 2, 3], inflight=4)
+    full.hold_back({"slow"})
+    got = full.next_requests(0.0, random.Random(1))
+    assert [p for p, _ in got] == ["seed"]  # a full holder holds everything: nothing for "slow"

@@ -124,3 +124,21 @@ def test_a_receiver_whose_neighbours_lag_pulls_from_stand_ins_too_never_a_seed()
     assert r.chosen >= nbrs and len(stand_ins) == 2  # one beside each neighbour that lags
     assert not stand_ins & seeds and stand_ins == set(graph.stand_ins("me", 2, skip=seeds))
     assert set(r.ask) >= stand_ins  # followed like neighbours
+
+
+def test_a_round_holds_back_the_neighbours_that_lag_but_not_a_seed() -> None:
+    """``refresh`` tells the plan which sources lag (``ChunkPlan.hold_back``):
+    those are asked only for what no other source holds; a seed never is."""
+    found = {f"p{i:02d}" for i in range(40)}
+    graph = SwarmGraph(found | {"me"})
+    nbrs = sorted(graph.neighbours("me"))
+    seeds = {nbrs[-1]}
+    plan = ChunkPlan(256)
+    first = refresh(plan, found, seeds, "me", lambda _p: True, ("me",), random.Random(5), seeds=seeds)
+    for p in nbrs:
+        plan.set_source(p, None, inflight=SWARM_INFLIGHT)
+    slow = {nbrs[0], nbrs[-1]}
+    _deliver_rounds(plan, slow, 2 * LAG_CHUNKS)
+    assert plan.lagging(LAG_FACTOR, chunks=LAG_CHUNKS) == slow
+    refresh(plan, found, seeds, "me", lambda _p: True, first.pulling, random.Random(5), seeds=seeds)
+    assert plan.held_back == {nbrs[0]}  # the lagging seed is not held back: it sends each chunk once
