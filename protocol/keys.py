@@ -505,6 +505,10 @@ class TierUsage:
         return size <= self.free and (self.used + size) * 100 <= self.high * (self.used + self.free)
 
 
+STORAGE_SLACK = 0.01  # a tier's free or used bytes move by this share of its size before it is gossiped again
+STORAGE_SLACK_MAX = 1 << 30
+
+
 @dataclass(frozen=True, slots=True)
 class Storage:
     """``storage``: each tier's usage on this node, rounded to MiB."""
@@ -513,6 +517,25 @@ class Storage:
 
     def to_value(self) -> dict[str, Any]:
         return {k: u.to_value() for k, u in self.tiers.items()}
+
+    def moved(self, since: Storage | None) -> bool:
+        """Worth telling the mesh, against what it was last told (``since``):
+        a tier came or went, its size or watermark changed, or its free or
+        used bytes moved by more than ``STORAGE_SLACK`` of its size (at most
+        ``STORAGE_SLACK_MAX``).  A shared disk whose free space drifts by a
+        few MiB a second (logs, other programs) is not news for every node
+        of the mesh each time; placement only needs the rough figure, and a
+        node refuses a copy it has no room for anyway."""
+        if since is None or since.tiers.keys() != self.tiers.keys():
+            return True
+        for k, u in self.tiers.items():
+            was = since.tiers[k]
+            if (u.total, u.high) != (was.total, was.high):
+                return True
+            slack = min(u.total * STORAGE_SLACK, STORAGE_SLACK_MAX)
+            if abs(u.free - was.free) > slack or abs(u.used - was.used) > slack:
+                return True
+        return False
 
     @classmethod
     def from_value(cls, raw: Any) -> Storage:

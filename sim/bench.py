@@ -4,7 +4,7 @@
    live nodes over many seeds (p50/p99), beside Serf's epidemic model
    (9 rounds to 99%, 12 rounds to 99.99%).
 2. Failure detection: N=1000 defaults, median time until every live node
-   agrees a crashed node is dead (target 15 s); false deaths on a healthy mesh
+   agrees a crashed node is dead (target 8 s at N=1000); false deaths on a healthy mesh
    at 10% loss (target 0).
    Partition heal: two halves cut for 30 s, then healed; rounds until every
    node sees every other alive and the catalogs agree, beside the same runs
@@ -29,6 +29,9 @@ from . import scenarios
 from .report import fmt, percentile, table
 
 __all__ = ["BenchPlan", "run_bench"]
+
+DETECT_TARGET_S = 8.0  # issue 25: a crash agreed dead by every live node, median, N=1000
+STEADY_BYTES_MAX = 2048  # issue 25: steady gossip per node per round at N=1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,15 +106,17 @@ def run_bench(plan: BenchPlan, echo: Callable[[str], None] = print) -> list[str]
     agreed = [r["agreed_dead_s"] for r in res]
     first = [r["first_dead_s"] for r in res]
     med = percentile(agreed, 50)
-    ok = med <= 15.0
+    judged = plan.crash_nodes >= 1000  # the target is set at N=1000; a smaller quick run only prints
+    ok = med <= DETECT_TARGET_S or not judged
     if not ok:
-        missed.append(f"crash detection: median {fmt(med)} s > 15 s")
+        missed.append(f"crash detection: median {fmt(med)} s > {DETECT_TARGET_S:g} s")
     echo(f"\n2a. Crash detection, N={plan.crash_nodes}, defaults (no loss), {len(res)} seeds ({time.perf_counter() - t:.0f} s)")
     echo(table(
         ["measure", "p50", "max", "target", "target met"],
         [
             ["s until first node declares it dead", fmt(percentile(first, 50)), fmt(max(first)), "", ""],
-            ["s until every live node agrees dead", fmt(med), fmt(max(agreed)), "median <= 15 s", "yes" if ok else "NO"],
+            ["s until every live node agrees dead", fmt(med), fmt(max(agreed)),
+             f"median <= {DETECT_TARGET_S:g} s at N=1000", ("yes" if ok else "NO") if judged else "(not judged)"],
         ],
     ))
 
@@ -157,9 +162,14 @@ def run_bench(plan: BenchPlan, echo: Callable[[str], None] = print) -> list[str]
     res = _map(plan, scenarios.bytes_per_round, jobs3)
     rows = []
     for r, (n, _, loss) in zip(res, jobs3, strict=True):
-        rows.append([str(n), f"{loss:.0%}", fmt(r["steady_bytes"], 0), fmt(r["spread_bytes"], 0), fmt(r["rounds_to_100"])])
+        ok = r["steady_bytes"] <= STEADY_BYTES_MAX
+        if not ok and n >= 1000:
+            missed.append(f"steady bytes: {fmt(r['steady_bytes'], 0)} per node per round at N={n}, {loss:.0%} loss")
+        rows.append([str(n), f"{loss:.0%}", fmt(r["steady_bytes"], 0), fmt(r["spread_bytes"], 0), fmt(r["rounds_to_100"]),
+                     ("yes" if ok else "NO") if n >= 1000 else ""])
     echo(f"\n3. Bytes sent per node per gossip round (len(encode(env)) of every message sent) ({time.perf_counter() - t:.0f} s)")
-    echo(table(["N", "loss", "steady state", "during spread", "rounds to 100%"], rows))
+    echo(table(["N", "loss", "steady state", "during spread", "rounds to 100%",
+                f"steady <= {STEADY_BYTES_MAX} B at N >= 1000"], rows))
 
     echo(f"\nbench finished in {time.perf_counter() - t_all:.0f} s; targets missed: {len(missed)}")
     for m in missed:

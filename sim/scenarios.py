@@ -176,6 +176,10 @@ def chaos(spec: ChaosSpec) -> Outcome:
 # -- single measurements (what bench runs per seed) ---------------------------------
 
 
+STEADY_FROM_S = 15.0
+STEADY_FOR_S = 10.0
+
+
 def spread(nodes: int, seed: int, loss: float, *, rounds_max: int = 40, measure_bytes: bool = False,
            gossip: GossipConfig | None = None) -> dict[str, Any]:
     """One update written on a random node of a quiet mesh: time to reach 99% and 100%."""
@@ -187,8 +191,11 @@ def spread(nodes: int, seed: int, loss: float, *, rounds_max: int = 40, measure_
     sim.run_until(2.0)  # random gossip phases settle
     steady = math.nan
     if measure_bytes:  # a quiet window, for the steady-state byte rate
+        # Past the start (each node's first writes and full syncs spread in
+        # the first seconds): what an idle mesh sends, round after round.
+        sim.run_until(STEADY_FROM_S)
         steady0, t0 = sim.bytes_total, sim.now
-        sim.run_until(7.0)
+        sim.run_until(STEADY_FROM_S + STEADY_FOR_S)
         steady = (sim.bytes_total - steady0) / (nodes * (sim.now - t0) / gi)
     origin = sim.rng.randrange(nodes)
     w = sim.write_probe(origin, "probe", {"seed": seed})

@@ -65,6 +65,7 @@ class CopyCatalog:
         self.saver = saver
         self._purge_asked = trio.Event()
         self.watermarks: dict[str, Watermarks] = {}  # per tier (``--disk-watermarks``); none: 100%
+        self._told: Storage | None = None  # the storage the mesh was last told
 
     # -- catalog listener: a purge anywhere wakes the sweep at once ------------------------
 
@@ -121,12 +122,20 @@ class CopyCatalog:
                 continue
         return out
 
-    def sample_storage(self) -> None:
+    def sample_storage(self, *, drift: bool = False) -> None:
+        """Tell the mesh this node's storage: at once after a copy came or
+        went, and on ``drift`` (the periodic sample) only when it moved
+        enough to matter (``Storage.moved``), so that an idle mesh on busy
+        disks stays quiet."""
         # Rounded to MiB, so that a few bytes written do not cause gossip.
         tiers = {k: TierUsage(u["total"] // MIB * MIB, u["used"] // MIB * MIB, u["free"] // MIB * MIB,
                               round(100 * self.watermarks[k].high) if k in self.watermarks else 100)
                  for k, u in self.storage().items()}
-        self.mesh.set(STORAGE_KEY, Storage(tiers).to_value())
+        now = Storage(tiers)
+        if drift and not now.moved(self._told):
+            return
+        self._told = now
+        self.mesh.set(STORAGE_KEY, now.to_value())
 
     async def purge(self) -> list[str]:
         """Delete our copies of the models a purge unregistered (``purged_models``);
@@ -159,4 +168,4 @@ class CopyCatalog:
             with trio.move_on_after(interval_s):
                 await self._purge_asked.wait()
             self._purge_asked = trio.Event()
-            self.sample_storage()
+            self.sample_storage(drift=True)

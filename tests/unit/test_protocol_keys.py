@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 
 from protocol.hlc import Stamp
 from protocol.keys import (
+    STORAGE_SLACK,
+    STORAGE_SLACK_MAX,
     TRANSITIONS,
     CopyRecord,
     ErrorRecord,
@@ -156,3 +158,18 @@ def test_node_labels_round_trip_and_bad_ones_are_refused() -> None:
     for bad in ("zone=a", {"zone": 1}, {"z one": "a"}, {f"k{i}": "v" for i in range(17)}):
         with pytest.raises(RecordError):
             NodeInfo.from_value({**old, "labels": bad})
+
+
+@given(st.integers(0, 1 << 44), st.integers(0, 1 << 44), st.integers(-(1 << 33), 1 << 33))
+def test_storage_is_news_only_when_it_moved_enough(total: int, free: int, delta: int) -> None:
+    """A tier's drift within its slack (1% of its size, at most 1 GiB) is not
+    gossiped again; past it, or a tier's size or set changing, always is."""
+    free = min(free, total)
+    was = Storage({"disk": TierUsage(total, total - free, free)})
+    moved_free = max(0, min(total, free + delta))
+    now = Storage({"disk": TierUsage(total, total - moved_free, moved_free)})
+    slack = min(total * STORAGE_SLACK, STORAGE_SLACK_MAX)
+    assert now.moved(was) == (abs(moved_free - free) > slack)
+    assert now.moved(None)
+    assert Storage({"disk": TierUsage(total + 1, total - free, free)}).moved(was)
+    assert Storage({**was.tiers, "dram": TierUsage(1, 0, 1)}).moved(was)
