@@ -1,4 +1,4 @@
-"""``python -m sim [run|bench|sweep|swarm|jobs|gpus|serving|replicas|eviction]``: the simulator's command line."""
+"""``python -m sim [run|bench|sweep|swarm|jobs|gpus|serving|replicas|eviction|routing]``: the simulator's command line."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from .gpus import READ_S, simulate_gpus
 from .jobs import draw_jobs, sweep_jobs
 from .replicas import simulate_replicas
 from .report import fmt, table
+from .routing import POLICIES, RoutingSpec, routing_table
 from .scenarios import ChaosSpec, chaos
 from .serving import HANG_TARGET_S, simulate_serving
 from .swarm import swarm_table, swarm_targets
@@ -82,6 +83,13 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--models", type=int, default=30)
     ev = sub.add_parser("eviction", help="one tier under a stream of reads: the eviction rule (LRU) against random")
     ev.add_argument("--seeds", type=int, default=5)
+    ro = sub.add_parser("routing", help="inference routed by every node alone on stale load: affinity, load, round-robin")
+    ro.add_argument("--nodes", type=int, default=8)
+    ro.add_argument("--services", type=int, default=4)
+    ro.add_argument("--prompts", type=int, default=8)
+    ro.add_argument("--rate", type=float, default=6.0, help="requests per second, all nodes together")
+    ro.add_argument("--duration", type=float, default=600.0, help="simulated seconds")
+    ro.add_argument("--seed", type=int, default=1)
     w = sub.add_parser("swarm", help="one seed, N receivers: the daemon's pull policy against the star")
     w.add_argument("--receivers", type=_sizes, default=[2, 6, 24, 100], help="comma-separated swarm sizes")
     w.add_argument("--chunks", type=int, default=256)
@@ -105,8 +113,8 @@ def _sizes(s: str) -> list[int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("run", "bench", "sweep", "swarm", "jobs", "gpus", "serving", "replicas", "eviction", "-h",
-                                "--help"):
+    if not argv or argv[0] not in ("run", "bench", "sweep", "swarm", "jobs", "gpus", "serving", "replicas", "eviction",
+                                   "routing", "-h", "--help"):
         argv = ["run", *argv]  # `python -m sim [options]` is `python -m sim run [options]`
     parser = _parser()
     args = parser.parse_args(argv)
@@ -232,6 +240,24 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{time.perf_counter() - t:.0f} s")
         print(table(["measure", "LRU (the rule)", "random order"], rows))
         print(f"violations: {len(found)}")
+        for v in found[:10]:
+            print(f"  ! {v}")
+        return 1 if found else 0
+    if args.cmd == "routing":
+        if not (1 <= args.services <= args.nodes <= 1000 and 1 <= args.prompts <= 100 and 0 < args.rate <= 1000
+                and 10 <= args.duration <= 36_000):
+            parser.error("--services 1 to --nodes, --nodes up to 1000, --prompts 1 to 100, --rate up to 1000, "
+                         "--duration 10 to 36000")
+        rspec = RoutingSpec(nodes=args.nodes, services=args.services, prompts=args.prompts, rate=args.rate,
+                           duration_s=args.duration, seed=args.seed, kill_at_s=args.duration / 2)
+        rows, rruns = routing_table(rspec)
+        print(f"sim routing: {rspec.nodes} nodes, {rspec.services} services of one model ({rspec.slots} slots, a cache of "
+              f"{rspec.cache_prompts} prefixes each), {rspec.rate:g} requests/s over {rspec.prompts} long prompts "
+              f"(Zipf {rspec.zipf:g}) and {rspec.short_share:.0%} short ones, {args.duration:g} s; load published every "
+              f"{rspec.publish_s:g} s, gossiped within {rspec.gossip_s:g} s; one service dies at {rspec.kill_at_s:g} s")
+        print(table(["measure", *POLICIES], rows))
+        found = rruns[0].violations
+        print(f"Every node routes alike: {'yes' if not found else 'NO'}; violations: {len(found)}")
         for v in found[:10]:
             print(f"  ! {v}")
         return 1 if found else 0

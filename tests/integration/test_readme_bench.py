@@ -40,6 +40,7 @@ EXPECT: dict[str, tuple[str, tuple[int, ...]]] = {
     ".venv/bin/python bench/jobs.py": (r"job status +completed[\s\S]*parts run twice +0 ", (0,)),
     ".venv/bin/python bench/s3.py": (r"three nodes: bytes served by S3 = 1\.00x the object", (0,)),
     ".venv/bin/python bench/proxy.py": (r"through node2 \(one more hop\) +p50 [\d.]+ ms", (0,)),
+    ".venv/bin/python bench/affinity.py": (r"time to first token, round-robin / affinity +p50 [\d.]+x", (0,)),
     ".venv/bin/python bench/bundles.py": (r"export \| import over tar cf - \| tar xf -: [\d.]+x", (0,)),
     ".venv/bin/python bench/catalog_sync.py": (r"seconds until in sync +[\d.]+ ", (0, 1)),
     ".venv/bin/python bench/flood.py": (r"one write seen on a third node, p99 s +[\d.]+ ", (0, 1)),

@@ -1,0 +1,387 @@
+"""``python -m sim routing``: inference routed by every node alone, with the
+daemon's own decision (``protocol.routing.route`` and ``affinity_key``), in
+simulated time.
+
+Theory of operation
+-------------------
+``nodes`` nodes accept requests for one model; ``services`` engines of it
+run on the first nodes, each with ``slots`` requests at once (more wait)
+and a prompt cache of ``cache_prompts`` prefixes (least recently used
+out).  Requests arrive at random nodes (Poisson, ``rate`` a second); most
+carry one of ``prompts`` long system prompts, drawn with a Zipf skew, so
+one prompt is hot; the rest are short (no prefix: load alone decides).  A
+request's time to first token is its wait for a slot plus its prefill:
+short when its engine holds the prefix, long when not; then it decodes.
+
+What a node knows is what the daemon knows: its own requests in flight to
+each service (fresh), and each service's record from the catalog, whose
+``load`` (running, waiting) the engine's node reads at every probe
+(``LifePolicy().probe_interval_s``) and gossip brings after up to
+``gossip_s`` (a node sees its own services' records at once).  So a node
+routes on figures stale by up to one interval plus the gossip delay.
+
+The same arrivals run under three policies: the daemon's (``route`` with
+the request's affinity key), least loaded only (``route`` with no key), and
+round-robin at each node.  Reported: how evenly the in-flight requests
+spread (max over mean, across services, sampled every second), the share of
+prefixed requests that found their prefix cached where they ran, and times
+to first token.  Checked (violations), for the daemon's policy:
+
+* every decision picks a healthy service whose load, as the deciding node
+  sees it, is within ``SLACK`` of the least loaded;
+* every node routes alike: sampled every second, for every prompt, the
+  nodes that see the prefix's rendezvous choice not overloaded all pick
+  that same service (no node its own), and every node's rendezvous choice
+  is the same;
+* when a service dies (``kill_at_s``) its node publishes it at once, and
+  after the catalog has brought that everywhere no request goes to it; the
+  prompts whose choice moves are only those that were its own.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Container, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+
+from protocol.routing import SLACK, affinity_key, load_of, route
+from protocol.serving import LifePolicy, ServiceRecord, ServiceState
+
+from .report import percentile
+
+__all__ = ["POLICIES", "RoutingResult", "RoutingSpec", "routing_table", "simulate_routing"]
+
+MODEL = "sim/model"
+POLICIES = ("affinity (the daemon's route)", "least loaded, no affinity", "round-robin")
+Route = Callable[[Iterable[ServiceRecord], str, str, Container[str], Mapping[tuple[str, int], int], str | None],
+                 list[ServiceRecord]]
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingSpec:
+    nodes: int = 8
+    services: int = 4
+    prompts: int = 8
+    rate: float = 6.0  # requests per second, all nodes together
+    duration_s: float = 600.0
+    seed: int = 1
+    slots: int = 4  # requests an engine runs at once
+    cache_prompts: int = 3  # prefixes an engine's cache holds
+    zipf: float = 0.8  # prompt i drawn with weight 1 / (i + 1) ** zipf
+    short_share: float = 0.1  # requests with no long prefix
+    publish_s: float = LifePolicy().probe_interval_s  # how often a node reads and publishes its engines' load
+    gossip_s: float = 1.0  # the catalog brings a record to another node within this
+    prefill_cold_s: float = 0.5  # a long prompt evaluated whole
+    prefill_warm_s: float = 0.03  # the same with its prefix cached
+    decode_s: float = 1.0  # the answer's tokens
+    kill_at_s: float | None = None  # the first service dies then
+
+
+@dataclass
+class RoutingResult:
+    policy: str
+    requests: int = 0
+    prefixed: int = 0
+    warm: int = 0  # prefixed requests that found their prefix cached
+    failed: int = 0  # cut off by a service's death, or no service to go to
+    retried: int = 0  # refused by a dead service, sent to the next
+    ttft_s: list[float] = field(default_factory=list)
+    max_sum: float = 0.0
+    mean_sum: float = 0.0
+    peak: int = 0
+    alike_checks: int = 0
+    alike_overloaded: int = 0  # checks where some node saw the choice overloaded (and may route by load)
+    moved_prompts: int = 0  # prompts whose choice moved when a service died
+    violations: list[str] = field(default_factory=list)
+
+    @property
+    def imbalance(self) -> float:
+        """Max over mean in-flight requests across services, time-averaged."""
+        return self.max_sum / self.mean_sum if self.mean_sum else 1.0
+
+    @property
+    def warm_share(self) -> float:
+        return self.warm / self.prefixed if self.prefixed else 0.0
+
+
+@dataclass
+class _Engine:
+    rec: ServiceRecord
+    alive: bool = True
+    running: list[int] = field(default_factory=list)
+    waiting: deque[int] = field(default_factory=deque)
+    cache: OrderedDict[int, None] = field(default_factory=OrderedDict)
+    version: int = 0
+
+    @property
+    def inflight(self) -> int:
+        return len(self.running) + len(self.waiting)
+
+
+@dataclass
+class _Request:
+    node: int
+    prompt: int | None  # which system prompt, None: a short one
+    key: str | None
+    arrived: float
+    engine: int = -1
+    done_seq: int = 0
+
+
+def _prompts(n: int, rng: random.Random) -> list[str]:
+    words = ("the", "model", "answers", "briefly", "and", "cites", "its", "sources", "in", "order")
+    return [f"You are assistant {i}. " + " ".join(rng.choice(words) for _ in range(300)) for i in range(n)]
+
+
+def simulate_routing(spec: RoutingSpec, policy: str = POLICIES[0], route_fn: Route = route) -> RoutingResult:
+    """One run of ``spec`` under ``policy``; ``route_fn``: the decision (the
+    daemon's own unless a test swaps in a broken one)."""
+    if policy not in POLICIES:
+        raise ValueError(f"policy: one of {POLICIES}")
+    if not 1 <= spec.services <= spec.nodes:
+        raise ValueError("services: 1 to nodes (one per node)")
+    rng = random.Random(spec.seed)  # the arrivals: the same for every policy
+    texts = _prompts(spec.prompts, rng)
+    keys = [affinity_key({"prompt": t}, None) for t in texts]
+    assert all(k is not None for k in keys), "a system prompt too short for affinity"
+    assert affinity_key({"prompt": "hello"}, None) is None
+    weights = [1 / (i + 1) ** spec.zipf for i in range(spec.prompts)]
+    names = [f"n{i:03d}" for i in range(spec.nodes)]
+    engines = [_Engine(ServiceRecord(MODEL, names[i], 8000 + i, "llama.cpp", (0,), ServiceState.HEALTHY, 1000 + i, 0))
+               for i in range(spec.services)]
+    # What each node's catalog holds of each service: (version, record).
+    views: list[list[tuple[int, ServiceRecord]]] = [[(0, e.rec) for e in engines] for _ in names]
+    inflight: list[Counter[tuple[str, int]]] = [Counter() for _ in names]
+    rr_next = [i % spec.services for i in range(spec.nodes)]
+    res = RoutingResult(policy)
+    reqs: list[_Request] = []
+    events: list[tuple[float, int, str, int, int]] = []
+    seq = 0
+    delays = random.Random(spec.seed * 7919 + 1)  # gossip delays: the same for every policy
+    pubs: dict[tuple[int, int], ServiceRecord] = {}
+
+    def at(t: float, what: str, a: int = 0, b: int = 0) -> int:
+        nonlocal seq
+        seq += 1
+        heapq.heappush(events, (t, seq, what, a, b))
+        return seq
+
+    def publish(now: float, i: int) -> None:
+        e = engines[i]
+        e.version += 1
+        state = ServiceState.HEALTHY if e.alive else ServiceState.ERROR
+        load = (len(e.running), len(e.waiting)) if e.alive else None
+        e.rec = replace(e.rec, state=state, load=load)
+        pubs[(i, e.version)] = e.rec
+        for n in range(spec.nodes):
+            delay = 0.0 if names[n] == e.rec.node else delays.uniform(0.05, spec.gossip_s)
+            at(now + delay, "deliver", n, i * 1_000_000 + e.version)
+
+    def records(n: int) -> list[ServiceRecord]:
+        return [rec for _v, rec in views[n]]
+
+    def start(now: float, i: int, r: int) -> None:
+        e, q = engines[i], reqs[r]
+        e.running.append(r)
+        prefill = spec.prefill_warm_s * 0.2
+        if q.prompt is not None:
+            res.prefixed += 1
+            if q.prompt in e.cache:
+                res.warm += 1
+                e.cache.move_to_end(q.prompt)
+                prefill = spec.prefill_warm_s
+            else:
+                prefill = spec.prefill_cold_s
+                e.cache[q.prompt] = None
+                while len(e.cache) > spec.cache_prompts:
+                    e.cache.popitem(last=False)
+        res.ttft_s.append(now + prefill - q.arrived)
+        q.done_seq = at(now + prefill + spec.decode_s, "done", i, r)
+
+    def finish(i: int, r: int) -> None:
+        q = reqs[r]
+        inflight[q.node][(engines[i].rec.node, engines[i].rec.port)] -= 1
+
+    def choose(n: int, q: _Request) -> list[int]:
+        recs = records(n)
+        reachable = set(names)
+        if policy == POLICIES[2]:
+            healthy = [k for k, rec in enumerate(recs) if rec.state is ServiceState.HEALTHY]
+            if not healthy:
+                return []
+            k = rr_next[n] % len(healthy)
+            rr_next[n] = k + 1
+            return healthy[k:] + healthy[:k]
+        key = q.key if policy == POLICIES[0] else None
+        order = route_fn(recs, MODEL, names[n], reachable, inflight[n], key)
+        if order and policy == POLICIES[0]:
+            least = min(load_of(s, inflight[n]) for s in order)
+            if order[0].state is not ServiceState.HEALTHY or load_of(order[0], inflight[n]) > least + SLACK:
+                res.violations.append(f"{names[n]} sent a request to {order[0].node}:{order[0].port}, "
+                                      f"{order[0].state.value}, load {load_of(order[0], inflight[n])} "
+                                      f"with the least at {least}")
+        index = {(e.rec.node, e.rec.port): k for k, e in enumerate(engines)}
+        return [index[(s.node, s.port)] for s in order]
+
+    def warm_choice(n: int, key: str) -> ServiceRecord | None:
+        """The prefix's rendezvous choice as node ``n`` sees the services: the
+        route with every load alike (so no service is overloaded)."""
+        flat = [replace(rec, load=None) for rec in records(n)]
+        got = route_fn(flat, MODEL, names[n], set(names), {}, key)
+        return got[0] if got else None
+
+    def check_alike(now: float) -> None:
+        if policy != POLICIES[0]:
+            return
+        for p, key in enumerate(keys):
+            assert key is not None
+            warms = {(w.node, w.port) if w else None for w in (warm_choice(n, key) for n in range(spec.nodes))}
+            picks: set[tuple[str, int] | None] = set()
+            overloaded = False
+            for n in range(spec.nodes):
+                w = warm_choice(n, key)
+                recs = records(n)
+                ok = [s for s in recs if s.state is ServiceState.HEALTHY]
+                if w is None or not ok:
+                    picks.add(None)
+                    continue
+                least = min(load_of(s, inflight[n]) for s in ok)
+                real = next(s for s in ok if (s.node, s.port) == (w.node, w.port))
+                if load_of(real, inflight[n]) > least + SLACK:
+                    overloaded = True
+                    continue
+                got = route_fn(recs, MODEL, names[n], set(names), inflight[n], key)
+                picks.add((got[0].node, got[0].port) if got else None)
+            res.alike_checks += 1
+            res.alike_overloaded += overloaded
+            settled = len({tuple(sorted((s.node, s.port, s.state.value) for s in records(n)))
+                           for n in range(spec.nodes)}) == 1
+            if settled and len(warms) > 1:
+                res.violations.append(f"t={now:.1f}: prompt {p} has rendezvous choices {sorted(map(str, warms))} "
+                                      "on nodes that see the same services")
+            if len(picks) > 1 or (picks and not picks <= warms):
+                res.violations.append(f"t={now:.1f}: prompt {p} routed to {sorted(map(str, picks))} by nodes "
+                                      f"that see it not overloaded (its choice {sorted(map(str, warms))})")
+
+    # The arrivals, drawn up front so every policy sees the same ones.
+    t = 0.0
+    while True:
+        t += rng.expovariate(spec.rate)
+        if t >= spec.duration_s:
+            break
+        node = rng.randrange(spec.nodes)
+        prompt = None if rng.random() < spec.short_share else rng.choices(range(spec.prompts), weights)[0]
+        key = keys[prompt] if prompt is not None else affinity_key({"prompt": "hello"}, None)
+        reqs.append(_Request(node, prompt, key, t))
+        at(t, "arrive", len(reqs) - 1)
+    for i in range(spec.services):
+        at(delays.uniform(0, spec.publish_s), "publish", i)
+    s = 1.0
+    while s < spec.duration_s:
+        at(s, "sample")
+        s += 1.0
+    if spec.kill_at_s is not None:
+        at(spec.kill_at_s, "kill", 0)
+    before_kill: dict[int, tuple[str, int] | None] = {}
+    known_dead_at: float | None = None
+    dead_version = 0
+    while events:
+        now, evseq, what, a, b = heapq.heappop(events)
+        if what == "arrive":
+            q = reqs[a]
+            res.requests += 1
+            order = choose(q.node, q)
+            for tries, i in enumerate(order[:3]):  # the proxy's TRIES: a refused connection goes to the next
+                if engines[i].alive:
+                    if tries:
+                        res.retried += 1
+                    q.engine = i
+                    inflight[q.node][(engines[i].rec.node, engines[i].rec.port)] += 1
+                    e = engines[i]
+                    if len(e.running) < spec.slots:
+                        start(now, i, a)
+                    else:
+                        e.waiting.append(a)
+                    break
+                if known_dead_at is not None and now > known_dead_at:
+                    res.violations.append(f"t={now:.1f}: {names[q.node]} routed to a service dead and published "
+                                          f"dead everywhere since {known_dead_at:.1f}")
+            else:
+                res.failed += 1
+        elif what == "done":
+            e = engines[a]
+            if not e.alive or reqs[b].done_seq != evseq:
+                continue
+            e.running.remove(b)
+            finish(a, b)
+            if e.waiting:
+                start(now, a, e.waiting.popleft())
+        elif what == "publish":
+            publish(now, a)
+            if engines[a].alive and now < spec.duration_s:
+                at(now + spec.publish_s, "publish", a)
+        elif what == "deliver":
+            i, version = divmod(b, 1_000_000)
+            if version > views[a][i][0]:  # the catalog keeps the higher version
+                views[a][i] = (version, pubs[(i, version)])
+            if known_dead_at is None and dead_version and all(v[0][0] >= dead_version for v in views):
+                known_dead_at = now
+        elif what == "sample":
+            loads = [e.inflight for e in engines if e.alive]
+            if loads:
+                res.max_sum += max(loads)
+                res.mean_sum += sum(loads) / len(loads)
+                res.peak = max(res.peak, max(loads))
+            check_alike(now)
+        elif what == "kill":
+            e = engines[a]
+            if policy == POLICIES[0]:
+                before_kill = {p: _pair(warm_choice(0, k)) for p, k in enumerate(keys) if k is not None}
+            for r in [*e.running, *e.waiting]:
+                finish(a, r)
+                res.failed += 1
+            e.running.clear()
+            e.waiting.clear()
+            e.alive = False
+            publish(now, a)  # the process exits: its node hears at once and writes the record
+            dead_version = e.version
+    if policy == POLICIES[0] and before_kill:
+        dead = (engines[0].rec.node, engines[0].rec.port)
+        after = {p: _pair(warm_choice(0, k)) for p, k in enumerate(keys) if k is not None}
+        for p, was in before_kill.items():
+            if after[p] != was:
+                res.moved_prompts += 1
+                if was != dead:
+                    res.violations.append(f"prompt {p} moved from {was} to {after[p]} when {dead} died")
+    for n in range(spec.nodes):
+        if any(v for v in inflight[n].values()):
+            res.violations.append(f"{names[n]}: requests still counted in flight at the end: {dict(inflight[n])}")
+            break
+    return res
+
+
+def _pair(rec: ServiceRecord | None) -> tuple[str, int] | None:
+    return (rec.node, rec.port) if rec is not None else None
+
+
+def routing_table(spec: RoutingSpec) -> tuple[list[list[str]], list[RoutingResult]]:
+    """The same arrivals under each policy: one row per measure, one column per policy."""
+    runs = [simulate_routing(spec, p) for p in POLICIES]
+
+    def ms(xs: list[float], q: float) -> str:
+        return f"{percentile(xs, q) * 1000:.0f}"
+
+    mine = runs[0]
+    rows = [
+        ["max / mean in flight across services", *[f"{r.imbalance:.2f}" for r in runs]],
+        ["most in flight at one service", *[str(r.peak) for r in runs]],
+        ["prefixed requests that found their prefix cached", *[f"{r.warm_share * 100:.1f}%" for r in runs]],
+        ["time to first token p50 / p99, ms", *[f"{ms(r.ttft_s, 50)} / {ms(r.ttft_s, 99)}" for r in runs]],
+        ["requests cut off or with nowhere to go / retried", *[f"{r.failed} / {r.retried}" for r in runs]],
+        ["every node routes alike: prompts x seconds checked", f"{mine.alike_checks}", "", ""],
+        ["  of which some node saw the choice overloaded", f"{mine.alike_overloaded}", "", ""],
+        ["prompts that moved when a service died", f"{mine.moved_prompts}", "", ""],
+    ]
+    return rows, runs
