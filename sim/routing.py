@@ -142,48 +142,61 @@ def simulate_routing(spec: RoutingSpec, policy: str = POLICIES[0], route_fn: Rou
         raise ValueError(f"policy: one of {POLICIES}")
     if not 1 <= spec.services <= spec.nodes:
         raise ValueError("services: 1 to nodes (one per node)")
-    rng = random.Random(spec.seed)  # the arrivals: the same for every policy
-    texts = _prompts(spec.prompts, rng)
-    keys = [affinity_key({"prompt": t}, None) for t in texts]
-    assert all(k is not None for k in keys), "a system prompt too short for affinity"
-    assert affinity_key({"prompt": "hello"}, None) is None
-    weights = [1 / (i + 1) ** spec.zipf for i in range(spec.prompts)]
-    names = [f"n{i:03d}" for i in range(spec.nodes)]
-    engines = [_Engine(ServiceRecord(MODEL, names[i], 8000 + i, "llama.cpp", (0,), ServiceState.HEALTHY, 1000 + i, 0))
-               for i in range(spec.services)]
-    # What each node's catalog holds of each service: (version, record).
-    views: list[list[tuple[int, ServiceRecord]]] = [[(0, e.rec) for e in engines] for _ in names]
-    inflight: list[Counter[tuple[str, int]]] = [Counter() for _ in names]
-    rr_next = [i % spec.services for i in range(spec.nodes)]
-    res = RoutingResult(policy)
-    reqs: list[_Request] = []
-    events: list[tuple[float, int, str, int, int]] = []
-    seq = 0
-    delays = random.Random(spec.seed * 7919 + 1)  # gossip delays: the same for every policy
-    pubs: dict[tuple[int, int], ServiceRecord] = {}
+    return _Run(spec, policy, route_fn).run()
 
-    def at(t: float, what: str, a: int = 0, b: int = 0) -> int:
-        nonlocal seq
-        seq += 1
-        heapq.heappush(events, (t, seq, what, a, b))
-        return seq
 
-    def publish(now: float, i: int) -> None:
-        e = engines[i]
+class _Run:
+    """One simulated run: the engines, each node's view of them, the events."""
+
+    def __init__(self, spec: RoutingSpec, policy: str, route_fn: Route) -> None:
+        self.spec, self.policy, self.route_fn = spec, policy, route_fn
+        self.rng = random.Random(spec.seed)  # the arrivals: the same for every policy
+        texts = _prompts(spec.prompts, self.rng)
+        self.keys = [affinity_key({"prompt": t}, None) for t in texts]
+        assert all(k is not None for k in self.keys), "a system prompt too short for affinity"
+        assert affinity_key({"prompt": "hello"}, None) is None
+        self.weights = [1 / (i + 1) ** spec.zipf for i in range(spec.prompts)]
+        self.names = [f"n{i:03d}" for i in range(spec.nodes)]
+        self.engines = [
+            _Engine(ServiceRecord(MODEL, self.names[i], 8000 + i, "llama.cpp", (0,), ServiceState.HEALTHY, 1000 + i, 0))
+            for i in range(spec.services)
+        ]
+        # What each node's catalog holds of each service: (version, record).
+        self.views: list[list[tuple[int, ServiceRecord]]] = [[(0, e.rec) for e in self.engines] for _ in self.names]
+        self.inflight: list[Counter[tuple[str, int]]] = [Counter() for _ in self.names]
+        self.rr_next = [i % spec.services for i in range(spec.nodes)]
+        self.res = RoutingResult(policy)
+        self.reqs: list[_Request] = []
+        self.events: list[tuple[float, int, str, int, int]] = []
+        self.seq = 0
+        self.delays = random.Random(spec.seed * 7919 + 1)  # gossip delays: the same for every policy
+        self.pubs: dict[tuple[int, int], ServiceRecord] = {}
+        self.before_kill: dict[int, tuple[str, int] | None] = {}
+        self.known_dead_at: float | None = None
+        self.dead_version = 0
+
+    def at(self, t: float, what: str, a: int = 0, b: int = 0) -> int:
+        self.seq += 1
+        heapq.heappush(self.events, (t, self.seq, what, a, b))
+        return self.seq
+
+    def publish(self, now: float, i: int) -> None:
+        e = self.engines[i]
         e.version += 1
         state = ServiceState.HEALTHY if e.alive else ServiceState.ERROR
         load = (len(e.running), len(e.waiting)) if e.alive else None
         e.rec = replace(e.rec, state=state, load=load)
-        pubs[(i, e.version)] = e.rec
-        for n in range(spec.nodes):
-            delay = 0.0 if names[n] == e.rec.node else delays.uniform(0.05, spec.gossip_s)
-            at(now + delay, "deliver", n, i * 1_000_000 + e.version)
+        self.pubs[(i, e.version)] = e.rec
+        for n in range(self.spec.nodes):
+            delay = 0.0 if self.names[n] == e.rec.node else self.delays.uniform(0.05, self.spec.gossip_s)
+            self.at(now + delay, "deliver", n, i * 1_000_000 + e.version)
 
-    def records(n: int) -> list[ServiceRecord]:
-        return [rec for _v, rec in views[n]]
+    def records(self, n: int) -> list[ServiceRecord]:
+        return [rec for _v, rec in self.views[n]]
 
-    def start(now: float, i: int, r: int) -> None:
-        e, q = engines[i], reqs[r]
+    def start(self, now: float, i: int, r: int) -> None:
+        spec, res = self.spec, self.res
+        e, q = self.engines[i], self.reqs[r]
         e.running.append(r)
         prefill = spec.prefill_warm_s * 0.2
         if q.prompt is not None:
@@ -198,51 +211,51 @@ def simulate_routing(spec: RoutingSpec, policy: str = POLICIES[0], route_fn: Rou
                 while len(e.cache) > spec.cache_prompts:
                     e.cache.popitem(last=False)
         res.ttft_s.append(now + prefill - q.arrived)
-        q.done_seq = at(now + prefill + spec.decode_s, "done", i, r)
+        q.done_seq = self.at(now + prefill + spec.decode_s, "done", i, r)
 
-    def finish(i: int, r: int) -> None:
-        q = reqs[r]
-        inflight[q.node][(engines[i].rec.node, engines[i].rec.port)] -= 1
+    def finish(self, i: int, r: int) -> None:
+        q = self.reqs[r]
+        self.inflight[q.node][(self.engines[i].rec.node, self.engines[i].rec.port)] -= 1
 
-    def choose(n: int, q: _Request) -> list[int]:
-        recs = records(n)
-        reachable = set(names)
-        if policy == POLICIES[2]:
+    def choose(self, n: int, q: _Request) -> list[int]:
+        recs, names, inflight = self.records(n), self.names, self.inflight
+        if self.policy == POLICIES[2]:
             healthy = [k for k, rec in enumerate(recs) if rec.state is ServiceState.HEALTHY]
             if not healthy:
                 return []
-            k = rr_next[n] % len(healthy)
-            rr_next[n] = k + 1
+            k = self.rr_next[n] % len(healthy)
+            self.rr_next[n] = k + 1
             return healthy[k:] + healthy[:k]
-        key = q.key if policy == POLICIES[0] else None
-        order = route_fn(recs, MODEL, names[n], reachable, inflight[n], key)
-        if order and policy == POLICIES[0]:
+        key = q.key if self.policy == POLICIES[0] else None
+        order = self.route_fn(recs, MODEL, names[n], set(names), inflight[n], key)
+        if order and self.policy == POLICIES[0]:
             least = min(load_of(s, inflight[n]) for s in order)
             if order[0].state is not ServiceState.HEALTHY or load_of(order[0], inflight[n]) > least + SLACK:
-                res.violations.append(f"{names[n]} sent a request to {order[0].node}:{order[0].port}, "
-                                      f"{order[0].state.value}, load {load_of(order[0], inflight[n])} "
-                                      f"with the least at {least}")
-        index = {(e.rec.node, e.rec.port): k for k, e in enumerate(engines)}
+                self.res.violations.append(f"{names[n]} sent a request to {order[0].node}:{order[0].port}, "
+                                           f"{order[0].state.value}, load {load_of(order[0], inflight[n])} "
+                                           f"with the least at {least}")
+        index = {(e.rec.node, e.rec.port): k for k, e in enumerate(self.engines)}
         return [index[(s.node, s.port)] for s in order]
 
-    def warm_choice(n: int, key: str) -> ServiceRecord | None:
+    def warm_choice(self, n: int, key: str) -> ServiceRecord | None:
         """The prefix's rendezvous choice as node ``n`` sees the services: the
         route with every load alike (so no service is overloaded)."""
-        flat = [replace(rec, load=None) for rec in records(n)]
-        got = route_fn(flat, MODEL, names[n], set(names), {}, key)
+        flat = [replace(rec, load=None) for rec in self.records(n)]
+        got = self.route_fn(flat, MODEL, self.names[n], set(self.names), {}, key)
         return got[0] if got else None
 
-    def check_alike(now: float) -> None:
-        if policy != POLICIES[0]:
+    def check_alike(self, now: float) -> None:
+        if self.policy != POLICIES[0]:
             return
-        for p, key in enumerate(keys):
+        spec, res, names, inflight = self.spec, self.res, self.names, self.inflight
+        for p, key in enumerate(self.keys):
             assert key is not None
-            warms = {(w.node, w.port) if w else None for w in (warm_choice(n, key) for n in range(spec.nodes))}
+            warms = {(w.node, w.port) if w else None for w in (self.warm_choice(n, key) for n in range(spec.nodes))}
             picks: set[tuple[str, int] | None] = set()
             overloaded = False
             for n in range(spec.nodes):
-                w = warm_choice(n, key)
-                recs = records(n)
+                w = self.warm_choice(n, key)
+                recs = self.records(n)
                 ok = [s for s in recs if s.state is ServiceState.HEALTHY]
                 if w is None or not ok:
                     picks.add(None)
@@ -252,11 +265,11 @@ def simulate_routing(spec: RoutingSpec, policy: str = POLICIES[0], route_fn: Rou
                 if load_of(real, inflight[n]) > least + SLACK:
                     overloaded = True
                     continue
-                got = route_fn(recs, MODEL, names[n], set(names), inflight[n], key)
+                got = self.route_fn(recs, MODEL, names[n], set(names), inflight[n], key)
                 picks.add((got[0].node, got[0].port) if got else None)
             res.alike_checks += 1
             res.alike_overloaded += overloaded
-            settled = len({tuple(sorted((s.node, s.port, s.state.value) for s in records(n)))
+            settled = len({tuple(sorted((s.node, s.port, s.state.value) for s in self.records(n)))
                            for n in range(spec.nodes)}) == 1
             if settled and len(warms) > 1:
                 res.violations.append(f"t={now:.1f}: prompt {p} has rendezvous choices {sorted(map(str, warms))} "
@@ -265,101 +278,119 @@ def simulate_routing(spec: RoutingSpec, policy: str = POLICIES[0], route_fn: Rou
                 res.violations.append(f"t={now:.1f}: prompt {p} routed to {sorted(map(str, picks))} by nodes "
                                       f"that see it not overloaded (its choice {sorted(map(str, warms))})")
 
-    # The arrivals, drawn up front so every policy sees the same ones.
-    t = 0.0
-    while True:
-        t += rng.expovariate(spec.rate)
-        if t >= spec.duration_s:
-            break
-        node = rng.randrange(spec.nodes)
-        prompt = None if rng.random() < spec.short_share else rng.choices(range(spec.prompts), weights)[0]
-        key = keys[prompt] if prompt is not None else affinity_key({"prompt": "hello"}, None)
-        reqs.append(_Request(node, prompt, key, t))
-        at(t, "arrive", len(reqs) - 1)
-    for i in range(spec.services):
-        at(delays.uniform(0, spec.publish_s), "publish", i)
-    s = 1.0
-    while s < spec.duration_s:
-        at(s, "sample")
-        s += 1.0
-    if spec.kill_at_s is not None:
-        at(spec.kill_at_s, "kill", 0)
-    before_kill: dict[int, tuple[str, int] | None] = {}
-    known_dead_at: float | None = None
-    dead_version = 0
-    while events:
-        now, evseq, what, a, b = heapq.heappop(events)
-        if what == "arrive":
-            q = reqs[a]
-            res.requests += 1
-            order = choose(q.node, q)
-            for tries, i in enumerate(order[:3]):  # the proxy's TRIES: a refused connection goes to the next
-                if engines[i].alive:
-                    if tries:
-                        res.retried += 1
-                    q.engine = i
-                    inflight[q.node][(engines[i].rec.node, engines[i].rec.port)] += 1
-                    e = engines[i]
-                    if len(e.running) < spec.slots:
-                        start(now, i, a)
-                    else:
-                        e.waiting.append(a)
-                    break
-                if known_dead_at is not None and now > known_dead_at:
-                    res.violations.append(f"t={now:.1f}: {names[q.node]} routed to a service dead and published "
-                                          f"dead everywhere since {known_dead_at:.1f}")
-            else:
-                res.failed += 1
-        elif what == "done":
-            e = engines[a]
-            if not e.alive or reqs[b].done_seq != evseq:
-                continue
-            e.running.remove(b)
-            finish(a, b)
-            if e.waiting:
-                start(now, a, e.waiting.popleft())
-        elif what == "publish":
-            publish(now, a)
-            if engines[a].alive and now < spec.duration_s:
-                at(now + spec.publish_s, "publish", a)
-        elif what == "deliver":
-            i, version = divmod(b, 1_000_000)
-            if version > views[a][i][0]:  # the catalog keeps the higher version
-                views[a][i] = (version, pubs[(i, version)])
-            if known_dead_at is None and dead_version and all(v[0][0] >= dead_version for v in views):
-                known_dead_at = now
-        elif what == "sample":
-            loads = [e.inflight for e in engines if e.alive]
-            if loads:
-                res.max_sum += max(loads)
-                res.mean_sum += sum(loads) / len(loads)
-                res.peak = max(res.peak, max(loads))
-            check_alike(now)
-        elif what == "kill":
-            e = engines[a]
-            if policy == POLICIES[0]:
-                before_kill = {p: _pair(warm_choice(0, k)) for p, k in enumerate(keys) if k is not None}
-            for r in [*e.running, *e.waiting]:
-                finish(a, r)
-                res.failed += 1
-            e.running.clear()
-            e.waiting.clear()
-            e.alive = False
-            publish(now, a)  # the process exits: its node hears at once and writes the record
-            dead_version = e.version
-    if policy == POLICIES[0] and before_kill:
-        dead = (engines[0].rec.node, engines[0].rec.port)
-        after = {p: _pair(warm_choice(0, k)) for p, k in enumerate(keys) if k is not None}
-        for p, was in before_kill.items():
-            if after[p] != was:
-                res.moved_prompts += 1
-                if was != dead:
-                    res.violations.append(f"prompt {p} moved from {was} to {after[p]} when {dead} died")
-    for n in range(spec.nodes):
-        if any(v for v in inflight[n].values()):
-            res.violations.append(f"{names[n]}: requests still counted in flight at the end: {dict(inflight[n])}")
-            break
-    return res
+    def schedule(self) -> None:
+        """The arrivals, drawn up front so every policy sees the same ones; the
+        first publications, the samples and the kill."""
+        spec, rng = self.spec, self.rng
+        t = 0.0
+        while True:
+            t += rng.expovariate(spec.rate)
+            if t >= spec.duration_s:
+                break
+            node = rng.randrange(spec.nodes)
+            prompt = None if rng.random() < spec.short_share else rng.choices(range(spec.prompts), self.weights)[0]
+            key = self.keys[prompt] if prompt is not None else affinity_key({"prompt": "hello"}, None)
+            self.reqs.append(_Request(node, prompt, key, t))
+            self.at(t, "arrive", len(self.reqs) - 1)
+        for i in range(spec.services):
+            self.at(self.delays.uniform(0, spec.publish_s), "publish", i)
+        s = 1.0
+        while s < spec.duration_s:
+            self.at(s, "sample")
+            s += 1.0
+        if spec.kill_at_s is not None:
+            self.at(spec.kill_at_s, "kill", 0)
+
+    def run(self) -> RoutingResult:
+        self.schedule()
+        handlers = {"arrive": self.on_arrive, "done": self.on_done, "publish": self.on_publish,
+                    "deliver": self.on_deliver, "sample": self.on_sample, "kill": self.on_kill}
+        while self.events:
+            now, evseq, what, a, b = heapq.heappop(self.events)
+            handlers[what](now, evseq, a, b)
+        self.judge_the_end()
+        return self.res
+
+    def on_arrive(self, now: float, _seq: int, a: int, _b: int) -> None:
+        q, res = self.reqs[a], self.res
+        res.requests += 1
+        order = self.choose(q.node, q)
+        for tries, i in enumerate(order[:3]):  # the proxy's TRIES: a refused connection goes to the next
+            e = self.engines[i]
+            if e.alive:
+                if tries:
+                    res.retried += 1
+                q.engine = i
+                self.inflight[q.node][(e.rec.node, e.rec.port)] += 1
+                if len(e.running) < self.spec.slots:
+                    self.start(now, i, a)
+                else:
+                    e.waiting.append(a)
+                return
+            if self.known_dead_at is not None and now > self.known_dead_at:
+                res.violations.append(f"t={now:.1f}: {self.names[q.node]} routed to a service dead and published "
+                                      f"dead everywhere since {self.known_dead_at:.1f}")
+        res.failed += 1
+
+    def on_done(self, now: float, evseq: int, a: int, b: int) -> None:
+        e = self.engines[a]
+        if not e.alive or self.reqs[b].done_seq != evseq:
+            return
+        e.running.remove(b)
+        self.finish(a, b)
+        if e.waiting:
+            self.start(now, a, e.waiting.popleft())
+
+    def on_publish(self, now: float, _seq: int, a: int, _b: int) -> None:
+        self.publish(now, a)
+        if self.engines[a].alive and now < self.spec.duration_s:
+            self.at(now + self.spec.publish_s, "publish", a)
+
+    def on_deliver(self, now: float, _seq: int, a: int, b: int) -> None:
+        i, version = divmod(b, 1_000_000)
+        if version > self.views[a][i][0]:  # the catalog keeps the higher version
+            self.views[a][i] = (version, self.pubs[(i, version)])
+        if (self.known_dead_at is None and self.dead_version
+                and all(v[0][0] >= self.dead_version for v in self.views)):
+            self.known_dead_at = now
+
+    def on_sample(self, now: float, _seq: int, _a: int, _b: int) -> None:
+        res = self.res
+        loads = [e.inflight for e in self.engines if e.alive]
+        if loads:
+            res.max_sum += max(loads)
+            res.mean_sum += sum(loads) / len(loads)
+            res.peak = max(res.peak, max(loads))
+        self.check_alike(now)
+
+    def on_kill(self, now: float, _seq: int, a: int, _b: int) -> None:
+        e = self.engines[a]
+        if self.policy == POLICIES[0]:
+            self.before_kill = {p: _pair(self.warm_choice(0, k)) for p, k in enumerate(self.keys) if k is not None}
+        for r in [*e.running, *e.waiting]:
+            self.finish(a, r)
+            self.res.failed += 1
+        e.running.clear()
+        e.waiting.clear()
+        e.alive = False
+        self.publish(now, a)  # the process exits: its node hears at once and writes the record
+        self.dead_version = e.version
+
+    def judge_the_end(self) -> None:
+        res = self.res
+        if self.policy == POLICIES[0] and self.before_kill:
+            dead = (self.engines[0].rec.node, self.engines[0].rec.port)
+            after = {p: _pair(self.warm_choice(0, k)) for p, k in enumerate(self.keys) if k is not None}
+            for p, was in self.before_kill.items():
+                if after[p] != was:
+                    res.moved_prompts += 1
+                    if was != dead:
+                        res.violations.append(f"prompt {p} moved from {was} to {after[p]} when {dead} died")
+        for n in range(self.spec.nodes):
+            if any(v for v in self.inflight[n].values()):
+                res.violations.append(f"{self.names[n]}: requests still counted in flight at the end: "
+                                      f"{dict(self.inflight[n])}")
+                break
 
 
 def _pair(rec: ServiceRecord | None) -> tuple[str, int] | None:
