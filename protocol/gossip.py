@@ -47,6 +47,11 @@ Forged or mistaken news about ourselves is refuted, never obeyed:
   more than ``generation_ahead_max_ms`` ahead of the caller's ``wall_ms`` is
   dropped (a forged 2**63-1 would otherwise outrank every restart forever);
 * catalog deltas are taken only at the generation our member record holds.
+
+Layout: the settings and returned values are in ``gossipconfig.py``, the
+anti-entropy exchange in ``gossipsync.py`` and the leave in ``gossipleave.py``
+(mixins of ``GossipNode``); probing, suspicion, rumours and the rounds are
+here.
 """
 
 from __future__ import annotations
@@ -54,10 +59,13 @@ from __future__ import annotations
 import math
 import random
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .catalog import Catalog
-from .membership import BroadcastQueue, MemberTable, SuspicionConfig
+from .gossipconfig import GossipConfig, Notice, Send, Stats
+from .gossipleave import LEAVE_ROUNDS, LeaveState, Leaving
+from .gossipsync import AntiEntropy
+from .membership import BroadcastQueue, MemberTable
 from .wire import (
     INT_MAX,
     Ack,
@@ -66,7 +74,6 @@ from .wire import (
     MemberRecord,
     MemberState,
     MemberUpdate,
-    NodeDelta,
     NodeDigest,
     Ping,
     PingReq,
@@ -75,111 +82,7 @@ from .wire import (
     SyncDigest,
 )
 
-__all__ = ["GossipConfig", "GossipNode", "Notice", "Send"]
-
-
-@dataclass(frozen=True, slots=True)
-class GossipConfig:
-    cluster: str = "meshnode"
-    gossip_interval_s: float = 0.5
-    fanout: int = 2
-    probe_interval_s: float = 1.0
-    probe_timeout_s: float = 0.5
-    indirect_checks: int = 3
-    suspicion_mult: float = 3.0
-    suspicion_max_mult: float = 6.0
-    retransmit_mult: int = 4
-    piggyback_max: int = 16
-    # One random dead member is re-dialled this often: what finds the other side
-    # when a partition heals (first contact in about redial_interval_s / side size).
-    redial_interval_s: float = 1.0
-    reap_after_s: float = 3600.0
-    tombstone_grace_s: float = 3600.0
-    delta_budget_bytes: int = 256 * 1024
-    relays_max: int = 1024
-    housekeeping_interval_s: float = 5.0
-    health_max: int = 8
-    # Lifeguard's local health, for suspicions: a tick later than its deadline
-    # by more than ``late_after_s`` (our process was starved) raises ``lag``,
-    # up to ``lag_max``, and each probe interval on time lowers it; suspicion
-    # timeouts are stretched by (1 + lag), and the probe out gets back the time
-    # we lost, so a slow host doubts itself before it accuses others.
-    late_after_s: float = 0.25
-    lag_max: int = 4
-    # Member lists in anti-entropy: the records changed lately (at most
-    # ``member_recent_max``), and the whole list with probability
-    # member_recent_max / N, so that churn from false suspicions at scale
-    # costs about the same bytes per exchange at any N, not O(N).  Small
-    # tables always go whole.
-    member_recent_s: float = 10.0
-    member_recent_max: int = 32
-    # Generations are wall-clock ms: one further ahead of ours than this is refused.
-    generation_ahead_max_ms: int = 60_000
-    # An identity conflict moves our generation at most this often.
-    identity_refute_interval_s: float = 5.0
-    # A sync cut by the budget resumes at once: the receiver asks again with
-    # its new digest while each answer brings it something.  Meanwhile the two
-    # open no other sync with each other (it would carry the same keys) for
-    # this long after the last step.
-    pull_hold_s: float = 1.0
-    # Steady gossip carries what changed: a node whose catalog changed opens
-    # its round's syncs with the digest entries of the origins that changed,
-    # each named ``retransmit_mult * ceil(log10(N + 1))`` times (as a rumour
-    # is), at most ``changes_recent_max`` a sync; a node whose members
-    # changed in the last ``changes_recent_s`` syncs with ``fanout`` peers
-    # too; one with nothing new opens ``idle_sync_fanout``.  A full sync
-    # (every digest entry, if the hashes differ) goes to one random peer every
-    # ``full_sync_interval_s``, scaled with N as memberlist's push-pull is
-    # (x ceil(log2(N / 32)) + 1 above 32 members), and to seeds and the dead.
-    changes_recent_s: float = 2.0
-    changes_recent_max: int = 32
-    full_sync_interval_s: float = 10.0
-    # A node with nothing new still opens this many syncs a round (the pull
-    # half of push-pull: a peer answers with what changed at it lately).
-    idle_sync_fanout: int = 1
-
-    def __post_init__(self) -> None:
-        assert self.gossip_interval_s > 0 and self.probe_interval_s > 0
-        assert 0 < self.probe_timeout_s < self.probe_interval_s
-        assert self.fanout >= 1 and self.indirect_checks >= 0
-        assert self.delta_budget_bytes >= 1024
-
-    def suspicion(self) -> SuspicionConfig:
-        return SuspicionConfig(
-            probe_interval_s=self.probe_interval_s,
-            suspicion_mult=self.suspicion_mult,
-            suspicion_max_mult=self.suspicion_max_mult,
-            expected_confirmations=self.indirect_checks,
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class Send:
-    to: str  # peer address
-    envelope: Envelope
-
-
-@dataclass(frozen=True, slots=True)
-class Notice:
-    """Something an operator should hear about (the daemon logs it at WARNING)."""
-
-    kind: str  # "identity_conflict", "future_generation"
-    text: str
-
-
-LEAVE_ROUNDS = 3  # rounds of telling peers we leave, until one acknowledges
-
-
-@dataclass(slots=True)
-class _Leaving:
-    record: MemberRecord  # ours, LEFT
-    tell: int  # peers told per round
-    rounds: int = 0
-    next_at: float = 0.0
-    told: set[str] = field(default_factory=set)
-    pending: dict[int, str] = field(default_factory=dict)  # Ping seq -> the peer it went to
-    acked: str | None = None  # the first peer that acknowledged
-    gave_up: bool = False
+__all__ = ["LEAVE_ROUNDS", "GossipConfig", "GossipNode", "Notice", "Send", "Stats"]
 
 
 @dataclass(slots=True)
@@ -200,24 +103,7 @@ class _Relay:
     expires: float
 
 
-@dataclass(slots=True)
-class Stats:
-    messages_in: int = 0
-    messages_out: int = 0
-    suspicions_raised: int = 0
-    stale_accusations: int = 0
-    deaths_declared: int = 0
-    refutations: int = 0
-    identity_conflicts: int = 0
-    generation_moves: int = 0
-    future_generations_dropped: int = 0
-    syncs_in_agreement: int = 0
-    late_ticks: int = 0  # ticks later than our own deadline by more than ``late_after_s``
-    gossip_rounds: int = 0
-    counters: dict[str, int] = field(default_factory=dict)
-
-
-class GossipNode:
+class GossipNode(AntiEntropy, Leaving):
     def __init__(
         self,
         node_id: str,
@@ -246,7 +132,7 @@ class GossipNode:
         self.broadcasts.push(MemberUpdate(me))
         self.stats = Stats()
         self.left = False
-        self._leaving: _Leaving | None = None
+        self._leaving: LeaveState | None = None
         self._seq = 0
         self._health = 0
         self._probe: _Probe | None = None
@@ -328,13 +214,6 @@ class GossipNode:
             self._changed()
             self._origin_changed(self.id, now)
         return done
-
-    def _origin_changed(self, node_id: str, now: float) -> None:
-        oc = self._origins_changed
-        oc.pop(node_id, None)
-        oc[node_id] = 0
-        if len(oc) > 4 * self.config.changes_recent_max:
-            del oc[next(iter(oc))]
 
     # -- membership changes ------------------------------------------------------
 
@@ -621,51 +500,6 @@ class GossipNode:
             rng.shuffle(self._probe_order)
         return None
 
-    def sync_with(self, node_id: str) -> list[Send]:
-        """Open anti-entropy with ``node_id`` now (a reader waiting for its write)."""
-        out: list[Send] = []
-        if not self.left and node_id != self.id and self.members.get(node_id) is not None:
-            self._send(out, self._addr(node_id), self._sync_open())
-        return out
-
-    def _sync_open(self) -> Sync:
-        return Sync(self.catalog.digest_hash(), self.members.members_hash())
-
-    def _recent(self, now: float, skip: dict[str, NodeDigest] | None = None) -> dict[str, NodeDigest]:
-        """Our digest entries of the origins that changed here lately, newest
-        first, at most ``changes_recent_max``, leaving out those in ``skip``;
-        each is named a rumour's number of times, then no more."""
-        cfg = self.config
-        digest = self.catalog.digest()
-        changed = self._origins_changed
-        limit = cfg.retransmit_mult * max(1, math.ceil(math.log10(self.members.count_live() + 1)))
-        recent: dict[str, NodeDigest] = {}
-        done = []
-        for nid in reversed(changed):
-            if len(recent) >= cfg.changes_recent_max:
-                break
-            d = digest.get(nid)
-            if d is None:
-                done.append(nid)
-            elif skip is None or nid not in skip:
-                recent[nid] = d
-                changed[nid] += 1
-                if changed[nid] >= limit:
-                    done.append(nid)
-        for nid in done:
-            del changed[nid]
-        return recent
-
-    def _sync_recent(self, now: float) -> Sync:
-        """A sync that carries only the digest entries of what changed lately."""
-        return Sync(self.catalog.digest_hash(), self.members.members_hash(), self._recent(now))
-
-    def full_sync_interval(self) -> float:
-        """memberlist's push-pull scale: the interval, times ceil(log2(N / 32)) + 1 above 32 members."""
-        n = self.members.count_live()
-        scale = 1 if n <= 32 else math.ceil(math.log2(n / 32)) + 1
-        return self.config.full_sync_interval_s * scale
-
     def _tick_gossip(self, now: float, rng: random.Random, out: list[Send]) -> None:
         cfg = self.config
         live = self.members.live
@@ -753,228 +587,12 @@ class GossipNode:
         elif isinstance(b, Gossip):
             self._merge_updates(b.updates, now)
         elif isinstance(b, Sync):
-            members_differ = b.members_hash != self.members.members_hash()
-            if b.digest_hash == self.catalog.digest_hash() and not members_differ:
-                self.stats.syncs_in_agreement += 1
-            elif self._pulling(env.sender, now):
-                pass  # a resumed sync with it is under way: it would carry the same keys
-            elif b.recent is not None:
-                self._sync_what_changed(b, b.recent, members_differ, to, now, rng, out)
-            else:
-                self._send(
-                    out,
-                    to,
-                    SyncDigest(
-                        # Only member lists differ: no O(N) catalog digest.
-                        None if b.digest_hash == self.catalog.digest_hash() else dict(self.catalog.digest()),
-                        self._member_list(now, rng) if members_differ else None,
-                    ),
-                )
+            self._on_sync(env, b, now, rng, out)
         elif isinstance(b, SyncDigest):
-            self._check_digest_of_me(b.digest, now)
-            theirs_sent = b.members is not None
-            if b.members is not None:
-                self._merge_records(b.members, now)
-            mine = self.catalog.digest()
-            # Often only the member lists differ: equal digests need no delta.
-            same = b.digest is None or b.digest == mine
-            deltas = () if b.digest is None or same else self.catalog.delta_for(b.digest, self.config.delta_budget_bytes, rng)
-            self._send(
-                out,
-                to,
-                SyncDelta(
-                    deltas,
-                    None if same else dict(mine),
-                    self._member_list(now, rng) if theirs_sent else None,
-                ),
-            )
+            self._on_sync_digest(b, to, now, rng, out)
         elif isinstance(b, SyncDelta):
-            self._check_digest_of_me(b.digest, now)
-            if b.members is not None:
-                self._merge_records(b.members, now)
-            moved = self._apply_deltas(b, now)
-            if b.digest is not None:
-                deltas, more = self.catalog.delta_and_more(b.digest, self.config.delta_budget_bytes, rng)
-                # Resume: it holds more than it sent and this step brought something,
-                # so ask again with our new digest (each step is one budget; a lost
-                # one ends the chain, and the next round's sync starts from the digest).
-                again = moved and self.catalog.behind(b.digest)
-                if again:
-                    self._pulls[env.sender] = now
-                if deltas or again:
-                    self._send(out, to, SyncDelta(deltas, dict(self.catalog.digest()) if again or more else None))
+            self._on_sync_delta(env, b, now, rng, out)
         if self._stale_heard and not isinstance(b, Ping):  # an ack carries it already
             self._send(out, to, Gossip((MemberUpdate(self.members.self_record),)))
         self._due = self.next_deadline()
         return out
-
-    def _sync_what_changed(self, b: Sync, recent: dict[str, NodeDigest], members_differ: bool, to: str,
-                           now: float, rng: random.Random, out: list[Send]) -> None:
-        """A sync that names only some origins (what changed at its sender; in an
-        answer, what its sender lacks or offers): send the keys of those we hold
-        newer, and answer with our entries for those it holds newer (to ask for
-        them) and, to an opening, with what changed here lately (an offer).  An
-        answer gets at most an answer that asks, which gets only keys: at most
-        four messages."""
-        if members_differ and not b.answer:  # member lists as a full sync has them, without the catalog digest
-            self._send(out, to, SyncDigest(None, self._member_list(now, rng)))
-        if b.digest_hash == self.catalog.digest_hash():
-            return
-        self._check_digest_of_me(recent, now)
-        digest = self.catalog.digest()
-        theirs_newer: dict[str, NodeDigest] = {}
-        mine_newer: dict[str, NodeDigest] = {}
-        for nid, d in recent.items():
-            if nid == self.id and d.generation <= self.generation:
-                if d != digest[nid]:
-                    mine_newer[nid] = d
-                continue
-            m = digest.get(nid)
-            if m is None or (d.generation, d.max_version) > (m.generation, m.max_version):
-                theirs_newer[nid] = m if m is not None else NodeDigest(0, 0, 0)
-            elif m != d:
-                mine_newer[nid] = d
-        deltas: tuple[NodeDelta, ...] = ()
-        if mine_newer:
-            deltas, more = self.catalog.delta_and_more(mine_newer, self.config.delta_budget_bytes, rng, only=True)
-            if deltas:
-                # Cut to the budget: our whole digest, so that it resumes (``SyncDelta``).
-                self._send(out, to, SyncDelta(deltas, dict(digest) if more else None))
-        if not b.answer:
-            theirs_newer.update(self._recent(now, skip=recent))
-        if theirs_newer:
-            self._send(out, to, Sync(self.catalog.digest_hash(), self.members.members_hash(), theirs_newer, True))
-        elif not deltas and not b.answer:
-            # The catalogs differ in nothing either of us changed lately (a
-            # rumour lost, a node back from a partition): the whole digest, as
-            # a full sync would, so that no difference waits for one.
-            self._send(out, to, SyncDigest(dict(digest), None))
-
-    def _member_list(self, now: float, rng: random.Random) -> tuple[MemberRecord, ...]:
-        cfg = self.config
-        n = len(self.members.members)
-        if n <= cfg.member_recent_max or rng.random() * n < cfg.member_recent_max:
-            return self.members.records()
-        return self.members.recent_records(now, cfg.member_recent_s, cfg.member_recent_max)
-
-    def _merge_records(self, records: tuple[MemberRecord, ...], now: float) -> None:
-        # Full member lists are O(N) and mostly what we already hold: skip a record
-        # equal to ours, or lower in the lattice, before building an update for it
-        # (the same outcome ``MemberTable.merge`` would reach, without its cost).
-        get = self.members.members.get
-        me = self.id
-        for r in records:
-            m = get(r.node_id)
-            if m is not None and r.node_id != me:
-                cur = m.record
-                if cur is r:
-                    continue
-                if r.generation != cur.generation:
-                    if r.generation < cur.generation:
-                        continue
-                elif r.incarnation != cur.incarnation:
-                    if r.incarnation < cur.incarnation:
-                        continue
-                elif r.state < cur.state or (r.state == cur.state and r.address <= cur.address):
-                    continue
-            self._merge_update(MemberUpdate(r), now)
-
-    def _pulling(self, node_id: str, now: float) -> bool:
-        t = self._pulls.get(node_id)
-        return t is not None and now - t < self.config.pull_hold_s
-
-    def _apply_deltas(self, b: SyncDelta, now: float) -> bool:
-        moved = False
-        for d in b.deltas:
-            m = self.members.get(d.node_id)
-            if m is None:
-                # An origin we hold no member record for (a restarted node knows the dead
-                # only from its restored catalog): catch up on what we already hold, at
-                # that generation, but never adopt an origin we do not hold.
-                st = self.catalog.nodes.get(d.node_id)
-                if st is None or d.generation != st.generation:
-                    continue
-            elif d.generation != m.record.generation:
-                # Only at the generation its member record holds: an older one is
-                # stale, and a newer one waits for the record (which the bound on
-                # generations checks), so a forged delta cannot install a
-                # generation that outranks the real node's keys.
-                continue
-            if self.catalog.apply_delta(d, now):
-                self._changed()
-                self._origin_changed(d.node_id, now)
-                moved = True
-        return moved
-
-    # -- leaving ---------------------------------------------------------------------
-
-    def leave(self, now: float, rng: random.Random, tell: int = 4) -> list[Send]:
-        """Mark ourselves LEFT and tell up to ``tell`` live peers.
-
-        The news travels in Pings, so a peer that takes it answers with an
-        Ack: until one does, ``leave_tick`` tells ``tell`` other peers every
-        probe timeout, at most ``LEAVE_ROUNDS`` rounds (a lost message, or a
-        partition around us, would otherwise leave the whole mesh to declare
-        us dead).  The caller keeps us reachable until ``leave_settled``."""
-        out: list[Send] = []
-        if self.left:
-            return out
-        me = self.members.self_record
-        rec = MemberRecord(self.id, self.address, me.generation, me.incarnation, MemberState.LEFT)
-        self.members.set_self(rec, now)
-        self._changed()
-        self.left = True
-        self._leaving = _Leaving(rec, tell)
-        self._leave_round(now, rng, out)
-        return out
-
-    def _leave_round(self, now: float, rng: random.Random, out: list[Send]) -> None:
-        lv = self._leaving
-        assert lv is not None
-        lv.rounds += 1
-        lv.next_at = now + self.config.probe_timeout_s
-        # Nobody live (a partition around us, or we declared them dead wrongly):
-        # the dead we remember, who may hear us yet.
-        pool = self.members.live if len(self.members.live) else self.members.gone
-        shuffled = pool.sample(rng, len(pool))
-        # Peers not told yet first; in a small mesh, the same ones again.
-        order = [n for n in shuffled if n not in lv.told] + [n for n in shuffled if n in lv.told]
-        for nid in order[: lv.tell]:
-            seq = self._next_seq()
-            lv.told.add(nid)
-            lv.pending[seq] = nid
-            self._send(out, self._addr(nid), Ping(seq, nid, (MemberUpdate(lv.record),)))
-
-    def leave_tick(self, now: float, rng: random.Random) -> list[Send]:
-        """While leaving: tell more peers if none has acknowledged yet."""
-        out: list[Send] = []
-        lv = self._leaving
-        if lv is None or self.leave_settled or now < lv.next_at:
-            return out
-        if lv.rounds < LEAVE_ROUNDS:
-            self._leave_round(now, rng, out)
-        else:
-            lv.next_at = math.inf  # given up: the peers that heard spread it, or we are dead to them
-            lv.gave_up = True
-        return out
-
-    @property
-    def leave_settled(self) -> bool:
-        """Left, and a peer acknowledged it (or every round was tried)."""
-        lv = self._leaving
-        return lv is not None and (lv.acked is not None or lv.gave_up)
-
-    @property
-    def leaving_ack(self) -> str | None:
-        """The peer that acknowledged our leave, if one did."""
-        return None if self._leaving is None else self._leaving.acked
-
-    def leave_deadline(self) -> float:
-        lv = self._leaving
-        return math.inf if lv is None or self.leave_settled else lv.next_at
-
-    def _leave_acked(self, env: Envelope) -> None:
-        lv = self._leaving
-        b = env.body
-        if lv is not None and isinstance(b, Ack) and lv.pending.get(b.seq) == b.target:
-            lv.acked = b.target

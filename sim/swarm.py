@@ -37,8 +37,6 @@ from __future__ import annotations
 import heapq
 import random
 import time
-from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgpack
@@ -55,7 +53,9 @@ from protocol.transfer.swarm import (
     refresh,
 )
 
-__all__ = ["SwarmResult", "SwarmSpec", "Target", "run_swarm", "simulate", "swarm_table", "swarm_targets"]
+from .swarmflows import _FLOW, _Flow, _Links, _Node
+
+__all__ = ["SwarmResult", "SwarmSpec", "run_swarm", "simulate"]
 
 SEED = "seed"
 SOURCE_REFRESH_S = 0.5  # as the daemon's puller
@@ -70,22 +70,6 @@ XFER_RECORD_BYTES = len(msgpack.packb(XferRecord(
     model="org/some-model", kind="disk", status=TransferStatus.RUNNING, manifest_hash=KEY, bytes_done=1 << 27,
     bytes_total=1 << 28, rate_bps=12_000_000, sources=tuple(f"r{i:04d}" for i in range(8)),
     started_ms=1_760_000_000_000, chunks_total=256, chunks_fetched=128, source="seed:disk").to_value())) + 40
-_EPS = 1e-9
-_INF = float("inf")
-
-
-def _waterfill(capacity: float, fixed: float, caps: list[float]) -> float:
-    """The level L that shares ``capacity - fixed`` among flows each wanting
-    at most its cap: sum(min(cap, L)) = what is left (inf: every cap fits)."""
-    left = max(0.0, capacity - fixed)
-    caps.sort()
-    n = len(caps)
-    for i, most in enumerate(caps):
-        share = left / (n - i)
-        if most >= share:
-            return share
-        left -= most
-    return _INF
 
 
 @dataclass(frozen=True)
@@ -141,86 +125,11 @@ class SwarmResult:
         return self.chunks * self.chunk_bytes
 
 
-class _Node:
-    __slots__ = (
-        "active",
-        "count",
-        "dead",
-        "delivered",
-        "done_at",
-        "down_bps",
-        "have",
-        "idx",
-        "late",
-        "name",
-        "plan",
-        "pulling",
-        "queue",
-        "rack",
-        "rng",
-        "seed",
-        "seeds",
-        "start_s",
-        "streaming",
-        "up_bps",
-        "watching",
-    )
-
-    def __init__(self, idx: int, name: str, rack: int | None, bps: float, n: int, whole: bool) -> None:
-        self.idx = idx
-        self.name = name
-        self.rack = rack
-        self.up_bps = self.down_bps = bps
-        self.have = bytearray(b"\x01" * n if whole else n)
-        self.count = n if whole else 0
-        self.plan: ChunkPlan | None = None
-        self.rng = random.Random(0)
-        self.pulling: tuple[str, ...] = (name,)
-        self.delivered: dict[str, int] = {}
-        self.watching: dict[str, bytes | None] = {}  # partial holders this one follows -> their allowed mask
-        self.seeds: frozenset[str] = frozenset()
-        self.start_s = 0.0
-        self.done_at: float | None = 0.0 if whole else None
-        self.dead = False
-        self.late = False
-        self.active = 0  # uploads in its slots
-        self.seed = whole
-        self.streaming: dict[int, _Flow] = {}  # cut-through: chunk -> the flow bringing it, passed on as it arrives
-        self.queue: deque[_Flow] = deque()  # requests waiting for a slot, first come first served
+_REFRESH, _DIE, _JOIN, _FORGET, _SEEN, _SEEN_DONE = range(1, 7)  # event kinds after _FLOW (0, swarmflows)
 
 
-    def __hash__(self) -> int:
-        return self.idx
-
-class _Flow:
-    __slots__ = ("alive", "chunk", "delivered", "downs", "dst", "key", "left", "links", "on", "rate", "src", "t", "up",
-                 "ver")
-
-    def __init__(self, key: int, src: _Node, dst: _Node, chunk: int, size: float, links: tuple[int, ...]) -> None:
-        self.key = key  # hashed by it: sets of flows iterate alike in every run (one seed, one result)
-        self.src = src
-        self.dst = dst
-        self.chunk = chunk
-        self.left = size
-        self.links = links
-        self.rate = 0.0
-        self.t = 0.0
-        self.ver = 0
-        self.alive = True  # requested, not yet delivered nor cancelled
-        self.on = False  # in one of its source's upload slots, moving bytes
-        self.delivered = False
-        self.up: _Flow | None = None  # cut-through: the flow still bringing this chunk to src
-        self.downs: list[_Flow] = []  # cut-through: the flows passing this chunk on as it arrives
-
-    def __hash__(self) -> int:
-        return self.key
-
-
-_FLOW, _REFRESH, _DIE, _JOIN, _FORGET, _SEEN, _SEEN_DONE = range(7)
-
-
-class _Swarm:
-    """The event loop: flows on links, receivers running the daemon's policy."""
+class _Swarm(_Links):
+    """The event loop: flows on links (``_Links``), receivers running the daemon's policy."""
 
     sweep_at = 4096  # the heap's size (at least) at which the outdated flow ends are swept out
 
@@ -306,177 +215,6 @@ class _Swarm:
 
     def _changed(self) -> None:
         self._view = None
-
-    # -- flows -------------------------------------------------------------------------------------
-
-    def _path(self, src: _Node, dst: _Node) -> tuple[int, ...]:
-        links = [2 * src.idx]
-        if src.rack != dst.rack:
-            if src.rack is not None:
-                links.append(self.rack_base + 2 * src.rack)
-            if dst.rack is not None:
-                links.append(self.rack_base + 2 * dst.rack + 1)
-        links.append(2 * dst.idx + 1)
-        return tuple(links)
-
-    def _settle(self, f: _Flow) -> None:
-        dt = self.now - f.t
-        if dt > 0 and f.rate > 0:
-            moved = min(f.rate * dt, f.left)
-            f.left -= moved
-            self.sent[f.src.idx] += moved
-            for link in f.links:
-                if link >= self.rack_base:
-                    self.link_bytes[link] += moved
-        f.t = self.now
-
-    def _set_rate(self, f: _Flow, rate: float) -> None:
-        if abs(rate - f.rate) <= 1e-9 * f.rate:  # the same share, but for rounding: keep its event
-            return
-        moved = abs(rate - f.rate) > 1e-6 * self.size
-        self._settle(f)
-        for x in f.links:
-            self.load[x] += rate - f.rate
-        f.rate = rate
-        f.ver += 1
-        if rate > 0:
-            self.seq += 1
-            heapq.heappush(self.heap, (self.now + f.left / rate, self.seq, _FLOW, f, f.ver))
-        if moved:
-            for g in f.downs:
-                if g.on:
-                    self.dirty[g.links] = None
-
-    def _reflow(self, links: tuple[int, ...]) -> None:
-        """Share ``links`` again before time moves on (``_flush``)."""
-        self.dirty[links] = None
-
-    def _flush(self) -> None:
-        """Share every link an event touched (and, in turn, the links of the
-        flows passing on a chunk whose arrival rate changed)."""
-        for _ in range(10_000):  # a chain of passed-on chunks settles in a few rounds
-            if not self.dirty:
-                return
-            links = next(iter(self.dirty))
-            del self.dirty[links]
-            self._share(links)
-        self.dirty.clear()
-
-    def _share(self, links: tuple[int, ...]) -> None:
-        """Share ``links`` again, max-min fair (as TCP flows roughly do): the
-        flows on them are filled up together until each meets a full link,
-        given what the other flows on their paths take (those keep their
-        rates until an event on one of their own links).  A flow passing on
-        a chunk as it arrives goes no faster than the chunk arrives."""
-        lflows, cap, load = self.lflows, self.cap, self.load
-        center = [x for x in links if lflows[x]]
-        if not center:
-            return
-        if len(center) <= 2:  # the usual shape: one uplink and one downlink; solved in closed form
-            cap, load = self.cap, self.load
-            a = center[0]
-            b = center[1] if len(center) == 2 else -1
-            on_a: dict[int, _Flow] = lflows[a]
-            on_b: dict[int, _Flow] = lflows[b] if b >= 0 else {}
-            own: dict[int, float] = {}  # flow key -> what its other links (and its source) leave it
-            seen: set[int] = set()
-            for on in (on_a, on_b):
-                for k, f in on.items():
-                    if k in own:
-                        continue
-                    up = f.up
-                    most = up.rate if up is not None else _INF
-                    for x in f.links:
-                        if x == a or x == b:
-                            continue
-                        if x in seen:  # two of them share another link (a rack uplink): the general case
-                            self._share_general(center)
-                            return
-                        seen.add(x)
-                        left = cap[x] - load[x] + f.rate
-                        if left < most:
-                            most = left
-                    own[k] = most if most >= 0.0 else 0.0
-            set_rate = self._set_rate
-            if b < 0:
-                level = _waterfill(cap[a], 0.0, list(own.values()))
-                for k, f in on_a.items():
-                    r = own[k]
-                    if level < r:
-                        r = level
-                    if abs(r - f.rate) > 1e-9 * f.rate:
-                        set_rate(f, r)
-                return
-            both = [k for k in on_a if k in on_b]
-            if both:  # held by the tighter link; the other shares out what they leave
-                level_a = _waterfill(cap[a], 0.0, [own[k] for k in on_a])
-                level_b = _waterfill(cap[b], 0.0, [own[k] for k in on_b])
-                for k in both:
-                    own[k] = min(own[k], level_a, level_b)
-                fixed = sum(own[k] for k in both)
-                level_a = _waterfill(cap[a], fixed, [own[k] for k in on_a if k not in on_b])
-                level_b = _waterfill(cap[b], fixed, [own[k] for k in on_b if k not in on_a])
-                for k in both:
-                    set_rate(on_a[k], own[k])
-            else:
-                level_a = _waterfill(cap[a], 0.0, list(own.values())[:len(on_a)])
-                level_b = _waterfill(cap[b], 0.0, list(own.values())[len(on_a):])
-            for k, f in on_a.items():
-                if k not in on_b:
-                    r = own[k]
-                    if level_a < r:
-                        r = level_a
-                    if abs(r - f.rate) > 1e-9 * f.rate:
-                        set_rate(f, r)
-            for k, f in on_b.items():
-                if k not in on_a:
-                    r = own[k]
-                    if level_b < r:
-                        r = level_b
-                    if abs(r - f.rate) > 1e-9 * f.rate:
-                        set_rate(f, r)
-            return
-        self._share_general(center)
-
-    def _share_general(self, links: list[int]) -> None:
-        """``_share`` by progressive filling (any shape)."""
-        region: dict[_Flow, None] = {}
-        for link in links:
-            region.update(dict.fromkeys(self.lflows[link].values()))
-        mine: dict[int, float] = {}  # region link -> the region's flows' rates on it
-        count: dict[int, int] = {}
-        for f in region:
-            for x in f.links:
-                mine[x] = mine.get(x, 0.0) + f.rate
-                count[x] = count.get(x, 0) + 1
-        cap, load = self.cap, self.load
-        residual = {x: max(0.0, cap[x] - (load[x] - mine[x])) for x in mine}
-        rates = dict.fromkeys(region, 0.0)
-        unfrozen = set(region)
-        capped = {f: f.up.rate for f in region if f.up is not None}
-        while unfrozen:
-            delta = min(residual[x] / c for x, c in count.items() if c)
-            for f, most in capped.items():
-                if f in unfrozen:
-                    delta = min(delta, most - rates[f])
-            delta = max(delta, 0.0)
-            full = set()
-            for x, c in count.items():
-                if c:
-                    residual[x] -= delta * c
-                    if residual[x] <= 1e-9 * cap[x]:
-                        full.add(x)
-            done = []
-            for f in unfrozen:
-                rates[f] += delta
-                if not full.isdisjoint(f.links) or (f in capped and rates[f] >= capped[f] * (1 - 1e-9)):
-                    done.append(f)
-            for f in done:
-                unfrozen.discard(f)
-                for x in f.links:
-                    count[x] -= 1
-        for f, rate in rates.items():
-            self._set_rate(f, rate)
 
     def _open(self, dst: _Node, src: _Node, chunk: int) -> bool:
         """Request ``chunk`` of ``src`` for ``dst``; False when ``src`` refuses it at once."""
@@ -771,92 +509,3 @@ def run_swarm(
     seed; ``star``: the receivers see only the seed."""
     return simulate(SwarmSpec(receivers, chunks, chunk_bytes, link_bps, star=star, seed=seed,
                               time_limit_s=time_limit_s))
-
-
-def swarm_table(sizes: list[int], chunks: int = 256, seed: int = 1,
-                progress: Callable[[SwarmResult], None] | None = None) -> list[list[str]]:
-    """For each swarm size: the last receiver's time against S/B, the star's
-    (simulated) time, and how much the seed and everyone uploaded."""
-    rows = [["receivers", "swarm last / (S/B)", "star last / (S/B)", "star / swarm", "seed sent / S",
-             "all sent / (N x S)", "endgame dups", "wall s"]]
-    for n in sizes:
-        sw = run_swarm(n, chunks=chunks, seed=seed)
-        st = run_swarm(n, chunks=chunks, seed=seed, star=True)
-        if progress is not None:
-            progress(sw)
-        rows.append([
-            str(n),
-            f"{sw.last_s / sw.s_over_b:.2f}",
-            f"{st.last_s / st.s_over_b:.2f}",
-            f"{st.last_s / sw.last_s:.1f}x",
-            f"{sw.seed_sent / sw.size:.2f}",
-            f"{sw.bytes_sent / (n * sw.size):.3f}",
-            str(sw.duplicates),
-            f"{sw.wall_s + st.wall_s:.1f}",
-        ])
-    return rows
-
-
-@dataclass(frozen=True)
-class Target:
-    what: str
-    measured: float
-    limit: float
-    unit: str = "x"
-
-    @property
-    def met(self) -> bool:
-        return self.measured <= self.limit
-
-    def row(self) -> list[str]:
-        if self.unit == "%":
-            m, lim = f"{100 * self.measured:.2f}%", f"{100 * self.limit:g}%"
-        elif self.unit == "s":
-            m, lim = f"{self.measured:.0f} s", f"{self.limit:g} s"
-        else:
-            m, lim = f"{self.measured:.3f}{self.unit}", f"{self.limit:g}{self.unit}"
-        return [self.what, m, f"<= {lim}", "MET" if self.met else "MISSED"]
-
-
-def _worst(r: SwarmResult) -> float:
-    return max(r.bound_ratio.values())
-
-
-def swarm_targets(*, seed: int = 1, big: int = 1000,
-                  progress: Callable[[str, SwarmResult], None] | None = None) -> list[Target]:
-    """Issue 26's targets in the simulator: one seed, equal links, 256
-    chunks at 100 and ``big`` receivers; 10% slow receivers; 10% dying and
-    10% joining late; two seeds; four racks of 25 behind one shared uplink
-    each; the control plane against the data at 100."""
-    def run(name: str, spec: SwarmSpec) -> SwarmResult:
-        r = simulate(spec)
-        if progress is not None:
-            progress(name, r)
-        return r
-
-    out = []
-    r100 = run("100 receivers", SwarmSpec(100, seed=seed))
-    out += [
-        Target("slowest / (S/B), 100 receivers", r100.last_s / r100.s_over_b, 1.10),
-        Target("seed sent / S, 100 receivers", r100.seed_sent / r100.size, 1.10),
-        Target("all bytes sent / (N x S), 100 receivers", r100.bytes_sent / (100 * r100.size), 1.02),
-        Target("control plane / data bytes, 100 receivers", sum(r100.control.values()) / r100.bytes_sent, 0.01,
-               "%"),
-    ]
-    rbig = run(f"{big} receivers", SwarmSpec(big, seed=seed))
-    out += [
-        Target(f"slowest / (S/B), {big:,} receivers", rbig.last_s / rbig.s_over_b, 1.25),
-        Target(f"seed sent / S, {big:,} receivers", rbig.seed_sent / rbig.size, 1.10),
-        Target(f"all bytes sent / (N x S), {big:,} receivers", rbig.bytes_sent / (big * rbig.size), 1.02),
-        Target(f"wall time of the {big:,}-receiver run", rbig.wall_s, 180.0, "s"),
-    ]
-    slow = run("10% slow", SwarmSpec(100, seed=seed, slow=0.1))
-    out.append(Target("10% on a quarter of the link: slowest / its own bound", _worst(slow), 1.15))
-    churn = run("10% die, 10% late", SwarmSpec(100, seed=seed, die=0.1, late=0.1))
-    out.append(Target("10% die, 10% join late: slowest healthy / its own bound", _worst(churn), 1.15))
-    two = run("two seeds", SwarmSpec(100, seed=seed, seeds=2))
-    out.append(Target("two seeds: slowest / its own bound", _worst(two), 1.15))
-    racks = run("4 racks", SwarmSpec(100, seed=seed, racks=4))
-    out.append(Target("4 racks of 25: the most a rack pulled across its uplink / S",
-                      max(racks.rack_in) / racks.size, 1.10))
-    return out

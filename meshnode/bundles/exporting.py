@@ -89,7 +89,11 @@ class _Export:
 
 
 class _LocalSource:
-    """A copy in this node's store: each chunk read, checked and hashed in a worker thread."""
+    """A copy in this node's store: a file's chunks read in runs of up to
+    ``PIECE_MAX`` bytes (one read and one worker thread's call per run), each
+    chunk checked and the run hashed in that thread."""
+
+    batch_bytes = PIECE_MAX
 
     def __init__(self, store: Store, copy: Copy) -> None:
         self.store = store
@@ -99,19 +103,27 @@ class _LocalSource:
     def start(self, nursery: trio.Nursery) -> None:
         self.store.touch(self.copy.model, self.copy.kind)  # read: used
 
-    async def chunk(self, index: int, hasher: Any) -> bytes:
-        ref = self.manifest.chunk(index)
-        path = self.copy.path / ref.path
+    async def chunks(self, indices: range, hasher: Any) -> bytes:
+        """Chunks ``indices`` (consecutive, of one file), checked against the manifest and
+        fed to ``hasher``: their bytes."""
+        refs = [self.manifest.chunk(i) for i in indices]
+        path = self.copy.path / refs[0].path
+        start = refs[0].offset
+        length = sum(ref.length for ref in refs)
 
         def read() -> bytes:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
-                data = os.pread(fd, ref.length, ref.offset)
+                data = os.pread(fd, length, start)
             finally:
                 os.close(fd)
-            if len(data) != ref.length or chunk_digest(data) != ref.digest:
-                raise MeshError("SOURCE_CORRUPT", f"chunk {index} of the copy of {self.copy.model} on "
-                                                  f"{self.copy.kind} does not match its manifest")
+            view = memoryview(data)
+            for ref in refs:
+                at = ref.offset - start
+                piece = view[at:at + ref.length]
+                if len(piece) != ref.length or chunk_digest(piece) != ref.digest:
+                    raise MeshError("SOURCE_CORRUPT", f"chunk {ref.index} of the copy of {self.copy.model} on "
+                                                      f"{self.copy.kind} does not match its manifest")
             hasher.update(data)
             return data
 
@@ -166,7 +178,11 @@ class _MeshSource:
                                                           f"{'; '.join(errors)[:300]}")
         self._event(index).set()
 
-    async def chunk(self, index: int, hasher: Any) -> bytes:
+    batch_bytes = 0  # one chunk at a time, as each arrives
+
+    async def chunks(self, indices: range, hasher: Any) -> bytes:
+        assert len(indices) == 1
+        index = indices[0]
         await self._event(index).wait()
         got = self._results.pop(index)
         del self._ready[index]
@@ -330,9 +346,27 @@ class Exports:
             for f in manifest.files:
                 await put(file_header(m.name, manifest.hash, f.path, f.size, mtime_s))
                 hasher = hashlib.sha256()
-                for index in manifest.file_chunks(f.path):
-                    await put(await src.chunk(index, hasher))
+                for run in _runs(manifest, manifest.file_chunks(f.path), src.batch_bytes):
+                    await put(await src.chunks(run, hasher))
                 await put(padding(f.size))
                 sums[f.path] = hasher.hexdigest()
             nursery.cancel_scope.cancel()
         await put(sums_entry(m.name, manifest, sums, mtime_s))
+
+
+def _runs(manifest: Manifest, indices: range, limit_bytes: int) -> list[range]:
+    """``indices`` cut into runs of consecutive chunks of at most ``limit_bytes``
+    together (each at least one chunk)."""
+    out = []
+    start = at = indices.start
+    size = 0
+    for i in indices:
+        n = manifest.chunk(i).length
+        if i > start and size + n > limit_bytes:
+            out.append(range(start, i))
+            start, size = i, 0
+        size += n
+        at = i + 1
+    if at > start:
+        out.append(range(start, at))
+    return out

@@ -21,8 +21,9 @@ import h11
 
 __all__ = ["RECV_BYTES", "RawResponse", "exchange"]
 
-RECV_BYTES = 1024 * 1024
+RECV_BYTES = 4 * 1024 * 1024
 HEAD_MAX_BYTES = 64 * 1024
+_HEAD_END = b"\r\n\r\n"
 
 
 @dataclass
@@ -78,21 +79,69 @@ def exchange(url: str, method: str, target: str, headers: dict[str, str], body: 
         if body is not None:
             try:
                 for block in body:
-                    if block:
-                        sock.sendall(conn.send(h11.Data(data=block)))
-                sock.sendall(conn.send(h11.EndOfMessage()))
+                    if block:  # one chunk of the chunked encoding (h11's would join a copy of it)
+                        sock.sendall(b"%x\r\n" % len(block))
+                        sock.sendall(block)
+                        sock.sendall(b"\r\n")
+                sock.sendall(b"0\r\n\r\n")
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the node answered early and closed: its answer is read below
-        event = _next(conn, sock)
+        rest = b""
+        event: object = h11.NEED_DATA
         while not isinstance(event, h11.Response):
             if isinstance(event, h11.ConnectionClosed):
                 raise ConnectionResetError("the node closed the connection without an answer")
-            event = _next(conn, sock)
+            if event is h11.NEED_DATA:
+                head_bytes, rest = _head(sock, rest)
+                conn.receive_data(head_bytes)  # b"": the stream ended (h11 says ConnectionClosed, or an error)
+            event = conn.next_event()
     except BaseException:
         sock.close()
         raise
     got = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
-    return RawResponse(event.status_code, got, _body(conn, sock), sock)
+    length = got.get("content-length")
+    if length is not None and length.isdigit() and "transfer-encoding" not in got:
+        body_iter = _sized_body(sock, rest, int(length))
+    else:
+        if rest:
+            conn.receive_data(rest)  # (b"" would tell h11 the stream ended)
+        body_iter = _body(conn, sock)
+    return RawResponse(event.status_code, got, body_iter, sock)
+
+
+def _head(sock: socket.socket, buf: bytes) -> tuple[bytes, bytes]:
+    """The bytes up to and including the end of the next head (an interim 1xx
+    response's or the response's), and those received after it; all that came
+    when the connection closed first, and ``b""`` when nothing did."""
+    data = bytearray(buf)
+    while (end := data.find(_HEAD_END)) < 0:
+        if len(data) > HEAD_MAX_BYTES:
+            return bytes(data), b""  # h11 refuses a head this long
+        got = sock.recv(HEAD_MAX_BYTES)
+        if not got:
+            return bytes(data), b""
+        data += got
+    end += len(_HEAD_END)
+    return bytes(data[:end]), bytes(data[end:])
+
+
+def _sized_body(sock: socket.socket, first: bytes, length: int) -> Iterator[bytes]:
+    """A body of ``length`` bytes, read from the socket as it comes; shorter
+    when the connection closes first (the reader compares with the length)."""
+    try:
+        left = length
+        if first:
+            piece = first[:left]
+            left -= len(piece)
+            yield piece
+        while left > 0:
+            got = sock.recv(min(left, RECV_BYTES))
+            if not got:
+                return
+            left -= len(got)
+            yield got
+    finally:
+        sock.close()
 
 
 def _next(conn: h11.Connection, sock: socket.socket) -> object:

@@ -238,7 +238,7 @@ class Puller:
             plan = ChunkPlan(manifest.n_chunks, have, per_peer_inflight=PER_PEER_INFLIGHT,
                              stall_timeout_s=self.chunk_stall_s, stall_factor=STALL_FACTOR)
             building = self._partials[t.manifest_hash] = _Building(partial, plan)
-            await self._pull_chunks(t, manifest, building)
+            await _ChunkPull(self, t, manifest, building).run()
             self._forget(t.manifest_hash)
             return await trio.to_thread.run_sync(partial.publish)
         except BaseException as e:
@@ -268,219 +268,256 @@ class Puller:
                 out[nid] = rack
         return out
 
-    async def _pull_chunks(self, t: Transfer, manifest: Manifest, building: _Building) -> None:
+
+class _ChunkPull:
+    """One transfer's pull of its chunks (``Puller.pull``, once its partial is
+    open): the fetches, each verified then written back (``fetch``); the
+    source round every ``SOURCE_REFRESH_S`` (``refresh_sources``); the partial
+    neighbours followed (``follow``, ``learn``); and the loop that asks the
+    plan what to fetch next (``run``)."""
+
+    def __init__(self, puller: Puller, t: Transfer, manifest: Manifest, building: _Building) -> None:
         assert t.manifest_hash is not None
-        mhash = t.manifest_hash
-        partial, plan = building.partial, building.plan
-        named = named_source(t)
-        client = self.data
-        cut_through = not client.tls  # chunks still arriving are passed on (plain TCP only)
-        started = trio.current_time()
-        seeds: set[str] = set()  # complete holders found at the start: each is asked for this node's share first
-        following: dict[str, trio.CancelScope] = {}  # partial neighbour -> its HAVE_WAIT task
-        caps: dict[str, int | None] = {}  # partial neighbour -> its in-flight cap
-        allowed: dict[str, bytes | None] = {}  # partial neighbour -> the chunks it may be asked for
-        told: dict[str, bytes] = {}  # partial neighbour -> the chunk mask it last sent
-        wake = trio.Event()
-        fatal: list[BaseException] = []
-        scopes: dict[tuple[str, int], trio.CancelScope] = {}
-        addrs: dict[str, str] = {}
-        last_source_seen = trio.current_time()  # when a holder that may serve (none banned) was last found
-        banned_found: frozenset[str] = frozenset()  # holders found in the last round that the plan banned
-        buffers: list[bytearray] = []
-        writing: set[int] = set()
-        by_source: dict[str, int] = {}  # chunks each peer delivered, for the log
+        self.puller = puller
+        self.t = t
+        self.manifest = manifest
+        self.building = building
+        self.mhash = t.manifest_hash
+        self.partial, self.plan = building.partial, building.plan
+        self.named = named_source(t)
+        self.client = puller.data
+        self.cut_through = not self.client.tls  # chunks still arriving are passed on (plain TCP only)
+        self.rng = puller.rng
+        self.started = trio.current_time()
+        self.seeds: set[str] = set()  # complete holders found at the start: each is asked for this node's share first
+        self.following: dict[str, trio.CancelScope] = {}  # partial neighbour -> its HAVE_WAIT task
+        self.caps: dict[str, int | None] = {}  # partial neighbour -> its in-flight cap
+        self.allowed: dict[str, bytes | None] = {}  # partial neighbour -> the chunks it may be asked for
+        self.told: dict[str, bytes] = {}  # partial neighbour -> the chunk mask it last sent
+        self.wake = trio.Event()
+        self.fatal: list[BaseException] = []
+        self.scopes: dict[tuple[str, int], trio.CancelScope] = {}
+        self.addrs: dict[str, str] = {}
+        self.last_source_seen = trio.current_time()  # when a holder that may serve (none banned) was last found
+        self.banned_found: frozenset[str] = frozenset()  # holders found in the last round that the plan banned
+        self.buffers: list[bytearray] = []
+        self.writing: set[int] = set()
+        self.by_source: dict[str, int] = {}  # chunks each peer delivered, for the log
+        self.pulling: tuple[str, ...] = (puller.mesh.id,)
 
-        def poke() -> None:
-            nonlocal wake
-            wake.set()
+    def poke(self) -> None:
+        self.wake.set()
 
-        async def fetch(peer: str, index: int, scope: trio.CancelScope) -> None:
-            ref = manifest.chunk(index)
-            buf = buffers.pop() if buffers else bytearray(manifest.chunk_bytes)
-            arriving = None
-            if cut_through and index not in building.arriving:  # its neighbours hear of it now
-                arriving = building.arriving[index] = Arriving(buf, ref.length)
-                building.bump()
-            try:
-                with scope:
-                    try:
-                        data = await client.fetch_chunk(addrs[peer], mhash, index, ref.length, ref.digest, buf,
-                                                        progress=None if arriving is None else arriving.progress)
-                    except ChunkMismatch:
-                        t.bad_chunks += 1
-                        self.totals["bad_chunks"] += 1
-                        banned = plan.on_bad(peer, index, trio.current_time())
-                        log.warning("peer %s served a bad chunk %d of %s%s", peer, index, t.model,
-                                    "; banned for this transfer" if banned else "")
-                        if banned and peer not in t.banned:
-                            t.banned.append(peer)
-                            self.totals["peer_bans"] += 1
-                            self.on_ban(peer, t.model, mhash, index)  # the holder re-verifies its copy
-                            for (p, i), other in list(scopes.items()):  # its other requests: released by the plan
-                                if p == peer and i != index:
-                                    other.cancel()
-                        return
-                    except (NotFound, PeerBusy, DataPlaneError, KeyError) as e:
-                        log.debug("chunk %d from %s failed: %s", index, peer, e)
-                        plan.on_failed(peer, index, trio.current_time())
-                        return
-                    if index in writing or plan.chunk_state(index) is ChunkState.VERIFIED:
-                        return  # an endgame twin got here first
-                    if arriving is not None:
-                        arriving.done(True)  # verified: its last bytes may go on
-                    writing.add(index)
-                    try:
-                        await trio.to_thread.run_sync(partial.write_chunk, index, data)
-                    except StoreError as e:
-                        fatal.append(e)
-                        return
-                    finally:
-                        writing.discard(index)
-                    redundant = plan.on_verified(peer, index, trio.current_time())
-                    building.bump()
-                    by_source[peer] = by_source.get(peer, 0) + 1
-                    t.chunks_fetched += 1
-                    self.totals["chunks_verified"] += 1
-                    t.bytes_done += ref.length
-                    for key in redundant:
-                        s = scopes.get(key)
-                        if s is not None:
-                            s.cancel()
-                if scope.cancelled_caught and plan.chunk_state(index) is not ChunkState.VERIFIED:
-                    plan.on_failed(peer, index, trio.current_time())
-            finally:
-                scopes.pop((peer, index), None)
-                if arriving is not None:
-                    if arriving.ok is None:
-                        arriving.done(False)  # its passing on stops short of a whole chunk
-                    if building.arriving.get(index) is arriving:
-                        del building.arriving[index]
-                        building.bump()
-                if arriving is None or not arriving.readers:
-                    buffers.append(buf)  # else still being passed on from: left to the collector
-                poke()
+    def _cancel(self, key: tuple[str, int]) -> None:
+        s = self.scopes.get(key)
+        if s is not None:
+            s.cancel()
 
-        n = manifest.n_chunks
+    # -- one chunk ------------------------------------------------------------------------
 
-        def learn(nid: str, bits: bytes) -> None:
-            """A partial neighbour told what it holds: its chunks this node may ask it for."""
-            mask = bitfield_mask(bits, n)
-            told[nid] = mask
-            edge = allowed.get(nid)
-            if edge is not None:
-                mask = (int.from_bytes(mask, "little") & int.from_bytes(edge, "little")).to_bytes(n, "little")
-            plan.set_source_mask(nid, mask, inflight=caps.get(nid))
-            poke()
-
-        async def follow(nid: str, scope: trio.CancelScope) -> None:
-            """Hear from a partial neighbour whenever it holds something new
-            (HAVE_WAIT); from one that predates it, ask every round (HAVE)."""
-            known, polling = 0, False
+    async def fetch(self, peer: str, index: int, scope: trio.CancelScope) -> None:
+        building, plan = self.building, self.plan
+        ref = self.manifest.chunk(index)
+        buf = self.buffers.pop() if self.buffers else bytearray(self.manifest.chunk_bytes)
+        arriving = None
+        # Its neighbours hear of it now, unless it comes from a source held back
+        # for lagging: a chunk arriving slowly would be passed on as slowly
+        # (sim/swarm.py models the same rule).
+        if self.cut_through and index not in building.arriving and peer not in plan.held_back:
+            arriving = building.arriving[index] = Arriving(buf, ref.length)
+            building.bump()
+        try:
             with scope:
-                while True:
-                    addr = addrs.get(nid)
-                    if addr is None:
-                        return
-                    try:
-                        if polling:
-                            with trio.fail_after(2):
-                                bits = await client.have(addr, mhash)
-                        else:
-                            with trio.fail_after(HAVE_WAIT_S + 10):
-                                known, bits = await client.have_wait(addr, mhash, known, HAVE_WAIT_S)
-                    except RequestRefused:
-                        polling = True  # an older node: no HAVE_WAIT
-                        continue
-                    except (DataPlaneError, trio.TooSlowError) as e:  # gone, or done (its copy is complete now)
-                        log.debug("no news of %s from %s: %s", mhash[:12], nid, e)
-                        await trio.sleep(SOURCE_REFRESH_S)
-                        continue
-                    if nid in following:
-                        learn(nid, bits)
-                    if polling:
-                        await trio.sleep(SOURCE_REFRESH_S)
+                data = await self._receive(peer, index, buf, arriving)
+                if data is not None:
+                    await self._write_back(peer, index, data, arriving)
+            if scope.cancelled_caught and plan.chunk_state(index) is not ChunkState.VERIFIED:
+                plan.on_failed(peer, index, trio.current_time())
+        finally:
+            self.scopes.pop((peer, index), None)
+            if arriving is not None:
+                if arriving.ok is None:
+                    arriving.done(False)  # its passing on stops short of a whole chunk
+                if building.arriving.get(index) is arriving:
+                    del building.arriving[index]
+                    building.bump()
+            if arriving is None or not arriving.readers:
+                self.buffers.append(buf)  # else still being passed on from: left to the collector
+            self.poke()
 
-        me = self.mesh.id
-        pulling: tuple[str, ...] = (me,)
-        rng = self.rng
+    async def _receive(self, peer: str, index: int, buf: bytearray, arriving: Arriving | None) -> memoryview | None:
+        """Chunk ``index`` from ``peer``, its digest checked; None when it
+        failed (the plan has heard, and a peer that served it bad may be banned)."""
+        t, plan, puller = self.t, self.plan, self.puller
+        ref = self.manifest.chunk(index)
+        try:
+            return await self.client.fetch_chunk(self.addrs[peer], self.mhash, index, ref.length, ref.digest, buf,
+                                                 progress=None if arriving is None else arriving.progress)
+        except ChunkMismatch:
+            t.bad_chunks += 1
+            puller.totals["bad_chunks"] += 1
+            banned = plan.on_bad(peer, index, trio.current_time())
+            log.warning("peer %s served a bad chunk %d of %s%s", peer, index, t.model,
+                        "; banned for this transfer" if banned else "")
+            if banned and peer not in t.banned:
+                t.banned.append(peer)
+                puller.totals["peer_bans"] += 1
+                puller.on_ban(peer, t.model, self.mhash, index)  # the holder re-verifies its copy
+                for (p, i), other in list(self.scopes.items()):  # its other requests: released by the plan
+                    if p == peer and i != index:
+                        other.cancel()
+            return None
+        except (NotFound, PeerBusy, DataPlaneError, KeyError) as e:
+            log.debug("chunk %d from %s failed: %s", index, peer, e)
+            plan.on_failed(peer, index, trio.current_time())
+            return None
 
-        async def refresh_sources(nursery: trio.Nursery) -> None:
-            nonlocal last_source_seen, pulling, banned_found
+    async def _write_back(self, peer: str, index: int, data: memoryview, arriving: Arriving | None) -> None:
+        """A verified chunk into the partial, unless an endgame twin got there first."""
+        t, plan = self.t, self.plan
+        if index in self.writing or plan.chunk_state(index) is ChunkState.VERIFIED:
+            return  # an endgame twin got here first
+        if arriving is not None:
+            arriving.done(True)  # verified: its last bytes may go on
+        self.writing.add(index)
+        try:
+            await trio.to_thread.run_sync(self.partial.write_chunk, index, data)
+        except StoreError as e:
+            self.fatal.append(e)
+            return
+        finally:
+            self.writing.discard(index)
+        redundant = plan.on_verified(peer, index, trio.current_time())
+        self.building.bump()
+        self.by_source[peer] = self.by_source.get(peer, 0) + 1
+        t.chunks_fetched += 1
+        self.puller.totals["chunks_verified"] += 1
+        t.bytes_done += self.manifest.chunk(index).length
+        for key in redundant:
+            self._cancel(key)
+
+    # -- the sources ----------------------------------------------------------------------
+
+    def learn(self, nid: str, bits: bytes) -> None:
+        """A partial neighbour told what it holds: its chunks this node may ask it for."""
+        n = self.manifest.n_chunks
+        mask = bitfield_mask(bits, n)
+        self.told[nid] = mask
+        edge = self.allowed.get(nid)
+        if edge is not None:
+            mask = (int.from_bytes(mask, "little") & int.from_bytes(edge, "little")).to_bytes(n, "little")
+        self.plan.set_source_mask(nid, mask, inflight=self.caps.get(nid))
+        self.poke()
+
+    async def follow(self, nid: str, scope: trio.CancelScope) -> None:
+        """Hear from a partial neighbour whenever it holds something new
+        (HAVE_WAIT); from one that predates it, ask every round (HAVE)."""
+        client, mhash = self.client, self.mhash
+        known, polling = 0, False
+        with scope:
             while True:
-                found, complete = self.holders(mhash, named)
-                if trio.current_time() - started <= SEED_GRACE_S:
-                    seeds.update(complete)  # copies older than this transfer: their shares first
-                r = refresh(plan, found, complete, me, lambda nid: bool(by_source.get(nid)), pulling, rng,
-                            racks=self._racks(found), key=mhash, seeds=seeds)
-                pulling = r.pulling
-                t.progress_every_s = progress_interval_s(len(pulling))
-                for key in r.cancel:  # the dropped sources' chunks go back to the pool
-                    s = scopes.get(key)
-                    if s is not None:
-                        s.cancel()
-                for nid in list(addrs):
-                    if nid not in r.chosen:
-                        addrs.pop(nid)
-                for nid in r.chosen:
-                    addrs[nid] = found[nid]
-                for nid in list(following):
-                    if nid not in r.ask:
-                        following.pop(nid).cancel()
-                        told.pop(nid, None)
-                for nid, cap in r.ask.items():
-                    edge_changed = allowed.get(nid) != r.allowed.get(nid) or caps.get(nid) != cap
-                    caps[nid], allowed[nid] = cap, r.allowed.get(nid)
-                    if nid not in following:
-                        following[nid] = trio.CancelScope()
-                        nursery.start_soon(follow, nid, following[nid])
-                    elif edge_changed and nid in told:
-                        learn(nid, bitfield_of_mask(told[nid]))
-                if r.usable:  # a banned holder is listed, but it is no source
-                    last_source_seen = trio.current_time()
-                banned_found = r.banned
-                t.sources = sorted(r.chosen)
-                poke()
-                await trio.sleep(SOURCE_REFRESH_S)
+                addr = self.addrs.get(nid)
+                if addr is None:
+                    return
+                try:
+                    if polling:
+                        with trio.fail_after(2):
+                            bits = await client.have(addr, mhash)
+                    else:
+                        with trio.fail_after(HAVE_WAIT_S + 10):
+                            known, bits = await client.have_wait(addr, mhash, known, HAVE_WAIT_S)
+                except RequestRefused:
+                    polling = True  # an older node: no HAVE_WAIT
+                    continue
+                except (DataPlaneError, trio.TooSlowError) as e:  # gone, or done (its copy is complete now)
+                    log.debug("no news of %s from %s: %s", mhash[:12], nid, e)
+                    await trio.sleep(SOURCE_REFRESH_S)
+                    continue
+                if nid in self.following:
+                    self.learn(nid, bits)
+                if polling:
+                    await trio.sleep(SOURCE_REFRESH_S)
 
+    async def refresh_sources(self, nursery: trio.Nursery) -> None:
+        """Every ``SOURCE_REFRESH_S``: the holders to pull from, and the partial ones to follow."""
+        t, plan, puller, mhash = self.t, self.plan, self.puller, self.mhash
+        addrs, following, told, allowed, caps = self.addrs, self.following, self.told, self.allowed, self.caps
+        while True:
+            found, complete = puller.holders(mhash, self.named)
+            if trio.current_time() - self.started <= SEED_GRACE_S:
+                self.seeds.update(complete)  # copies older than this transfer: their shares first
+            r = refresh(plan, found, complete, puller.mesh.id, lambda nid: bool(self.by_source.get(nid)), self.pulling,
+                        self.rng, racks=puller._racks(found), key=mhash, seeds=self.seeds)
+            self.pulling = r.pulling
+            t.progress_every_s = progress_interval_s(len(self.pulling))
+            for key in r.cancel:  # the dropped sources' chunks go back to the pool
+                self._cancel(key)
+            for nid in list(addrs):
+                if nid not in r.chosen:
+                    addrs.pop(nid)
+            for nid in r.chosen:
+                addrs[nid] = found[nid]
+            for nid in list(following):
+                if nid not in r.ask:
+                    following.pop(nid).cancel()
+                    told.pop(nid, None)
+            for nid, cap in r.ask.items():
+                edge_changed = allowed.get(nid) != r.allowed.get(nid) or caps.get(nid) != cap
+                caps[nid], allowed[nid] = cap, r.allowed.get(nid)
+                if nid not in following:
+                    following[nid] = trio.CancelScope()
+                    nursery.start_soon(self.follow, nid, following[nid])
+                elif edge_changed and nid in told:
+                    self.learn(nid, bitfield_of_mask(told[nid]))
+            if r.usable:  # a banned holder is listed, but it is no source
+                self.last_source_seen = trio.current_time()
+            self.banned_found = r.banned
+            t.sources = sorted(r.chosen)
+            self.poke()
+            await trio.sleep(SOURCE_REFRESH_S)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Every chunk verified and written, or the transfer's error."""
+        t, plan, puller = self.t, self.plan, self.puller
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(refresh_sources, nursery)
+            nursery.start_soon(self.refresh_sources, nursery)
             while not plan.complete:
-                if fatal:
-                    raise fatal[0]
+                if self.fatal:
+                    raise self.fatal[0]
                 now = trio.current_time()
                 for peer, index in plan.expire(now):
-                    s = scopes.get((peer, index))
-                    if s is not None:
-                        s.cancel()
-                    self.totals["chunk_stalls"] += 1
+                    self._cancel((peer, index))
+                    puller.totals["chunk_stalls"] += 1
                     log.info("chunk %d from %s stalled; asking another peer", index, peer)
-                for peer, index in plan.next_requests(now, rng):
-                    if peer not in addrs:
+                for peer, index in plan.next_requests(now, self.rng):
+                    if peer not in self.addrs:
                         plan.on_failed(peer, index, now)
                         continue
                     scope = trio.CancelScope()
-                    scopes[(peer, index)] = scope
-                    nursery.start_soon(fetch, peer, index, scope)
-                if not scopes and plan.stuck(now):
+                    self.scopes[(peer, index)] = scope
+                    nursery.start_soon(self.fetch, peer, index, scope)
+                if not self.scopes and plan.stuck(now):
                     # No holder can be reached (a partition, a restart): the verified chunks
                     # stay, and the transfer goes on when one is back, or fails at the bound.
-                    if now - last_source_seen > self.source_wait_s:
-                        raise TransferError("NO_SOURCE", self._no_source_message(t, plan))
-                    if banned_found:  # say why at once: the catalog lists holders, but not one may serve
-                        why = banned_reason({nid: plan.bad_chunk(nid) for nid in banned_found})
-                        t.note = f"waiting for a holder: {why} (up to {self.source_wait_s:g} s)"
-                    elif now - last_source_seen > NO_SOURCE_GRACE_S:
-                        t.note = f"waiting for a holder to come back (up to {self.source_wait_s:g} s)"
+                    if now - self.last_source_seen > puller.source_wait_s:
+                        raise TransferError("NO_SOURCE", puller._no_source_message(t, plan))
+                    if self.banned_found:  # say why at once: the catalog lists holders, but not one may serve
+                        why = banned_reason({nid: plan.bad_chunk(nid) for nid in self.banned_found})
+                        t.note = f"waiting for a holder: {why} (up to {puller.source_wait_s:g} s)"
+                    elif now - self.last_source_seen > NO_SOURCE_GRACE_S:
+                        t.note = f"waiting for a holder to come back (up to {puller.source_wait_s:g} s)"
                 elif t.note.startswith("waiting for a holder"):
                     t.note = ""
-                wake = trio.Event()
+                self.wake = trio.Event()
                 deadline = plan.next_deadline()
                 with trio.move_on_at(min(deadline if deadline is not None else math.inf, now + 0.5)):
-                    await wake.wait()
+                    await self.wake.wait()
             nursery.cancel_scope.cancel()
         t.rate_bps = 0.0
-        log.info("transfer %s: chunks by source %s; plan %s", t.id, dict(sorted(by_source.items())), plan.statistics())
+        log.info("transfer %s: chunks by source %s; plan %s", t.id, dict(sorted(self.by_source.items())),
+                 plan.statistics())
 
 
 class LocalChunks:

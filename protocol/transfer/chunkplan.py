@@ -79,31 +79,35 @@ from __future__ import annotations
 import enum
 import math
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 from ..errors import LocalProtocolError
+from .chunkassign import Assigner
+from .chunkpool import (
+    MAX_CHUNKS,
+    MAX_DUPLICATES,
+    MAX_PER_PEER_INFLIGHT,
+    MISSING_MASK,
+    ST_IDLE,
+    ST_INFLIGHT,
+    ST_VERIFIED,
+    SourceEntry,
+    all_ones,
+    check_peer,
+    is_int,
+)
+from .chunksources import SourceBook
 
 __all__ = ["MAX_CHUNKS", "ChunkPlan", "ChunkState", "PeerState", "choose_sources"]
 
-MAX_CHUNKS = 2**24
-MAX_PER_PEER_INFLIGHT = 1024
-_MAX_DUPLICATES = 2
-
-_IDLE = 0
-_INFLIGHT = 1
-_VERIFIED = 2
-# state byte -> 1 when the chunk is still missing (idle or in flight) / idle
-_MISSING_MASK = bytes([1, 1, 0]) + bytes(253)
-_IDLE_MASK = bytes([1, 0, 0]) + bytes(253)
 _TOOK_WEIGHT = 0.25  # a source's chunk time: the weight of its newest chunk in the average
-_NONZERO = bytes([0]) + bytes([1]) * 255  # any byte -> 1 when nonzero
 _VERIFIED_DIGIT = b"001" + bytes(253)  # state byte -> ASCII 1 when verified, else 0
 
 
 class ChunkState(enum.Enum):
-    MISSING = _IDLE
-    INFLIGHT = _INFLIGHT
-    VERIFIED = _VERIFIED
+    MISSING = ST_IDLE
+    INFLIGHT = ST_INFLIGHT
+    VERIFIED = ST_VERIFIED
 
 
 class PeerState(enum.Enum):
@@ -114,32 +118,12 @@ class PeerState(enum.Enum):
     BANNED = "banned"
 
 
-def _ones(bits: bytes | bytearray) -> Iterator[int]:
-    """Indexes of the 1 bytes of a 0/1 byte string."""
-    i = bits.find(1)
-    while i != -1:
-        yield i
-        i = bits.find(1, i + 1)
+class ChunkPlan(SourceBook, Assigner):
+    """Chunk -> peer assignment for one transfer.  See the module docstring.
 
-
-class _Source:
-    __slots__ = ("bits", "cap", "count", "delivered_at", "inflight", "took_n", "took_s")
-
-    def __init__(self, bits: bytearray | None, cap: int) -> None:
-        self.cap = cap  # requests in flight at most (<= per_peer_inflight)
-        self.bits = bits  # None: holds every chunk; else bits[c] == 1 when it holds c
-        self.count = 0 if bits is None else bits.count(1)
-        self.inflight: dict[int, float] = {}  # chunk -> requested at
-        self.delivered_at = -math.inf  # when it last delivered a verified chunk
-        self.took_s: float | None = None  # how long its chunks take, request to verified (recent average)
-        self.took_n = 0  # the chunks (and stalls) that average counts
-
-    def holds(self, chunk: int) -> bool:
-        return self.bits is None or self.bits[chunk] == 1
-
-
-class ChunkPlan:
-    """Chunk -> peer assignment for one transfer.  See the module docstring."""
+    The state and its primitives are in ``chunkpool``, the source methods in
+    ``chunksources``, ``next_requests`` in ``chunkassign``: one plan, split
+    by idea."""
 
     def __init__(
         self,
@@ -154,9 +138,9 @@ class ChunkPlan:
         stall_factor: float = 0.0,
         stall_floor_s: float = 1.0,
     ) -> None:
-        if not _is_int(n_chunks) or not 0 <= n_chunks <= MAX_CHUNKS:
+        if not is_int(n_chunks) or not 0 <= n_chunks <= MAX_CHUNKS:
             raise LocalProtocolError(f"n_chunks must be an int in [0, {MAX_CHUNKS}]")
-        if not _is_int(per_peer_inflight) or not 1 <= per_peer_inflight <= MAX_PER_PEER_INFLIGHT:
+        if not is_int(per_peer_inflight) or not 1 <= per_peer_inflight <= MAX_PER_PEER_INFLIGHT:
             raise LocalProtocolError(
                 f"per_peer_inflight must be an int in [1, {MAX_PER_PEER_INFLIGHT}]"
             )
@@ -164,9 +148,9 @@ class ChunkPlan:
             math.isfinite(stall_timeout_s) and stall_timeout_s > 0
         ):
             raise LocalProtocolError("stall_timeout_s must be a finite number > 0")
-        if not _is_int(ban_after_bad) or ban_after_bad < 1:
+        if not is_int(ban_after_bad) or ban_after_bad < 1:
             raise LocalProtocolError("ban_after_bad must be an int >= 1")
-        if not _is_int(random_first) or random_first < 0:
+        if not is_int(random_first) or random_first < 0:
             raise LocalProtocolError("random_first must be an int >= 0")
         for name, v in (("stall_factor", stall_factor), ("stall_floor_s", stall_floor_s)):
             if not isinstance(v, int | float) or not (math.isfinite(v) and v >= 0):
@@ -181,10 +165,10 @@ class ChunkPlan:
         self._random_left = random_first
         self._endgame = bool(endgame)
 
-        self._state = bytearray(n_chunks)  # _IDLE / _INFLIGHT / _VERIFIED
+        self._state = bytearray(n_chunks)  # ST_IDLE / ST_INFLIGHT / ST_VERIFIED
         self._verified = 0
         self._chunk_peers: dict[int, list[str]] = {}  # in-flight chunk -> peers (<= 2)
-        self._sources: dict[str, _Source] = {}
+        self._sources: dict[str, SourceEntry] = {}
         self._full = 0  # sources holding every chunk
         self._partial_count = [0] * n_chunks  # partial sources holding each chunk
         self._other = bytearray(n_chunks)  # 1: not among the preferred chunks (prefer())
@@ -210,425 +194,14 @@ class ChunkPlan:
         }
         for c in have:
             self._check_chunk(c)
-            if self._state[c] != _VERIFIED:
-                self._state[c] = _VERIFIED
+            if self._state[c] != ST_VERIFIED:
+                self._state[c] = ST_VERIFIED
                 self._verified += 1
-        idle = [c for c in range(n_chunks) if self._state[c] == _IDLE]
+        idle = [c for c in range(n_chunks) if self._state[c] == ST_IDLE]
         if idle:
             self._buckets[0] = idle
             for i, c in enumerate(idle):
                 self._pos[c] = i
-
-    # -- sources ------------------------------------------------------------
-
-    def set_source(self, peer: str, chunks: Iterable[int] | None, *, inflight: int | None = None) -> None:
-        """Declare what ``peer`` holds: ``None`` for every chunk, else the set.
-
-        ``inflight`` caps the requests in flight to this peer below
-        ``per_peer_inflight`` (for example one at a time to a full holder
-        that many receivers share).  Call again to replace a partial
-        holder's set, or the cap.  Ignored for a banned peer.  Requests
-        already in flight to the peer stay in flight.
-        """
-        _check_peer(peer)
-        if inflight is not None and (not _is_int(inflight) or inflight < 1):
-            raise LocalProtocolError("inflight must be an int >= 1")
-        new = None
-        if chunks is not None:
-            new = bytearray(self._n)
-            for c in chunks:
-                self._check_chunk(c)
-                new[c] = 1
-        self._set_bits(peer, new, inflight)
-
-    def _set_bits(self, peer: str, new: bytearray | None, inflight: int | None) -> None:
-        if peer in self._banned:
-            return
-        cap = self._per_peer if inflight is None else min(inflight, self._per_peer)
-        src = self._sources.get(peer)
-        if src is not None:
-            src.cap = cap
-        if new is None or new.count(1) == self._n:  # a full holder
-            if src is None:
-                self._sources[peer] = _Source(None, cap)
-                self._full += 1
-            elif src.bits is not None:
-                self._make_full(src)
-            return
-        if src is None:
-            src = _Source(new, cap)
-            self._sources[peer] = src
-            self._count_bits(new, +1)
-        elif src.bits is None:
-            self._full -= 1
-            src.bits = new
-            src.count = new.count(1)
-            self._count_bits(new, +1)
-        else:
-            old = int.from_bytes(src.bits, "little")
-            now_held = int.from_bytes(new, "little")
-            if old != now_held:
-                self._count_bits((old & ~now_held).to_bytes(self._n, "little"), -1)
-                self._count_bits((now_held & ~old).to_bytes(self._n, "little"), +1)
-            src.bits = new
-            src.count = new.count(1)
-
-    def set_source_mask(self, peer: str, mask: bytes | None, *, inflight: int | None = None) -> None:
-        """``set_source`` with the chunks as a mask: ``mask[c]`` is 1 when
-        ``peer`` holds (or may be asked for) chunk c; None for every chunk.
-        An unchanged mask costs O(n_chunks) in C."""
-        _check_peer(peer)
-        if inflight is not None and (not _is_int(inflight) or inflight < 1):
-            raise LocalProtocolError("inflight must be an int >= 1")
-        if mask is not None and len(mask) != self._n:
-            raise LocalProtocolError(f"mask must have {self._n} bytes, got {len(mask)}")
-        self._set_bits(peer, None if mask is None else bytearray(mask.translate(_NONZERO)), inflight)
-
-    def hold_back(self, peers: Iterable[str]) -> None:
-        """Ask ``peers`` (sources that lag: a slow link) only for the chunks
-        no other source holds, and never for an endgame duplicate: a chunk
-        another source can give is not left to crawl in from a slow one
-        (and passed on from there as slowly).  Replaces the previous set."""
-        self._held_back = frozenset(peers)
-
-    @property
-    def held_back(self) -> frozenset[str]:
-        """The sources ``hold_back`` named: a chunk arriving from one of them
-        is not passed on (nor announced) before it is verified, so a slow
-        arrival does not slow the neighbours that would take it on."""
-        return self._held_back
-
-    def lacks_any(self, mask: bytes) -> bool:
-        """Whether a chunk whose ``mask`` byte is nonzero is not verified yet."""
-        missing = int.from_bytes(self._state.translate(_MISSING_MASK), "little")
-        return bool(missing & int.from_bytes(bytes(mask[: self._n]).translate(_NONZERO), "little"))
-
-    def add_source_chunks(self, peer: str, chunks: Iterable[int]) -> None:
-        """``peer`` now also holds ``chunks`` (incremental, O(len(chunks)))."""
-        _check_peer(peer)
-        if peer in self._banned:
-            return
-        src = self._sources.get(peer)
-        if src is None:
-            src = _Source(bytearray(self._n), self._per_peer)
-            self._sources[peer] = src
-        bits = src.bits
-        if bits is None:
-            for c in chunks:
-                self._check_chunk(c)
-            return
-        for c in chunks:
-            self._check_chunk(c)
-            if not bits[c]:
-                bits[c] = 1
-                src.count += 1
-                self._bump(c, +1)
-        if src.count == self._n:
-            self._make_full(src)
-
-    def remove_source_chunks(self, peer: str, chunks: Iterable[int]) -> None:
-        """``peer`` no longer holds ``chunks`` (incremental; its requests in
-        flight stay, the caller fails those it must)."""
-        _check_peer(peer)
-        src = self._sources.get(peer)
-        if src is None:
-            return
-        held = []
-        for c in chunks:
-            self._check_chunk(c)
-            if src.holds(c):
-                held.append(c)
-        if not held:
-            return
-        if src.bits is None:
-            self._full -= 1
-            src.bits = bytearray(b"\x01") * self._n
-            src.count = self._n
-            self._count_bits(src.bits, +1)
-        for c in held:
-            src.bits[c] = 0
-            src.count -= 1
-            self._bump(c, -1)
-
-    def remove_source(self, peer: str) -> list[tuple[str, int]]:
-        """Forget ``peer`` (it died, left, or dropped the copy).
-
-        Its in-flight chunks return to the pool; the released requests are
-        returned so the caller can cancel them.  Strikes and bans persist.
-        """
-        if peer not in self._sources:
-            return []
-        return self._drop_source(peer)
-
-    def prefer(self, chunks: Iterable[int] | None) -> None:
-        """Among equally rare idle chunks, hand out ``chunks`` first.
-
-        ``None`` (the default) prefers none.  Receivers that pull one
-        manifest at the same time can each prefer a different share, so
-        that a full source they all ask uploads each chunk about once
-        instead of the same rare chunks to several of them.  O(n_chunks)
-        in C, plus O(changed) in Python.
-        """
-        other = bytearray(self._n)
-        if chunks is not None:
-            other = bytearray(b"\x01") * self._n
-            for c in chunks:
-                self._check_chunk(c)
-                other[c] = 0
-        changed = int.from_bytes(other, "little") ^ int.from_bytes(self._other, "little")
-        for c in _ones(changed.to_bytes(self._n, "little")):
-            if self._state[c] == _IDLE:
-                self._unbucket(c)
-                self._other[c] = other[c]
-                self._bucket(c)
-            else:
-                self._other[c] = other[c]
-
-    def _make_full(self, src: _Source) -> None:
-        assert src.bits is not None
-        self._count_bits(src.bits, -1)
-        src.bits = None
-        src.count = 0
-        self._full += 1
-
-    def _count_bits(self, bits: bytes | bytearray, delta: int) -> None:
-        for c in _ones(bits):
-            self._bump(c, delta)
-
-    def _bump(self, chunk: int, delta: int) -> None:
-        """Change ``chunk``'s partial-holder count, moving it between buckets."""
-        if self._state[chunk] == _IDLE:
-            self._unbucket(chunk)
-            self._partial_count[chunk] += delta
-            self._bucket(chunk)
-        else:
-            self._partial_count[chunk] += delta
-
-    def _key(self, chunk: int) -> int:
-        return 2 * self._partial_count[chunk] + self._other[chunk]
-
-    def _bucket(self, chunk: int) -> None:
-        bucket = self._buckets.setdefault(self._key(chunk), [])
-        self._pos[chunk] = len(bucket)
-        bucket.append(chunk)
-
-    def _unbucket(self, chunk: int) -> None:
-        key = self._key(chunk)
-        bucket = self._buckets[key]
-        i = self._pos[chunk]
-        last = bucket.pop()
-        if last != chunk:
-            bucket[i] = last
-            self._pos[last] = i
-        if not bucket:
-            del self._buckets[key]
-
-    def _drop_source(self, peer: str) -> list[tuple[str, int]]:
-        src = self._sources[peer]
-        released = [(peer, c) for c in src.inflight]
-        for _, c in released:
-            self._release(peer, c)
-        del self._sources[peer]
-        if src.bits is None:
-            self._full -= 1
-        else:
-            self._count_bits(src.bits, -1)
-        return released
-
-    # -- assignment ---------------------------------------------------------
-
-    def next_requests(self, now: float, rng: random.Random) -> list[tuple[str, int]]:
-        """Fill every free slot; returns the ``(peer, chunk)`` requests to send."""
-        out: list[tuple[str, int]] = []
-        if self._verified == self._n:
-            return out
-        stalled = self._stalled_until
-        free = [
-            (peer, src)
-            for peer, src in self._sources.items()
-            if len(src.inflight) < src.cap and not (stalled and self._is_stalled(peer, now))
-        ]
-        if not free:
-            return out
-        if self._idle_count() > 0:
-            self._assign_fresh(free, now, rng, out)
-        if self._endgame and free and self._idle_count() == 0:
-            self._assign_duplicates(free, now, rng, out)
-        return out
-
-    def _idle_count(self) -> int:
-        return self._n - self._verified - len(self._chunk_peers)
-
-    def _assign_fresh(
-        self,
-        free: list[tuple[str, _Source]],
-        now: float,
-        rng: random.Random,
-        out: list[tuple[str, int]],
-    ) -> None:
-        # Keys 0 and 1 hold chunks no partial source has: without a full
-        # source, nobody has them.
-        keys = sorted(k for k in self._buckets if k >> 1 or self._full)
-        if self._random_left > 0:
-            # Phase 1: uniformly random picks over every idle chunk that has a
-            # holder, the preferred ones first (lazy Fisher-Yates over a copy;
-            # O(idle), start-up only).
-            for tier in (0, 1):
-                pool = [c for k in keys if k & 1 == tier for c in self._buckets[k]]
-                end = len(pool)
-                while self._random_left > 0 and end and free:
-                    j = rng.randrange(end)
-                    end -= 1
-                    pool[j], pool[end] = pool[end], pool[j]
-                    if self._try_assign(pool[end], free, now, rng, out, duplicate=False):
-                        self._random_left -= 1
-        # Phase 2: rarest first, the preferred chunks first among equally
-        # rare ones, random order within a bucket.  While a
-        # free peer holds every chunk, walk the buckets (a lazy Fisher-Yates
-        # inside each): every chunk examined is assignable, so a call costs
-        # about one step per free slot.
-        for key in keys:
-            bucket = self._buckets.get(key)
-            if bucket is None:
-                continue
-            pos = self._pos
-            end = len(bucket)
-            while end and _any_full(free):
-                j = rng.randrange(end)
-                end -= 1
-                a, b = bucket[j], bucket[end]
-                bucket[j], bucket[end] = b, a
-                pos[b], pos[a] = j, end
-                # _try_assign takes ``a`` out of the bucket; whatever moves
-                # into slot ``end`` comes from the examined tail.
-                self._try_assign(a, free, now, rng, out, duplicate=False)
-            if not _any_full(free):
-                break
-        if free and self._idle_count() > 0:
-            self._assign_to_partials(free, now, rng, out)
-
-    def _assign_to_partials(
-        self,
-        free: list[tuple[str, _Source]],
-        now: float,
-        rng: random.Random,
-        out: list[tuple[str, int]],
-    ) -> None:
-        """Fill free partial holders, least busy first, each with its rarest
-        idle chunks (random among equals).  O(n_chunks) per peer, in C but
-        for the chunks the peer holds."""
-        idle = int.from_bytes(self._state.translate(_IDLE_MASK), "little")
-        counts = self._partial_count
-        for peer, src in sorted(free, key=lambda ps: len(ps[1].inflight)):
-            if src.bits is None:
-                continue  # a full holder left free here has nothing idle to take
-            held_idle = idle & int.from_bytes(src.bits, "little")
-            if not held_idle:
-                continue
-            by_count: dict[int, list[int]] = {}
-            held_back = peer in self._held_back
-            for c in _ones(held_idle.to_bytes(self._n, "little")):
-                if held_back and (self._full or counts[c] > 1):
-                    continue  # another source holds it
-                by_count.setdefault(counts[c], []).append(c)
-            slots = src.cap - len(src.inflight)
-            for key in sorted(by_count):
-                group = by_count[key]
-                while group and slots:
-                    j = rng.randrange(len(group))
-                    group[j], group[-1] = group[-1], group[j]
-                    c = group.pop()
-                    self._assign(peer, src, c, now, out, duplicate=False)
-                    idle &= ~(1 << (8 * c))
-                    slots -= 1
-                if not slots:
-                    break
-        free[:] = [(p, s) for p, s in free if len(s.inflight) < s.cap]
-
-    def _assign_duplicates(
-        self,
-        free: list[tuple[str, _Source]],
-        now: float,
-        rng: random.Random,
-        out: list[tuple[str, int]],
-    ) -> None:
-        singles: list[tuple[float, int]] = []
-        for c, peers in self._chunk_peers.items():
-            if len(peers) < _MAX_DUPLICATES:
-                singles.append((self._sources[peers[0]].inflight[c], c))
-        singles.sort()
-        for _, c in singles:
-            if not free:
-                return
-            self._try_assign(c, free, now, rng, out, duplicate=True)
-
-    def _try_assign(
-        self,
-        chunk: int,
-        free: list[tuple[str, _Source]],
-        now: float,
-        rng: random.Random,
-        out: list[tuple[str, int]],
-        *,
-        duplicate: bool,
-    ) -> bool:
-        # Least busy first; at equal load a partial holder before a full one,
-        # whose upload is the only way to the chunks no partial holder has.
-        best: list[int] = []
-        best_load = (self._per_peer, True)
-        held_back = self._held_back
-        for k, (peer, src) in enumerate(free):
-            if not src.holds(chunk) or (duplicate and chunk in src.inflight):
-                continue
-            if held_back and peer in held_back and (duplicate or self._full + self._partial_count[chunk] > 1):
-                continue
-            load = (len(src.inflight), src.bits is None)
-            if load < best_load:
-                best_load = load
-                best = [k]
-            elif load == best_load:
-                best.append(k)
-        if not best:
-            return False
-        k = best[0] if len(best) == 1 else best[rng.randrange(len(best))]
-        peer, src = free[k]
-        self._assign(peer, src, chunk, now, out, duplicate=duplicate)
-        if len(src.inflight) >= src.cap:
-            del free[k]
-        return True
-
-    def _assign(
-        self,
-        peer: str,
-        src: _Source,
-        chunk: int,
-        now: float,
-        out: list[tuple[str, int]],
-        *,
-        duplicate: bool,
-    ) -> None:
-        src.inflight[chunk] = now
-        self._chunk_peers.setdefault(chunk, []).append(peer)
-        if self._state[chunk] == _IDLE:
-            self._unbucket(chunk)
-            self._state[chunk] = _INFLIGHT
-        self._stats["duplicates" if duplicate else "requests"] += 1
-        out.append((peer, chunk))
-
-    def _release(self, peer: str, chunk: int) -> bool:
-        """Drop request ``(peer, chunk)`` if it is in flight; True when it was."""
-        src = self._sources.get(peer)
-        if src is None or chunk not in src.inflight:
-            return False
-        del src.inflight[chunk]
-        peers = self._chunk_peers[chunk]
-        peers.remove(peer)
-        if not peers:
-            del self._chunk_peers[chunk]
-            if self._state[chunk] == _INFLIGHT:
-                self._state[chunk] = _IDLE
-                self._bucket(chunk)
-        return True
 
     # -- outcomes -----------------------------------------------------------
 
@@ -650,14 +223,14 @@ class ChunkPlan:
             self._took_s = took if self._took_s is None else 0.9 * self._took_s + 0.1 * took
             self._stall_s = min(self._stall_max_s, max(self._stall_floor_s, self._stall_factor * self._took_s))
         self._release(peer, chunk)
-        if self._state[chunk] == _VERIFIED:
+        if self._state[chunk] == ST_VERIFIED:
             return []
         others = [(p, chunk) for p in self._chunk_peers.get(chunk, ())]
         for p, c in others:
             self._release(p, c)
-        if self._state[chunk] == _IDLE:
+        if self._state[chunk] == ST_IDLE:
             self._unbucket(chunk)
-        self._state[chunk] = _VERIFIED
+        self._state[chunk] = ST_VERIFIED
         self._verified += 1
         self._stats["verified_by_peers"] += 1
         self._stats["redundant"] += len(others)
@@ -671,7 +244,7 @@ class ChunkPlan:
         everything it still has outstanding with that peer.
         """
         self._check_chunk(chunk)
-        _check_peer(peer)
+        check_peer(peer)
         self._release(peer, chunk)
         self._stats["bad"] += 1
         strikes = self._strikes.get(peer, 0) + 1
@@ -741,7 +314,7 @@ class ChunkPlan:
 
     def missing(self) -> set[int]:
         """Chunks not verified yet (idle or in flight)."""
-        return set(_ones(self._state.translate(_MISSING_MASK)))
+        return set(all_ones(self._state.translate(MISSING_MASK)))
 
     def verified_bits(self, also: Iterable[int] = ()) -> bytes:
         """The verified chunks (and ``also`` these) as a bitfield: bit i,
@@ -795,7 +368,7 @@ class ChunkPlan:
             return False
         if src.bits is None:
             return True
-        missing = int.from_bytes(self._state.translate(_MISSING_MASK), "little")
+        missing = int.from_bytes(self._state.translate(MISSING_MASK), "little")
         return bool(int.from_bytes(src.bits, "little") & missing)
 
     def rarity(self, chunk: int) -> int:
@@ -838,7 +411,7 @@ class ChunkPlan:
         usable = [s for p, s in self._sources.items() if not self._is_stalled(p, now)]
         if any(s.bits is None for s in usable):
             return False
-        missing = int.from_bytes(self._state.translate(_MISSING_MASK), "little")
+        missing = int.from_bytes(self._state.translate(MISSING_MASK), "little")
         return not any(int.from_bytes(s.bits or b"", "little") & missing for s in usable)
 
     def next_deadline(self) -> float | None:
@@ -870,7 +443,7 @@ class ChunkPlan:
 
     def _assert_invariants(self) -> None:
         """Cross-check every redundant structure (tests and the simulator)."""
-        idle = [c for c in range(self._n) if self._state[c] == _IDLE]
+        idle = [c for c in range(self._n) if self._state[c] == ST_IDLE]
         bucketed = sorted(c for b in self._buckets.values() for c in b)
         assert bucketed == idle, "bucket contents differ from idle chunks"
         for key, bucket in self._buckets.items():
@@ -881,7 +454,7 @@ class ChunkPlan:
         for src in self._sources.values():
             if src.bits is not None:
                 assert src.count == src.bits.count(1) < self._n or self._n == 0
-                for c in _ones(src.bits):
+                for c in all_ones(src.bits):
                     counts[c] += 1
             assert len(src.inflight) <= self._per_peer and 1 <= src.cap <= self._per_peer
         assert counts == self._partial_count, "rarity counts drifted"
@@ -889,19 +462,11 @@ class ChunkPlan:
         requests = {(p, c) for p, s in self._sources.items() for c in s.inflight}
         assert requests == {(p, c) for c, ps in self._chunk_peers.items() for p in ps}
         for c, ps in self._chunk_peers.items():
-            assert 1 <= len(ps) <= _MAX_DUPLICATES and len(set(ps)) == len(ps)
-            assert self._state[c] == _INFLIGHT
-        assert self._state.count(_INFLIGHT) == len(self._chunk_peers)
-        assert self._state.count(_VERIFIED) == self._verified
+            assert 1 <= len(ps) <= MAX_DUPLICATES and len(set(ps)) == len(ps)
+            assert self._state[c] == ST_INFLIGHT
+        assert self._state.count(ST_INFLIGHT) == len(self._chunk_peers)
+        assert self._state.count(ST_VERIFIED) == self._verified
         assert not self._banned & set(self._sources)
-
-    def _is_stalled(self, peer: str, now: float) -> bool:
-        until = self._stalled_until.get(peer)
-        return until is not None and now < until
-
-    def _check_chunk(self, chunk: int) -> None:
-        if not _is_int(chunk) or not 0 <= chunk < self._n:
-            raise LocalProtocolError(f"chunk index {chunk!r} outside [0, {self._n})")
 
 
 def choose_sources(
@@ -924,7 +489,7 @@ def choose_sources(
     and the chunks still spread.  A useless source makes room for another
     holder when there is one to try.  O(len(found)).
     """
-    if not _is_int(limit) or limit < 1:
+    if not is_int(limit) or limit < 1:
         raise LocalProtocolError("limit must be an int >= 1")
     found_list = sorted(set(found))  # sorted: the choice depends on rng only
     found_set = set(found_list)
@@ -945,16 +510,3 @@ def choose_sources(
         spare = [p for p in found_list if p in dull and p not in out]
         out.update(rng.sample(spare, min(len(spare), limit - len(out))))
     return out
-
-
-def _any_full(free: list[tuple[str, _Source]]) -> bool:
-    return any(src.bits is None for _, src in free)
-
-
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _check_peer(peer: object) -> None:
-    if not isinstance(peer, str) or not peer:
-        raise LocalProtocolError("peer must be a non-empty string")

@@ -5,7 +5,8 @@ the daemon's own policy, and the policy keeps issue 26's promises there
 
 from __future__ import annotations
 
-from sim.swarm import SwarmSpec, Target, _Swarm, simulate
+from sim.swarm import SwarmSpec, _Swarm, simulate
+from sim.swarm_tables import Target
 
 
 def test_forty_receivers_finish_near_s_over_b_and_the_seed_sends_each_chunk_about_once() -> None:

@@ -90,17 +90,10 @@ def test_the_composition_root_is_imported_by_nobody_but_the_cli() -> None:
 # module is exempt from both limits) or "path::function" (that function only).
 MODULE_LINES_MAX = 600
 FUNCTION_LINES_MAX = 120
-_RESHAPING = "being reshaped (issue 28/26), see the lead"
-_HELD = "held by another engineer this round (issue 28), see the lead"
 SIZE_EXCEPTIONS: dict[str, str] = {
-    "protocol/gossip.py": _RESHAPING,
-    "protocol/transfer/chunkplan.py": _RESHAPING,
-    "sim/swarm.py": _RESHAPING,
-    "meshnode/copies/puller.py::_pull_chunks": _RESHAPING,
-    "meshnode/copies/sources/hf.py::fetch_hf": _RESHAPING,
-    "meshnode/copies/sources/s3.py": _RESHAPING,
-    "protocol/catalog.py": _HELD,
-    "sim/__main__.py::main": _HELD + " (the jobs sim edits it)",
+    # 660 lines: the S3 fetch, and its resume ledger with the ranged part file
+    # (_Object, _Ledger, _RangedPart, _check_range), the next cut (issue 28).
+    "meshnode/copies/sources/s3.py": "not split yet: its ledger and ranged part file go to their own module",
 }
 _ROOT = pathlib.Path(__file__).resolve().parents[2]
 

@@ -324,6 +324,58 @@ async def fetch_hf(
             commit = rev
         else:
             raise SourceError("UNAVAILABLE", f"the hub did not say which commit {repo}@{rev or 'main'} is")
+    selected = _select_files(info, repo, commit, allow_patterns, ignore_patterns, tok)
+    total = await _make_room(selected, dest_dir, repo, commit, reserve)
+
+    headers = {"User-Agent": "meshnode"}
+    if tok:
+        headers["Authorization"] = f"Bearer {tok}"
+    tracker = ProgressTracker(progress, total, len(selected))
+    tracker.start()
+    outcomes: dict[str, Any] = {}
+    limiter = trio.CapacityLimiter(max(1, concurrency))
+    own = client is None
+    c = client if client is not None else httpx.AsyncClient(follow_redirects=True, timeout=policy.timeout())
+
+    async def one(s: Any) -> None:
+        rel = s.rfilename
+        digest: Digest | None = None
+        if s.lfs is not None and getattr(s.lfs, "sha256", None):
+            digest = ("sha256", s.lfs.sha256)
+        elif s.blob_id and s.size is not None:
+            digest = ("git-sha1", s.blob_id)
+        url = hf_hub_url(repo, rel, revision=commit, endpoint=ep)
+        async with limiter:
+            outcomes[rel] = await download_file(
+                c, url, dest_dir, rel, size=s.size, digest=digest, headers=headers, policy=policy,
+                tracker=tracker, secret=tok, classify=_file_classifier(repo, commit, rel, tok),
+            )
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for s in selected:
+                nursery.start_soon(one, s)
+    except BaseExceptionGroup as eg:
+        first = first_of(eg, SourceError)
+        if isinstance(first, SourceError) and first.code in ("UNAUTHORIZED", "NOT_FOUND"):
+            # Final answers: partial files of this commit will never be resumed.
+            await trio.to_thread.run_sync(_drop_partials, dest_dir)
+        if first is not None and only(eg, (SourceError, trio.Cancelled)):
+            raise first from None
+        raise
+    finally:
+        if own:
+            with trio.CancelScope(shield=True):
+                await c.aclose()
+    return await _result(info, selected, outcomes, dest_dir, repo=repo, rev=rev, commit=commit, ep=ep,
+                         allow_patterns=allow_patterns, ignore_patterns=ignore_patterns)
+
+
+def _select_files(
+    info: Any, repo: str, commit: str, allow_patterns: Sequence[str] | str | None,
+    ignore_patterns: Sequence[str] | str | None, tok: str | None,
+) -> list[Any]:
+    """The repo's files the patterns select, sorted by name; each name one the store can hold."""
     siblings = list(info.siblings or [])
     try:
         selected = sorted(
@@ -344,7 +396,14 @@ async def fetch_hf(
             raise SourceError("INVALID_REQUEST", f"{repo} has a file name that cannot be stored ({s.rfilename!r}: {e})") from None
     if info.gated and not tok:
         raise SourceError("UNAUTHORIZED", f"{repo} is gated: it needs a token of an account with access (set HF_TOKEN)")
+    return selected
 
+
+async def _make_room(
+    selected: list[Any], dest_dir: Path, repo: str, commit: str, reserve: Callable[[int], Awaitable[None]] | None,
+) -> int | None:
+    """The files' total size (None when the listing lacks one): reserved, and
+    checked against the free space where they are staged, less what is there."""
     sizes = [s.size for s in selected]
     total: int | None = sum(x for x in sizes if x is not None) if all(x is not None for x in sizes) else None
     rels = [s.rfilename for s in selected]
@@ -360,72 +419,40 @@ async def fetch_hf(
                                   "staged")
     except OSError as e:
         raise os_error(e, str(dest_dir)) from None
+    return total
 
-    headers = {"User-Agent": "meshnode"}
-    if tok:
-        headers["Authorization"] = f"Bearer {tok}"
-    tracker = ProgressTracker(progress, total, len(selected))
-    tracker.start()
-    outcomes: dict[str, Any] = {}
-    limiter = trio.CapacityLimiter(max(1, concurrency))
-    own = client is None
-    c = client if client is not None else httpx.AsyncClient(follow_redirects=True, timeout=policy.timeout())
 
-    def classifier(rel: str) -> Any:
-        def classify(r: httpx.Response, with_token: bool) -> SourceError | None:
-            code = r.headers.get("x-error-code", "")
-            message = r.headers.get("x-error-message", "")
-            if code == "GatedRepo" or (r.status_code == 403 and "gated" in message.lower()):
-                if with_token:
-                    return SourceError("UNAUTHORIZED", f"{repo} is gated and the token's account has no access: ask for it on the hub")
-                return SourceError("UNAUTHORIZED", f"{repo} is gated: it needs a token of an account with access (set HF_TOKEN)")
-            if code == "RepoNotFound" and not with_token:
-                return SourceError("NOT_FOUND", f"no repository {repo} on the hub (if it is private, set HF_TOKEN)")
-            if r.status_code == 401:
-                if with_token:
-                    return SourceError("UNAUTHORIZED", f"the hub rejected the token for {repo} (401: invalid or expired)")
-                return SourceError("UNAUTHORIZED", f"{repo} needs a token (private or gated; set HF_TOKEN)")
-            if code == "RepoNotFound":
-                return SourceError("NOT_FOUND", f"no repository {repo} on the hub (or the token cannot see it)")
-            if code == "RevisionNotFound":
-                return SourceError("NOT_FOUND", f"{repo} has no commit {commit}")
-            if r.status_code in (404, 410):
-                return SourceError("NOT_FOUND", f"{repo}@{commit[:12] if commit else ''} has no file {rel}")
-            err = default_classify(r, with_token)
-            return SourceError(err.code, redact(err.message, tok))
-        return classify
+def _file_classifier(repo: str, commit: str, rel: str, tok: str | None) -> Callable[[httpx.Response, bool], SourceError | None]:
+    """What a failed download of file ``rel`` means, in the hub's words (its ``x-error-code``)."""
+    def classify(r: httpx.Response, with_token: bool) -> SourceError | None:
+        code = r.headers.get("x-error-code", "")
+        message = r.headers.get("x-error-message", "")
+        if code == "GatedRepo" or (r.status_code == 403 and "gated" in message.lower()):
+            if with_token:
+                return SourceError("UNAUTHORIZED", f"{repo} is gated and the token's account has no access: ask for it on the hub")
+            return SourceError("UNAUTHORIZED", f"{repo} is gated: it needs a token of an account with access (set HF_TOKEN)")
+        if code == "RepoNotFound" and not with_token:
+            return SourceError("NOT_FOUND", f"no repository {repo} on the hub (if it is private, set HF_TOKEN)")
+        if r.status_code == 401:
+            if with_token:
+                return SourceError("UNAUTHORIZED", f"the hub rejected the token for {repo} (401: invalid or expired)")
+            return SourceError("UNAUTHORIZED", f"{repo} needs a token (private or gated; set HF_TOKEN)")
+        if code == "RepoNotFound":
+            return SourceError("NOT_FOUND", f"no repository {repo} on the hub (or the token cannot see it)")
+        if code == "RevisionNotFound":
+            return SourceError("NOT_FOUND", f"{repo} has no commit {commit}")
+        if r.status_code in (404, 410):
+            return SourceError("NOT_FOUND", f"{repo}@{commit[:12] if commit else ''} has no file {rel}")
+        err = default_classify(r, with_token)
+        return SourceError(err.code, redact(err.message, tok))
+    return classify
 
-    async def one(s: Any) -> None:
-        rel = s.rfilename
-        digest: Digest | None = None
-        if s.lfs is not None and getattr(s.lfs, "sha256", None):
-            digest = ("sha256", s.lfs.sha256)
-        elif s.blob_id and s.size is not None:
-            digest = ("git-sha1", s.blob_id)
-        url = hf_hub_url(repo, rel, revision=commit, endpoint=ep)
-        async with limiter:
-            outcomes[rel] = await download_file(
-                c, url, dest_dir, rel, size=s.size, digest=digest, headers=headers, policy=policy,
-                tracker=tracker, secret=tok, classify=classifier(rel),
-            )
 
-    try:
-        async with trio.open_nursery() as nursery:
-            for s in selected:
-                nursery.start_soon(one, s)
-    except BaseExceptionGroup as eg:
-        first = first_of(eg, SourceError)
-        if isinstance(first, SourceError) and first.code in ("UNAUTHORIZED", "NOT_FOUND"):
-            # Final answers: partial files of this commit will never be resumed.
-            await trio.to_thread.run_sync(_drop_partials, dest_dir)
-        if first is not None and only(eg, (SourceError, trio.Cancelled)):
-            raise first from None
-        raise
-    finally:
-        if own:
-            with trio.CancelScope(shield=True):
-                await c.aclose()
-
+async def _result(
+    info: Any, selected: list[Any], outcomes: dict[str, Any], dest_dir: Path, *, repo: str, rev: str | None,
+    commit: str, ep: str, allow_patterns: Sequence[str] | str | None, ignore_patterns: Sequence[str] | str | None,
+) -> SourceResult:
+    """What was fetched: the files, the model's type and the metadata kept with the copy."""
     model_type: str | None = None
     if "config.json" in outcomes:
         model_type = await trio.to_thread.run_sync(_read_model_type, dest_dir / "config.json")
