@@ -43,15 +43,13 @@ worker thread; progress and retries run in trio.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
-import json
 import logging
 import os
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -61,7 +59,7 @@ import trio
 from protocol.errors import InvalidName
 from protocol.manifest import validate_rel_path
 
-from ...persist import FILE_MODE, atomic_write, make_dirs
+from ...persist import make_dirs
 from .common import (
     DEFAULT_RETRY,
     PART_SUFFIX,
@@ -74,6 +72,7 @@ from .common import (
 )
 from .guard import guard_error, public_only_connections, resolve_public
 from .http import ProgressTracker, os_error
+from .s3ledger import LEDGER, PIECE_BYTES, _check_claims, _Ledger, _Object, _RangedPart
 
 __all__ = ["S3Location", "fetch_s3", "parse_s3_url"]
 
@@ -85,11 +84,7 @@ for _name in ("botocore", "boto3", "s3transfer", "urllib3"):
 OBJECTS_MAX = 100_000
 RANGE_BYTES = 8 << 20  # a range of an object not uploaded in parts
 RANGE_MAX = 64 << 20  # a part bigger than this is fetched in several ranges (its MD5 read again)
-PIECE_BYTES = 1 << 20  # read, written and hashed at once, in a worker thread
 CONCURRENCY = 8
-LEDGER = ".meshnode-s3-resume.json"  # the resume record, in the staging directory
-LEDGER_EVERY_S = 1.0  # at least; more when writing the record takes long (at most 5% of the time)
-LEDGER_MAX_BYTES = 64 << 20  # a bigger record is not read (the fetch starts over)
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]\Z")
 _REGION = re.compile(r"[a-z0-9\-]{1,32}\Z")
 _MD5 = re.compile(r"[0-9a-f]{32}\Z")
@@ -145,17 +140,6 @@ def parse_s3_url(url: str) -> S3Location:
     if region is not None and not _REGION.match(region):
         raise bad("region: lowercase letters, digits and '-'")
     return S3Location(bucket, prefix, endpoint, region)
-
-
-@dataclass
-class _Object:
-    key: str
-    rel: str
-    size: int
-    etag: str
-    part_size: int | None = None  # multipart: the size of its parts (all but the last)
-    parts: dict[int, bytes] = field(default_factory=dict)  # range index -> its MD5 (a part's, when aligned)
-    ranges: list[tuple[int, int]] = field(default_factory=list)  # (offset, length)
 
 
 def _secrets() -> list[str]:
@@ -313,27 +297,12 @@ async def fetch_s3(url: str, dest_dir: Path, *, progress: Progress | None = None
     fetched, may make room for them or refuse (the evictor's ``make_room``)."""
     policy = retries or DEFAULT_RETRY
     loc = parse_s3_url(url)
-    # A client's endpoint (the node's own is the operator's): checked now for a clear early
-    # answer, and at every connection, where it counts (a DNS answer may change in between).
-    guard: str | None = None
-    if loc.endpoint_url is not None and not allow_private:
-        e = urlsplit(loc.endpoint_url)
-        guard = e.hostname or ""
-        await resolve_public(guard, e.port or (443 if e.scheme == "https" else 80))
+    guard = await _endpoint_guard(loc, allow_private)
     client = await _call(lambda: _client(loc, endpoint_url, policy, concurrency), "S3 client", policy)
     objects: list[_Object] = await _call(lambda: _list(client, loc), f"listing {loc.show()}", policy, guard)
     if not objects:
         raise SourceError("NOT_FOUND", f"no object under {loc.show()}")
-    rels = [o.rel for o in objects]
-    if LEDGER in rels:
-        raise SourceError("INVALID_REQUEST", f"{loc.show()}: an object named {LEDGER} (meshnode's own file name)")
-    if len(set(rels)) != len(rels):
-        raise SourceError("INVALID_REQUEST", f"two objects under {loc.show()} map to one file name")
-    dirs = {rel.rsplit("/", i)[0] for rel in rels for i in range(1, rel.count("/") + 1)}
-    both = sorted(dirs & set(rels))
-    if both:
-        raise SourceError("INVALID_REQUEST", f"{loc.show()}: {both[0][:200]!r} is both an object and a "
-                                             "directory of others: it cannot be a file too")
+    rels = _file_names(loc, objects)
     total = sum(o.size for o in objects)
     if reserve is not None:
         await reserve(total)
@@ -361,21 +330,7 @@ async def fetch_s3(url: str, dest_dir: Path, *, progress: Progress | None = None
         _plan_ranges(o, range_bytes)
     ledger = _Ledger(dest_dir / LEDGER)
     await trio.to_thread.run_sync(ledger.load)
-    files: dict[str, _RangedPart] = {}
-    begun: dict[tuple[str, int], tuple[int, Any]] = {}  # (file, range) -> (bytes already there, their MD5)
-    resumed = 0
-    for o in objects:
-        part, final = dest_dir / (o.rel + PART_SUFFIX), dest_dir / o.rel
-        done, partial = ledger.claims(o)
-        path = part if part.exists() else final if final.exists() else part
-        ok_part: dict[int, tuple[int, Any]] = {}
-        if done or partial:
-            ok_done, ok_part = await trio.to_thread.run_sync(_check_claims, path, o, done, partial)
-            o.parts.update(ok_done)
-            begun.update({(o.rel, i): v for i, v in ok_part.items()})
-            resumed += sum(o.ranges[i][1] for i in ok_done) + sum(n for n, _ in ok_part.values())
-        ledger.begin(o)
-        files[o.rel] = _RangedPart(path, o.size, len(o.ranges) - len(o.parts), keep=bool(o.parts or ok_part))
+    files, begun, resumed = await _resume(dest_dir, objects, ledger)
     if resumed:
         log.info("S3: resuming %s: %d of %d bytes already here", loc.show(), resumed, total)
         tracker.add_bytes(resumed)
@@ -446,181 +401,66 @@ async def fetch_s3(url: str, dest_dir: Path, *, progress: Progress | None = None
         if not finished:  # stopped or failed: what is done so far, for the next try
             with trio.CancelScope(shield=True):
                 await ledger.flush(now=True)
-    model_type = None
-    cfg = dest_dir / "config.json"
-    if "config.json" in rels:
-        from .hf import _read_model_type
-
-        model_type = await trio.to_thread.run_sync(_read_model_type, cfg)
+    model_type = await _model_type(dest_dir) if "config.json" in rels else None
     return SourceResult(sorted(rels), total, None, model_type, verified=verified)
 
 
-class _Ledger:
-    """What of each object is already in the staging directory (see the
-    module's doc, step 5).  Entries: key -> {etag, size, ranges, done: {index:
-    md5}, part: {index: [bytes, md5 of them]}}; written whole, throttled."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.entries: dict[str, dict[str, Any]] = {}
-        self._written_at = -float("inf")
-        self._dirty = False
-        self._lock = trio.Lock()
-
-    def _leftovers(self) -> list[Path]:
-        """Temp files of writes a kill cut short (they must not become files of the model)."""
-        return list(self.path.parent.glob(f".{self.path.name}.tmp-*"))
-
-    def load(self) -> None:
-        """Blocking.  A missing, unreadable, oversized or malformed record is an empty one."""
-        with contextlib.suppress(OSError):
-            for t in self._leftovers():
-                t.unlink(missing_ok=True)
-        try:
-            if self.path.stat().st_size > LEDGER_MAX_BYTES:
-                return
-            raw = json.loads(self.path.read_bytes())
-        except (OSError, ValueError, RecursionError):
-            return
-        if isinstance(raw, dict):
-            self.entries = {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, dict)}
-
-    def claims(self, o: _Object) -> tuple[dict[int, str], dict[int, tuple[int, str]]]:
-        """The ranges done and the prefixes of ranges in flight the record holds
-        for ``o`` as it is now listed (none when its ETag, size or ranges changed,
-        or when the entry is not as this code writes it)."""
-        e = self.entries.get(o.key)
-        try:
-            if not e or e.get("etag") != o.etag or e.get("size") != o.size \
-                    or e.get("ranges") != [list(r) for r in o.ranges]:
-                return {}, {}
-            n = len(o.ranges)
-
-            def index(k: Any) -> int | None:
-                ok = isinstance(k, str) and 0 < len(k) <= 9 and k.isascii() and k.isdigit()
-                return int(k) if ok and int(k) < n else None
-
-            raw_done, raw_part = e.get("done"), e.get("part")
-            done = {i: v for k, v in (raw_done.items() if isinstance(raw_done, dict) else ())
-                    if (i := index(k)) is not None and isinstance(v, str) and _MD5.match(v)}
-            part = {}
-            for k, v in raw_part.items() if isinstance(raw_part, dict) else ():
-                i = index(k)
-                if (i is not None and i not in done and isinstance(v, list) and len(v) == 2
-                        and type(v[0]) is int and 0 < v[0] < o.ranges[i][1]
-                        and isinstance(v[1], str) and _MD5.match(v[1])):
-                    part[i] = (v[0], v[1])
-            return done, part
-        except Exception as exc:  # a record this code did not write: believed in nothing
-            log.warning("S3: the resume record for %s is not usable (%s): fetching it whole", o.key[:200],
-                        type(exc).__name__)
-            return {}, {}
-
-    def begin(self, o: _Object) -> None:
-        e: dict[str, Any] = {"etag": o.etag, "size": o.size, "ranges": [list(r) for r in o.ranges], "done": {},
-                             "part": {}}
-        self.entries[o.key] = e
-        for i, d in o.parts.items():
-            e["done"][str(i)] = d.hex()
-        self._dirty = True
-
-    def progress(self, o: _Object, index: int, done: int, h: Any) -> None:
-        self.entries[o.key]["part"][str(index)] = [done, h.copy().hexdigest()]
-        self._dirty = True
-
-    def range_done(self, o: _Object, index: int, digest: bytes) -> None:
-        e = self.entries[o.key]
-        e["part"].pop(str(index), None)
-        e["done"][str(index)] = digest.hex()
-        self._dirty = True
-
-    async def flush(self, now: bool = False) -> None:
-        """Write the record when it changed, at most once per ``LEDGER_EVERY_S`` unless ``now``."""
-        if not self._dirty or self._lock.locked() or (
-                not now and trio.current_time() - self._written_at < LEDGER_EVERY_S):
-            return
-        async with self._lock:
-            t0 = trio.current_time()
-            self._dirty = False
-            data = json.dumps(self.entries, separators=(",", ":")).encode()  # here: the entries change in trio
-            try:  # not durable: what a crash loses is re-hashed, found missing and fetched again
-                await trio.to_thread.run_sync(functools.partial(atomic_write, self.path, data, durable=False))
-            except OSError as e:
-                log.warning("S3: cannot keep the resume record %s: %s", self.path, e)
-            # A big record (many objects, many ranges) is written less often: at most 5% of the time.
-            self._written_at = trio.current_time() + 19 * (trio.current_time() - t0)
-
-    def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
-        for t in self._leftovers():
-            t.unlink(missing_ok=True)
+async def _endpoint_guard(loc: S3Location, allow_private: bool) -> str | None:
+    """The host every connection is checked against (None: not checked).  A
+    client's endpoint (the node's own is the operator's) is checked now for a
+    clear early answer, and at every connection, where it counts (a DNS answer
+    may change in between)."""
+    if loc.endpoint_url is None or allow_private:
+        return None
+    e = urlsplit(loc.endpoint_url)
+    guard = e.hostname or ""
+    await resolve_public(guard, e.port or (443 if e.scheme == "https" else 80))
+    return guard
 
 
-def _md5_of(path: Path, off: int, length: int) -> Any:
-    """The MD5 of ``length`` bytes of ``path`` at ``off`` (fewer there: None)."""
-    h = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        f.seek(off)
-        left = length
-        while left > 0:
-            data = f.read(min(PIECE_BYTES * 8, left))
-            if not data:
-                return None
-            h.update(data)
-            left -= len(data)
-    return h
+def _file_names(loc: S3Location, objects: list[_Object]) -> list[str]:
+    """The objects' file names, refused where two map to one file or one
+    would be both a file and a directory (or is meshnode's own ledger)."""
+    rels = [o.rel for o in objects]
+    if LEDGER in rels:
+        raise SourceError("INVALID_REQUEST", f"{loc.show()}: an object named {LEDGER} (meshnode's own file name)")
+    if len(set(rels)) != len(rels):
+        raise SourceError("INVALID_REQUEST", f"two objects under {loc.show()} map to one file name")
+    dirs = {rel.rsplit("/", i)[0] for rel in rels for i in range(1, rel.count("/") + 1)}
+    both = sorted(dirs & set(rels))
+    if both:
+        raise SourceError("INVALID_REQUEST", f"{loc.show()}: {both[0][:200]!r} is both an object and a "
+                                             "directory of others: it cannot be a file too")
+    return rels
 
 
-def _check_claims(path: Path, o: _Object, done: dict[int, str], part: dict[int, tuple[int, str]]
-                  ) -> tuple[dict[int, bytes], dict[int, tuple[int, Any]]]:
-    """What of the record's claims for ``o`` the file at ``path`` bears out: the
-    done ranges' digests, and the in-flight ranges' (bytes, MD5 so far).  Blocking."""
-    try:
-        if path.stat().st_size != o.size:
-            return {}, {}
-        ok_done = {}
-        for i, want in done.items():
-            h = _md5_of(path, *o.ranges[i])
-            if h is not None and h.hexdigest() == want:
-                ok_done[i] = h.digest()
-        ok_part = {}
-        for i, (n, want) in part.items():
-            h = _md5_of(path, o.ranges[i][0], n)
-            if h is not None and h.hexdigest() == want:
-                ok_part[i] = (n, h)
-        return ok_done, ok_part
-    except OSError:
-        return {}, {}
+async def _resume(dest_dir: Path, objects: list[_Object], ledger: _Ledger
+                  ) -> tuple[dict[str, _RangedPart], dict[tuple[str, int], tuple[int, Any]], int]:
+    """What the ledger says is already here, checked against the bytes: each
+    object's part file, the ranges begun (file, range -> bytes there, their
+    MD5), and the bytes resumed in all."""
+    files: dict[str, _RangedPart] = {}
+    begun: dict[tuple[str, int], tuple[int, Any]] = {}
+    resumed = 0
+    for o in objects:
+        part, final = dest_dir / (o.rel + PART_SUFFIX), dest_dir / o.rel
+        done, partial = ledger.claims(o)
+        path = part if part.exists() else final if final.exists() else part
+        ok_part: dict[int, tuple[int, Any]] = {}
+        if done or partial:
+            ok_done, ok_part = await trio.to_thread.run_sync(_check_claims, path, o, done, partial)
+            o.parts.update(ok_done)
+            begun.update({(o.rel, i): v for i, v in ok_part.items()})
+            resumed += sum(o.ranges[i][1] for i in ok_done) + sum(n for n, _ in ok_part.values())
+        ledger.begin(o)
+        files[o.rel] = _RangedPart(path, o.size, len(o.ranges) - len(o.parts), keep=bool(o.parts or ok_part))
+    return files, begun, resumed
 
 
-class _RangedPart:
-    """An object's ``.part`` file, preallocated and written at offsets by its
-    ranges in parallel (not ``http._StreamPart``, appended in order; see
-    ``common``): opened by its first range, closed after its last, so that
-    open files follow the ranges in flight, not the objects listed."""
+async def _model_type(dest_dir: Path) -> str | None:
+    from .hf import _read_model_type
 
-    def __init__(self, path: Path, size: int, ranges: int, keep: bool = False) -> None:
-        self.path, self.size, self.left = path, size, ranges
-        self.keep = keep  # resumed: what is in it stays
-        self.fd: int | None = None
-
-    def open(self) -> int:
-        if self.fd is None:
-            make_dirs(self.path.parent)
-            trunc = 0 if self.keep else os.O_TRUNC
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | trunc | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
-            os.ftruncate(self.fd, self.size)
-        return self.fd
-
-    def range_done(self) -> None:
-        self.left -= 1
-        if self.left == 0:
-            self.close()
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+    return await trio.to_thread.run_sync(_read_model_type, dest_dir / "config.json")
 
 
 async def _in_pool(jobs: list[Any], work: Callable[[Any], Awaitable[None]], workers: int) -> None:
