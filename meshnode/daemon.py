@@ -292,14 +292,13 @@ class MeshNode:
         copies = self.copies = CopyCatalog(mesh, self.store, saver)
         gpus = self.gpus = GpuMonitor(mesh, open_reader(cfg.fake_gpus, cfg.node_id), cfg.gpu_interval_s)
         catalog.subscribe(copies)  # a purge reaching this node deletes its copies
-        puller = self.puller = Puller(mesh, self.store, data_client, peers, cfg.chunk_stall_s, self.rng,
-                                     source_wait_s=cfg.source_wait_s)
-        self._chunks = LocalChunks(self.store, puller)
         # Asks the parts made below (through these methods) what it may not evict.
         evictor = self.evictor = Evictor(self.store, copies, dict(cfg.watermarks), keep_reason=self._keep_reason,
                                          active_partials=self._active_partials, written=self._written,
                                          interval_s=cfg.scrub_interval_s, partial_keep_s=cfg.partial_keep_s)
-        puller.make_room = evictor.make_room
+        puller = self.puller = Puller(mesh, self.store, data_client, peers, cfg.chunk_stall_s, self.rng,
+                                     source_wait_s=cfg.source_wait_s, make_room=evictor.make_room)
+        self._chunks = LocalChunks(self.store, puller)
         settings = TransferSettings(
             intents_dir=cfg.data_dir / "transfers",
             chunk_stall_s=cfg.chunk_stall_s,
@@ -328,11 +327,11 @@ class MeshNode:
             cfg.scheme, peer_ssl_context(cfg), cfg.secrets.outgoing_cluster_secret, cfg.secrets.cluster_secrets))
         self.keeper = Keeper(mesh, registry, transfers, copies, grace_s=cfg.replica_grace_s,
                              interval_s=cfg.replica_interval_s)
-        bundles = self.bundles = Bundles(mesh, self.store, registry, copies, saver, puller, busy=transfers.active_partials)
+        bundles = self.bundles = Bundles(mesh, self.store, registry, copies, saver, puller, busy=transfers.active_partials,
+                                         make_room=evictor.make_room)
         leases = self.leases = Leases(mesh, self.store, registry, transfers, router, cfg.data_dir / "leases.json")
         leases.load()
         copies.watermarks = dict(cfg.watermarks)
-        bundles.make_room = evictor.make_room
         self.verifier = executors.verifier = Verifier(
             self.store, copies, period_s=cfg.verify_period_s, rate_bps=cfg.verify_rate_bps,
             cursor_path=cfg.data_dir / "verify.json", counts=evictor.counts)

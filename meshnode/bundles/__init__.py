@@ -19,7 +19,7 @@ import trio
 from protocol.bundle import BundleHeader
 
 from ..copies.catalog import CopyCatalog
-from ..copies.puller import MakeRoom, Puller
+from ..copies.puller import MakeRoom, Puller, no_eviction
 from ..copies.store import Store
 from ..mesh import Mesh
 from ..registry import Registry
@@ -32,7 +32,8 @@ __all__ = ["Bundles", "ClientGone", "ExportCut"]
 
 class Bundles:
     def __init__(self, mesh: Mesh, store: Store, registry: Registry, copies: CopyCatalog, saver: Saver,
-                 puller: Puller, *, busy: Callable[[], Container[str]] = frozenset) -> None:
+                 puller: Puller, *, busy: Callable[[], Container[str]] = frozenset,
+                 make_room: MakeRoom = no_eviction) -> None:
         self.mesh = mesh
         self.store = store
         self.registry = registry
@@ -42,16 +43,8 @@ class Bundles:
         self.busy = busy  # the .partial entries that transfers write into
         self.counts: Counter[str] = Counter()
         self.exports = Exports(mesh, store, registry, puller, self.counts)
-        self.imports = Imports(mesh, store, registry, copies, saver, busy=busy, counts=self.counts)
-
-    @property
-    def make_room(self) -> MakeRoom:
-        """The evictor's, once the node has one (imports make room with it)."""
-        return self.imports.make_room
-
-    @make_room.setter
-    def make_room(self, fn: MakeRoom) -> None:
-        self.imports.make_room = fn
+        self.imports = Imports(mesh, store, registry, copies, saver, busy=busy, counts=self.counts,
+                               make_room=make_room)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:

@@ -105,7 +105,7 @@ class Imports:
     is the evictor's once the node has one."""
 
     def __init__(self, mesh: Mesh, store: Store, registry: Registry, copies: CopyCatalog, saver: Saver, *,
-                 busy: Callable[[], Container[str]], counts: Counter[str]) -> None:
+                 busy: Callable[[], Container[str]], counts: Counter[str], make_room: MakeRoom = no_eviction) -> None:
         self.mesh = mesh
         self.store = store
         self.registry = registry
@@ -113,7 +113,7 @@ class Imports:
         self.saver = saver
         self.busy = busy  # the .partial entries that transfers write into
         self.counts = counts
-        self.make_room: MakeRoom = no_eviction
+        self.make_room = make_room  # the evictor's: an import makes room as a transfer does
         self._imports: set[_Import] = set()
 
     def active_partials(self) -> set[str]:

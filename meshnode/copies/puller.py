@@ -113,7 +113,7 @@ class _Building:
 class Puller:
     def __init__(
         self, mesh: Mesh, store: Store, data: DataClient, peers: PeerClient, chunk_stall_s: float, rng: random.Random,
-        *, source_wait_s: float = 60.0,
+        *, source_wait_s: float = 60.0, make_room: MakeRoom = no_eviction,
     ) -> None:
         self.mesh = mesh
         self.store = store
@@ -123,7 +123,7 @@ class Puller:
         self.source_wait_s = source_wait_s  # a running transfer waits this long for holders to come back
         self.rng = rng
         self._partials: dict[str, _Building] = {}  # manifest hash -> what we are building
-        self.make_room: MakeRoom = no_eviction  # the evictor's, once the node has one
+        self.make_room = make_room  # the evictor's: a transfer makes room before its first chunk
         # (holder, model, manifest hash, chunk) on a ban: the router tells the holder to read its copy again
         self.on_ban: Callable[[str, str, str, int], None] = lambda *_: None
         # Over every transfer since start (the metrics): chunks_verified, bad_chunks, peer_bans, chunk_stalls.
