@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,14 +32,12 @@ from protocol.catalog import Catalog
 from protocol.hlc import HLC
 from protocol.registry import Registration, register_write
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.procs import free_port, stop_all
+
 KEYS_RE = re.compile(r"^meshnode_catalog_keys (\S+)$", re.M)
 SENT_RE = re.compile(r"^meshnode_gossip_sent_bytes(?:_total)? (\S+)$", re.M)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def synthesise(data_dir: Path, node_id: str, keys: int) -> None:
@@ -121,13 +117,7 @@ async def run(args: argparse.Namespace) -> int:
         print(f"{'peer bytes sent by the full node':<44} {sent:>10.0f}")
         return 0 if took is not None and took <= args.target_s else 1
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs)
 
 
 def main() -> int:

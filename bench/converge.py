@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import math
 import random
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,11 +27,8 @@ from pathlib import Path
 import httpx
 import trio
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.procs import free_port, stop_all
 
 
 async def wait_all(client: httpx.AsyncClient, urls: list[str], path: str, poll_s: float, timeout_s: float) -> float:
@@ -113,13 +108,7 @@ async def run(args: argparse.Namespace) -> int:
         print(f"(poll resolution {args.poll / args.interval:.1f} interval; figures include it)")
         return 0 if max(rounds) <= 5 else 1
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs)
 
 
 def main() -> int:

@@ -16,8 +16,6 @@ whole flood.
 from __future__ import annotations
 
 import argparse
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,11 +25,8 @@ from pathlib import Path
 import httpx
 import trio
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.procs import free_port, stop_all
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -124,13 +119,7 @@ async def run(args: argparse.Namespace) -> int:
         print(f"{'one write seen on a third node, max s':<44} {max(times):>9.2f}   ({len(times)} trials)")
         return 0 if verdict == "MET" else 1
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs)
 
 
 def main() -> int:

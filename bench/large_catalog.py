@@ -34,7 +34,8 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.catalog_sync import free_port, synthesise
+from bench.catalog_sync import synthesise
+from bench.procs import free_port
 
 MiB = 1024 * 1024
 

@@ -28,7 +28,6 @@ import os
 import random
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,13 +38,11 @@ from pathlib import Path
 import httpx
 import trio
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.procs import free_port, stop_all
+
 CLK = os.sysconf("SC_CLK_TCK")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def cpu_s(pid: int) -> float:
@@ -88,14 +85,7 @@ class Mesh:
         return sum(cpu_s(self.procs[i].pid) for i in self.up)
 
     def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(self.procs)
 
 
 async def states(client: httpx.AsyncClient, url: str) -> dict[str, str] | None:

@@ -30,7 +30,8 @@ import httpx
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.catalog_sync import KEYS_RE, free_port, metric, synthesise
+from bench.catalog_sync import KEYS_RE, metric, synthesise
+from bench.procs import free_port, stop_all
 
 SAMPLE = 40
 
@@ -122,14 +123,7 @@ async def run(args: argparse.Namespace) -> int:
               f"{'MET' if ok else 'MISSED'}")
         return 0 if ok and missing == 0 else 1
     finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs.values():
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_all(procs.values())
 
 
 def main() -> int:
