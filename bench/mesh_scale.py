@@ -169,16 +169,21 @@ async def run(args: argparse.Namespace) -> int:
                 return 1
             await trio.sleep(args.settle)
             # Idle: nothing written.
-            before = await counters(client, mesh, "gossip_sent_bytes", "suspicions_raised", "deaths_declared")
+            sends = ("gossip_sent_bytes", "send_sent", "send_sent_datagrams")
+            before = await counters(client, mesh, *sends, "suspicions_raised", "deaths_declared")
             c0, w0 = mesh.cpu(), time.monotonic()
             await trio.sleep(args.idle)
             c1, w1 = mesh.cpu(), time.monotonic()
-            after = await counters(client, mesh, "gossip_sent_bytes")
+            after = await counters(client, mesh, *sends)
             cores = (c1 - c0) / (w1 - w0)
             per_node_bps = (after["gossip_sent_bytes"] - before["gossip_sent_bytes"]) / (w1 - w0) / n
             row(f"idle CPU, all {n} daemons together", f"{cores:.3f} cores ({100 * cores / n:.2f}% of a core each)",
                 "0.5 cores", cores <= 0.5)
             row("gossip bytes sent per node per second, idle", f"{per_node_bps:.0f}", "printed", None)
+            sent = after["send_sent"] - before["send_sent"]
+            dgrams = after["send_sent_datagrams"] - before["send_sent_datagrams"]
+            row("peer messages sent per node per second, idle", f"{sent / (w1 - w0) / n:.1f} "
+                f"({100 * dgrams / max(sent, 1):.0f}% as datagrams)", "printed", None)
             # A write spreading to everyone.
             times: list[float] = []
             unseen = 0

@@ -25,6 +25,7 @@ from protocol.eviction import InvalidWatermarks, Watermarks
 from protocol.gpus import parse_fake_gpus
 from protocol.httpguard import split_host
 from protocol.names import validate_address
+from protocol.peerdgram import DGRAM_PAYLOAD_MAX
 from protocol.replicas import InvalidPolicy, parse_labels
 from protocol.serving import ENGINES, parse_port_range
 
@@ -75,6 +76,7 @@ class Config:
     write_rate: float = 50.0  # API writes per second per token (or client address); 0: unlimited
     ingest_roots: tuple[Path, ...] = ()  # empty: <data-dir>/import
     allow_private_sources: bool = False
+    datagram_max: int = 1400  # peer messages up to this many bytes go as UDP datagrams; 0: HTTP only
     max_ingress_bps: float = 0.0  # 0: unlimited
     max_egress_bps: float = 0.0
     chunk_stall_s: float = 10.0
@@ -198,6 +200,8 @@ _OPTIONS: list[tuple[str, type, str, Any]] = [
      "in bursts of ten times that; 0: unlimited (default 50)", 50.0),
     ("ingest_roots", str, "directories local ingest may read, comma-separated (default <data-dir>/import)", None),
     ("allow_private_sources", bool, "fetch http(s) sources on loopback, private and link-local addresses too", False),
+    ("datagram_max", int, "peer messages up to this many bytes (probes, acks, rumours, digests) go as signed UDP "
+     "datagrams to the peer's port, larger ones by HTTP; 0: HTTP only. Never under TLS (default 1400)", 1400),
 ]
 
 
@@ -342,6 +346,8 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
         raise ConfigError("--max-models must be at least 1")
     if not 0 <= o["write_rate"] <= 1_000_000:  # also refuses nan
         raise ConfigError("--write-rate must be between 0 (unlimited) and 1000000 writes per second")
+    if not 0 <= o["datagram_max"] <= DGRAM_PAYLOAD_MAX:
+        raise ConfigError(f"--datagram-max must be between 0 (HTTP only) and {DGRAM_PAYLOAD_MAX} bytes")
     data_port = o["data_port"]
     if data_port is None:
         data_port = 0 if port == 0 else port + 1
@@ -378,6 +384,7 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
         write_rate=o["write_rate"],
         ingest_roots=_ingest_roots(o["ingest_roots"], data_dir),
         allow_private_sources=bool(o["allow_private_sources"]),
+        datagram_max=0 if tls_cert else o["datagram_max"],
         max_ingress_bps=parse_rate(o["max_ingress"], "--max-ingress"),
         max_egress_bps=parse_rate(o["max_egress"], "--max-egress"),
         chunk_stall_s=o["chunk_stall"],

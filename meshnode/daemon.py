@@ -59,6 +59,7 @@ from .copies.puller import LocalChunks, Puller
 from .copies.store import Store
 from .copies.transfers import Transfers, TransferSettings
 from .copies.verifier import Verifier
+from .datagrams import Datagrams
 from .errors import MeshError, first_of
 from .gpus import GpuMonitor, open_reader
 from .httpserver import ConnectionLimits, HttpServer, raise_fd_limit
@@ -129,6 +130,7 @@ class MeshNode:
         self.bundles: Bundles | None = None
         self.leases: Leases | None = None
         self.http: HttpServer | None = None
+        self.datagrams: Datagrams | None = None  # the UDP port, when bound (``meshnode.datagrams``)
         self.data_server: DataServer | None = None
         self.data_client: DataClient | None = None
         self.data_port = 0
@@ -200,49 +202,57 @@ class MeshNode:
     async def _serve(self, data_client: DataClient, task_status: trio.TaskStatus[MeshNode]) -> None:
         cfg = self.cfg
         assert self.data_server is not None
-        async with make_peer_client(cfg) as client, trio.open_nursery() as nursery:
-            sender = PeerSender(cfg, client)
-            nofile = raise_fd_limit()
-            limits = ConnectionLimits.for_fd_limit(nofile, total=cfg.max_connections, per_client=cfg.max_client_connections)
-            self.http = HttpServer(create_app(self.api), self._hyper_config(), limits, self._privileged_client)
-            bound = await nursery.start(self.http.serve)
-            port = int(str(bound[0]).rsplit(":", 1)[1])
-            log.info("HTTP: at most %d connections (%d from one client, the last %d for peers and local "
-                     "clients); open-file limit %d", limits.total, limits.per_client, limits.reserve, nofile)
-            self.data_port = await nursery.start(self.data_server.serve, cfg.host, cfg.data_port)
-            host = cfg.host if ":" not in cfg.host else f"[{cfg.host}]"
-            self.address = cfg.advertise or f"{host}:{port}"
-            self.url = f"{cfg.scheme}://{host}:{port}"
-            await self._start(self.address, sender, data_client, PeerClient(client, cfg.scheme))
-            assert self.mesh and self.saver and self.transfers and self.copies and self.jobs and self.gpus
-            assert self.services and self.keeper and self.evictor
-            await nursery.start(sender.run)
-            await nursery.start(self.gpus.run)
-            await nursery.start(self.services.run)
-            await nursery.start(self.transfers.run)
-            await nursery.start(self.jobs.run)
-            sender.watch_seeds([j for j in cfg.join if j != self.address])
-            await nursery.start(self.mesh.run)
-            await nursery.start(self.saver.run, cfg.persist_interval_s)
-            await nursery.start(self.copies.run, cfg.storage_refresh_s)
-            await nursery.start(self.keeper.run)
-            assert self.bundles is not None
-            await nursery.start(self.bundles.run)
-            await nursery.start(self.evictor.run)
-            assert self.verifier is not None and self.router is not None
-            await nursery.start(self.verifier.run)
-            await nursery.start(self.router.run_reports)
-            log.info(
-                "node %s generation %d listening on %s (cluster %r, joining %s)",
-                cfg.node_id, self.generation, self.url, cfg.cluster, ",".join(cfg.join) or "nobody",
-            )
-            self.started.set()
-            task_status.started(self)
-            nursery.start_soon(self._announce_ready, sender)
-            await self._stop.wait()
-            await self.mesh.leave(cfg.peer_timeout_s)
-            await self.saver.save_snapshot()
-            nursery.cancel_scope.cancel()
+        datagrams = Datagrams(cfg.node_id, cfg.secrets.outgoing_cluster_secret, self.api.peer_gate.check_datagram)
+        try:
+            async with make_peer_client(cfg) as client, trio.open_nursery() as nursery:
+                nofile = raise_fd_limit()
+                limits = ConnectionLimits.for_fd_limit(nofile, total=cfg.max_connections, per_client=cfg.max_client_connections)
+                self.http = HttpServer(create_app(self.api), self._hyper_config(), limits, self._privileged_client)
+                bound = await nursery.start(self.http.serve)
+                port = int(str(bound[0]).rsplit(":", 1)[1])
+                if cfg.datagram_max > 0 and await datagrams.bind(cfg.host, port):
+                    self.api.takes_datagrams = True
+                self.datagrams = datagrams if datagrams.bound else None
+                sender = PeerSender(cfg, client, self.datagrams)
+                log.info("HTTP: at most %d connections (%d from one client, the last %d for peers and local "
+                         "clients); open-file limit %d", limits.total, limits.per_client, limits.reserve, nofile)
+                self.data_port = await nursery.start(self.data_server.serve, cfg.host, cfg.data_port)
+                host = cfg.host if ":" not in cfg.host else f"[{cfg.host}]"
+                self.address = cfg.advertise or f"{host}:{port}"
+                self.url = f"{cfg.scheme}://{host}:{port}"
+                await self._start(self.address, sender, data_client, PeerClient(client, cfg.scheme))
+                assert self.mesh and self.saver and self.transfers and self.copies and self.jobs and self.gpus
+                assert self.services and self.keeper and self.evictor
+                await nursery.start(sender.run)
+                await nursery.start(datagrams.run, self._receive_datagram)
+                await nursery.start(self.gpus.run)
+                await nursery.start(self.services.run)
+                await nursery.start(self.transfers.run)
+                await nursery.start(self.jobs.run)
+                sender.watch_seeds([j for j in cfg.join if j != self.address])
+                await nursery.start(self.mesh.run)
+                await nursery.start(self.saver.run, cfg.persist_interval_s)
+                await nursery.start(self.copies.run, cfg.storage_refresh_s)
+                await nursery.start(self.keeper.run)
+                assert self.bundles is not None
+                await nursery.start(self.bundles.run)
+                await nursery.start(self.evictor.run)
+                assert self.verifier is not None and self.router is not None
+                await nursery.start(self.verifier.run)
+                await nursery.start(self.router.run_reports)
+                log.info(
+                    "node %s generation %d listening on %s (cluster %r, joining %s)",
+                    cfg.node_id, self.generation, self.url, cfg.cluster, ",".join(cfg.join) or "nobody",
+                )
+                self.started.set()
+                task_status.started(self)
+                nursery.start_soon(self._announce_ready, sender)
+                await self._stop.wait()
+                await self.mesh.leave(cfg.peer_timeout_s)
+                await self.saver.save_snapshot()
+                nursery.cancel_scope.cancel()
+        finally:
+            datagrams.close()  # the UDP socket, however the node ends
 
     def _not_ready(self) -> str | None:
         if self._stop.is_set():
@@ -433,6 +443,10 @@ class MeshNode:
         client.load_cert_chain(str(cfg.tls_cert), str(cfg.tls_key))
         return server, client
 
+    def _receive_datagram(self, data: bytes, remote: str, signer: str | None) -> None:
+        assert self.mesh is not None  # the receiving loop starts after the mesh is made
+        self.mesh.receive(data, remote, signer)
+
     def _privileged_client(self, ip: str) -> bool:
         """Members of the mesh, this host's own addresses and loopback: the
         clients the HTTP server keeps a reserve of connections for."""
@@ -454,6 +468,8 @@ class MeshNode:
             out.update(self.mesh.statistics())
         if self.http is not None:
             out.update(self.http.statistics())
+        if self.datagrams is not None:
+            out.update({f"datagram_{k}": v for k, v in self.datagrams.stats.items()})
         if self.data_client is not None:
             out["data_received_bytes"] = self.data_client.statistics().bytes_received
         if self.data_server is not None:

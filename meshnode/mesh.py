@@ -181,6 +181,7 @@ class Mesh:
         except (WrongCluster, WrongVersion, RemoteProtocolError) as e:
             self._note_bad_peer(remote, e)
             raise
+        self.sender.heard(env.sender_addr)
         self.sender.enqueue(self.gossip.receive(env, trio.current_time(), self.rng, wall_ms()))
         if self.gossip.left and self.gossip.leave_settled:
             self._leave_acked.set()

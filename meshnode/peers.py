@@ -32,7 +32,7 @@ import ssl
 import time
 from collections import Counter
 from collections.abc import Generator
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import trio
@@ -47,7 +47,8 @@ from protocol.peerauth import (
     read_hint,
     sign,
 )
-from protocol.wire import encode
+from protocol.peerdgram import DGRAM_HEADER, DatagramPaths
+from protocol.wire import MsgType, encode
 
 from .config import Config
 from .errors import MeshError
@@ -56,6 +57,16 @@ __all__ = ["PEER_PATH", "TO", "PeerAuth", "PeerClient", "PeerSender", "Recipient
            "sign_headers"]
 
 log = logging.getLogger("meshnode.peers")
+
+# Messages any live peer answers (a ping-req is answered only when its target
+# lives): sent as datagrams, an answer is waited for (``DatagramPaths.use``),
+# and past a few seconds without one the peer gets HTTP again.
+_ANSWERED = frozenset({MsgType.PING})
+
+
+class DatagramSender(Protocol):
+    async def send(self, addr: str, body: bytes) -> bool: ...
+
 
 DROP_LOG_EVERY_S = 30.0  # a full send queue is logged at most this often (with the count since)
 
@@ -138,9 +149,11 @@ def make_peer_client(cfg: Config) -> httpx.AsyncClient:
 
 
 class PeerSender:
-    def __init__(self, cfg: Config, client: httpx.AsyncClient) -> None:
+    def __init__(self, cfg: Config, client: httpx.AsyncClient, datagrams: DatagramSender | None = None) -> None:
         self.cfg = cfg
         self.client = client
+        self.datagrams = datagrams
+        self.paths = DatagramPaths(max_bytes=max(cfg.datagram_max, 1))
         self._send, self._recv = trio.open_memory_channel[Send](cfg.send_queue_max)
         self.stats: Counter[str] = Counter()
         self._warned: set[tuple[str, str]] = set()
@@ -201,16 +214,30 @@ class PeerSender:
         self._warned.add((to, reason))
         return True
 
+    def heard(self, addr: str) -> None:
+        """A message came from the node at ``addr`` (its datagrams get through)."""
+        self.paths.heard(addr)
+
     async def send_now(self, s: Send) -> bool:
-        """Deliver one message; False (a log line, a count) on any failure of
-        that one peer: a bad address, a refused connection, a timeout."""
+        """Deliver one message, as a datagram where the peer takes them and it
+        fits (``protocol.peerdgram``), else by HTTP; False (a log line, a
+        count) on any failure of that one peer: a bad address, a refused
+        connection, a timeout."""
         body = encode(s.envelope)
+        if self.datagrams is not None and self.paths.use(
+                s.to, len(body), trio.current_time(), expects_reply=s.envelope.type in _ANSWERED):
+            if await self.datagrams.send(s.to, body):
+                self.stats["sent"] += 1
+                self.stats["sent_datagrams"] += 1
+                self.stats["bytes"] += len(body)
+                return True
         try:
             r = await self.client.post(f"{self.cfg.scheme}://{s.to}{PEER_PATH}", content=body)
         except (httpx.HTTPError, httpx.InvalidURL, OSError, ValueError) as e:
             # InvalidURL is not an HTTPError: an address the decoder let through
             # must still never end the node, so it is caught here too.
             self.stats["failed"] += 1
+            self.paths.forget(s.to)
             log.debug("message to %s failed: %s", s.to[:80], type(e).__name__)
             self._seed_outcome(s.to, f"{type(e).__name__}: {str(e)[:120]}" if str(e) else type(e).__name__)
             return False
@@ -219,7 +246,10 @@ class PeerSender:
             self.stats["bytes"] += len(body)
             self._warned.discard((s.to, "refused"))
             self._seed_outcome(s.to, None)
+            if self.datagrams is not None and r.headers.get(DGRAM_HEADER) == "1":
+                self.paths.offered(s.to, trio.current_time())
             return True
+        self.paths.forget(s.to)
         self.stats["refused"] += 1
         reason = ""
         try:

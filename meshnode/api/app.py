@@ -68,7 +68,8 @@ def create_app(parts: ApiParts) -> DrainOrClose:
         public, proxy=lambda: parts.running.proxy if parts.running is not None else None,
         api_tokens=parts.api_tokens, guard=parts.guard, gate=parts.peer_gate, refusals=parts.refusals,
         body_max=PUBLIC_BODY_MAX, observe=parts.latency.observe)
-    return DrainOrClose(PeerFastPath(inference, parts.peer_gate, parts.refusals, receive))
+    return DrainOrClose(PeerFastPath(inference, parts.peer_gate, parts.refusals, receive,
+                                     lambda: parts.takes_datagrams))
 
 
 def _public_app(parts: ApiParts) -> QuartTrio:

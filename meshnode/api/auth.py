@@ -22,6 +22,7 @@ from protocol.peerauth import (
     parse_header,
     verify,
 )
+from protocol.peerdgram import DGRAM_METHOD
 
 from ..peers import PEER_PATH
 from ..ratelimit import LogOnce
@@ -92,6 +93,16 @@ class PeerGate:
         unbound_ok = method == "POST" and target.split(b"?", 1)[0] == PEER_PATH.encode()
         me = Recipient(self.node_id, self.generation())
         return verify(cred, self.secrets, method, target, body, self.guard, me=me, unbound_ok=unbound_ok)
+
+    def check_datagram(self, credential: str, body: bytes) -> str | None:
+        """The authenticated sender of a peer datagram (``protocol.peerdgram``):
+        unbound, signed with method ``DGRAM``, under the same secrets, clock
+        window and replay guard as the HTTP route.  Raises ``PeerAuthError``."""
+        if not self.secrets:
+            return None
+        cred = parse_header(credential, int(time.time() * 1000), self.guard.window_ms)
+        me = Recipient(self.node_id, self.generation())
+        return verify(cred, self.secrets, DGRAM_METHOD, PEER_PATH.encode(), body, self.guard, me=me, unbound_ok=True)
 
 
 

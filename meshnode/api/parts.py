@@ -65,6 +65,7 @@ class ApiParts:
     latency: RouteLatency = field(default_factory=RouteLatency)
     guard: ApiGuard = field(default_factory=ApiGuard)  # Host, Origin, body types, write rate
     running: Running | None = None
+    takes_datagrams: bool = False  # its UDP port is bound: peer route 204s say so (``protocol.peerdgram``)
 
     def live(self) -> Running:
         """The running parts, or 503 ``STARTING`` while the node starts."""

@@ -4,7 +4,9 @@ Peer messages are the bulk of a node's requests (every probe, ack and
 anti-entropy step is one), so they skip the web framework: check the form and
 freshness of the peer credential, read at most ``MAX_MESSAGE_BYTES``, check
 its MAC and nonce, hand the bytes to the node (which checks that the
-envelope's sender is the one that signed), answer 204.  Everything else goes
+envelope's sender is the one that signed), answer 204 (saying, when its UDP
+port is bound, that the node takes small messages as datagrams there:
+``protocol.peerdgram``).  Everything else goes
 to the Quart app.
 """
 
@@ -17,6 +19,7 @@ from typing import Any
 import trio
 
 from protocol import RemoteProtocolError
+from protocol.peerdgram import DGRAM_HEADER
 from protocol.wire import MAX_MESSAGE_BYTES
 
 from ..peers import PEER_PATH
@@ -30,9 +33,10 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 ASGIApp = Any  # Quart's own, more precise, ASGI types
 
 
-async def _reply(send: Send, status: int, code: str = "", message: str = "", close: bool = False) -> None:
+async def _reply(send: Send, status: int, code: str = "", message: str = "", close: bool = False,
+                 extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
     body = b"" if status == 204 else json.dumps({"error": {"code": code, "message": message}}).encode()
-    headers = [(b"content-length", str(len(body)).encode())]
+    headers = [(b"content-length", str(len(body)).encode()), *extra]
     if body:
         headers.append((b"content-type", b"application/json"))
     if close:
@@ -96,12 +100,17 @@ class DrainOrClose:
 Receiver = Callable[[bytes, str, "str | None"], None]  # data, remote, signer; raises RemoteProtocolError
 
 
+_TAKES_DATAGRAMS = ((DGRAM_HEADER.encode(), b"1"),)
+
+
 class PeerFastPath:
-    def __init__(self, app: ASGIApp, gate: PeerGate, refusals: Refusals, receive: Receiver) -> None:
+    def __init__(self, app: ASGIApp, gate: PeerGate, refusals: Refusals, receive: Receiver,
+                 takes_datagrams: Callable[[], bool] = lambda: False) -> None:
         self.app = app
         self.gate = gate
         self.refusals = refusals
         self.receive = receive
+        self.takes_datagrams = takes_datagrams
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != PEER_PATH:
@@ -152,4 +161,4 @@ class PeerFastPath:
         except RemoteProtocolError as e:
             await _reply(send, 400, "BAD_PEER_MESSAGE", str(e)[:300])
             return
-        await _reply(send, 204)
+        await _reply(send, 204, extra=_TAKES_DATAGRAMS if self.takes_datagrams() else ())

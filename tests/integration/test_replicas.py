@@ -86,14 +86,23 @@ async def test_a_pinned_model_fills_shrinks_heals_and_follows_labels(mesh: Mesh,
     assert r.status_code == 200, r.text
     assert await _settled(mesh, alive, 1) == {"d"}
 
-    added = dropped = 0.0
-    for h in alive:
-        for line in (await mesh.client.get(h.url + "/metrics")).text.splitlines():
-            if line.startswith("meshnode_replica_copies_added_total "):
-                added += float(line.split()[-1])
-            elif line.startswith("meshnode_replica_copies_dropped_total "):
-                dropped += float(line.split()[-1])
-    assert added >= 2 and dropped >= 2, (added, dropped)  # the living nodes' own steps (the victim's are gone)
+    async def steps() -> tuple[float, float]:
+        added = dropped = 0.0
+        for h in alive:
+            for line in (await mesh.client.get(h.url + "/metrics")).text.splitlines():
+                if line.startswith("meshnode_replica_copies_added_total "):
+                    added += float(line.split()[-1])
+                elif line.startswith("meshnode_replica_copies_dropped_total "):
+                    dropped += float(line.split()[-1])
+        return added, dropped
+
+    async def counted() -> bool:
+        # The living nodes' own steps (the victim's are gone). A drop is counted once its
+        # files are gone, which can be a moment after the catalog stopped naming the copy.
+        added, dropped = await steps()
+        return added >= 2 and dropped >= 2
+
+    await wait_for(counted, timeout_s=10, what="the replica steps counted in /metrics")
 
     # Unpinned: the copies stay where they are.
     r = await mesh.client.delete(a.url + "/models/m/pin")
