@@ -121,6 +121,8 @@ class Datagrams:
                         int(time.time() * 1000), secrets.token_bytes(NONCE_BYTES))
         try:
             await self._sock.sendto(pack(cred, body), where)
+        except trio.ClosedResourceError:
+            return False
         except OSError as e:
             self.stats["send_failed"] += 1
             if e.errno not in (errno.ECONNREFUSED, errno.EAGAIN) and self._log_once((addr, "send")):
@@ -157,6 +159,8 @@ class Datagrams:
         while True:
             try:
                 packet, source = await sock.recvfrom(RECV_BUFFER)
+            except trio.ClosedResourceError:
+                return  # closed: the node is ending
             except OSError as e:  # an ICMP error of an earlier send, on some systems
                 self.stats["recv_failed"] += 1
                 if self._log_once(("recv", e.errno)):

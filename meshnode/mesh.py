@@ -24,7 +24,7 @@ from protocol.catalog import Entry
 from protocol.causal import After, seen
 from protocol.keys import NODE_KEY, NodeInfo, RecordError
 from protocol.membership import Member
-from protocol.wire import WrongCluster, WrongVersion, decode
+from protocol.wire import MsgType, WrongCluster, WrongVersion, decode
 
 from .peers import PeerSender
 from .ratelimit import LogOnce
@@ -181,7 +181,8 @@ class Mesh:
         except (WrongCluster, WrongVersion, RemoteProtocolError) as e:
             self._note_bad_peer(remote, e)
             raise
-        self.sender.heard(env.sender_addr)
+        if env.type is MsgType.ACK:
+            self.sender.answered(env.sender_addr)
         self.sender.enqueue(self.gossip.receive(env, trio.current_time(), self.rng, wall_ms()))
         if self.gossip.left and self.gossip.leave_settled:
             self._leave_acked.set()

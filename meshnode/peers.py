@@ -153,7 +153,7 @@ class PeerSender:
         self.cfg = cfg
         self.client = client
         self.datagrams = datagrams
-        self.paths = DatagramPaths(max_bytes=max(cfg.datagram_max, 1))
+        self.paths = DatagramPaths(max_bytes=max(cfg.datagram_max, 1), confirm_s=1.5 * cfg.gossip.probe_interval_s)
         self._send, self._recv = trio.open_memory_channel[Send](cfg.send_queue_max)
         self.stats: Counter[str] = Counter()
         self._warned: set[tuple[str, str]] = set()
@@ -214,9 +214,9 @@ class PeerSender:
         self._warned.add((to, reason))
         return True
 
-    def heard(self, addr: str) -> None:
-        """A message came from the node at ``addr`` (its datagrams get through)."""
-        self.paths.heard(addr)
+    def answered(self, addr: str) -> None:
+        """An ack came from the node at ``addr``: what we send it gets there."""
+        self.paths.answered(addr)
 
     async def send_now(self, s: Send) -> bool:
         """Deliver one message, as a datagram where the peer takes them and it

@@ -27,8 +27,8 @@ after the peer said it takes them (its 204 to an HTTP message carries
 ``DGRAM_HEADER``), so an older node, a node whose UDP port could not be bound,
 or one behind TLS, keeps getting HTTP.  A path that loses datagrams (a
 firewall that passes TCP only) must not make a live peer look dead: a ping
-(which any live peer answers) sent as a datagram starts a clock, anything heard
-from that peer stops it, and past ``confirm_s`` without a word the peer is
+(which any live peer answers) sent as a datagram starts a clock, an ack from
+that peer stops it (its other messages prove only the way back), and past ``confirm_s`` without a word the peer is
 sent HTTP again for ``retry_after_s``.  Every table is bounded.
 """
 
@@ -79,7 +79,7 @@ def unpack(packet: bytes) -> tuple[str, bytes]:
 
 @dataclass(slots=True)
 class _Path:
-    unanswered_since: float | None = None  # the first ping sent as a datagram since we last heard from the peer
+    unanswered_since: float | None = None  # the first ping sent as a datagram since its last ack
     http_until: float = 0.0  # datagrams lost: HTTP only until then
 
 
@@ -115,8 +115,9 @@ class DatagramPaths:
         while len(self._paths) > self.peers_max:
             self._paths.popitem(last=False)
 
-    def heard(self, addr: str) -> None:
-        """A message (either path) came from the node at ``addr``."""
+    def answered(self, addr: str) -> None:
+        """An ack (either path) came from the node at ``addr``: it hears us.
+        (Any other message from it proves only that its datagrams reach us.)"""
         p = self._paths.get(addr)
         if p is not None:
             p.unanswered_since = None
