@@ -9,6 +9,7 @@ convention.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -157,6 +158,13 @@ def split_address(text: object) -> tuple[str, int]:
     """
     if not isinstance(text, str):
         raise InvalidName("address must be a string")
+    return _split_address(text)
+
+
+@functools.lru_cache(maxsize=8192)
+def _split_address(text: str) -> tuple[str, int]:
+    # Cached: every member record of every peer message carries an address, and
+    # a mesh has as many distinct ones as members (errors are raised, not cached).
     if not text or len(text) > ADDRESS_MAX:
         raise InvalidName(f"address must be 1 to {ADDRESS_MAX} characters")
     shown = repr(text[:80])
