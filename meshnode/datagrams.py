@@ -36,6 +36,7 @@ __all__ = ["Datagrams"]
 log = logging.getLogger("meshnode.datagrams")
 
 RESOLVED_KEEP_S = 60.0
+RESOLVE_TIMEOUT_S = 1.0  # a name not resolved by then goes by HTTP for RESOLVED_KEEP_S
 RESOLVED_MAX = 10_000
 RECV_BUFFER = 65_536
 
@@ -97,8 +98,9 @@ class Datagrams:
                 ip = ipaddress.ip_address(host)
                 found = (str(ip), port) if (ip.version == 6) == (self._family == socket.AF_INET6) else None
             except ValueError:
-                infos = await trio.socket.getaddrinfo(host, port, family=self._family, type=socket.SOCK_DGRAM)
-                found = (str(infos[0][4][0]), int(infos[0][4][1])) if infos else None
+                with trio.move_on_after(RESOLVE_TIMEOUT_S):  # sends wait behind it: bounded
+                    infos = await trio.socket.getaddrinfo(host, port, family=self._family, type=socket.SOCK_DGRAM)
+                    found = (str(infos[0][4][0]), int(infos[0][4][1])) if infos else None
         except (OSError, ValueError):
             found = None
         self._resolved[addr] = (now + RESOLVED_KEEP_S, found)

@@ -218,19 +218,29 @@ class PeerSender:
         """An ack came from the node at ``addr``: what we send it gets there."""
         self.paths.answered(addr)
 
-    async def send_now(self, s: Send) -> bool:
-        """Deliver one message, as a datagram where the peer takes them and it
-        fits (``protocol.peerdgram``), else by HTTP; False (a log line, a
-        count) on any failure of that one peer: a bad address, a refused
-        connection, a timeout."""
-        body = encode(s.envelope)
-        if self.datagrams is not None and self.paths.use(
+    async def _as_datagram(self, s: Send, body: bytes) -> bool:
+        """Send ``body`` as a datagram when the peer takes them and it fits
+        (``protocol.peerdgram``); False when it must go by HTTP."""
+        if self.datagrams is None or not self.paths.use(
                 s.to, len(body), trio.current_time(), expects_reply=s.envelope.type in _ANSWERED):
-            if await self.datagrams.send(s.to, body):
-                self.stats["sent"] += 1
-                self.stats["sent_datagrams"] += 1
-                self.stats["bytes"] += len(body)
-                return True
+            return False
+        if not await self.datagrams.send(s.to, body):
+            return False
+        self.stats["sent"] += 1
+        self.stats["sent_datagrams"] += 1
+        self.stats["bytes"] += len(body)
+        return True
+
+    async def send_now(self, s: Send) -> bool:
+        """Deliver one message, as a datagram where it can go as one, else by
+        HTTP; False (a log line, a count) on any failure of that one peer: a
+        bad address, a refused connection, a timeout."""
+        body = encode(s.envelope)
+        if await self._as_datagram(s, body):
+            return True
+        return await self._post(s, body)
+
+    async def _post(self, s: Send, body: bytes) -> bool:
         try:
             r = await self.client.post(f"{self.cfg.scheme}://{s.to}{PEER_PATH}", content=body)
         except (httpx.HTTPError, httpx.InvalidURL, OSError, ValueError) as e:
@@ -262,24 +272,37 @@ class PeerSender:
         return False
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Datagrams leave in turn, at once; HTTP messages each get a task,
+        at most ``cfg.senders`` at a time, so a slow peer holds one slot and
+        never the datagrams behind it."""
         limiter = trio.CapacityLimiter(self.cfg.senders)
 
-        async def one(s: Send, token: object) -> None:
+        async def one(s: Send, body: bytes, token: object) -> None:
             try:
-                await self.send_now(s)
+                await self._post(s, body)
             except Exception:  # a bug in sending to one peer: a log line, never the node's end
-                self.stats["failed"] += 1
-                if self._first(s.to, "crash"):
-                    log.exception("sending a message to %s failed unexpectedly", s.to[:80])
+                self._crashed(s)
             finally:
                 limiter.release_on_behalf_of(token)
 
         async with trio.open_nursery() as nursery:
             task_status.started()
             async for s in self._recv:
+                try:
+                    body = encode(s.envelope)
+                    if await self._as_datagram(s, body):
+                        continue
+                except Exception:
+                    self._crashed(s)
+                    continue
                 token = object()  # a unique borrower per message
                 await limiter.acquire_on_behalf_of(token)
-                nursery.start_soon(one, s, token)
+                nursery.start_soon(one, s, body, token)
+
+    def _crashed(self, s: Send) -> None:
+        self.stats["failed"] += 1
+        if self._first(s.to, "crash"):
+            log.exception("sending a message to %s failed unexpectedly", s.to[:80])
 
 
 class PeerClient:
