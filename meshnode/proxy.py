@@ -23,6 +23,7 @@ lists every model served somewhere and healthy.
 from __future__ import annotations
 
 import logging
+import random
 import ssl
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -91,7 +92,8 @@ class InferenceProxy:
     def _candidates(self, model: str, key: str | None) -> list[ServiceRecord]:
         records = self.services.records()
         reachable = {m.record.node_id for m in self.mesh.members() if m.state.reachable}
-        cands = route(records, model, self.mesh.id, reachable, self.inflight, key)
+        cands = route(records, model, self.mesh.id, reachable, self.inflight, key,
+                      draw=random.getrandbits(32), routers=len(reachable) + 1)
         if cands:
             return cands
         if self.registry.find(model) is None and not any(s.model == model for s in records):

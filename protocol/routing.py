@@ -49,28 +49,50 @@ def _weight(key: str, rec: ServiceRecord) -> bytes:
     return hashlib.blake2b(f"{key}\0{rec.node}\0{rec.port}".encode(), digest_size=8).digest()
 
 
-def load_of(rec: ServiceRecord, inflight: Mapping[tuple[str, int], int]) -> int:
+def load_of(rec: ServiceRecord, inflight: Mapping[tuple[str, int], int], routers: int = 1) -> int:
     """A service's load as this node sees it: what its engine last reported
-    (running + waiting), and what this node has in flight to it now."""
+    (running + waiting), and what this node has in flight to it now, which,
+    until the engine's next report, stands for what each of the ``routers``
+    nodes that route alike has sent it since."""
     reported = rec.load[0] + rec.load[1] if rec.load is not None else 0
-    return reported + inflight.get((rec.node, rec.port), 0)
+    return reported + routers * inflight.get((rec.node, rec.port), 0)
 
 
 def route(services: Iterable[ServiceRecord], model: str, me: str, reachable: Container[str],
-          inflight: Mapping[tuple[str, int], int], key: str | None = None, slack: int = SLACK) -> list[ServiceRecord]:
+          inflight: Mapping[tuple[str, int], int], key: str | None = None, slack: int = SLACK,
+          draw: int | None = None, routers: int = 1) -> list[ServiceRecord]:
     """Where a request for ``model`` goes, best first: healthy services on
-    reachable nodes (this node's own always counts as reachable)."""
+    reachable nodes (this node's own always counts as reachable).
+
+    Loads are published at the probe rate, so every node reads the same
+    figures, up to an interval old, and "the least loaded" alone sends every
+    node's requests to one engine until its next report (``python -m sim
+    routing`` measures that herd).  Two things keep it even: ``routers``
+    (how many nodes route; the caller's live members) weighs what this node
+    has in flight as if each of them had sent as much (``load_of``), and
+    ``draw`` (a random number per request) sends a request that load decides
+    to the less loaded of two services the draw picks: the power of two
+    choices, which stays even on stale figures (Mitzenmacher, "How useful is
+    old information?"); equals go in the draw's order.  Without a draw,
+    strictly by load, this node's own service first among equals."""
     ok = [s for s in services if s.model == model and s.state is ServiceState.HEALTHY
           and (s.node == me or s.node in reachable)]
     if not ok:
         return []
-    by_load = sorted(ok, key=lambda s: (load_of(s, inflight), s.node != me, s.node, s.port))
-    if key is None:
+
+    def load(s: ServiceRecord) -> int:
+        return load_of(s, inflight, routers)
+
+    by_load = sorted(ok, key=lambda s: (load(s), s.node != me, s.node, s.port))
+    if key is not None:
+        warm = max(ok, key=lambda s: _weight(key, s))
+        if load(warm) <= load(by_load[0]) + slack:
+            return [warm, *[s for s in by_load if s is not warm]]
+    if draw is None or len(by_load) < 3:
         return by_load
-    warm = max(ok, key=lambda s: _weight(key, s))
-    if load_of(warm, inflight) > load_of(by_load[0], inflight) + slack:
-        return by_load
-    return [warm, *[s for s in by_load if s is not warm]]
+    two = sorted(ok, key=lambda s: _weight(f"draw\0{draw}", s))[:2]
+    first = two[1] if load(two[1]) < load(two[0]) else two[0]  # equals: the draw's order, not the names'
+    return [first, *[s for s in by_load if s is not first]]
 
 
 def affinity_key(body: Any, session: str | None) -> str | None:

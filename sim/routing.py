@@ -43,7 +43,7 @@ from __future__ import annotations
 import heapq
 import random
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable, Container, Iterable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from protocol.routing import SLACK, affinity_key, load_of, route
@@ -55,8 +55,7 @@ __all__ = ["POLICIES", "RoutingResult", "RoutingSpec", "routing_table", "simulat
 
 MODEL = "sim/model"
 POLICIES = ("affinity (the daemon's route)", "least loaded, no affinity", "round-robin")
-Route = Callable[[Iterable[ServiceRecord], str, str, Container[str], Mapping[tuple[str, int], int], str | None],
-                 list[ServiceRecord]]
+Route = Callable[..., list[ServiceRecord]]  # ``protocol.routing.route``'s signature
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +169,7 @@ class _Run:
         self.events: list[tuple[float, int, str, int, int]] = []
         self.seq = 0
         self.delays = random.Random(spec.seed * 7919 + 1)  # gossip delays: the same for every policy
+        self.draws = random.Random(spec.seed * 104729 + 2)  # each request's draw (``route``'s two choices)
         self.pubs: dict[tuple[int, int], ServiceRecord] = {}
         self.before_kill: dict[int, tuple[str, int] | None] = {}
         self.known_dead_at: float | None = None
@@ -227,13 +227,19 @@ class _Run:
             self.rr_next[n] = k + 1
             return healthy[k:] + healthy[:k]
         key = q.key if self.policy == POLICIES[0] else None
-        order = self.route_fn(recs, MODEL, names[n], set(names), inflight[n], key)
+        k = self.spec.nodes
+        order = self.route_fn(recs, MODEL, names[n], set(names), inflight[n], key, draw=self.draws.getrandbits(32),
+                              routers=k)
         if order and self.policy == POLICIES[0]:
-            least = min(load_of(s, inflight[n]) for s in order)
-            if order[0].state is not ServiceState.HEALTHY or load_of(order[0], inflight[n]) > least + SLACK:
+            # The warm service within SLACK of the least loaded, or (load deciding) one
+            # never more loaded than every other: the less loaded of two.
+            loads = [load_of(s, inflight[n], k) for s in order]
+            choice = self.warm_choice(n, key) if key is not None else None
+            warm = choice is not None and (order[0].node, order[0].port) == (choice.node, choice.port)
+            ok = (warm and loads[0] <= min(loads) + SLACK) or len(loads) == 1 or loads[0] <= max(loads[1:])
+            if order[0].state is not ServiceState.HEALTHY or not ok:
                 self.res.violations.append(f"{names[n]} sent a request to {order[0].node}:{order[0].port}, "
-                                           f"{order[0].state.value}, load {load_of(order[0], inflight[n])} "
-                                           f"with the least at {least}")
+                                           f"{order[0].state.value}, load {loads[0]} with the least at {min(loads)}")
         index = {(e.rec.node, e.rec.port): k for k, e in enumerate(self.engines)}
         return [index[(s.node, s.port)] for s in order]
 
@@ -260,12 +266,12 @@ class _Run:
                 if w is None or not ok:
                     picks.add(None)
                     continue
-                least = min(load_of(s, inflight[n]) for s in ok)
+                least = min(load_of(s, inflight[n], spec.nodes) for s in ok)
                 real = next(s for s in ok if (s.node, s.port) == (w.node, w.port))
-                if load_of(real, inflight[n]) > least + SLACK:
+                if load_of(real, inflight[n], spec.nodes) > least + SLACK:
                     overloaded = True
                     continue
-                got = self.route_fn(recs, MODEL, names[n], set(names), inflight[n], key)
+                got = self.route_fn(recs, MODEL, names[n], set(names), inflight[n], key, routers=spec.nodes)
                 picks.add((got[0].node, got[0].port) if got else None)
             res.alike_checks += 1
             res.alike_overloaded += overloaded

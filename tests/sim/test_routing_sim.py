@@ -12,7 +12,7 @@ from protocol.serving import ServiceRecord
 from sim.__main__ import main
 from sim.routing import POLICIES, RoutingSpec, simulate_routing
 
-SMALL = RoutingSpec(nodes=5, services=3, prompts=6, rate=5.0, duration_s=120.0, seed=3, kill_at_s=60.0)
+SMALL = RoutingSpec(nodes=5, services=3, prompts=6, rate=5.0, duration_s=120.0, seed=1, kill_at_s=60.0)
 
 
 def test_every_node_routes_alike_and_within_the_slack() -> None:
@@ -32,9 +32,9 @@ def test_affinity_finds_prefixes_cached_more_often_than_without() -> None:
 
 
 def selfish(services: Iterable[ServiceRecord], model: str, me: str, reachable: Container[str],
-            inflight: Mapping[tuple[str, int], int], key: str | None = None) -> list[ServiceRecord]:
+            inflight: Mapping[tuple[str, int], int], key: str | None = None, **kw: int) -> list[ServiceRecord]:
     """A broken decision: the deciding node's own service first, when it has one."""
-    order = route(services, model, me, reachable, inflight, key)
+    order = route(services, model, me, reachable, inflight, key, **kw)
     return sorted(order, key=lambda s: s.node != me)
 
 

@@ -70,6 +70,46 @@ def test_a_warm_service_yields_to_load_only_past_the_slack(ns: list[str], key: s
         assert first != warm and load_of(first, {}) == 0
 
 
+loads = st.lists(st.integers(0, 30), min_size=1, max_size=8)
+
+
+@SETTINGS
+@given(loads, st.dictionaries(st.integers(0, 7), st.integers(0, 5), max_size=8), st.integers(0, 2**32 - 1),
+       st.integers(1, 100), st.one_of(st.none(), st.text(min_size=1, max_size=20)))
+def test_with_a_draw_the_pick_is_the_warm_one_within_slack_or_never_the_most_loaded(
+        reported: list[int], own: dict[int, int], draw: int, routers: int, key: str | None) -> None:
+    svcs = [svc(f"n{i}", load=(x, 0)) for i, x in enumerate(reported)]
+    inflight = {(f"n{i}", 8000): v for i, v in own.items() if i < len(svcs)}
+    order = route(svcs, "m", "z", {s.node for s in svcs}, inflight, key, draw=draw, routers=routers)
+    assert sorted(s.node for s in order) == sorted(s.node for s in svcs)  # every candidate, once, for retries
+    ls = [load_of(s, inflight, routers) for s in order]
+    warm = key is not None and order[0] == route(svcs, "m", "z", {s.node for s in svcs}, {}, key)[0]
+    if warm and ls[0] <= min(ls) + SLACK:
+        return
+    assert len(ls) == 1 or ls[0] <= max(ls[1:])
+    if len(ls) < 3:
+        assert ls[0] == min(ls)  # two services: the less loaded, as without a draw
+
+
+def test_own_requests_stand_for_every_router_s_until_the_next_report() -> None:
+    svcs = [svc("b", load=(3, 0)), svc("c", load=(4, 0))]
+    # One request in flight from here to b: alone, b (4) and c (4) are equal;
+    # with 8 nodes routing alike, b's 3 + 8 passes c's 4.
+    assert load_of(svcs[0], {("b", 8000): 1}, routers=8) == 11
+    assert route(svcs, "m", "a", {"b", "c"}, {("b", 8000): 1}, routers=8)[0].node == "c"
+
+
+def test_draws_spread_requests_that_stale_equal_loads_would_herd() -> None:
+    """Every node reads the same published loads: without a draw each sends
+    every request to the same first service until the next report; with
+    draws they spread over all of them."""
+    svcs = [svc(f"n{i}", load=(2, 0)) for i in range(6)]
+    every = {s.node for s in svcs}
+    assert {route(svcs, "m", f"x{i}", every, {})[0].node for i in range(50)} == {"n0"}
+    picks = [route(svcs, "m", "x", every, {}, draw=d)[0].node for d in range(600)]
+    assert set(picks) == every and max(picks.count(n) for n in every) < 2 * 600 / 6
+
+
 def test_the_key_is_the_session_else_a_long_prompt_s_start() -> None:
     long = "You are a helpful assistant. " * 20
     assert affinity_key({"prompt": "hi"}, None) is None
