@@ -258,6 +258,8 @@ class PeerSender:
             self._seed_outcome(s.to, None)
             if self.datagrams is not None and r.headers.get(DGRAM_HEADER) == "1":
                 self.paths.offered(s.to, trio.current_time())
+            else:
+                self.paths.forget(s.to)  # it takes none (any more: restarted without them)
             return True
         self.paths.forget(s.to)
         self.stats["refused"] += 1

@@ -26,10 +26,14 @@ Which path (``DatagramPaths``, one per node): a datagram goes to a peer only
 after the peer said it takes them (its 204 to an HTTP message carries
 ``DGRAM_HEADER``), so an older node, a node whose UDP port could not be bound,
 or one behind TLS, keeps getting HTTP.  A path that loses datagrams (a
-firewall that passes TCP only) must not make a live peer look dead: a ping
-(which any live peer answers) sent as a datagram starts a clock, an ack from
-that peer stops it (its other messages prove only the way back), and past ``confirm_s`` without a word the peer is
-sent HTTP again for ``retry_after_s``.  Every table is bounded.
+firewall that passes TCP only) must not make a live peer look dead: until
+the first ack from a peer proves that our datagrams reach it, a ping (which
+any live peer answers) sent as a datagram starts a clock, an ack stops it
+(the peer's other messages prove only the way back), and past ``confirm_s`` without a word the peer is
+sent HTTP again for ``retry_after_s``.  Once proven, a path stays: a late
+ack is a slow peer, which Lifeguard and the suspicion timeouts are for, and
+moving a starved mesh to HTTP would only starve it more.  Every table is
+bounded.
 """
 
 from __future__ import annotations
@@ -79,8 +83,9 @@ def unpack(packet: bytes) -> tuple[str, bytes]:
 
 @dataclass(slots=True)
 class _Path:
-    unanswered_since: float | None = None  # the first ping sent as a datagram since its last ack
+    unanswered_since: float | None = None  # the first ping sent as a datagram, while none was acked
     http_until: float = 0.0  # datagrams lost: HTTP only until then
+    proven: bool = False  # an ack came since the peer offered datagrams: they reach it
 
 
 @dataclass
@@ -121,6 +126,7 @@ class DatagramPaths:
         p = self._paths.get(addr)
         if p is not None:
             p.unanswered_since = None
+            p.proven = True
 
     def forget(self, addr: str) -> None:
         """``addr`` refused or failed an HTTP message: learn its paths afresh."""
@@ -138,7 +144,7 @@ class DatagramPaths:
             p.http_until = now + self.retry_after_s
             self.fallbacks += 1
             return False
-        if expects_reply and p.unanswered_since is None:
+        if expects_reply and p.unanswered_since is None and not p.proven:
             p.unanswered_since = now
         return True
 

@@ -72,6 +72,7 @@ def test_datagrams_only_to_peers_that_offered_them_within_size_and_answering(his
     offered: set[str] = set()
     waiting: dict[str, float] = {}  # addr -> when its first unanswered ping went
     http_until: dict[str, float] = {}
+    proven: set[str] = set()  # acked since offered
     for now, (kind, addr, size, expects) in hist:
         if kind == "offered":
             paths.offered(addr, now)
@@ -79,11 +80,14 @@ def test_datagrams_only_to_peers_that_offered_them_within_size_and_answering(his
         elif kind == "answered":
             paths.answered(addr)
             waiting.pop(addr, None)
+            if addr in offered:
+                proven.add(addr)
         elif kind == "forget":
             paths.forget(addr)
             offered.discard(addr)
             waiting.pop(addr, None)
             http_until.pop(addr, None)
+            proven.discard(addr)
         else:
             got = paths.use(addr, size, now, expects_reply=expects)
             want = addr in offered and size <= 1400 and now >= http_until.get(addr, 0.0)
@@ -91,7 +95,7 @@ def test_datagrams_only_to_peers_that_offered_them_within_size_and_answering(his
                 waiting.pop(addr)
                 http_until[addr] = now + 10.0
                 want = False
-            if want and expects:
+            if want and expects and addr not in proven:
                 waiting.setdefault(addr, now)
             assert got == want, (now, kind, addr, size, expects)
             assert not (got and size > 1400)
@@ -108,8 +112,10 @@ def test_an_unanswered_ping_puts_the_peer_on_http_for_a_while() -> None:
     paths.offered("a:1", 3.0)  # an HTTP answer offers them again: still HTTP until the minute is up
     assert not paths.use("a:1", 100, 30.0, expects_reply=True)
     assert paths.use("a:1", 100, 62.1, expects_reply=True)
-    paths.answered("a:1")  # answered: the clock stops
-    assert paths.use("a:1", 100, 70.0, expects_reply=False)
+    paths.answered("a:1")  # answered: the path is proven
+    assert paths.use("a:1", 100, 70.0, expects_reply=True)
+    assert paths.use("a:1", 100, 80.0, expects_reply=False)  # a late ack now is a slow peer, not a lost path
+    assert paths.fallbacks == 1
 
 
 def test_the_table_is_bounded() -> None:
