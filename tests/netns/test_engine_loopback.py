@@ -130,8 +130,15 @@ def test_an_engine_refuses_other_hosts_yet_serves_the_mesh_through_its_node() ->
                   {"model": "org/e", "prompt": "x"})
         assert out.get("status") == 401, out
     finally:
+        # SIGTERM first: a node stops its engines as it goes (a kill -9 would leave h1's
+        # engine running in its namespace until that node's next start, which never comes).
         for p in procs:
-            p.kill()
-            p.wait(timeout=10)
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=10)
         for ns in hosts.values():
             sh("ip", "netns", "del", ns, check=False)
