@@ -9,9 +9,12 @@ import hashlib
 import io
 import json
 import os
+import sys
 import tarfile
 from pathlib import Path
 from typing import Any
+
+import trio
 
 from protocol.bundle import HEADER_NAME, BundleParser, Chunk
 
@@ -211,3 +214,28 @@ async def test_an_import_cut_short_is_resumed_skipping_what_it_verified(mesh: Me
     assert m["chunks_resumed"] == whole and m["chunks_written"] == m["chunks"] - whole, m
     c = b.node.store.get(MODEL, "disk")
     assert c is not None and tree(c.path) == tree(src) and partials(b) == []
+
+
+async def test_the_cli_hears_a_refusal_that_comes_before_the_upload_ends(mesh: Mesh, tmp_path: Path) -> None:
+    """A bundle damaged near its start is refused as soon as the node reads the
+    bad chunk; the CLI, still sending the rest, must stop and say why, not block
+    in a send that nobody reads (stop 31 saw it hang there)."""
+    src = make_model(tmp_path, "big", {"model.safetensors": 48 * MiB, "config.json": 50})
+    a = await mesh.start("a")
+    await ingest(mesh, a, MODEL, src, registration=REGISTRATION)
+    bundle = await export(mesh, a, MODEL)
+    weights = (src / "model.safetensors").read_bytes()
+    damaged = tmp_path / "damaged.bundle"
+    damaged.write_bytes(flip(bundle, bundle.index(weights[:4096]) + MiB + 7))
+    b = await mesh.start("b")
+    exe = str(Path(sys.executable).parent / "meshnode")
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
+    t0 = trio.current_time()
+    with trio.fail_after(60):
+        r = await trio.run_process([exe, "import", str(damaged), "--to", "b:disk", "--peer", b.url], env=env,
+                                   capture_stdout=True, capture_stderr=True, check=False)
+    took = trio.current_time() - t0
+    err = r.stderr.decode()
+    assert r.returncode != 0 and "BAD_CONTENT" in err, (r.returncode, err[-2000:])
+    assert took < 30, took
+    assert b.node.store.copies() == [] and partials(b) == []
