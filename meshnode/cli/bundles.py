@@ -152,14 +152,18 @@ class _Peer:
         return make_client(url or self.url, self.token, self.timeout_s, self.verify, self.client_cert)
 
     def stream(self, method: str, target: str, body: Iterable[bytes] | None, timeout_s: float | None, *,
-               url: str | None = None, headers: dict[str, str] | None = None) -> RawResponse:
-        """One streamed exchange with the peer (or ``url``); its response, body still to read."""
+               url: str | None = None, headers: dict[str, str] | None = None,
+               send_timeout_s: float | None = None) -> RawResponse:
+        """One streamed exchange with the peer (or ``url``); its response, body
+        still to read.  ``timeout_s``: each wait for the answer (None: an hour);
+        ``send_timeout_s``: each wait while sending (default: ``timeout_s``)."""
         h = {"user-agent": "meshnode-cli", **(headers or {})}
         if self.token:
             h["authorization"] = f"Bearer {self.token}"
         where = url or self.url
         try:
-            return exchange(where, method, target, h, body, verify=self.verify, timeout_s=timeout_s or 3600.0)
+            return exchange(where, method, target, h, body, verify=self.verify, timeout_s=timeout_s or 3600.0,
+                            send_timeout_s=send_timeout_s)
         except (ConnectionRefusedError, socket.gaierror, TimeoutError) as e:
             raise PeerUnreachableError(where, str(e) or type(e).__name__) from None
         except (OSError, h11.ProtocolError) as e:
@@ -362,8 +366,10 @@ def _import(peer: _Peer, args: argparse.Namespace) -> int:
         bar, advance = _progress("import", total)
         if bar is not None:
             stack.callback(bar.stop)
-        # The node answers once every byte is verified and fsynced: no read timeout after the body.
-        r = peer.stream("POST", target, _blocks(first, src, advance), None, url=url, headers=headers)
+        # The node answers once every byte is verified and fsynced: no read timeout after the
+        # body (an hour); but a node that reads nothing of it for a minute has stalled.
+        r = peer.stream("POST", target, _blocks(first, src, advance), None, url=url, headers=headers,
+                        send_timeout_s=max(STREAM_READ_TIMEOUT_S, peer.timeout_s))
         stack.callback(r.close)
         if r.status >= 300:
             raise _answer_error(r)

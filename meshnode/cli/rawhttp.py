@@ -19,10 +19,11 @@ from urllib.parse import urlsplit
 
 import h11
 
-__all__ = ["RECV_BYTES", "RawResponse", "exchange"]
+__all__ = ["RECV_BYTES", "RawResponse", "UploadStalled", "exchange"]
 
 RECV_BYTES = 4 * 1024 * 1024
 HEAD_MAX_BYTES = 64 * 1024
+STALLED_ANSWER_S = 5.0  # after a stalled upload, how long an answer already sent has to arrive
 _HEAD_END = b"\r\n\r\n"
 
 
@@ -64,11 +65,19 @@ def _connect(url: str, verify: ssl.SSLContext | bool, timeout_s: float) -> tuple
     return sock, netloc
 
 
+class UploadStalled(ConnectionError):
+    """The node read nothing of the body for the send timeout, and said nothing."""
+
+
 def exchange(url: str, method: str, target: str, headers: dict[str, str], body: Iterable[bytes] | None, *,
-             verify: ssl.SSLContext | bool = True, timeout_s: float = 60.0) -> RawResponse:
+             verify: ssl.SSLContext | bool = True, timeout_s: float = 60.0,
+             send_timeout_s: float | None = None) -> RawResponse:
     """Send one request (``body`` streamed with chunked encoding) and return the
-    response with its body still to read.  ``OSError`` / ``h11.ProtocolError``
-    when the connection fails."""
+    response with its body still to read.  ``timeout_s`` bounds each wait for
+    the answer; ``send_timeout_s`` (default: the same) each wait while sending
+    the body: a node that stops reading without answering ends the exchange
+    with ``UploadStalled`` then, not at the answer's bound.  ``OSError`` /
+    ``h11.ProtocolError`` when the connection fails."""
     sock, netloc = _connect(url, verify, timeout_s)
     conn = h11.Connection(our_role=h11.CLIENT, max_incomplete_event_size=HEAD_MAX_BYTES)
     head = [("host", netloc), ("connection", "close"), *headers.items()]
@@ -77,6 +86,9 @@ def exchange(url: str, method: str, target: str, headers: dict[str, str], body: 
     try:
         sock.sendall(conn.send(h11.Request(method=method, target=target, headers=head)))
         if body is not None:
+            send_s = timeout_s if send_timeout_s is None else send_timeout_s
+            sock.settimeout(send_s)
+            stalled = False
             try:
                 for block in body:
                     if block:  # one chunk of the chunked encoding (h11's would join a copy of it)
@@ -86,6 +98,25 @@ def exchange(url: str, method: str, target: str, headers: dict[str, str], body: 
                 sock.sendall(b"0\r\n\r\n")
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the node answered early and closed: its answer is read below
+            except TimeoutError:
+                stalled = True  # it stopped reading: an answer it sent early is read below, briefly
+            sock.settimeout(min(timeout_s, STALLED_ANSWER_S) if stalled else timeout_s)
+            if stalled:
+                try:
+                    return _answer(sock, conn)
+                except TimeoutError:
+                    sock.close()
+                    raise UploadStalled(f"the node read nothing of the upload for {send_s:g} s and gave no "
+                                        "answer") from None
+        return _answer(sock, conn)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _answer(sock: socket.socket, conn: h11.Connection) -> RawResponse:
+    """The response on ``sock``, its body still to read."""
+    try:
         rest = b""
         event: object = h11.NEED_DATA
         while not isinstance(event, h11.Response):

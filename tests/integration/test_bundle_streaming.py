@@ -19,7 +19,7 @@ import pytest
 import trio
 
 from meshnode.bundles.exporting import _LocalSource, _runs
-from meshnode.cli.rawhttp import exchange
+from meshnode.cli.rawhttp import UploadStalled, exchange
 from meshnode.errors import MeshError
 from protocol.manifest import Manifest, manifest_from_bytes
 
@@ -126,3 +126,53 @@ def test_a_run_read_at_once_checks_every_chunk_in_it(tmp_path: Path) -> None:
     with pytest.raises(MeshError) as e:
         trio.run(read, range(1, 4))
     assert e.value.code == "SOURCE_CORRUPT" and "chunk 2 " in e.value.message
+
+
+def _stalling_server(answer: bytes | None) -> tuple[str, threading.Event, threading.Thread]:
+    """A server that reads the request head, sends ``answer`` (or nothing), then
+    reads nothing more and keeps the connection open until told to stop."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    stop = threading.Event()
+
+    def run() -> None:
+        conn, _ = srv.accept()
+        with conn, srv:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(1)
+            if answer is not None:
+                conn.sendall(answer)
+            stop.wait(30)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return f"http://127.0.0.1:{srv.getsockname()[1]}", stop, t
+
+
+def _endless() -> Any:
+    block = b"\0" * (1024 * 1024)
+    for _ in range(4096):  # 4 GiB: far more than any socket buffer holds
+        yield block
+
+
+@pytest.mark.parametrize("early", [False, True])
+def test_an_upload_the_node_stops_reading_ends_at_the_send_timeout(early: bool) -> None:
+    """A node that stops reading the body without closing: the exchange gives
+    up after ``send_timeout_s`` of no progress (not the answer's hour), and
+    returns the answer the node sent early, if it did."""
+    answer = b"HTTP/1.1 422 Unprocessable\r\ncontent-length: 2\r\n\r\n{}" if early else None
+    url, stop, t = _stalling_server(answer)
+    t0 = time.monotonic()
+    try:
+        if early:
+            r = exchange(url, "POST", "/bundles", {}, _endless(), timeout_s=3600.0, send_timeout_s=1.0)
+            assert r.status == 422 and r.read() == b"{}"
+            r.close()
+        else:
+            with pytest.raises(UploadStalled, match="read nothing of the upload for 1 s"):
+                exchange(url, "POST", "/bundles", {}, _endless(), timeout_s=3600.0, send_timeout_s=1.0)
+    finally:
+        stop.set()
+        t.join(5)
+    assert time.monotonic() - t0 < 15
