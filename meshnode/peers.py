@@ -59,8 +59,8 @@ __all__ = ["PEER_PATH", "TO", "PeerAuth", "PeerClient", "PeerSender", "Recipient
 log = logging.getLogger("meshnode.peers")
 
 # Messages any live peer answers (a ping-req is answered only when its target
-# lives): sent as datagrams, an answer is waited for (``DatagramPaths.use``),
-# and past a few seconds without one the peer gets HTTP again.
+# lives): until an ack proves that datagrams reach a peer, one sent as a
+# datagram starts the clock after which the peer gets HTTP (``DatagramPaths.use``).
 _ANSWERED = frozenset({MsgType.PING})
 
 
