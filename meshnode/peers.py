@@ -47,8 +47,8 @@ from protocol.peerauth import (
     read_hint,
     sign,
 )
-from protocol.peerdgram import DGRAM_HEADER, DatagramPaths
-from protocol.wire import MsgType, encode
+from protocol.peerdgram import ANSWERED, DGRAM_HEADER, DatagramPaths
+from protocol.wire import encode
 
 from .config import Config
 from .errors import MeshError
@@ -57,12 +57,6 @@ __all__ = ["PEER_PATH", "TO", "PeerAuth", "PeerClient", "PeerSender", "Recipient
            "sign_headers"]
 
 log = logging.getLogger("meshnode.peers")
-
-# Messages any live peer answers (a ping-req is answered only when its target
-# lives): until an ack proves that datagrams reach a peer, one sent as a
-# datagram starts the clock after which the peer gets HTTP (``DatagramPaths.use``).
-_ANSWERED = frozenset({MsgType.PING})
-
 
 class DatagramSender(Protocol):
     async def send(self, addr: str, body: bytes) -> bool: ...
@@ -153,7 +147,7 @@ class PeerSender:
         self.cfg = cfg
         self.client = client
         self.datagrams = datagrams
-        self.paths = DatagramPaths(max_bytes=max(cfg.datagram_max, 1), confirm_s=1.5 * cfg.gossip.probe_interval_s)
+        self.paths = DatagramPaths.for_probes(max(cfg.datagram_max, 1), cfg.gossip.probe_interval_s)
         self._send, self._recv = trio.open_memory_channel[Send](cfg.send_queue_max)
         self.stats: Counter[str] = Counter()
         self._warned: set[tuple[str, str]] = set()
@@ -222,7 +216,7 @@ class PeerSender:
         """Send ``body`` as a datagram when the peer takes them and it fits
         (``protocol.peerdgram``); False when it must go by HTTP."""
         if self.datagrams is None or not self.paths.use(
-                s.to, len(body), trio.current_time(), expects_reply=s.envelope.type in _ANSWERED):
+                s.to, len(body), trio.current_time(), expects_reply=s.envelope.type in ANSWERED):
             return False
         if not await self.datagrams.send(s.to, body):
             return False

@@ -44,8 +44,9 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from .errors import RemoteProtocolError
+from .wire import MsgType
 
-__all__ = ["DGRAM_HEADER", "DGRAM_METHOD", "DGRAM_PAYLOAD_MAX", "DatagramPaths", "pack", "unpack"]
+__all__ = ["ANSWERED", "DGRAM_HEADER", "DGRAM_METHOD", "DGRAM_PAYLOAD_MAX", "DatagramPaths", "pack", "unpack"]
 
 MAGIC: Final = b"MNd1"
 DGRAM_METHOD: Final = "DGRAM"
@@ -53,6 +54,10 @@ DGRAM_HEADER: Final = "x-mesh-dgram"  # on a peer route's 204: "1", this node ta
 CREDENTIAL_MAX: Final = 512  # the peerauth header is about 200 characters
 DGRAM_PAYLOAD_MAX: Final = 65_507 - 6 - CREDENTIAL_MAX  # what an IPv4 UDP datagram can carry, less ours
 _LEN = struct.Struct(">H")
+# Messages any live peer answers (a ping-req is answered only when its target
+# lives): the ones whose answer proves a path (``DatagramPaths.use``'s ``expects_reply``).
+ANSWERED: Final = frozenset({MsgType.PING})
+CONFIRM_PROBES: Final = 1.5  # probe intervals an unproven path's ping may go unanswered
 
 
 def pack(credential: str, body: bytes) -> bytes:
@@ -107,6 +112,11 @@ class DatagramPaths:
             raise ValueError(f"max_bytes must be in 1..{DGRAM_PAYLOAD_MAX}")
         if self.confirm_s <= 0 or self.retry_after_s < 0 or self.peers_max < 1:
             raise ValueError("confirm_s and peers_max must be positive, retry_after_s not negative")
+
+    @classmethod
+    def for_probes(cls, max_bytes: int, probe_interval_s: float) -> DatagramPaths:
+        """The table for a node that probes every ``probe_interval_s``."""
+        return cls(max_bytes=max_bytes, confirm_s=CONFIRM_PROBES * probe_interval_s)
 
     def __len__(self) -> int:
         return len(self._paths)

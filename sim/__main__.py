@@ -22,6 +22,14 @@ from .swarm_tables import swarm_table, swarm_targets
 from .sweep import draw, sweep
 
 
+def _verdict(headline: str, found: list[str]) -> int:
+    """Print ``headline`` and the first ten violations; the exit status (1 if any)."""
+    print(headline)
+    for v in found[:10]:
+        print(f"  ! {v}")
+    return 1 if found else 0
+
+
 def _partition(s: str) -> tuple[float, float] | None:
     if s.lower() in ("", "none", "no"):
         return None
@@ -167,10 +175,8 @@ def _gpus(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         ["publish_reason (the daemon's rule)", f"{g.writes / per_min:.2f}", f"{g.bytes_written / per_min:.0f}",
          f"{g.bytes_written / g.bytes_every_read:.2f}x"],
     ]))
-    print(f"published figures beyond a threshold of the truth, or an engine change late: {len(g.violations)}")
-    for v in g.violations[:10]:
-        print(f"  ! {v}")
-    return 1 if g.violations else 0
+    return _verdict(f"published figures beyond a threshold of the truth, or an engine change late: "
+                    f"{len(g.violations)}", g.violations)
 
 
 def _serving(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -191,10 +197,7 @@ def _serving(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         ["services given up (5 crashes in 10 min)", str(sr.given_up), ""],
         ["availability (time healthy)", f"{sr.availability * 100:.2f}%", ""],
     ]))
-    print(f"violations: {len(sr.violations)}")
-    for v in sr.violations[:10]:
-        print(f"  ! {v}")
-    return 1 if sr.violations else 0
+    return _verdict(f"violations: {len(sr.violations)}", sr.violations)
 
 
 def _replicas(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -219,10 +222,7 @@ def _replicas(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
          f"{sum(r.spread_unmet for r in runs)} of {sum(r.spread_models for r in runs)}", "0"],
     ]))
     found = [v for r in runs for v in r.violations]
-    print(f"violations: {len(found)}")
-    for v in found[:10]:
-        print(f"  ! {v}")
-    return 1 if found else 0
+    return _verdict(f"violations: {len(found)}", found)
 
 
 def _eviction(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -234,10 +234,7 @@ def _eviction(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
           f"whose hot set moves, 4 pinned, 3 served at a time, another tenant's files; watermarks 85/70%; "
           f"{time.perf_counter() - t:.0f} s")
     print(table(["measure", "LRU (the rule)", "random order"], rows))
-    print(f"violations: {len(found)}")
-    for v in found[:10]:
-        print(f"  ! {v}")
-    return 1 if found else 0
+    return _verdict(f"violations: {len(found)}", found)
 
 
 def _routing(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -254,10 +251,7 @@ def _routing(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
           f"{rspec.publish_s:g} s, gossiped within {rspec.gossip_s:g} s; one service dies at {rspec.kill_at_s:g} s")
     print(table(["measure", *POLICIES], rows))
     found = rruns[0].violations
-    print(f"Every node routes alike: {'yes' if not found else 'NO'}; violations: {len(found)}")
-    for v in found[:10]:
-        print(f"  ! {v}")
-    return 1 if found else 0
+    return _verdict(f"Every node routes alike: {'yes' if not found else 'NO'}; violations: {len(found)}", found)
 
 
 def _swarm(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -235,20 +235,12 @@ class _Links:
             else:
                 level_a = _waterfill(cap[a], 0.0, list(own.values())[:len(on_a)])
                 level_b = _waterfill(cap[b], 0.0, list(own.values())[len(on_a):])
-            for k, f in on_a.items():
-                if k not in on_b:
-                    r = own[k]
-                    if level_a < r:
-                        r = level_a
-                    if abs(r - f.rate) > 1e-9 * f.rate:
-                        set_rate(f, r)
-            for k, f in on_b.items():
-                if k not in on_a:
-                    r = own[k]
-                    if level_b < r:
-                        r = level_b
-                    if abs(r - f.rate) > 1e-9 * f.rate:
-                        set_rate(f, r)
+            for here, there, level in ((on_a, on_b, level_a), (on_b, on_a, level_b)):
+                for k, f in here.items():
+                    if k not in there:
+                        r = own[k] if own[k] <= level else level
+                        if abs(r - f.rate) > 1e-9 * f.rate:
+                            set_rate(f, r)
             return
         self._share_general(center)
 

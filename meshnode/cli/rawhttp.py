@@ -83,35 +83,41 @@ def exchange(url: str, method: str, target: str, headers: dict[str, str], body: 
     head = [("host", netloc), ("connection", "close"), *headers.items()]
     if body is not None:
         head.append(("transfer-encoding", "chunked"))
+    send_s = timeout_s if send_timeout_s is None else send_timeout_s
+    stalled = False
     try:
         sock.sendall(conn.send(h11.Request(method=method, target=target, headers=head)))
         if body is not None:
-            send_s = timeout_s if send_timeout_s is None else send_timeout_s
-            sock.settimeout(send_s)
-            stalled = False
-            try:
-                for block in body:
-                    if block:  # one chunk of the chunked encoding (h11's would join a copy of it)
-                        sock.sendall(b"%x\r\n" % len(block))
-                        sock.sendall(block)
-                        sock.sendall(b"\r\n")
-                sock.sendall(b"0\r\n\r\n")
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the node answered early and closed: its answer is read below
-            except TimeoutError:
-                stalled = True  # it stopped reading: an answer it sent early is read below, briefly
-            sock.settimeout(min(timeout_s, STALLED_ANSWER_S) if stalled else timeout_s)
-            if stalled:
-                try:
-                    return _answer(sock, conn)
-                except TimeoutError:
-                    sock.close()
-                    raise UploadStalled(f"the node read nothing of the upload for {send_s:g} s and gave no "
-                                        "answer") from None
+            stalled = _send_chunked(sock, body, send_s)
+        # After a stall, an answer the node sent early is read, briefly.
+        sock.settimeout(min(timeout_s, STALLED_ANSWER_S) if stalled else timeout_s)
         return _answer(sock, conn)
+    except TimeoutError:
+        sock.close()
+        if stalled:
+            raise UploadStalled(f"the node read nothing of the upload for {send_s:g} s and gave no answer") from None
+        raise
     except BaseException:
         sock.close()
         raise
+
+
+def _send_chunked(sock: socket.socket, body: Iterable[bytes], timeout_s: float) -> bool:
+    """Send ``body`` with the chunked encoding, each send bounded by
+    ``timeout_s``; True when the node stopped reading (the send timed out)."""
+    sock.settimeout(timeout_s)
+    try:
+        for block in body:
+            if block:  # one chunk of the chunked encoding (h11's would join a copy of it)
+                sock.sendall(b"%x\r\n" % len(block))
+                sock.sendall(block)
+                sock.sendall(b"\r\n")
+        sock.sendall(b"0\r\n\r\n")
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the node answered early and closed: its answer is read next
+    except TimeoutError:
+        return True
+    return False
 
 
 def _answer(sock: socket.socket, conn: h11.Connection) -> RawResponse:
