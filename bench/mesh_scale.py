@@ -80,7 +80,7 @@ class Mesh:
             if interval_s is not None:
                 cmd += ["--gossip-interval", str(interval_s)]
             if start_rate > 0 and i > 0:
-                time.sleep(1 / start_rate)  # before the event loop runs: nothing else to serve yet
+                time.sleep(1 / start_rate)  # blocks the loop, which has nothing else to run yet
             self.procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
                                                stderr=open(root / f"{self.ids[i]}.log", "wb")))
         self.up = set(range(n))

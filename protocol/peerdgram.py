@@ -131,10 +131,12 @@ class DatagramPaths:
             self._paths.popitem(last=False)
 
     def answered(self, addr: str) -> None:
-        """An ack (either path) came from the node at ``addr``: it hears us.
-        (Any other message from it proves only that its datagrams reach us.)"""
+        """An ack came from the node at ``addr``.  It proves the path only
+        while a ping sent as a datagram awaits its answer: an ack to a ping
+        that went by HTTP (before the peer offered datagrams) proves nothing
+        of UDP.  (Any other message proves only that its datagrams reach us.)"""
         p = self._paths.get(addr)
-        if p is not None:
+        if p is not None and p.unanswered_since is not None:
             p.unanswered_since = None
             p.proven = True
 

@@ -79,8 +79,7 @@ def test_datagrams_only_to_peers_that_offered_them_within_size_and_answering(his
             offered.add(addr)
         elif kind == "answered":
             paths.answered(addr)
-            waiting.pop(addr, None)
-            if addr in offered:
+            if waiting.pop(addr, None) is not None:  # only an ack awaited for a datagram ping proves the path
                 proven.add(addr)
         elif kind == "forget":
             paths.forget(addr)
@@ -115,6 +114,17 @@ def test_an_unanswered_ping_puts_the_peer_on_http_for_a_while() -> None:
     paths.answered("a:1")  # answered: the path is proven
     assert paths.use("a:1", 100, 70.0, expects_reply=True)
     assert paths.use("a:1", 100, 80.0, expects_reply=False)  # a late ack now is a slow peer, not a lost path
+    assert paths.fallbacks == 1
+
+
+def test_an_ack_to_a_ping_that_went_by_http_proves_nothing() -> None:
+    """The ack that answers a ping sent by HTTP (the one whose 204 offered
+    datagrams) may come after the offer: the path is still unproven."""
+    paths = DatagramPaths(confirm_s=1.5, retry_after_s=60.0)
+    paths.offered("a:1", 0.0)
+    paths.answered("a:1")  # answers the HTTP ping
+    assert paths.use("a:1", 100, 0.1, expects_reply=True)  # the first datagram ping: its clock runs
+    assert not paths.use("a:1", 100, 2.0, expects_reply=False)  # unanswered: HTTP
     assert paths.fallbacks == 1
 
 
